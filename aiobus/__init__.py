@@ -1,0 +1,65 @@
+"""aiobus: an asyncio-native IPC message bus for services on one machine.
+
+Example::
+
+    import aiobus
+
+    async with aiobus.connect() as bus:
+        await bus.send("jobs", {"n": 1})
+        async for msg in bus.consume("jobs"):
+            async with msg.process():
+                print(msg.body)
+"""
+
+from .broker.server import Broker, BrokerAlreadyRunning
+from .client.bus import Bus, connect
+from .client.message import Message
+from .client.streams import BusyError, Consumer, Subscription
+from .errors import (
+    BrokerUnavailable,
+    BusError,
+    ConnectionClosed,
+    ConnectionLost,
+    Forbidden,
+    FrameTooLarge,
+    InvalidName,
+    LeaseError,
+    LocalProtocolError,
+    NotARequest,
+    ProtocolError,
+    QueueFull,
+    QueueMismatch,
+    RemoteProtocolError,
+    RequestTimeout,
+    SubscriptionError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Broker",
+    "BrokerAlreadyRunning",
+    "BrokerUnavailable",
+    "Bus",
+    "BusError",
+    "BusyError",
+    "ConnectionClosed",
+    "ConnectionLost",
+    "Consumer",
+    "Forbidden",
+    "FrameTooLarge",
+    "InvalidName",
+    "LeaseError",
+    "LocalProtocolError",
+    "Message",
+    "NotARequest",
+    "ProtocolError",
+    "QueueFull",
+    "QueueMismatch",
+    "RemoteProtocolError",
+    "RequestTimeout",
+    "Subscription",
+    "SubscriptionError",
+    "__version__",
+    "connect",
+]

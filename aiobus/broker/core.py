@@ -1,0 +1,396 @@
+"""The broker's state machine: connections, frame dispatch, queues, topics. No I/O, no clock.
+
+Feed it events and read what it wants done from the :class:`Sink` it was given:
+
+* ``connect(conn, pid, uid, gid, now)`` when a client connects (credentials from
+  SO_PEERCRED), ``receive(conn, frame, now)`` for each decoded frame,
+  ``disconnect(conn, now)`` when the connection is gone, ``tick(now)`` when
+  ``next_deadline()`` has come.
+* It calls ``sink.send(conn, frame)`` for every frame to write, ``sink.close(conn, code,
+  message)`` to close a connection with a CLOSE frame, and ``sink.set_reading(conn,
+  flag)`` to stop and resume reading a producer that is blocked on full queues.
+
+``now`` is a monotonic number of seconds; ``wall_offset`` turns it into epoch time for
+timestamps and headers. The asyncio server (server.py) is a thin shell around this;
+tests drive it directly (tests/unit/test_core.py).
+
+Connection states: HANDSHAKE (only HELLO is accepted, until ``handshake_timeout``), then
+OPEN until closed by either side. A protocol violation closes only the connection that
+made it; request errors (bad names, full queues, late acks) are ERROR replies and the
+connection carries on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from enum import Enum
+from typing import Any, Protocol
+
+import msgpack
+
+from ..errors import BusError, Forbidden, RemoteProtocolError, SubscriptionError
+from ..names import check_name, check_pattern, is_reserved
+from ..protocol import DEFAULT_MAX_FRAME, PROTOCOL_VERSION, BodyKind, Op, check_frame
+from .queues import MAX_PREFETCH, PARK_LIMIT, Consumer, QMsg, QueueRouter
+from .settings import BadOption
+from .timers import Timers
+from .topics import Subscription, TopicRouter
+
+__all__ = ["BrokerCore", "Sink"]
+
+VERSION = "0.1.0"
+DEFAULT_HANDSHAKE_TIMEOUT = 5.0
+MAX_CLIENT_NAME = 255
+TOPIC_CONNECTED = "$sys.client.connected"
+TOPIC_DISCONNECTED = "$sys.client.disconnected"
+
+
+class Sink(Protocol):
+    """The broker core's outputs. The server implements it over sockets; tests record."""
+
+    def send(self, conn: int, frame: list[Any]) -> None: ...
+
+    def close(self, conn: int, code: str, message: str) -> None: ...
+
+    def set_reading(self, conn: int, reading: bool) -> None: ...
+
+
+class ConnState(Enum):
+    HANDSHAKE = "handshake"  # connected; waiting for HELLO
+    OPEN = "open"  # handshake done; any client frame accepted
+
+
+class Conn:
+    __slots__ = ("consumers", "gid", "id", "name", "parked", "pid", "reading", "state", "subs",
+                 "uid")
+
+    def __init__(self, conn_id: int, pid: int, uid: int, gid: int) -> None:
+        self.id = conn_id
+        self.pid = pid
+        self.uid = uid
+        self.gid = gid
+        self.name: str | None = None
+        self.state = ConnState.HANDSHAKE
+        self.consumers: dict[int, Consumer] = {}
+        self.subs: dict[int, Subscription] = {}
+        self.parked = 0  # sends waiting for room in full queues
+        self.reading = True
+
+    def describe(self) -> dict[str, Any]:
+        return {"conn": self.id, "name": self.name, "pid": self.pid, "uid": self.uid,
+                "gid": self.gid}
+
+
+class BrokerCore:
+    """All broker state. See the module docstring for the event interface."""
+
+    def __init__(
+        self,
+        sink: Sink,
+        *,
+        id_prefix: str,
+        wall_offset: float = 0.0,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+    ) -> None:
+        self._sink = sink
+        self._conns: dict[int, Conn] = {}
+        self.timers = Timers()
+        self.queues = QueueRouter(self, self.timers, wall_offset)
+        self.topics = TopicRouter(self)
+        self._id_prefix = id_prefix
+        self._next_id = 0
+        self.wall_offset = wall_offset
+        self.max_frame = max_frame
+        self.handshake_timeout = handshake_timeout
+        self._now = 0.0
+        self._handlers: dict[int, Callable[[Conn, list[Any], float], None]] = {
+            Op.PING: self._on_ping,
+            Op.SEND: self._on_send,
+            Op.PUBLISH: self._on_publish,
+            Op.SUBSCRIBE: self._on_subscribe,
+            Op.CONSUME: self._on_consume,
+            Op.CANCEL: self._on_cancel,
+            Op.CREDIT: self._on_credit,
+            Op.ACK: self._on_ack,
+            Op.NACK: self._on_nack,
+            Op.REJECT: self._on_reject,
+            Op.EXTEND: self._on_extend,
+            Op.REPLY: self._on_reply,
+            Op.DECLARE: self._on_declare,
+            Op.STATS: self._on_stats,
+        }
+
+    # -- events in ------------------------------------------------------------------
+
+    def connect(self, conn_id: int, pid: int, uid: int, gid: int, now: float) -> None:
+        """A client connected; it has ``handshake_timeout`` seconds to send HELLO."""
+        self._now = now
+        self._conns[conn_id] = Conn(conn_id, pid, uid, gid)
+        self.timers.call_at(now + self.handshake_timeout, self._on_handshake_deadline, conn_id)
+
+    def receive(self, conn_id: int, frame: Any, now: float) -> None:
+        """One decoded frame from ``conn_id``."""
+        self._now = now
+        conn = self._conns.get(conn_id)
+        if conn is None:
+            return  # closed by us earlier in this batch; the rest of its frames are moot
+        op = 0
+        try:
+            op = check_frame(frame)
+            if conn.state is ConnState.HANDSHAKE:
+                self._on_hello(conn, frame)
+                return
+            handler = self._handlers.get(op)
+            if handler is None:
+                raise RemoteProtocolError(
+                    f"frame type {Op(op).name} is not sent by clients", code="unknown-frame"
+                )
+            handler(conn, frame, now)
+        except RemoteProtocolError as exc:
+            self.close(conn_id, exc.code or "protocol", str(exc))
+        except BusError as exc:
+            rid = frame[1] if op not in (Op.PUBLISH, Op.CREDIT) else 0
+            self._sink.send(conn_id, [Op.ERROR, rid, exc.code or "error", str(exc)])
+
+    def protocol_error(self, conn_id: int, code: str, message: str) -> None:
+        """The shell could not decode this connection's bytes: close it."""
+        self.close(conn_id, code, message)
+
+    def disconnect(self, conn_id: int, now: float) -> None:
+        """The connection is gone (closed by the peer, broken, or closed by us)."""
+        self._now = now
+        conn = self._conns.pop(conn_id, None)
+        if conn is None:
+            return
+        for consumer in conn.consumers.values():
+            self.queues.remove_consumer(consumer, now, failed=True)
+        for sub in conn.subs.values():
+            self.topics.remove(sub)
+        conn.consumers.clear()
+        conn.subs.clear()
+        if conn.state is ConnState.OPEN:
+            self._presence(TOPIC_DISCONNECTED, conn, now)
+
+    def close(self, conn_id: int, code: str, message: str) -> None:
+        """Close a connection from the broker's side, releasing its state now."""
+        if conn_id not in self._conns:
+            return
+        self.disconnect(conn_id, self._now)
+        self._sink.close(conn_id, code, message)
+
+    def tick(self, now: float) -> None:
+        """Run the timers that are due (lease expiry, delays, TTL, handshake deadlines)."""
+        self._now = now
+        self.timers.run_due(now)
+
+    def next_deadline(self) -> float | None:
+        return self.timers.next_deadline()
+
+    # -- sink side of the routers ---------------------------------------------------
+
+    def send(self, conn: int, frame: list[Any]) -> None:
+        self._sink.send(conn, frame)
+
+    def reply_ok(self, conn: int, rid: int) -> None:
+        self._sink.send(conn, [Op.OK, rid, None])
+
+    def alive(self, conn: int) -> bool:
+        return conn in self._conns
+
+    def set_parked(self, conn_id: int, delta: int) -> None:
+        conn = self._conns[conn_id]
+        conn.parked += delta
+        if conn.reading and conn.parked >= PARK_LIMIT:
+            conn.reading = False
+            self._sink.set_reading(conn_id, False)
+        elif not conn.reading and conn.parked <= PARK_LIMIT // 2:
+            conn.reading = True
+            self._sink.set_reading(conn_id, True)
+
+    def slow_consumer(self, conn: int, message: str) -> None:
+        self.close(conn, "slow-consumer", message)
+
+    # -- handlers -------------------------------------------------------------------
+
+    def _on_hello(self, conn: Conn, frame: list[Any]) -> None:
+        if frame[0] != Op.HELLO:
+            raise RemoteProtocolError("the first frame must be HELLO", code="protocol")
+        version, options = frame[1], frame[2]
+        if version != PROTOCOL_VERSION:
+            raise RemoteProtocolError(
+                f"protocol version {version} is not supported; this broker speaks"
+                f" {PROTOCOL_VERSION}",
+                code="unsupported-version",
+            )
+        name = options.get("name")
+        if name is not None and (type(name) is not str or len(name) > MAX_CLIENT_NAME):
+            raise RemoteProtocolError("HELLO.options.name must be a str of at most 255 chars",
+                                      code="bad-field")
+        conn.name = name
+        conn.state = ConnState.OPEN
+        self._sink.send(conn.id, [Op.WELCOME, PROTOCOL_VERSION, {
+            "server": f"aiobus/{VERSION}",
+            "conn": conn.id,
+            "max_frame": self.max_frame,
+            "pid": conn.pid,
+            "uid": conn.uid,
+        }])
+        self._presence(TOPIC_CONNECTED, conn, self._now)
+
+    def _on_handshake_deadline(self, conn_id: int, now: float) -> None:
+        conn = self._conns.get(conn_id)
+        if conn is not None and conn.state is ConnState.HANDSHAKE:
+            self.close(conn_id, "handshake-timeout",
+                       f"no HELLO within {self.handshake_timeout} seconds")
+
+    def _on_ping(self, conn: Conn, frame: list[Any], now: float) -> None:
+        self.reply_ok(conn.id, frame[1])
+
+    def _new_id(self) -> str:
+        self._next_id += 1
+        return f"{self._id_prefix}-{self._next_id:x}"
+
+    def _on_send(self, conn: Conn, frame: list[Any], now: float) -> None:
+        _, rid, name, body, kind, headers, ttl, token = frame
+        queue = self.queues.queues.get(name)
+        if queue is None:
+            check_name(name, "queue name")
+            if is_reserved(name):
+                raise Forbidden(f"queue name {name!r}: names starting with '$' are reserved")
+            queue = self.queues.get(name)
+        if ttl is not None:
+            if not 0 < ttl < 1e9:
+                raise BadOption("ttl must be a positive number of seconds")
+            expires: float | None = now + ttl
+        else:
+            expires = None
+        msg = QMsg(self._new_id(), body, kind, headers or None, now + self.wall_offset, expires,
+                   (conn.id, token) if token is not None else None)
+        self.queues.send(conn.id, rid, queue, msg, now)
+
+    def _on_publish(self, conn: Conn, frame: list[Any], now: float) -> None:
+        _, topic, body, kind, headers = frame
+        if topic not in self.topics.index._cache:
+            check_name(topic, "topic")
+            if is_reserved(topic):
+                raise Forbidden(f"topic {topic!r}: topics starting with '$' are the broker's")
+        self.topics.publish((self._new_id(), topic, body, kind, headers or None,
+                             now + self.wall_offset))
+
+    def _presence(self, topic: str, conn: Conn, now: float) -> None:
+        body = msgpack.packb(conn.describe())
+        self.topics.publish((self._new_id(), topic, body, BodyKind.PACKED, None,
+                             now + self.wall_offset))
+
+    def _check_sid(self, conn: Conn, sid: int) -> None:
+        if sid in conn.subs or sid in conn.consumers:
+            raise SubscriptionError(f"subscription id {sid} is already in use on this connection",
+                                    code="duplicate-subscription")
+
+    def _on_subscribe(self, conn: Conn, frame: list[Any], now: float) -> None:
+        _, rid, sid, pattern, max_pending, policy = frame
+        check_pattern(pattern)
+        self.topics.check_options(max_pending, policy)
+        self._check_sid(conn, sid)
+        sub = Subscription(conn.id, sid, pattern, max_pending, policy)
+        conn.subs[sid] = sub
+        self.topics.add(sub)
+        self.reply_ok(conn.id, rid)
+
+    def _on_consume(self, conn: Conn, frame: list[Any], now: float) -> None:
+        _, rid, sid, name, prefetch = frame
+        check_name(name, "queue name")
+        if is_reserved(name):
+            raise Forbidden(f"queue name {name!r}: names starting with '$' are reserved")
+        if not 1 <= prefetch <= MAX_PREFETCH:
+            raise BadOption(f"prefetch must be between 1 and {MAX_PREFETCH}")
+        self._check_sid(conn, sid)
+        consumer = Consumer(conn.id, sid, self.queues.get(name), prefetch, conn.pid, conn.uid)
+        conn.consumers[sid] = consumer
+        self.reply_ok(conn.id, rid)  # before the first DELIVER, so the client is ready
+        self.queues.add_consumer(consumer, now)
+
+    def _on_cancel(self, conn: Conn, frame: list[Any], now: float) -> None:
+        _, rid, sid = frame
+        consumer = conn.consumers.pop(sid, None)
+        if consumer is not None:
+            self.queues.remove_consumer(consumer, now, failed=False)
+        else:
+            sub = conn.subs.pop(sid, None)
+            if sub is None:
+                raise SubscriptionError(f"no subscription or consumer {sid} on this connection")
+            self.topics.remove(sub)
+        if rid:
+            self.reply_ok(conn.id, rid)
+
+    def _on_credit(self, conn: Conn, frame: list[Any], now: float) -> None:
+        sub = conn.subs.get(frame[1])
+        if sub is not None:  # a CREDIT racing a CANCEL is harmless
+            self.topics.credit(sub, frame[2])
+
+    def _on_ack(self, conn: Conn, frame: list[Any], now: float) -> None:
+        self.queues.ack(conn.id, frame[2], now)
+        if frame[1]:
+            self.reply_ok(conn.id, frame[1])
+
+    def _on_nack(self, conn: Conn, frame: list[Any], now: float) -> None:
+        _, rid, tag, delay, reason = frame
+        self.queues.nack(conn.id, tag, delay, reason, now)
+        if rid:
+            self.reply_ok(conn.id, rid)
+
+    def _on_reject(self, conn: Conn, frame: list[Any], now: float) -> None:
+        _, rid, tag, reason = frame
+        self.queues.reject(conn.id, tag, reason, now)
+        if rid:
+            self.reply_ok(conn.id, rid)
+
+    def _on_extend(self, conn: Conn, frame: list[Any], now: float) -> None:
+        _, rid, tag, seconds = frame
+        self.queues.extend(conn.id, tag, seconds, now)
+        if rid:
+            self.reply_ok(conn.id, rid)
+
+    def _on_reply(self, conn: Conn, frame: list[Any], now: float) -> None:
+        _, rid, tag, body, kind, headers = frame
+        requester, token = self.queues.reply(conn.id, tag, now)
+        if requester in self._conns:  # a requester that left gets nothing, as it asked
+            self._sink.send(requester, [Op.RESPONSE, token, body, kind, headers or None])
+        if rid:
+            self.reply_ok(conn.id, rid)
+
+    def _on_declare(self, conn: Conn, frame: list[Any], now: float) -> None:
+        _, rid, name, options = frame
+        check_name(name, "queue name")
+        if is_reserved(name):
+            raise Forbidden(f"queue name {name!r}: names starting with '$' are reserved")
+        queue = self.queues.declare(name, options)
+        self._sink.send(conn.id, [Op.OK, rid, queue.settings.as_dict()])
+
+    def _on_stats(self, conn: Conn, frame: list[Any], now: float) -> None:
+        self._sink.send(conn.id, [Op.OK, frame[1], self.stats()])
+
+    # -- introspection --------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Counters and gauges for every queue, subscription and connection."""
+        subs = [sub for conn in self._conns.values() for sub in conn.subs.values()]
+        return {
+            "server": f"aiobus/{VERSION}",
+            "time": self._now + self.wall_offset,
+            "queues": {name: q.stats() for name, q in sorted(self.queues.queues.items())},
+            "topics": {
+                "published": self.topics.published,
+                "unrouted": self.topics.unrouted,
+                "subscriptions": [sub.stats() for sub in subs],
+            },
+            "connections": [
+                {**c.describe(), "consumers": len(c.consumers), "subscriptions": len(c.subs),
+                 "parked": c.parked}
+                for c in self._conns.values()
+            ],
+        }
+
+    def connection_ids(self) -> list[int]:
+        return list(self._conns)

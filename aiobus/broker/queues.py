@@ -1,0 +1,576 @@
+"""Point-to-point queues: leases, redelivery, retries, dead letters, overflow. No I/O.
+
+Theory of operation
+-------------------
+A message (:class:`QMsg`) is in exactly one place, recorded in ``msg.state``:
+
+* ``READY``: in its queue's ``ready`` deque, waiting for a consumer;
+* ``LEASED``: delivered to one consumer under a :class:`Lease` with a deadline;
+* ``DELAYED``: waiting on a timer before it becomes ready again (nack with a delay, or
+  the queue's ``retry_delays`` schedule);
+* ``PARKED``: sent to a full queue with ``overflow="block"``; admitted when room frees;
+* ``GONE``: acked, dead-lettered, or discarded.
+
+Every transition goes through a method of :class:`QueueRouter`; that is the seam where a
+journal will record them. Leaving ``READY`` by TTL expiry marks the message ``GONE``
+where it sits in the deque (removal from the middle of a deque is O(n)); ``pump`` skips
+such tombstones and ``Queue.ready_len`` counts only live ones.
+
+A lease ends in one of four ways. ``ack`` and ``reply`` remove the message. ``nack``,
+an ack timeout and a lost connection are *failures*: they count an attempt, and after
+``max_deliveries`` attempts the message is dead-lettered. A consumer that stops
+(``CANCEL``) *releases* its leases: the messages go back to the front of the queue and
+no attempt is counted, since nobody processed them.
+
+An expired lease stays in its consumer's prefetch window as a "zombie" until the
+consumer answers it (the late answer fails with ``lease-expired`` but frees the slot) or
+disconnects. So a stalled consumer receives nothing new, and a message does not bounce
+back to a consumer that has not processed the previous delivery.
+
+Lease deadlines: with one ``ack_timeout`` per queue and a non-decreasing ``now``, leases
+expire in delivery order, so each queue keeps its leases in an insertion-ordered dict and
+arms a single timer for the oldest. Only ``extend`` takes a lease out of that order; it
+gets a timer entry of its own.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from enum import IntEnum
+from typing import Any, Protocol
+
+from ..errors import LeaseError, NotARequest, QueueFull, QueueMismatch
+from ..protocol import Op
+from .settings import BadOption, QueueSettings
+from .timers import Timers
+
+__all__ = ["Consumer", "Lease", "MsgState", "QMsg", "Queue", "QueueRouter"]
+
+MAX_PREFETCH = 65535
+# A producer with this many sends parked on full queues stops being read until some are
+# admitted (RabbitMQ blocks a publishing connection the same way).
+PARK_LIMIT = 256
+
+
+class MsgState(IntEnum):
+    READY = 0  # in the ready deque
+    LEASED = 1  # held by a consumer
+    DELAYED = 2  # waiting for a retry/nack delay timer
+    PARKED = 3  # waiting for room in a full queue (overflow="block")
+    GONE = 4  # acked, dead-lettered, discarded or expired
+
+
+class QMsg:
+    """One queued message. ``failures`` counts failed attempts; attempt = failures + 1."""
+
+    __slots__ = (
+        "body", "expires", "failures", "headers", "id", "kind", "last_consumer",
+        "last_reason", "reply", "state", "timestamp",
+    )
+
+    def __init__(
+        self,
+        id: str,
+        body: bytes,
+        kind: int,
+        headers: dict[str, str] | None,
+        timestamp: float,
+        expires: float | None,
+        reply: tuple[int, int] | None,
+    ) -> None:
+        self.id = id
+        self.body = body
+        self.kind = kind
+        self.headers = headers
+        self.timestamp = timestamp
+        self.expires = expires
+        self.reply = reply  # (requester connection id, its token) for a request
+        self.failures = 0
+        self.state = MsgState.READY
+        self.last_reason: str | None = None
+        self.last_consumer: tuple[int, int] | None = None  # (pid, uid)
+
+
+class Lease:
+    __slots__ = ("consumer", "deadline", "expired", "extended", "msg", "tag")
+
+    def __init__(self, tag: int, msg: QMsg, consumer: Consumer, deadline: float) -> None:
+        self.tag = tag
+        self.msg = msg
+        self.consumer = consumer
+        self.deadline = deadline
+        self.expired = False  # a zombie: the message went back to the queue
+        self.extended = False  # out of the queue's deadline order; has its own timer
+
+
+class Consumer:
+    __slots__ = ("active", "conn", "in_available", "leases", "pid", "prefetch", "queue", "sid",
+                 "uid")
+
+    def __init__(
+        self, conn: int, sid: int, queue: Queue, prefetch: int, pid: int, uid: int
+    ) -> None:
+        self.conn = conn
+        self.sid = sid
+        self.queue = queue
+        self.prefetch = prefetch
+        self.pid = pid
+        self.uid = uid
+        self.leases: dict[int, Lease] = {}  # active leases and zombies, by tag
+        self.active = True
+        self.in_available = False
+
+
+class Queue:
+    __slots__ = (
+        "acked",
+        "available",
+        "consumers",
+        "dead_lettered",
+        "delayed",
+        "delivered",
+        "discarded",
+        "expired",
+        "explicit",
+        "lease_timer",
+        "leases",
+        "name",
+        "parked",
+        "ready",
+        "ready_len",
+        "sent",
+        "settings",
+    )
+
+    def __init__(self, name: str, settings: QueueSettings, explicit: bool) -> None:
+        self.name = name
+        self.settings = settings
+        self.explicit = explicit  # declared (True) or created by first use (False)
+        self.ready: deque[QMsg] = deque()
+        self.ready_len = 0  # live READY messages (the deque may hold GONE tombstones)
+        self.delayed = 0
+        self.leases: dict[int, Lease] = {}  # active, non-extended leases, in deadline order
+        self.lease_timer: float | None = None  # deadline of the armed lease timer, if any
+        self.consumers: list[Consumer] = []
+        self.available: deque[Consumer] = deque()  # consumers with a free prefetch slot
+        self.parked: deque[tuple[int, int, QMsg]] = deque()  # (conn, rid, msg), blocked sends
+        self.sent = self.delivered = self.acked = 0
+        self.dead_lettered = self.expired = self.discarded = 0
+
+    def waiting(self) -> int:
+        """Messages counted against ``max_length``: ready plus delayed."""
+        return self.ready_len + self.delayed
+
+    def is_full(self) -> bool:
+        limit = self.settings.max_length
+        return limit is not None and self.ready_len + self.delayed >= limit
+
+    def stats(self) -> dict[str, Any]:
+        unacked = sum(1 for c in self.consumers for lease in c.leases.values()
+                      if not lease.expired)
+        return {
+            "ready": self.ready_len,
+            "unacked": unacked,
+            "delayed": self.delayed,
+            "parked": len(self.parked),
+            "consumers": len(self.consumers),
+            "sent": self.sent,
+            "delivered": self.delivered,
+            "acked": self.acked,
+            "dead_lettered": self.dead_lettered,
+            "expired": self.expired,
+            "discarded": self.discarded,
+            "settings": self.settings.as_dict(),
+        }
+
+
+class QueueSink(Protocol):
+    """What the router needs from its owner (the broker core)."""
+
+    def send(self, conn: int, frame: list[Any]) -> None: ...
+
+    def reply_ok(self, conn: int, rid: int) -> None: ...
+
+    def alive(self, conn: int) -> bool: ...
+
+    def set_parked(self, conn: int, delta: int) -> None: ...
+
+
+class QueueRouter:
+    """All queues of a broker and every transition of their messages."""
+
+    def __init__(self, sink: QueueSink, timers: Timers, wall_offset: float) -> None:
+        self.queues: dict[str, Queue] = {}
+        self.leases: dict[int, Lease] = {}  # every lease a consumer holds, zombies too
+        self._sink = sink
+        self._timers = timers
+        self._next_tag = 1
+        self.wall_offset = wall_offset  # wall clock = now + wall_offset (for headers)
+
+    # -- queues ---------------------------------------------------------------------
+
+    def get(self, name: str) -> Queue:
+        """The queue ``name``, created with defaults on first use."""
+        queue = self.queues.get(name)
+        if queue is None:
+            queue = self.queues[name] = Queue(name, QueueSettings.for_queue(name), False)
+        return queue
+
+    def declare(self, name: str, options: dict[str, Any]) -> Queue:
+        """Create ``name`` with ``options``, or check them against an existing declaration.
+
+        A queue created implicitly by use adopts the settings of its first declaration.
+
+        Raises:
+            BadOption: an option is invalid.
+            QueueMismatch: the queue was declared before with different settings.
+        """
+        settings = QueueSettings.for_queue(name, options)
+        queue = self.queues.get(name)
+        if queue is None:
+            queue = self.queues[name] = Queue(name, settings, True)
+        elif not queue.explicit:
+            queue.settings, queue.explicit = settings, True
+        elif queue.settings != settings:
+            old, new = queue.settings.as_dict(), settings.as_dict()
+            diff = ", ".join(f"{k}: {old[k]!r} != {new[k]!r}" for k in old if old[k] != new[k])
+            raise QueueMismatch(
+                f"queue {name!r} is already declared with other settings ({diff});"
+                " use the same settings or another queue name"
+            )
+        return queue
+
+    # -- producing ------------------------------------------------------------------
+
+    def send(self, conn: int, rid: int, queue: Queue, msg: QMsg, now: float) -> None:
+        """A message from ``conn``; confirms with OK to ``rid`` (0: no confirmation)."""
+        if queue.parked:
+            if any(c == conn for c, _, _ in queue.parked):
+                # Keep this producer's order: it already waits for room in this queue.
+                self._park(conn, rid, queue, msg)
+                return
+        if queue.is_full():
+            policy = queue.settings.overflow
+            if policy == "block":
+                self._park(conn, rid, queue, msg)
+                return
+            if policy == "reject":
+                raise QueueFull(
+                    f"queue {queue.name!r} is full (max_length={queue.settings.max_length},"
+                    " overflow='reject'); retry later or consume faster"
+                )
+            self._drop_oldest(queue, now)
+        self._accept(queue, msg, now)
+        if rid:
+            self._sink.reply_ok(conn, rid)
+
+    def _park(self, conn: int, rid: int, queue: Queue, msg: QMsg) -> None:
+        msg.state = MsgState.PARKED
+        queue.parked.append((conn, rid, msg))
+        self._sink.set_parked(conn, +1)
+
+    def _drop_oldest(self, queue: Queue, now: float) -> None:
+        ready = queue.ready
+        while ready:
+            oldest = ready.popleft()
+            if oldest.state is MsgState.READY:
+                queue.ready_len -= 1
+                self.dead_letter(queue, oldest, "overflow", None, now)
+                return
+
+    def _accept(self, queue: Queue, msg: QMsg, now: float) -> None:
+        queue.sent += 1
+        ttl = queue.settings.ttl
+        if ttl is not None and msg.expires is None:
+            msg.expires = now + ttl
+        if msg.expires is not None:
+            self._timers.call_at(msg.expires, self._on_ttl, (queue, msg))
+        msg.state = MsgState.READY
+        queue.ready.append(msg)
+        queue.ready_len += 1
+        self.pump(queue, now)
+
+    def _admit_parked(self, queue: Queue, now: float) -> None:
+        while queue.parked and not queue.is_full():
+            conn, rid, msg = queue.parked.popleft()
+            alive = self._sink.alive(conn)
+            if alive:
+                self._sink.set_parked(conn, -1)
+            self._accept(queue, msg, now)
+            if rid and alive:
+                self._sink.reply_ok(conn, rid)
+
+    # -- delivering -----------------------------------------------------------------
+
+    def pump(self, queue: Queue, now: float) -> None:
+        """Deliver ready messages to consumers with free prefetch slots, round-robin."""
+        ready, available = queue.ready, queue.available
+        while queue.ready_len and available:
+            msg = ready.popleft()
+            if msg.state is not MsgState.READY:
+                continue  # tombstone of an expired message
+            queue.ready_len -= 1
+            if msg.expires is not None and msg.expires <= now:
+                self._expire(queue, msg, now)
+                continue
+            consumer = available.popleft()
+            self._deliver(queue, consumer, msg, now)
+            if len(consumer.leases) < consumer.prefetch:
+                available.append(consumer)
+            else:
+                consumer.in_available = False
+        if queue.parked:
+            self._admit_parked(queue, now)
+
+    def _deliver(self, queue: Queue, consumer: Consumer, msg: QMsg, now: float) -> None:
+        tag = self._next_tag
+        self._next_tag = tag + 1
+        deadline = now + queue.settings.ack_timeout
+        lease = Lease(tag, msg, consumer, deadline)
+        msg.state = MsgState.LEASED
+        queue.leases[tag] = lease
+        consumer.leases[tag] = lease
+        self.leases[tag] = lease
+        queue.delivered += 1
+        if queue.lease_timer is None:
+            queue.lease_timer = deadline
+            self._timers.call_at(deadline, self._on_lease_timer, queue)
+        reply = msg.reply
+        self._sink.send(consumer.conn, [
+            Op.DELIVER, consumer.sid, tag, msg.id, queue.name, msg.body, msg.kind,
+            msg.headers, msg.timestamp, msg.failures + 1,
+            f"{reply[0]}.{reply[1]}" if reply is not None else None,
+        ])
+
+    # -- consumers ------------------------------------------------------------------
+
+    def add_consumer(self, consumer: Consumer, now: float) -> None:
+        queue = consumer.queue
+        queue.consumers.append(consumer)
+        consumer.in_available = True
+        queue.available.append(consumer)
+        self.pump(queue, now)
+
+    def remove_consumer(self, consumer: Consumer, now: float, *, failed: bool) -> None:
+        """Stop a consumer. Its active leases are released (``failed=False``: CANCEL, no
+        attempt counted) or failed (connection lost: an attempt counted)."""
+        queue = consumer.queue
+        consumer.active = False
+        queue.consumers.remove(consumer)
+        if consumer.in_available:
+            queue.available.remove(consumer)
+            consumer.in_available = False
+        released: list[QMsg] = []
+        for tag, lease in consumer.leases.items():
+            del self.leases[tag]
+            if lease.expired:
+                continue
+            self._unlease(queue, lease)
+            if failed:
+                self._record_consumer(lease)
+                self._fail(queue, lease.msg, None, "connection-lost", now)
+            else:
+                released.append(lease.msg)
+        consumer.leases.clear()
+        for msg in reversed(released):  # back to the front, in delivery order
+            msg.state = MsgState.READY
+            queue.ready.appendleft(msg)
+            queue.ready_len += 1
+        self.pump(queue, now)
+
+    def _unlease(self, queue: Queue, lease: Lease) -> None:
+        if not lease.extended:
+            del queue.leases[lease.tag]
+
+    def _free_slot(self, consumer: Consumer, now: float) -> None:
+        if consumer.active and not consumer.in_available:
+            consumer.in_available = True
+            consumer.queue.available.append(consumer)
+        self.pump(consumer.queue, now)
+
+    # -- answers to a lease ---------------------------------------------------------
+
+    def _take(self, conn: int, tag: int, verb: str, now: float) -> Lease:
+        """The live lease ``tag`` of ``conn``, removed from the books. A zombie frees its
+        prefetch slot and raises LeaseError."""
+        lease = self.leases.get(tag)
+        if lease is None or lease.consumer.conn != conn:
+            raise LeaseError(
+                f"cannot {verb} delivery {tag}: this connection holds no such lease (already"
+                " answered, or released when its consumer stopped)",
+                code="lease-unknown",
+            )
+        consumer = lease.consumer
+        del self.leases[tag]
+        del consumer.leases[tag]
+        if lease.expired:
+            self._free_slot(consumer, now)
+            raise LeaseError(
+                f"cannot {verb} delivery {tag}: its lease expired after ack_timeout="
+                f"{consumer.queue.settings.ack_timeout}s and the message went back to the queue;"
+                " answer sooner or call extend()",
+                code="lease-expired",
+            )
+        self._unlease(consumer.queue, lease)
+        return lease
+
+    def ack(self, conn: int, tag: int, now: float) -> None:
+        lease = self._take(conn, tag, "ack", now)
+        queue = lease.consumer.queue
+        lease.msg.state = MsgState.GONE
+        queue.acked += 1
+        self._free_slot(lease.consumer, now)
+
+    def nack(self, conn: int, tag: int, delay: float | None, reason: str | None,
+             now: float) -> None:
+        if delay is not None and (not math.isfinite(delay) or delay < 0):
+            raise BadOption("nack delay must be a non-negative number of seconds or None")
+        lease = self._take(conn, tag, "nack", now)
+        self._record_consumer(lease)
+        self._fail(lease.consumer.queue, lease.msg, delay, reason, now)
+        self._free_slot(lease.consumer, now)
+
+    def reject(self, conn: int, tag: int, reason: str | None, now: float) -> None:
+        lease = self._take(conn, tag, "reject", now)
+        self._record_consumer(lease)
+        lease.msg.failures += 1
+        self.dead_letter(lease.consumer.queue, lease.msg, "rejected", reason, now)
+        self._free_slot(lease.consumer, now)
+
+    def extend(self, conn: int, tag: int, seconds: float, now: float) -> None:
+        if not math.isfinite(seconds) or seconds <= 0:
+            raise BadOption("extend needs a positive number of seconds")
+        lease = self.leases.get(tag)
+        if lease is None or lease.consumer.conn != conn or lease.expired:
+            # Reuse _take's messages and zombie handling for the failure case.
+            self._take(conn, tag, "extend", now)
+        assert lease is not None
+        self._unlease(lease.consumer.queue, lease)
+        lease.extended = True
+        lease.deadline = now + seconds
+        self._timers.call_at(lease.deadline, self._on_extended_timer, lease)
+
+    def reply(self, conn: int, tag: int, now: float) -> tuple[int, int]:
+        """Ack a request's lease and return its reply route (requester conn, token)."""
+        lease = self.leases.get(tag)
+        if lease is not None and lease.consumer.conn == conn and lease.msg.reply is None:
+            raise NotARequest(
+                f"delivery {tag} was sent with send(), not request(): there is nobody to reply"
+                " to; ack it instead"
+            )
+        lease = self._take(conn, tag, "reply to", now)
+        assert lease.msg.reply is not None
+        lease.msg.state = MsgState.GONE
+        lease.consumer.queue.acked += 1
+        self._free_slot(lease.consumer, now)
+        return lease.msg.reply
+
+    @staticmethod
+    def _record_consumer(lease: Lease) -> None:
+        lease.msg.last_consumer = (lease.consumer.pid, lease.consumer.uid)
+
+    # -- failure, retry, dead letters -----------------------------------------------
+
+    def _fail(self, queue: Queue, msg: QMsg, delay: float | None, reason: str | None,
+              now: float) -> None:
+        """Count a failed attempt; dead-letter after max_deliveries, else retry."""
+        msg.failures += 1
+        msg.last_reason = reason
+        limit = queue.settings.max_deliveries
+        if limit is not None and msg.failures >= limit:
+            self.dead_letter(queue, msg, "max-deliveries", reason, now)
+            return
+        if delay is None:
+            delays = queue.settings.retry_delays
+            delay = delays[min(msg.failures, len(delays)) - 1] if delays else 0.0
+        if delay > 0:
+            msg.state = MsgState.DELAYED
+            queue.delayed += 1
+            self._timers.call_at(now + delay, self._on_delay_done, (queue, msg))
+        else:
+            self._requeue(queue, msg, now)
+
+    def _requeue(self, queue: Queue, msg: QMsg, now: float) -> None:
+        if msg.expires is not None and msg.expires <= now:
+            self._expire(queue, msg, now)
+            return
+        msg.state = MsgState.READY
+        queue.ready.appendleft(msg)  # a retried message is older than what waits behind it
+        queue.ready_len += 1
+        self.pump(queue, now)
+
+    def _expire(self, queue: Queue, msg: QMsg, now: float) -> None:
+        queue.expired += 1
+        self.dead_letter(queue, msg, "expired", None, now)
+        if queue.parked:
+            self._admit_parked(queue, now)
+
+    def dead_letter(self, queue: Queue, msg: QMsg, reason: str, text: str | None,
+                    now: float) -> None:
+        """Move ``msg`` to its queue's dead-letter queue with headers saying why.
+
+        A queue without a dead-letter queue discards the message (counted in stats).
+        The dead-letter queue accepts it even above its own max_length: a dead letter is
+        never dropped for lack of room.
+        """
+        msg.state = MsgState.GONE
+        target = queue.settings.dead_letter
+        if target is None:
+            queue.discarded += 1
+            return
+        queue.dead_lettered += 1
+        headers = dict(msg.headers) if msg.headers else {}
+        headers["x-original-queue"] = queue.name
+        headers["x-dead-reason"] = reason
+        headers["x-attempts"] = str(msg.failures)
+        headers["x-dead-time"] = f"{now + self.wall_offset:.6f}"
+        text = text if text is not None else msg.last_reason
+        if text is not None:
+            headers["x-reason-text"] = text
+        if msg.last_consumer is not None:
+            headers["x-consumer-pid"] = str(msg.last_consumer[0])
+            headers["x-consumer-uid"] = str(msg.last_consumer[1])
+        dead = QMsg(msg.id, msg.body, msg.kind, headers, msg.timestamp, None, None)
+        self._accept(self.get(target), dead, now)
+
+    # -- timers ---------------------------------------------------------------------
+
+    def _on_lease_timer(self, queue: Queue, now: float) -> None:
+        queue.lease_timer = None
+        leases = queue.leases
+        while leases:
+            lease = next(iter(leases.values()))
+            if lease.deadline > now:
+                queue.lease_timer = lease.deadline
+                self._timers.call_at(lease.deadline, self._on_lease_timer, queue)
+                return
+            del leases[lease.tag]
+            self._expire_lease(queue, lease, now)
+
+    def _on_extended_timer(self, lease: Lease, now: float) -> None:
+        if lease.expired or lease.deadline > now or self.leases.get(lease.tag) is not lease:
+            return  # answered, extended again, or its consumer is gone
+        self._expire_lease(lease.consumer.queue, lease, now)
+
+    def _expire_lease(self, queue: Queue, lease: Lease, now: float) -> None:
+        lease.expired = True  # stays in the consumer's window until answered
+        self._record_consumer(lease)
+        self._fail(queue, lease.msg, None, "ack-timeout", now)
+
+    def _on_delay_done(self, item: tuple[Queue, QMsg], now: float) -> None:
+        queue, msg = item
+        if msg.state is not MsgState.DELAYED:
+            return
+        queue.delayed -= 1
+        self._requeue(queue, msg, now)
+
+    def _on_ttl(self, item: tuple[Queue, QMsg], now: float) -> None:
+        queue, msg = item
+        if msg.state is not MsgState.READY:
+            return  # leased, delayed or gone: expiry is checked when it is ready again
+        if msg.expires is None or msg.expires > now:
+            return
+        msg.state = MsgState.GONE  # tombstone in the ready deque
+        queue.ready_len -= 1
+        self._expire(queue, msg, now)

@@ -1,0 +1,376 @@
+"""The asyncio shell around :class:`BrokerCore`: a Unix socket server and write flushing.
+
+Per connection, an ``asyncio.Protocol`` feeds received bytes to a streaming msgpack
+decoder and each complete frame to the core, synchronously, in ``data_received``: no
+task per connection, none per message. Frames the core wants written are packed into
+the connection's output list, and one ``call_soon`` callback per loop iteration flushes
+every connection that has output (redis' ``putClientInPendingWriteQueue``), so a burst of
+deliveries leaves in one write.
+
+Backpressure: when a client does not read and its transport buffer passes the
+high-water mark, the broker stops reading from it until it drains; the core itself stops
+reading from a producer with too many sends parked on full queues. Frames already
+decoded when reading stops wait in the connection's backlog, in order.
+
+Timers: the core schedules deadlines on its clockless heap; the shell keeps one
+``loop.call_at`` armed for the earliest and calls ``core.tick`` when it fires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import socket
+import stat
+import struct
+import time
+from typing import Any
+
+import msgpack
+
+from .._paths import resolve_socket_path
+from ..errors import BusError, ProtocolError
+from ..protocol import DEFAULT_MAX_FRAME, FrameDecoder, Op
+from .core import DEFAULT_HANDSHAKE_TIMEOUT, BrokerCore
+
+__all__ = ["Broker", "BrokerAlreadyRunning"]
+
+log = logging.getLogger(__name__)
+
+_CRED = struct.Struct("3i")  # struct ucred {pid_t pid; uid_t uid; gid_t gid;}
+_SHUTDOWN_GRACE = 5.0  # seconds to let closing connections drain before aborting them
+
+
+class BrokerAlreadyRunning(BusError):
+    """A live broker already listens on the socket path."""
+
+    code = "already-running"
+
+
+class _Connection(asyncio.Protocol):
+    __slots__ = ("backlog", "broker", "closing", "decoder", "id", "out", "paused_by",
+                 "transport")
+
+    def __init__(self, broker: Broker, conn_id: int) -> None:
+        self.broker = broker
+        self.id = conn_id
+        self.decoder = FrameDecoder(broker.max_frame)
+        self.transport: asyncio.Transport | None = None
+        self.out: list[bytes] = []
+        self.backlog: list[Any] = []  # decoded frames not yet fed while reading is paused
+        self.paused_by: set[str] = set()  # "core" (parked sends), "write" (client not reading)
+        self.closing = False
+
+    # -- asyncio callbacks ----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        pid = uid = gid = -1
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size)
+                pid, uid, gid = _CRED.unpack(raw)
+        self.broker._connection_made(self, pid, uid, gid)
+
+    def data_received(self, data: bytes) -> None:
+        broker = self.broker
+        try:
+            frames = self.decoder.feed(data)
+        except ProtocolError as exc:
+            broker.core.protocol_error(self.id, exc.code or "protocol", str(exc))
+            broker._after_events()
+            return
+        if self.backlog or self.paused_by:
+            self.backlog.extend(frames)
+        else:
+            self._feed(frames)
+        broker._after_events()
+
+    def _feed(self, frames: list[Any]) -> None:
+        core = self.broker.core
+        now = self.broker.loop.time()
+        for i, frame in enumerate(frames):
+            core.receive(self.id, frame, now)
+            if self.paused_by and i + 1 < len(frames):
+                self.backlog.extend(frames[i + 1:])
+                return
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.broker._connection_lost(self)
+
+    def pause_writing(self) -> None:
+        self._pause("write")
+
+    def resume_writing(self) -> None:
+        self._resume("write")
+
+    # -- flow control ---------------------------------------------------------------
+
+    def _pause(self, reason: str) -> None:
+        if not self.paused_by and self.transport is not None and not self.closing:
+            self.transport.pause_reading()
+        self.paused_by.add(reason)
+
+    def _resume(self, reason: str) -> None:
+        self.paused_by.discard(reason)
+        if self.paused_by or self.closing or self.transport is None:
+            return
+        self.transport.resume_reading()
+        if self.backlog:
+            frames, self.backlog = self.backlog, []
+            self._feed(frames)
+            self.broker._after_events()
+
+    def flush(self) -> None:
+        if self.out and self.transport is not None:
+            out, self.out = self.out, []
+            self.transport.writelines(out)
+
+
+class Broker:
+    """An aiobus broker serving a Unix socket from the running event loop.
+
+    The ``aiobus-broker`` daemon runs exactly this; applications and tests embed it.
+
+    Args:
+        path: socket path; default ``$AIOBUS_SOCKET``, else
+            ``$XDG_RUNTIME_DIR/aiobus.sock``, else ``/tmp/aiobus-<uid>.sock``.
+        socket_mode: permission bits of the socket file (default owner-only, 0o600).
+        max_frame: largest frame accepted, in bytes (default 16 MiB).
+        handshake_timeout: seconds a new connection has to send HELLO.
+        sock: an already listening Unix socket to serve instead of binding ``path``
+            (systemd socket activation); the broker then does not remove any file.
+
+    Raises (from ``start`` / ``async with``):
+        BrokerAlreadyRunning: a live broker answers on ``path``.
+        OSError: the path cannot be bound (missing directory, permissions).
+
+    Example::
+
+        async with aiobus.Broker(path="/tmp/demo.sock"):
+            async with aiobus.connect("/tmp/demo.sock") as bus:
+                await bus.send("jobs", b"hello")
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        socket_mode: int = 0o600,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+        sock: socket.socket | None = None,
+    ) -> None:
+        self.path = resolve_socket_path(path) if sock is None else None
+        self.socket_mode = socket_mode
+        self.max_frame = max_frame
+        self.handshake_timeout = handshake_timeout
+        self._sock = sock
+        self._conns: dict[int, _Connection] = {}
+        self._next_conn = 1
+        self._dirty: list[_Connection] = []
+        self._flush_scheduled = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self._socket_inode: tuple[int, int] | None = None
+        self._closed = asyncio.Event()
+        self._all_gone = asyncio.Event()
+        self._packb = msgpack.Packer().pack
+        self.core: BrokerCore
+        self.loop: asyncio.AbstractEventLoop
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Bind the socket and start serving. Returns once clients can connect."""
+        self.loop = asyncio.get_running_loop()
+        self.core = BrokerCore(
+            self,
+            id_prefix=secrets.token_hex(4),
+            wall_offset=time.time() - self.loop.time(),
+            max_frame=self.max_frame,
+            handshake_timeout=self.handshake_timeout,
+        )
+        sock = self._sock if self._sock is not None else self._bind()
+        self._server = await self.loop.create_unix_server(self._new_connection, sock=sock,
+                                                          backlog=1024)
+        log.info("aiobus broker listening on %s (pid %d)", self.path or "inherited socket",
+                 os.getpid())
+
+    def _bind(self) -> socket.socket:
+        assert self.path is not None
+        _remove_stale_socket(self.path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)  # the file is born owner-only; no window of 0o777
+        try:
+            sock.bind(self.path)
+        except OSError:
+            sock.close()
+            raise
+        finally:
+            os.umask(old_umask)
+        if self.socket_mode != 0o600:
+            os.chmod(self.path, self.socket_mode)
+        st = os.stat(self.path)
+        self._socket_inode = (st.st_dev, st.st_ino)
+        sock.setblocking(False)
+        return sock
+
+    async def __aenter__(self) -> Broker:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def wait_closed(self) -> None:
+        """Wait until :meth:`aclose` has finished."""
+        await self._closed.wait()
+
+    async def aclose(self) -> None:
+        """Shut down gracefully: stop accepting, send every client a CLOSE frame with code
+        ``shutdown``, close the connections (aborting those that do not drain within 5 s),
+        and remove the socket file."""
+        if self._server is None or self._closed.is_set():
+            return
+        self._server.close()
+        for conn in list(self._conns.values()):
+            self.close(conn.id, "shutdown", "the broker is shutting down")
+        if self._conns:
+            self._all_gone.clear()
+            try:
+                await asyncio.wait_for(self._all_gone.wait(), _SHUTDOWN_GRACE)
+            except TimeoutError:
+                for conn in list(self._conns.values()):
+                    if conn.transport is not None:
+                        conn.transport.abort()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._server.wait_closed(), _SHUTDOWN_GRACE)
+        if self._timer is not None:
+            self._timer.cancel()
+        self._remove_socket_file()
+        self._closed.set()
+        log.info("aiobus broker stopped")
+
+    def _remove_socket_file(self) -> None:
+        if self.path is None or self._socket_inode is None:
+            return
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return
+        if (st.st_dev, st.st_ino) == self._socket_inode:  # still ours, not a successor's
+            os.unlink(self.path)
+
+    def stats(self) -> dict[str, Any]:
+        """The same statistics a client gets from ``bus.stats()``."""
+        return self.core.stats()
+
+    # -- connections ----------------------------------------------------------------
+
+    def _new_connection(self) -> _Connection:
+        conn = _Connection(self, self._next_conn)
+        self._next_conn += 1
+        return conn
+
+    def _connection_made(self, conn: _Connection, pid: int, uid: int, gid: int) -> None:
+        self._conns[conn.id] = conn
+        self.core.connect(conn.id, pid, uid, gid, self.loop.time())
+        self._after_events()
+
+    def _connection_lost(self, conn: _Connection) -> None:
+        self._conns.pop(conn.id, None)
+        self.core.disconnect(conn.id, self.loop.time())
+        self._after_events()
+        if not self._conns:
+            self._all_gone.set()
+
+    def _after_events(self) -> None:
+        """Re-arm the timer if the core's earliest deadline moved."""
+        deadline = self.core.next_deadline()
+        if deadline is None or deadline == self._timer_at:
+            return
+        if self._timer_at is not None and self._timer_at <= deadline:
+            return  # the armed timer fires first and re-arms
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = deadline
+        self._timer = self.loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = self._timer_at = None
+        self.core.tick(self.loop.time())
+        self._after_events()
+
+    # -- Sink: what the core asks for -----------------------------------------------
+
+    def send(self, conn_id: int, frame: list[Any]) -> None:
+        conn = self._conns.get(conn_id)
+        if conn is None or conn.closing:
+            return
+        if not conn.out:
+            self._dirty.append(conn)
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                self.loop.call_soon(self._flush)
+        conn.out.append(self._packb(frame))
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        dirty, self._dirty = self._dirty, []
+        for conn in dirty:
+            conn.flush()
+
+    def close(self, conn_id: int, code: str, message: str) -> None:
+        conn = self._conns.get(conn_id)
+        if conn is None or conn.closing:
+            return
+        if code not in ("shutdown",):
+            log.warning("closing connection %d: %s: %s", conn_id, code, message)
+        conn.out.append(self._packb([Op.CLOSE, code, message]))
+        conn.flush()
+        conn.closing = True
+        if conn.transport is not None:
+            conn.transport.close()  # flushes what is buffered, then connection_lost
+        self.core.close(conn_id, code, message)
+
+    def set_reading(self, conn_id: int, reading: bool) -> None:
+        conn = self._conns.get(conn_id)
+        if conn is None:
+            return
+        if reading:
+            conn._resume("core")
+        else:
+            conn._pause("core")
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Remove a socket file left by a dead broker; refuse to replace a live one."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise BusError(f"{path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        log.info("removing stale socket %s", path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        return
+    except OSError as exc:
+        raise BusError(f"cannot probe existing socket {path}: {exc}") from exc
+    finally:
+        probe.close()
+    raise BrokerAlreadyRunning(
+        f"another broker is already listening on {path}; stop it first or use --socket"
+    )

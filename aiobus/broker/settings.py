@@ -1,0 +1,125 @@
+"""Queue settings: the options of DECLARE, their checks and their defaults. No I/O."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import BusError, InvalidName
+from ..names import check_name
+
+__all__ = ["DLQ_SUFFIX", "OVERFLOW_POLICIES", "BadOption", "QueueSettings"]
+
+DLQ_SUFFIX = ".dlq"
+OVERFLOW_POLICIES = ("block", "reject", "dead-letter")
+
+
+class BadOption(BusError, ValueError):
+    """A queue option has the wrong type or value."""
+
+    code = "bad-option"
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSettings:
+    """A queue's declared behaviour. See README "Defaults" for the reasoning."""
+
+    max_deliveries: int | None = 5  # None: unlimited attempts
+    ack_timeout: float = 30.0
+    retry_delays: tuple[float, ...] = ()
+    dead_letter: str | None = None  # resolved to "<name>.dlq" by for_queue()
+    ttl: float | None = None
+    max_length: int | None = None
+    overflow: str = "block"
+
+    @classmethod
+    def for_queue(cls, name: str, options: dict[str, Any] | None = None) -> QueueSettings:
+        """Defaults for ``name`` overridden by ``options`` (a DECLARE options map).
+
+        Dead-letter queues (names ending in ``.dlq``) default to unlimited deliveries and
+        no dead-letter queue of their own, so dead letters never chain.
+
+        Raises:
+            BadOption: naming the option and what it accepts.
+        """
+        is_dlq = name.endswith(DLQ_SUFFIX)
+        values: dict[str, Any] = {
+            "max_deliveries": None if is_dlq else 5,
+            "dead_letter": None if is_dlq else name + DLQ_SUFFIX,
+        }
+        for key, value in (options or {}).items():
+            if key not in _OPTION_CHECKS:
+                raise BadOption(f"unknown queue option {key!r}; known: {sorted(_OPTION_CHECKS)}")
+            values[key] = _OPTION_CHECKS[key](value)
+        if values.get("dead_letter") == name:
+            raise BadOption(f"queue {name!r} cannot be its own dead-letter queue")
+        return cls(**values)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "max_deliveries": self.max_deliveries,
+            "ack_timeout": self.ack_timeout,
+            "retry_delays": list(self.retry_delays),
+            "dead_letter": self.dead_letter,
+            "ttl": self.ttl,
+            "max_length": self.max_length,
+            "overflow": self.overflow,
+        }
+
+
+def _positive_number(key: str, allow_none: bool) -> Callable[[Any], float | None]:
+    def check(value: Any) -> float | None:
+        if value is None and allow_none:
+            return None
+        if type(value) not in (int, float) or not math.isfinite(value) or value <= 0:
+            raise BadOption(f"{key} must be a positive number{' or None' if allow_none else ''}")
+        return float(value)
+
+    return check
+
+
+def _positive_int(key: str) -> Callable[[Any], int | None]:
+    def check(value: Any) -> int | None:
+        if value is None:
+            return None
+        if type(value) is not int or value <= 0:
+            raise BadOption(f"{key} must be a positive int or None")
+        return value
+
+    return check
+
+
+def _retry_delays(value: Any) -> tuple[float, ...]:
+    if not isinstance(value, list | tuple) or not all(
+        type(v) in (int, float) and math.isfinite(v) and v >= 0 for v in value
+    ):
+        raise BadOption("retry_delays must be a list of non-negative numbers of seconds")
+    return tuple(float(v) for v in value)
+
+
+def _dead_letter(value: Any) -> str | None:
+    if value is None:
+        return None
+    try:
+        return str(check_name(value, "dead_letter"))
+    except InvalidName as exc:
+        raise BadOption(str(exc)) from None
+
+
+def _overflow(value: Any) -> str:
+    if value not in OVERFLOW_POLICIES:
+        raise BadOption(f"overflow must be one of {', '.join(OVERFLOW_POLICIES)}; got {value!r}")
+    return str(value)
+
+
+_OPTION_CHECKS: dict[str, Callable[[Any], Any]] = {
+    "max_deliveries": _positive_int("max_deliveries"),
+    "ack_timeout": _positive_number("ack_timeout", allow_none=False),
+    "retry_delays": _retry_delays,
+    "dead_letter": _dead_letter,
+    "ttl": _positive_number("ttl", allow_none=True),
+    "max_length": _positive_int("max_length"),
+    "overflow": _overflow,
+}

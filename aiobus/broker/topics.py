@@ -1,0 +1,151 @@
+"""Pub/sub topics: wildcard fan-out with a bounded window per subscription. No I/O.
+
+Theory of operation
+-------------------
+Topics are at-most-once: a publish reaches every subscription whose pattern matches at
+that moment, and is gone once handed over. The hard part is a subscriber that does not
+keep up. The broker never buffers without bound for it:
+
+* Each subscription has a *credit* window of ``max_pending`` EVENTs that may be in
+  flight to the client (in socket buffers or in the client library's queue). The client
+  returns credit with CREDIT frames as the application consumes events.
+* With no credit left, events wait in the subscription's ``pending`` deque, at most
+  ``max_pending`` of them. When that is full too, the subscription's policy decides:
+  ``drop-oldest`` drops the oldest pending event, ``drop-newest`` the new one, and
+  ``disconnect`` closes the subscriber's connection with code ``slow-consumer``.
+* Drops are counted per subscription (``stats()``) and the next EVENT delivered carries
+  the number dropped just before it, so the subscriber sees the gap.
+
+So a subscription costs the broker at most ``2 * max_pending`` events of memory.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Protocol
+
+from ..errors import BusError
+from ..names import TopicIndex
+from ..protocol import Op
+
+__all__ = ["POLICIES", "Subscription", "TopicRouter"]
+
+POLICIES = ("drop-oldest", "drop-newest", "disconnect")
+MAX_PENDING_LIMIT = 1_000_000
+
+
+class BadSubscription(BusError, ValueError):
+    code = "bad-option"
+
+
+# (id, topic, body, kind, headers, timestamp): one published message, shared by every
+# subscription it is queued for.
+Event = tuple[str, str, bytes, int, "dict[str, str] | None", float]
+
+
+class TopicSink(Protocol):
+    def send(self, conn: int, frame: list[Any]) -> None: ...
+
+    def slow_consumer(self, conn: int, message: str) -> None: ...
+
+
+class Subscription:
+    __slots__ = ("conn", "credit", "delivered", "dropped", "dropped_since", "max_pending",
+                 "pattern", "pending", "policy", "sid")
+
+    def __init__(self, conn: int, sid: int, pattern: str, max_pending: int, policy: str) -> None:
+        self.conn = conn
+        self.sid = sid
+        self.pattern = pattern
+        self.max_pending = max_pending
+        self.policy = policy
+        self.credit = max_pending
+        self.pending: deque[Event] = deque()
+        self.dropped = 0  # total drops
+        self.dropped_since = 0  # drops since the last delivered event
+        self.delivered = 0
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "conn": self.conn,
+            "sid": self.sid,
+            "pattern": self.pattern,
+            "policy": self.policy,
+            "max_pending": self.max_pending,
+            "pending": len(self.pending),
+            "in_flight": self.max_pending - self.credit,
+            "delivered": self.delivered,
+            "dropped": self.dropped,
+        }
+
+
+class TopicRouter:
+    def __init__(self, sink: TopicSink) -> None:
+        self.index: TopicIndex[Subscription] = TopicIndex()
+        self.published = 0
+        self.unrouted = 0  # publishes that matched no subscription
+        self._sink = sink
+
+    @staticmethod
+    def check_options(max_pending: int, policy: str) -> None:
+        if not 1 <= max_pending <= MAX_PENDING_LIMIT:
+            raise BadSubscription(f"max_pending must be between 1 and {MAX_PENDING_LIMIT}")
+        if policy not in POLICIES:
+            raise BadSubscription(f"policy must be one of {', '.join(POLICIES)}; got {policy!r}")
+
+    def add(self, sub: Subscription) -> None:
+        self.index.add(sub.pattern, sub)
+
+    def remove(self, sub: Subscription) -> None:
+        self.index.remove(sub.pattern, sub)
+        sub.pending.clear()
+
+    def publish(self, event: Event) -> int:
+        """Fan ``event`` out; returns the number of subscriptions it matched."""
+        self.published += 1
+        subs = self.index.match(event[1])
+        if not subs:
+            self.unrouted += 1
+            return 0
+        send = self._sink.send
+        for sub in subs:
+            if sub.credit and not sub.pending:
+                sub.credit -= 1
+                sub.delivered += 1
+                dropped, sub.dropped_since = sub.dropped_since, 0
+                send(sub.conn, [Op.EVENT, sub.sid, *event, dropped])
+            else:
+                self._hold(sub, event)
+        return len(subs)
+
+    def _hold(self, sub: Subscription, event: Event) -> None:
+        pending = sub.pending
+        if len(pending) < sub.max_pending:
+            pending.append(event)
+            return
+        if sub.policy == "drop-oldest":
+            pending.popleft()
+            pending.append(event)
+        elif sub.policy == "drop-newest":
+            pass
+        else:
+            self._sink.slow_consumer(
+                sub.conn,
+                f"subscription {sub.sid} ({sub.pattern!r}) fell {2 * sub.max_pending} events"
+                " behind with policy 'disconnect'",
+            )
+            return
+        sub.dropped += 1
+        sub.dropped_since += 1
+
+    def credit(self, sub: Subscription, n: int) -> None:
+        """The client consumed ``n`` events: send what is pending, up to the new credit."""
+        sub.credit = min(sub.credit + n, sub.max_pending)
+        pending = sub.pending
+        send = self._sink.send
+        while sub.credit and pending:
+            event = pending.popleft()
+            sub.credit -= 1
+            sub.delivered += 1
+            dropped, sub.dropped_since = sub.dropped_since, 0
+            send(sub.conn, [Op.EVENT, sub.sid, *event, dropped])

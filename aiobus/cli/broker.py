@@ -1,0 +1,107 @@
+"""``aiobus-broker``: the broker daemon.
+
+Parses options, binds the socket (or takes one from systemd socket activation), installs
+SIGINT/SIGTERM handlers that trigger a graceful shutdown, and runs the same
+:class:`aiobus.Broker` that applications embed, on uvloop when it is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from .. import __version__
+from .._paths import default_socket_path
+from ..broker.server import Broker
+from ..errors import BusError
+from ..protocol import DEFAULT_MAX_FRAME
+
+log = logging.getLogger("aiobus.broker")
+
+
+def _octal(text: str) -> int:
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an octal mode like 0600") from None
+    if not 0 <= mode <= 0o777:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a permission mode (0000-0777)")
+    return mode
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be a positive integer")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="aiobus-broker",
+        description="Run the aiobus message broker on a Unix domain socket.",
+    )
+    parser.add_argument("--socket", metavar="PATH",
+                        help="socket path (default: $AIOBUS_SOCKET, else"
+                             " $XDG_RUNTIME_DIR/aiobus.sock, else /tmp/aiobus-<uid>.sock;"
+                             f" here: {default_socket_path()})")
+    parser.add_argument("--socket-mode", type=_octal, default=0o600, metavar="MODE",
+                        help="permissions of the socket file, octal (default 0600)")
+    parser.add_argument("--max-frame", type=_positive_int, default=DEFAULT_MAX_FRAME,
+                        metavar="BYTES",
+                        help=f"largest frame accepted (default {DEFAULT_MAX_FRAME})")
+    parser.add_argument("--handshake-timeout", type=float, default=5.0, metavar="SECONDS",
+                        help="time a new connection has to say HELLO (default 5)")
+    parser.add_argument("--log-level", default="INFO",
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--version", action="version", version=f"aiobus-broker {__version__}")
+    return parser
+
+
+async def serve(args: argparse.Namespace) -> None:
+    """Run a broker until SIGINT or SIGTERM, then shut it down gracefully."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signo in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signo, stop.set)
+    try:
+        async with Broker(
+            args.socket,
+            socket_mode=args.socket_mode,
+            max_frame=args.max_frame,
+            handshake_timeout=args.handshake_timeout,
+        ):
+            await stop.wait()
+            log.info("signal received, shutting down")
+    finally:
+        for signo in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signo)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        import uvloop
+    except ImportError:  # stdlib loop: slower, same behaviour
+        runner = asyncio.run
+    else:
+        runner = uvloop.run
+    try:
+        runner(serve(args))
+    except BusError as exc:
+        print(f"aiobus-broker: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"aiobus-broker: cannot listen on {args.socket or default_socket_path()}: {exc}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,538 @@
+"""The asyncio client: one connection to the broker, shared by every caller.
+
+The protocol object decodes frames in ``data_received`` and dispatches them at once:
+OK/ERROR resolve the future of the request with that ``rid`` (so many concurrent sends
+are pipelined, not serialised), DELIVER/EVENT go to the buffer of their stream,
+RESPONSE to the pending request. Writes are packed into a list and flushed once per loop
+iteration, or as soon as 64 KiB are waiting; while the socket is above its high-water
+mark every send and publish waits (backpressure instead of unbounded buffering).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import weakref
+from collections.abc import Mapping
+from typing import Any
+
+import msgpack
+
+from .._paths import resolve_socket_path
+from ..errors import (
+    BrokerUnavailable,
+    BusError,
+    ConnectionClosed,
+    ConnectionLost,
+    FrameTooLarge,
+    RemoteProtocolError,
+    RequestTimeout,
+    from_code,
+)
+from ..names import check_name, check_pattern, is_reserved
+from ..protocol import (
+    DEFAULT_MAX_FRAME,
+    PROTOCOL_VERSION,
+    FrameDecoder,
+    Op,
+    check_headers,
+    decode_body,
+    encode_body,
+)
+from .message import Message
+from .streams import Consumer, Subscription, _Stream
+
+__all__ = ["Bus", "connect"]
+
+log = logging.getLogger(__name__)
+
+_FLUSH_AT = 64 * 1024
+_HANDSHAKE_TIMEOUT = 5.0
+_CLOSE_TIMEOUT = 5.0
+_FRAME_OVERHEAD = 4096  # bytes of a SEND frame besides its body (name, headers, fields)
+
+
+class _Protocol(asyncio.Protocol):
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+        self.decoder = FrameDecoder(2**31 - 1, max_array=2**20, max_map=2**20)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.bus._transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        bus = self.bus
+        try:
+            frames = self.decoder.feed(data)
+            for frame in frames:
+                bus._dispatch(frame)
+        except (BusError, IndexError, TypeError, ValueError, KeyError) as exc:
+            bus._protocol_violation(f"broker sent an invalid frame: {exc!r}")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.bus._connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.bus._writable.clear()
+
+    def resume_writing(self) -> None:
+        self.bus._writable.set()
+
+
+class Bus:
+    """A connection to an aiobus broker. Get one with :func:`connect`.
+
+    Every method may be called concurrently from many tasks; requests are pipelined on
+    the one connection.
+    """
+
+    def __init__(self, path: str, name: str | None) -> None:
+        self.path = path
+        self.name = name
+        self.server_info: dict[str, Any] = {}
+        self.async_errors = 0  # errors reported for fire-and-forget frames
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        self._out: list[bytes] = []
+        self._out_bytes = 0
+        self._flush_handle: asyncio.Handle | None = None
+        self._packb = msgpack.Packer().pack
+        self._rids = itertools.count(1)
+        self._sids = itertools.count(1)
+        self._tokens = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._replies: dict[int, asyncio.Future[Any]] = {}
+        self._streams: weakref.WeakValueDictionary[int, _Stream] = weakref.WeakValueDictionary()
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._welcome: asyncio.Future[dict[str, Any]] = self._loop.create_future()
+        self._lost = asyncio.Event()
+        self._error: BusError | None = None  # set once the bus is unusable
+        self._close_frame: tuple[str, str] | None = None
+        self._max_frame = DEFAULT_MAX_FRAME
+        self._names: set[str] = set()  # names already checked (hot-path cache)
+
+    # -- connection lifecycle -------------------------------------------------------
+
+    async def _open(self) -> None:
+        try:
+            await self._loop.create_unix_connection(lambda: _Protocol(self), self.path)
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            raise BrokerUnavailable(
+                f"no aiobus broker is listening on {self.path} ({exc.strerror}); start one with"
+                " `aiobus-broker` (or `make run`), or pass the right path"
+            ) from exc
+        options = {"name": self.name} if self.name is not None else {}
+        self._write([Op.HELLO, PROTOCOL_VERSION, options])
+        try:
+            async with asyncio.timeout(_HANDSHAKE_TIMEOUT):
+                info = await self._welcome
+        except TimeoutError:
+            self._abort()
+            raise BrokerUnavailable(f"the broker at {self.path} did not answer HELLO") from None
+        self.server_info = info
+        self._max_frame = int(info.get("max_frame", DEFAULT_MAX_FRAME))
+
+    async def aclose(self) -> None:
+        """Close the connection. Streams and pending calls fail with ConnectionClosed;
+        the broker releases this connection's unacked messages to other consumers."""
+        if self._error is None:
+            self._fail_all(ConnectionClosed("the bus was closed"))
+        self._flush()
+        if self._transport is not None:
+            self._transport.close()
+            try:
+                async with asyncio.timeout(_CLOSE_TIMEOUT):
+                    await self._lost.wait()
+            except TimeoutError:
+                self._transport.abort()
+
+    async def __aenter__(self) -> Bus:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    @property
+    def closed(self) -> bool:
+        return self._error is not None
+
+    def _abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+    def _connection_lost(self, exc: Exception | None) -> None:
+        if self._error is None:
+            if self._close_frame is not None:
+                code, message = self._close_frame
+                error = ConnectionLost(f"the broker closed the connection: {message}", code=code)
+            else:
+                error = ConnectionLost(f"connection to the broker at {self.path} was lost"
+                                       + (f": {exc}" if exc else ""))
+            self._fail_all(error)
+        if not self._welcome.done():
+            self._welcome.set_exception(BrokerUnavailable("the broker closed the connection"
+                                                          " during the handshake"))
+        self._writable.set()
+        self._lost.set()
+
+    def _fail_all(self, error: BusError) -> None:
+        self._error = error
+        for fut in list(self._pending.values()) + list(self._replies.values()):
+            if not fut.done():
+                fut.set_exception(error)
+        self._pending.clear()
+        self._replies.clear()
+        for stream in list(self._streams.values()):
+            stream._fail(error)
+
+    def _protocol_violation(self, message: str) -> None:
+        log.error("closing the connection to %s: %s", self.path, message)
+        if self._error is None:
+            self._fail_all(RemoteProtocolError(message))
+        self._abort()
+
+    def _check_open(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    # -- writing --------------------------------------------------------------------
+
+    def _write(self, frame: list[Any]) -> None:
+        self._check_open()
+        data = self._packb(frame)
+        self._out.append(data)
+        self._out_bytes += len(data)
+        if self._out_bytes >= _FLUSH_AT:
+            self._flush()
+        elif self._flush_handle is None:
+            self._flush_handle = self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        if self._out and self._transport is not None and not self._transport.is_closing():
+            self._transport.writelines(self._out)
+        self._out = []
+        self._out_bytes = 0
+
+    async def _call(self, frame: list[Any]) -> Any:
+        """Send a request frame (rid at index 1) and wait for its OK result."""
+        if not self._writable.is_set():
+            await self._writable.wait()
+        rid = next(self._rids)
+        frame[1] = rid
+        self._write(frame)
+        fut: asyncio.Future[Any] = self._loop.create_future()
+        self._pending[rid] = fut
+        return await fut
+
+    def _check_size(self, body: bytes) -> None:
+        if len(body) + _FRAME_OVERHEAD > self._max_frame:
+            raise FrameTooLarge(
+                f"message body of {len(body)} bytes exceeds the broker's max_frame of"
+                f" {self._max_frame} bytes; split it, or raise the broker's --max-frame"
+            )
+
+    def _check_name(self, name: str, what: str) -> None:
+        if name not in self._names:
+            check_name(name, what)
+            if is_reserved(name):
+                from ..errors import Forbidden
+
+                raise Forbidden(f"{what} {name!r}: names starting with '$' are reserved")
+            if len(self._names) < 10_000:
+                self._names.add(name)
+
+    # -- reading --------------------------------------------------------------------
+
+    def _dispatch(self, frame: list[Any]) -> None:
+        op = frame[0]
+        if op == Op.DELIVER:
+            stream = self._streams.get(frame[1])
+            if stream is not None and not stream._stopped:
+                _, _, tag, mid, queue, body, kind, headers, ts, attempt, reply_to = frame
+                stream._push(Message(self, tag, mid, decode_body(body, kind), headers, ts,
+                                     queue=queue, attempt=attempt, reply_to=reply_to))
+        elif op == Op.EVENT:
+            stream = self._streams.get(frame[1])
+            if stream is not None and not stream._stopped:
+                _, _, mid, topic, body, kind, headers, ts, dropped = frame
+                stream._push(Message(self, 0, mid, decode_body(body, kind), headers, ts,
+                                     topic=topic, dropped=dropped))
+        elif op == Op.OK:
+            fut = self._pending.pop(frame[1], None)
+            if fut is not None and not fut.done():
+                fut.set_result(frame[2])
+        elif op == Op.ERROR:
+            _, rid, code, message = frame
+            fut = self._pending.pop(rid, None)
+            if fut is not None:
+                if not fut.done():
+                    fut.set_exception(from_code(code, message))
+            else:
+                self.async_errors += 1
+                log.warning("broker reported an error for a fire-and-forget frame: %s: %s",
+                            code, message)
+        elif op == Op.RESPONSE:
+            _, token, body, kind, _headers = frame
+            fut = self._replies.pop(token, None)
+            if fut is not None and not fut.done():
+                fut.set_result(decode_body(body, kind))
+        elif op == Op.WELCOME:
+            if not self._welcome.done():
+                self._welcome.set_result(frame[2])
+        elif op == Op.CLOSE:
+            self._close_frame = (frame[1], frame[2])
+        else:
+            raise RemoteProtocolError(f"unexpected frame type {op!r} from the broker")
+
+    # -- stream registry (used by streams.py) ---------------------------------------
+
+    def _register(self, stream: _Stream) -> int:
+        self._check_open()
+        sid = next(self._sids)
+        self._streams[sid] = stream
+        return sid
+
+    def _unregister(self, sid: int) -> None:
+        self._streams.pop(sid, None)
+        if self._error is None and self._transport is not None:
+            # The OK is not awaited (this runs from __del__ too); rid 0 means no reply.
+            self._write([Op.CANCEL, 0, sid])
+
+    # -- public API -----------------------------------------------------------------
+
+    async def send(
+        self,
+        queue: str,
+        body: Any,
+        headers: Mapping[str, str] | None = None,
+        ttl: float | None = None,
+        *,
+        confirm: bool = True,
+    ) -> None:
+        """Put a message on a queue.
+
+        Args:
+            queue: queue name (created with defaults on first use).
+            body: bytes, or any msgpack-serialisable value (str, int, float, bool, None,
+                list, dict), which the consumer receives as the same value.
+            headers: str to str.
+            ttl: seconds the message may wait in the queue before it is dead-lettered
+                with reason ``expired``; default the queue's ``ttl``.
+            confirm: when True (default) return once the broker has accepted the message
+                (for ``overflow="block"`` queues: once there was room); when False return
+                once it is buffered for writing (bulk producers; errors are logged).
+
+        Raises:
+            TypeError: the body is not msgpack-serialisable (nothing was sent).
+            InvalidName: bad queue name. FrameTooLarge: body above the broker's max_frame.
+            QueueFull: the queue is full and its overflow policy is ``"reject"``.
+            ConnectionLost: the broker went away before confirming.
+
+        Example::
+
+            await bus.send("jobs", {"url": "https://example.org"}, ttl=60)
+        """
+        self._check_name(queue, "queue name")
+        data, kind = encode_body(body)
+        self._check_size(data)
+        hdrs = _headers(headers)
+        if confirm:
+            await self._call([Op.SEND, 0, queue, data, kind, hdrs, ttl, None])
+        else:
+            if not self._writable.is_set():
+                await self._writable.wait()
+            self._write([Op.SEND, 0, queue, data, kind, hdrs, ttl, None])
+
+    async def publish(self, topic: str, body: Any, headers: Mapping[str, str] | None = None
+                      ) -> None:
+        """Publish to a topic: every subscription matching it at this moment gets a copy;
+        with no subscriber the message is dropped (pub/sub is at-most-once).
+
+        Returns once the message is buffered for writing; waits while the connection is
+        congested (backpressure).
+
+        Raises:
+            TypeError, InvalidName, FrameTooLarge: as for :meth:`send`.
+            Forbidden: topics starting with ``$`` belong to the broker.
+        """
+        self._check_name(topic, "topic")
+        data, kind = encode_body(body)
+        self._check_size(data)
+        if not self._writable.is_set():
+            await self._writable.wait()
+        self._write([Op.PUBLISH, topic, data, kind, _headers(headers)])
+
+    def subscribe(self, pattern: str, *, max_pending: int = 1024,
+                  policy: str = "drop-oldest") -> Subscription:
+        """Receive messages published on topics matching ``pattern``.
+
+        ``*`` matches one token, ``>`` one or more trailing tokens. The broker holds at
+        most ``max_pending`` messages in flight to this subscriber plus ``max_pending``
+        waiting; beyond that ``policy`` applies: ``"drop-oldest"``, ``"drop-newest"`` or
+        ``"disconnect"``. ``msg.dropped`` tells how many were dropped before a message.
+
+        Raises (when iteration starts):
+            InvalidName: bad pattern.
+
+        Example::
+
+            async for msg in bus.subscribe("weather.*"):
+                print(msg.topic, msg.body)
+        """
+        check_pattern(pattern)
+        return Subscription(self, pattern, max_pending, policy)
+
+    def consume(self, queue: str, *, prefetch: int = 16) -> Consumer:
+        """Receive messages from a queue, competing with its other consumers.
+
+        At most ``prefetch`` messages are unacknowledged at a time. Leaving the
+        ``async for`` (break, exception, cancellation) stops the consumer and returns its
+        unacked messages to the queue at once, without counting an attempt.
+
+        Example::
+
+            async for msg in bus.consume("jobs", prefetch=16):
+                async with msg.process():
+                    await handle(msg.body)
+        """
+        self._check_name(queue, "queue name")
+        return Consumer(self, queue, prefetch)
+
+    async def request(self, queue: str, body: Any, *, timeout: float = 5.0,
+                      headers: Mapping[str, str] | None = None) -> Any:
+        """Send ``body`` to ``queue`` and wait for a consumer's ``msg.reply(...)``.
+
+        The request expires from the queue after ``timeout`` seconds, so nobody works on
+        a request whose caller gave up.
+
+        Returns:
+            The reply's body.
+
+        Raises:
+            RequestTimeout: no reply within ``timeout`` seconds.
+
+        Example::
+
+            total = await bus.request("rpc.add", [2, 5], timeout=5.0)
+        """
+        self._check_name(queue, "queue name")
+        data, kind = encode_body(body)
+        self._check_size(data)
+        token = next(self._tokens)
+        reply: asyncio.Future[Any] = self._loop.create_future()
+        self._replies[token] = reply
+        try:
+            async with asyncio.timeout(timeout):
+                await self._call([Op.SEND, 0, queue, data, kind, _headers(headers), timeout,
+                                  token])
+                return await reply
+        except TimeoutError:
+            raise RequestTimeout(
+                f"no reply from queue {queue!r} within {timeout} s; is a consumer running?"
+            ) from None
+        finally:
+            self._replies.pop(token, None)
+
+    async def declare_queue(
+        self,
+        queue: str,
+        *,
+        max_deliveries: int | None = 5,
+        ack_timeout: float = 30.0,
+        retry_delays: tuple[float, ...] | list[float] = (),
+        dead_letter: str | None = "",
+        ttl: float | None = None,
+        max_length: int | None = None,
+        overflow: str = "block",
+    ) -> dict[str, Any]:
+        """Create a queue with settings, or check that it has them.
+
+        Args:
+            max_deliveries: attempts before a message is dead-lettered (None: no limit).
+            ack_timeout: seconds a consumer may hold a message before it is redelivered.
+            retry_delays: the n-th retry of a failed message waits
+                ``retry_delays[min(n, len)-1]`` seconds; empty: retry at once.
+            dead_letter: dead-letter queue; default ``"<queue>.dlq"``; None: discard.
+            ttl: seconds a message may wait before it expires to the dead-letter queue.
+            max_length: most messages waiting (ready or delayed); None: no limit.
+            overflow: when full, ``"block"`` senders, ``"reject"`` them with QueueFull, or
+                ``"dead-letter"`` the oldest message.
+
+        Returns:
+            The queue's settings as the broker holds them.
+
+        Raises:
+            QueueMismatch: the queue was declared before with other settings.
+        """
+        self._check_name(queue, "queue name")
+        options: dict[str, Any] = {
+            "max_deliveries": max_deliveries, "ack_timeout": ack_timeout,
+            "retry_delays": list(retry_delays), "ttl": ttl, "max_length": max_length,
+            "overflow": overflow,
+        }
+        if dead_letter != "":
+            options["dead_letter"] = dead_letter
+        result: dict[str, Any] = await self._call([Op.DECLARE, 0, queue, options])
+        return result
+
+    async def stats(self) -> dict[str, Any]:
+        """Broker statistics: per queue ``ready``, ``unacked``, ``delayed``,
+        ``consumers``, ``dead_lettered`` and counters; topic subscriptions with their
+        drops; connections with name, pid and uid."""
+        result: dict[str, Any] = await self._call([Op.STATS, 0])
+        return result
+
+    async def ping(self) -> None:
+        """Round trip to the broker; returns once every earlier frame was processed."""
+        await self._call([Op.PING, 0])
+
+
+def _headers(headers: Mapping[str, str] | None) -> dict[str, str] | None:
+    if not headers:
+        return None
+    result = dict(headers)
+    try:
+        check_headers(result)
+    except RemoteProtocolError as exc:
+        raise TypeError(str(exc).replace("None.headers", "headers")) from None
+    return result
+
+
+class connect:
+    """Connect to a broker: ``async with aiobus.connect(path) as bus: ...``.
+
+    Args:
+        path: the broker's socket; default as the broker's (``$AIOBUS_SOCKET``, else
+            ``$XDG_RUNTIME_DIR/aiobus.sock``, else ``/tmp/aiobus-<uid>.sock``).
+        name: a name for this client, shown in stats and presence events.
+
+    Raises:
+        BrokerUnavailable: nothing listens on the socket, or the handshake failed.
+    """
+
+    def __init__(self, path: str | os.PathLike[str] | None = None, *,
+                 name: str | None = None) -> None:
+        self._path = resolve_socket_path(path)
+        self._name = name
+        self._bus: Bus | None = None
+
+    async def __aenter__(self) -> Bus:
+        bus = Bus(self._path, self._name)
+        await bus._open()
+        self._bus = bus
+        return bus
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._bus is not None:
+            await self._bus.aclose()
+
+    def __await__(self) -> Any:
+        """``bus = await aiobus.connect()`` also works; then ``await bus.aclose()``."""
+        return self.__aenter__().__await__()

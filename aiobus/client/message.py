@@ -1,0 +1,169 @@
+"""Messages as the client hands them to the application."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from ..errors import BusError, LeaseError
+from ..protocol import Op, encode_body
+
+if TYPE_CHECKING:
+    from .bus import Bus
+
+__all__ = ["Message"]
+
+
+class Message:
+    """One message received from a queue (``consume``) or a topic (``subscribe``).
+
+    Attributes:
+        body: ``bytes`` if it was sent as bytes, else the value that was sent.
+        headers: dict of str to str (empty when none were sent). Dead letters carry
+            ``x-original-queue``, ``x-dead-reason``, ``x-attempts``, ``x-dead-time`` and,
+            when known, ``x-reason-text``, ``x-consumer-pid`` and ``x-consumer-uid``.
+        id: unique message id, kept across redeliveries and dead-lettering.
+        queue: the queue it came from (``None`` for topic messages).
+        topic: the topic it was published on (``None`` for queue messages).
+        attempt: 1 on the first delivery; one higher after each failed attempt (nack,
+            ack timeout, consumer crash); not raised when a consumer merely stopped.
+        timestamp: when the broker accepted it, seconds since the epoch.
+        dropped: for topic messages, how many messages this subscription dropped just
+            before this one because it fell behind (see ``subscribe``); 0 otherwise.
+        reply_to: set when the message is a ``request``; answer it with :meth:`reply`.
+
+    A queue message is a *lease*: answer it exactly once with :meth:`ack`, :meth:`nack`,
+    :meth:`reject` or :meth:`reply` before the queue's ``ack_timeout`` (or
+    :meth:`extend` the lease), or it is redelivered.
+    """
+
+    __slots__ = ("_answered", "_bus", "_tag", "attempt", "body", "dropped", "headers", "id",
+                 "queue", "reply_to", "timestamp", "topic")
+
+    def __init__(
+        self,
+        bus: Bus,
+        tag: int,
+        id: str,
+        body: Any,
+        headers: dict[str, str] | None,
+        timestamp: float,
+        *,
+        queue: str | None = None,
+        topic: str | None = None,
+        attempt: int = 1,
+        dropped: int = 0,
+        reply_to: str | None = None,
+    ) -> None:
+        self._bus = bus
+        self._tag = tag
+        self._answered = False
+        self.id = id
+        self.body = body
+        self.headers = headers if headers is not None else {}
+        self.timestamp = timestamp
+        self.queue = queue
+        self.topic = topic
+        self.attempt = attempt
+        self.dropped = dropped
+        self.reply_to = reply_to
+
+    def __repr__(self) -> str:
+        where = f"queue={self.queue!r}" if self.queue is not None else f"topic={self.topic!r}"
+        return f"<Message id={self.id!r} {where} attempt={self.attempt} body={self.body!r:.60}>"
+
+    def _lease(self, verb: str) -> int:
+        if self.queue is None:
+            raise BusError(f"cannot {verb} a topic message: topics have no acknowledgements")
+        if self._answered:
+            raise LeaseError(f"message {self.id} was already answered; cannot {verb} it again",
+                             code="lease-unknown")
+        self._answered = True
+        return self._tag
+
+    async def ack(self) -> None:
+        """Acknowledge: the message is done and leaves the queue.
+
+        Waits for the broker's confirmation.
+
+        Raises:
+            LeaseError: the lease expired (the message was redelivered) or was released.
+            ConnectionLost: the broker went away; the message will be redelivered.
+        """
+        await self._bus._call([Op.ACK, 0, self._lease("ack")])
+
+    def ack_nowait(self) -> None:
+        """Acknowledge without waiting for the broker's confirmation (fastest).
+
+        A failure (expired lease) is logged and counted in ``bus.async_errors`` instead of
+        raised.
+        """
+        self._bus._write([Op.ACK, 0, self._lease("ack")])
+
+    async def nack(self, delay: float | None = None, reason: str | None = None) -> None:
+        """Give the message back for another attempt; this attempt counts as failed.
+
+        Args:
+            delay: seconds before it can be delivered again; ``None`` follows the queue's
+                ``retry_delays`` schedule (empty schedule: at once).
+            reason: kept and shown in ``x-reason-text`` if it is dead-lettered later.
+
+        Raises:
+            LeaseError: the lease expired or was released.
+        """
+        await self._bus._call([Op.NACK, 0, self._lease("nack"), delay, reason])
+
+    async def reject(self, reason: str | None = None) -> None:
+        """Send the message straight to the queue's dead-letter queue.
+
+        Raises:
+            LeaseError: the lease expired or was released.
+        """
+        await self._bus._call([Op.REJECT, 0, self._lease("reject"), reason])
+
+    async def extend(self, seconds: float) -> None:
+        """Push the lease's deadline to ``seconds`` from now, for a long job.
+
+        Raises:
+            LeaseError: the lease already expired or was answered.
+        """
+        if self.queue is None:
+            raise BusError("cannot extend a topic message: topics have no leases")
+        if self._answered:
+            raise LeaseError(f"message {self.id} was already answered", code="lease-unknown")
+        await self._bus._call([Op.EXTEND, 0, self._tag, seconds])
+
+    async def reply(self, body: Any, headers: dict[str, str] | None = None) -> None:
+        """Answer a request: the reply goes to the requester, and the message is acked.
+
+        Raises:
+            NotARequest: the message was sent with ``send``, not ``request``.
+            LeaseError: the lease expired or was released.
+            TypeError: ``body`` is not msgpack-serialisable.
+        """
+        data, kind = encode_body(body)
+        self._bus._check_size(data)
+        await self._bus._call([Op.REPLY, 0, self._lease("reply to"), data, kind, headers])
+
+    @contextlib.asynccontextmanager
+    async def process(self) -> AsyncIterator[Message]:
+        """Ack when the block succeeds, nack (a failed attempt) when it raises.
+
+        Cancellation neither acks nor nacks: the consumer's leases are released when its
+        ``async for`` ends, without counting an attempt.
+
+        Example::
+
+            async for msg in bus.consume("jobs"):
+                async with msg.process():
+                    await handle(msg.body)
+        """
+        try:
+            yield self
+        except Exception as exc:
+            if not self._answered:
+                await self.nack(reason=f"{type(exc).__name__}: {exc}"[:1000])
+            raise
+        if not self._answered:
+            await self.ack()

@@ -1,0 +1,198 @@
+"""Async iterators over topic subscriptions and queue consumers.
+
+Leaving an ``async for`` early must stop the subscription at the broker, and for a
+consumer release its unacked messages to other consumers at once, without counting an
+attempt. Python gives an async iterator no hook for ``break``, so:
+
+* the bus keeps only weak references to streams; when the loop drops its iterator
+  (``break``, or an exception unwinding through the loop body), CPython frees it at once
+  and ``__del__`` writes the CANCEL frame synchronously (a buffer append, no await);
+* an exception raised inside ``__anext__`` itself (cancellation while waiting) stops the
+  stream explicitly before propagating, since the traceback keeps the iterator alive;
+* ``async with bus.consume(...) as stream:`` stops it deterministically on exit, on any
+  Python implementation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from ..errors import BusError, ConnectionClosed
+from ..protocol import Op
+from .message import Message
+
+if TYPE_CHECKING:
+    from .bus import Bus
+
+__all__ = ["Consumer", "Subscription"]
+
+
+class BusyError(BusError, RuntimeError):
+    """Two tasks iterate the same stream at once (as trio's BusyResourceError)."""
+
+    code = "busy"
+
+
+class _Stream:
+    """Shared machinery: a local buffer filled by the bus's protocol callbacks."""
+
+    _kind = "stream"
+
+    def __init__(self, bus: Bus) -> None:
+        self._bus = bus
+        self._sid = 0
+        self._buffer: deque[Message] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._started = False
+        self._stopped = False
+        self._error: BaseException | None = None
+
+    def _start_frame(self, sid: int) -> list[Any]:
+        raise NotImplementedError
+
+    async def start(self) -> None:
+        """Register with the broker (``async for`` and ``async with`` call this)."""
+        if self._started:
+            return
+        self._started = True
+        self._sid = self._bus._register(self)
+        try:
+            await self._bus._call(self._start_frame(self._sid))
+        except BaseException:
+            self._stop()
+            raise
+
+    def _stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        self._buffer.clear()
+        if self._started:
+            self._bus._unregister(self._sid)
+        self._wake(ConnectionClosed(f"this {self._kind} was closed"))
+
+    def close(self) -> None:
+        """Stop receiving; an iteration in progress ends. Idempotent, never blocks."""
+        self._stop()
+
+    def __del__(self) -> None:
+        if self._started and not self._stopped:
+            try:
+                self._stop()
+            except Exception:  # interpreter or loop shutting down: nothing left to tell
+                pass
+
+    async def __aenter__(self) -> _Stream:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._stop()
+
+    def __aiter__(self) -> _Stream:
+        return self
+
+    async def __anext__(self) -> Message:
+        if self._buffer:
+            return self._take()
+        if not self._started:
+            await self.start()
+        if self._waiter is not None:
+            raise BusyError(f"another task is already iterating this {self._kind}")
+        while not self._buffer:
+            if self._error is not None:
+                raise self._error
+            if self._stopped:
+                raise StopAsyncIteration
+            self._waiter = self._bus._loop.create_future()
+            try:
+                await self._waiter
+            except BaseException:
+                # Cancelled while waiting: the async for ends here, so stop now.
+                self._stop()
+                raise
+            finally:
+                self._waiter = None
+        return self._take()
+
+    def _take(self) -> Message:
+        return self._buffer.popleft()
+
+    def _push(self, msg: Message) -> None:
+        self._buffer.append(msg)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _wake(self, error: BaseException | None) -> None:
+        if error is not None and self._error is None and not self._stopped:
+            self._error = error
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _fail(self, error: BaseException) -> None:
+        """The connection is gone: the next ``__anext__`` raises ``error``."""
+        self._error = error
+        self._wake(None)
+
+
+class Subscription(_Stream):
+    """Messages published on topics matching ``pattern``; from ``bus.subscribe``.
+
+    Iterate with ``async for``; use ``async with`` to know when the broker has
+    registered the subscription (publishes before that are not seen).
+    """
+
+    _kind = "subscription"
+
+    def __init__(self, bus: Bus, pattern: str, max_pending: int, policy: str) -> None:
+        super().__init__(bus)
+        self.pattern = pattern
+        self.max_pending = max_pending
+        self.policy = policy
+        self._consumed = 0
+        self._credit_batch = max(1, max_pending // 2)
+        self.dropped = 0  # total messages dropped by the broker for this subscription
+
+    def _start_frame(self, sid: int) -> list[Any]:
+        return [Op.SUBSCRIBE, 0, sid, self.pattern, self.max_pending, self.policy]
+
+    def _take(self) -> Message:
+        msg = self._buffer.popleft()
+        self._consumed += 1
+        if self._consumed >= self._credit_batch:
+            self._bus._write([Op.CREDIT, self._sid, self._consumed])
+            self._consumed = 0
+        return msg
+
+    def _push(self, msg: Message) -> None:
+        self.dropped += msg.dropped
+        super()._push(msg)
+
+    def _fail(self, error: BaseException) -> None:
+        # Topic messages already received stay readable; the error comes after them.
+        self._error = error
+        self._wake(None)
+
+
+class Consumer(_Stream):
+    """Leased messages from a queue; from ``bus.consume``. At most ``prefetch`` are
+    unacknowledged at a time. Stopping releases the unacked ones to other consumers."""
+
+    _kind = "consumer"
+
+    def __init__(self, bus: Bus, queue: str, prefetch: int) -> None:
+        super().__init__(bus)
+        self.queue = queue
+        self.prefetch = prefetch
+
+    def _start_frame(self, sid: int) -> list[Any]:
+        return [Op.CONSUME, 0, sid, self.queue, self.prefetch]
+
+    def _fail(self, error: BaseException) -> None:
+        # Leases died with the connection; their messages will be redelivered.
+        self._buffer.clear()
+        super()._fail(error)

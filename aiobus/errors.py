@@ -1,0 +1,173 @@
+"""The aiobus exception tree.
+
+Everything aiobus raises on purpose derives from :class:`BusError`. Errors the broker
+reports carry the wire ``code`` (see docs/PROTOCOL.md, "Error codes"); :func:`from_code`
+turns a code from an ERROR or CLOSE frame into the matching class, so a caller can
+``except aiobus.QueueFull`` instead of comparing strings.
+
+Closed-by-you differs from broken-by-peer (trio's ClosedResourceError versus
+BrokenResourceError): :class:`ConnectionClosed` means this side closed the bus,
+:class:`ConnectionLost` means the broker went away or closed it on us.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BrokerUnavailable",
+    "BusError",
+    "ConnectionClosed",
+    "ConnectionLost",
+    "Forbidden",
+    "FrameTooLarge",
+    "InvalidName",
+    "LeaseError",
+    "LocalProtocolError",
+    "NotARequest",
+    "ProtocolError",
+    "QueueFull",
+    "QueueMismatch",
+    "RemoteProtocolError",
+    "RequestTimeout",
+    "SubscriptionError",
+    "from_code",
+]
+
+
+class BusError(Exception):
+    """Base class of every error aiobus raises on purpose.
+
+    ``code`` is the protocol's error code when the error came from (or maps to) the wire,
+    else ``None``.
+    """
+
+    code: str | None = None
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+
+class ProtocolError(BusError):
+    """A frame broke the protocol. Poisons the connection it arrived on, nothing else."""
+
+    code = "protocol"
+
+
+class LocalProtocolError(ProtocolError):
+    """This side was about to break the protocol (a bug in the caller or in aiobus)."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent something that breaks the protocol: malformed msgpack, an unknown
+    frame type, a field of the wrong type."""
+
+
+class FrameTooLarge(ProtocolError, ValueError):
+    """A frame (in practice: a message body) exceeds the broker's ``max_frame``.
+
+    Raised locally before anything is sent when the client knows the limit; sent by the
+    broker (which then closes the connection) when a peer ignores it.
+    """
+
+    code = "frame-too-large"
+
+
+class InvalidName(BusError, ValueError):
+    """A queue name, topic or pattern does not follow the name grammar
+    (dot-separated non-empty tokens; wildcards only in subscription patterns)."""
+
+    code = "invalid-name"
+
+
+class Forbidden(BusError, PermissionError):
+    """The operation is reserved, e.g. publishing on a ``$sys.`` topic."""
+
+    code = "forbidden"
+
+
+class QueueFull(BusError):
+    """The queue is at ``max_length`` and its overflow policy is ``"reject"``."""
+
+    code = "queue-full"
+
+
+class QueueMismatch(BusError):
+    """``declare_queue`` with settings different from the queue's declared ones."""
+
+    code = "queue-mismatch"
+
+
+class LeaseError(BusError):
+    """An ack, nack, reject, extend or reply for a lease this consumer no longer holds:
+    it expired (``code == "lease-expired"``; the message went back to the queue), was
+    released when the consumer stopped, or was already answered (``"lease-unknown"``)."""
+
+    code = "lease-unknown"
+
+
+class NotARequest(BusError):
+    """``Message.reply`` on a message that was sent with ``send``, not ``request``."""
+
+    code = "not-a-request"
+
+
+class SubscriptionError(BusError):
+    """A subscription or consumer id the broker does not know, or one already in use."""
+
+    code = "unknown-subscription"
+
+
+class BusConnectionError(BusError, ConnectionError):
+    """Base of the errors about the connection itself."""
+
+
+class BrokerUnavailable(BusConnectionError):
+    """No broker listens on the socket path (or the handshake failed)."""
+
+    code = "unavailable"
+
+
+class ConnectionLost(BusConnectionError):
+    """The broker closed the connection, or the connection broke. ``code`` tells why
+    when the broker said so (``"shutdown"``, ``"slow-consumer"``, ...)."""
+
+    code = "connection-lost"
+
+
+class ConnectionClosed(BusConnectionError):
+    """This bus was closed by its owner; it cannot be used any more."""
+
+    code = "closed"
+
+
+class RequestTimeout(BusError, TimeoutError):
+    """``request`` got no reply within its timeout."""
+
+    code = "timeout"
+
+
+_BY_CODE: dict[str, type[BusError]] = {
+    "protocol": RemoteProtocolError,
+    "bad-field": RemoteProtocolError,
+    "unknown-frame": RemoteProtocolError,
+    "unsupported-version": RemoteProtocolError,
+    "handshake-timeout": RemoteProtocolError,
+    "frame-too-large": FrameTooLarge,
+    "invalid-name": InvalidName,
+    "forbidden": Forbidden,
+    "queue-full": QueueFull,
+    "queue-mismatch": QueueMismatch,
+    "bad-option": QueueMismatch,
+    "lease-expired": LeaseError,
+    "lease-unknown": LeaseError,
+    "not-a-request": NotARequest,
+    "unknown-subscription": SubscriptionError,
+    "duplicate-subscription": SubscriptionError,
+}
+
+
+def from_code(code: str, message: str) -> BusError:
+    """Build the exception for a broker error ``code`` (unknown codes give BusError)."""
+    cls = _BY_CODE.get(code, BusError)
+    return cls(message, code=code)

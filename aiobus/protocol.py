@@ -1,0 +1,273 @@
+"""The aiobus wire protocol, sans I/O: bytes in, frames out, and back.
+
+A connection carries a stream of msgpack values, each one frame: an array whose first
+element is the frame type (:class:`Op`) and whose other elements are positional fields.
+docs/PROTOCOL.md is the reference; the ``SPECS`` table below is its executable form, and
+both must change together.
+
+Frames stay plain lists on the hot path (an object per frame costs more than its
+checks; see docs/performance.md). :func:`check_frame` validates a frame's arity and field
+types against ``SPECS`` and raises :class:`RemoteProtocolError` naming the bad field.
+
+Bodies travel as msgpack ``bin`` plus a ``kind`` field: ``RAW`` bytes pass through
+untouched, ``PACKED`` bodies are a msgpack encoding of any other value, decoded by the
+receiving client only. The broker never decodes or re-encodes a body.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+from typing import Any, Final
+
+import msgpack
+
+from .errors import FrameTooLarge, LocalProtocolError, RemoteProtocolError
+
+__all__ = [
+    "DEFAULT_MAX_FRAME",
+    "PROTOCOL_VERSION",
+    "SPECS",
+    "BodyKind",
+    "FrameDecoder",
+    "Op",
+    "check_frame",
+    "decode_body",
+    "encode_body",
+]
+
+PROTOCOL_VERSION: Final = 1
+DEFAULT_MAX_FRAME: Final = 16 * 1024 * 1024
+# Slack above max_frame for one socket read (uvloop reads at most 256 KiB at a time)
+# plus frame headers, so a legal frame arriving together with the next read still fits.
+_READ_SLACK: Final = 512 * 1024
+# Frames from clients are short arrays with small maps (headers, options); msgpack's C
+# unpacker caps nesting itself (StackError). Clients raise these for STATS results.
+_MAX_ARRAY: Final = 64
+_MAX_MAP: Final = 4096
+
+
+class Op(IntEnum):
+    """Frame types. Client→broker unless marked."""
+
+    HELLO = 1  # first frame on a connection: protocol version and options
+    WELCOME = 2  # broker→client: handshake accepted
+    OK = 3  # broker→client: request ``rid`` succeeded, with a result
+    ERROR = 4  # broker→client: request ``rid`` failed (never fatal)
+    CLOSE = 5  # broker→client: the broker is closing this connection, and why
+    PING = 6  # liveness / barrier: answered by OK in order
+    SEND = 10  # a message to a queue (optionally a request awaiting a RESPONSE)
+    PUBLISH = 11  # a message to a topic; no reply
+    SUBSCRIBE = 12  # start receiving EVENTs for a pattern
+    CONSUME = 13  # start receiving DELIVERs from a queue
+    CANCEL = 14  # stop a subscription or consumer; a consumer's leases are released
+    CREDIT = 15  # the client consumed n EVENTs of a subscription; no reply
+    ACK = 16  # lease done: remove the message
+    NACK = 17  # lease failed: back to the queue (after a delay)
+    REJECT = 18  # lease failed for good: to the dead-letter queue
+    EXTEND = 19  # push a lease's deadline out
+    REPLY = 20  # answer a request: acks the lease and sends a RESPONSE to the requester
+    DECLARE = 21  # create a queue with settings, or check them
+    STATS = 22  # broker statistics
+    DELIVER = 30  # broker→client: a queue message under a lease
+    EVENT = 31  # broker→client: a topic message
+    RESPONSE = 32  # broker→client: the reply to one of this connection's requests
+
+
+class BodyKind(IntEnum):
+    """How a body's bytes are to be read by the receiving client."""
+
+    RAW = 0  # the bytes are the body
+    PACKED = 1  # the bytes are a msgpack encoding of the body
+
+
+_INT = (int,)
+_NUM = (int, float)
+_OPT_NUM = (int, float, type(None))
+_STR = (str,)
+_OPT_STR = (str, type(None))
+_BIN = (bytes,)
+_MAP = (dict,)
+_OPT_MAP = (dict, type(None))
+_OPT_INT = (int, type(None))
+_ANY = (object,)
+
+# Field names and accepted Python types per frame (after msgpack decoding). Field names
+# here are the ones docs/PROTOCOL.md uses and the ones error messages name.
+SPECS: Final[dict[int, tuple[tuple[str, tuple[type, ...]], ...]]] = {
+    Op.HELLO: (("version", _INT), ("options", _MAP)),
+    Op.WELCOME: (("version", _INT), ("info", _MAP)),
+    Op.OK: (("rid", _INT), ("result", _ANY)),
+    Op.ERROR: (("rid", _INT), ("code", _STR), ("message", _STR)),
+    Op.CLOSE: (("code", _STR), ("message", _STR)),
+    Op.PING: (("rid", _INT),),
+    Op.SEND: (
+        ("rid", _INT), ("queue", _STR), ("body", _BIN), ("kind", _INT),
+        ("headers", _OPT_MAP), ("ttl", _OPT_NUM), ("reply_token", _OPT_INT),
+    ),
+    Op.PUBLISH: (("topic", _STR), ("body", _BIN), ("kind", _INT), ("headers", _OPT_MAP)),
+    Op.SUBSCRIBE: (
+        ("rid", _INT), ("sid", _INT), ("pattern", _STR), ("max_pending", _INT),
+        ("policy", _STR),
+    ),
+    Op.CONSUME: (("rid", _INT), ("sid", _INT), ("queue", _STR), ("prefetch", _INT)),
+    Op.CANCEL: (("rid", _INT), ("sid", _INT)),
+    Op.CREDIT: (("sid", _INT), ("n", _INT)),
+    Op.ACK: (("rid", _INT), ("tag", _INT)),
+    Op.NACK: (("rid", _INT), ("tag", _INT), ("delay", _OPT_NUM), ("reason", _OPT_STR)),
+    Op.REJECT: (("rid", _INT), ("tag", _INT), ("reason", _OPT_STR)),
+    Op.EXTEND: (("rid", _INT), ("tag", _INT), ("seconds", _NUM)),
+    Op.REPLY: (
+        ("rid", _INT), ("tag", _INT), ("body", _BIN), ("kind", _INT), ("headers", _OPT_MAP),
+    ),
+    Op.DECLARE: (("rid", _INT), ("queue", _STR), ("options", _MAP)),
+    Op.STATS: (("rid", _INT),),
+    Op.DELIVER: (
+        ("sid", _INT), ("tag", _INT), ("id", _STR), ("queue", _STR), ("body", _BIN),
+        ("kind", _INT), ("headers", _OPT_MAP), ("timestamp", _NUM), ("attempt", _INT),
+        ("reply_to", _OPT_STR),
+    ),
+    Op.EVENT: (
+        ("sid", _INT), ("id", _STR), ("topic", _STR), ("body", _BIN), ("kind", _INT),
+        ("headers", _OPT_MAP), ("timestamp", _NUM), ("dropped", _INT),
+    ),
+    Op.RESPONSE: (("token", _INT), ("body", _BIN), ("kind", _INT), ("headers", _OPT_MAP)),
+}
+
+_OP_NAMES: Final = {int(op): op.name for op in Op}
+
+
+def check_frame(frame: object) -> int:
+    """Validate a decoded frame against ``SPECS`` and return its op.
+
+    Header maps must hold str keys and str values. Ints must be non-negative.
+
+    Raises:
+        RemoteProtocolError: naming the frame type and the field that is wrong.
+    """
+    if type(frame) is not list or not frame:
+        raise RemoteProtocolError(
+            f"a frame must be a non-empty msgpack array, got {type(frame).__name__}",
+            code="protocol",
+        )
+    op = frame[0]
+    spec = SPECS.get(op) if type(op) is int else None
+    if spec is None:
+        shown = repr(op)[:40] if type(op) in (int, str) else type(op).__name__
+        raise RemoteProtocolError(f"unknown frame type {shown}", code="unknown-frame")
+    name = _OP_NAMES[op]
+    if len(frame) != len(spec) + 1:
+        raise RemoteProtocolError(
+            f"{name} frame has {len(frame) - 1} fields, expected {len(spec)}", code="bad-field"
+        )
+    for (field, types), value in zip(spec, frame[1:], strict=True):
+        vtype = type(value)
+        if vtype not in types and types is not _ANY:
+            raise RemoteProtocolError(
+                f"{name}.{field} must be {' or '.join(t.__name__ for t in types)},"
+                f" got {vtype.__name__}",
+                code="bad-field",
+            )
+        if vtype is int and value < 0:
+            raise RemoteProtocolError(f"{name}.{field} must not be negative", code="bad-field")
+        if field == "headers" and value:
+            check_headers(value, name)
+    return int(op)
+
+
+def check_headers(headers: dict[Any, Any], where: str = "headers") -> None:
+    """Headers are a map of str to str."""
+    for key, value in headers.items():
+        if type(key) is not str or type(value) is not str:
+            raise RemoteProtocolError(
+                f"{where}.headers must map str to str; got {key!r}: {type(value).__name__}",
+                code="bad-field",
+            )
+
+
+class FrameDecoder:
+    """Streaming decoder: ``feed(bytes)`` returns the complete frames received so far.
+
+    Frames come back as lists and are not validated (call :func:`check_frame`). Partial
+    frames are buffered. Once it has raised, the stream is poisoned: close the
+    connection, as there is no way to resynchronise a msgpack stream.
+
+    Raises (from ``feed``):
+        FrameTooLarge: a frame exceeds ``max_frame`` bytes.
+        RemoteProtocolError: the bytes are not valid msgpack, or nest too deep.
+    """
+
+    __slots__ = ("_unpacker", "max_frame")
+
+    def __init__(
+        self,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        *,
+        max_array: int = _MAX_ARRAY,
+        max_map: int = _MAX_MAP,
+    ) -> None:
+        self.max_frame = max_frame
+        self._unpacker = msgpack.Unpacker(
+            max_buffer_size=max_frame + _READ_SLACK,
+            max_bin_len=max_frame,
+            max_str_len=max_frame,
+            max_ext_len=0,
+            max_array_len=max_array,
+            max_map_len=max_map,
+            strict_map_key=True,
+        )
+
+    def feed(self, data: bytes) -> list[Any]:
+        unpacker = self._unpacker
+        try:
+            unpacker.feed(data)
+        except msgpack.BufferFull:
+            raise FrameTooLarge(
+                f"frame larger than the broker's max_frame ({self.max_frame} bytes)"
+            ) from None
+        frames: list[Any] = []
+        try:
+            for frame in unpacker:
+                frames.append(frame)
+        except msgpack.BufferFull:
+            raise FrameTooLarge(
+                f"frame larger than the broker's max_frame ({self.max_frame} bytes)"
+            ) from None
+        except ValueError as exc:  # FormatError, StackError, ExtraData, limits exceeded
+            if "exceeds max_bin_len" in str(exc) or "exceeds max_str_len" in str(exc):
+                raise FrameTooLarge(
+                    f"frame larger than the broker's max_frame ({self.max_frame} bytes)"
+                ) from None
+            raise RemoteProtocolError(
+                f"malformed msgpack ({type(exc).__name__}: {exc})", code="protocol"
+            ) from None
+        except Exception as exc:  # msgpack raises TypeError for e.g. unhashable map keys
+            raise RemoteProtocolError(f"malformed msgpack: {exc}", code="protocol") from None
+        return frames
+
+
+def encode_body(body: object) -> tuple[bytes, int]:
+    """Turn a user body into ``(bytes, kind)`` for the wire.
+
+    Raises:
+        TypeError: ``body`` cannot be encoded with msgpack (nothing is sent).
+    """
+    if type(body) is bytes:
+        return body, BodyKind.RAW
+    if isinstance(body, bytearray | memoryview):
+        return bytes(body), BodyKind.RAW
+    try:
+        return msgpack.packb(body, use_bin_type=True), BodyKind.PACKED
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise TypeError(
+            f"message body of type {type(body).__name__} is not msgpack-serialisable"
+            f" ({exc}); send bytes, str, int, float, bool, None, list or dict"
+        ) from None
+
+
+def decode_body(data: bytes, kind: int) -> Any:
+    """Inverse of :func:`encode_body` on the receiving side."""
+    if kind == BodyKind.RAW:
+        return data
+    if kind == BodyKind.PACKED:
+        return msgpack.unpackb(data, raw=False, strict_map_key=False)
+    raise LocalProtocolError(f"unknown body kind {kind}")
