@@ -134,6 +134,7 @@ SPECS: Final[dict[int, tuple[tuple[str, tuple[type, ...]], ...]]] = {
 }
 
 _OP_NAMES: Final = {int(op): op.name for op in Op}
+_BODY_KINDS: Final = frozenset(int(k) for k in BodyKind)
 
 
 def check_frame(frame: object) -> int:
@@ -171,6 +172,9 @@ def check_frame(frame: object) -> int:
             raise RemoteProtocolError(f"{name}.{field} must not be negative", code="bad-field")
         if field == "headers" and value:
             check_headers(value, name)
+        elif field == "kind" and value not in _BODY_KINDS:
+            raise RemoteProtocolError(f"{name}.kind must be 0 (raw) or 1 (msgpack)",
+                                      code="bad-field")
     return int(op)
 
 

@@ -27,7 +27,7 @@ import socket
 import stat
 import struct
 import time
-from typing import Any
+from typing import Any, cast
 
 import msgpack
 
@@ -67,8 +67,7 @@ class _Connection(asyncio.Protocol):
     # -- asyncio callbacks ----------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         pid = uid = gid = -1
         sock = transport.get_extra_info("socket")
         if sock is not None:

@@ -1,0 +1,221 @@
+"""Fixtures that run the real thing: an ``aiobus-broker`` process on a temporary socket,
+and client processes started with ``sys.executable``.
+
+Every process started here is reaped in the fixture's teardown; every wait has a
+deadline (as nats.py's test server helper does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+import aiobus
+
+READY_TIMEOUT = 10.0
+REAP_TIMEOUT = 10.0
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A temp dir with a short path: AF_UNIX paths are capped at 107 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="ab-", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def wait_for_socket(path: str, proc: subprocess.Popen[bytes] | None = None,
+                    timeout: float = READY_TIMEOUT) -> None:
+    """Poll until something accepts connections on ``path`` (or the process died)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"broker exited early with {proc.returncode}")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(path)
+                return
+            except (FileNotFoundError, ConnectionRefusedError):
+                pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no broker listening on {path} after {timeout} s")
+        time.sleep(0.02)
+
+
+class BrokerProcess:
+    """A running ``aiobus-broker`` subprocess."""
+
+    def __init__(self, path: str, log_path: Path, *extra: str) -> None:
+        self.path = path
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "aiobus.cli.broker", "--socket", path, *extra],
+            stdout=self._log, stderr=subprocess.STDOUT,
+        )
+        try:
+            wait_for_socket(path, self.proc)
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def terminate(self, timeout: float = REAP_TIMEOUT) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(REAP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(REAP_TIMEOUT)
+        self._log.close()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture
+def broker_factory(short_tmp: Path) -> Iterator[Any]:
+    """Start brokers on demand: ``broker_factory(*extra_args, name="b")``."""
+    started: list[BrokerProcess] = []
+
+    def start(*extra: str, name: str = "b") -> BrokerProcess:
+        proc = BrokerProcess(str(short_tmp / f"{name}.sock"), short_tmp / f"{name}.log", *extra)
+        started.append(proc)
+        return proc
+
+    try:
+        yield start
+    finally:
+        for proc in started:
+            proc.stop()
+
+
+@pytest.fixture
+def broker(broker_factory: Any) -> BrokerProcess:
+    """One ``aiobus-broker`` process on a fresh temporary socket."""
+    proc: BrokerProcess = broker_factory()
+    return proc
+
+
+@pytest_asyncio.fixture
+async def bus(broker: BrokerProcess) -> AsyncIterator[aiobus.Bus]:
+    """A client connection (in the test's process) to the ``broker`` fixture."""
+    async with aiobus.connect(broker.path, name="test") as bus:
+        yield bus
+
+
+# -- client processes ---------------------------------------------------------------
+
+_PRELUDE = """\
+import asyncio, json, os, sys
+import aiobus
+
+def emit(**fields):
+    print(json.dumps(fields), flush=True)
+
+async def _main(path):
+    async with aiobus.connect(path, name=os.environ.get("CLIENT_NAME")) as bus:
+{body}
+
+asyncio.run(_main(sys.argv[1]))
+"""
+
+
+class ClientProcess:
+    """A Python client in a child process; it prints JSON lines via ``emit(...)``."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    async def line(self, timeout: float = 10.0) -> dict[str, Any]:
+        """The next JSON line the client emitted."""
+        assert self.proc.stdout is not None
+        raw = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
+        if not raw:
+            err = b""
+            if self.proc.stderr is not None:
+                with contextlib.suppress(TimeoutError):
+                    err = await asyncio.wait_for(self.proc.stderr.read(), 5)
+            raise EOFError(f"client exited without output; stderr:\n{err.decode()}")
+        result: dict[str, Any] = json.loads(raw)
+        return result
+
+    async def wait(self, timeout: float = 10.0) -> int:
+        return await asyncio.wait_for(self.proc.wait(), timeout)
+
+    def kill(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.kill()
+
+
+@pytest_asyncio.fixture
+async def spawn_client(broker: BrokerProcess) -> AsyncIterator[Any]:
+    """Start client processes: ``await spawn_client(body, name=...)`` where ``body`` is
+    the code of an async function with ``bus`` and ``emit`` in scope."""
+    clients: list[ClientProcess] = []
+
+    async def spawn(body: str, name: str = "client", path: str | None = None) -> ClientProcess:
+        code = _PRELUDE.format(body=textwrap.indent(textwrap.dedent(body), " " * 8))
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", code, path or broker.path,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "CLIENT_NAME": name},
+        )
+        client = ClientProcess(proc)
+        clients.append(client)
+        return client
+
+    try:
+        yield spawn
+    finally:
+        for client in clients:
+            client.kill()
+            with contextlib.suppress(TimeoutError, ProcessLookupError):
+                await asyncio.wait_for(client.proc.wait(), REAP_TIMEOUT)
+
+
+async def wait_until(predicate: Any, timeout: float = 5.0, interval: float = 0.01) -> None:
+    """Poll an async predicate until it is true, failing after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not await predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await asyncio.sleep(interval)
+
+
+async def queue_stats(bus: aiobus.Bus, queue: str) -> dict[str, Any]:
+    stats = await bus.stats()
+    result: dict[str, Any] = stats["queues"].get(queue, {})
+    return result

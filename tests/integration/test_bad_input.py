@@ -1,0 +1,143 @@
+"""Bad input written raw to the broker's socket: the offender gets a CLOSE frame with a
+reason and is disconnected; the broker and every other client carry on, and nothing
+queued is lost (nats test/proto_test.go style)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+from typing import Any
+
+import msgpack
+import pytest
+
+import aiobus
+from aiobus.protocol import PROTOCOL_VERSION, Op
+
+from .conftest import BrokerProcess, queue_stats
+
+pytestmark = pytest.mark.asyncio
+
+HELLO = msgpack.packb([Op.HELLO, PROTOCOL_VERSION, {}])
+
+
+async def raw_exchange(path: str, payload: bytes, *, hello: bool = True,
+                       timeout: float = 10.0) -> list[Any]:
+    """Write ``payload`` (after a HELLO) and read frames until the broker closes."""
+    reader, writer = await asyncio.open_unix_connection(path)
+    try:
+        if hello:
+            writer.write(HELLO)
+        writer.write(payload)
+        await writer.drain()
+        data = await asyncio.wait_for(reader.read(), timeout)  # until EOF
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+    return list(msgpack.Unpacker(io.BytesIO(data), raw=False))
+
+
+def close_code(frames: list[Any]) -> str:
+    closes = [f for f in frames if f[0] == Op.CLOSE]
+    assert len(closes) == 1, frames
+    assert isinstance(closes[0][2], str) and closes[0][2]
+    return str(closes[0][1])
+
+
+def deep(n: int) -> bytes:
+    return b"\x91" * n + b"\x01"
+
+
+BAD_FRAMES = [
+    ("malformed-msgpack", b"\xc1", "protocol"),
+    ("not-an-array", msgpack.packb({"op": 10}), "protocol"),
+    ("unknown-frame-type", msgpack.packb([99, 1]), "unknown-frame"),
+    ("broker-only-frame", msgpack.packb([Op.DELIVER, 1, 1, "i", "q", b"", 0, None, 0.0, 1, None]),
+     "unknown-frame"),
+    ("wrong-arity", msgpack.packb([Op.SEND, 1, "q"]), "bad-field"),
+    ("wrong-field-type", msgpack.packb([Op.SEND, 1, 7, b"x", 0, None, None, None]), "bad-field"),
+    ("body-as-str", msgpack.packb([Op.SEND, 1, "q", "x", 0, None, None, None]), "bad-field"),
+    ("bad-body-kind", msgpack.packb([Op.SEND, 1, "q", b"x", 9, None, None, None]), "bad-field"),
+    ("negative-rid", msgpack.packb([Op.ACK, -1, 1]), "bad-field"),
+    ("header-not-str", msgpack.packb([Op.PUBLISH, "t", b"", 0, {"k": 1}]), "bad-field"),
+    ("huge-array-header", b"\xdd\xff\xff\xff\xff", "protocol"),
+    ("huge-map-header", b"\xdf\xff\xff\xff\xff", "protocol"),
+    ("deep-nesting", deep(5000), "protocol"),
+    ("ext-type", b"\xd4\x01\x00", "protocol"),
+]
+
+
+@pytest.mark.parametrize("payload,code", [b[1:] for b in BAD_FRAMES],
+                         ids=[b[0] for b in BAD_FRAMES])
+async def test_bad_frame_closes_only_the_offender(broker: BrokerProcess, bus: aiobus.Bus,
+                                                  payload: bytes, code: str) -> None:
+    # Another client is mid-work: one message ready, one leased to its consumer.
+    await bus.send("safe", "ready")
+    await bus.send("safe", "leased")
+    async with bus.consume("safe", prefetch=1) as consumer:
+        leased = await asyncio.wait_for(anext(consumer), 5)
+        frames = await raw_exchange(broker.path, payload)
+        assert close_code(frames) == code
+        stats = await queue_stats(bus, "safe")
+        assert stats["ready"] == 1 and stats["unacked"] == 1
+        await leased.ack()  # the other client did not notice
+        nxt = await asyncio.wait_for(anext(consumer), 5)
+        await nxt.ack()
+    assert broker.proc.poll() is None
+
+
+async def test_oversized_frame(broker_factory: Any) -> None:
+    broker = broker_factory("--max-frame", "4096")
+    big = msgpack.packb([Op.SEND, 1, "q", b"x" * 100_000, 0, None, None, None])
+    frames = await raw_exchange(broker.path, big)
+    assert close_code(frames) == "frame-too-large"
+    async with aiobus.connect(broker.path) as bus:
+        with pytest.raises(aiobus.FrameTooLarge):  # the client checks before sending
+            await bus.send("q", b"x" * 100_000)
+        await bus.send("q", b"x" * 100)
+        assert (await queue_stats(bus, "q"))["ready"] == 1
+
+
+async def test_first_frame_must_be_hello(broker: BrokerProcess) -> None:
+    frames = await raw_exchange(broker.path, msgpack.packb([Op.PING, 1]), hello=False)
+    assert close_code(frames) == "protocol"
+
+
+async def test_unsupported_version(broker: BrokerProcess) -> None:
+    frames = await raw_exchange(broker.path, msgpack.packb([Op.HELLO, 99, {}]), hello=False)
+    assert close_code(frames) == "unsupported-version"
+
+
+async def test_handshake_timeout(broker_factory: Any) -> None:
+    broker = broker_factory("--handshake-timeout", "0.3")
+    frames = await raw_exchange(broker.path, b"", hello=False, timeout=5)
+    assert close_code(frames) == "handshake-timeout"
+
+
+async def test_peer_vanishing_mid_frame(broker: BrokerProcess, bus: aiobus.Bus) -> None:
+    await bus.send("keep", 1)
+    frame = msgpack.packb([Op.SEND, 1, "keep", b"y" * 1000, 0, None, None, None])
+    for cut in (1, 5, len(frame) // 2, len(frame) - 1):
+        _, writer = await asyncio.open_unix_connection(broker.path)
+        writer.write(HELLO + frame[:cut])
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+    await bus.ping()
+    stats = await queue_stats(bus, "keep")
+    assert stats["ready"] == 1  # the truncated sends were never accepted; the old one stays
+    assert len((await bus.stats())["connections"]) == 1
+
+
+async def test_request_errors_do_not_close_the_connection(bus: aiobus.Bus) -> None:
+    with pytest.raises(aiobus.InvalidName):
+        await bus._call([Op.SEND, 0, "bad..name", b"", 0, None, None, None])
+    with pytest.raises(aiobus.Forbidden):
+        await bus._call([Op.SEND, 0, "$sys.queue", b"", 0, None, None, None])
+    with pytest.raises(aiobus.LeaseError):
+        await bus._call([Op.ACK, 0, 123456])
+    with pytest.raises(aiobus.SubscriptionError):
+        await bus._call([Op.CANCEL, 0, 999])
+    await bus.ping()

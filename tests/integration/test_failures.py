@@ -1,0 +1,247 @@
+"""Failure paths of queues against a real broker: ack timeouts, late answers, lease
+extension, nack delays, retry schedules, dead letters, TTL and overflow."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import time
+from typing import Any
+
+import pytest
+
+import aiobus
+
+from .conftest import queue_stats, wait_until
+
+pytestmark = pytest.mark.asyncio
+
+
+async def next_msg(consumer: aiobus.Consumer, timeout: float = 5.0) -> aiobus.Message:
+    return await asyncio.wait_for(anext(consumer), timeout)
+
+
+async def test_ack_timeout_redelivers_and_late_ack_fails_but_frees_the_slot(
+    bus: aiobus.Bus,
+) -> None:
+    await bus.declare_queue("slow", ack_timeout=0.3)
+    await bus.send("slow", "a")
+    await bus.send("slow", "b")
+    async with aiobus.connect(bus.path) as other:
+        async with bus.consume("slow", prefetch=1) as stalled:
+            first = await next_msg(stalled)
+            assert (first.body, first.attempt) == ("a", 1)
+            async with other.consume("slow", prefetch=1) as healthy:
+                # "b" goes to the healthy consumer; after the timeout "a" comes back there too.
+                got = [await next_msg(healthy)]
+                await got[0].ack()
+                again = await next_msg(healthy, timeout=3)
+                assert (again.body, again.attempt) == ("a", 2)
+                await again.ack()
+                # The stalled consumer holds an expired lease: it receives nothing new.
+                await bus.send("slow", "c")
+                third = await next_msg(healthy)
+                assert third.body == "c"
+                with pytest.raises(aiobus.LeaseError) as info:
+                    await first.ack()
+                assert info.value.code == "lease-expired"
+                await third.ack()
+            # The late ack freed the slot: the stalled consumer gets new work again.
+            await bus.send("slow", "d")
+            fresh = await next_msg(stalled)
+            assert (fresh.body, fresh.attempt) == ("d", 1)
+            await fresh.ack()
+
+
+async def test_extend_keeps_the_lease_past_ack_timeout(bus: aiobus.Bus) -> None:
+    await bus.declare_queue("long", ack_timeout=0.3)
+    await bus.send("long", "job")
+    async with bus.consume("long") as consumer:
+        msg = await next_msg(consumer)
+        await msg.extend(5.0)
+        await asyncio.sleep(0.6)  # twice the ack timeout: without extend it would expire
+        await msg.ack()
+    stats = await queue_stats(bus, "long")
+    assert stats["acked"] == 1 and stats["ready"] == 0 and stats["delivered"] == 1
+
+
+async def test_nack_with_delay_is_not_redelivered_before_the_delay(bus: aiobus.Bus) -> None:
+    await bus.send("delay", "x")
+    async with bus.consume("delay") as consumer:
+        msg = await next_msg(consumer)
+        nacked_at = time.monotonic()
+        await msg.nack(delay=0.5)
+        stats = await queue_stats(bus, "delay")
+        assert stats["delayed"] == 1 and stats["ready"] == 0
+        again = await next_msg(consumer, timeout=5)
+        waited = time.monotonic() - nacked_at
+        assert again.attempt == 2
+        assert waited >= 0.45, waited
+        await again.ack()
+
+
+async def test_retry_schedule_spaces_out_failed_attempts(bus: aiobus.Bus) -> None:
+    await bus.declare_queue("sched", retry_delays=[0.2, 0.5], max_deliveries=10)
+    await bus.send("sched", "x")
+    times = []
+    async with bus.consume("sched") as consumer:
+        for _ in range(4):
+            msg = await next_msg(consumer)
+            times.append(time.monotonic())
+            await msg.nack()
+        final = await next_msg(consumer)
+        times.append(time.monotonic())
+        assert final.attempt == 5
+        await final.ack()
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert gaps[0] >= 0.18 and gaps[1] >= 0.45 and gaps[2] >= 0.45 and gaps[3] >= 0.45, gaps
+    assert gaps[0] < 0.45, gaps  # the first retry uses the first delay, not the last
+
+
+async def test_max_deliveries_dead_letters_with_headers(bus: aiobus.Bus) -> None:
+    await bus.declare_queue("poison", max_deliveries=3)
+    await bus.send("poison", {"bad": True}, headers={"trace": "t1"})
+    async with bus.consume("poison") as consumer:
+        for attempt in (1, 2, 3):
+            msg = await next_msg(consumer)
+            assert msg.attempt == attempt
+            original_id = msg.id
+            await msg.nack(reason=f"failure {attempt}")
+    async with bus.consume("poison.dlq") as dlq:
+        dead = await next_msg(dlq)
+        await dead.ack()
+    assert dead.id == original_id and dead.body == {"bad": True}
+    h = dead.headers
+    assert h["trace"] == "t1"
+    assert h["x-original-queue"] == "poison"
+    assert h["x-dead-reason"] == "max-deliveries"
+    assert h["x-attempts"] == "3"
+    assert h["x-reason-text"] == "failure 3"
+    assert h["x-consumer-pid"] == str(os.getpid()) and h["x-consumer-uid"] == str(os.getuid())
+    assert abs(float(h["x-dead-time"]) - time.time()) < 60
+    stats = await bus.stats()
+    assert stats["queues"]["poison"]["dead_lettered"] == 1
+
+
+async def test_reject_goes_straight_to_the_dead_letter_queue_and_can_be_sent_back(
+    bus: aiobus.Bus,
+) -> None:
+    await bus.send("orders", b"\x01\x02")
+    async with bus.consume("orders") as consumer:
+        msg = await next_msg(consumer)
+        await msg.reject(reason="invalid input")
+    async with bus.consume("orders.dlq") as dlq:
+        dead = await next_msg(dlq)
+        assert dead.headers["x-dead-reason"] == "rejected"
+        assert dead.headers["x-reason-text"] == "invalid input"
+        assert dead.headers["x-attempts"] == "1"
+        # A dead-letter queue is an ordinary queue: requeue by sending back.
+        await bus.send(dead.headers["x-original-queue"], dead.body)
+        await dead.ack()
+    async with bus.consume("orders") as consumer:
+        back = await next_msg(consumer)
+        assert back.body == b"\x01\x02" and back.attempt == 1
+        await back.ack()
+
+
+async def test_ttl_expiry_is_eager(bus: aiobus.Bus) -> None:
+    await bus.send("ttl", "stale", ttl=0.3)
+    await bus.send("ttl", "fresh")
+
+    async def expired() -> bool:
+        return bool((await queue_stats(bus, "ttl.dlq")).get("ready") == 1)
+
+    # Nobody consumes "ttl": only a timer can move the message.
+    await wait_until(expired, timeout=3)
+    assert (await queue_stats(bus, "ttl"))["ready"] == 1
+    async with bus.consume("ttl.dlq") as dlq:
+        dead = await next_msg(dlq)
+    assert dead.body == "stale" and dead.headers["x-dead-reason"] == "expired"
+    assert dead.headers["x-attempts"] == "0"
+
+
+async def test_overflow_block_makes_send_wait_for_room(bus: aiobus.Bus) -> None:
+    await bus.declare_queue("bounded", max_length=2)
+    await bus.send("bounded", 1)
+    await bus.send("bounded", 2)
+    blocked = asyncio.create_task(bus.send("bounded", 3))
+    await asyncio.sleep(0.2)
+    assert not blocked.done()
+    assert (await queue_stats(bus, "bounded"))["parked"] == 1
+    async with bus.consume("bounded", prefetch=1) as consumer:
+        msg = await next_msg(consumer)
+        await asyncio.wait_for(blocked, 5)  # room freed when the message was delivered
+        got = [msg.body]
+        await msg.ack()
+        for _ in range(2):
+            m = await next_msg(consumer)
+            got.append(m.body)
+            await m.ack()
+    assert got == [1, 2, 3]
+
+
+async def test_overflow_reject_fails_the_send(bus: aiobus.Bus) -> None:
+    await bus.declare_queue("strict", max_length=1, overflow="reject")
+    await bus.send("strict", 1)
+    with pytest.raises(aiobus.QueueFull, match="full"):
+        await bus.send("strict", 2)
+    assert (await queue_stats(bus, "strict"))["ready"] == 1
+
+
+async def test_overflow_dead_letter_moves_the_oldest(bus: aiobus.Bus) -> None:
+    await bus.declare_queue("ring", max_length=2, overflow="dead-letter")
+    for i in range(4):
+        await bus.send("ring", i)
+    assert (await queue_stats(bus, "ring"))["ready"] == 2
+    async with bus.consume("ring.dlq", prefetch=2) as dlq:
+        dead = [await next_msg(dlq), await next_msg(dlq)]
+    assert [d.body for d in dead] == [0, 1]
+    assert {d.headers["x-dead-reason"] for d in dead} == {"overflow"}
+
+
+async def test_redeclare_with_other_settings_is_an_error(bus: aiobus.Bus) -> None:
+    settings = await bus.declare_queue("decl", max_length=10)
+    assert settings["max_length"] == 10 and settings["dead_letter"] == "decl.dlq"
+    assert (await bus.declare_queue("decl", max_length=10)) == settings
+    with pytest.raises(aiobus.QueueMismatch, match="max_length"):
+        await bus.declare_queue("decl", max_length=11)
+
+
+async def test_implicit_queue_defaults(bus: aiobus.Bus) -> None:
+    await bus.send("implicit", 1)
+    settings: dict[str, Any] = (await queue_stats(bus, "implicit"))["settings"]
+    assert settings == {
+        "max_deliveries": 5, "ack_timeout": 30.0, "retry_delays": [],
+        "dead_letter": "implicit.dlq", "ttl": None, "max_length": None, "overflow": "block",
+    }
+
+
+async def test_request_reply_and_timeout(bus: aiobus.Bus, spawn_client: Any) -> None:
+    server = await spawn_client("""
+emit(ready=True)
+async for msg in bus.consume("rpc.add"):
+    await msg.reply(sum(msg.body))
+""")
+    assert await server.line() == {"ready": True}
+    results = await asyncio.gather(*(bus.request("rpc.add", [i, i], timeout=5) for i in range(20)))
+    assert results == [2 * i for i in range(20)]
+    with pytest.raises(aiobus.RequestTimeout):
+        await bus.request("rpc.nobody", 1, timeout=0.2)
+
+
+async def test_reply_to_a_plain_message_is_an_error(bus: aiobus.Bus) -> None:
+    await bus.send("plain", 1)
+    async with bus.consume("plain") as consumer:
+        msg = await next_msg(consumer)
+        with pytest.raises(aiobus.NotARequest):
+            await msg.reply(2)
+
+
+async def test_answering_twice_is_an_error(bus: aiobus.Bus) -> None:
+    await bus.send("twice", 1)
+    async with bus.consume("twice") as consumer:
+        msg = await next_msg(consumer)
+        await msg.ack()
+        with pytest.raises(aiobus.LeaseError):
+            await msg.ack()

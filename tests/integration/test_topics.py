@@ -1,0 +1,157 @@
+"""Topics against a real broker: wildcard fan-out, slow subscribers, presence."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+import pytest
+
+import aiobus
+
+from .conftest import wait_until
+
+pytestmark = pytest.mark.asyncio
+
+
+async def collect(sub: aiobus.Subscription, n: int, timeout: float = 5.0) -> list[aiobus.Message]:
+    return [await asyncio.wait_for(anext(sub), timeout) for _ in range(n)]
+
+
+async def test_wildcard_fan_out_including_the_publisher(bus: aiobus.Bus,
+                                                        spawn_client: Any) -> None:
+    listener = await spawn_client("""
+async with bus.subscribe("weather.>") as sub:
+    emit(ready=True)
+    async for msg in sub:
+        emit(topic=msg.topic, body=msg.body)
+""")
+    assert await listener.line() == {"ready": True}
+    async with (
+        bus.subscribe("weather.*") as one_token,
+        bus.subscribe("weather.hk") as exact,
+        bus.subscribe("*.hk") as first_wild,
+    ):
+        await bus.publish("weather.hk", 30)
+        await bus.publish("weather.hk.kowloon", 31)
+        await bus.publish("weather", 0)  # matches none: '>' needs one more token
+        await bus.publish("news.hk", "n")
+        await bus.publish("weather.sg", 32)
+        assert [(m.topic, m.body) for m in await collect(one_token, 2)] == [
+            ("weather.hk", 30), ("weather.sg", 32)]
+        assert [m.body for m in await collect(exact, 1)] == [30]
+        assert [(m.topic, m.body) for m in await collect(first_wild, 2)] == [
+            ("weather.hk", 30), ("news.hk", "n")]
+        remote = [await listener.line() for _ in range(3)]
+        assert remote == [
+            {"topic": "weather.hk", "body": 30},
+            {"topic": "weather.hk.kowloon", "body": 31},
+            {"topic": "weather.sg", "body": 32},
+        ]
+    stats = await bus.stats()
+    assert stats["topics"]["unrouted"] >= 1
+
+
+@pytest.mark.parametrize("bad", ["a..b", "", "a.*b", "a.>.b", "a b", ">x"])
+async def test_invalid_patterns_are_rejected(bus: aiobus.Bus, bad: str) -> None:
+    with pytest.raises(aiobus.InvalidName):
+        bus.subscribe(bad)
+
+
+@pytest.mark.parametrize("bad", ["a..b", "", "a.*", "a.>", ".a", "a."])
+async def test_invalid_names_are_rejected(bus: aiobus.Bus, bad: str) -> None:
+    with pytest.raises(aiobus.InvalidName):
+        await bus.publish(bad, 1)
+    with pytest.raises(aiobus.InvalidName):
+        await bus.send(bad, 1)
+
+
+async def test_slow_subscriber_drop_oldest_is_bounded_and_visible(bus: aiobus.Bus) -> None:
+    async with bus.subscribe("ticks", max_pending=5, policy="drop-oldest") as sub:
+        for i in range(100):
+            await bus.publish("ticks", i)
+        await bus.ping()
+        stats = await bus.stats()
+        (entry,) = stats["topics"]["subscriptions"]
+        assert entry["pending"] == 5 and entry["in_flight"] == 5 and entry["dropped"] == 90
+        got = await collect(sub, 10)
+    # The first window was in flight; of the rest, the newest 5 survived.
+    assert [m.body for m in got] == [0, 1, 2, 3, 4, 95, 96, 97, 98, 99]
+    assert got[5].dropped == 90 and sum(m.dropped for m in got) == 90
+
+
+async def test_slow_subscriber_drop_newest(bus: aiobus.Bus) -> None:
+    async with bus.subscribe("ticks", max_pending=3, policy="drop-newest") as sub:
+        for i in range(20):
+            await bus.publish("ticks", i)
+        await bus.ping()
+        got = await collect(sub, 6)
+    assert [m.body for m in got] == [0, 1, 2, 3, 4, 5]
+    assert got[3].dropped == 14
+
+
+async def test_slow_subscriber_disconnect_policy_closes_only_that_connection(
+    bus: aiobus.Bus,
+) -> None:
+    async with aiobus.connect(bus.path) as slow:
+        async with slow.subscribe("flood", max_pending=2, policy="disconnect") as sub:
+            for i in range(10):
+                await bus.publish("flood", i)
+            with pytest.raises(aiobus.ConnectionLost) as info:
+                for _ in range(10):
+                    await asyncio.wait_for(anext(sub), 5)
+            assert info.value.code == "slow-consumer"
+    await bus.ping()  # the publisher carries on
+
+
+async def test_break_unsubscribes(bus: aiobus.Bus) -> None:
+    async def first() -> Any:
+        async for msg in bus.subscribe("once"):
+            return msg.body
+        return None
+
+    task = asyncio.create_task(first())
+
+    async def subscribed() -> bool:
+        return len((await bus.stats())["topics"]["subscriptions"]) == 1
+
+    await wait_until(subscribed)
+    await bus.publish("once", "hello")
+    assert await asyncio.wait_for(task, 5) == "hello"
+
+    async def unsubscribed() -> bool:
+        return len((await bus.stats())["topics"]["subscriptions"]) == 0
+
+    await wait_until(unsubscribed, timeout=2)
+
+
+async def test_presence_events_with_peer_credentials(bus: aiobus.Bus, spawn_client: Any) -> None:
+    async with bus.subscribe("$sys.client.>") as sub:
+        peer = await spawn_client("""
+emit(pid=os.getpid())
+await asyncio.sleep(3600)
+""", name="alice")
+        pid = (await peer.line())["pid"]
+        up = await asyncio.wait_for(anext(sub), 5)
+        assert up.topic == "$sys.client.connected"
+        assert up.body["name"] == "alice" and up.body["pid"] == pid
+        assert up.body["uid"] == os.getuid()
+        peer.kill()
+        await peer.wait()
+        down = await asyncio.wait_for(anext(sub), 5)
+        assert down.topic == "$sys.client.disconnected" and down.body["pid"] == pid
+
+
+async def test_clients_cannot_publish_on_sys(bus: aiobus.Bus) -> None:
+    with pytest.raises(aiobus.Forbidden):
+        await bus.publish("$sys.client.connected", {})
+
+
+async def test_wildcard_at_root_does_not_see_sys_topics(bus: aiobus.Bus) -> None:
+    async with bus.subscribe(">") as everything:
+        async with aiobus.connect(bus.path):
+            pass  # presence events are published now
+        await bus.publish("visible", 1)
+        msg = await asyncio.wait_for(anext(everything), 5)
+    assert msg.topic == "visible"
