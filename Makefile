@@ -24,7 +24,7 @@ run: $(VENV)/.installed
 	$(BIN)/aiobus-broker $(ARGS)
 
 lint: $(VENV)/.installed-test
-	$(BIN)/ruff check aiobus tests examples benchmarks
+	$(BIN)/ruff check $(wildcard aiobus tests examples benchmarks)
 	$(BIN)/mypy
 
 unit: $(VENV)/.installed-test
