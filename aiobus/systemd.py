@@ -21,6 +21,8 @@ import socket
 import stat
 from typing import Final
 
+from .errors import BusError
+
 __all__ = [
     "LISTEN_FDS_START",
     "SystemdError",
@@ -33,8 +35,10 @@ LISTEN_FDS_START: Final = 3  # SD_LISTEN_FDS_START
 _ENV: Final = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
 
 
-class SystemdError(Exception):  # TODO: derive from aiobus.errors.BusError
+class SystemdError(BusError):
     """systemd's environment is malformed, or talking to systemd failed."""
+
+    code = "systemd"
 
 
 def notify(state: str, *, unset_environment: bool = False) -> bool:

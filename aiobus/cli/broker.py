@@ -10,10 +10,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
+import socket
 import sys
 
-from .. import __version__
+from .. import __version__, systemd
 from .._paths import default_socket_path
 from ..broker.server import Broker
 from ..errors import BusError
@@ -61,21 +63,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _activated_socket() -> socket.socket | None:
+    """The listening socket systemd passed (socket activation), if any."""
+    sockets = systemd.listen_fds()
+    for sock in sockets[1:]:
+        log.warning("ignoring extra socket fd %d passed by the service manager", sock.fileno())
+        sock.close()
+    if not sockets:
+        return None
+    sock = sockets[0]
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        raise BusError("the socket passed by the service manager is not a Unix stream socket")
+    sock.setblocking(False)
+    return sock
+
+
 async def serve(args: argparse.Namespace) -> None:
-    """Run a broker until SIGINT or SIGTERM, then shut it down gracefully."""
+    """Run a broker until SIGINT or SIGTERM, then shut it down gracefully.
+
+    Under systemd: serves the socket passed by socket activation (``LISTEN_FDS``) instead
+    of binding ``--socket``, and reports ``READY=1`` / ``STOPPING=1`` to ``NOTIFY_SOCKET``.
+    """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signo in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signo, stop.set)
+    inherited = _activated_socket()
+    if inherited is not None and args.socket:
+        log.info("serving the socket passed by the service manager; --socket is ignored")
     try:
         async with Broker(
             args.socket,
             socket_mode=args.socket_mode,
             max_frame=args.max_frame,
             handshake_timeout=args.handshake_timeout,
-        ):
+            sock=inherited,
+        ) as broker:
+            where = broker.path or "the socket passed by the service manager"
+            systemd.notify(f"READY=1\nSTATUS=listening on {where}\nMAINPID={os.getpid()}")
             await stop.wait()
             log.info("signal received, shutting down")
+            systemd.notify("STOPPING=1\nSTATUS=shutting down")
     finally:
         for signo in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signo)

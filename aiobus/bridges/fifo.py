@@ -1,0 +1,484 @@
+"""Named pipes (FIFOs) on asyncio without blocking the loop.
+
+The bridges between FIFOs and the bus (``fifo_to_bus``, ``bus_to_fifo``) live in
+:mod:`aiobus.bridges.fifo_bus`.
+
+Theory of operation
+-------------------
+Reading. A FIFO's reader sees end-of-file whenever its last writer closes, and an fd at EOF
+stays "readable" forever, so a reader watched with ``loop.add_reader`` would spin.
+:class:`FifoReader` therefore opens the FIFO twice: ``O_RDONLY | O_NONBLOCK`` to read, and
+``O_WRONLY | O_NONBLOCK`` as a dummy writer that never writes. With a writer always
+present the read side never sees EOF: an empty pipe reads as ``EAGAIN`` and the reader
+waits in ``add_reader``. Writers come and go (each ``echo job >> fifo`` opens, writes,
+closes) and their bytes join one stream, so the decoder keeps a partial record across
+writers. POSIX makes a write of at most ``PIPE_BUF`` (4096) bytes atomic; concurrent
+writers of larger records can interleave and should not share a FIFO.
+
+Writing. Opening ``O_WRONLY | O_NONBLOCK`` fails with ``ENXIO`` while nobody has the FIFO
+open for reading. A blocking open would block the loop's thread and Linux does not report
+FIFO opens to ``poll``, so :class:`FifoWriter` retries with exponential backoff (10 ms up
+to 250 ms). Writes are non-blocking; on ``EAGAIN`` the writer waits in ``add_writer``.
+
+Record guarantee. :meth:`FifoWriter.write_record` returns once the whole record is in the
+pipe; a pipe has no acknowledgements, so a record still in the pipe when its reader dies
+is lost. If the reader goes away in the middle of a record (``EPIPE``), that reader never
+saw the record's last byte, so never decoded it: the writer closes its fd (freeing the
+pipe and the partial record, unless another process holds the FIFO open), waits for a
+new reader and writes the whole record again. A record is thus never seen twice. A reader
+that opens before the writer has noticed ``EPIPE`` would see the stale partial record;
+Linux reports ``EPIPE`` on the writer's next write, which is normally immediate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import stat
+from collections import deque
+from dataclasses import dataclass, replace
+from pathlib import Path
+from types import TracebackType
+from typing import Final, Self
+
+import anyio
+import anyio.lowlevel
+
+from ..errors import BusError
+from .framing import (
+    DEFAULT_MAX_RECORD,
+    Codec,
+    Decoded,
+    FramingError,
+    make_codec,
+)
+
+__all__ = [
+    "FifoBusyError",
+    "FifoClosedError",
+    "FifoError",
+    "FifoReader",
+    "FifoWriter",
+    "FifoWriterStatistics",
+    "NotAFifoError",
+    "ensure_fifo",
+]
+
+logger = logging.getLogger(__name__)
+
+_READ_SIZE: Final = 64 * 1024  # one pipe buffer (Linux default) per read
+_POLL_FIRST: Final = 0.01
+_POLL_MAX: Final = 0.25  # a new reader waits at most this long for a waiting writer
+
+
+class FifoError(BusError):
+    """Base of the FIFO errors."""
+
+    code = "fifo"
+
+
+class NotAFifoError(FifoError):
+    """The path exists and is not a FIFO."""
+
+
+class FifoClosedError(FifoError):
+    """The reader or writer was closed by its owner (possibly while a call waited)."""
+
+
+class FifoBusyError(FifoError):
+    """Another task is already receiving from (or iterating over) this reader."""
+
+
+def ensure_fifo(path: str | os.PathLike[str], mode: int = 0o600) -> Path:
+    """Create a FIFO at ``path`` unless one is already there.
+
+    Args:
+        path: where the FIFO lives.
+        mode: permission bits for a new FIFO (the umask applies, as for ``mkfifo(1)``).
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        NotAFifoError: ``path`` exists and is something else (file, directory, socket).
+        OSError: the FIFO cannot be created (missing directory, permissions).
+
+    Example:
+        >>> fifo = ensure_fifo(tmp / "jobs")  # doctest: +SKIP
+    """
+    fifo = Path(path)
+    try:
+        os.mkfifo(fifo, mode)
+    except FileExistsError:
+        pass
+    _check_fifo(os.stat(fifo).st_mode, fifo)
+    return fifo
+
+
+def _check_fifo(st_mode: int, path: Path) -> None:
+    if not stat.S_ISFIFO(st_mode):
+        kind = "directory" if stat.S_ISDIR(st_mode) else "file" if stat.S_ISREG(st_mode) else ""
+        raise NotAFifoError(f"{path} exists and is not a FIFO{f' (a {kind})' if kind else ''}")
+
+
+def _open_fifo(path: Path, flags: int) -> int:
+    fd = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        _check_fifo(os.fstat(fd).st_mode, path)  # fstat: no race with a path swapped after stat
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+def _close_waiter(waiter: asyncio.Future[None] | None, what: str) -> None:
+    if waiter is not None and not waiter.done():
+        waiter.set_exception(FifoClosedError(f"{what} was closed while waiting"))
+
+
+class FifoReader:
+    """Records from a FIFO, across any number of writers that come and go.
+
+    Opening cannot block (non-blocking opens), so :meth:`open` is a plain method; entering
+    the reader as an async context manager opens it and exiting closes it. Iteration ends
+    when the reader is closed.
+
+    Args:
+        path: the FIFO; created with ``mode`` if missing.
+        framing: a framing name (see :data:`~aiobus.bridges.framing.FRAMINGS`) or a codec.
+        max_record: largest record when ``framing`` is a name (default 1 MiB).
+        mode: permission bits for a FIFO this reader creates.
+
+    Raises:
+        ValueError: unknown framing name.
+
+    Example:
+        >>> async with FifoReader("/run/user/1000/jobs") as reader:  # doctest: +SKIP
+        ...     async for record in reader:
+        ...         if isinstance(record, Oversize):
+        ...             print("skipped", record.length, "bytes")
+        ...         else:
+        ...             print(record)
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        framing: str | Codec = "lines",
+        max_record: int = DEFAULT_MAX_RECORD,
+        mode: int = 0o600,
+    ) -> None:
+        self.path = Path(path)
+        self.codec = (
+            framing if isinstance(framing, Codec) else make_codec(framing, max_record=max_record)
+        )
+        self._mode = mode
+        self._fd = -1
+        self._dummy = -1  # our own write end: keeps the read end from ever seeing EOF
+        self._closed = False
+        self._busy = False
+        self._items: deque[Decoded] = deque()
+        self._error: FramingError | None = None  # raised once the records before it are out
+        self._waiter: asyncio.Future[None] | None = None
+
+    def open(self) -> None:
+        """Create the FIFO if needed and open it; a no-op when already open.
+
+        Raises:
+            FifoClosedError: the reader was closed.
+            NotAFifoError: the path is not a FIFO.
+            OSError: the FIFO cannot be created or opened.
+        """
+        if self._closed:
+            raise FifoClosedError(f"FIFO reader for {self.path} is closed")
+        if self._fd >= 0:
+            return
+        ensure_fifo(self.path, self._mode)
+        fd = _open_fifo(self.path, os.O_RDONLY)
+        try:
+            self._dummy = _open_fifo(self.path, os.O_WRONLY)  # cannot ENXIO: we are a reader
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+
+    def close(self) -> None:
+        """Close the FIFO; a waiting :meth:`receive` raises :class:`FifoClosedError`."""
+        if self._closed:
+            return
+        self._closed = True
+        fd, self._fd = self._fd, -1
+        if self._waiter is not None:
+            self._waiter.get_loop().remove_reader(fd)
+            _close_waiter(self._waiter, "FIFO reader")
+        for each in (fd, self._dummy):
+            if each >= 0:
+                os.close(each)
+        self._dummy = -1
+
+    async def aclose(self) -> None:
+        """Close the FIFO (see :meth:`close`)."""
+        self.close()
+        await anyio.lowlevel.checkpoint()
+
+    async def __aenter__(self) -> Self:
+        self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> Decoded:
+        try:
+            return await self.receive()
+        except FifoClosedError:
+            raise StopAsyncIteration from None
+
+    async def receive(self) -> Decoded:
+        """Wait for the next record (or :class:`Oversize` report) from any writer.
+
+        Returns:
+            The record's bytes, or an :class:`Oversize` standing in for a record over
+            ``max_record``.
+
+        Raises:
+            FifoClosedError: the reader is (or got) closed.
+            FifoBusyError: another task is already receiving.
+            FramingError: the stream broke the framing; raised again on every later call.
+            OSError: reading failed.
+        """
+        if self._busy:
+            raise FifoBusyError(f"another task is already receiving from {self.path}")
+        self._busy = True
+        try:
+            if self._items:
+                await anyio.lowlevel.checkpoint()  # a busy FIFO must not starve other tasks
+            while not self._items:
+                if self._error is not None:
+                    raise self._error
+                self.open()
+                try:
+                    data = os.read(self._fd, _READ_SIZE)
+                except BlockingIOError:
+                    await self._wait_readable()
+                    continue
+                if not data:  # cannot happen while our dummy writer is open
+                    raise FifoError(f"unexpected end of file on {self.path}")
+                try:
+                    self._items.extend(self.codec.feed(data))
+                except FramingError as exc:
+                    self._items.extend(exc.records)
+                    self._error = exc
+            return self._items.popleft()
+        finally:
+            self._busy = False
+
+    async def _wait_readable(self) -> None:
+        loop = asyncio.get_running_loop()
+        fd = self._fd
+        self._waiter = waiter = loop.create_future()
+        loop.add_reader(fd, _wake, waiter)
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+            if self._fd == fd:  # else close() has unregistered it already
+                loop.remove_reader(fd)
+
+
+@dataclass(slots=True)
+class FifoWriterStatistics:
+    """Counters of a :class:`FifoWriter`."""
+
+    records_written: int = 0
+    bytes_written: int = 0
+    broken_pipes: int = 0  # readers that went away mid-record, so the record was rewritten
+    connected: bool = False  # whether the FIFO is open (a reader was there at the last write)
+
+
+class FifoWriter:
+    """Writes whole records to a FIFO, waiting for a reader without blocking the loop.
+
+    One :meth:`write_record` runs at a time (concurrent calls queue on a lock), so records
+    never interleave. A :meth:`write_record` cancelled mid-record leaves the rest of its
+    frame to be written first by the next call, keeping the stream well framed; closing
+    the writer instead leaves the reader holding a partial record (logged).
+
+    Args:
+        path: the FIFO; created with ``mode`` if missing.
+        framing: a framing name (see :data:`~aiobus.bridges.framing.FRAMINGS`) or a codec.
+        max_record: largest record when ``framing`` is a name (default 1 MiB).
+        mode: permission bits for a FIFO this writer creates.
+
+    Raises:
+        ValueError: unknown framing name.
+
+    Example:
+        >>> async with FifoWriter("/run/user/1000/out") as writer:  # doctest: +SKIP
+        ...     await writer.write_record(b"job 42")
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        framing: str | Codec = "lines",
+        max_record: int = DEFAULT_MAX_RECORD,
+        mode: int = 0o600,
+    ) -> None:
+        self.path = Path(path)
+        self.codec = (
+            framing if isinstance(framing, Codec) else make_codec(framing, max_record=max_record)
+        )
+        self._mode = mode
+        self._fd = -1
+        self._closed = False
+        self._lock = asyncio.Lock()
+        self._unfinished = memoryview(b"")  # the rest of a frame whose write was cancelled
+        self._waiter: asyncio.Future[None] | None = None
+        self._stats = FifoWriterStatistics()
+
+    def statistics(self) -> FifoWriterStatistics:
+        """Return a snapshot of this writer's counters."""
+        return replace(self._stats, connected=self._fd >= 0)
+
+    def close(self) -> None:
+        """Close the FIFO; a waiting call raises :class:`FifoClosedError`."""
+        if self._closed:
+            return
+        self._closed = True
+        fd, self._fd = self._fd, -1
+        if self._waiter is not None:
+            if fd >= 0:
+                self._waiter.get_loop().remove_writer(fd)
+            _close_waiter(self._waiter, "FIFO writer")
+        if fd >= 0:
+            os.close(fd)
+        if self._unfinished:
+            logger.warning("FIFO writer for %s closed in the middle of a record", self.path)
+
+    async def aclose(self) -> None:
+        """Close the FIFO (see :meth:`close`)."""
+        self.close()
+        await anyio.lowlevel.checkpoint()
+
+    async def __aenter__(self) -> Self:
+        if self._closed:
+            raise FifoClosedError(f"FIFO writer for {self.path} is closed")
+        ensure_fifo(self.path, self._mode)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    async def wait_reader(self) -> None:
+        """Wait until a reader has the FIFO open and open it for writing.
+
+        Returns at once while the writer is connected. Polls with backoff (10 ms doubling
+        to 250 ms): a FIFO gives no notice when a reader arrives.
+
+        Raises:
+            FifoClosedError: the writer is (or got) closed.
+            NotAFifoError: the path is not a FIFO.
+            OSError: opening failed for another reason than "no reader" (``ENXIO``).
+        """
+        delay = _POLL_FIRST
+        while self._fd < 0:
+            if self._closed:
+                raise FifoClosedError(f"FIFO writer for {self.path} is closed")
+            try:
+                self._fd = _open_fifo(self.path, os.O_WRONLY)
+            except OSError as exc:
+                if exc.errno != errno.ENXIO:
+                    raise
+                await self._sleep(delay)
+                delay = min(delay * 2, _POLL_MAX)
+            else:
+                logger.debug("FIFO %s has a reader", self.path)
+
+    async def write_record(self, record: bytes) -> None:
+        """Frame ``record`` and write all of it, waiting for a reader and pipe space.
+
+        If the reader goes away mid-record (``EPIPE``), waits for the next reader and
+        writes the whole record again (see the module docstring for the guarantee).
+
+        Args:
+            record: the record; it must fit the framing and ``max_record``.
+
+        Raises:
+            UnencodableRecordError: the framing cannot carry ``record`` (nothing written).
+            FifoClosedError: the writer is (or got) closed.
+            OSError: writing failed for another reason than a vanished reader.
+        """
+        frame = self.codec.encode(record)
+        await anyio.lowlevel.checkpoint()  # a fast pipe must not starve other tasks
+        async with self._lock:
+            while True:
+                await self.wait_reader()
+                try:
+                    if self._unfinished:
+                        await self._write_all(self._unfinished)
+                    await self._write_all(memoryview(frame))
+                except BrokenPipeError:
+                    self._stats.broken_pipes += 1
+                    logger.info("reader of FIFO %s went away mid-record; waiting", self.path)
+                    os.close(self._fd)  # frees the pipe and the partial record in it
+                    self._fd, self._unfinished = -1, memoryview(b"")
+                    continue
+                self._stats.records_written += 1
+                return
+
+    async def _write_all(self, view: memoryview) -> None:
+        while view:
+            self._unfinished = view
+            try:
+                written = os.write(self._fd, view)
+            except BlockingIOError:
+                await self._wait_writable()
+                continue
+            view = view[written:]
+            self._stats.bytes_written += written
+        self._unfinished = view
+
+    async def _wait_writable(self) -> None:
+        loop = asyncio.get_running_loop()
+        fd = self._fd
+        self._waiter = waiter = loop.create_future()
+        loop.add_writer(fd, _wake, waiter)
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+            if self._fd == fd:  # else close() has unregistered it already
+                loop.remove_writer(fd)
+
+    async def _sleep(self, delay: float) -> None:
+        loop = asyncio.get_running_loop()
+        self._waiter = waiter = loop.create_future()
+        timer = loop.call_later(delay, _wake, waiter)
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+            timer.cancel()

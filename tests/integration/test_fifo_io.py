@@ -1,0 +1,318 @@
+"""FIFO I/O with real FIFOs, written and read by real shell commands, each a new process.
+
+No broker: the bus bridges are exercised against a recording sink here; the lead's
+end-to-end tests run them against the real broker.
+"""
+
+from __future__ import annotations
+
+import shlex
+import stat
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgpack
+import pytest
+
+from aiobus.bridges.fifo import (
+    FifoBusyError,
+    FifoClosedError,
+    FifoReader,
+    FifoWriter,
+    NotAFifoError,
+    ensure_fifo,
+)
+from aiobus.bridges.fifo_bus import BridgeStatistics, bus_to_fifo, fifo_to_bus
+from aiobus.bridges.framing import MalformedRecordError, Oversize
+
+TIMEOUT = 10
+
+
+@pytest.fixture
+def fifo(tmp_path: Path) -> Path:
+    return ensure_fifo(tmp_path / "jobs")
+
+
+async def sh(script: str) -> bytes:
+    """Run ``script`` in a new ``sh`` process (a new FIFO writer or reader each time)."""
+    result = await anyio.run_process(["sh", "-c", script])
+    return result.stdout
+
+
+async def wait_until(condition: Callable[[], bool]) -> None:
+    # Polling is fine here: the conditions are counters inside the code under test.
+    while not condition():
+        await anyio.sleep(0.01)
+
+
+async def receive_n(reader: FifoReader, n: int) -> list[bytes | Oversize]:
+    return [await reader.receive() for _ in range(n)]
+
+
+def test_ensure_fifo(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    assert ensure_fifo(path) == path
+    assert stat.S_ISFIFO(path.stat().st_mode)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    ensure_fifo(path)  # already there: fine
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(NotAFifoError, match=r"file.* is not a FIFO \(a file\)"):
+        ensure_fifo(tmp_path / "file")
+    with pytest.raises(NotAFifoError, match="directory"):
+        ensure_fifo(tmp_path)
+
+
+@pytest.mark.asyncio
+async def test_reader_survives_many_writers(fifo: Path) -> None:
+    with anyio.fail_after(TIMEOUT):
+        async with FifoReader(fifo) as reader:
+            for i in range(5):
+                await sh(f"echo job{i} >> {shlex.quote(str(fifo))}")
+            assert await receive_n(reader, 5) == [b"job0", b"job1", b"job2", b"job3", b"job4"]
+            await sh(f"printf 'a\\r\\nb\\n' >> {shlex.quote(str(fifo))}")  # CRLF too
+            assert await receive_n(reader, 2) == [b"a", b"b"]
+
+
+@pytest.mark.asyncio
+async def test_partial_record_across_writers_and_non_utf8(fifo: Path) -> None:
+    target = shlex.quote(str(fifo))
+    with anyio.fail_after(TIMEOUT):
+        async with FifoReader(fifo) as reader:
+            await sh(f"printf 'par' >> {target}")
+            await sh(f"printf 'tial\\n\\377\\376 raw \\200' >> {target}")
+            assert await reader.receive() == b"partial"
+            await sh(f"printf '\\n' >> {target}")
+            assert await reader.receive() == b"\xff\xfe raw \x80"
+
+
+@pytest.mark.asyncio
+async def test_oversize_record_is_reported_and_skipped(fifo: Path) -> None:
+    target = shlex.quote(str(fifo))
+    with anyio.fail_after(TIMEOUT):
+        async with FifoReader(fifo, max_record=16) as reader, anyio.create_task_group() as tg:
+            # More than a pipe holds: the writer blocks until the reader skips through it.
+            tg.start_soon(
+                sh, f"head -c 100000 /dev/zero | tr '\\0' x >> {target}; echo small >> {target}"
+            )
+            assert await receive_n(reader, 1) == [Oversize(100_000 + len("small"), b"x" * 256)]
+            await sh(f"echo >> {target}; echo next >> {target}")
+            assert await receive_n(reader, 2) == [b"", b"next"]
+
+
+@pytest.mark.asyncio
+async def test_framing_error_comes_after_the_records_before_it(fifo: Path) -> None:
+    with anyio.fail_after(TIMEOUT):
+        async with FifoReader(fifo, framing="netstring") as reader:
+            await sh(f"printf '3:abc,2:xyz' >> {shlex.quote(str(fifo))}")
+            assert await reader.receive() == b"abc"
+            with pytest.raises(MalformedRecordError, match="not ','"):
+                await reader.receive()
+            with pytest.raises(MalformedRecordError):  # and again: the stream is broken
+                await reader.receive()
+
+
+@pytest.mark.asyncio
+async def test_second_receiver_is_busy_and_close_wakes_the_first(fifo: Path) -> None:
+    reader = FifoReader(fifo)
+    reader.open()
+    records: list[bytes | Oversize] = []
+
+    async def iterate() -> None:
+        async for record in reader:
+            records.append(record)
+
+    with anyio.fail_after(TIMEOUT):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(iterate)
+            await anyio.sleep(0.05)
+            with pytest.raises(FifoBusyError):
+                await reader.receive()
+            await sh(f"echo one >> {shlex.quote(str(fifo))}")
+            await wait_until(lambda: records == [b"one"])
+            reader.close()  # iteration ends
+    with pytest.raises(FifoClosedError):
+        await reader.receive()
+
+
+@pytest.mark.asyncio
+async def test_writer_waits_for_a_reader_process(fifo: Path) -> None:
+    with anyio.fail_after(TIMEOUT):
+        async with FifoWriter(fifo) as writer, anyio.create_task_group() as tg:
+            done = anyio.Event()
+
+            async def write() -> None:
+                await writer.write_record(b"hello")
+                done.set()
+
+            tg.start_soon(write)
+            await anyio.sleep(0.2)
+            assert not done.is_set()  # no reader yet: waiting, and the loop is not blocked
+            assert not writer.statistics().connected
+            output = await sh(f"head -n 1 {shlex.quote(str(fifo))}")
+            await done.wait()
+            assert output == b"hello\n"
+            assert writer.statistics().records_written == 1
+
+
+@pytest.mark.asyncio
+async def test_record_is_rewritten_whole_after_reader_dies_mid_record(fifo: Path) -> None:
+    big = bytes(range(256)) * 800  # 200 KiB, more than a pipe holds
+    big = big.replace(b"\n", b"N")
+    with anyio.fail_after(TIMEOUT):
+        async with FifoWriter(fifo) as writer, anyio.create_task_group() as tg:
+            tg.start_soon(writer.write_record, big)
+            first = await sh(f"head -c 100 {shlex.quote(str(fifo))}")  # reads a bit, exits
+            assert first == big[:100]
+            await wait_until(lambda: writer.statistics().broken_pipes == 1)
+            async with FifoReader(fifo) as reader:
+                assert await reader.receive() == big
+    assert writer.statistics().records_written == 1
+
+
+@pytest.mark.asyncio
+async def test_writer_close_wakes_a_waiting_write(fifo: Path) -> None:
+    writer = FifoWriter(fifo)
+    with anyio.fail_after(TIMEOUT):
+        async with anyio.create_task_group() as tg:
+
+            async def write() -> None:
+                with pytest.raises(FifoClosedError):
+                    await writer.write_record(b"never")
+
+            tg.start_soon(write)
+            await anyio.sleep(0.05)
+            await writer.aclose()
+
+
+# --- the bus bridges, against a recording sink ----------------------------------------
+
+
+@dataclass
+class RecordingBus:
+    """Records sends and publishes; replays scripted messages for consume/subscribe."""
+
+    sent: list[tuple[str, Any, dict[str, str] | None]] = field(default_factory=list)
+    published: list[tuple[str, Any]] = field(default_factory=list)
+    script: list[ScriptedMessage] = field(default_factory=list)
+
+    async def send(
+        self, queue: str, body: Any, /, *, headers: dict[str, str] | None = None
+    ) -> None:
+        self.sent.append((queue, body, headers))
+
+    async def publish(self, topic: str, body: Any, /) -> None:
+        self.published.append((topic, body))
+
+    async def consume(self, queue: str, /, *, prefetch: int = 16) -> AsyncIterator[ScriptedMessage]:
+        for message in self.script:
+            yield message
+
+    async def subscribe(self, pattern: str, /) -> AsyncIterator[ScriptedMessage]:
+        for message in self.script:
+            yield message
+
+
+@dataclass
+class ScriptedMessage:
+    body: Any
+    outcome: list[str] = field(default_factory=list)
+
+    async def ack(self) -> None:
+        self.outcome.append("ack")
+
+    async def reject(self, *, reason: str) -> None:
+        self.outcome.append(f"reject:{reason}")
+
+
+@pytest.mark.asyncio
+async def test_fifo_to_queue_dead_letters_oversize(fifo: Path) -> None:
+    bus, stats = RecordingBus(), BridgeStatistics()
+    target = shlex.quote(str(fifo))
+    with anyio.fail_after(TIMEOUT):
+        async with anyio.create_task_group() as tg:
+            await tg.start(
+                partial(fifo_to_bus, bus, fifo, queue="jobs", max_record=300, stats=stats)
+            )
+            await sh(f"echo one >> {target}; printf '\\377\\n' >> {target}")
+            await sh(f"head -c 1000 /dev/zero | tr '\\0' y >> {target}; echo >> {target}")
+            await sh(f"echo three >> {target}")
+            await wait_until(lambda: len(bus.sent) == 4)
+            tg.cancel_scope.cancel()
+    dead_time = float(bus.sent[2][2].pop("x-dead-time"))  # type: ignore[union-attr]
+    assert abs(dead_time - time.time()) < 60
+    assert bus.sent == [
+        ("jobs", b"one", None),
+        ("jobs", b"\xff", None),
+        (
+            "jobs.dlq",
+            b"y" * 256,
+            {"x-dead-reason": "too-large", "x-original-queue": "jobs", "x-record-length": "1000"},
+        ),
+        ("jobs", b"three", None),
+    ]
+    assert stats == BridgeStatistics(records=3, oversize=1)
+
+
+@pytest.mark.asyncio
+async def test_fifo_to_topic_counts_oversize_and_unpacks_msgpack(fifo: Path) -> None:
+    bus, stats = RecordingBus(), BridgeStatistics()
+    with anyio.fail_after(TIMEOUT):
+        async with anyio.create_task_group() as tg:
+            await tg.start(
+                partial(
+                    fifo_to_bus,
+                    bus,
+                    fifo,
+                    topic="ev",
+                    framing="length-prefixed",
+                    max_record=8,
+                    stats=stats,
+                )
+            )
+            async with FifoWriter(fifo, framing="length-prefixed", max_record=100) as writer:
+                await writer.write_record(b"a" * 20)
+                await writer.write_record(b"ok")
+            await wait_until(lambda: len(bus.published) == 1)
+            tg.cancel_scope.cancel()
+    assert bus.published == [("ev", b"ok")]
+    assert stats == BridgeStatistics(records=1, oversize=1)
+
+    bus = RecordingBus()
+    with anyio.fail_after(TIMEOUT):
+        async with anyio.create_task_group() as tg:
+            await tg.start(partial(fifo_to_bus, bus, fifo, topic="ev", framing="msgpack"))
+            async with FifoWriter(fifo, framing="msgpack") as writer:
+                await writer.write_record(msgpack.packb({"n": 1, "tags": ["x"]}))
+            await wait_until(lambda: len(bus.published) == 1)
+            tg.cancel_scope.cancel()
+    assert bus.published == [("ev", {"n": 1, "tags": ["x"]})]
+
+
+@pytest.mark.asyncio
+async def test_queue_to_fifo_acks_only_after_the_write(fifo: Path) -> None:
+    messages = [
+        ScriptedMessage(b"one"),
+        ScriptedMessage("two\nlines"),
+        ScriptedMessage("thr\u00e9e"),
+    ]
+    bus = RecordingBus(script=messages)
+    with anyio.fail_after(TIMEOUT):
+        async with anyio.create_task_group() as tg:
+            result: list[BridgeStatistics] = []
+
+            async def run() -> None:
+                result.append(await bus_to_fifo(bus, fifo, queue="out"))
+
+            tg.start_soon(run)
+            await anyio.sleep(0.2)
+            assert messages[0].outcome == []  # no reader: not written, so not acked
+            async with FifoReader(fifo) as reader:
+                assert await receive_n(reader, 2) == [b"one", "thr\u00e9e".encode()]
+                await wait_until(lambda: bool(result))
+    assert [m.outcome for m in messages] == [["ack"], ["reject:unencodable"], ["ack"]]
+    assert result == [BridgeStatistics(records=2, unencodable=1)]
