@@ -137,6 +137,35 @@ _OP_NAMES: Final = {int(op): op.name for op in Op}
 _BODY_KINDS: Final = frozenset(int(k) for k in BodyKind)
 
 
+def _signatures() -> dict[int, frozenset[tuple[type, ...]]]:
+    """Every tuple of field types a frame of each op may have (for the fast path)."""
+    result: dict[int, frozenset[tuple[type, ...]]] = {}
+    for op, spec in SPECS.items():
+        if any(types is _ANY for _, types in spec):
+            continue
+        combos: list[tuple[type, ...]] = [(int,)]
+        for _, types in spec:
+            combos = [(*c, t) for c in combos for t in types]
+        result[op] = frozenset(combos)
+    return result
+
+
+_SIGNATURES: Final = _signatures()
+# Per op: indexes of int fields (must not be negative), of the headers map, of the kind.
+_INT_INDEXES: Final = {
+    op: tuple(i for i, (_, types) in enumerate(spec, 1) if int in types and types is not _ANY)
+    for op, spec in SPECS.items()
+}
+_HEADERS_INDEX: Final = {
+    op: next((i for i, (f, _) in enumerate(spec, 1) if f == "headers"), 0)
+    for op, spec in SPECS.items()
+}
+_KIND_INDEX: Final = {
+    op: next((i for i, (f, _) in enumerate(spec, 1) if f == "kind"), 0)
+    for op, spec in SPECS.items()
+}
+
+
 def check_frame(frame: object) -> int:
     """Validate a decoded frame against ``SPECS`` and return its op.
 
@@ -145,6 +174,25 @@ def check_frame(frame: object) -> int:
     Raises:
         RemoteProtocolError: naming the frame type and the field that is wrong.
     """
+    # Fast path, one C-level pass for the common frame: the tuple of field types must be
+    # one the op allows. Anything unusual falls through to the exact, slower check below,
+    # which also produces the error message.
+    if type(frame) is list and frame:
+        op = frame[0]
+        valid = _SIGNATURES.get(op) if type(op) is int else None
+        if valid is not None and tuple(map(type, frame)) in valid:
+            for i in _INT_INDEXES[op]:
+                value = frame[i]
+                if value is not None and value < 0:
+                    break
+            else:
+                hi, ki = _HEADERS_INDEX[op], _KIND_INDEX[op]
+                if (not hi or not frame[hi]) and (not ki or frame[ki] in _BODY_KINDS):
+                    return op  # type: ignore[no-any-return]
+    return _check_frame_slow(frame)
+
+
+def _check_frame_slow(frame: object) -> int:
     if type(frame) is not list or not frame:
         raise RemoteProtocolError(
             f"a frame must be a non-empty msgpack array, got {type(frame).__name__}",
