@@ -44,6 +44,31 @@ _CRED = struct.Struct("3i")  # struct ucred {pid_t pid; uid_t uid; gid_t gid;}
 _SHUTDOWN_GRACE = 5.0  # seconds to let closing connections drain before aborting them
 
 
+class _RateLimitedLog:
+    """At most ``burst`` records per ``period`` seconds, then one line saying how many were
+    suppressed (nats-server's RateLimitErrorf): a client reconnecting in a loop with bad
+    frames must not flood the operator's log."""
+
+    def __init__(self, burst: int = 10, period: float = 10.0) -> None:
+        self.burst = burst
+        self.period = period
+        self._window_start = -period
+        self._count = 0
+        self._suppressed = 0
+
+    def warning(self, now: float, msg: str, *args: object) -> None:
+        if now - self._window_start >= self.period:
+            if self._suppressed:
+                log.warning("%d similar messages suppressed in the last %.0f s",
+                            self._suppressed, self.period)
+            self._window_start, self._count, self._suppressed = now, 0, 0
+        if self._count < self.burst:
+            self._count += 1
+            log.warning(msg, *args)
+        else:
+            self._suppressed += 1
+
+
 class BrokerAlreadyRunning(BusError):
     """A live broker already listens on the socket path."""
 
@@ -181,6 +206,7 @@ class Broker:
         self._closed = asyncio.Event()
         self._all_gone = asyncio.Event()
         self._packb = msgpack.Packer().pack
+        self._close_log = _RateLimitedLog()
         self.core: BrokerCore
         self.loop: asyncio.AbstractEventLoop
 
@@ -330,8 +356,9 @@ class Broker:
         conn = self._conns.get(conn_id)
         if conn is None or conn.closing:
             return
-        if code not in ("shutdown",):
-            log.warning("closing connection %d: %s: %s", conn_id, code, message)
+        if code != "shutdown":
+            self._close_log.warning(self.loop.time(), "closing connection %d: %s: %s",
+                                    conn_id, code, message)
         conn.out.append(self._packb([Op.CLOSE, code, message]))
         conn.flush()
         conn.closing = True
