@@ -16,6 +16,7 @@ from .client.bus import Bus, connect
 from .client.message import Message
 from .client.streams import BusyError, Consumer, Subscription
 from .errors import (
+    BodyDecodeError,
     BrokerUnavailable,
     BusError,
     ConnectionClosed,
@@ -23,6 +24,7 @@ from .errors import (
     Forbidden,
     FrameTooLarge,
     InvalidName,
+    InvalidOption,
     LeaseError,
     LocalProtocolError,
     NotARequest,
@@ -37,6 +39,7 @@ from .errors import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "BodyDecodeError",
     "Broker",
     "BrokerAlreadyRunning",
     "BrokerUnavailable",
@@ -49,6 +52,7 @@ __all__ = [
     "Forbidden",
     "FrameTooLarge",
     "InvalidName",
+    "InvalidOption",
     "LeaseError",
     "LocalProtocolError",
     "Message",

@@ -13,6 +13,7 @@ BrokenResourceError): :class:`ConnectionClosed` means this side closed the bus,
 from __future__ import annotations
 
 __all__ = [
+    "BodyDecodeError",
     "BrokerUnavailable",
     "BusError",
     "ConnectionClosed",
@@ -20,6 +21,7 @@ __all__ = [
     "Forbidden",
     "FrameTooLarge",
     "InvalidName",
+    "InvalidOption",
     "LeaseError",
     "LocalProtocolError",
     "NotARequest",
@@ -78,6 +80,19 @@ class InvalidName(BusError, ValueError):
     (dot-separated non-empty tokens; wildcards only in subscription patterns)."""
 
     code = "invalid-name"
+
+
+class BodyDecodeError(BusError, ValueError):
+    """A received message's body is not the msgpack its kind says (a producer bug)."""
+
+    code = "undecodable-body"
+
+
+class InvalidOption(BusError, ValueError):
+    """An option has the wrong type or value (a queue setting, prefetch, max_pending,
+    a ttl, delay or lease extension that is not a positive number)."""
+
+    code = "bad-option"
 
 
 class Forbidden(BusError, PermissionError):
@@ -158,7 +173,7 @@ _BY_CODE: dict[str, type[BusError]] = {
     "forbidden": Forbidden,
     "queue-full": QueueFull,
     "queue-mismatch": QueueMismatch,
-    "bad-option": QueueMismatch,
+    "bad-option": InvalidOption,
     "lease-expired": LeaseError,
     "lease-unknown": LeaseError,
     "not-a-request": NotARequest,

@@ -21,7 +21,7 @@ from typing import Any, Final
 
 import msgpack
 
-from .errors import FrameTooLarge, LocalProtocolError, RemoteProtocolError
+from .errors import FrameTooLarge, LocalProtocolError, ProtocolError, RemoteProtocolError
 
 __all__ = [
     "DEFAULT_MAX_FRAME",
@@ -153,7 +153,7 @@ def _signatures() -> dict[int, frozenset[tuple[type, ...]]]:
 _SIGNATURES: Final = _signatures()
 # Per op: indexes of int fields (must not be negative), of the headers map, of the kind.
 _INT_INDEXES: Final = {
-    op: tuple(i for i, (_, types) in enumerate(spec, 1) if int in types and types is not _ANY)
+    op: tuple(i for i, (_, types) in enumerate(spec, 1) if types in (_INT, _OPT_INT))
     for op, spec in SPECS.items()
 }
 _HEADERS_INDEX: Final = {
@@ -169,7 +169,8 @@ _KIND_INDEX: Final = {
 def check_frame(frame: object) -> int:
     """Validate a decoded frame against ``SPECS`` and return its op.
 
-    Header maps must hold str keys and str values. Ints must be non-negative.
+    Header maps must hold str keys and str values. Integer fields (ids, counts, kinds)
+    must be non-negative; numbers of seconds are checked by the broker, as request errors.
 
     Raises:
         RemoteProtocolError: naming the frame type and the field that is wrong.
@@ -216,7 +217,7 @@ def _check_frame_slow(frame: object) -> int:
                 f" got {vtype.__name__}",
                 code="bad-field",
             )
-        if vtype is int and value < 0:
+        if vtype is int and value < 0 and types in (_INT, _OPT_INT):
             raise RemoteProtocolError(f"{name}.{field} must not be negative", code="bad-field")
         if field == "headers" and value:
             check_headers(value, name)
@@ -248,7 +249,7 @@ class FrameDecoder:
         RemoteProtocolError: the bytes are not valid msgpack, or nest too deep.
     """
 
-    __slots__ = ("_unpacker", "max_frame")
+    __slots__ = ("_consumed", "_unpacker", "max_frame")
 
     def __init__(
         self,
@@ -258,6 +259,7 @@ class FrameDecoder:
         max_map: int = _MAX_MAP,
     ) -> None:
         self.max_frame = max_frame
+        self._consumed = 0  # stream offset where the next frame starts
         self._unpacker = msgpack.Unpacker(
             max_buffer_size=max_frame + _READ_SLACK,
             max_bin_len=max_frame,
@@ -269,32 +271,44 @@ class FrameDecoder:
         )
 
     def feed(self, data: bytes) -> list[Any]:
+        """Add bytes; return the frames they completed.
+
+        On error, the exception's ``frames`` attribute holds the frames decoded before
+        the bad one, so the caller can still act on them before closing.
+        """
         unpacker = self._unpacker
-        try:
-            unpacker.feed(data)
-        except msgpack.BufferFull:
-            raise FrameTooLarge(
-                f"frame larger than the broker's max_frame ({self.max_frame} bytes)"
-            ) from None
         frames: list[Any] = []
         try:
+            unpacker.feed(data)
+            limit = self.max_frame
+            start = self._consumed
             for frame in unpacker:
+                end = unpacker.tell()
+                if end - start > limit:
+                    raise msgpack.BufferFull
                 frames.append(frame)
+                start = end
+            self._consumed = start
         except msgpack.BufferFull:
-            raise FrameTooLarge(
-                f"frame larger than the broker's max_frame ({self.max_frame} bytes)"
-            ) from None
+            raise self._error(FrameTooLarge(
+                f"frame larger than max_frame ({self.max_frame} bytes)"), frames) from None
         except ValueError as exc:  # FormatError, StackError, ExtraData, limits exceeded
             if "exceeds max_bin_len" in str(exc) or "exceeds max_str_len" in str(exc):
-                raise FrameTooLarge(
-                    f"frame larger than the broker's max_frame ({self.max_frame} bytes)"
-                ) from None
-            raise RemoteProtocolError(
-                f"malformed msgpack ({type(exc).__name__}: {exc})", code="protocol"
+                raise self._error(FrameTooLarge(
+                    f"frame larger than max_frame ({self.max_frame} bytes)"), frames) from None
+            raise self._error(RemoteProtocolError(
+                f"malformed msgpack ({type(exc).__name__}: {exc})", code="protocol"), frames
             ) from None
         except Exception as exc:  # msgpack raises TypeError for e.g. unhashable map keys
-            raise RemoteProtocolError(f"malformed msgpack: {exc}", code="protocol") from None
+            raise self._error(RemoteProtocolError(
+                f"malformed msgpack ({type(exc).__name__}: {exc})", code="protocol"), frames
+            ) from None
         return frames
+
+    @staticmethod
+    def _error(exc: ProtocolError, frames: list[Any]) -> ProtocolError:
+        exc.frames = frames  # type: ignore[attr-defined]
+        return exc
 
 
 def encode_body(body: object) -> tuple[bytes, int]:

@@ -61,8 +61,8 @@ class ConnState(Enum):
 
 
 class Conn:
-    __slots__ = ("consumers", "gid", "id", "name", "parked", "pid", "reading", "state", "subs",
-                 "uid")
+    __slots__ = ("consumers", "gid", "id", "name", "parked", "parked_queues", "pid", "reading",
+                 "state", "subs", "uid")
 
     def __init__(self, conn_id: int, pid: int, uid: int, gid: int) -> None:
         self.id = conn_id
@@ -74,6 +74,7 @@ class Conn:
         self.consumers: dict[int, Consumer] = {}
         self.subs: dict[int, Subscription] = {}
         self.parked = 0  # sends waiting for room in full queues
+        self.parked_queues: set[str] = set()  # the queues they wait in
         self.reading = True
 
     def describe(self) -> dict[str, Any]:
@@ -143,6 +144,9 @@ class BrokerCore:
                 return
             handler = self._handlers.get(op)
             if handler is None:
+                if op == Op.HELLO:
+                    raise RemoteProtocolError("HELLO was already received on this connection",
+                                              code="protocol")
                 raise RemoteProtocolError(
                     f"frame type {Op(op).name} is not sent by clients", code="unknown-frame"
                 )
@@ -167,6 +171,8 @@ class BrokerCore:
             self.queues.remove_consumer(consumer, now, failed=True)
         for sub in conn.subs.values():
             self.topics.remove(sub)
+        if conn.parked:
+            self.queues.drop_parked(conn_id, conn.parked_queues)
         conn.consumers.clear()
         conn.subs.clear()
         if conn.state is ConnState.OPEN:
@@ -192,15 +198,16 @@ class BrokerCore:
     def send(self, conn: int, frame: list[Any]) -> None:
         self._sink.send(conn, frame)
 
-    def reply_ok(self, conn: int, rid: int) -> None:
-        self._sink.send(conn, [Op.OK, rid, None])
+    def reply_ok(self, conn: int, rid: int, result: Any = None) -> None:
+        """OK for request ``rid``; rid 0 asked for no reply."""
+        if rid:
+            self._sink.send(conn, [Op.OK, rid, result])
 
-    def alive(self, conn: int) -> bool:
-        return conn in self._conns
-
-    def set_parked(self, conn_id: int, delta: int) -> None:
+    def set_parked(self, conn_id: int, delta: int, queue: str | None = None) -> None:
         conn = self._conns[conn_id]
         conn.parked += delta
+        if queue is not None:
+            conn.parked_queues.add(queue)
         if conn.reading and conn.parked >= PARK_LIMIT:
             conn.reading = False
             self._sink.set_reading(conn_id, False)
@@ -253,28 +260,28 @@ class BrokerCore:
 
     def _on_send(self, conn: Conn, frame: list[Any], now: float) -> None:
         _, rid, name, body, kind, headers, ttl, token = frame
-        queue = self.queues.queues.get(name)
-        if queue is None:
-            check_name(name, "queue name")
-            if is_reserved(name):
-                raise Forbidden(f"queue name {name!r}: names starting with '$' are reserved")
-            queue = self.queues.get(name)
         if ttl is not None:
             if not 0 < ttl < 1e9:
                 raise BadOption("ttl must be a positive number of seconds")
             expires: float | None = now + ttl
         else:
             expires = None
+        queue = self.queues.queues.get(name)
+        if queue is None:
+            check_name(name, "queue name")
+            if is_reserved(name):
+                raise Forbidden(f"queue name {name!r}: names starting with '$' are reserved")
+            queue = self.queues.get(name)
         msg = QMsg(self._new_id(), body, kind, headers or None, now + self.wall_offset, expires,
                    (conn.id, token) if token is not None else None)
         self.queues.send(conn.id, rid, queue, msg, now)
 
     def _on_publish(self, conn: Conn, frame: list[Any], now: float) -> None:
         _, topic, body, kind, headers = frame
-        if topic not in self.topics.index._cache:
+        if topic[:1] == "$":
+            raise Forbidden(f"topic {topic!r}: topics starting with '$' are the broker's")
+        if not self.topics.index.is_cached(topic):  # a cached topic was checked before
             check_name(topic, "topic")
-            if is_reserved(topic):
-                raise Forbidden(f"topic {topic!r}: topics starting with '$' are the broker's")
         self.topics.publish((self._new_id(), topic, body, kind, headers or None,
                              now + self.wall_offset))
 
@@ -321,8 +328,7 @@ class BrokerCore:
             if sub is None:
                 raise SubscriptionError(f"no subscription or consumer {sid} on this connection")
             self.topics.remove(sub)
-        if rid:
-            self.reply_ok(conn.id, rid)
+        self.reply_ok(conn.id, rid)
 
     def _on_credit(self, conn: Conn, frame: list[Any], now: float) -> None:
         sub = conn.subs.get(frame[1])
@@ -331,34 +337,29 @@ class BrokerCore:
 
     def _on_ack(self, conn: Conn, frame: list[Any], now: float) -> None:
         self.queues.ack(conn.id, frame[2], now)
-        if frame[1]:
-            self.reply_ok(conn.id, frame[1])
+        self.reply_ok(conn.id, frame[1])
 
     def _on_nack(self, conn: Conn, frame: list[Any], now: float) -> None:
         _, rid, tag, delay, reason = frame
         self.queues.nack(conn.id, tag, delay, reason, now)
-        if rid:
-            self.reply_ok(conn.id, rid)
+        self.reply_ok(conn.id, rid)
 
     def _on_reject(self, conn: Conn, frame: list[Any], now: float) -> None:
         _, rid, tag, reason = frame
         self.queues.reject(conn.id, tag, reason, now)
-        if rid:
-            self.reply_ok(conn.id, rid)
+        self.reply_ok(conn.id, rid)
 
     def _on_extend(self, conn: Conn, frame: list[Any], now: float) -> None:
         _, rid, tag, seconds = frame
         self.queues.extend(conn.id, tag, seconds, now)
-        if rid:
-            self.reply_ok(conn.id, rid)
+        self.reply_ok(conn.id, rid)
 
     def _on_reply(self, conn: Conn, frame: list[Any], now: float) -> None:
         _, rid, tag, body, kind, headers = frame
         requester, token = self.queues.reply(conn.id, tag, now)
         if requester in self._conns:  # a requester that left gets nothing, as it asked
             self._sink.send(requester, [Op.RESPONSE, token, body, kind, headers or None])
-        if rid:
-            self.reply_ok(conn.id, rid)
+        self.reply_ok(conn.id, rid)
 
     def _on_declare(self, conn: Conn, frame: list[Any], now: float) -> None:
         _, rid, name, options = frame
@@ -366,10 +367,11 @@ class BrokerCore:
         if is_reserved(name):
             raise Forbidden(f"queue name {name!r}: names starting with '$' are reserved")
         queue = self.queues.declare(name, options)
-        self._sink.send(conn.id, [Op.OK, rid, queue.settings.as_dict()])
+        self.reply_ok(conn.id, rid, queue.settings.as_dict())
 
     def _on_stats(self, conn: Conn, frame: list[Any], now: float) -> None:
-        self._sink.send(conn.id, [Op.OK, frame[1], self.stats()])
+        if frame[1]:
+            self.reply_ok(conn.id, frame[1], self.stats())
 
     # -- introspection --------------------------------------------------------------
 

@@ -106,7 +106,7 @@ class Lease:
 
 class Consumer:
     __slots__ = ("active", "conn", "in_available", "leases", "pid", "prefetch", "queue", "sid",
-                 "uid")
+                 "uid", "zombies")
 
     def __init__(
         self, conn: int, sid: int, queue: Queue, prefetch: int, pid: int, uid: int
@@ -120,6 +120,7 @@ class Consumer:
         self.leases: dict[int, Lease] = {}  # active leases and zombies, by tag
         self.active = True
         self.in_available = False
+        self.zombies = 0  # expired leases not yet answered: while > 0, nothing new is sent
 
 
 class Queue:
@@ -192,9 +193,7 @@ class QueueSink(Protocol):
 
     def reply_ok(self, conn: int, rid: int) -> None: ...
 
-    def alive(self, conn: int) -> bool: ...
-
-    def set_parked(self, conn: int, delta: int) -> None: ...
+    def set_parked(self, conn: int, delta: int, queue: str | None = None) -> None: ...
 
 
 class QueueRouter:
@@ -231,6 +230,13 @@ class QueueRouter:
         if queue is None:
             queue = self.queues[name] = Queue(name, settings, True)
         elif not queue.explicit:
+            if queue.leases and settings.ack_timeout != queue.settings.ack_timeout:
+                # Their deadlines came from the old ack_timeout; new leases would not sort
+                # after them, so each keeps a timer of its own.
+                for lease in queue.leases.values():
+                    lease.extended = True
+                    self._timers.call_at(lease.deadline, self._on_extended_timer, lease)
+                queue.leases.clear()
             queue.settings, queue.explicit = settings, True
         elif queue.settings != settings:
             old, new = queue.settings.as_dict(), settings.as_dict()
@@ -260,7 +266,13 @@ class QueueRouter:
                     f"queue {queue.name!r} is full (max_length={queue.settings.max_length},"
                     " overflow='reject'); retry later or consume faster"
                 )
-            self._drop_oldest(queue, now)
+            if not self._drop_oldest(queue, now):
+                # Only delayed messages fill the queue: the new one is the one to go.
+                queue.sent += 1
+                self.dead_letter(queue, msg, "overflow", None, now)
+                if rid:
+                    self._sink.reply_ok(conn, rid)
+                return
         self._accept(queue, msg, now)
         if rid:
             self._sink.reply_ok(conn, rid)
@@ -268,16 +280,17 @@ class QueueRouter:
     def _park(self, conn: int, rid: int, queue: Queue, msg: QMsg) -> None:
         msg.state = MsgState.PARKED
         queue.parked.append((conn, rid, msg))
-        self._sink.set_parked(conn, +1)
+        self._sink.set_parked(conn, +1, queue.name)
 
-    def _drop_oldest(self, queue: Queue, now: float) -> None:
+    def _drop_oldest(self, queue: Queue, now: float) -> bool:
         ready = queue.ready
         while ready:
             oldest = ready.popleft()
             if oldest.state is MsgState.READY:
                 queue.ready_len -= 1
                 self.dead_letter(queue, oldest, "overflow", None, now)
-                return
+                return True
+        return False
 
     def _accept(self, queue: Queue, msg: QMsg, now: float) -> None:
         queue.sent += 1
@@ -294,12 +307,23 @@ class QueueRouter:
     def _admit_parked(self, queue: Queue, now: float) -> None:
         while queue.parked and not queue.is_full():
             conn, rid, msg = queue.parked.popleft()
-            alive = self._sink.alive(conn)
-            if alive:
-                self._sink.set_parked(conn, -1)
+            self._sink.set_parked(conn, -1)
             self._accept(queue, msg, now)
-            if rid and alive:
+            if rid:
                 self._sink.reply_ok(conn, rid)
+
+    def drop_parked(self, conn: int, queues: set[str]) -> int:
+        """Forget the parked sends of a producer that disconnected before they were
+        accepted: it never got their confirmation, so a retry must not duplicate them."""
+        dropped = 0
+        for name in queues:
+            queue = self.queues.get(name)
+            if queue is None or not queue.parked:
+                continue
+            kept = deque(item for item in queue.parked if item[0] != conn)
+            dropped += len(queue.parked) - len(kept)
+            queue.parked = kept
+        return dropped
 
     # -- delivering -----------------------------------------------------------------
 
@@ -361,22 +385,19 @@ class QueueRouter:
         if consumer.in_available:
             queue.available.remove(consumer)
             consumer.in_available = False
-        released: list[QMsg] = []
-        for tag, lease in consumer.leases.items():
+        # Newest first, each to the front of the queue: they end up in delivery order.
+        for tag, lease in reversed(consumer.leases.items()):
             del self.leases[tag]
             if lease.expired:
                 continue
             self._unlease(queue, lease)
             if failed:
                 self._record_consumer(lease)
-                self._fail(queue, lease.msg, None, "connection-lost", now)
+                self._fail(queue, lease.msg, None, "connection-lost", now, pump=False)
             else:
-                released.append(lease.msg)
+                self._requeue(queue, lease.msg, now, pump=False)
         consumer.leases.clear()
-        for msg in reversed(released):  # back to the front, in delivery order
-            msg.state = MsgState.READY
-            queue.ready.appendleft(msg)
-            queue.ready_len += 1
+        consumer.zombies = 0
         self.pump(queue, now)
 
     def _unlease(self, queue: Queue, lease: Lease) -> None:
@@ -384,7 +405,7 @@ class QueueRouter:
             del queue.leases[lease.tag]
 
     def _free_slot(self, consumer: Consumer, now: float) -> None:
-        if consumer.active and not consumer.in_available:
+        if consumer.active and not consumer.in_available and not consumer.zombies:
             consumer.in_available = True
             consumer.queue.available.append(consumer)
         self.pump(consumer.queue, now)
@@ -405,6 +426,7 @@ class QueueRouter:
         del self.leases[tag]
         del consumer.leases[tag]
         if lease.expired:
+            consumer.zombies -= 1
             self._free_slot(consumer, now)
             raise LeaseError(
                 f"cannot {verb} delivery {tag}: its lease expired after ack_timeout="
@@ -454,7 +476,8 @@ class QueueRouter:
     def reply(self, conn: int, tag: int, now: float) -> tuple[int, int]:
         """Ack a request's lease and return its reply route (requester conn, token)."""
         lease = self.leases.get(tag)
-        if lease is not None and lease.consumer.conn == conn and lease.msg.reply is None:
+        if (lease is not None and lease.consumer.conn == conn and not lease.expired
+                and lease.msg.reply is None):
             raise NotARequest(
                 f"delivery {tag} was sent with send(), not request(): there is nobody to reply"
                 " to; ack it instead"
@@ -473,7 +496,7 @@ class QueueRouter:
     # -- failure, retry, dead letters -----------------------------------------------
 
     def _fail(self, queue: Queue, msg: QMsg, delay: float | None, reason: str | None,
-              now: float) -> None:
+              now: float, *, pump: bool = True) -> None:
         """Count a failed attempt; dead-letter after max_deliveries, else retry."""
         msg.failures += 1
         msg.last_reason = reason
@@ -489,20 +512,32 @@ class QueueRouter:
             queue.delayed += 1
             self._timers.call_at(now + delay, self._on_delay_done, (queue, msg))
         else:
-            self._requeue(queue, msg, now)
+            self._requeue(queue, msg, now, pump=pump)
 
-    def _requeue(self, queue: Queue, msg: QMsg, now: float) -> None:
-        if msg.expires is not None and msg.expires <= now:
-            self._expire(queue, msg, now)
-            return
+    def _requeue(self, queue: Queue, msg: QMsg, now: float, *, pump: bool = True) -> None:
+        """Back to the front of the queue: it is older than what waits behind it."""
+        expires = msg.expires
+        if expires is not None:
+            if expires <= now:
+                self._expire(queue, msg, now)
+                return
+            # Its TTL timer may have fired while it was leased or delayed: arm another.
+            self._timers.call_at(expires, self._on_ttl, (queue, msg))
         msg.state = MsgState.READY
-        queue.ready.appendleft(msg)  # a retried message is older than what waits behind it
+        queue.ready.appendleft(msg)
         queue.ready_len += 1
-        self.pump(queue, now)
+        if pump:
+            self.pump(queue, now)
 
     def _expire(self, queue: Queue, msg: QMsg, now: float) -> None:
         queue.expired += 1
-        self.dead_letter(queue, msg, "expired", None, now)
+        if msg.reply is not None:
+            # A request expires when its caller's timeout passed: the caller has given up
+            # and nobody could use an answer, so it is discarded (counted), not kept.
+            msg.state = MsgState.GONE
+            queue.discarded += 1
+        else:
+            self.dead_letter(queue, msg, "expired", None, now)
         if queue.parked:
             self._admit_parked(queue, now)
 
@@ -555,6 +590,11 @@ class QueueRouter:
 
     def _expire_lease(self, queue: Queue, lease: Lease, now: float) -> None:
         lease.expired = True  # stays in the consumer's window until answered
+        consumer = lease.consumer
+        consumer.zombies += 1
+        if consumer.in_available:  # stalled: no new work until it answers the zombie
+            queue.available.remove(consumer)
+            consumer.in_available = False
         self._record_consumer(lease)
         self._fail(queue, lease.msg, None, "ack-timeout", now)
 

@@ -106,6 +106,8 @@ class _Connection(asyncio.Protocol):
         try:
             frames = self.decoder.feed(data)
         except ProtocolError as exc:
+            # Act on the good frames that came before the bad bytes, then close.
+            self._feed(getattr(exc, "frames", []))
             broker.core.protocol_error(self.id, exc.code or "protocol", str(exc))
             broker._after_events()
             return

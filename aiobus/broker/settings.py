@@ -7,8 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import BusError, InvalidName
-from ..names import check_name
+from ..errors import InvalidName, InvalidOption
+from ..names import check_name, is_reserved
 
 __all__ = ["DLQ_SUFFIX", "OVERFLOW_POLICIES", "BadOption", "QueueSettings"]
 
@@ -16,11 +16,7 @@ DLQ_SUFFIX = ".dlq"
 OVERFLOW_POLICIES = ("block", "reject", "dead-letter")
 
 
-class BadOption(BusError, ValueError):
-    """A queue option has the wrong type or value."""
-
-    code = "bad-option"
-
+BadOption = InvalidOption  # the broker's name for it
 
 @dataclass(frozen=True, slots=True)
 class QueueSettings:
@@ -103,9 +99,12 @@ def _dead_letter(value: Any) -> str | None:
     if value is None:
         return None
     try:
-        return str(check_name(value, "dead_letter"))
+        name = str(check_name(value, "dead_letter"))
     except InvalidName as exc:
         raise BadOption(str(exc)) from None
+    if is_reserved(name):
+        raise BadOption(f"dead_letter {name!r}: names starting with '$' are reserved")
+    return name
 
 
 def _overflow(value: Any) -> str:

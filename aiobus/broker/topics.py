@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Any, Protocol
 
-from ..errors import BusError
+from ..errors import InvalidOption
 from ..names import TopicIndex
 from ..protocol import Op
 
@@ -34,9 +34,7 @@ POLICIES = ("drop-oldest", "drop-newest", "disconnect")
 MAX_PENDING_LIMIT = 1_000_000
 
 
-class BadSubscription(BusError, ValueError):
-    code = "bad-option"
-
+BadSubscription = InvalidOption
 
 # (id, topic, body, kind, headers, timestamp): one published message, shared by every
 # subscription it is queued for.

@@ -22,6 +22,7 @@ import msgpack
 
 from .._paths import resolve_socket_path
 from ..errors import (
+    BodyDecodeError,
     BrokerUnavailable,
     BusError,
     ConnectionClosed,
@@ -138,6 +139,11 @@ class Bus:
         """Close the connection. Streams and pending calls fail with ConnectionClosed;
         the broker releases this connection's unacked messages to other consumers."""
         if self._error is None:
+            # Stop consumers first: the broker then releases their unacked messages
+            # without counting an attempt, as when an `async for` ends.
+            for stream in list(self._streams.values()):
+                if isinstance(stream, Consumer) and not stream._stopped:
+                    stream._stop()
             self._fail_all(ConnectionClosed("the bus was closed"))
         self._flush()
         if self._transport is not None:
@@ -254,13 +260,13 @@ class Bus:
             stream = self._streams.get(frame[1])
             if stream is not None and not stream._stopped:
                 _, _, tag, mid, queue, body, kind, headers, ts, attempt, reply_to = frame
-                stream._push(Message(self, tag, mid, decode_body(body, kind), headers, ts,
+                stream._push(Message(self, tag, mid, body, kind, headers, ts,
                                      queue=queue, attempt=attempt, reply_to=reply_to))
         elif op == Op.EVENT:
             stream = self._streams.get(frame[1])
             if stream is not None and not stream._stopped:
                 _, _, mid, topic, body, kind, headers, ts, dropped = frame
-                stream._push(Message(self, 0, mid, decode_body(body, kind), headers, ts,
+                stream._push(Message(self, 0, mid, body, kind, headers, ts,
                                      topic=topic, dropped=dropped))
         elif op == Op.OK:
             fut = self._pending.pop(frame[1], None)
@@ -280,7 +286,10 @@ class Bus:
             _, token, body, kind, _headers = frame
             fut = self._replies.pop(token, None)
             if fut is not None and not fut.done():
-                fut.set_result(decode_body(body, kind))
+                try:
+                    fut.set_result(decode_body(body, kind))
+                except Exception as exc:  # the replier's bug, not this connection's
+                    fut.set_exception(BodyDecodeError(f"the reply's body is undecodable: {exc}"))
         elif op == Op.WELCOME:
             if not self._welcome.done():
                 self._welcome.set_result(frame[2])
@@ -297,9 +306,9 @@ class Bus:
         self._streams[sid] = stream
         return sid
 
-    def _unregister(self, sid: int) -> None:
+    def _unregister(self, sid: int, *, tell_broker: bool = True) -> None:
         self._streams.pop(sid, None)
-        if self._error is None and self._transport is not None:
+        if tell_broker and self._error is None and self._transport is not None:
             # The OK is not awaited (this runs from __del__ too); rid 0 means no reply.
             self._write([Op.CANCEL, 0, sid])
 

@@ -6,20 +6,26 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-from ..errors import BusError, LeaseError
-from ..protocol import Op, encode_body
+from ..errors import BodyDecodeError, BusError, LeaseError, NotARequest
+from ..protocol import BodyKind, Op, decode_body, encode_body
 
 if TYPE_CHECKING:
     from .bus import Bus
 
 __all__ = ["Message"]
 
+_UNDECODED: Any = object()
+
 
 class Message:
     """One message received from a queue (``consume``) or a topic (``subscribe``).
 
     Attributes:
-        body: ``bytes`` if it was sent as bytes, else the value that was sent.
+        body: ``bytes`` if it was sent as bytes, else the value that was sent. Decoded
+            on first access; a body another client encoded badly raises
+            :class:`~aiobus.BodyDecodeError` there (``raw_body`` still has the bytes), so
+            one bad producer cannot take a consumer's connection down.
+        raw_body: the body's bytes as they travelled.
         headers: dict of str to str (empty when none were sent). Dead letters carry
             ``x-original-queue``, ``x-dead-reason``, ``x-attempts``, ``x-dead-time`` and,
             when known, ``x-reason-text``, ``x-consumer-pid`` and ``x-consumer-uid``.
@@ -38,15 +44,16 @@ class Message:
     :meth:`extend` the lease), or it is redelivered.
     """
 
-    __slots__ = ("_answered", "_bus", "_tag", "attempt", "body", "dropped", "headers", "id",
-                 "queue", "reply_to", "timestamp", "topic")
+    __slots__ = ("_answered", "_body", "_bus", "_kind", "_tag", "attempt", "dropped", "headers",
+                 "id", "queue", "raw_body", "reply_to", "timestamp", "topic")
 
     def __init__(
         self,
         bus: Bus,
         tag: int,
         id: str,
-        body: Any,
+        raw_body: bytes,
+        kind: int,
         headers: dict[str, str] | None,
         timestamp: float,
         *,
@@ -60,7 +67,9 @@ class Message:
         self._tag = tag
         self._answered = False
         self.id = id
-        self.body = body
+        self.raw_body = raw_body
+        self._kind = kind
+        self._body: Any = _UNDECODED
         self.headers = headers if headers is not None else {}
         self.timestamp = timestamp
         self.queue = queue
@@ -69,9 +78,30 @@ class Message:
         self.dropped = dropped
         self.reply_to = reply_to
 
+    @property
+    def body(self) -> Any:
+        body = self._body
+        if body is _UNDECODED:
+            if self._kind == BodyKind.RAW:
+                body = self.raw_body
+            else:
+                try:
+                    body = decode_body(self.raw_body, self._kind)
+                except Exception as exc:
+                    raise BodyDecodeError(
+                        f"message {self.id} has a body its producer did not encode correctly"
+                        f" ({type(exc).__name__}: {exc}); its bytes are in msg.raw_body"
+                    ) from exc
+            self._body = body
+        return body
+
     def __repr__(self) -> str:
         where = f"queue={self.queue!r}" if self.queue is not None else f"topic={self.topic!r}"
-        return f"<Message id={self.id!r} {where} attempt={self.attempt} body={self.body!r:.60}>"
+        try:
+            body = repr(self.body)
+        except BodyDecodeError:
+            body = f"<undecodable {self.raw_body!r:.40}>"
+        return f"<Message id={self.id!r} {where} attempt={self.attempt} body={body:.60}>"
 
     def _lease(self, verb: str) -> int:
         if self.queue is None:
@@ -142,6 +172,11 @@ class Message:
             LeaseError: the lease expired or was released.
             TypeError: ``body`` is not msgpack-serialisable.
         """
+        if self.reply_to is None and self.queue is not None:
+            raise NotARequest(
+                f"message {self.id} was sent with send(), not request(): there is nobody to"
+                " reply to; ack it instead"
+            )
         data, kind = encode_body(body)
         self._bus._check_size(data)
         await self._bus._call([Op.REPLY, 0, self._lease("reply to"), data, kind, headers])

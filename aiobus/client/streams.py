@@ -10,7 +10,8 @@ attempt. Python gives an async iterator no hook for ``break``, so:
 * an exception raised inside ``__anext__`` itself (cancellation while waiting) stops the
   stream explicitly before propagating, since the traceback keeps the iterator alive;
 * ``async with bus.consume(...) as stream:`` stops it deterministically on exit, on any
-  Python implementation.
+  Python implementation. Inside such a block the block owns the stream, so a cancelled
+  ``anext(stream)`` (say, under ``asyncio.wait_for``) leaves it running.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import asyncio
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from ..errors import BusError, ConnectionClosed
+from ..errors import BusError
 from ..protocol import Op
 from .message import Message
 
@@ -47,6 +48,7 @@ class _Stream:
         self._waiter: asyncio.Future[None] | None = None
         self._started = False
         self._stopped = False
+        self._managed = False  # inside `async with`: the block decides when it stops
         self._error: BaseException | None = None
 
     def _start_frame(self, sid: int) -> list[Any]:
@@ -61,17 +63,18 @@ class _Stream:
         try:
             await self._bus._call(self._start_frame(self._sid))
         except BaseException:
-            self._stop()
+            # Refused (or never answered): there is nothing to CANCEL at the broker.
+            self._stop(tell_broker=False)
             raise
 
-    def _stop(self) -> None:
+    def _stop(self, *, tell_broker: bool = True) -> None:
         if self._stopped:
             return
         self._stopped = True
         self._buffer.clear()
         if self._started:
-            self._bus._unregister(self._sid)
-        self._wake(ConnectionClosed(f"this {self._kind} was closed"))
+            self._bus._unregister(self._sid, tell_broker=tell_broker)
+        self._wake(None)
 
     def close(self) -> None:
         """Stop receiving; an iteration in progress ends. Idempotent, never blocks."""
@@ -86,6 +89,7 @@ class _Stream:
 
     async def __aenter__(self) -> _Stream:
         await self.start()
+        self._managed = True
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -110,8 +114,9 @@ class _Stream:
             try:
                 await self._waiter
             except BaseException:
-                # Cancelled while waiting: the async for ends here, so stop now.
-                self._stop()
+                # Cancelled while waiting: a bare `async for` ends here, so stop now.
+                if not self._managed:
+                    self._stop()
                 raise
             finally:
                 self._waiter = None
@@ -127,7 +132,7 @@ class _Stream:
             waiter.set_result(None)
 
     def _wake(self, error: BaseException | None) -> None:
-        if error is not None and self._error is None and not self._stopped:
+        if error is not None and self._error is None:
             self._error = error
         waiter = self._waiter
         if waiter is not None and not waiter.done():
@@ -162,11 +167,15 @@ class Subscription(_Stream):
 
     def _take(self) -> Message:
         msg = self._buffer.popleft()
+        self._consumed_one()
+        return msg
+
+    def _consumed_one(self) -> None:
+        """Count one event as consumed; return credit to the broker in batches."""
         self._consumed += 1
         if self._consumed >= self._credit_batch:
             self._bus._write([Op.CREDIT, self._sid, self._consumed])
             self._consumed = 0
-        return msg
 
     def _push(self, msg: Message) -> None:
         self.dropped += msg.dropped

@@ -141,3 +141,83 @@ async def test_request_errors_do_not_close_the_connection(bus: aiobus.Bus) -> No
     with pytest.raises(aiobus.SubscriptionError):
         await bus._call([Op.CANCEL, 0, 999])
     await bus.ping()
+
+
+async def raw_until_ok(path: str, frames: list[list[Any]], rid: int) -> list[Any]:
+    """Send frames after HELLO; read until the OK for ``rid`` arrives."""
+    reader, writer = await asyncio.open_unix_connection(path)
+    unpacker = msgpack.Unpacker(raw=False)
+    got: list[Any] = []
+    try:
+        writer.write(HELLO + b"".join(msgpack.packb(f) for f in frames))
+        await writer.drain()
+        while not any(f[0] == Op.OK and f[1] == rid for f in got):
+            data = await asyncio.wait_for(reader.read(65536), 5)
+            assert data, f"connection closed; got {got}"
+            unpacker.feed(data)
+            got.extend(unpacker)
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+    return got
+
+
+async def test_sys_topics_cannot_be_forged_even_once_cached(broker: BrokerProcess,
+                                                            bus: aiobus.Bus) -> None:
+    async with bus.subscribe("$sys.>") as watcher:
+        async with aiobus.connect(broker.path):  # publishes (and caches) a presence topic
+            pass
+        seen = [await asyncio.wait_for(anext(watcher), 5) for _ in range(2)]
+        assert [m.topic for m in seen] == ["$sys.client.connected", "$sys.client.disconnected"]
+        frames = await raw_until_ok(broker.path, [
+            [Op.PUBLISH, "$sys.client.connected", msgpack.packb({"name": "forged"}), 1, None],
+            [Op.PING, 7],
+        ], rid=7)
+        errors = [f for f in frames if f[0] == Op.ERROR]
+        assert [(f[1], f[2]) for f in errors] == [(0, "forbidden")]
+        await bus.ping()
+        # The raw client's own connect/disconnect arrive; no forged event between them.
+        names = [(await asyncio.wait_for(anext(watcher), 5)).body.get("name") for _ in range(2)]
+        assert "forged" not in names
+
+
+async def test_good_frames_before_bad_bytes_are_still_processed(broker: BrokerProcess) -> None:
+    frames = await raw_exchange(broker.path, msgpack.packb([Op.PING, 5]) + b"\xc1")
+    assert frames[1] == [Op.OK, 5, None]
+    assert close_code(frames) == "protocol"
+
+
+async def test_a_second_hello_is_a_protocol_error(broker: BrokerProcess) -> None:
+    frames = await raw_exchange(broker.path, HELLO)
+    assert close_code(frames) == "protocol"
+    assert "already" in frames[-1][2]
+
+
+async def test_max_frame_bounds_the_whole_frame(broker_factory: Any) -> None:
+    broker = broker_factory("--max-frame", "1000")
+    headers = {f"h{i}": "v" * 20 for i in range(200)}  # ~5 KB of headers, tiny body
+    frame = msgpack.packb([Op.SEND, 1, "q", b"x", 0, headers, None, None])
+    assert close_code(await raw_exchange(broker.path, frame)) == "frame-too-large"
+
+
+async def test_undecodable_body_raises_on_access_and_the_consumer_carries_on(
+    broker: BrokerProcess, bus: aiobus.Bus
+) -> None:
+    frames = await raw_until_ok(broker.path, [
+        [Op.SEND, 0, "fragile", b"\xc1", 1, None, None, None],  # kind 1 but not msgpack
+        [Op.PING, 3],
+    ], rid=3)
+    assert not [f for f in frames if f[0] == Op.ERROR]
+    await bus.send("fragile", "fine")
+    async with bus.consume("fragile") as consumer:
+        bad = await asyncio.wait_for(anext(consumer), 5)
+        with pytest.raises(aiobus.BodyDecodeError, match="raw_body"):
+            _ = bad.body
+        assert bad.raw_body == b"\xc1"
+        await bad.reject(reason="undecodable")
+        msg = await asyncio.wait_for(anext(consumer), 5)
+        assert msg.body == "fine"
+        await msg.ack()
+    stats = await queue_stats(bus, "fragile.dlq")
+    assert stats["ready"] == 1

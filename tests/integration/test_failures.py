@@ -236,6 +236,8 @@ async def test_reply_to_a_plain_message_is_an_error(bus: aiobus.Bus) -> None:
         msg = await next_msg(consumer)
         with pytest.raises(aiobus.NotARequest):
             await msg.reply(2)
+        await msg.ack()  # the lease is still there to answer
+    assert (await queue_stats(bus, "plain"))["acked"] == 1
 
 
 async def test_answering_twice_is_an_error(bus: aiobus.Bus) -> None:
@@ -245,3 +247,94 @@ async def test_answering_twice_is_an_error(bus: aiobus.Bus) -> None:
         await msg.ack()
         with pytest.raises(aiobus.LeaseError):
             await msg.ack()
+
+
+async def test_expired_lease_stalls_a_consumer_even_with_free_prefetch_slots(
+    bus: aiobus.Bus,
+) -> None:
+    await bus.declare_queue("stall", ack_timeout=0.3)
+    await bus.send("stall", "job")
+    async with bus.consume("stall", prefetch=4) as stalled:
+        held = await next_msg(stalled)
+
+        async def back_in_queue() -> bool:
+            stats = await queue_stats(bus, "stall")
+            return bool(stats["ready"] == 1 and stats["unacked"] == 0)
+
+        await wait_until(back_in_queue, timeout=3)
+        await bus.send("stall", "new")
+        await bus.ping()
+        # Neither the expired message nor new work goes back to the stalled consumer.
+        with pytest.raises(TimeoutError):
+            await next_msg(stalled, timeout=0.5)
+        async with aiobus.connect(bus.path) as other:
+            async with other.consume("stall", prefetch=4) as healthy:
+                again = await next_msg(healthy)
+                assert (again.body, again.attempt) == ("job", 2)
+                new = await next_msg(healthy)
+                assert (new.body, new.attempt) == ("new", 1)
+                await again.ack()
+                await new.ack()
+        with pytest.raises(aiobus.LeaseError):
+            await held.ack()  # the late answer frees the consumer
+        await bus.send("stall", "after")
+        fresh = await next_msg(stalled)
+        assert fresh.body == "after"
+        await fresh.ack()
+
+
+async def test_ttl_still_expires_a_message_released_after_its_deadline(bus: aiobus.Bus) -> None:
+    await bus.send("rel", "short-lived", ttl=0.3)
+    async with bus.consume("rel") as consumer:
+        await next_msg(consumer)
+        await asyncio.sleep(0.5)  # hold it past its TTL, then release it by stopping
+
+    async def expired() -> bool:
+        return bool((await queue_stats(bus, "rel.dlq")).get("ready") == 1)
+
+    await wait_until(expired, timeout=3)
+    assert (await queue_stats(bus, "rel"))["ready"] == 0
+
+
+async def test_ttl_that_runs_out_after_release(bus: aiobus.Bus) -> None:
+    await bus.send("rel2", "x", ttl=0.6)
+    async with bus.consume("rel2") as consumer:
+        await next_msg(consumer)
+    # Released before its TTL: ready again, and its expiry is still eager.
+    assert (await queue_stats(bus, "rel2"))["ready"] == 1
+
+    async def expired() -> bool:
+        return bool((await queue_stats(bus, "rel2.dlq")).get("ready") == 1)
+
+    await wait_until(expired, timeout=3)
+
+
+async def test_bad_numbers_are_request_errors(bus: aiobus.Bus) -> None:
+    with pytest.raises(aiobus.InvalidOption):
+        await bus.send("nums", 1, ttl=-1)
+    with pytest.raises(aiobus.InvalidOption):
+        await bus.send("nums", 1, ttl=0)
+    with pytest.raises(aiobus.InvalidOption):
+        await bus.declare_queue("nums2", ack_timeout=-5)
+    with pytest.raises(aiobus.InvalidOption):
+        await bus.declare_queue("nums3", dead_letter="$sys.dead")
+    assert "nums" not in (await bus.stats())["queues"]
+    await bus.send("nums", 1)
+    async with bus.consume("nums") as consumer:
+        msg = await next_msg(consumer)
+        with pytest.raises(aiobus.InvalidOption):
+            await msg.extend(-1)
+        await msg.ack()
+
+
+async def test_expired_requests_are_discarded_not_dead_lettered(bus: aiobus.Bus) -> None:
+    with pytest.raises(aiobus.RequestTimeout):
+        await bus.request("rpc.idle", 1, timeout=0.2)
+
+    async def expired() -> bool:
+        return bool((await queue_stats(bus, "rpc.idle")).get("expired") == 1)
+
+    await wait_until(expired, timeout=3)
+    stats = await bus.stats()
+    assert stats["queues"]["rpc.idle"]["discarded"] == 1
+    assert "rpc.idle.dlq" not in stats["queues"]

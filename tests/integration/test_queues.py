@@ -134,13 +134,13 @@ async def test_kill_9_of_consumer_redelivers_all_unacked_with_next_attempt(
     assert await holder.line() == {"ready": True}
     os.kill(holder.pid, signal.SIGKILL)
     assert await holder.wait() == -signal.SIGKILL
-    got: dict[int, int] = {}
+    got: list[tuple[int, int]] = []
     async for msg in bus.consume("crash", prefetch=20):
-        got[msg.body] = msg.attempt
+        got.append((msg.body, msg.attempt))
         await msg.ack()
         if len(got) == 10:
             break
-    assert got == {i: 2 for i in range(10)}
+    assert got == [(i, 2) for i in range(10)]  # all back, in their original order
     stats = await queue_stats(bus, "crash")
     assert stats["ready"] == 0 and stats["unacked"] == 0
 
@@ -243,3 +243,30 @@ async def test_pipelined_sends_all_arrive(bus: aiobus.Bus) -> None:
         await bus.send("bulk", i, confirm=False)
     await bus.ping()
     assert (await queue_stats(bus, "bulk"))["ready"] == 15_000
+
+
+async def test_closing_the_bus_releases_without_counting_an_attempt(bus: aiobus.Bus) -> None:
+    await bus.send("graceful", "x")
+    async with aiobus.connect(bus.path) as other:
+        consumer = other.consume("graceful")
+        msg = await asyncio.wait_for(anext(consumer), 5)
+        assert msg.attempt == 1
+    async with bus.consume("graceful") as mine:
+        again = await asyncio.wait_for(anext(mine), 5)
+    assert (again.body, again.attempt) == ("x", 1)
+
+
+async def test_parked_sends_of_a_producer_that_left_are_not_accepted(bus: aiobus.Bus) -> None:
+    await bus.declare_queue("full", max_length=1)
+    await bus.send("full", "kept")
+    async with aiobus.connect(bus.path) as producer:
+        pending = asyncio.create_task(producer.send("full", "never confirmed"))
+        await wait_until(lambda: _parked(bus, "full", 1))
+    with pytest.raises(aiobus.ConnectionClosed):
+        await pending
+    stats = await queue_stats(bus, "full")
+    assert stats["parked"] == 0 and stats["ready"] == 1
+
+
+async def _parked(bus: aiobus.Bus, queue: str, n: int) -> bool:
+    return bool((await queue_stats(bus, queue)).get("parked") == n)
