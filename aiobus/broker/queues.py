@@ -237,6 +237,7 @@ class QueueRouter:
                     lease.extended = True
                     self._timers.call_at(lease.deadline, self._on_extended_timer, lease)
                 queue.leases.clear()
+                queue.lease_timer = None  # the next lease arms one with the new timeout
             queue.settings, queue.explicit = settings, True
         elif queue.settings != settings:
             old, new = queue.settings.as_dict(), settings.as_dict()
@@ -292,7 +293,7 @@ class QueueRouter:
                 return True
         return False
 
-    def _accept(self, queue: Queue, msg: QMsg, now: float) -> None:
+    def _accept(self, queue: Queue, msg: QMsg, now: float, *, pump: bool = True) -> None:
         queue.sent += 1
         ttl = queue.settings.ttl
         if ttl is not None and msg.expires is None:
@@ -302,15 +303,20 @@ class QueueRouter:
         msg.state = MsgState.READY
         queue.ready.append(msg)
         queue.ready_len += 1
-        self.pump(queue, now)
+        if pump:
+            self.pump(queue, now)
 
-    def _admit_parked(self, queue: Queue, now: float) -> None:
+    def _admit_parked(self, queue: Queue, now: float) -> bool:
+        """Accept parked sends while there is room (without pumping); True if any was."""
+        admitted = False
         while queue.parked and not queue.is_full():
             conn, rid, msg = queue.parked.popleft()
             self._sink.set_parked(conn, -1)
-            self._accept(queue, msg, now)
+            self._accept(queue, msg, now, pump=False)
             if rid:
                 self._sink.reply_ok(conn, rid)
+            admitted = True
+        return admitted
 
     def drop_parked(self, conn: int, queues: set[str]) -> int:
         """Forget the parked sends of a producer that disconnected before they were
@@ -328,24 +334,27 @@ class QueueRouter:
     # -- delivering -----------------------------------------------------------------
 
     def pump(self, queue: Queue, now: float) -> None:
-        """Deliver ready messages to consumers with free prefetch slots, round-robin."""
+        """Deliver ready messages to consumers with free prefetch slots, round-robin, and
+        admit parked sends while there is room. Loops rather than recursing, so any number
+        of parked sends is admitted at constant stack depth."""
         ready, available = queue.ready, queue.available
-        while queue.ready_len and available:
-            msg = ready.popleft()
-            if msg.state is not MsgState.READY:
-                continue  # tombstone of an expired message
-            queue.ready_len -= 1
-            if msg.expires is not None and msg.expires <= now:
-                self._expire(queue, msg, now)
-                continue
-            consumer = available.popleft()
-            self._deliver(queue, consumer, msg, now)
-            if len(consumer.leases) < consumer.prefetch:
-                available.append(consumer)
-            else:
-                consumer.in_available = False
-        if queue.parked:
-            self._admit_parked(queue, now)
+        while True:
+            while queue.ready_len and available:
+                msg = ready.popleft()
+                if msg.state is not MsgState.READY:
+                    continue  # tombstone of an expired message
+                queue.ready_len -= 1
+                if msg.expires is not None and msg.expires <= now:
+                    self._expire(queue, msg, now)
+                    continue
+                consumer = available.popleft()
+                self._deliver(queue, consumer, msg, now)
+                if len(consumer.leases) < consumer.prefetch:
+                    available.append(consumer)
+                else:
+                    consumer.in_available = False
+            if not (queue.parked and self._admit_parked(queue, now)):
+                return
 
     def _deliver(self, queue: Queue, consumer: Consumer, msg: QMsg, now: float) -> None:
         tag = self._next_tag
@@ -508,6 +517,12 @@ class QueueRouter:
             delays = queue.settings.retry_delays
             delay = delays[min(msg.failures, len(delays)) - 1] if delays else 0.0
         if delay > 0:
+            expires = msg.expires
+            if expires is not None:
+                if expires <= now:
+                    self._expire(queue, msg, now)
+                    return
+                self._timers.call_at(expires, self._on_ttl, (queue, msg))  # eager, delayed
             msg.state = MsgState.DELAYED
             queue.delayed += 1
             self._timers.call_at(now + delay, self._on_delay_done, (queue, msg))
@@ -538,8 +553,6 @@ class QueueRouter:
             queue.discarded += 1
         else:
             self.dead_letter(queue, msg, "expired", None, now)
-        if queue.parked:
-            self._admit_parked(queue, now)
 
     def dead_letter(self, queue: Queue, msg: QMsg, reason: str, text: str | None,
                     now: float) -> None:
@@ -574,21 +587,28 @@ class QueueRouter:
     def _on_lease_timer(self, queue: Queue, now: float) -> None:
         queue.lease_timer = None
         leases = queue.leases
-        while leases:
-            lease = next(iter(leases.values()))
+        due: list[Lease] = []
+        for lease in leases.values():
             if lease.deadline > now:
                 queue.lease_timer = lease.deadline
                 self._timers.call_at(lease.deadline, self._on_lease_timer, queue)
-                return
+                break
+            due.append(lease)
+        for lease in due:
             del leases[lease.tag]
-            self._expire_lease(queue, lease, now)
+        # Newest first, each to the front: they return in delivery order.
+        for lease in reversed(due):
+            self._expire_lease(queue, lease, now, pump=False)
+        if due:
+            self.pump(queue, now)
 
     def _on_extended_timer(self, lease: Lease, now: float) -> None:
         if lease.expired or lease.deadline > now or self.leases.get(lease.tag) is not lease:
             return  # answered, extended again, or its consumer is gone
         self._expire_lease(lease.consumer.queue, lease, now)
 
-    def _expire_lease(self, queue: Queue, lease: Lease, now: float) -> None:
+    def _expire_lease(self, queue: Queue, lease: Lease, now: float, *,
+                      pump: bool = True) -> None:
         lease.expired = True  # stays in the consumer's window until answered
         consumer = lease.consumer
         consumer.zombies += 1
@@ -596,7 +616,7 @@ class QueueRouter:
             queue.available.remove(consumer)
             consumer.in_available = False
         self._record_consumer(lease)
-        self._fail(queue, lease.msg, None, "ack-timeout", now)
+        self._fail(queue, lease.msg, None, "ack-timeout", now, pump=pump)
 
     def _on_delay_done(self, item: tuple[Queue, QMsg], now: float) -> None:
         queue, msg = item
@@ -607,10 +627,15 @@ class QueueRouter:
 
     def _on_ttl(self, item: tuple[Queue, QMsg], now: float) -> None:
         queue, msg = item
-        if msg.state is not MsgState.READY:
-            return  # leased, delayed or gone: expiry is checked when it is ready again
         if msg.expires is None or msg.expires > now:
             return
-        msg.state = MsgState.GONE  # tombstone in the ready deque
-        queue.ready_len -= 1
+        if msg.state is MsgState.READY:
+            msg.state = MsgState.GONE  # tombstone in the ready deque
+            queue.ready_len -= 1
+        elif msg.state is MsgState.DELAYED:
+            msg.state = MsgState.GONE  # its delay timer will find it gone
+            queue.delayed -= 1
+        else:
+            return  # leased or gone: expiry is checked when it is ready again
         self._expire(queue, msg, now)
+        self.pump(queue, now)  # room for parked sends

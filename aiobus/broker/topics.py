@@ -13,8 +13,11 @@ keep up. The broker never buffers without bound for it:
   ``max_pending`` of them. When that is full too, the subscription's policy decides:
   ``drop-oldest`` drops the oldest pending event, ``drop-newest`` the new one, and
   ``disconnect`` closes the subscriber's connection with code ``slow-consumer``.
-* Drops are counted per subscription (``stats()``) and the next EVENT delivered carries
-  the number dropped just before it, so the subscriber sees the gap.
+* Drops are counted per subscription (``stats()``), and each EVENT carries the number
+  of events dropped just before it (its ``dropped`` field), so the subscriber sees where
+  the gap is. Pending events keep their own gap count for that: with ``drop-oldest`` a
+  dropped head's gap (plus one) moves to the new head; with ``drop-newest`` the gap
+  grows at the tail and goes with the next event queued or sent.
 
 So a subscription costs the broker at most ``2 * max_pending`` events of memory.
 """
@@ -58,9 +61,9 @@ class Subscription:
         self.max_pending = max_pending
         self.policy = policy
         self.credit = max_pending
-        self.pending: deque[Event] = deque()
+        self.pending: deque[tuple[int, Event]] = deque()  # (drops just before it, event)
         self.dropped = 0  # total drops
-        self.dropped_since = 0  # drops since the last delivered event
+        self.dropped_since = 0  # drops since the last event queued or sent
         self.delivered = 0
 
     def stats(self) -> dict[str, Any]:
@@ -119,13 +122,22 @@ class TopicRouter:
     def _hold(self, sub: Subscription, event: Event) -> None:
         pending = sub.pending
         if len(pending) < sub.max_pending:
-            pending.append(event)
+            pending.append((sub.dropped_since, event))
+            sub.dropped_since = 0
             return
         if sub.policy == "drop-oldest":
-            pending.popleft()
-            pending.append(event)
+            gap, _ = pending.popleft()
+            if pending:
+                head_gap, head = pending[0]
+                pending[0] = (head_gap + gap + 1, head)
+            else:
+                sub.dropped_since += gap + 1
+            pending.append((sub.dropped_since, event))
+            sub.dropped_since = 0
         elif sub.policy == "drop-newest":
-            pass
+            sub.dropped_since += 1
+            sub.dropped += 1
+            return
         else:
             self._sink.slow_consumer(
                 sub.conn,
@@ -134,7 +146,6 @@ class TopicRouter:
             )
             return
         sub.dropped += 1
-        sub.dropped_since += 1
 
     def credit(self, sub: Subscription, n: int) -> None:
         """The client consumed ``n`` events: send what is pending, up to the new credit."""
@@ -142,8 +153,7 @@ class TopicRouter:
         pending = sub.pending
         send = self._sink.send
         while sub.credit and pending:
-            event = pending.popleft()
+            gap, event = pending.popleft()
             sub.credit -= 1
             sub.delivered += 1
-            dropped, sub.dropped_since = sub.dropped_since, 0
-            send(sub.conn, [Op.EVENT, sub.sid, *event, dropped])
+            send(sub.conn, [Op.EVENT, sub.sid, *event, gap])

@@ -87,8 +87,12 @@ async def test_slow_subscriber_drop_newest(bus: aiobus.Bus) -> None:
             await bus.publish("ticks", i)
         await bus.ping()
         got = await collect(sub, 6)
-    assert [m.body for m in got] == [0, 1, 2, 3, 4, 5]
-    assert got[3].dropped == 14
+        assert [m.body for m in got] == [0, 1, 2, 3, 4, 5]
+        assert [m.dropped for m in got] == [0] * 6
+        await bus.publish("ticks", 20)
+        (after_gap,) = await collect(sub, 1)
+    # The 14 newest were dropped after 5: the next message says so.
+    assert (after_gap.body, after_gap.dropped) == (20, 14)
 
 
 async def test_slow_subscriber_disconnect_policy_closes_only_that_connection(
