@@ -15,7 +15,7 @@ import itertools
 import logging
 import os
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 import msgpack
@@ -66,8 +66,9 @@ class _Protocol(asyncio.Protocol):
         bus = self.bus
         try:
             frames = self.decoder.feed(data)
+            handlers = bus._handlers
             for frame in frames:
-                bus._dispatch(frame)
+                handlers[frame[0]](frame)
         except (BusError, IndexError, TypeError, ValueError, KeyError) as exc:
             bus._protocol_violation(f"broker sent an invalid frame: {exc!r}")
 
@@ -104,7 +105,18 @@ class Bus:
         self._tokens = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._replies: dict[int, asyncio.Future[Any]] = {}
-        self._streams: weakref.WeakValueDictionary[int, _Stream] = weakref.WeakValueDictionary()
+        # Weak: a stream the application dropped must be freed so that its __del__ can
+        # CANCEL it (streams.py explains why).
+        self._streams: dict[int, weakref.ref[_Stream]] = {}
+        self._handlers: dict[int, Callable[[list[Any]], None]] = {
+            Op.DELIVER: self._on_message,
+            Op.EVENT: self._on_message,
+            Op.OK: self._on_ok,
+            Op.ERROR: self._on_error,
+            Op.RESPONSE: self._on_response,
+            Op.WELCOME: self._on_welcome,
+            Op.CLOSE: self._on_close,
+        }
         self._writable = asyncio.Event()
         self._writable.set()
         self._welcome: asyncio.Future[dict[str, Any]] = self._loop.create_future()
@@ -141,7 +153,8 @@ class Bus:
         if self._error is None:
             # Stop consumers first: the broker then releases their unacked messages
             # without counting an attempt, as when an `async for` ends.
-            for stream in list(self._streams.values()):
+            for ref in list(self._streams.values()):
+                stream = ref()
                 if isinstance(stream, Consumer) and not stream._stopped:
                     stream._stop()
             self._fail_all(ConnectionClosed("the bus was closed"))
@@ -190,8 +203,10 @@ class Bus:
                 fut.set_exception(error)
         self._pending.clear()
         self._replies.clear()
-        for stream in list(self._streams.values()):
-            stream._fail(error)
+        for ref in list(self._streams.values()):
+            stream = ref()
+            if stream is not None:
+                stream._fail(error)
 
     def _protocol_violation(self, message: str) -> None:
         log.error("closing the connection to %s: %s", self.path, message)
@@ -254,56 +269,50 @@ class Bus:
 
     # -- reading --------------------------------------------------------------------
 
-    def _dispatch(self, frame: list[Any]) -> None:
-        op = frame[0]
-        if op == Op.DELIVER:
-            stream = self._streams.get(frame[1])
-            if stream is not None and not stream._stopped:
-                _, _, tag, mid, queue, body, kind, headers, ts, attempt, reply_to = frame
-                stream._push(Message(self, tag, mid, body, kind, headers, ts,
-                                     queue=queue, attempt=attempt, reply_to=reply_to))
-        elif op == Op.EVENT:
-            stream = self._streams.get(frame[1])
-            if stream is not None and not stream._stopped:
-                _, _, mid, topic, body, kind, headers, ts, dropped = frame
-                stream._push(Message(self, 0, mid, body, kind, headers, ts,
-                                     topic=topic, dropped=dropped))
-        elif op == Op.OK:
-            fut = self._pending.pop(frame[1], None)
-            if fut is not None and not fut.done():
-                fut.set_result(frame[2])
-        elif op == Op.ERROR:
-            _, rid, code, message = frame
-            fut = self._pending.pop(rid, None)
-            if fut is not None:
-                if not fut.done():
-                    fut.set_exception(from_code(code, message))
-            else:
-                self.async_errors += 1
-                log.warning("broker reported an error for a fire-and-forget frame: %s: %s",
-                            code, message)
-        elif op == Op.RESPONSE:
-            _, token, body, kind, _headers = frame
-            fut = self._replies.pop(token, None)
-            if fut is not None and not fut.done():
-                try:
-                    fut.set_result(decode_body(body, kind))
-                except Exception as exc:  # the replier's bug, not this connection's
-                    fut.set_exception(BodyDecodeError(f"the reply's body is undecodable: {exc}"))
-        elif op == Op.WELCOME:
-            if not self._welcome.done():
-                self._welcome.set_result(frame[2])
-        elif op == Op.CLOSE:
-            self._close_frame = (frame[1], frame[2])
+    def _on_message(self, frame: list[Any]) -> None:  # DELIVER and EVENT
+        ref = self._streams.get(frame[1])
+        stream = ref() if ref is not None else None
+        if stream is not None and not stream._stopped:
+            stream._push(Message(self, frame))
+
+    def _on_ok(self, frame: list[Any]) -> None:
+        fut = self._pending.pop(frame[1], None)
+        if fut is not None and not fut.done():
+            fut.set_result(frame[2])
+
+    def _on_error(self, frame: list[Any]) -> None:
+        _, rid, code, message = frame
+        fut = self._pending.pop(rid, None)
+        if fut is not None:
+            if not fut.done():
+                fut.set_exception(from_code(code, message))
         else:
-            raise RemoteProtocolError(f"unexpected frame type {op!r} from the broker")
+            self.async_errors += 1
+            log.warning("broker reported an error for a fire-and-forget frame: %s: %s",
+                        code, message)
+
+    def _on_response(self, frame: list[Any]) -> None:
+        _, token, body, kind, _headers = frame
+        fut = self._replies.pop(token, None)
+        if fut is not None and not fut.done():
+            try:
+                fut.set_result(decode_body(body, kind))
+            except Exception as exc:  # the replier's bug, not this connection's
+                fut.set_exception(BodyDecodeError(f"the reply's body is undecodable: {exc}"))
+
+    def _on_welcome(self, frame: list[Any]) -> None:
+        if not self._welcome.done():
+            self._welcome.set_result(frame[2])
+
+    def _on_close(self, frame: list[Any]) -> None:
+        self._close_frame = (frame[1], frame[2])
 
     # -- stream registry (used by streams.py) ---------------------------------------
 
     def _register(self, stream: _Stream) -> int:
         self._check_open()
         sid = next(self._sids)
-        self._streams[sid] = stream
+        self._streams[sid] = weakref.ref(stream)
         return sid
 
     def _unregister(self, sid: int, *, tell_broker: bool = True) -> None:

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 __all__ = ["Message"]
 
 _UNDECODED: Any = object()
+_DELIVER = int(Op.DELIVER)
 
 
 class Message:
@@ -44,49 +45,93 @@ class Message:
     :meth:`extend` the lease), or it is redelivered.
     """
 
-    __slots__ = ("_answered", "_body", "_bus", "_kind", "_tag", "attempt", "dropped", "headers",
-                 "id", "queue", "raw_body", "reply_to", "timestamp", "topic")
+    # A message keeps the decoded DELIVER or EVENT frame it came in and reads its fields
+    # from it on access: building a dozen attributes per message cost more than the rest
+    # of the client's receive path (see docs/performance.md).
+    __slots__ = ("_answered", "_body", "_bus", "_f")
 
-    def __init__(
-        self,
-        bus: Bus,
-        tag: int,
-        id: str,
-        raw_body: bytes,
-        kind: int,
-        headers: dict[str, str] | None,
-        timestamp: float,
-        *,
-        queue: str | None = None,
-        topic: str | None = None,
-        attempt: int = 1,
-        dropped: int = 0,
-        reply_to: str | None = None,
-    ) -> None:
+    _f: list[Any]
+
+    def __init__(self, bus: Bus, frame: list[Any]) -> None:
         self._bus = bus
-        self._tag = tag
-        self._answered = False
-        self.id = id
-        self.raw_body = raw_body
-        self._kind = kind
+        self._f = frame
         self._body: Any = _UNDECODED
-        self.headers = headers if headers is not None else {}
-        self.timestamp = timestamp
-        self.queue = queue
-        self.topic = topic
-        self.attempt = attempt
-        self.dropped = dropped
-        self.reply_to = reply_to
+        self._answered = False
+
+    # Field positions: DELIVER [30, sid, tag, id, queue, body, kind, headers, ts, attempt,
+    # reply_to]; EVENT [31, sid, id, topic, body, kind, headers, ts, dropped].
+    @property
+    def _is_queue(self) -> bool:
+        return bool(self._f[0] == _DELIVER)
+
+    @property
+    def _tag(self) -> int:
+        return int(self._f[2]) if self._f[0] == _DELIVER else 0
+
+    @property
+    def id(self) -> str:
+        f = self._f
+        return str(f[3] if f[0] == _DELIVER else f[2])
+
+    @property
+    def queue(self) -> str | None:
+        f = self._f
+        return f[4] if f[0] == _DELIVER else None
+
+    @property
+    def topic(self) -> str | None:
+        f = self._f
+        return None if f[0] == _DELIVER else f[3]
+
+    @property
+    def raw_body(self) -> bytes:
+        f = self._f
+        return f[5] if f[0] == _DELIVER else f[4]  # type: ignore[no-any-return]
+
+    @property
+    def _kind(self) -> int:
+        f = self._f
+        return f[6] if f[0] == _DELIVER else f[5]  # type: ignore[no-any-return]
+
+    @property
+    def headers(self) -> dict[str, str]:
+        f = self._f
+        i = 7 if f[0] == _DELIVER else 6
+        headers = f[i]
+        if headers is None:
+            headers = f[i] = {}
+        return headers  # type: ignore[no-any-return]
+
+    @property
+    def timestamp(self) -> float:
+        f = self._f
+        return float(f[8] if f[0] == _DELIVER else f[7])
+
+    @property
+    def attempt(self) -> int:
+        f = self._f
+        return f[9] if f[0] == _DELIVER else 1
+
+    @property
+    def dropped(self) -> int:
+        f = self._f
+        return 0 if f[0] == _DELIVER else f[8]
+
+    @property
+    def reply_to(self) -> str | None:
+        f = self._f
+        return f[10] if f[0] == _DELIVER else None
 
     @property
     def body(self) -> Any:
         body = self._body
         if body is _UNDECODED:
-            if self._kind == BodyKind.RAW:
-                body = self.raw_body
+            raw, kind = self.raw_body, self._kind
+            if kind == BodyKind.RAW:
+                body = raw
             else:
                 try:
-                    body = decode_body(self.raw_body, self._kind)
+                    body = decode_body(raw, kind)
                 except Exception as exc:
                     raise BodyDecodeError(
                         f"message {self.id} has a body its producer did not encode correctly"

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 from ..errors import BusError
 from ..protocol import Op
@@ -87,7 +87,7 @@ class _Stream:
             except Exception:  # interpreter or loop shutting down: nothing left to tell
                 pass
 
-    async def __aenter__(self) -> _Stream:
+    async def __aenter__(self) -> Self:
         await self.start()
         self._managed = True
         return self
@@ -95,7 +95,7 @@ class _Stream:
     async def __aexit__(self, *exc_info: object) -> None:
         self._stop()
 
-    def __aiter__(self) -> _Stream:
+    def __aiter__(self) -> Self:
         return self
 
     async def __anext__(self) -> Message:
