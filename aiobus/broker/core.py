@@ -22,6 +22,7 @@ connection carries on.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from enum import Enum
 from typing import Any, Protocol
@@ -43,6 +44,17 @@ DEFAULT_HANDSHAKE_TIMEOUT = 5.0
 MAX_CLIENT_NAME = 255
 TOPIC_CONNECTED = "$sys.client.connected"
 TOPIC_DISCONNECTED = "$sys.client.disconnected"
+_GOOD_TOPICS_LIMIT = 4096
+
+
+def _valid_headers(headers: Any) -> bool:
+    """Headers are a map of str to str (the slow path names what is wrong)."""
+    if type(headers) is not dict:
+        return False
+    for key, value in headers.items():
+        if type(key) is not str or type(value) is not str:
+            return False
+    return True
 
 
 class Sink(Protocol):
@@ -61,8 +73,8 @@ class ConnState(Enum):
 
 
 class Conn:
-    __slots__ = ("consumers", "gid", "id", "name", "parked", "parked_queues", "pid", "reading",
-                 "state", "subs", "uid")
+    __slots__ = ("consumers", "gid", "handlers", "id", "name", "parked", "parked_queues", "pid",
+                 "reading", "state", "subs", "uid")
 
     def __init__(self, conn_id: int, pid: int, uid: int, gid: int) -> None:
         self.id = conn_id
@@ -71,6 +83,7 @@ class Conn:
         self.gid = gid
         self.name: str | None = None
         self.state = ConnState.HANDSHAKE
+        self.handlers: dict[int, Handler] = {}  # what this state accepts, by frame type
         self.consumers: dict[int, Consumer] = {}
         self.subs: dict[int, Subscription] = {}
         self.parked = 0  # sends waiting for room in full queues
@@ -80,6 +93,9 @@ class Conn:
     def describe(self) -> dict[str, Any]:
         return {"conn": self.id, "name": self.name, "pid": self.pid, "uid": self.uid,
                 "gid": self.gid}
+
+
+Handler = Callable[[Conn, list[Any], float], None]
 
 
 class BrokerCore:
@@ -99,13 +115,15 @@ class BrokerCore:
         self.timers = Timers()
         self.queues = QueueRouter(self, self.timers, wall_offset)
         self.topics = TopicRouter(self)
-        self._id_prefix = id_prefix
-        self._next_id = 0
+        self._id_prefix = id_prefix + "-"
+        self._ids = itertools.count(1)
+        self._good_topics: set[str] = set()  # topics a client published that passed checks
         self.wall_offset = wall_offset
         self.max_frame = max_frame
         self.handshake_timeout = handshake_timeout
         self._now = 0.0
-        self._handlers: dict[int, Callable[[Conn, list[Any], float], None]] = {
+        self._handshake_handlers: dict[int, Handler] = {Op.HELLO: self._on_hello}
+        self._handlers: dict[int, Handler] = {
             Op.PING: self._on_ping,
             Op.SEND: self._on_send,
             Op.PUBLISH: self._on_publish,
@@ -127,7 +145,8 @@ class BrokerCore:
     def connect(self, conn_id: int, pid: int, uid: int, gid: int, now: float) -> None:
         """A client connected; it has ``handshake_timeout`` seconds to send HELLO."""
         self._now = now
-        self._conns[conn_id] = Conn(conn_id, pid, uid, gid)
+        conn = self._conns[conn_id] = Conn(conn_id, pid, uid, gid)
+        conn.handlers = self._handshake_handlers
         self.timers.call_at(now + self.handshake_timeout, self._on_handshake_deadline, conn_id)
 
     def receive(self, conn_id: int, frame: Any, now: float) -> None:
@@ -136,26 +155,33 @@ class BrokerCore:
         conn = self._conns.get(conn_id)
         if conn is None:
             return  # closed by us earlier in this batch; the rest of its frames are moot
-        op = 0
+        # Each handler validates its frame: the hot ones (SEND, PUBLISH, ACK) inline, with
+        # check_frame as the exact fallback that names the bad field; the others call
+        # check_frame first. The connection's table holds only what its state accepts.
         try:
-            op = check_frame(frame)
-            if conn.state is ConnState.HANDSHAKE:
-                self._on_hello(conn, frame)
-                return
-            handler = self._handlers.get(op)
+            op = frame[0] if type(frame) is list and frame else None
+            handler = conn.handlers.get(op) if type(op) is int else None
             if handler is None:
-                if op == Op.HELLO:
-                    raise RemoteProtocolError("HELLO was already received on this connection",
-                                              code="protocol")
-                raise RemoteProtocolError(
-                    f"frame type {Op(op).name} is not sent by clients", code="unknown-frame"
-                )
-            handler(conn, frame, now)
+                self._refuse(conn, frame)
+            else:
+                handler(conn, frame, now)
         except RemoteProtocolError as exc:
             self.close(conn_id, exc.code or "protocol", str(exc))
         except BusError as exc:
-            rid = frame[1] if op not in (Op.PUBLISH, Op.CREDIT) else 0
+            rid = frame[1] if frame[0] not in (Op.PUBLISH, Op.CREDIT) else 0
             self._sink.send(conn_id, [Op.ERROR, rid, exc.code or "error", str(exc)])
+
+    @staticmethod
+    def _refuse(conn: Conn, frame: Any) -> None:
+        """A frame the connection's state has no handler for: say precisely why."""
+        op = check_frame(frame)  # malformed or unknown frames raise here
+        if conn.state is ConnState.HANDSHAKE:
+            raise RemoteProtocolError("the first frame must be HELLO", code="protocol")
+        if op == Op.HELLO:
+            raise RemoteProtocolError("HELLO was already received on this connection",
+                                      code="protocol")
+        raise RemoteProtocolError(f"frame type {Op(op).name} is not sent by clients",
+                                  code="unknown-frame")
 
     def protocol_error(self, conn_id: int, code: str, message: str) -> None:
         """The shell could not decode this connection's bytes: close it."""
@@ -220,9 +246,8 @@ class BrokerCore:
 
     # -- handlers -------------------------------------------------------------------
 
-    def _on_hello(self, conn: Conn, frame: list[Any]) -> None:
-        if frame[0] != Op.HELLO:
-            raise RemoteProtocolError("the first frame must be HELLO", code="protocol")
+    def _on_hello(self, conn: Conn, frame: list[Any], now: float) -> None:
+        check_frame(frame)
         version, options = frame[1], frame[2]
         if version != PROTOCOL_VERSION:
             raise RemoteProtocolError(
@@ -236,6 +261,7 @@ class BrokerCore:
                                       code="bad-field")
         conn.name = name
         conn.state = ConnState.OPEN
+        conn.handlers = self._handlers
         self._sink.send(conn.id, [Op.WELCOME, PROTOCOL_VERSION, {
             "server": f"aiobus/{VERSION}",
             "conn": conn.id,
@@ -252,14 +278,22 @@ class BrokerCore:
                        f"no HELLO within {self.handshake_timeout} seconds")
 
     def _on_ping(self, conn: Conn, frame: list[Any], now: float) -> None:
+        check_frame(frame)
         self.reply_ok(conn.id, frame[1])
 
     def _new_id(self) -> str:
-        self._next_id += 1
-        return f"{self._id_prefix}-{self._next_id:x}"
+        return self._id_prefix + str(next(self._ids))
 
     def _on_send(self, conn: Conn, frame: list[Any], now: float) -> None:
+        if len(frame) != 8:
+            check_frame(frame)
         _, rid, name, body, kind, headers, ttl, token = frame
+        if (type(rid) is not int or rid < 0 or type(name) is not str or type(body) is not bytes
+                or type(kind) is not int or not 0 <= kind <= 1
+                or (headers is not None and not _valid_headers(headers))
+                or (ttl is not None and type(ttl) is not float and type(ttl) is not int)
+                or (token is not None and (type(token) is not int or token < 0))):
+            check_frame(frame)
         if ttl is not None:
             if not 0 < ttl < 1e9:
                 raise BadOption("ttl must be a positive number of seconds")
@@ -277,11 +311,23 @@ class BrokerCore:
         self.queues.send(conn.id, rid, queue, msg, now)
 
     def _on_publish(self, conn: Conn, frame: list[Any], now: float) -> None:
+        if len(frame) != 5:
+            check_frame(frame)
         _, topic, body, kind, headers = frame
-        if topic[:1] == "$":
-            raise Forbidden(f"topic {topic!r}: topics starting with '$' are the broker's")
-        if not self.topics.index.is_cached(topic):  # a cached topic was checked before
+        if type(topic) is not str or topic not in self._good_topics:
+            if (type(topic) is not str or type(body) is not bytes or type(kind) is not int
+                    or not 0 <= kind <= 1
+                    or (headers is not None and not _valid_headers(headers))):
+                check_frame(frame)
             check_name(topic, "topic")
+            if is_reserved(topic):
+                raise Forbidden(f"topic {topic!r}: topics starting with '$' are the broker's")
+            if len(self._good_topics) >= _GOOD_TOPICS_LIMIT:
+                self._good_topics.clear()
+            self._good_topics.add(topic)
+        elif (type(body) is not bytes or type(kind) is not int or not 0 <= kind <= 1
+              or (headers is not None and not _valid_headers(headers))):
+            check_frame(frame)
         self.topics.publish((self._new_id(), topic, body, kind, headers or None,
                              now + self.wall_offset))
 
@@ -296,6 +342,7 @@ class BrokerCore:
                                     code="duplicate-subscription")
 
     def _on_subscribe(self, conn: Conn, frame: list[Any], now: float) -> None:
+        check_frame(frame)
         _, rid, sid, pattern, max_pending, policy = frame
         check_pattern(pattern)
         self.topics.check_options(max_pending, policy)
@@ -306,6 +353,7 @@ class BrokerCore:
         self.reply_ok(conn.id, rid)
 
     def _on_consume(self, conn: Conn, frame: list[Any], now: float) -> None:
+        check_frame(frame)
         _, rid, sid, name, prefetch = frame
         check_name(name, "queue name")
         if is_reserved(name):
@@ -319,6 +367,7 @@ class BrokerCore:
         self.queues.add_consumer(consumer, now)
 
     def _on_cancel(self, conn: Conn, frame: list[Any], now: float) -> None:
+        check_frame(frame)
         _, rid, sid = frame
         consumer = conn.consumers.pop(sid, None)
         if consumer is not None:
@@ -331,30 +380,38 @@ class BrokerCore:
         self.reply_ok(conn.id, rid)
 
     def _on_credit(self, conn: Conn, frame: list[Any], now: float) -> None:
+        check_frame(frame)
         sub = conn.subs.get(frame[1])
         if sub is not None:  # a CREDIT racing a CANCEL is harmless
             self.topics.credit(sub, frame[2])
 
     def _on_ack(self, conn: Conn, frame: list[Any], now: float) -> None:
+        if (len(frame) != 3 or type(frame[1]) is not int or frame[1] < 0
+                or type(frame[2]) is not int or frame[2] < 0):
+            check_frame(frame)
         self.queues.ack(conn.id, frame[2], now)
         self.reply_ok(conn.id, frame[1])
 
     def _on_nack(self, conn: Conn, frame: list[Any], now: float) -> None:
+        check_frame(frame)
         _, rid, tag, delay, reason = frame
         self.queues.nack(conn.id, tag, delay, reason, now)
         self.reply_ok(conn.id, rid)
 
     def _on_reject(self, conn: Conn, frame: list[Any], now: float) -> None:
+        check_frame(frame)
         _, rid, tag, reason = frame
         self.queues.reject(conn.id, tag, reason, now)
         self.reply_ok(conn.id, rid)
 
     def _on_extend(self, conn: Conn, frame: list[Any], now: float) -> None:
+        check_frame(frame)
         _, rid, tag, seconds = frame
         self.queues.extend(conn.id, tag, seconds, now)
         self.reply_ok(conn.id, rid)
 
     def _on_reply(self, conn: Conn, frame: list[Any], now: float) -> None:
+        check_frame(frame)
         _, rid, tag, body, kind, headers = frame
         requester, token = self.queues.reply(conn.id, tag, now)
         if requester in self._conns:  # a requester that left gets nothing, as it asked
@@ -362,6 +419,7 @@ class BrokerCore:
         self.reply_ok(conn.id, rid)
 
     def _on_declare(self, conn: Conn, frame: list[Any], now: float) -> None:
+        check_frame(frame)
         _, rid, name, options = frame
         check_name(name, "queue name")
         if is_reserved(name):
@@ -370,7 +428,8 @@ class BrokerCore:
         self.reply_ok(conn.id, rid, queue.settings.as_dict())
 
     def _on_stats(self, conn: Conn, frame: list[Any], now: float) -> None:
-        if frame[1]:
+        check_frame(frame)
+        if frame[1]:  # rid 0: no reply, so no need to build the statistics
             self.reply_ok(conn.id, frame[1], self.stats())
 
     # -- introspection --------------------------------------------------------------

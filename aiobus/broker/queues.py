@@ -326,8 +326,13 @@ class QueueRouter:
             queue = self.queues.get(name)
             if queue is None or not queue.parked:
                 continue
-            kept = deque(item for item in queue.parked if item[0] != conn)
-            dropped += len(queue.parked) - len(kept)
+            kept: deque[tuple[int, int, QMsg]] = deque()
+            for item in queue.parked:
+                if item[0] == conn:
+                    item[2].state = MsgState.GONE
+                    dropped += 1
+                else:
+                    kept.append(item)
             queue.parked = kept
         return dropped
 
@@ -394,20 +399,22 @@ class QueueRouter:
         if consumer.in_available:
             queue.available.remove(consumer)
             consumer.in_available = False
-        # Newest first, each to the front of the queue: they end up in delivery order.
-        for tag, lease in reversed(consumer.leases.items()):
+        # In delivery order (dead letters and delays keep it); what goes back to the front
+        # of the queue goes newest first, so it too ends up in delivery order.
+        front: list[QMsg] = []
+        for tag, lease in consumer.leases.items():
             del self.leases[tag]
             if lease.expired:
                 continue
             self._unlease(queue, lease)
             if failed:
                 self._record_consumer(lease)
-                self._fail(queue, lease.msg, None, "connection-lost", now, pump=False)
+                self._fail(queue, lease.msg, None, "connection-lost", now, front=front)
             else:
-                self._requeue(queue, lease.msg, now, pump=False)
+                front.append(lease.msg)
         consumer.leases.clear()
         consumer.zombies = 0
-        self.pump(queue, now)
+        self._requeue_all(queue, front, now)
 
     def _unlease(self, queue: Queue, lease: Lease) -> None:
         if not lease.extended:
@@ -505,8 +512,9 @@ class QueueRouter:
     # -- failure, retry, dead letters -----------------------------------------------
 
     def _fail(self, queue: Queue, msg: QMsg, delay: float | None, reason: str | None,
-              now: float, *, pump: bool = True) -> None:
-        """Count a failed attempt; dead-letter after max_deliveries, else retry."""
+              now: float, *, front: list[QMsg] | None = None) -> None:
+        """Count a failed attempt; dead-letter after max_deliveries, else retry. With
+        ``front``, a message to retry at once is collected there instead of requeued."""
         msg.failures += 1
         msg.last_reason = reason
         limit = queue.settings.max_deliveries
@@ -526,8 +534,16 @@ class QueueRouter:
             msg.state = MsgState.DELAYED
             queue.delayed += 1
             self._timers.call_at(now + delay, self._on_delay_done, (queue, msg))
+        elif front is not None:
+            front.append(msg)
         else:
-            self._requeue(queue, msg, now, pump=pump)
+            self._requeue(queue, msg, now)
+
+    def _requeue_all(self, queue: Queue, msgs: list[QMsg], now: float) -> None:
+        """Put messages back at the front in the order given, then deliver."""
+        for msg in reversed(msgs):
+            self._requeue(queue, msg, now, pump=False)
+        self.pump(queue, now)
 
     def _requeue(self, queue: Queue, msg: QMsg, now: float, *, pump: bool = True) -> None:
         """Back to the front of the queue: it is older than what waits behind it."""
@@ -594,13 +610,12 @@ class QueueRouter:
                 self._timers.call_at(lease.deadline, self._on_lease_timer, queue)
                 break
             due.append(lease)
+        front: list[QMsg] = []
         for lease in due:
             del leases[lease.tag]
-        # Newest first, each to the front: they return in delivery order.
-        for lease in reversed(due):
-            self._expire_lease(queue, lease, now, pump=False)
+            self._expire_lease(queue, lease, now, front=front)
         if due:
-            self.pump(queue, now)
+            self._requeue_all(queue, front, now)
 
     def _on_extended_timer(self, lease: Lease, now: float) -> None:
         if lease.expired or lease.deadline > now or self.leases.get(lease.tag) is not lease:
@@ -608,7 +623,7 @@ class QueueRouter:
         self._expire_lease(lease.consumer.queue, lease, now)
 
     def _expire_lease(self, queue: Queue, lease: Lease, now: float, *,
-                      pump: bool = True) -> None:
+                      front: list[QMsg] | None = None) -> None:
         lease.expired = True  # stays in the consumer's window until answered
         consumer = lease.consumer
         consumer.zombies += 1
@@ -616,7 +631,7 @@ class QueueRouter:
             queue.available.remove(consumer)
             consumer.in_available = False
         self._record_consumer(lease)
-        self._fail(queue, lease.msg, None, "ack-timeout", now, pump=pump)
+        self._fail(queue, lease.msg, None, "ack-timeout", now, front=front)
 
     def _on_delay_done(self, item: tuple[Queue, QMsg], now: float) -> None:
         queue, msg = item

@@ -18,6 +18,7 @@ OVERFLOW_POLICIES = ("block", "reject", "dead-letter")
 
 BadOption = InvalidOption  # the broker's name for it
 
+
 @dataclass(frozen=True, slots=True)
 class QueueSettings:
     """A queue's declared behaviour. See README "Defaults" for the reasoning."""

@@ -223,6 +223,11 @@ class Bus:
     def _write(self, frame: list[Any]) -> None:
         self._check_open()
         data = self._packb(frame)
+        if len(data) > self._max_frame:  # exact: the broker bounds whole frames
+            raise FrameTooLarge(
+                f"a frame of {len(data)} bytes exceeds the broker's max_frame of"
+                f" {self._max_frame} bytes; send a smaller body or fewer headers"
+            )
         self._out.append(data)
         self._out_bytes += len(data)
         if self._out_bytes >= _FLUSH_AT:

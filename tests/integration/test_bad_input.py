@@ -96,6 +96,9 @@ async def test_oversized_frame(broker_factory: Any) -> None:
     async with aiobus.connect(broker.path) as bus:
         with pytest.raises(aiobus.FrameTooLarge):  # the client checks before sending
             await bus.send("q", b"x" * 100_000)
+        with pytest.raises(aiobus.FrameTooLarge):  # the whole frame counts, not the body
+            await bus.send("q", b"x" * 4096)
+        await bus.ping()
         await bus.send("q", b"x" * 100)
         assert (await queue_stats(bus, "q"))["ready"] == 1
 

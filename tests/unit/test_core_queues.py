@@ -722,6 +722,32 @@ def test_disconnect_redelivery_keeps_delivery_order(d: Driver) -> None:
     assert bodies(b.deliveries()) == [b"0", b"1", b"2"]
 
 
+def test_disconnect_dead_letters_in_delivery_order(d: Driver) -> None:
+    producer, a, b = d.client("p"), d.client("a"), d.client("b")
+    producer.declare("jobs", max_deliveries=1)
+    a.consume("jobs", prefetch=3)
+    for i in range(3):
+        producer.send("jobs", b"%d" % i)
+    a.deliveries()
+    d.core.disconnect(a.conn, d.now)
+    b.consume("jobs.dlq", prefetch=10)
+    assert bodies(b.deliveries()) == [b"0", b"1", b"2"]
+
+
+def test_disconnect_with_retry_delay_keeps_delivery_order(d: Driver) -> None:
+    producer, a, b = d.client("p"), d.client("a"), d.client("b")
+    producer.declare("jobs", retry_delays=[5])
+    a.consume("jobs", prefetch=3)
+    for i in range(3):
+        producer.send("jobs", b"%d" % i)
+    a.deliveries()
+    d.core.disconnect(a.conn, d.now)
+    b.consume("jobs", prefetch=10)
+    assert b.deliveries() == []
+    d.advance(5)
+    assert bodies(b.deliveries()) == [b"0", b"1", b"2"]
+
+
 def test_ack_timeout_redelivery_keeps_delivery_order(d: Driver) -> None:
     producer, a, b = d.client("p"), d.client("a"), d.client("b")
     producer.declare("jobs", ack_timeout=10)

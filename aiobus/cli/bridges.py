@@ -1,0 +1,112 @@
+"""``aiobus fifo-in``, ``fifo-out``, ``signal-out``: the bridges of
+:mod:`aiobus.bridges` as commands.
+
+They parse options and call the library (``fifo_to_bus``, ``bus_to_fifo``,
+``forward_signals``); all the behaviour (framing, oversize records, waiting for a
+reader, acking after the write, a vanished target) is the library's and documented there.
+Each runs until SIGINT or SIGTERM, which end it with status 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+
+from ..bridges.fifo_bus import bus_to_fifo, fifo_to_bus
+from ..bridges.framing import DEFAULT_MAX_RECORD, FRAMINGS
+from ..bridges.signals import forward_signals
+from ..client.bus import Bus
+from .options import add_command, pattern, positive_int, queue_name, topic_name
+
+__all__ = ["register", "signal_number"]
+
+
+def signal_number(text: str) -> signal.Signals:
+    """``USR1``, ``SIGUSR1``, ``usr1`` or ``10`` (argparse type)."""
+    try:
+        return signal.Signals(int(text))
+    except ValueError:
+        pass
+    name = text.upper()
+    name = name if name.startswith("SIG") else f"SIG{name}"
+    try:
+        return signal.Signals[name]
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a signal name or number"
+                                         " (e.g. USR1, HUP, 10)") from None
+
+
+async def _fifo_in(bus: Bus, args: argparse.Namespace) -> int:
+    await fifo_to_bus(bus, args.path, queue=args.queue, topic=args.topic,
+                      framing=args.framing, max_record=args.max_record)
+    return 0
+
+
+async def _fifo_out(bus: Bus, args: argparse.Namespace) -> int:
+    await bus_to_fifo(bus, args.path, queue=args.queue, topic=args.topic,
+                      framing=args.framing, prefetch=args.prefetch)
+    return 0
+
+
+async def _signal_out(bus: Bus, args: argparse.Namespace) -> int:
+    await forward_signals(bus, args.topic, signal=args.signal, pid=args.pid,
+                          pidfile=args.pidfile)
+    return 0
+
+
+def _framing_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--framing", choices=sorted(FRAMINGS), default="lines",
+                        help="how records are delimited in the FIFO (default: lines)")
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+             common: argparse.ArgumentParser) -> None:
+    p = add_command(
+        subparsers, common, "fifo-in", run=_fifo_in, long_running=True,
+        help="send each record written to a FIFO to a queue or topic",
+        description="Create the FIFO PATH if missing (mode 0600) and turn each record"
+                    " written to it into a message, for as many writers as come and go:"
+                    " `echo job >> PATH` works again and again. Records over --max-record"
+                    " are reported and, for a queue, dead-lettered with reason too-large.",
+    )
+    p.add_argument("path", metavar="PATH", help="the FIFO")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--queue", type=queue_name, metavar="QUEUE", help="send to QUEUE")
+    target.add_argument("--topic", type=topic_name, metavar="TOPIC", help="publish on TOPIC")
+    _framing_option(p)
+    p.add_argument("--max-record", type=positive_int, default=DEFAULT_MAX_RECORD,
+                   metavar="BYTES", help=f"largest record (default {DEFAULT_MAX_RECORD})")
+
+    p = add_command(
+        subparsers, common, "fifo-out", run=_fifo_out, long_running=True,
+        help="write each message from a queue or topic to a FIFO",
+        description="Create the FIFO PATH if missing (mode 0600) and write each message"
+                    " to it as one record, waiting for a reader without losing anything:"
+                    " a queue message is acked only once its record is in the pipe.",
+    )
+    p.add_argument("path", metavar="PATH", help="the FIFO")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--queue", type=queue_name, metavar="QUEUE", help="consume QUEUE")
+    source.add_argument("--topic", type=pattern, metavar="PATTERN",
+                        help="subscribe to PATTERN")
+    _framing_option(p)
+    p.add_argument("--prefetch", type=positive_int, default=16, metavar="N",
+                   help="queue messages leased ahead (default 16)")
+
+    p = add_command(
+        subparsers, common, "signal-out", run=_signal_out, long_running=True,
+        help="send a signal to a process for each message on a topic",
+        description="Subscribe to TOPIC and send SIGNAL to a process for each message,"
+                    " for programs that only understand signals. The pidfile is read"
+                    " again for every message, so a restarted service is found; a target"
+                    " that is gone is reported on stderr, not fatal.",
+    )
+    p.add_argument("--topic", type=pattern, metavar="TOPIC", required=True,
+                   help="the topic (or pattern) to forward")
+    process = p.add_mutually_exclusive_group(required=True)
+    process.add_argument("--pid", type=positive_int, metavar="PID",
+                         help="the process to signal")
+    process.add_argument("--pidfile", metavar="FILE",
+                         help="a file holding the pid of the process to signal")
+    p.add_argument("--signal", type=signal_number, required=True, metavar="SIGNAL",
+                   help="the signal to send: a name (USR1, SIGHUP) or a number")

@@ -1,0 +1,186 @@
+"""``aiobus dlq list|requeue|purge QUEUE``: the dead letters of a queue.
+
+QUEUE is the original queue; the commands act on its dead-letter queue, found in the
+queue's settings (``bus.stats()``), ``<QUEUE>.dlq`` for a queue the broker does not know.
+
+Theory of operation. A queue can only be read by consuming it, so every command leases
+the dead letters that are ready at the start (their count from ``stats()``, so letters
+that arrive meanwhile, perhaps requeued ones failing again, are left for next time), with
+a prefetch that covers them all:
+
+* ``list`` prints them and leaves without answering. Leaving a consumer releases its
+  leases at once without counting an attempt (the client's documented behaviour), so the
+  dead letters stay exactly as they were.
+* ``requeue`` sends each back to the queue named in its ``x-original-queue`` header, with
+  its body and its own headers (the ``x-`` headers of dead-lettering removed), waits for
+  the broker to accept it, and only then acks it from the dead-letter queue. Interrupted
+  midway, nothing is lost; at worst one message is in both queues (at-least-once).
+  Records the FIFO bridge dead-lettered as ``too-large`` carry only the head of the
+  record, so they are left where they are rather than passed on truncated.
+* ``purge`` acks them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Awaitable, Callable
+from typing import Final
+
+from ..broker.queues import MAX_PREFETCH  # the most a consumer may lease at once
+from ..client.bus import Bus
+from ..client.message import Message
+from .bodies import CliError, message_json, preview, table
+from .commands import next_message
+from .options import add_command, positive_int, queue_name
+
+__all__ = ["register"]
+
+# Headers the broker (and the FIFO bridge) add when dead-lettering; requeue drops them.
+DEAD_LETTER_HEADERS: Final = frozenset({
+    "x-original-queue", "x-dead-reason", "x-attempts", "x-dead-time", "x-reason-text",
+    "x-consumer-pid", "x-consumer-uid", "x-record-length",
+})
+# Ready messages are delivered at once; a pause this long means another consumer of the
+# dead-letter queue took the rest.
+IDLE_TIMEOUT: Final = 2.0
+
+
+async def dead_letter_queue(bus: Bus, queue: str) -> tuple[str, int]:
+    """The dead-letter queue of ``queue`` and how many messages are ready in it.
+
+    Raises:
+        CliError: the queue discards instead (declared with ``dead_letter=None``).
+    """
+    stats = await bus.stats()
+    queues = stats.get("queues", {})
+    settings = queues.get(queue, {}).get("settings", {})
+    target = settings.get("dead_letter", f"{queue}.dlq")
+    if target is None:
+        raise CliError(f"queue {queue!r} has no dead-letter queue: it discards failed"
+                       " messages (declared with dead_letter=None)")
+    return target, int(queues.get(target, {}).get("ready", 0))
+
+
+async def _each(bus: Bus, dlq: str, count: int,
+                handle: Callable[[Message], Awaitable[None]]) -> int:
+    """Lease ``count`` dead letters and pass each to ``handle``; leases it did not answer
+    are released when this returns. Returns how many were handled (fewer than ``count``
+    when another consumer took some)."""
+    if count <= 0:
+        return 0
+    handled = 0
+    async with bus.consume(dlq, prefetch=min(count, MAX_PREFETCH)) as consumer:
+        while handled < count:
+            msg = await next_message(consumer, IDLE_TIMEOUT)
+            if msg is None:
+                break
+            await handle(msg)
+            handled += 1
+    return handled
+
+
+def _letters(count: int) -> str:
+    return f"{count} dead letter" if count == 1 else f"{count} dead letters"
+
+
+def _dead_time(msg: Message) -> str:
+    try:
+        when = float(msg.headers["x-dead-time"])
+    except (KeyError, ValueError):
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when))
+
+
+def _row(msg: Message) -> list[str]:
+    headers = msg.headers
+    return [msg.id, headers.get("x-dead-reason", "-"), headers.get("x-attempts", "-"),
+            _dead_time(msg), preview(headers.get("x-reason-text", "-"), 30),
+            preview(msg.body)]
+
+
+async def _list(bus: Bus, args: argparse.Namespace) -> int:
+    dlq, ready = await dead_letter_queue(bus, args.queue)
+    count = min(ready, args.limit or MAX_PREFETCH, MAX_PREFETCH)  # all must be leased at once
+    letters: list[Message] = []
+
+    async def keep(msg: Message) -> None:
+        letters.append(msg)
+
+    await _each(bus, dlq, count, keep)
+    # Leaving the consumer released every lease: the dead letters are untouched.
+    if args.json:
+        for msg in letters:
+            print(message_json(msg))
+    elif not letters:
+        print(f"{dlq}: no dead letters")
+    else:
+        more = f" (showing {len(letters)})" if len(letters) < ready else ""
+        print(f"{dlq}: {_letters(ready)}{more}")
+        print("\n".join(table(["ID", "REASON", "ATTEMPTS", "DEAD SINCE", "REASON TEXT",
+                                "BODY"], [_row(msg) for msg in letters], right=(2,))))
+    return 0
+
+
+async def _requeue(bus: Bus, args: argparse.Namespace) -> int:
+    dlq, ready = await dead_letter_queue(bus, args.queue)
+    requeued = skipped = 0
+
+    async def send_back(msg: Message) -> None:
+        nonlocal requeued, skipped
+        if msg.headers.get("x-dead-reason") == "too-large":
+            skipped += 1  # only the record's head is here; leave it for a person
+            return
+        target = msg.headers.get("x-original-queue") or args.queue
+        headers = {k: v for k, v in msg.headers.items() if k not in DEAD_LETTER_HEADERS}
+        await bus.send(target, msg.body, headers)  # accepted by the broker...
+        await msg.ack()  # ...before it leaves the dead-letter queue
+        requeued += 1
+
+    await _each(bus, dlq, ready, send_back)
+    print(f"requeued {_letters(requeued)} from {dlq}")
+    if skipped:
+        print(f"left {_letters(skipped)} with reason too-large in {dlq}: each holds only"
+              " the head of its record")
+    return 0
+
+
+async def _purge(bus: Bus, args: argparse.Namespace) -> int:
+    dlq, ready = await dead_letter_queue(bus, args.queue)
+
+    async def drop(msg: Message) -> None:
+        await msg.ack()
+
+    purged = await _each(bus, dlq, ready, drop)
+    print(f"purged {_letters(purged)} from {dlq}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+             common: argparse.ArgumentParser) -> None:
+    parent = add_command(subparsers, common, "dlq",
+                         help="list, requeue or purge the dead letters of a queue",
+                         description="Act on the dead-letter queue of QUEUE (its"
+                                     " dead_letter setting, by default QUEUE.dlq).")
+    actions = parent.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = add_command(actions, common, "list", run=_list,
+                    help="show the dead letters without removing them",
+                    description="Show each dead letter of QUEUE: id, reason, attempts,"
+                                " when it was dead-lettered, the reason text and the start"
+                                " of its body. Nothing is removed and no attempt counted.")
+    p.add_argument("queue", metavar="QUEUE", type=queue_name)
+    p.add_argument("--limit", type=positive_int, metavar="N",
+                   help=f"show at most N (default all, up to {MAX_PREFETCH})")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object per line, as 'aiobus consume --json' prints")
+    p = add_command(actions, common, "requeue", run=_requeue,
+                    help="send the dead letters back to their queue",
+                    description="Send each dead letter back to the queue it came from"
+                                " (its x-original-queue header), with its body and its own"
+                                " headers, then remove it from the dead-letter queue; an"
+                                " interruption loses nothing (at-least-once).")
+    p.add_argument("queue", metavar="QUEUE", type=queue_name)
+    p = add_command(actions, common, "purge", run=_purge,
+                    help="delete the dead letters",
+                    description="Acknowledge (delete) every dead letter of QUEUE.")
+    p.add_argument("queue", metavar="QUEUE", type=queue_name)
