@@ -42,7 +42,7 @@ DEFAULT_MAX_FRAME: Final = 16 * 1024 * 1024
 _READ_SLACK: Final = 512 * 1024
 # Frames from clients are short arrays with small maps (headers, options); msgpack's C
 # unpacker caps nesting itself (StackError). Clients raise these for STATS results.
-_MAX_ARRAY: Final = 64
+_MAX_ARRAY: Final = 65536  # ACK_MANY carries up to this many tags
 _MAX_MAP: Final = 4096
 
 
@@ -68,6 +68,7 @@ class Op(IntEnum):
     REPLY = 20  # answer a request: acks the lease and sends a RESPONSE to the requester
     DECLARE = 21  # create a queue with settings, or check them
     STATS = 22  # broker statistics
+    ACK_MANY = 23  # ack several leases at once, no reply (fire-and-forget acks, batched)
     DELIVER = 30  # broker→client: a queue message under a lease
     EVENT = 31  # broker→client: a topic message
     RESPONSE = 32  # broker→client: the reply to one of this connection's requests
@@ -121,6 +122,7 @@ SPECS: Final[dict[int, tuple[tuple[str, tuple[type, ...]], ...]]] = {
     ),
     Op.DECLARE: (("rid", _INT), ("queue", _STR), ("options", _MAP)),
     Op.STATS: (("rid", _INT),),
+    Op.ACK_MANY: (("tags", (list,)),),
     Op.DELIVER: (
         ("sid", _INT), ("tag", _INT), ("id", _STR), ("queue", _STR), ("body", _BIN),
         ("kind", _INT), ("headers", _OPT_MAP), ("timestamp", _NUM), ("attempt", _INT),
@@ -141,8 +143,8 @@ def _signatures() -> dict[int, frozenset[tuple[type, ...]]]:
     """Every tuple of field types a frame of each op may have (for the fast path)."""
     result: dict[int, frozenset[tuple[type, ...]]] = {}
     for op, spec in SPECS.items():
-        if any(types is _ANY for _, types in spec):
-            continue
+        if any(types is _ANY or list in types for _, types in spec):
+            continue  # OK's result and ACK_MANY's tags need a look inside: slow path
         combos: list[tuple[type, ...]] = [(int,)]
         for _, types in spec:
             combos = [(*c, t) for c in combos for t in types]
@@ -219,6 +221,9 @@ def _check_frame_slow(frame: object) -> int:
             )
         if vtype is int and value < 0 and types in (_INT, _OPT_INT):
             raise RemoteProtocolError(f"{name}.{field} must not be negative", code="bad-field")
+        if field == "tags" and not all(type(t) is int and t >= 0 for t in value):
+            raise RemoteProtocolError(f"{name}.tags must be non-negative ints",
+                                      code="bad-field")
         if field == "headers" and value:
             check_headers(value, name)
         elif field == "kind" and value not in _BODY_KINDS:

@@ -29,7 +29,7 @@ from typing import Any, Protocol
 
 import msgpack
 
-from ..errors import BusError, Forbidden, RemoteProtocolError, SubscriptionError
+from ..errors import BusError, Forbidden, LeaseError, RemoteProtocolError, SubscriptionError
 from ..names import check_name, check_pattern, is_reserved
 from ..protocol import DEFAULT_MAX_FRAME, PROTOCOL_VERSION, BodyKind, Op, check_frame
 from .queues import MAX_PREFETCH, PARK_LIMIT, Consumer, QMsg, QueueRouter
@@ -138,6 +138,7 @@ class BrokerCore:
             Op.REPLY: self._on_reply,
             Op.DECLARE: self._on_declare,
             Op.STATS: self._on_stats,
+            Op.ACK_MANY: self._on_ack_many,
         }
 
     # -- events in ------------------------------------------------------------------
@@ -391,6 +392,18 @@ class BrokerCore:
             check_frame(frame)
         self.queues.ack(conn.id, frame[2], now)
         self.reply_ok(conn.id, frame[1])
+
+    def _on_ack_many(self, conn: Conn, frame: list[Any], now: float) -> None:
+        if len(frame) != 2 or type(frame[1]) is not list:
+            check_frame(frame)
+        ack = self.queues.ack
+        for tag in frame[1]:
+            if type(tag) is not int or tag < 0:
+                check_frame(frame)
+            try:
+                ack(conn.id, tag, now)
+            except LeaseError as exc:  # one late ack must not lose the others
+                self._sink.send(conn.id, [Op.ERROR, 0, exc.code or "lease-unknown", str(exc)])
 
     def _on_nack(self, conn: Conn, frame: list[Any], now: float) -> None:
         check_frame(frame)

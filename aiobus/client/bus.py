@@ -50,6 +50,7 @@ __all__ = ["Bus", "connect"]
 log = logging.getLogger(__name__)
 
 _FLUSH_AT = 64 * 1024
+_ACK_BATCH = 1024  # tags per ACK_MANY frame at most
 _HANDSHAKE_TIMEOUT = 5.0
 _CLOSE_TIMEOUT = 5.0
 
@@ -97,6 +98,7 @@ class Bus:
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._out: list[bytes] = []
+        self._acks: list[int] = []  # ack_nowait tags waiting for the next flush
         self._out_bytes = 0
         self._flush_handle: asyncio.Handle | None = None
         self._packb = msgpack.Packer().pack
@@ -220,8 +222,25 @@ class Bus:
 
     # -- writing --------------------------------------------------------------------
 
+    def _ack_nowait(self, tag: int) -> None:
+        self._check_open()
+        acks = self._acks
+        acks.append(tag)
+        if len(acks) >= _ACK_BATCH:
+            self._write_acks()
+        elif self._flush_handle is None:
+            self._flush_handle = self._loop.call_soon(self._flush)
+
+    def _write_acks(self) -> None:
+        acks, self._acks = self._acks, []
+        data = self._packb([Op.ACK_MANY, acks])
+        self._out.append(data)
+        self._out_bytes += len(data)
+
     def _write(self, frame: list[Any]) -> None:
         self._check_open()
+        if self._acks:  # keep frame order: acks asked for earlier go out first
+            self._write_acks()
         data = self._packb(frame)
         if len(data) > self._max_frame:  # exact: the broker bounds whole frames
             raise FrameTooLarge(
@@ -239,6 +258,8 @@ class Bus:
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
+        if self._acks:
+            self._write_acks()
         if self._out and self._transport is not None and not self._transport.is_closing():
             self._transport.writelines(self._out)
         self._out = []

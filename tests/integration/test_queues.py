@@ -270,3 +270,28 @@ async def test_parked_sends_of_a_producer_that_left_are_not_accepted(bus: aiobus
 
 async def _parked(bus: aiobus.Bus, queue: str, n: int) -> bool:
     return bool((await queue_stats(bus, queue)).get("parked") == n)
+
+
+async def test_ack_nowait_batches_and_reports_late_acks(bus: aiobus.Bus) -> None:
+    await asyncio.gather(*(bus.send("fast", i) for i in range(500)))
+    got = []
+    async for msg in bus.consume("fast", prefetch=64):
+        got.append(msg.body)
+        msg.ack_nowait()
+        if len(got) == 500:
+            break
+    await bus.ping()
+    stats = await queue_stats(bus, "fast")
+    assert got == list(range(500)) and stats["acked"] == 500 and stats["ready"] == 0
+    await bus.declare_queue("late", ack_timeout=0.2)
+    await bus.send("late", "x")
+    async with bus.consume("late") as consumer:
+        msg = await asyncio.wait_for(anext(consumer), 5)
+        await wait_until(lambda: _unacked(bus, "late", 0))  # expired, back in the queue
+        msg.ack_nowait()
+        await wait_until(lambda: _async_errors(bus, 1))
+
+
+async def _async_errors(bus: aiobus.Bus, n: int) -> bool:
+    await bus.ping()
+    return bus.async_errors == n

@@ -982,3 +982,28 @@ def test_reply_to_a_non_request(d: Driver) -> None:
 def test_reply_to_an_unknown_tag(d: Driver) -> None:
     server = d.client("srv")
     assert server.error(Op.REPLY, 12345, b"", 0, None)[0] == "lease-unknown"
+
+
+def test_ack_many_acks_every_tag_and_reports_each_bad_one(d: Driver) -> None:
+    producer, consumer = d.client("p"), d.client("c")
+    producer.declare("jobs", ack_timeout=10)
+    consumer.consume("jobs", prefetch=4)
+    for i in range(4):
+        producer.send("jobs", b"%d" % i)
+    tags = [m.tag for m in consumer.deliveries()]
+    d.advance(10)  # every lease expires: these are zombies now
+    consumer.deliveries()
+    producer.send("jobs", b"4")
+    consumer.receive(Op.ACK_MANY, [tags[0], 999_999])
+    errors = consumer.take(Op.ERROR)
+    assert [(e[1], e[2]) for e in errors] == [(0, "lease-expired"), (0, "lease-unknown")]
+    assert consumer.take(Op.OK) == []  # ACK_MANY is never answered on success
+    # The late ack freed a slot in the window, but the consumer still has zombies.
+    consumer.receive(Op.ACK_MANY, tags[1:])
+    assert len(consumer.take(Op.ERROR)) == 3
+    again = consumer.deliveries()  # no zombie left: the window refills, in order
+    assert [(m.body, m.attempt) for m in again] == [(b"%d" % i, 2) for i in range(4)]
+    consumer.receive(Op.ACK_MANY, [m.tag for m in again])
+    assert consumer.take(Op.ERROR) == []
+    assert d.core.stats()["queues"]["jobs"]["acked"] == 4
+    assert [m.body for m in consumer.deliveries()] == [b"4"]

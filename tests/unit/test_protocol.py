@@ -44,6 +44,7 @@ EXAMPLES: dict[Op, list[Any]] = {
     Op.REPLY: [Op.REPLY, 10, 123, b"\x07", 1, {}],
     Op.DECLARE: [Op.DECLARE, 11, "jobs", {"max_deliveries": 5, "retry_delays": [1, 2.5]}],
     Op.STATS: [Op.STATS, 12],
+    Op.ACK_MANY: [Op.ACK_MANY, [5, 6, 7]],
     Op.DELIVER: [Op.DELIVER, 2, 123, "b-1", "jobs", b"x", 0, None, 1.7e9, 1, "3.44"],
     Op.EVENT: [Op.EVENT, 1, "b-2", "weather.hk", b"", 0, {"a": "b"}, 1.7e9, 3],
     Op.RESPONSE: [Op.RESPONSE, 44, b"\x07", 1, None],
@@ -126,7 +127,7 @@ def test_a_frame_of_max_frame_bytes_is_accepted_one_more_is_not(feed: Any) -> No
         pytest.param(b"\xc1", "FormatError", id="never-used-byte-0xc1"),
         pytest.param(b"\x92\x06\xc1", "FormatError", id="0xc1-inside-a-frame"),
         pytest.param(b"\xdd\xff\xff\xff\xff", "max_array_len", id="array32-4G-header"),
-        pytest.param(b"\xdc\xff\xff", "max_array_len", id="array16-65535-header"),
+        pytest.param(b"\xdd\x00\x01\x00\x01", "max_array_len", id="array32-65537-header"),
         pytest.param(b"\xdf\xff\xff\xff\xff", "max_map_len", id="map32-4G-header"),
         pytest.param(b"\xde\xff\xff", "max_map_len", id="map16-65535-header"),
         pytest.param(b"\x91" * 5000 + b"\xc0", "StackError", id="deep-nesting"),
@@ -267,6 +268,9 @@ def _send(**fields: Any) -> list[Any]:
         ([Op.CREDIT, 1, -3], "bad-field", "CREDIT.n must not be negative"),
         ([Op.ACK, 1, None], "bad-field", "ACK.tag must be int, got NoneType"),
         ([Op.ACK, 1, -5], "bad-field", "ACK.tag must not be negative"),
+        ([Op.ACK_MANY, [1, -2]], "bad-field", "ACK_MANY.tags must be non-negative ints"),
+        ([Op.ACK_MANY, [1, "2"]], "bad-field", "ACK_MANY.tags must be non-negative ints"),
+        ([Op.ACK_MANY, 5], "bad-field", "ACK_MANY.tags must be list"),
         ([Op.NACK, 1, 1, "5", None], "bad-field", "NACK.delay must be int or float or NoneType"),
         ([Op.NACK, 1, 1, None, 5], "bad-field", "NACK.reason must be str or NoneType, got int"),
         ([Op.REJECT, 1, 1, b"r"], "bad-field", "REJECT.reason must be str or NoneType"),
@@ -354,6 +358,7 @@ _FIELD_STRATEGIES: dict[tuple[type, ...], st.SearchStrategy[Any]] = {
                                                    max_size=4),
     (int, type(None)): st.none() | st.integers(min_value=0, max_value=2**64 - 1),
     (object,): _values,
+    (list,): st.lists(st.integers(min_value=0, max_value=2**64 - 1), max_size=8),
 }
 
 
@@ -422,6 +427,8 @@ def reference_check(frame: Any) -> bool:
         ):
             return False
         if field == "kind" and value not in (0, 1):
+            return False
+        if field == "tags" and not all(type(t) is int and t >= 0 for t in value):
             return False
     return True
 
