@@ -123,17 +123,18 @@ SPECS: Final[dict[int, tuple[tuple[str, tuple[type, ...]], ...]]] = {
     Op.DECLARE: (("rid", _INT), ("queue", _STR), ("options", _MAP)),
     Op.STATS: (("rid", _INT),),
     Op.ACK_MANY: (("tags", (list,)),),
+    # message: [id, queue or topic, body, kind, headers, timestamp], as MESSAGE_FIELDS.
     Op.DELIVER: (
-        ("sid", _INT), ("tag", _INT), ("id", _STR), ("queue", _STR), ("body", _BIN),
-        ("kind", _INT), ("headers", _OPT_MAP), ("timestamp", _NUM), ("attempt", _INT),
+        ("sid", _INT), ("tag", _INT), ("message", (list,)), ("attempt", _INT),
         ("reply_to", _OPT_STR),
     ),
-    Op.EVENT: (
-        ("sid", _INT), ("id", _STR), ("topic", _STR), ("body", _BIN), ("kind", _INT),
-        ("headers", _OPT_MAP), ("timestamp", _NUM), ("dropped", _INT),
-    ),
+    Op.EVENT: (("sid", _INT), ("message", (list,)), ("dropped", _INT)),
     Op.RESPONSE: (("token", _INT), ("body", _BIN), ("kind", _INT), ("headers", _OPT_MAP)),
 }
+
+# The message array inside DELIVER and EVENT: the broker stores a queued message in
+# exactly this encoding and sends it as is.
+MESSAGE_FIELDS: Final = ("id", "queue_or_topic", "body", "kind", "headers", "timestamp")
 
 _OP_NAMES: Final = {int(op): op.name for op in Op}
 _BODY_KINDS: Final = frozenset(int(k) for k in BodyKind)

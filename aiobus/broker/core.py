@@ -6,9 +6,11 @@ Feed it events and read what it wants done from the :class:`Sink` it was given:
   SO_PEERCRED), ``receive(conn, frame, now)`` for each decoded frame,
   ``disconnect(conn, now)`` when the connection is gone, ``tick(now)`` when
   ``next_deadline()`` has come.
-* It calls ``sink.send(conn, frame)`` for every frame to write, ``sink.close(conn, code,
-  message)`` to close a connection with a CLOSE frame, and ``sink.set_reading(conn,
-  flag)`` to stop and resume reading a producer that is blocked on full queues.
+* It calls ``sink.send(conn, frame)`` for every frame to write (``sink.send_raw(conn,
+  data)`` for DELIVER and EVENT frames, which it assembles from stored bytes),
+  ``sink.close(conn, code, message)`` to close a connection with a CLOSE frame, and
+  ``sink.set_reading(conn, flag)`` to stop and resume reading a producer that is
+  blocked on full queues.
 
 ``now`` is a monotonic number of seconds; ``wall_offset`` turns it into epoch time for
 timestamps and headers. The asyncio server (server.py) is a thin shell around this;
@@ -32,7 +34,7 @@ import msgpack
 from ..errors import BusError, Forbidden, LeaseError, RemoteProtocolError, SubscriptionError
 from ..names import check_name, check_pattern, is_reserved
 from ..protocol import DEFAULT_MAX_FRAME, PROTOCOL_VERSION, BodyKind, Op, check_frame
-from .queues import MAX_PREFETCH, PARK_LIMIT, Consumer, QMsg, QueueRouter
+from .queues import MAX_PREFETCH, PARK_LIMIT, Consumer, QMsg, QueueRouter, pack_message
 from .settings import BadOption
 from .timers import Timers
 from .topics import Subscription, TopicRouter
@@ -61,6 +63,10 @@ class Sink(Protocol):
     """The broker core's outputs. The server implements it over sockets; tests record."""
 
     def send(self, conn: int, frame: list[Any]) -> None: ...
+
+    def send_raw(self, conn: int, data: bytes) -> None:
+        """Write an already encoded frame (deliveries and events are built from the
+        stored message bytes, not re-encoded)."""
 
     def close(self, conn: int, code: str, message: str) -> None: ...
 
@@ -111,6 +117,7 @@ class BrokerCore:
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
     ) -> None:
         self._sink = sink
+        self._packb = msgpack.Packer().pack
         self._conns: dict[int, Conn] = {}
         self.timers = Timers()
         self.queues = QueueRouter(self, self.timers, wall_offset)
@@ -222,8 +229,8 @@ class BrokerCore:
 
     # -- sink side of the routers ---------------------------------------------------
 
-    def send(self, conn: int, frame: list[Any]) -> None:
-        self._sink.send(conn, frame)
+    def send_raw(self, conn: int, data: bytes) -> None:
+        self._sink.send_raw(conn, data)
 
     def reply_ok(self, conn: int, rid: int, result: Any = None) -> None:
         """OK for request ``rid``; rid 0 asked for no reply."""
@@ -307,9 +314,13 @@ class BrokerCore:
             if is_reserved(name):
                 raise Forbidden(f"queue name {name!r}: names starting with '$' are reserved")
             queue = self.queues.get(name)
-        msg = QMsg(self._new_id(), body, kind, headers or None, now + self.wall_offset, expires,
-                   (conn.id, token) if token is not None else None)
-        self.queues.send(conn.id, rid, queue, msg, now)
+        packed = pack_message(self._new_id(), name, body, kind, headers or None,
+                              now + self.wall_offset)
+        if expires is None and token is None:
+            self.queues.send(conn.id, rid, queue, packed, now)
+        else:
+            reply = (conn.id, token) if token is not None else None
+            self.queues.send(conn.id, rid, queue, QMsg(packed, expires, reply), now)
 
     def _on_publish(self, conn: Conn, frame: list[Any], now: float) -> None:
         if len(frame) != 5:
@@ -329,13 +340,13 @@ class BrokerCore:
         elif (type(body) is not bytes or type(kind) is not int or not 0 <= kind <= 1
               or (headers is not None and not _valid_headers(headers))):
             check_frame(frame)
-        self.topics.publish((self._new_id(), topic, body, kind, headers or None,
-                             now + self.wall_offset))
+        self.topics.publish(topic, self._packb(
+            [self._new_id(), topic, body, kind, headers or None, now + self.wall_offset]))
 
     def _presence(self, topic: str, conn: Conn, now: float) -> None:
-        body = msgpack.packb(conn.describe())
-        self.topics.publish((self._new_id(), topic, body, BodyKind.PACKED, None,
-                             now + self.wall_offset))
+        body = self._packb(conn.describe())
+        self.topics.publish(topic, self._packb(
+            [self._new_id(), topic, body, BodyKind.PACKED, None, now + self.wall_offset]))
 
     def _check_sid(self, conn: Conn, sid: int) -> None:
         if sid in conn.subs or sid in conn.consumers:

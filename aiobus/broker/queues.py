@@ -2,6 +2,14 @@
 
 Theory of operation
 -------------------
+Storage. A queued message is its encoded wire form: the msgpack array
+``[id, queue, body, kind, headers, timestamp]`` that DELIVER frames carry as is, so a
+delivery copies no field and re-encodes nothing. A message that never failed, has no TTL
+and is not a request is stored as that ``bytes`` object alone (the common case, and the
+cheapest in memory); one that needs state (failed attempts, an expiry, a reply route,
+its last consumer) is wrapped in a :class:`QMsg` the first time it does. An *item* below
+is either.
+
 A message (:class:`QMsg`) is in exactly one place, recorded in ``msg.state``:
 
 * ``READY``: in its queue's ``ready`` deque, waiting for a consumer;
@@ -11,6 +19,7 @@ A message (:class:`QMsg`) is in exactly one place, recorded in ``msg.state``:
 * ``PARKED``: sent to a full queue with ``overflow="block"``; admitted when room frees;
 * ``GONE``: acked, dead-lettered, or discarded.
 
+(A bare ``bytes`` item is READY while in the deque and LEASED while a lease holds it.)
 Every transition goes through a method of :class:`QueueRouter`; that is the seam where a
 journal will record them. Leaving ``READY`` by TTL expiry marks the message ``GONE``
 where it sits in the deque (removal from the middle of a deque is O(n)); ``pump`` skips
@@ -40,12 +49,15 @@ from collections import deque
 from enum import IntEnum
 from typing import Any, Protocol
 
+import msgpack
+
 from ..errors import LeaseError, NotARequest, QueueFull, QueueMismatch
 from ..protocol import Op
 from .settings import BadOption, QueueSettings
 from .timers import Timers
 
-__all__ = ["Consumer", "Lease", "MsgState", "QMsg", "Queue", "QueueRouter"]
+__all__ = ["Consumer", "Item", "Lease", "MsgState", "QMsg", "Queue", "QueueRouter",
+           "pack_message"]
 
 MAX_PREFETCH = 65535
 # A producer with this many sends parked on full queues stops being read until some are
@@ -61,29 +73,26 @@ class MsgState(IntEnum):
     GONE = 4  # acked, dead-lettered, discarded or expired
 
 
+_packb = msgpack.Packer().pack
+_FIRST_ATTEMPT_TAIL = _packb(1) + _packb(None)  # DELIVER's attempt 1, reply_to nil
+
+
+def pack_message(id: str, queue: str, body: bytes, kind: int,
+                 headers: dict[str, str] | None, timestamp: float) -> bytes:
+    """The stored and delivered form of a queue message (see the module docstring)."""
+    return _packb([id, queue, body, kind, headers, timestamp])  # type: ignore[no-any-return]
+
+
 class QMsg:
-    """One queued message. ``failures`` counts failed attempts; attempt = failures + 1."""
+    """A queued message with state. ``failures`` counts failed attempts (attempt =
+    failures + 1); ``packed`` is its wire form."""
 
-    __slots__ = (
-        "body", "expires", "failures", "headers", "id", "kind", "last_consumer",
-        "last_reason", "reply", "state", "timestamp",
-    )
+    __slots__ = ("expires", "failures", "last_consumer", "last_reason", "packed", "reply",
+                 "state")
 
-    def __init__(
-        self,
-        id: str,
-        body: bytes,
-        kind: int,
-        headers: dict[str, str] | None,
-        timestamp: float,
-        expires: float | None,
-        reply: tuple[int, int] | None,
-    ) -> None:
-        self.id = id
-        self.body = body
-        self.kind = kind
-        self.headers = headers
-        self.timestamp = timestamp
+    def __init__(self, packed: bytes, expires: float | None = None,
+                 reply: tuple[int, int] | None = None) -> None:
+        self.packed = packed
         self.expires = expires
         self.reply = reply  # (requester connection id, its token) for a request
         self.failures = 0
@@ -91,11 +100,22 @@ class QMsg:
         self.last_reason: str | None = None
         self.last_consumer: tuple[int, int] | None = None  # (pid, uid)
 
+    def fields(self) -> list[Any]:
+        """``[id, queue, body, kind, headers, timestamp]`` decoded (the rare paths)."""
+        return msgpack.unpackb(self.packed)  # type: ignore[no-any-return]
+
+
+Item = bytes | QMsg  # a stateless message is just its packed form
+
+
+def _promote(item: Item) -> QMsg:
+    return QMsg(item) if type(item) is bytes else item  # type: ignore[return-value]
+
 
 class Lease:
     __slots__ = ("consumer", "deadline", "expired", "extended", "msg", "tag")
 
-    def __init__(self, tag: int, msg: QMsg, consumer: Consumer, deadline: float) -> None:
+    def __init__(self, tag: int, msg: Item, consumer: Consumer, deadline: float) -> None:
         self.tag = tag
         self.msg = msg
         self.consumer = consumer
@@ -105,8 +125,8 @@ class Lease:
 
 
 class Consumer:
-    __slots__ = ("active", "conn", "in_available", "leases", "pid", "prefetch", "queue", "sid",
-                 "uid", "zombies")
+    __slots__ = ("active", "conn", "in_available", "leases", "pid", "prefetch", "prefix",
+                 "queue", "sid", "uid", "zombies")
 
     def __init__(
         self, conn: int, sid: int, queue: Queue, prefetch: int, pid: int, uid: int
@@ -121,6 +141,8 @@ class Consumer:
         self.active = True
         self.in_available = False
         self.zombies = 0  # expired leases not yet answered: while > 0, nothing new is sent
+        # DELIVER [30, sid, tag, message, attempt, reply_to]: its first two elements.
+        self.prefix: bytes = b"\x96" + _packb(int(Op.DELIVER)) + _packb(sid)
 
 
 class Queue:
@@ -148,14 +170,14 @@ class Queue:
         self.name = name
         self.settings = settings
         self.explicit = explicit  # declared (True) or created by first use (False)
-        self.ready: deque[QMsg] = deque()
+        self.ready: deque[Item] = deque()
         self.ready_len = 0  # live READY messages (the deque may hold GONE tombstones)
         self.delayed = 0
         self.leases: dict[int, Lease] = {}  # active, non-extended leases, in deadline order
         self.lease_timer: float | None = None  # deadline of the armed lease timer, if any
         self.consumers: list[Consumer] = []
         self.available: deque[Consumer] = deque()  # consumers with a free prefetch slot
-        self.parked: deque[tuple[int, int, QMsg]] = deque()  # (conn, rid, msg), blocked sends
+        self.parked: deque[tuple[int, int, Item]] = deque()  # (conn, rid, item): blocked sends
         self.sent = self.delivered = self.acked = 0
         self.dead_lettered = self.expired = self.discarded = 0
 
@@ -189,7 +211,7 @@ class Queue:
 class QueueSink(Protocol):
     """What the router needs from its owner (the broker core)."""
 
-    def send(self, conn: int, frame: list[Any]) -> None: ...
+    def send_raw(self, conn: int, data: bytes) -> None: ...
 
     def reply_ok(self, conn: int, rid: int) -> None: ...
 
@@ -203,6 +225,7 @@ class QueueRouter:
         self.queues: dict[str, Queue] = {}
         self.leases: dict[int, Lease] = {}  # every lease a consumer holds, zombies too
         self._sink = sink
+        self._send_raw = sink.send_raw
         self._timers = timers
         self._next_tag = 1
         self.wall_offset = wall_offset  # wall clock = now + wall_offset (for headers)
@@ -250,7 +273,7 @@ class QueueRouter:
 
     # -- producing ------------------------------------------------------------------
 
-    def send(self, conn: int, rid: int, queue: Queue, msg: QMsg, now: float) -> None:
+    def send(self, conn: int, rid: int, queue: Queue, msg: Item, now: float) -> None:
         """A message from ``conn``; confirms with OK to ``rid`` (0: no confirmation)."""
         if queue.parked:
             if any(c == conn for c, _, _ in queue.parked):
@@ -270,7 +293,7 @@ class QueueRouter:
             if not self._drop_oldest(queue, now):
                 # Only delayed messages fill the queue: the new one is the one to go.
                 queue.sent += 1
-                self.dead_letter(queue, msg, "overflow", None, now)
+                self.dead_letter(queue, _promote(msg), "overflow", None, now)
                 if rid:
                     self._sink.reply_ok(conn, rid)
                 return
@@ -278,8 +301,9 @@ class QueueRouter:
         if rid:
             self._sink.reply_ok(conn, rid)
 
-    def _park(self, conn: int, rid: int, queue: Queue, msg: QMsg) -> None:
-        msg.state = MsgState.PARKED
+    def _park(self, conn: int, rid: int, queue: Queue, msg: Item) -> None:
+        if type(msg) is QMsg:
+            msg.state = MsgState.PARKED
         queue.parked.append((conn, rid, msg))
         self._sink.set_parked(conn, +1, queue.name)
 
@@ -287,20 +311,23 @@ class QueueRouter:
         ready = queue.ready
         while ready:
             oldest = ready.popleft()
-            if oldest.state is MsgState.READY:
+            if type(oldest) is bytes or oldest.state is MsgState.READY:  # type: ignore[union-attr]
                 queue.ready_len -= 1
-                self.dead_letter(queue, oldest, "overflow", None, now)
+                self.dead_letter(queue, _promote(oldest), "overflow", None, now)
                 return True
         return False
 
-    def _accept(self, queue: Queue, msg: QMsg, now: float, *, pump: bool = True) -> None:
+    def _accept(self, queue: Queue, msg: Item, now: float, *, pump: bool = True) -> None:
         queue.sent += 1
         ttl = queue.settings.ttl
-        if ttl is not None and msg.expires is None:
-            msg.expires = now + ttl
-        if msg.expires is not None:
-            self._timers.call_at(msg.expires, self._on_ttl, (queue, msg))
-        msg.state = MsgState.READY
+        if ttl is not None:
+            msg = _promote(msg)
+            if msg.expires is None:
+                msg.expires = now + ttl
+        if type(msg) is QMsg:
+            if msg.expires is not None:
+                self._timers.call_at(msg.expires, self._on_ttl, (queue, msg))
+            msg.state = MsgState.READY
         queue.ready.append(msg)
         queue.ready_len += 1
         if pump:
@@ -326,10 +353,11 @@ class QueueRouter:
             queue = self.queues.get(name)
             if queue is None or not queue.parked:
                 continue
-            kept: deque[tuple[int, int, QMsg]] = deque()
+            kept: deque[tuple[int, int, Item]] = deque()
             for item in queue.parked:
                 if item[0] == conn:
-                    item[2].state = MsgState.GONE
+                    if type(item[2]) is QMsg:
+                        item[2].state = MsgState.GONE
                     dropped += 1
                 else:
                     kept.append(item)
@@ -346,12 +374,14 @@ class QueueRouter:
         while True:
             while queue.ready_len and available:
                 msg = ready.popleft()
-                if msg.state is not MsgState.READY:
-                    continue  # tombstone of an expired message
+                if type(msg) is QMsg:
+                    if msg.state is not MsgState.READY:
+                        continue  # tombstone of an expired message
+                    if msg.expires is not None and msg.expires <= now:
+                        queue.ready_len -= 1
+                        self._expire(queue, msg, now)
+                        continue
                 queue.ready_len -= 1
-                if msg.expires is not None and msg.expires <= now:
-                    self._expire(queue, msg, now)
-                    continue
                 consumer = available.popleft()
                 self._deliver(queue, consumer, msg, now)
                 if len(consumer.leases) < consumer.prefetch:
@@ -361,12 +391,19 @@ class QueueRouter:
             if not (queue.parked and self._admit_parked(queue, now)):
                 return
 
-    def _deliver(self, queue: Queue, consumer: Consumer, msg: QMsg, now: float) -> None:
+    def _deliver(self, queue: Queue, consumer: Consumer, msg: Item, now: float) -> None:
         tag = self._next_tag
         self._next_tag = tag + 1
         deadline = now + queue.settings.ack_timeout
         lease = Lease(tag, msg, consumer, deadline)
-        msg.state = MsgState.LEASED
+        if type(msg) is bytes:
+            packed, tail = msg, _FIRST_ATTEMPT_TAIL
+        else:
+            msg.state = MsgState.LEASED  # type: ignore[union-attr]
+            packed = msg.packed  # type: ignore[union-attr]
+            reply = msg.reply  # type: ignore[union-attr]
+            tail = _packb(msg.failures + 1) + _packb(  # type: ignore[union-attr]
+                f"{reply[0]}.{reply[1]}" if reply is not None else None)
         queue.leases[tag] = lease
         consumer.leases[tag] = lease
         self.leases[tag] = lease
@@ -374,12 +411,7 @@ class QueueRouter:
         if queue.lease_timer is None:
             queue.lease_timer = deadline
             self._timers.call_at(deadline, self._on_lease_timer, queue)
-        reply = msg.reply
-        self._sink.send(consumer.conn, [
-            Op.DELIVER, consumer.sid, tag, msg.id, queue.name, msg.body, msg.kind,
-            msg.headers, msg.timestamp, msg.failures + 1,
-            f"{reply[0]}.{reply[1]}" if reply is not None else None,
-        ])
+        self._send_raw(consumer.conn, consumer.prefix + _packb(tag) + packed + tail)
 
     # -- consumers ------------------------------------------------------------------
 
@@ -401,15 +433,15 @@ class QueueRouter:
             consumer.in_available = False
         # In delivery order (dead letters and delays keep it); what goes back to the front
         # of the queue goes newest first, so it too ends up in delivery order.
-        front: list[QMsg] = []
+        front: list[Item] = []
         for tag, lease in consumer.leases.items():
             del self.leases[tag]
             if lease.expired:
                 continue
             self._unlease(queue, lease)
             if failed:
-                self._record_consumer(lease)
-                self._fail(queue, lease.msg, None, "connection-lost", now, front=front)
+                msg = self._record_consumer(lease)
+                self._fail(queue, msg, None, "connection-lost", now, front=front)
             else:
                 front.append(lease.msg)
         consumer.leases.clear()
@@ -456,7 +488,8 @@ class QueueRouter:
     def ack(self, conn: int, tag: int, now: float) -> None:
         lease = self._take(conn, tag, "ack", now)
         queue = lease.consumer.queue
-        lease.msg.state = MsgState.GONE
+        if type(lease.msg) is QMsg:
+            lease.msg.state = MsgState.GONE
         queue.acked += 1
         self._free_slot(lease.consumer, now)
 
@@ -465,15 +498,15 @@ class QueueRouter:
         if delay is not None and (not math.isfinite(delay) or delay < 0):
             raise BadOption("nack delay must be a non-negative number of seconds or None")
         lease = self._take(conn, tag, "nack", now)
-        self._record_consumer(lease)
-        self._fail(lease.consumer.queue, lease.msg, delay, reason, now)
+        msg = self._record_consumer(lease)
+        self._fail(lease.consumer.queue, msg, delay, reason, now)
         self._free_slot(lease.consumer, now)
 
     def reject(self, conn: int, tag: int, reason: str | None, now: float) -> None:
         lease = self._take(conn, tag, "reject", now)
-        self._record_consumer(lease)
-        lease.msg.failures += 1
-        self.dead_letter(lease.consumer.queue, lease.msg, "rejected", reason, now)
+        msg = self._record_consumer(lease)
+        msg.failures += 1
+        self.dead_letter(lease.consumer.queue, msg, "rejected", reason, now)
         self._free_slot(lease.consumer, now)
 
     def extend(self, conn: int, tag: int, seconds: float, now: float) -> None:
@@ -493,26 +526,30 @@ class QueueRouter:
         """Ack a request's lease and return its reply route (requester conn, token)."""
         lease = self.leases.get(tag)
         if (lease is not None and lease.consumer.conn == conn and not lease.expired
-                and lease.msg.reply is None):
+                and (type(lease.msg) is bytes or lease.msg.reply is None)):  # type: ignore[union-attr]
             raise NotARequest(
                 f"delivery {tag} was sent with send(), not request(): there is nobody to reply"
                 " to; ack it instead"
             )
         lease = self._take(conn, tag, "reply to", now)
-        assert lease.msg.reply is not None
-        lease.msg.state = MsgState.GONE
+        msg = lease.msg
+        assert type(msg) is QMsg and msg.reply is not None
+        msg.state = MsgState.GONE
         lease.consumer.queue.acked += 1
         self._free_slot(lease.consumer, now)
-        return lease.msg.reply
+        return msg.reply
 
     @staticmethod
-    def _record_consumer(lease: Lease) -> None:
-        lease.msg.last_consumer = (lease.consumer.pid, lease.consumer.uid)
+    def _record_consumer(lease: Lease) -> QMsg:
+        """Note who held the message last (for dead-letter headers); returns it as QMsg."""
+        msg = lease.msg = _promote(lease.msg)
+        msg.last_consumer = (lease.consumer.pid, lease.consumer.uid)
+        return msg
 
     # -- failure, retry, dead letters -----------------------------------------------
 
     def _fail(self, queue: Queue, msg: QMsg, delay: float | None, reason: str | None,
-              now: float, *, front: list[QMsg] | None = None) -> None:
+              now: float, *, front: list[Item] | None = None) -> None:
         """Count a failed attempt; dead-letter after max_deliveries, else retry. With
         ``front``, a message to retry at once is collected there instead of requeued."""
         msg.failures += 1
@@ -539,22 +576,23 @@ class QueueRouter:
         else:
             self._requeue(queue, msg, now)
 
-    def _requeue_all(self, queue: Queue, msgs: list[QMsg], now: float) -> None:
+    def _requeue_all(self, queue: Queue, msgs: list[Item], now: float) -> None:
         """Put messages back at the front in the order given, then deliver."""
         for msg in reversed(msgs):
             self._requeue(queue, msg, now, pump=False)
         self.pump(queue, now)
 
-    def _requeue(self, queue: Queue, msg: QMsg, now: float, *, pump: bool = True) -> None:
+    def _requeue(self, queue: Queue, msg: Item, now: float, *, pump: bool = True) -> None:
         """Back to the front of the queue: it is older than what waits behind it."""
-        expires = msg.expires
-        if expires is not None:
-            if expires <= now:
-                self._expire(queue, msg, now)
-                return
-            # Its TTL timer may have fired while it was leased or delayed: arm another.
-            self._timers.call_at(expires, self._on_ttl, (queue, msg))
-        msg.state = MsgState.READY
+        if type(msg) is QMsg:
+            expires = msg.expires
+            if expires is not None:
+                if expires <= now:
+                    self._expire(queue, msg, now)
+                    return
+                # Its TTL timer may have fired while it was leased or delayed: arm another.
+                self._timers.call_at(expires, self._on_ttl, (queue, msg))
+            msg.state = MsgState.READY
         queue.ready.appendleft(msg)
         queue.ready_len += 1
         if pump:
@@ -584,7 +622,8 @@ class QueueRouter:
             queue.discarded += 1
             return
         queue.dead_lettered += 1
-        headers = dict(msg.headers) if msg.headers else {}
+        mid, _, body, kind, old_headers, timestamp = msg.fields()
+        headers = dict(old_headers) if old_headers else {}
         headers["x-original-queue"] = queue.name
         headers["x-dead-reason"] = reason
         headers["x-attempts"] = str(msg.failures)
@@ -595,8 +634,8 @@ class QueueRouter:
         if msg.last_consumer is not None:
             headers["x-consumer-pid"] = str(msg.last_consumer[0])
             headers["x-consumer-uid"] = str(msg.last_consumer[1])
-        dead = QMsg(msg.id, msg.body, msg.kind, headers, msg.timestamp, None, None)
-        self._accept(self.get(target), dead, now)
+        self._accept(self.get(target), pack_message(mid, target, body, kind, headers, timestamp),
+                     now)
 
     # -- timers ---------------------------------------------------------------------
 
@@ -610,7 +649,7 @@ class QueueRouter:
                 self._timers.call_at(lease.deadline, self._on_lease_timer, queue)
                 break
             due.append(lease)
-        front: list[QMsg] = []
+        front: list[Item] = []
         for lease in due:
             del leases[lease.tag]
             self._expire_lease(queue, lease, now, front=front)
@@ -623,15 +662,15 @@ class QueueRouter:
         self._expire_lease(lease.consumer.queue, lease, now)
 
     def _expire_lease(self, queue: Queue, lease: Lease, now: float, *,
-                      front: list[QMsg] | None = None) -> None:
+                      front: list[Item] | None = None) -> None:
         lease.expired = True  # stays in the consumer's window until answered
         consumer = lease.consumer
         consumer.zombies += 1
         if consumer.in_available:  # stalled: no new work until it answers the zombie
             queue.available.remove(consumer)
             consumer.in_available = False
-        self._record_consumer(lease)
-        self._fail(queue, lease.msg, None, "ack-timeout", now, front=front)
+        msg = self._record_consumer(lease)
+        self._fail(queue, msg, None, "ack-timeout", now, front=front)
 
     def _on_delay_done(self, item: tuple[Queue, QMsg], now: float) -> None:
         queue, msg = item

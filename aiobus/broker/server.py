@@ -348,6 +348,17 @@ class Broker:
                 self.loop.call_soon(self._flush)
         conn.out.append(self._packb(frame))
 
+    def send_raw(self, conn_id: int, data: bytes) -> None:
+        conn = self._conns.get(conn_id)
+        if conn is None or conn.closing:
+            return
+        if not conn.out:
+            self._dirty.append(conn)
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                self.loop.call_soon(self._flush)
+        conn.out.append(data)
+
     def _flush(self) -> None:
         self._flush_scheduled = False
         dirty, self._dirty = self._dirty, []

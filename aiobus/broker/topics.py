@@ -27,6 +27,8 @@ from __future__ import annotations
 from collections import deque
 from typing import Any, Protocol
 
+import msgpack
+
 from ..errors import InvalidOption
 from ..names import TopicIndex
 from ..protocol import Op
@@ -39,20 +41,22 @@ MAX_PENDING_LIMIT = 1_000_000
 
 BadSubscription = InvalidOption
 
-# (id, topic, body, kind, headers, timestamp): one published message, shared by every
-# subscription it is queued for.
-Event = tuple[str, str, bytes, int, "dict[str, str] | None", float]
+# One published message, encoded once as the array [id, topic, body, kind, headers,
+# timestamp] that every EVENT frame carries as is, and shared by every subscription.
+Event = bytes
+_packb = msgpack.Packer().pack
+_NO_GAP = _packb(0)
 
 
 class TopicSink(Protocol):
-    def send(self, conn: int, frame: list[Any]) -> None: ...
+    def send_raw(self, conn: int, data: bytes) -> None: ...
 
     def slow_consumer(self, conn: int, message: str) -> None: ...
 
 
 class Subscription:
     __slots__ = ("conn", "credit", "delivered", "dropped", "dropped_since", "max_pending",
-                 "pattern", "pending", "policy", "sid")
+                 "pattern", "pending", "policy", "prefix", "sid")
 
     def __init__(self, conn: int, sid: int, pattern: str, max_pending: int, policy: str) -> None:
         self.conn = conn
@@ -65,6 +69,8 @@ class Subscription:
         self.dropped = 0  # total drops
         self.dropped_since = 0  # drops since the last event queued or sent
         self.delivered = 0
+        # EVENT [31, sid, message, dropped]: its first two elements, encoded once.
+        self.prefix: bytes = b"\x94" + _packb(int(Op.EVENT)) + _packb(sid)
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -101,20 +107,25 @@ class TopicRouter:
         self.index.remove(sub.pattern, sub)
         sub.pending.clear()
 
-    def publish(self, event: Event) -> int:
-        """Fan ``event`` out; returns the number of subscriptions it matched."""
+    def publish(self, topic: str, event: Event) -> int:
+        """Fan ``event`` (published on ``topic``) out; returns how many subscriptions it
+        matched."""
         self.published += 1
-        subs = self.index.match(event[1])
+        subs = self.index.match(topic)
         if not subs:
             self.unrouted += 1
             return 0
-        send = self._sink.send
+        send_raw = self._sink.send_raw
         for sub in subs:
             if sub.credit and not sub.pending:
                 sub.credit -= 1
                 sub.delivered += 1
-                dropped, sub.dropped_since = sub.dropped_since, 0
-                send(sub.conn, [Op.EVENT, sub.sid, *event, dropped])
+                gap = sub.dropped_since
+                if gap:
+                    sub.dropped_since = 0
+                    send_raw(sub.conn, sub.prefix + event + _packb(gap))
+                else:
+                    send_raw(sub.conn, sub.prefix + event + _NO_GAP)
             else:
                 self._hold(sub, event)
         return len(subs)
@@ -151,9 +162,9 @@ class TopicRouter:
         """The client consumed ``n`` events: send what is pending, up to the new credit."""
         sub.credit = min(sub.credit + n, sub.max_pending)
         pending = sub.pending
-        send = self._sink.send
+        send_raw = self._sink.send_raw
         while sub.credit and pending:
             gap, event = pending.popleft()
             sub.credit -= 1
             sub.delivered += 1
-            send(sub.conn, [Op.EVENT, sub.sid, *event, gap])
+            send_raw(sub.conn, sub.prefix + event + _packb(gap))

@@ -48,21 +48,19 @@ class Message:
     # A message keeps the decoded DELIVER or EVENT frame it came in and reads its fields
     # from it on access: building a dozen attributes per message cost more than the rest
     # of the client's receive path (see docs/performance.md).
-    __slots__ = ("_answered", "_body", "_bus", "_f")
+    __slots__ = ("_answered", "_body", "_bus", "_f", "_m")
 
     _f: list[Any]
+    _m: list[Any]
 
     def __init__(self, bus: Bus, frame: list[Any]) -> None:
         self._bus = bus
         self._f = frame
+        # DELIVER [30, sid, tag, message, attempt, reply_to], EVENT [31, sid, message,
+        # dropped]; message [id, queue or topic, body, kind, headers, timestamp].
+        self._m = frame[3] if frame[0] == _DELIVER else frame[2]
         self._body: Any = _UNDECODED
         self._answered = False
-
-    # Field positions: DELIVER [30, sid, tag, id, queue, body, kind, headers, ts, attempt,
-    # reply_to]; EVENT [31, sid, id, topic, body, kind, headers, ts, dropped].
-    @property
-    def _is_queue(self) -> bool:
-        return bool(self._f[0] == _DELIVER)
 
     @property
     def _tag(self) -> int:
@@ -70,57 +68,50 @@ class Message:
 
     @property
     def id(self) -> str:
-        f = self._f
-        return str(f[3] if f[0] == _DELIVER else f[2])
+        return str(self._m[0])
 
     @property
     def queue(self) -> str | None:
-        f = self._f
-        return f[4] if f[0] == _DELIVER else None
+        return self._m[1] if self._f[0] == _DELIVER else None
 
     @property
     def topic(self) -> str | None:
-        f = self._f
-        return None if f[0] == _DELIVER else f[3]
+        return None if self._f[0] == _DELIVER else self._m[1]
 
     @property
     def raw_body(self) -> bytes:
-        f = self._f
-        return f[5] if f[0] == _DELIVER else f[4]  # type: ignore[no-any-return]
+        return self._m[2]  # type: ignore[no-any-return]
 
     @property
     def _kind(self) -> int:
-        f = self._f
-        return f[6] if f[0] == _DELIVER else f[5]  # type: ignore[no-any-return]
+        return self._m[3]  # type: ignore[no-any-return]
 
     @property
     def headers(self) -> dict[str, str]:
-        f = self._f
-        i = 7 if f[0] == _DELIVER else 6
-        headers = f[i]
+        m = self._m
+        headers = m[4]
         if headers is None:
-            headers = f[i] = {}
+            headers = m[4] = {}
         return headers  # type: ignore[no-any-return]
 
     @property
     def timestamp(self) -> float:
-        f = self._f
-        return float(f[8] if f[0] == _DELIVER else f[7])
+        return float(self._m[5])
 
     @property
     def attempt(self) -> int:
         f = self._f
-        return f[9] if f[0] == _DELIVER else 1
+        return f[4] if f[0] == _DELIVER else 1
 
     @property
     def dropped(self) -> int:
         f = self._f
-        return 0 if f[0] == _DELIVER else f[8]
+        return 0 if f[0] == _DELIVER else f[3]
 
     @property
     def reply_to(self) -> str | None:
         f = self._f
-        return f[10] if f[0] == _DELIVER else None
+        return f[5] if f[0] == _DELIVER else None
 
     @property
     def body(self) -> Any:

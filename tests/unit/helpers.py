@@ -9,6 +9,7 @@ clock: time moves only when a test calls :meth:`Driver.advance`.
 
 from __future__ import annotations
 
+import io
 import itertools
 from collections import defaultdict
 from typing import Any, NamedTuple
@@ -38,6 +39,13 @@ class RecordingSink:
     def send(self, conn: int, frame: list[Any]) -> None:
         assert type(frame) is list and frame, frame
         self.inbox[conn].append(frame)
+
+    def send_raw(self, conn: int, data: bytes) -> None:
+        """DELIVER and EVENT frames arrive encoded: decode them as a client would, and
+        check that the bytes hold exactly one frame."""
+        frames = list(msgpack.Unpacker(io.BytesIO(data), raw=False))
+        assert len(frames) == 1, frames
+        self.send(conn, frames[0])
 
     def close(self, conn: int, code: str, message: str) -> None:
         self.close_calls.append(conn)
@@ -193,7 +201,8 @@ class Client:
         self.ok(Op.CANCEL, sid)
 
     def deliveries(self) -> list[Delivery]:
-        return [Delivery(*f[1:]) for f in self.take(Op.DELIVER)]
+        # DELIVER [30, sid, tag, message, attempt, reply_to], flattened by name.
+        return [Delivery(f[1], f[2], *f[3], f[4], f[5]) for f in self.take(Op.DELIVER)]
 
     def delivery(self) -> Delivery:
         """Exactly one DELIVER is waiting: take it."""
@@ -230,4 +239,5 @@ class Client:
         self.receive(Op.CREDIT, sid, n)
 
     def events(self) -> list[Event]:
-        return [Event(*f[1:]) for f in self.take(Op.EVENT)]
+        # EVENT [31, sid, message, dropped], flattened by name.
+        return [Event(f[1], *f[2], f[3]) for f in self.take(Op.EVENT)]

@@ -37,7 +37,7 @@ def test_handshake_without_a_name() -> None:
         [Op.PING, 1],
         [Op.SEND, 1, "jobs", b"x", 0, None, None, None],
         [Op.STATS, 1],
-        [Op.DELIVER, 1, 1, "id", "q", b"", 0, None, 0.0, 1, None],
+        [Op.DELIVER, 1, 1, ["id", "q", b"", 0, None, 0.0], 1, None],
     ],
 )
 def test_first_frame_must_be_hello(frame: list[Any]) -> None:
@@ -137,8 +137,9 @@ def test_stats_request() -> None:
         ([Op.OK, 1, None], "unknown-frame", "OK"),
         ([Op.ERROR, 1, "x", "y"], "unknown-frame", "ERROR"),
         ([Op.CLOSE, "x", "y"], "unknown-frame", "CLOSE"),
-        ([Op.DELIVER, 1, 1, "id", "q", b"", 0, None, 0.0, 1, None], "unknown-frame", "DELIVER"),
-        ([Op.EVENT, 1, "id", "t", b"", 0, None, 0.0, 0], "unknown-frame", "EVENT"),
+        ([Op.DELIVER, 1, 1, ["id", "q", b"", 0, None, 0.0], 1, None], "unknown-frame",
+         "DELIVER"),
+        ([Op.EVENT, 1, ["id", "t", b"", 0, None, 0.0], 0], "unknown-frame", "EVENT"),
         ([Op.RESPONSE, 1, b"", 0, None], "unknown-frame", "RESPONSE"),
     ],
 )

@@ -45,8 +45,8 @@ EXAMPLES: dict[Op, list[Any]] = {
     Op.DECLARE: [Op.DECLARE, 11, "jobs", {"max_deliveries": 5, "retry_delays": [1, 2.5]}],
     Op.STATS: [Op.STATS, 12],
     Op.ACK_MANY: [Op.ACK_MANY, [5, 6, 7]],
-    Op.DELIVER: [Op.DELIVER, 2, 123, "b-1", "jobs", b"x", 0, None, 1.7e9, 1, "3.44"],
-    Op.EVENT: [Op.EVENT, 1, "b-2", "weather.hk", b"", 0, {"a": "b"}, 1.7e9, 3],
+    Op.DELIVER: [Op.DELIVER, 2, 123, ["b-1", "jobs", b"x", 0, None, 1.7e9], 1, "3.44"],
+    Op.EVENT: [Op.EVENT, 1, ["b-2", "weather.hk", b"", 0, {"a": "b"}, 1.7e9], 3],
     Op.RESPONSE: [Op.RESPONSE, 44, b"\x07", 1, None],
 }
 
@@ -279,10 +279,10 @@ def _send(**fields: Any) -> list[Any]:
         ([Op.DECLARE, 1, "jobs", None], "bad-field", "DECLARE.options must be dict"),
         ([Op.STATS, "1"], "bad-field", "STATS.rid must be int"),
         ([Op.RESPONSE, 1, b"", 0, {"a": 1}], "bad-field", "RESPONSE.headers must map str"),
-        ([Op.EVENT, 1, "i", "t", b"", 0, None, 0.0, -1], "bad-field",
+        ([Op.EVENT, 1, ["i", "t", b"", 0, None, 0.0], -1], "bad-field",
          "EVENT.dropped must not be negative"),
-        ([Op.DELIVER, 1, 1, "i", "q", b"", 0, None, "now", 1, None], "bad-field",
-         "DELIVER.timestamp must be int or float"),
+        ([Op.DELIVER, 1, 1, "message", 1, None], "bad-field",
+         "DELIVER.message must be list"),
     ],
 )
 def test_check_frame_rejects(frame: Any, code: str, message: str) -> None:
