@@ -6,9 +6,9 @@ when it is not (so a binary file survives the trip unchanged). Arguments come fr
 OS as bytes too: Python decodes them with ``surrogateescape``, and ``os.fsencode`` gives
 the original bytes back.
 
-Stdin is read without blocking the loop when it is a pipe or a terminal, so SIGINT and
-SIGTERM still end a ``send --lines`` fed by ``tail -f``. Regular files (and /dev/null,
-which epoll refuses) never block, so they are read directly.
+Stdin is read without blocking the loop when it is a pipe, socket or terminal, so SIGINT
+and SIGTERM still end a ``send --lines`` fed by ``tail -f``. What the selector refuses
+(regular files, /dev/null) never blocks, so it is read directly.
 
 Output. Text output is for people: one message per line, so a body's control characters
 (newlines included) are escaped and the line stays one line. JSON lines are for scripts:
@@ -22,17 +22,19 @@ import base64
 import contextlib
 import json
 import os
-import stat
+import selectors
 import sys
 from collections.abc import AsyncIterator, Iterable
 from typing import Any, Final
 
 from ..client.message import Message
+from ..errors import BodyDecodeError
 
 __all__ = [
     "CliError",
     "argument_bytes",
     "body_from_bytes",
+    "body_of",
     "message_json",
     "preview",
     "render",
@@ -75,27 +77,30 @@ def argument_bytes(text: str) -> bytes:
     return os.fsencode(text)
 
 
+def _pollable(fd: int) -> bool:
+    """Whether the loop's selector can watch ``fd`` (epoll refuses regular files and
+    /dev/null, which never block anyway)."""
+    with selectors.DefaultSelector() as selector:
+        try:
+            selector.register(fd, selectors.EVENT_READ)
+        except (OSError, ValueError):
+            return False
+    return True
+
+
 async def _stdin_chunks() -> AsyncIterator[bytes]:
     fd = sys.stdin.fileno()
-    mode = os.fstat(fd).st_mode
-    if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISCHR(mode)):
-        while chunk := os.read(fd, _CHUNK):  # a regular file: reads never block
+    if not _pollable(fd):
+        while chunk := os.read(fd, _CHUNK):  # a file: reads never block
             yield chunk
         return
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=_CHUNK)
     was_blocking = os.get_blocking(fd)
     # The transport owns (and closes) its file object, so give it a duplicate of fd 0.
-    pipe = os.fdopen(os.dup(fd), "rb", buffering=0)
-    try:
-        transport, _ = await loop.connect_read_pipe(
-            lambda: asyncio.StreamReaderProtocol(reader), pipe
-        )
-    except (PermissionError, ValueError):  # e.g. /dev/null: epoll refuses it, reads never block
-        pipe.close()
-        while chunk := os.read(fd, _CHUNK):
-            yield chunk
-        return
+    transport, _ = await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(os.dup(fd), "rb", buffering=0)
+    )
     try:
         while chunk := await reader.read(_CHUNK):
             yield chunk
@@ -199,6 +204,17 @@ def _json_key(key: Any) -> str:
     return json.dumps(to_jsonable(key))
 
 
+def body_of(msg: Message) -> Any:
+    """``msg.body``, or its raw bytes (with a line on stderr) when its producer sent bytes
+    that do not decode as the kind it claimed: showing them beats stopping on them."""
+    try:
+        return msg.body
+    except BodyDecodeError:
+        print(f"aiobus: message {msg.id}: the body does not decode as its producer claimed;"
+              " showing its raw bytes", file=sys.stderr)
+        return msg.raw_body
+
+
 def message_json(msg: Message) -> str:
     """One JSON line for a received message.
 
@@ -206,13 +222,14 @@ def message_json(msg: Message) -> str:
     ``dropped``; queue messages: ``queue`` and ``attempt`` instead of ``topic`` and
     ``dropped``. ``base64`` is true when ``body`` is a bytes body in base64.
     """
-    is_bytes = isinstance(msg.body, bytes)
+    body = body_of(msg)
+    is_bytes = isinstance(body, bytes)
     fields: dict[str, Any] = {}
     if msg.topic is not None:
         fields["topic"] = msg.topic
     else:
         fields["queue"] = msg.queue
-    fields["body"] = to_jsonable(msg.body)
+    fields["body"] = to_jsonable(body)
     fields["base64"] = is_bytes
     fields["headers"] = msg.headers
     fields["id"] = msg.id

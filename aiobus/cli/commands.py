@@ -20,6 +20,7 @@ from .bodies import (
     CliError,
     argument_bytes,
     body_from_bytes,
+    body_of,
     message_json,
     render,
     stdin_bodies,
@@ -97,7 +98,7 @@ async def _listen(bus: Bus, args: argparse.Namespace) -> int:
                 if msg.dropped:
                     print(f"aiobus: {msg.dropped} messages dropped before this one"
                           " (this listener fell behind)", file=sys.stderr)
-                _emit(f"{msg.topic} {render(msg.body)}")
+                _emit(f"{msg.topic} {render(body_of(msg))}")
             received += 1
     return 0
 
@@ -110,7 +111,7 @@ async def _consume(bus: Bus, args: argparse.Namespace) -> int:
             msg = await next_message(consumer, args.timeout)
             if msg is None:
                 break
-            _emit(message_json(msg) if args.json else render(msg.body))
+            _emit(message_json(msg) if args.json else render(body_of(msg)))
             if args.reject:
                 await msg.reject(args.reason)
             else:

@@ -30,7 +30,8 @@ from typing import Final
 from ..broker.queues import MAX_PREFETCH  # the most a consumer may lease at once
 from ..client.bus import Bus
 from ..client.message import Message
-from .bodies import CliError, message_json, preview, table
+from ..errors import BodyDecodeError
+from .bodies import CliError, body_of, message_json, preview, table
 from .commands import next_message
 from .options import add_command, positive_int, queue_name
 
@@ -96,7 +97,7 @@ def _row(msg: Message) -> list[str]:
     headers = msg.headers
     return [msg.id, headers.get("x-dead-reason", "-"), headers.get("x-attempts", "-"),
             _dead_time(msg), preview(headers.get("x-reason-text", "-"), 30),
-            preview(msg.body)]
+            preview(body_of(msg))]
 
 
 async def _list(bus: Bus, args: argparse.Namespace) -> int:
@@ -124,16 +125,21 @@ async def _list(bus: Bus, args: argparse.Namespace) -> int:
 
 async def _requeue(bus: Bus, args: argparse.Namespace) -> int:
     dlq, ready = await dead_letter_queue(bus, args.queue)
-    requeued = skipped = 0
+    requeued = skipped = undecodable = 0
 
     async def send_back(msg: Message) -> None:
-        nonlocal requeued, skipped
+        nonlocal requeued, skipped, undecodable
         if msg.headers.get("x-dead-reason") == "too-large":
             skipped += 1  # only the record's head is here; leave it for a person
             return
+        try:
+            body = msg.body
+        except BodyDecodeError:
+            undecodable += 1  # resending would change what it claims to be
+            return
         target = msg.headers.get("x-original-queue") or args.queue
         headers = {k: v for k, v in msg.headers.items() if k not in DEAD_LETTER_HEADERS}
-        await bus.send(target, msg.body, headers)  # accepted by the broker...
+        await bus.send(target, body, headers)  # accepted by the broker...
         await msg.ack()  # ...before it leaves the dead-letter queue
         requeued += 1
 
@@ -142,6 +148,8 @@ async def _requeue(bus: Bus, args: argparse.Namespace) -> int:
     if skipped:
         print(f"left {_letters(skipped)} with reason too-large in {dlq}: each holds only"
               " the head of its record")
+    if undecodable:
+        print(f"left {_letters(undecodable)} whose body does not decode in {dlq}")
     return 0
 
 

@@ -1,0 +1,392 @@
+"""The ``aiobus`` command line, run as the installed console script against a real
+broker process: output, exit codes, signals."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import errno
+import json
+import os
+import shutil
+import signal
+import stat
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import aiobus
+from aiobus.cli.stat import CLEAR, Sample, compute_rates
+
+from .conftest import BrokerProcess, queue_stats, wait_until
+
+pytestmark = pytest.mark.asyncio
+
+AIOBUS = shutil.which("aiobus", path=os.path.dirname(sys.executable))
+TIMEOUT = 20.0  # per command; a slow CI box, not the commands, sets this
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+    @property
+    def lines(self) -> list[str]:
+        return self.out.splitlines()
+
+
+async def start(*args: str, stdin: bool = False) -> asyncio.subprocess.Process:
+    assert AIOBUS is not None, "the aiobus console script is not installed next to python"
+    return await asyncio.create_subprocess_exec(
+        AIOBUS, *args,
+        stdin=asyncio.subprocess.PIPE if stdin else asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+
+
+async def finish(proc: asyncio.subprocess.Process, stdin: bytes | None = None,
+                 timeout: float = TIMEOUT) -> Result:
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(stdin), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    assert proc.returncode is not None
+    return Result(proc.returncode, out.decode(), err.decode())
+
+
+async def run(*args: str, stdin: bytes | None = None) -> Result:
+    return await finish(await start(*args, stdin=stdin is not None), stdin)
+
+
+@pytest.fixture
+def cli(broker: BrokerProcess) -> Any:
+    """``await cli("send", "q", "x")``: the command against the ``broker`` fixture (with
+    ``--socket`` after the subcommand; tests also pass it before)."""
+
+    async def call(*args: str, stdin: bytes | None = None) -> Result:
+        return await run(*args, "--socket", broker.path, stdin=stdin)
+
+    return call
+
+
+async def subscriptions(bus: aiobus.Bus, pattern: str) -> int:
+    stats = await bus.stats()
+    return sum(1 for sub in stats["topics"]["subscriptions"] if sub["pattern"] == pattern)
+
+
+async def drain(bus: aiobus.Bus, queue: str, count: int) -> list[aiobus.Message]:
+    got = []
+    async with bus.consume(queue, prefetch=count) as consumer:
+        for _ in range(count):
+            msg = await asyncio.wait_for(anext(consumer), 5)
+            await msg.ack()
+            got.append(msg)
+    return got
+
+
+# -- no broker needed ---------------------------------------------------------------
+
+
+COMMANDS = [[], ["send"], ["publish"], ["listen"], ["consume"], ["request"], ["stat"],
+            ["dlq"], ["dlq", "list"], ["dlq", "requeue"], ["dlq", "purge"], ["fifo-in"],
+            ["fifo-out"], ["signal-out"]]
+
+
+async def test_help_of_every_command_and_version() -> None:
+    results = await asyncio.gather(*(run(*command, "--help") for command in COMMANDS))
+    for command, result in zip(COMMANDS, results, strict=True):
+        assert result.code == 0, (command, result.err)
+        assert result.out.startswith(f"usage: aiobus {' '.join(command)}".rstrip()), command
+        assert "--socket PATH" in result.out and "exit status" in result.out, command
+    version = await run("--version")
+    assert (version.code, version.out) == (0, f"aiobus {aiobus.__version__}\n")
+
+
+BAD_USAGE = [
+    [], ["frobnicate"], ["send"], ["send", "bad name", "x"], ["send", "q", "x", "--lines"],
+    ["send", "q", "{", "--json"], ["send", "q", "x", "--header", "novalue"],
+    ["publish", "$sys.x", "x"], ["listen", "a.>.b"], ["consume", "q", "--count", "0"],
+    ["stat", "--watch", "-1"], ["dlq", "list"], ["signal-out", "--topic", "t", "--pid", "1"],
+    ["signal-out", "--topic", "t", "--pid", "1", "--signal", "NOPE"],
+    ["fifo-in", "/tmp/x", "--queue", "q", "--topic", "t"],
+]
+
+
+async def test_bad_usage_exits_2() -> None:
+    # Usage is checked before connecting: the socket does not exist.
+    results = await asyncio.gather(
+        *(run(*args, "--socket", "/nonexistent/aiobus.sock") for args in BAD_USAGE)
+    )
+    for args, result in zip(BAD_USAGE, results, strict=True):
+        assert result.code == 2 and result.out == "", (args, result)
+        assert result.err.rstrip().splitlines()[-1].startswith("aiobus"), (args, result)
+
+
+async def test_no_broker_exits_1_with_one_line(short_tmp: Path) -> None:
+    path = str(short_tmp / "none.sock")
+    results = await asyncio.gather(
+        run("--socket", path, "send", "q", "x"),
+        run("listen", "a.*", "--socket", path),
+        run("stat", "--socket", path),
+        run("dlq", "list", "q", "--socket", path),
+    )
+    for result in results:
+        assert result.code == 1, result
+        assert result.out == ""
+        assert result.err.count("\n") == 1 and result.err.startswith("aiobus: "), result.err
+        assert path in result.err and "no aiobus broker" in result.err
+
+
+async def test_rates_from_two_samples() -> None:  # async: the module is marked asyncio
+    before = Sample(10.0, {"queues": {"q": {"sent": 5, "acked": 1, "delivered": 2,
+                                            "dead_lettered": 0}},
+                           "topics": {"published": 3}})
+    after = Sample(12.0, {"queues": {"q": {"sent": 25, "acked": 11, "delivered": 12,
+                                           "dead_lettered": 0},
+                                     "new": {"sent": 4, "acked": 0, "delivered": 0,
+                                             "dead_lettered": 0}},
+                          "topics": {"published": 1}})
+    rates = compute_rates(before, after)
+    assert rates is not None and rates["interval"] == 2.0
+    assert rates["queues"]["q"] == {"sent": 10.0, "delivered": 5.0, "acked": 5.0,
+                                    "dead_lettered": 0.0}
+    assert rates["queues"]["new"]["sent"] == 2.0  # created between the samples
+    assert rates["published"] is None  # the counter went down: a restarted broker
+    assert compute_rates(None, after) is None
+
+
+# -- against a broker -----------------------------------------------------------------
+
+
+async def test_send_from_argument_stdin_lines_and_json(bus: aiobus.Bus, cli: Any) -> None:
+    results = [
+        await cli("send", "jobs", "héllo", "-H", "k=v", "--header", "x=1=2"),
+        await cli("send", "jobs", stdin=b"two\nlines\n"),
+        await cli("send", "jobs", stdin=b"\xff\x00raw"),
+        await cli("send", "jobs", "--lines", stdin=b"a\r\nb\n\nlast"),
+        await cli("send", "jobs", '{"n": [1, 2.5, null]}', "--json"),
+        await cli("send", "jobs", "--json", "--lines", stdin=b'7\n"s"\ntrue\n'),
+    ]
+    assert all(r.code == 0 and r.out == r.err == "" for r in results), results
+    got = await drain(bus, "jobs", 11)
+    assert [m.body for m in got] == [
+        "héllo", "two\nlines\n", b"\xff\x00raw", "a", "b", "", "last",
+        {"n": [1, 2.5, None]}, 7, "s", True,
+    ]
+    assert got[0].headers == {"k": "v", "x": "1=2"}
+    assert type(got[2].body) is bytes
+
+    result = await cli("send", "short", "x", "--ttl", "0.05")
+    assert result.code == 0
+    await wait_until(lambda: _dead(bus, "short"))
+    bad = await cli("send", "jobs", "--json", "--lines", stdin=b"1\n{oops\n")
+    assert bad.code == 2 and "stdin line 2 is not valid JSON" in bad.err
+    assert [m.body for m in await drain(bus, "jobs", 1)] == [1]  # line 1 was sent
+
+
+async def _dead(bus: aiobus.Bus, queue: str) -> bool:
+    return bool((await queue_stats(bus, queue)).get("dead_lettered", 0) == 1)
+
+
+async def test_publish_and_listen(bus: aiobus.Bus, cli: Any, broker: BrokerProcess) -> None:
+    text = await start("--socket", broker.path, "listen", "w.>", "--count", "3")
+    as_json = await start("listen", "w.*", "--json", "-n", "2", "--socket", broker.path)
+    await wait_until(lambda: _both_subscribed(bus), timeout=TIMEOUT)
+    assert (await cli("publish", "w.hk", "31 °C")).code == 0
+    assert (await cli("publish", "w.x.y", '{"c": [1]}', "--json")).code == 0
+    await bus.publish("w.raw", b"\x00\xff", headers={"h": "v"})
+    out = await finish(text)
+    assert out.code == 0 and out.lines == ["w.hk 31 °C", 'w.x.y {"c":[1]}', r"w.raw \x00\xff"]
+    out = await finish(as_json)
+    first, second = (json.loads(line) for line in out.lines)
+    assert out.code == 0
+    assert first["topic"] == "w.hk" and first["body"] == "31 °C" and not first["base64"]
+    assert second["topic"] == "w.raw" and second["base64"] and second["headers"] == {"h": "v"}
+    assert base64.b64decode(second["body"]) == b"\x00\xff"
+    assert {"id", "timestamp", "dropped"} <= second.keys()
+
+
+async def _both_subscribed(bus: aiobus.Bus) -> bool:
+    return await subscriptions(bus, "w.>") == 1 and await subscriptions(bus, "w.*") == 1
+
+
+async def test_consume_prints_then_acks(bus: aiobus.Bus, cli: Any) -> None:
+    for body in ["one", "two\tx", 3]:
+        await bus.send("jobs", body)
+    out = await cli("consume", "jobs", "--count", "2")
+    assert (out.code, out.lines) == (0, ["one", r"two\tx"])
+    stats = await queue_stats(bus, "jobs")
+    assert stats["acked"] == 2 and stats["ready"] == 1 and stats["unacked"] == 0
+    out = await cli("consume", "jobs", "--json", "--timeout", "0.3")
+    assert out.code == 0 and len(out.lines) == 1
+    record = json.loads(out.lines[0])
+    assert record["queue"] == "jobs" and record["body"] == 3 and record["attempt"] == 1
+    assert (await queue_stats(bus, "jobs"))["acked"] == 3
+
+
+async def test_reject_and_the_dead_letter_commands(bus: aiobus.Bus, cli: Any) -> None:
+    await bus.send("jobs", "first", headers={"trace": "t1"})
+    await bus.send("jobs", {"n": 2})
+    out = await cli("consume", "jobs", "--reject", "--reason", "bad input", "-n", "2")
+    assert out.code == 0 and len(out.lines) == 2
+    assert (await queue_stats(bus, "jobs.dlq"))["ready"] == 2
+
+    listed = await cli("dlq", "list", "jobs")
+    assert listed.code == 0, listed.err
+    assert listed.lines[0] == "jobs.dlq: 2 dead letters"
+    assert listed.lines[1].split()[:3] == ["ID", "REASON", "ATTEMPTS"]
+    assert all("rejected" in line and "bad input" in line for line in listed.lines[2:])
+    assert "first" in listed.lines[2] and '{"n":2}' in listed.lines[3]
+    as_json = [json.loads(line) for line in (await cli("dlq", "list", "jobs", "--json")).lines]
+    assert [m["headers"]["x-dead-reason"] for m in as_json] == ["rejected", "rejected"]
+    # Listing removed nothing and counted no attempt.
+    stats = await queue_stats(bus, "jobs.dlq")
+    assert stats["ready"] == 2 and stats["unacked"] == 0 and stats["acked"] == 0
+    async with bus.consume("jobs.dlq", prefetch=2) as consumer:
+        attempts = [(await asyncio.wait_for(anext(consumer), 5)).attempt for _ in range(2)]
+    assert attempts == [1, 1]
+
+    # As the FIFO bridge dead-letters an oversize record: only its head, so it stays.
+    await bus.send("jobs.dlq", b"head", {"x-dead-reason": "too-large",
+                                         "x-original-queue": "jobs"})
+    requeued = await cli("dlq", "requeue", "jobs")
+    assert requeued.code == 0 and requeued.lines == [
+        "requeued 2 dead letters from jobs.dlq",
+        "left 1 dead letter with reason too-large in jobs.dlq: each holds only the head of"
+        " its record",
+    ]
+    assert (await queue_stats(bus, "jobs.dlq"))["ready"] == 1
+    back = await drain(bus, "jobs", 2)
+    assert [m.body for m in back] == ["first", {"n": 2}]
+    assert back[0].headers == {"trace": "t1"} and back[1].headers == {}
+
+    # A queue with its own dead-letter queue; purge deletes the dead letters.
+    await bus.declare_queue("orders", dead_letter="graveyard", max_deliveries=1)
+    await bus.send("orders", "o1")
+    out = await cli("consume", "orders", "--reject", "-n", "1")
+    assert out.code == 0 and (await queue_stats(bus, "graveyard"))["ready"] == 1
+    purged = await cli("dlq", "purge", "orders")
+    assert (purged.code, purged.lines) == (0, ["purged 1 dead letter from graveyard"])
+    assert (await queue_stats(bus, "graveyard"))["ready"] == 0
+    empty = await run("--socket", bus.path, "dlq", "list", "orders")
+    assert (empty.code, empty.lines) == (0, ["graveyard: no dead letters"])
+
+
+async def test_request_against_a_replying_client(cli: Any, spawn_client: Any,
+                                                 bus: aiobus.Bus) -> None:
+    adder = await spawn_client("""
+        emit(ready=True)
+        async for msg in bus.consume("rpc.add"):
+            await msg.reply(sum(msg.body) if isinstance(msg.body, list) else msg.body)
+    """, name="adder")
+    await adder.line()
+    await wait_until(lambda: _consumers(bus, "rpc.add"), timeout=TIMEOUT)
+    out = await cli("request", "rpc.add", "[2, 5]", "--json")
+    assert (out.code, out.out) == (0, "7\n")
+    out = await cli("request", "rpc.add", stdin=b"echo me")
+    assert (out.code, out.out) == (0, "echo me\n")
+    late = await cli("request", "rpc.nobody", "x", "--timeout", "0.2")
+    assert late.code == 1 and late.out == ""
+    assert late.err.startswith("aiobus: no reply") and late.err.count("\n") == 1
+
+
+async def _consumers(bus: aiobus.Bus, queue: str) -> bool:
+    return bool((await queue_stats(bus, queue)).get("consumers"))
+
+
+async def test_stat_table_and_json(bus: aiobus.Bus, cli: Any) -> None:
+    await bus.send("jobs", 1)
+    await bus.send("jobs", 2)
+    async with bus.subscribe("weather.*"):
+        table = await cli("stat", "--sample", "0.2")
+        as_json = await cli("stat", "--json", "--sample", "0")
+    assert table.code == 0, table.err
+    header = next(line for line in table.lines if line.startswith("QUEUE"))
+    assert header.split() == ["QUEUE", "READY", "UNACKED", "DELAYED", "CONSUMERS",
+                              "DEAD-LETTERED", "SENT/S", "ACKED/S"]
+    row = next(line for line in table.lines if line.startswith("jobs "))
+    assert row.split() == ["jobs", "2", "0", "0", "0", "0", "0.0", "0.0"]
+    subscription = next(line for line in table.lines if line.startswith("weather.*"))
+    assert subscription.split()[-3:] == ["0", "0", "0"]  # pending, delivered, dropped
+    assert any(line.split()[1:2] == ["test"] for line in table.lines)  # the bus fixture
+    stats = json.loads(as_json.out)
+    assert stats["queues"]["jobs"]["ready"] == 2 and stats["rates"] is None
+    assert [s["pattern"] for s in stats["topics"]["subscriptions"]] == ["weather.*"]
+    assert {c["name"] for c in stats["connections"]} >= {"test", "aiobus stat"}
+
+
+async def test_long_running_commands_end_cleanly_on_signals(
+    bus: aiobus.Bus, broker: BrokerProcess
+) -> None:
+    watch = await start("stat", "--watch", "0.2", "--socket", broker.path)
+    consume = await start("consume", "idle", "--socket", broker.path)
+    assert watch.stdout is not None
+    seen = b""
+    async with asyncio.timeout(TIMEOUT):
+        while seen.count(CLEAR.encode()) < 2:  # drawn, then redrawn
+            seen += await watch.stdout.read(4096)
+        await wait_until(lambda: _consumers(bus, "idle"), timeout=TIMEOUT)
+    watch.send_signal(signal.SIGINT)
+    consume.send_signal(signal.SIGTERM)
+    for proc in (watch, consume):
+        result = await finish(proc)
+        assert (result.code, result.err) == (0, ""), result
+    assert (await queue_stats(bus, "idle"))["consumers"] == 0
+
+
+async def test_fifo_in_and_signal_out(bus: aiobus.Bus, broker: BrokerProcess,
+                                      short_tmp: Path) -> None:
+    fifo = short_tmp / "in.fifo"
+    bridge = await start("fifo-in", str(fifo), "--queue", "from-fifo", "--socket", broker.path)
+    target = await asyncio.create_subprocess_exec("sleep", "30")
+    forward = await start("signal-out", "--topic", "svc.stop", "--pid", str(target.pid),
+                          "--signal", "TERM", "--socket", broker.path)
+    try:
+        await wait_until(lambda: _is_fifo(fifo), timeout=TIMEOUT)
+        await write_fifo(fifo, b"job 1\njob 2\n")
+        got = await drain(bus, "from-fifo", 2)
+        assert [m.body for m in got] == [b"job 1", b"job 2"]  # records arrive as bytes
+        await wait_until(lambda: _subscribed(bus, "svc.stop"), timeout=TIMEOUT)
+        await bus.publish("svc.stop", "now")
+        assert await asyncio.wait_for(target.wait(), TIMEOUT) == -signal.SIGTERM
+    finally:
+        if target.returncode is None:
+            target.kill()
+            await target.wait()
+    for proc in (bridge, forward):
+        proc.send_signal(signal.SIGTERM)
+        result = await finish(proc)
+        assert (result.code, result.err) == (0, ""), result
+
+
+async def write_fifo(path: Path, data: bytes) -> None:
+    """Write to a FIFO once its reader has it open (ENXIO until then)."""
+    async with asyncio.timeout(TIMEOUT):
+        while True:
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError as exc:
+                if exc.errno != errno.ENXIO:
+                    raise
+                await asyncio.sleep(0.02)
+                continue
+            try:
+                os.write(fd, data)  # under PIPE_BUF: all at once
+            finally:
+                os.close(fd)
+            return
+
+
+async def _is_fifo(path: Path) -> bool:
+    return path.exists() and stat.S_ISFIFO(path.stat().st_mode)
+
+
+async def _subscribed(bus: aiobus.Bus, pattern: str) -> bool:
+    return await subscriptions(bus, pattern) == 1
