@@ -67,7 +67,7 @@ async def fetch(url: str, attempt: int) -> int:
 
 
 def text(body: object) -> str:
-    # Records from the FIFO arrive as bytes; `aiobus send jobpool.jobs URL` sends a str.
+    # FIFO records arrive as str when they are UTF-8 (as `aiobus send` sends them), else bytes.
     return body.decode(errors="replace") if isinstance(body, bytes) else str(body)
 
 

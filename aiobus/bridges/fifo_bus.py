@@ -87,7 +87,8 @@ async def fifo_to_bus(
     """Send each record written to the FIFO at ``path`` to a queue, or publish it on a topic.
 
     Runs until cancelled; reports readiness (FIFO open) through ``task_status``. A record
-    is sent as a ``bytes`` body, except with the ``msgpack`` framing, where the decoded
+    that is valid UTF-8 is sent as a ``str`` body, as ``aiobus send`` does with text; any
+    other record passes through as ``bytes``. With the ``msgpack`` framing the decoded
     object is sent. A record over ``max_record`` sent to a queue is dead-lettered to
     ``<queue>.dlq`` with reason ``too-large`` (headers ``x-dead-reason``,
     ``x-original-queue``, ``x-record-length``, ``x-dead-time``; body: its first 256
@@ -149,11 +150,18 @@ async def fifo_to_bus(
                 if isinstance(record, Oversize):
                     await too_large(record.length, record.head)
                     continue
-                await forward(_unpack(record) if framing == "msgpack" else record)
+                await forward(_unpack(record) if framing == "msgpack" else _text_or_bytes(record))
                 stats.records += 1
         except RecordTooLargeError as exc:
             await too_large(exc.length, exc.head)
             raise
+
+
+def _text_or_bytes(record: bytes) -> str | bytes:
+    try:
+        return record.decode("utf-8")
+    except UnicodeDecodeError:
+        return record
 
 
 def _unpack(record: bytes) -> Any:

@@ -346,7 +346,8 @@ class BrokerCore:
     def _presence(self, topic: str, conn: Conn, now: float) -> None:
         body = self._packb(conn.describe())
         self.topics.publish(topic, self._packb(
-            [self._new_id(), topic, body, BodyKind.PACKED, None, now + self.wall_offset]))
+            [self._new_id(), topic, body, BodyKind.PACKED, None, now + self.wall_offset]),
+            count=False)
 
     def _check_sid(self, conn: Conn, sid: int) -> None:
         if sid in conn.subs or sid in conn.consumers:

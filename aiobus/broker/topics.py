@@ -107,13 +107,16 @@ class TopicRouter:
         self.index.remove(sub.pattern, sub)
         sub.pending.clear()
 
-    def publish(self, topic: str, event: Event) -> int:
+    def publish(self, topic: str, event: Event, *, count: bool = True) -> int:
         """Fan ``event`` (published on ``topic``) out; returns how many subscriptions it
-        matched."""
-        self.published += 1
+        matched. ``count=False`` keeps the broker's own events (presence) out of the
+        ``published``/``unrouted`` counters, which describe what clients publish."""
+        if count:
+            self.published += 1
         subs = self.index.match(topic)
         if not subs:
-            self.unrouted += 1
+            if count:
+                self.unrouted += 1
             return 0
         send_raw = self._sink.send_raw
         for sub in subs:

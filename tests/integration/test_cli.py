@@ -352,7 +352,7 @@ async def test_fifo_in_and_signal_out(bus: aiobus.Bus, broker: BrokerProcess,
         await wait_until(lambda: _is_fifo(fifo), timeout=TIMEOUT)
         await write_fifo(fifo, b"job 1\njob 2\n")
         got = await drain(bus, "from-fifo", 2)
-        assert [m.body for m in got] == [b"job 1", b"job 2"]  # records arrive as bytes
+        assert [m.body for m in got] == ["job 1", "job 2"]  # UTF-8 records arrive as str
         await wait_until(lambda: _subscribed(bus, "svc.stop"), timeout=TIMEOUT)
         await bus.publish("svc.stop", "now")
         assert await asyncio.wait_for(target.wait(), TIMEOUT) == -signal.SIGTERM
