@@ -8,6 +8,7 @@ import base64
 import errno
 import json
 import os
+import shlex
 import shutil
 import signal
 import stat
@@ -390,3 +391,32 @@ async def _is_fifo(path: Path) -> bool:
 
 async def _subscribed(bus: aiobus.Bus, pattern: str) -> bool:
     return await subscriptions(bus, pattern) == 1
+
+
+async def test_fifo_out_acks_only_what_a_reader_got(bus: aiobus.Bus, broker: BrokerProcess,
+                                                    short_tmp: Path) -> None:
+    fifo = short_tmp / "out.fifo"
+    for i in range(3):
+        await bus.send("to-fifo", f"line {i}")
+    bridge = await start("fifo-out", str(fifo), "--queue", "to-fifo", "--socket", broker.path)
+    try:
+        await wait_until(lambda: _is_fifo(fifo), timeout=TIMEOUT)
+        # No reader yet: nothing is written, so nothing may be acked.
+        await wait_until(lambda: _consumers(bus, "to-fifo"), timeout=TIMEOUT)
+        await bus.ping()
+        assert (await queue_stats(bus, "to-fifo"))["acked"] == 0
+        # A real reader, from a shell, arrives later and gets every record.
+        reader = await asyncio.create_subprocess_exec(
+            "sh", "-c", f"head -n 3 < {shlex.quote(str(fifo))}",
+            stdout=asyncio.subprocess.PIPE)
+        out, _ = await asyncio.wait_for(reader.communicate(), TIMEOUT)
+        assert out.decode().splitlines() == ["line 0", "line 1", "line 2"]
+
+        async def all_acked() -> bool:
+            return bool((await queue_stats(bus, "to-fifo"))["acked"] == 3)
+
+        await wait_until(all_acked, timeout=TIMEOUT)
+    finally:
+        bridge.send_signal(signal.SIGTERM)
+        result = await finish(bridge)
+    assert result.code == 0, result
