@@ -120,8 +120,10 @@ class BrokerCore:
         self._packb = msgpack.Packer().pack
         self._conns: dict[int, Conn] = {}
         self.timers = Timers()
-        self.queues = QueueRouter(self, self.timers, wall_offset)
-        self.topics = TopicRouter(self)
+        # The routers write deliveries straight to the shell's send_raw: one call less
+        # per message than going through this class.
+        self.queues = QueueRouter(self, self.timers, wall_offset, send_raw=sink.send_raw)
+        self.topics = TopicRouter(self, send_raw=sink.send_raw)
         self._id_prefix = id_prefix + "-"
         self._ids = itertools.count(1)
         self._good_topics: set[str] = set()  # topics a client published that passed checks

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable
 from enum import IntEnum
 from typing import Any, Protocol
 
@@ -221,11 +222,12 @@ class QueueSink(Protocol):
 class QueueRouter:
     """All queues of a broker and every transition of their messages."""
 
-    def __init__(self, sink: QueueSink, timers: Timers, wall_offset: float) -> None:
+    def __init__(self, sink: QueueSink, timers: Timers, wall_offset: float, *,
+                 send_raw: Callable[[int, bytes], None] | None = None) -> None:
         self.queues: dict[str, Queue] = {}
         self.leases: dict[int, Lease] = {}  # every lease a consumer holds, zombies too
         self._sink = sink
-        self._send_raw = sink.send_raw
+        self._send_raw = send_raw if send_raw is not None else sink.send_raw
         self._timers = timers
         self._next_tag = 1
         self.wall_offset = wall_offset  # wall clock = now + wall_offset (for headers)

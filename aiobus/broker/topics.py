@@ -25,6 +25,7 @@ So a subscription costs the broker at most ``2 * max_pending`` events of memory.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import msgpack
@@ -87,11 +88,13 @@ class Subscription:
 
 
 class TopicRouter:
-    def __init__(self, sink: TopicSink) -> None:
+    def __init__(self, sink: TopicSink, *,
+                 send_raw: Callable[[int, bytes], None] | None = None) -> None:
         self.index: TopicIndex[Subscription] = TopicIndex()
         self.published = 0
         self.unrouted = 0  # publishes that matched no subscription
         self._sink = sink
+        self._send_raw = send_raw if send_raw is not None else sink.send_raw
 
     @staticmethod
     def check_options(max_pending: int, policy: str) -> None:
@@ -118,7 +121,7 @@ class TopicRouter:
             if count:
                 self.unrouted += 1
             return 0
-        send_raw = self._sink.send_raw
+        send_raw = self._send_raw
         for sub in subs:
             if sub.credit and not sub.pending:
                 sub.credit -= 1
@@ -165,7 +168,7 @@ class TopicRouter:
         """The client consumed ``n`` events: send what is pending, up to the new credit."""
         sub.credit = min(sub.credit + n, sub.max_pending)
         pending = sub.pending
-        send_raw = self._sink.send_raw
+        send_raw = self._send_raw
         while sub.credit and pending:
             gap, event = pending.popleft()
             sub.credit -= 1
