@@ -38,3 +38,9 @@ test: lint
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+bench: $(VENV)/.installed
+	bash benchmarks/setup.sh $(VENV)
+	$(BIN)/python benchmarks/run.py
+bench-quick: $(VENV)/.installed
+	bash benchmarks/setup.sh $(VENV)
+	$(BIN)/python benchmarks/run.py --quick
