@@ -38,6 +38,9 @@ test: lint
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+
+# Benchmarks against Redis, NATS and ZeroMQ: not part of `make test` (they take minutes
+# and measure speed, which the test suite never asserts).
 bench: $(VENV)/.installed
 	bash benchmarks/setup.sh $(VENV)
 	$(BIN)/python benchmarks/run.py

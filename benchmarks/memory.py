@@ -1,0 +1,165 @@
+"""W6, memory: what a broker holds per queued message and per idle connection.
+
+Each measurement starts a fresh server (so nothing earlier is in its heap), waits for it,
+reads its RSS (VmRSS from /proc/PID/status), then
+- queued: a filler process puts N messages of 128 bytes on one queue with no consumer and
+  makes sure the broker holds them all; after a 0.5 s settle the RSS is read again, and
+  (after - before) / N - 128 is the cost of a queued message beyond its body;
+- idle: a client process opens K connections (each completes its handshake: aiobus HELLO,
+  a redis PING, a nats CONNECT + PING) and holds them; (after - before) / K is the cost
+  of one connection.
+
+Fillers: aiobus `send(confirm=False)` then one confirmed send and a `stats()` check;
+redis list RPUSH with 1,000 values per command; redis stream XADD pipelined 256 at a time;
+NATS JetStream (memory storage) core publishes to the stream's subject, then polling the
+stream until it holds N. RSS includes allocator slack and, for nats-server, Go garbage not
+yet collected: it is what the machine pays, which is the point.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import nats
+import redis.asyncio as redis
+from harness import Case, Control, Worker, run_case
+from nats.js.api import StorageType, StreamConfig
+from servers import Servers, rss_bytes
+
+import aiobus
+
+SIZE = 128
+
+
+async def fill_aiobus(ctl: Control, path: str, n: int) -> dict:
+    body = os.urandom(SIZE)
+    async with aiobus.connect(path) as bus:
+        for _ in range(n - 1):
+            await bus.send("bench.mem", body, confirm=False)
+        await bus.send("bench.mem", body)
+        held = (await bus.stats())["queues"]["bench.mem"]["ready"]
+    return {"held": held}
+
+
+async def fill_redis_list(ctl: Control, path: str, n: int) -> dict:
+    r = redis.Redis(unix_socket_path=path)
+    body = os.urandom(SIZE)
+    for start in range(0, n, 1000):
+        await r.rpush("bench.list", *([body] * min(1000, n - start)))
+    held = await r.llen("bench.list")
+    await r.aclose()
+    return {"held": held}
+
+
+async def fill_redis_stream(ctl: Control, path: str, n: int) -> dict:
+    r = redis.Redis(unix_socket_path=path)
+    body = os.urandom(SIZE)
+    for start in range(0, n, 256):
+        pipe = r.pipeline(transaction=False)
+        for _ in range(min(256, n - start)):
+            pipe.xadd("bench.stream", {"b": body})
+        await pipe.execute()
+    held = await r.xlen("bench.stream")
+    await r.aclose()
+    return {"held": held}
+
+
+async def fill_jetstream(ctl: Control, url: str, n: int) -> dict:
+    nc = await nats.connect(url, max_reconnect_attempts=0, pending_size=8 * 1024 * 1024)
+    js = nc.jetstream()
+    await js.add_stream(StreamConfig(name="MEM", subjects=["bench.mem"],
+                                     storage=StorageType.MEMORY))  # fmt: skip
+    body = os.urandom(SIZE)
+    for _ in range(n):
+        await nc.publish("bench.mem", body)
+    await nc.flush(timeout=60)
+    held, deadline = 0, time.monotonic() + 60
+    while held < n and time.monotonic() < deadline:
+        held = (await js.stream_info("MEM")).state.messages
+        await asyncio.sleep(0.05)
+    await nc.close()
+    return {"held": held}
+
+
+async def hold_connections(ctl: Control, kind: str, address: str, k: int) -> dict:
+    async with contextlib.AsyncExitStack() as stack:
+        for start in range(0, k, 50):
+            batch = range(start, min(k, start + 50))
+            if kind == "aiobus":
+                for _ in batch:
+                    await stack.enter_async_context(aiobus.connect(address))
+            elif kind == "redis":
+                for _ in batch:
+                    conn = redis.UnixDomainSocketConnection(path=address)
+                    await conn.connect()
+                    await conn.send_command("PING")
+                    await conn.read_response()
+                    stack.push_async_callback(conn.disconnect)
+            else:
+                clients = await asyncio.gather(*(nats.connect(address, max_reconnect_attempts=0)
+                                                  for _ in batch))  # fmt: skip
+                for nc in clients:
+                    stack.push_async_callback(nc.close)
+        await ctl.ready()
+        await ctl.wait_stop()
+    return {}
+
+
+def _settled_rss(pid: int, settle: float) -> int:
+    time.sleep(settle)
+    return rss_bytes(pid)
+
+
+def _start(servers: Servers, system: str) -> tuple[str, str]:
+    """Start the one server a measurement needs: (process name, address)."""
+    if system == "aiobus":
+        return "aiobus", servers.start_aiobus()
+    if system.lower().startswith("redis"):
+        return "redis", servers.start_redis()
+    return "nats", servers.start_nats()
+
+
+FILLERS: dict[str, Callable[..., Any]] = {
+    "aiobus": fill_aiobus,
+    "Redis list": fill_redis_list,
+    "Redis stream": fill_redis_stream,
+    "NATS JetStream (memory)": fill_jetstream,
+}
+CONNECTORS = {"aiobus": "aiobus", "Redis": "redis", "NATS": "nats"}
+
+
+def queued_bytes(system: str, n: int) -> dict[str, float]:
+    """Bytes per queued 128-byte message beyond the body, on a fresh server."""
+    with Servers() as servers:
+        name, address = _start(servers, system)
+        pid = servers.pid(name)
+        before = _settled_rss(pid, 0.3)
+        key = "url" if name == "nats" else "path"
+        [result] = run_case(Case([Worker(FILLERS[system], {key: address, "n": n}, "step")],
+                                 timeout=300.0))  # fmt: skip
+        after = _settled_rss(pid, 0.5)
+    held = result["held"]
+    if held <= 0:
+        raise RuntimeError(f"{system}: the broker holds no messages")
+    return {"B/msg": (after - before) / held - SIZE, "held": held,
+            "RSS MiB": after / 2**20}  # fmt: skip
+
+
+def connection_bytes(system: str, k: int) -> dict[str, float]:
+    """Bytes per idle connection, on a fresh server."""
+    kind = CONNECTORS[system]
+    with Servers() as servers:
+        name, address = _start(servers, kind)
+        pid = servers.pid(name)
+        before = _settled_rss(pid, 0.3)
+        seen: list[int] = []
+        case = Case([Worker(hold_connections, {"kind": kind, "address": address, "k": k},
+                            "server")], timeout=120.0)  # fmt: skip
+        case.on_ready = lambda: seen.append(_settled_rss(pid, 0.5))
+        run_case(case)
+    return {"B/conn": (seen[0] - before) / k, "RSS MiB": seen[0] / 2**20}

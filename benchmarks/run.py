@@ -1,0 +1,97 @@
+"""Benchmark suite: aiobus against NATS, Redis, ZeroMQ, multiprocessing.Queue and two
+brokerless baselines, on this machine, every client in a process of its own.
+
+    python benchmarks/run.py [--quick] [--only W1,W3] [--out docs/benchmarks.md]
+
+It starts redis-server, nats-server, the aiobus broker and the minimal relay itself (see
+servers.py), runs the workloads (workloads.py; W6 starts fresh servers of its own), stops
+every server by PID in `finally`, and writes the markdown report, a PNG chart beside it
+(same name, .png) and the raw numbers as JSON under benchmarks/results/. Progress goes to
+stderr. `--quick` uses small counts and finishes in under a minute; the full run takes
+about six minutes on 2 cores. Run `bash benchmarks/setup.sh` first (or `make bench`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import report  # noqa: E402  (after the path set-up above)
+import workloads  # noqa: E402
+from servers import Servers  # noqa: E402
+
+SERVERS_FOR = {"W1": {"aiobus", "nats", "redis", "relay"}, "W2": {"aiobus", "nats", "redis"},
+               "W3": {"aiobus", "nats", "redis"}, "W4": {"aiobus", "nats", "relay"},
+               "W5": {"aiobus", "nats", "redis", "relay"}, "W6": set(), "W7": {"aiobus"}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small counts, under a minute")
+    parser.add_argument("--only", default="", help="comma-separated workloads, e.g. W1,W3")
+    parser.add_argument("--out", default=str(HERE.parent / "docs" / "benchmarks.md"),
+                        help="markdown report path; the chart goes beside it as .png")
+    parser.add_argument("--repeats", type=int, default=0, help="override repeats per case")
+    args = parser.parse_args(argv)
+
+    keys = [k.strip().upper() for k in args.only.split(",") if k.strip()] or workloads.WORKLOADS
+    unknown = set(keys) - set(workloads.WORKLOADS)
+    if unknown:
+        parser.error(f"unknown workloads: {', '.join(sorted(unknown))}")
+    plan = workloads.QUICK if args.quick else workloads.FULL
+    if args.repeats:
+        plan = dataclasses.replace(plan, repeats=args.repeats, w6_repeats=args.repeats)
+
+    # 1,000 idle connections plus the broker's own: lift the soft limit on open files.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
+
+    started = time.monotonic()
+
+    def log(line: str) -> None:
+        print(f"[{time.monotonic() - started:6.1f}s] {line}", file=sys.stderr, flush=True)
+
+    tables: list[workloads.Table] = []
+    with Servers() as env:  # closing it stops every server by PID
+        needed = set().union(*(SERVERS_FOR[k] for k in keys))
+        for name in ("redis", "nats", "aiobus", "relay"):
+            if name in needed:
+                try:
+                    getattr(env, f"start_{name}")()
+                except (OSError, RuntimeError) as exc:
+                    log(f"could not start {name}: {exc}")  # its rows fail and say so
+        log(f"servers up in {env.dir}: {', '.join(env.procs)}")
+        for key in keys:
+            tables += workloads.run_workload(key, env, plan, log)
+
+    elapsed = time.monotonic() - started
+    mode = "quick" if args.quick else "full"
+    meta = report.meta(["benchmarks/run.py", *(argv or sys.argv[1:])], mode, plan.repeats,
+                       elapsed)  # fmt: skip
+    out = Path(args.out)
+    report.write_markdown(out, tables, meta)
+    report.write_chart(out.with_suffix(".png"), tables)
+    results = HERE / "results"
+    results.mkdir(exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    raw = {"meta": meta, "tables": [{"key": t.key, "title": t.title, "metrics": t.metrics,
+                                     "rows": {" / ".join(r).strip(" /"): v
+                                              for r, v in t.rows.items()},
+                                     "errors": {" / ".join(r).strip(" /"): e
+                                                for r, e in t.errors.items()}}
+                                    for t in tables]}  # fmt: skip
+    (results / f"{stamp}-{mode}.json").write_text(json.dumps(raw, indent=1))
+    log(f"wrote {out}, {out.with_suffix('.png')} and benchmarks/results/{stamp}-{mode}.json")
+    return 1 if any(t.errors for t in tables) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

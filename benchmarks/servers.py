@@ -1,0 +1,161 @@
+"""Starts and stops the brokers the benchmarks talk to, each as a child process.
+
+- redis-server on a Unix socket in a temp dir, TCP off, no persistence (`--save ''
+  --appendonly no`), and no output-buffer limit for pub/sub clients, so a slow subscriber
+  is measured rather than disconnected;
+- nats-server on 127.0.0.1 with a free port, JetStream storing under the temp dir, and
+  write-deadline and pending limits raised for the same reason;
+- the aiobus broker (`python -m aiobus.cli.broker --socket PATH`);
+- the minimal uvloop relay (`benchmarks/relay.py`).
+
+Each is ready when it accepts a connection (nats: sends INFO). `Servers` stops every one it
+started by PID, SIGTERM then SIGKILL, in `close()`, which callers run in `finally`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of a process, from /proc/PID/status (VmRSS, in kB)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def _wait_unix(path: str, proc: subprocess.Popen[bytes], deadline: float) -> None:
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
+        if os.path.exists(path):
+            with socket.socket(socket.AF_UNIX) as s, contextlib.suppress(OSError):
+                s.connect(path)
+                return
+        time.sleep(0.01)
+    raise RuntimeError(f"{proc.args!r} not ready on {path}")
+
+
+def _wait_nats(port: int, proc: subprocess.Popen[bytes], deadline: float) -> None:
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"nats-server exited with {proc.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1) as s:
+            if s.recv(4) == b"INFO":
+                return
+        time.sleep(0.01)
+    raise RuntimeError(f"nats-server not ready on port {port}")
+
+
+class Servers:
+    """The servers of one benchmark run, in one short temp dir (AF_UNIX paths cap at 107)."""
+
+    def __init__(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="aiobus-bench-", dir="/tmp")
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.redis_socket = ""
+        self.nats_url = ""
+        self.aiobus_socket = ""
+        self.relay_socket = ""
+        self._next = 0
+
+    def next_id(self) -> int:
+        """A number for fresh names (queues, streams, subjects) in each case."""
+        self._next += 1
+        return self._next
+
+    def path(self, stem: str) -> str:
+        """A fresh socket path in the run's temp dir."""
+        return os.path.join(self.dir, f"{stem}{self.next_id()}.sock")
+
+    def pid(self, name: str) -> int:
+        return self.procs[name].pid
+
+    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        log = open(os.path.join(self.dir, f"{name}.log"), "ab")
+        with log:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        self.procs[name] = proc
+        return proc
+
+    def start_redis(self, name: str = "redis") -> str:
+        path = self.path("redis")
+        proc = self._spawn(name, [
+            "redis-server", "--port", "0", "--unixsocket", path, "--unixsocketperm", "700",
+            "--save", "", "--appendonly", "no", "--dir", self.dir, "--daemonize", "no",
+            "--client-output-buffer-limit", "pubsub 0 0 0", "--maxclients", "10000",
+            "--loglevel", "warning",
+        ])  # fmt: skip
+        _wait_unix(path, proc, time.monotonic() + 10)
+        self.redis_socket = path
+        return path
+
+    def start_nats(self, name: str = "nats") -> str:
+        port = free_port()
+        store = os.path.join(self.dir, f"{name}-js")
+        conf = os.path.join(self.dir, f"{name}.conf")
+        Path(conf).write_text(
+            f'listen: "127.0.0.1:{port}"\n'
+            "max_payload: 8MB\n"  # the 1 MiB sweep point plus headers
+            "max_pending: 1GB\n"  # slow subscribers buffer instead of being cut off
+            'write_deadline: "60s"\n'
+            f'jetstream {{ store_dir: "{store}", max_memory_store: 8GB }}\n'
+        )
+        proc = self._spawn(name, ["nats-server", "-c", conf])
+        _wait_nats(port, proc, time.monotonic() + 10)
+        self.nats_url = f"nats://127.0.0.1:{port}"
+        return self.nats_url
+
+    def start_aiobus(self, name: str = "aiobus") -> str:
+        path = self.path("aiobus")
+        proc = self._spawn(name, [sys.executable, "-m", "aiobus.cli.broker", "--socket", path])
+        _wait_unix(path, proc, time.monotonic() + 10)
+        self.aiobus_socket = path
+        return path
+
+    def start_relay(self, name: str = "relay") -> str:
+        path = self.path("relay")
+        proc = self._spawn(name, [sys.executable, str(HERE / "relay.py"), "--socket", path])
+        _wait_unix(path, proc, time.monotonic() + 10)
+        self.relay_socket = path
+        return path
+
+    def stop(self, name: str) -> None:
+        """SIGTERM, wait, then SIGKILL: always by the PID this object started."""
+        proc = self.procs.pop(name)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+
+    def close(self) -> None:
+        for name in list(self.procs):
+            self.stop(name)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> Servers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

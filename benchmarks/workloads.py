@@ -1,0 +1,248 @@
+"""The seven workloads: which systems each compares, with how many messages, and how a
+run's results turn into numbers. Every case runs `plan.repeats` times, interleaved across
+systems (A B C A B C ...), so a slow minute on the machine hurts every row alike.
+
+W1 topic 1 -> 1 (msgs/s)      W2 fan-out 1 -> 4 (deliveries/s)
+W3 queue, per-message ack, 1 -> 1 and 1 -> 4 (msgs/s)
+W4 request/reply, sequential (p50 / p99 / p99.9 in µs)
+W5 W1 and W3 at 16 B, 1 KiB, 64 KiB, 1 MiB (msgs/s and MB/s)
+W6 broker memory per queued message and per idle connection (memory.py)
+W7 aiobus, 100 producer connections and 10 consumers (msgs/s, p50 / p99 latency)
+
+Throughput runs from the producer's first send to the last receive of any consumer.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiobus_peer
+import local_peer
+import memory
+import nats_peer
+import redis_peer
+import zmq_peer
+from harness import Case, CaseFailed, run_case, throughput
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Message counts for one mode; `FULL` takes ~6 minutes on 2 cores, `QUICK` under one."""
+
+    repeats: int
+    w1: int
+    w2: int
+    w3: int
+    w4: int
+    w4_warmup: int
+    w5: dict[int, int]  # body size -> messages
+    w6_messages: int
+    w6_connections: int
+    w6_repeats: int
+    w7_each: int  # messages per producer connection
+
+
+FULL = Plan(repeats=3, w1=200_000, w2=50_000, w3=30_000, w4=10_000, w4_warmup=500,
+            w5={16: 30_000, 1024: 30_000, 65536: 2_000, 1 << 20: 150},
+            w6_messages=1_000_000, w6_connections=1_000, w6_repeats=3, w7_each=1_000)
+QUICK = Plan(repeats=3, w1=10_000, w2=4_000, w3=3_000, w4=1_000, w4_warmup=100,
+             w5={16: 3_000, 1 << 20: 20},
+             w6_messages=50_000, w6_connections=200, w6_repeats=1, w7_each=20)  # fmt: skip
+
+
+@dataclass
+class Table:
+    """One workload's results: per row (system, group), each metric's values per repeat."""
+
+    key: str
+    title: str
+    metrics: list[str]  # the first one is the headline, compared with aiobus
+    higher_is_better: bool = True
+    rows: dict[tuple[str, str], dict[str, list[float]]] = field(default_factory=dict)
+    errors: dict[tuple[str, str], str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, row: tuple[str, str], values: dict[str, float]) -> None:
+        cell = self.rows.setdefault(row, {m: [] for m in self.metrics})
+        for metric in self.metrics:
+            cell[metric].append(values[metric])
+
+    def median(self, row: tuple[str, str], metric: str) -> float | None:
+        values = self.rows.get(row, {}).get(metric)
+        return statistics.median(values) if values else None
+
+
+def _percentile(values: list[int], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] / 1000.0
+
+
+def rate_metrics(size: int) -> Callable[[list[dict[str, Any]], Case], dict[str, float]]:
+    def measure(results: list[dict[str, Any]], case: Case) -> dict[str, float]:
+        t = throughput(results, case)
+        return {"msgs/s": t["rate"], "MB/s": t["rate"] * size / 1e6,
+                "lost": t["lost"]}  # fmt: skip
+
+    return measure
+
+
+def latency_metrics(results: list[dict[str, Any]], case: Case) -> dict[str, float]:
+    latencies = [x for r in results for x in r.get("latencies", ())]
+    return {"p50 µs": _percentile(latencies, 0.5), "p99 µs": _percentile(latencies, 0.99),
+            "p99.9 µs": _percentile(latencies, 0.999)}  # fmt: skip
+
+
+def many_metrics(results: list[dict[str, Any]], case: Case) -> dict[str, float]:
+    return {"msgs/s": throughput(results, case)["rate"], **latency_metrics(results, case)}
+
+
+Maker = Callable[[], Case]
+
+
+def interleave(table: Table, makers: dict[tuple[str, str], Maker],
+               measure: Callable[[list[dict[str, Any]], Case], dict[str, float]],
+               repeats: int, log: Callable[[str], None]) -> None:  # fmt: skip
+    """Run every maker `repeats` times, round-robin; a failing row is dropped, not fatal."""
+    for rep in range(repeats):
+        for row, make in makers.items():
+            if row in table.errors:
+                continue
+            started = time.monotonic()
+            label = " ".join(row).strip()
+            for attempt in (1, 2):  # one retry: a rare flake should not cost a row
+                try:
+                    case = make()
+                    values = measure(run_case(case), case)
+                    break
+                except (CaseFailed, OSError, RuntimeError, ValueError) as exc:
+                    reason = str(exc).strip().splitlines()[-1][:300]
+                    log(f"{table.key} {label}: FAILED (attempt {attempt}) {reason}")
+                    if attempt == 2:
+                        table.errors[row] = reason
+                    else:
+                        table.notes.append(f"- {label}, run {rep + 1}: failed once and was "
+                                           f"run again: {reason}")
+            if row in table.errors:
+                continue
+            table.add(row, values)
+            shown = ", ".join(f"{k} {v:,.1f}" for k, v in values.items())
+            log(f"{table.key} #{rep + 1} {' '.join(row).strip()}: {shown} "
+                f"({time.monotonic() - started:.1f} s)")  # fmt: skip
+
+
+TOPIC_PEERS = {
+    "aiobus": aiobus_peer.topic_case,
+    "NATS core": nats_peer.topic_case,
+    "Redis pub/sub": redis_peer.topic_case,
+    "ZeroMQ PUB/SUB": zmq_peer.topic_case,
+}
+TOPIC_BASELINES = {
+    "mp.Queue": lambda env, n, size, subs=1: local_peer.topic_case("mpq", env, n, size),
+    "relay (minimal uvloop)": lambda env, n, size, subs=1: local_peer.topic_case(
+        "relay", env, n, size, subs),
+    "limit (bare Unix socket)": lambda env, n, size, subs=1: local_peer.topic_case(
+        "limit", env, n, size),
+}
+QUEUE_PEERS = {
+    "aiobus": aiobus_peer.queue_case,
+    "aiobus, await msg.ack()": lambda env, n, size, consumers: aiobus_peer.queue_case(
+        env, n, size, consumers, await_ack=True),
+    "Redis Streams group": redis_peer.queue_case,
+    "NATS JetStream": nats_peer.queue_case,
+}
+RPC_PEERS = {
+    "aiobus": aiobus_peer.rpc_case,
+    "NATS request": nats_peer.rpc_case,
+    "ZeroMQ REQ/REP": zmq_peer.rpc_case,
+    "relay (minimal uvloop)": lambda env, n, size, warmup: local_peer.rpc_case(
+        "relay", env, n, size, warmup),
+    "limit (bare Unix socket)": lambda env, n, size, warmup: local_peer.rpc_case(
+        "limit", env, n, size, warmup),
+}
+
+
+def _size(size: int) -> str:
+    return f"{size >> 20} MiB" if size >= 1 << 20 else f"{size >> 10} KiB" if size >= 1024 \
+        else f"{size} B"
+
+
+def run_workload(key: str, env: Any, plan: Plan, log: Callable[[str], None]) -> list[Table]:
+    r = plan.repeats
+    if key == "W1":
+        t = Table("W1", "Topic throughput, 1 publisher -> 1 subscriber, 128 B", ["msgs/s", "lost"])
+        peers = {**TOPIC_PEERS, **TOPIC_BASELINES}
+        makers = {(name, ""): (lambda f=f: f(env, plan.w1, 128)) for name, f in peers.items()}
+        interleave(t, makers, rate_metrics(128), r, log)
+        return [t]
+    if key == "W2":
+        t = Table("W2", "Fan-out, 1 publisher -> 4 subscribers, 128 B (deliveries/s)",
+                  ["msgs/s", "lost"])  # fmt: skip
+        makers = {(name, ""): (lambda f=f: f(env, plan.w2, 128, 4))
+                  for name, f in TOPIC_PEERS.items()}  # fmt: skip
+        interleave(t, makers, rate_metrics(128), r, log)
+        return [t]
+    if key == "W3":
+        t = Table("W3", "Queue with per-message ack, 128 B", ["msgs/s"])
+        makers = {(name, f"1 -> {c}"): (lambda f=f, c=c: f(env, plan.w3, 128, c))
+                  for c in (1, 4) for name, f in QUEUE_PEERS.items()}  # fmt: skip
+        interleave(t, makers, rate_metrics(128), r, log)
+        return [t]
+    if key == "W4":
+        t = Table("W4", "Request/reply latency, sequential, 128 B",
+                  ["p50 µs", "p99 µs", "p99.9 µs"], higher_is_better=False)  # fmt: skip
+        makers = {(name, ""): (lambda f=f: f(env, plan.w4, 128, plan.w4_warmup))
+                  for name, f in RPC_PEERS.items()}  # fmt: skip
+        interleave(t, makers, latency_metrics, r, log)
+        return [t]
+    if key == "W5":
+        tables = []
+        for part, peers in (("topic", {**TOPIC_PEERS, **TOPIC_BASELINES}),
+                            ("queue", {k: v for k, v in QUEUE_PEERS.items() if "await" not in k})):
+            t = Table(f"W5 {part}", f"Payload sweep, {part} 1 -> 1", ["msgs/s", "MB/s"])
+            for size, n in plan.w5.items():
+                makers = {(name, _size(size)): (lambda f=f, n=n, size=size: f(env, n, size, 1))
+                          for name, f in peers.items()}  # fmt: skip
+                interleave(t, makers, rate_metrics(size), r, log)
+            tables.append(t)
+        return tables
+    if key == "W6":
+        q = Table("W6 queued", f"Broker memory per queued 128 B message "
+                  f"({plan.w6_messages:,} queued)", ["B/msg", "RSS MiB"], higher_is_better=False)
+        c = Table("W6 idle", f"Broker memory per idle connection ({plan.w6_connections:,} open)",
+                  ["B/conn", "RSS MiB"], higher_is_better=False)  # fmt: skip
+        for rep in range(plan.w6_repeats):
+            for name in memory.FILLERS:
+                _memory(q, name, lambda n=name: memory.queued_bytes(n, plan.w6_messages), rep, log)
+            for name in memory.CONNECTORS:
+                _memory(c, name, lambda n=name: memory.connection_bytes(n, plan.w6_connections),
+                        rep, log)  # fmt: skip
+        return [q, c]
+    if key == "W7":
+        t = Table("W7", "Many clients: aiobus queue, 100 producer connections (4 processes), "
+                  "10 consumers (5 processes), 128 B", ["msgs/s", "p50 µs", "p99 µs", "p99.9 µs"])
+        makers = {("aiobus", ""): lambda: aiobus_peer.many_clients_case(env, plan.w7_each)}
+        interleave(t, makers, many_metrics, r, log)
+        return [t]
+    raise ValueError(f"unknown workload {key!r}")
+
+
+def _memory(table: Table, name: str, measure: Callable[[], dict[str, float]], rep: int,
+            log: Callable[[str], None]) -> None:  # fmt: skip
+    row = (name, "")
+    if row in table.errors:
+        return
+    try:
+        values = measure()
+    except (CaseFailed, OSError, RuntimeError, KeyError) as exc:
+        table.errors[row] = str(exc).strip().splitlines()[-1][:300]
+        log(f"{table.key} {name}: FAILED {table.errors[row]}")
+        return
+    table.add(row, values)
+    log(f"{table.key} #{rep + 1} {name}: " + ", ".join(f"{k} {v:,.1f}" for k, v in values.items()))
+
+
+WORKLOADS = ["W1", "W2", "W3", "W4", "W5", "W6", "W7"]
