@@ -44,6 +44,7 @@ _READ_SLACK: Final = 512 * 1024
 # unpacker caps nesting itself (StackError). Clients raise these for STATS results.
 _MAX_ARRAY: Final = 65536  # ACK_MANY carries up to this many tags
 _MAX_MAP: Final = 4096
+_POOL_LIMIT: Final = 64  # idle unpackers kept per set of limits
 
 
 class Op(IntEnum):
@@ -250,12 +251,19 @@ class FrameDecoder:
     frames are buffered. Once it has raised, the stream is poisoned: close the
     connection, as there is no way to resynchronise a msgpack stream.
 
+    Memory: a ``msgpack.Unpacker`` is about 40 KiB (its parse stack is fixed), ten times
+    what an idle connection should cost. So a decoder holds one only while a frame is
+    incomplete; between frames the unpacker goes back to a pool shared by decoders with
+    the same limits, and an idle connection holds none.
+
     Raises (from ``feed``):
         FrameTooLarge: a frame exceeds ``max_frame`` bytes.
         RemoteProtocolError: the bytes are not valid msgpack, or nest too deep.
     """
 
-    __slots__ = ("_consumed", "_unpacker", "max_frame")
+    __slots__ = ("_fed", "_limits", "_pool", "_start", "_unpacker", "max_frame")
+
+    _pools: dict[tuple[int, int, int], list[Any]] = {}  # idle, empty unpackers by limits
 
     def __init__(
         self,
@@ -265,8 +273,15 @@ class FrameDecoder:
         max_map: int = _MAX_MAP,
     ) -> None:
         self.max_frame = max_frame
-        self._consumed = 0  # stream offset where the next frame starts
-        self._unpacker = msgpack.Unpacker(
+        self._limits = (max_frame, max_array, max_map)
+        self._pool = FrameDecoder._pools.setdefault(self._limits, [])
+        self._unpacker: Any = None  # held only while a frame is incomplete
+        self._start = 0  # the unpacker's offset where the next frame starts
+        self._fed = 0  # the unpacker's offset after the last byte fed
+
+    def _new_unpacker(self) -> Any:
+        max_frame, max_array, max_map = self._limits
+        return msgpack.Unpacker(
             max_buffer_size=max_frame + _READ_SLACK,
             max_bin_len=max_frame,
             max_str_len=max_frame,
@@ -283,18 +298,23 @@ class FrameDecoder:
         the bad one, so the caller can still act on them before closing.
         """
         unpacker = self._unpacker
+        if unpacker is None:
+            pool = self._pool
+            unpacker = self._unpacker = pool.pop() if pool else self._new_unpacker()
+            self._start = self._fed = unpacker.tell()  # a pooled unpacker is empty
         frames: list[Any] = []
         try:
             unpacker.feed(data)
+            self._fed += len(data)
             limit = self.max_frame
-            start = self._consumed
+            start = self._start
             for frame in unpacker:
                 end = unpacker.tell()
                 if end - start > limit:
                     raise msgpack.BufferFull
                 frames.append(frame)
                 start = end
-            self._consumed = start
+            self._start = start
         except msgpack.BufferFull:
             raise self._error(FrameTooLarge(
                 f"frame larger than max_frame ({self.max_frame} bytes)"), frames) from None
@@ -309,10 +329,14 @@ class FrameDecoder:
             raise self._error(RemoteProtocolError(
                 f"malformed msgpack ({type(exc).__name__}: {exc})", code="protocol"), frames
             ) from None
+        if start == self._fed:  # nothing incomplete: give the unpacker back
+            self._unpacker = None
+            if len(self._pool) < _POOL_LIMIT:
+                self._pool.append(unpacker)
         return frames
 
-    @staticmethod
-    def _error(exc: ProtocolError, frames: list[Any]) -> ProtocolError:
+    def _error(self, exc: ProtocolError, frames: list[Any]) -> ProtocolError:
+        self._unpacker = None  # poisoned: never pooled
         exc.frames = frames  # type: ignore[attr-defined]
         return exc
 

@@ -516,3 +516,20 @@ def test_decode_body_with_an_unknown_kind() -> None:
 @given(_values)
 def test_body_round_trip_property(body: Any) -> None:
     assert decode_body(*encode_body(body)) == body
+
+
+def test_decoder_holds_an_unpacker_only_while_a_frame_is_incomplete() -> None:
+    """An idle connection must not keep msgpack's ~40 KiB unpacker (W6: bytes per idle
+    connection); a partial frame must survive the hand-back all the same."""
+    decoder = FrameDecoder()
+    frame = pack([Op.PING, 7])
+    assert decoder.feed(frame) == [[Op.PING, 7]]
+    assert decoder._unpacker is None
+    big = pack([Op.SEND, 1, "q", b"x" * 1000, 0, None, None, None])
+    assert decoder.feed(big[:10]) == []
+    assert decoder._unpacker is not None  # holding the partial frame
+    other = FrameDecoder()  # meanwhile another connection decodes with a pooled one
+    assert other.feed(frame + frame) == [[Op.PING, 7], [Op.PING, 7]]
+    assert decoder.feed(big[10:] + frame) == [
+        [Op.SEND, 1, "q", b"x" * 1000, 0, None, None, None], [Op.PING, 7]]
+    assert decoder._unpacker is None and other._unpacker is None
