@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 _CRED = struct.Struct("3i")  # struct ucred {pid_t pid; uid_t uid; gid_t gid;}
 _SHUTDOWN_GRACE = 5.0  # seconds to let closing connections drain before aborting them
+_EARLY_FLUSH = 256 * 1024  # bytes of output that are written before the loop turn ends
 
 
 class _RateLimitedLog:
@@ -76,8 +77,8 @@ class BrokerAlreadyRunning(BusError):
 
 
 class _Connection(asyncio.Protocol):
-    __slots__ = ("backlog", "broker", "closing", "decoder", "id", "out", "paused_by",
-                 "transport")
+    __slots__ = ("backlog", "broker", "closing", "decoder", "id", "out", "out_bytes",
+                 "paused_by", "transport")
 
     def __init__(self, broker: Broker, conn_id: int) -> None:
         self.broker = broker
@@ -85,6 +86,7 @@ class _Connection(asyncio.Protocol):
         self.decoder = FrameDecoder(broker.max_frame)
         self.transport: asyncio.Transport | None = None
         self.out: list[bytes] = []
+        self.out_bytes = 0
         self.backlog: list[Any] = []  # decoded frames not yet fed while reading is paused
         self.paused_by: set[str] = set()  # "core" (parked sends), "write" (client not reading)
         self.closing = False
@@ -155,6 +157,7 @@ class _Connection(asyncio.Protocol):
     def flush(self) -> None:
         if self.out and self.transport is not None:
             out, self.out = self.out, []
+            self.out_bytes = 0
             self.transport.writelines(out)
 
 
@@ -338,17 +341,11 @@ class Broker:
     # -- Sink: what the core asks for -----------------------------------------------
 
     def send(self, conn_id: int, frame: list[Any]) -> None:
-        conn = self._conns.get(conn_id)
-        if conn is None or conn.closing:
-            return
-        if not conn.out:
-            self._dirty.append(conn)
-            if not self._flush_scheduled:
-                self._flush_scheduled = True
-                self.loop.call_soon(self._flush)
-        conn.out.append(self._packb(frame))
+        self.send_raw(conn_id, self._packb(frame))
 
     def send_raw(self, conn_id: int, data: bytes) -> None:
+        """Queue encoded bytes for ``conn_id``; all connections with output are flushed
+        by one callback per loop iteration."""
         conn = self._conns.get(conn_id)
         if conn is None or conn.closing:
             return
@@ -358,6 +355,12 @@ class Broker:
                 self._flush_scheduled = True
                 self.loop.call_soon(self._flush)
         conn.out.append(data)
+        conn.out_bytes += len(data)
+        if conn.out_bytes >= _EARLY_FLUSH:
+            # Hand it to the transport now: past its high-water mark the transport calls
+            # pause_writing at once, and the frames this client pipelined after the ones
+            # being answered wait in the backlog instead of growing this buffer.
+            conn.flush()
 
     def _flush(self) -> None:
         self._flush_scheduled = False

@@ -227,3 +227,42 @@ async def test_undecodable_body_raises_on_access_and_the_consumer_carries_on(
         await msg.ack()
     stats = await queue_stats(bus, "fragile.dlq")
     assert stats["ready"] == 1
+
+
+def rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+async def test_a_client_that_never_reads_its_answers_is_not_buffered_for(
+    broker: BrokerProcess, bus: aiobus.Bus
+) -> None:
+    for i in range(100):  # make each STATS answer a few KiB
+        await bus.declare_queue(f"q{i}")
+    answer = len(msgpack.packb([Op.OK, 1, await bus.stats()]))
+    requests = 20_000
+    assert answer * requests > 100 * 2**20  # unbounded, the answers would take >100 MiB
+    before = rss(broker.pid)
+    reader, writer = await asyncio.open_unix_connection(broker.path)
+    try:
+        # ~100 KB of requests: one socket read for the broker. The client reads nothing.
+        writer.write(HELLO + b"".join(msgpack.packb([Op.STATS, i + 1])
+                                      for i in range(requests)))
+        await writer.drain()
+        # Each ping is a round trip through the broker's loop, which has had the requests
+        # ready to read since before the first one: everyone else is still served.
+        for _ in range(20):
+            await bus.ping()
+        grown = rss(broker.pid) - before
+        assert grown < 32 * 2**20, f"broker grew by {grown} bytes"
+        # Not vacuous: the broker did answer, until the client's socket was full.
+        unpacker = msgpack.Unpacker(raw=False)
+        unpacker.feed(await asyncio.wait_for(reader.readexactly(4 * answer), 5))
+        frames = list(unpacker)
+        assert frames[0][0] == Op.WELCOME and frames[1][:2] == [Op.OK, 1]
+    finally:
+        writer.transport.abort()
+    await bus.ping()
