@@ -42,7 +42,6 @@ from ..protocol import (
     decode_body,
     encode_body,
 )
-from .message import Message
 from .streams import Consumer, Subscription, _Stream
 
 __all__ = ["Bus", "connect"]
@@ -50,6 +49,7 @@ __all__ = ["Bus", "connect"]
 log = logging.getLogger(__name__)
 
 _FLUSH_AT = 64 * 1024
+_SEND, _PUBLISH = int(Op.SEND), int(Op.PUBLISH)
 _ACK_BATCH = 1024  # tags per ACK_MANY frame at most
 _HANDSHAKE_TIMEOUT = 5.0
 _CLOSE_TIMEOUT = 5.0
@@ -299,7 +299,7 @@ class Bus:
         ref = self._streams.get(frame[1])
         stream = ref() if ref is not None else None
         if stream is not None and not stream._stopped:
-            stream._push(Message(self, frame))
+            stream._push(frame)
 
     def _on_ok(self, frame: list[Any]) -> None:
         fut = self._pending.pop(frame[1], None)
@@ -381,16 +381,21 @@ class Bus:
 
             await bus.send("jobs", {"url": "https://example.org"}, ttl=60)
         """
-        self._check_name(queue, "queue name")
-        data, kind = encode_body(body)
-        self._check_size(data)
-        hdrs = _headers(headers)
+        if queue not in self._names:
+            self._check_name(queue, "queue name")
+        if type(body) is bytes:
+            data, kind = body, 0
+        else:
+            data, kind = encode_body(body)
+        if len(data) > self._max_frame:
+            self._check_size(data)
+        hdrs = _headers(headers) if headers else None
         if confirm:
-            await self._call([Op.SEND, 0, queue, data, kind, hdrs, ttl, None])
+            await self._call([_SEND, 0, queue, data, kind, hdrs, ttl, None])
         else:
             if not self._writable.is_set():
                 await self._writable.wait()
-            self._write([Op.SEND, 0, queue, data, kind, hdrs, ttl, None])
+            self._write([_SEND, 0, queue, data, kind, hdrs, ttl, None])
 
     async def publish(self, topic: str, body: Any, headers: Mapping[str, str] | None = None
                       ) -> None:
@@ -404,12 +409,18 @@ class Bus:
             TypeError, InvalidName, FrameTooLarge: as for :meth:`send`.
             Forbidden: topics starting with ``$`` belong to the broker.
         """
-        self._check_name(topic, "topic")
-        data, kind = encode_body(body)
-        self._check_size(data)
+        # The per-message path, inlined (each call here costs as much as the frame).
+        if topic not in self._names:
+            self._check_name(topic, "topic")
+        if type(body) is bytes:
+            data, kind = body, 0
+        else:
+            data, kind = encode_body(body)
+        if len(data) > self._max_frame:
+            self._check_size(data)
         if not self._writable.is_set():
             await self._writable.wait()
-        self._write([Op.PUBLISH, topic, data, kind, _headers(headers)])
+        self._write([_PUBLISH, topic, data, kind, _headers(headers) if headers else None])
 
     def subscribe(self, pattern: str, *, max_pending: int = 1024,
                   policy: str = "drop-oldest") -> Subscription:

@@ -101,6 +101,10 @@ class _Stream:
     async def __anext__(self) -> Message:
         if self._buffer:
             return self._take()
+        return await self._wait_next()
+
+    async def _wait_next(self) -> Message:
+        """The slow path of ``__anext__``: start, or wait for a message."""
         if not self._started:
             await self.start()
         if self._waiter is not None:
@@ -125,8 +129,9 @@ class _Stream:
     def _take(self) -> Message:
         return self._buffer.popleft()
 
-    def _push(self, msg: Message) -> None:
-        self._buffer.append(msg)
+    def _push(self, frame: list[Any]) -> None:
+        """A DELIVER or EVENT for this stream (called by the bus's protocol callback)."""
+        self._buffer.append(Message(self._bus, frame))
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -165,21 +170,36 @@ class Subscription(_Stream):
     def _start_frame(self, sid: int) -> list[Any]:
         return [Op.SUBSCRIBE, 0, sid, self.pattern, self.max_pending, self.policy]
 
-    def _take(self) -> Message:
-        msg = self._buffer.popleft()
-        self._consumed_one()
+    async def __anext__(self) -> Message:
+        # The per-message path, inlined: take a buffered event and count it; credit goes
+        # back to the broker in batches of max_pending / 2.
+        buffer = self._buffer
+        if not buffer:
+            return await self._wait_next()
+        msg = buffer.popleft()
+        consumed = self._consumed + 1
+        if consumed >= self._credit_batch:
+            self._bus._write([Op.CREDIT, self._sid, consumed])
+            consumed = 0
+        self._consumed = consumed
         return msg
 
-    def _consumed_one(self) -> None:
-        """Count one event as consumed; return credit to the broker in batches."""
+    def _take(self) -> Message:  # after a wait (the slow path)
+        msg = self._buffer.popleft()
         self._consumed += 1
         if self._consumed >= self._credit_batch:
             self._bus._write([Op.CREDIT, self._sid, self._consumed])
             self._consumed = 0
+        return msg
 
-    def _push(self, msg: Message) -> None:
-        self.dropped += msg.dropped
-        super()._push(msg)
+    def _push(self, frame: list[Any]) -> None:
+        gap = frame[3]  # EVENT [31, sid, message, dropped]
+        if gap:
+            self.dropped += gap
+        self._buffer.append(Message(self._bus, frame))
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def _fail(self, error: BaseException) -> None:
         # Topic messages already received stay readable; the error comes after them.
