@@ -34,7 +34,8 @@ import msgpack
 from ..errors import BusError, Forbidden, LeaseError, RemoteProtocolError, SubscriptionError
 from ..names import check_name, check_pattern, is_reserved
 from ..protocol import DEFAULT_MAX_FRAME, PROTOCOL_VERSION, BodyKind, Op, check_frame
-from .queues import MAX_PREFETCH, PARK_LIMIT, Consumer, QMsg, QueueRouter, pack_message
+from .queue_state import Consumer, QMsg, pack_message
+from .queues import MAX_PREFETCH, PARK_LIMIT, QueueRouter
 from .settings import BadOption
 from .timers import Timers
 from .topics import Subscription, TopicRouter

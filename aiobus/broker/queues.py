@@ -47,166 +47,30 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Callable
-from enum import IntEnum
 from typing import Any, Protocol
 
-import msgpack
-
 from ..errors import LeaseError, NotARequest, QueueFull, QueueMismatch
-from ..protocol import Op
+from .queue_state import (
+    FIRST_ATTEMPT_TAIL,
+    Consumer,
+    Item,
+    Lease,
+    MsgState,
+    QMsg,
+    Queue,
+    pack_message,
+    packb,
+    promote,
+)
 from .settings import BadOption, QueueSettings
 from .timers import Timers
 
-__all__ = ["Consumer", "Item", "Lease", "MsgState", "QMsg", "Queue", "QueueRouter",
-           "pack_message"]
+__all__ = ["MAX_PREFETCH", "PARK_LIMIT", "QueueRouter"]
 
 MAX_PREFETCH = 65535
 # A producer with this many sends parked on full queues stops being read until some are
 # admitted (RabbitMQ blocks a publishing connection the same way).
 PARK_LIMIT = 256
-
-
-class MsgState(IntEnum):
-    READY = 0  # in the ready deque
-    LEASED = 1  # held by a consumer
-    DELAYED = 2  # waiting for a retry/nack delay timer
-    PARKED = 3  # waiting for room in a full queue (overflow="block")
-    GONE = 4  # acked, dead-lettered, discarded or expired
-
-
-_packb = msgpack.Packer().pack
-_FIRST_ATTEMPT_TAIL = _packb(1) + _packb(None)  # DELIVER's attempt 1, reply_to nil
-
-
-def pack_message(id: str, queue: str, body: bytes, kind: int,
-                 headers: dict[str, str] | None, timestamp: float) -> bytes:
-    """The stored and delivered form of a queue message (see the module docstring)."""
-    return _packb([id, queue, body, kind, headers, timestamp])  # type: ignore[no-any-return]
-
-
-class QMsg:
-    """A queued message with state. ``failures`` counts failed attempts (attempt =
-    failures + 1); ``packed`` is its wire form."""
-
-    __slots__ = ("expires", "failures", "last_consumer", "last_reason", "packed", "reply",
-                 "state")
-
-    def __init__(self, packed: bytes, expires: float | None = None,
-                 reply: tuple[int, int] | None = None) -> None:
-        self.packed = packed
-        self.expires = expires
-        self.reply = reply  # (requester connection id, its token) for a request
-        self.failures = 0
-        self.state = MsgState.READY
-        self.last_reason: str | None = None
-        self.last_consumer: tuple[int, int] | None = None  # (pid, uid)
-
-    def fields(self) -> list[Any]:
-        """``[id, queue, body, kind, headers, timestamp]`` decoded (the rare paths)."""
-        return msgpack.unpackb(self.packed)  # type: ignore[no-any-return]
-
-
-Item = bytes | QMsg  # a stateless message is just its packed form
-
-
-def _promote(item: Item) -> QMsg:
-    return QMsg(item) if type(item) is bytes else item  # type: ignore[return-value]
-
-
-class Lease:
-    __slots__ = ("consumer", "deadline", "expired", "extended", "msg", "tag")
-
-    def __init__(self, tag: int, msg: Item, consumer: Consumer, deadline: float) -> None:
-        self.tag = tag
-        self.msg = msg
-        self.consumer = consumer
-        self.deadline = deadline
-        self.expired = False  # a zombie: the message went back to the queue
-        self.extended = False  # out of the queue's deadline order; has its own timer
-
-
-class Consumer:
-    __slots__ = ("active", "conn", "in_available", "leases", "pid", "prefetch", "prefix",
-                 "queue", "sid", "uid", "zombies")
-
-    def __init__(
-        self, conn: int, sid: int, queue: Queue, prefetch: int, pid: int, uid: int
-    ) -> None:
-        self.conn = conn
-        self.sid = sid
-        self.queue = queue
-        self.prefetch = prefetch
-        self.pid = pid
-        self.uid = uid
-        self.leases: dict[int, Lease] = {}  # active leases and zombies, by tag
-        self.active = True
-        self.in_available = False
-        self.zombies = 0  # expired leases not yet answered: while > 0, nothing new is sent
-        # DELIVER [30, sid, tag, message, attempt, reply_to]: its first two elements.
-        self.prefix: bytes = b"\x96" + _packb(int(Op.DELIVER)) + _packb(sid)
-
-
-class Queue:
-    __slots__ = (
-        "acked",
-        "available",
-        "consumers",
-        "dead_lettered",
-        "delayed",
-        "delivered",
-        "discarded",
-        "expired",
-        "explicit",
-        "lease_timer",
-        "leases",
-        "name",
-        "parked",
-        "ready",
-        "ready_len",
-        "sent",
-        "settings",
-    )
-
-    def __init__(self, name: str, settings: QueueSettings, explicit: bool) -> None:
-        self.name = name
-        self.settings = settings
-        self.explicit = explicit  # declared (True) or created by first use (False)
-        self.ready: deque[Item] = deque()
-        self.ready_len = 0  # live READY messages (the deque may hold GONE tombstones)
-        self.delayed = 0
-        self.leases: dict[int, Lease] = {}  # active, non-extended leases, in deadline order
-        self.lease_timer: float | None = None  # deadline of the armed lease timer, if any
-        self.consumers: list[Consumer] = []
-        self.available: deque[Consumer] = deque()  # consumers with a free prefetch slot
-        self.parked: deque[tuple[int, int, Item]] = deque()  # (conn, rid, item): blocked sends
-        self.sent = self.delivered = self.acked = 0
-        self.dead_lettered = self.expired = self.discarded = 0
-
-    def waiting(self) -> int:
-        """Messages counted against ``max_length``: ready plus delayed."""
-        return self.ready_len + self.delayed
-
-    def is_full(self) -> bool:
-        limit = self.settings.max_length
-        return limit is not None and self.ready_len + self.delayed >= limit
-
-    def stats(self) -> dict[str, Any]:
-        unacked = sum(1 for c in self.consumers for lease in c.leases.values()
-                      if not lease.expired)
-        return {
-            "ready": self.ready_len,
-            "unacked": unacked,
-            "delayed": self.delayed,
-            "parked": len(self.parked),
-            "consumers": len(self.consumers),
-            "sent": self.sent,
-            "delivered": self.delivered,
-            "acked": self.acked,
-            "dead_lettered": self.dead_lettered,
-            "expired": self.expired,
-            "discarded": self.discarded,
-            "settings": self.settings.as_dict(),
-        }
 
 
 class QueueSink(Protocol):
@@ -295,7 +159,7 @@ class QueueRouter:
             if not self._drop_oldest(queue, now):
                 # Only delayed messages fill the queue: the new one is the one to go.
                 queue.sent += 1
-                self.dead_letter(queue, _promote(msg), "overflow", None, now)
+                self.dead_letter(queue, promote(msg), "overflow", None, now)
                 if rid:
                     self._sink.reply_ok(conn, rid)
                 return
@@ -315,7 +179,7 @@ class QueueRouter:
             oldest = ready.popleft()
             if type(oldest) is bytes or oldest.state is MsgState.READY:  # type: ignore[union-attr]
                 queue.ready_len -= 1
-                self.dead_letter(queue, _promote(oldest), "overflow", None, now)
+                self.dead_letter(queue, promote(oldest), "overflow", None, now)
                 return True
         return False
 
@@ -323,7 +187,7 @@ class QueueRouter:
         queue.sent += 1
         ttl = queue.settings.ttl
         if ttl is not None:
-            msg = _promote(msg)
+            msg = promote(msg)
             if msg.expires is None:
                 msg.expires = now + ttl
         if type(msg) is QMsg:
@@ -399,12 +263,12 @@ class QueueRouter:
         deadline = now + queue.settings.ack_timeout
         lease = Lease(tag, msg, consumer, deadline)
         if type(msg) is bytes:
-            packed, tail = msg, _FIRST_ATTEMPT_TAIL
+            packed, tail = msg, FIRST_ATTEMPT_TAIL
         else:
             msg.state = MsgState.LEASED  # type: ignore[union-attr]
             packed = msg.packed  # type: ignore[union-attr]
             reply = msg.reply  # type: ignore[union-attr]
-            tail = _packb(msg.failures + 1) + _packb(  # type: ignore[union-attr]
+            tail = packb(msg.failures + 1) + packb(  # type: ignore[union-attr]
                 f"{reply[0]}.{reply[1]}" if reply is not None else None)
         queue.leases[tag] = lease
         consumer.leases[tag] = lease
@@ -413,7 +277,7 @@ class QueueRouter:
         if queue.lease_timer is None:
             queue.lease_timer = deadline
             self._timers.call_at(deadline, self._on_lease_timer, queue)
-        self._send_raw(consumer.conn, consumer.prefix + _packb(tag) + packed + tail)
+        self._send_raw(consumer.conn, consumer.prefix + packb(tag) + packed + tail)
 
     # -- consumers ------------------------------------------------------------------
 
@@ -544,7 +408,7 @@ class QueueRouter:
     @staticmethod
     def _record_consumer(lease: Lease) -> QMsg:
         """Note who held the message last (for dead-letter headers); returns it as QMsg."""
-        msg = lease.msg = _promote(lease.msg)
+        msg = lease.msg = promote(lease.msg)
         msg.last_consumer = (lease.consumer.pid, lease.consumer.uid)
         return msg
 

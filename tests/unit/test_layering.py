@@ -16,6 +16,7 @@ PACKAGE = Path(aiobus.__file__).parent
 CORE_MODULES = [
     "broker/core.py",
     "broker/queues.py",
+    "broker/queue_state.py",
     "broker/topics.py",
     "broker/timers.py",
     "broker/settings.py",

@@ -1,0 +1,164 @@
+"""The data of queues: messages, leases, consumers, queues. No I/O.
+
+:mod:`aiobus.broker.queues` explains how they move (its "theory of operation"); this
+module only holds them. A stateless message is its packed wire form (``bytes``); a
+:class:`QMsg` wraps it once it needs state.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from enum import IntEnum
+from typing import Any
+
+import msgpack
+
+from ..protocol import Op
+from .settings import QueueSettings
+
+__all__ = ["FIRST_ATTEMPT_TAIL", "Consumer", "Item", "Lease", "MsgState", "QMsg", "Queue",
+           "pack_message", "packb", "promote"]
+
+
+class MsgState(IntEnum):
+    READY = 0  # in the ready deque
+    LEASED = 1  # held by a consumer
+    DELAYED = 2  # waiting for a retry/nack delay timer
+    PARKED = 3  # waiting for room in a full queue (overflow="block")
+    GONE = 4  # acked, dead-lettered, discarded or expired
+
+
+packb = msgpack.Packer().pack  # shared: packing is synchronous, one event loop
+FIRST_ATTEMPT_TAIL: bytes = packb(1) + packb(None)  # DELIVER's attempt 1, reply_to nil
+
+
+def pack_message(id: str, queue: str, body: bytes, kind: int,
+                 headers: dict[str, str] | None, timestamp: float) -> bytes:
+    """The stored and delivered form of a queue message (see the module docstring)."""
+    return packb([id, queue, body, kind, headers, timestamp])  # type: ignore[no-any-return]
+
+
+class QMsg:
+    """A queued message with state. ``failures`` counts failed attempts (attempt =
+    failures + 1); ``packed`` is its wire form."""
+
+    __slots__ = ("expires", "failures", "last_consumer", "last_reason", "packed", "reply",
+                 "state")
+
+    def __init__(self, packed: bytes, expires: float | None = None,
+                 reply: tuple[int, int] | None = None) -> None:
+        self.packed = packed
+        self.expires = expires
+        self.reply = reply  # (requester connection id, its token) for a request
+        self.failures = 0
+        self.state = MsgState.READY
+        self.last_reason: str | None = None
+        self.last_consumer: tuple[int, int] | None = None  # (pid, uid)
+
+    def fields(self) -> list[Any]:
+        """``[id, queue, body, kind, headers, timestamp]`` decoded (the rare paths)."""
+        return msgpack.unpackb(self.packed)  # type: ignore[no-any-return]
+
+
+Item = bytes | QMsg  # a stateless message is just its packed form
+
+
+def promote(item: Item) -> QMsg:
+    """The message as a QMsg (wrapping a stateless one), to give it state."""
+    return QMsg(item) if type(item) is bytes else item  # type: ignore[return-value]
+
+
+class Lease:
+    __slots__ = ("consumer", "deadline", "expired", "extended", "msg", "tag")
+
+    def __init__(self, tag: int, msg: Item, consumer: Consumer, deadline: float) -> None:
+        self.tag = tag
+        self.msg = msg
+        self.consumer = consumer
+        self.deadline = deadline
+        self.expired = False  # a zombie: the message went back to the queue
+        self.extended = False  # out of the queue's deadline order; has its own timer
+
+
+class Consumer:
+    __slots__ = ("active", "conn", "in_available", "leases", "pid", "prefetch", "prefix",
+                 "queue", "sid", "uid", "zombies")
+
+    def __init__(
+        self, conn: int, sid: int, queue: Queue, prefetch: int, pid: int, uid: int
+    ) -> None:
+        self.conn = conn
+        self.sid = sid
+        self.queue = queue
+        self.prefetch = prefetch
+        self.pid = pid
+        self.uid = uid
+        self.leases: dict[int, Lease] = {}  # active leases and zombies, by tag
+        self.active = True
+        self.in_available = False
+        self.zombies = 0  # expired leases not yet answered: while > 0, nothing new is sent
+        # DELIVER [30, sid, tag, message, attempt, reply_to]: its first two elements.
+        self.prefix: bytes = b"\x96" + packb(int(Op.DELIVER)) + packb(sid)
+
+
+class Queue:
+    __slots__ = (
+        "acked",
+        "available",
+        "consumers",
+        "dead_lettered",
+        "delayed",
+        "delivered",
+        "discarded",
+        "expired",
+        "explicit",
+        "lease_timer",
+        "leases",
+        "name",
+        "parked",
+        "ready",
+        "ready_len",
+        "sent",
+        "settings",
+    )
+
+    def __init__(self, name: str, settings: QueueSettings, explicit: bool) -> None:
+        self.name = name
+        self.settings = settings
+        self.explicit = explicit  # declared (True) or created by first use (False)
+        self.ready: deque[Item] = deque()
+        self.ready_len = 0  # live READY messages (the deque may hold GONE tombstones)
+        self.delayed = 0
+        self.leases: dict[int, Lease] = {}  # active, non-extended leases, in deadline order
+        self.lease_timer: float | None = None  # deadline of the armed lease timer, if any
+        self.consumers: list[Consumer] = []
+        self.available: deque[Consumer] = deque()  # consumers with a free prefetch slot
+        self.parked: deque[tuple[int, int, Item]] = deque()  # (conn, rid, item): blocked sends
+        self.sent = self.delivered = self.acked = 0
+        self.dead_lettered = self.expired = self.discarded = 0
+
+    def waiting(self) -> int:
+        """Messages counted against ``max_length``: ready plus delayed."""
+        return self.ready_len + self.delayed
+
+    def is_full(self) -> bool:
+        limit = self.settings.max_length
+        return limit is not None and self.ready_len + self.delayed >= limit
+
+    def stats(self) -> dict[str, Any]:
+        unacked = sum(1 for c in self.consumers for lease in c.leases.values()
+                      if not lease.expired)
+        return {
+            "ready": self.ready_len,
+            "unacked": unacked,
+            "delayed": self.delayed,
+            "parked": len(self.parked),
+            "consumers": len(self.consumers),
+            "sent": self.sent,
+            "delivered": self.delivered,
+            "acked": self.acked,
+            "dead_lettered": self.dead_lettered,
+            "expired": self.expired,
+            "discarded": self.discarded,
+            "settings": self.settings.as_dict(),
+        }
