@@ -276,6 +276,19 @@ class Bus:
         self._pending[rid] = fut
         return await fut
 
+    def _prepare(self, name: str, what: str, body: Any) -> tuple[bytes, int]:
+        """Check ``name`` (cached) and encode ``body`` for SEND/PUBLISH: the per-message
+        checks in one call, with the common case (a known name, a bytes body) inline."""
+        if name not in self._names:
+            self._check_name(name, what)
+        if type(body) is bytes:
+            data, kind = body, 0
+        else:
+            data, kind = encode_body(body)
+        if len(data) > self._max_frame:
+            self._check_size(data)
+        return data, kind
+
     def _check_size(self, body: bytes) -> None:
         if len(body) > self._max_frame:
             raise FrameTooLarge(
@@ -381,14 +394,7 @@ class Bus:
 
             await bus.send("jobs", {"url": "https://example.org"}, ttl=60)
         """
-        if queue not in self._names:
-            self._check_name(queue, "queue name")
-        if type(body) is bytes:
-            data, kind = body, 0
-        else:
-            data, kind = encode_body(body)
-        if len(data) > self._max_frame:
-            self._check_size(data)
+        data, kind = self._prepare(queue, "queue name", body)
         hdrs = _headers(headers) if headers else None
         if confirm:
             await self._call([_SEND, 0, queue, data, kind, hdrs, ttl, None])
@@ -409,15 +415,7 @@ class Bus:
             TypeError, InvalidName, FrameTooLarge: as for :meth:`send`.
             Forbidden: topics starting with ``$`` belong to the broker.
         """
-        # The per-message path, inlined (each call here costs as much as the frame).
-        if topic not in self._names:
-            self._check_name(topic, "topic")
-        if type(body) is bytes:
-            data, kind = body, 0
-        else:
-            data, kind = encode_body(body)
-        if len(data) > self._max_frame:
-            self._check_size(data)
+        data, kind = self._prepare(topic, "topic", body)
         if not self._writable.is_set():
             await self._writable.wait()
         self._write([_PUBLISH, topic, data, kind, _headers(headers) if headers else None])
