@@ -140,13 +140,14 @@ class Message:
         return f"<Message id={self.id!r} {where} attempt={self.attempt} body={body:.60}>"
 
     def _lease(self, verb: str) -> int:
-        if self.queue is None:
+        f = self._f
+        if f[0] != _DELIVER:
             raise BusError(f"cannot {verb} a topic message: topics have no acknowledgements")
         if self._answered:
             raise LeaseError(f"message {self.id} was already answered; cannot {verb} it again",
                              code="lease-unknown")
         self._answered = True
-        return self._tag
+        return f[2]  # type: ignore[no-any-return]  # DELIVER's tag
 
     async def ack(self) -> None:
         """Acknowledge: the message is done and leaves the queue.
