@@ -141,6 +141,22 @@ class QueueRouter:
 
     def send(self, conn: int, rid: int, queue: Queue, msg: Item, now: float) -> None:
         """A message from ``conn``; confirms with OK to ``rid`` (0: no confirmation)."""
+        available = queue.available
+        if (available and not queue.ready_len and not queue.delayed and not queue.parked
+                and type(msg) is bytes and queue.settings.ttl is None):
+            # The common case on a busy queue: nothing waits (so it cannot be full) and a
+            # consumer has room, so the message goes straight to it: what _accept and
+            # pump would do, in one step.
+            queue.sent += 1
+            consumer = available.popleft()
+            self._deliver(queue, consumer, msg, now)
+            if len(consumer.leases) < consumer.prefetch:
+                available.append(consumer)
+            else:
+                consumer.in_available = False
+            if rid:
+                self._sink.reply_ok(conn, rid)
+            return
         if queue.parked:
             if any(c == conn for c, _, _ in queue.parked):
                 # Keep this producer's order: it already waits for room in this queue.
