@@ -70,8 +70,6 @@ class Op(IntEnum):
     DECLARE = 21  # create a queue with settings, or check them
     STATS = 22  # broker statistics
     ACK_MANY = 23  # ack several leases at once, no reply (fire-and-forget acks, batched)
-    PUBLISH_MANY = 24  # several PUBLISHes in one frame (what a client wrote in one go)
-    SEND_MANY = 25  # several unconfirmed SENDs in one frame
     DELIVER = 30  # broker→client: a queue message under a lease
     EVENT = 31  # broker→client: a topic message
     RESPONSE = 32  # broker→client: the reply to one of this connection's requests
@@ -126,9 +124,6 @@ SPECS: Final[dict[int, tuple[tuple[str, tuple[type, ...]], ...]]] = {
     Op.DECLARE: (("rid", _INT), ("queue", _STR), ("options", _MAP)),
     Op.STATS: (("rid", _INT),),
     Op.ACK_MANY: (("tags", (list,)),),
-    # items: [topic, body, kind, headers] each; [queue, body, kind, headers, ttl] each.
-    Op.PUBLISH_MANY: (("items", (list,)),),
-    Op.SEND_MANY: (("items", (list,)),),
     # message: [id, queue or topic, body, kind, headers, timestamp], as MESSAGE_FIELDS.
     Op.DELIVER: (
         ("sid", _INT), ("tag", _INT), ("message", (list,)), ("attempt", _INT),

@@ -48,24 +48,6 @@ MAX_CLIENT_NAME = 255
 TOPIC_CONNECTED = "$sys.client.connected"
 TOPIC_DISCONNECTED = "$sys.client.disconnected"
 _GOOD_TOPICS_LIMIT = 4096
-# Client frames whose field 1 is a request id (the others are answered with rid 0).
-_OPS_WITH_RID = frozenset({
-    Op.PING, Op.SEND, Op.SUBSCRIBE, Op.CONSUME, Op.CANCEL, Op.ACK, Op.NACK, Op.REJECT,
-    Op.EXTEND, Op.REPLY, Op.DECLARE, Op.STATS,
-})
-
-
-def _send_fields_ok(name: Any, body: Any, kind: Any, headers: Any, ttl: Any) -> bool:
-    """The types of a message for a queue (values are checked where they are used)."""
-    return (type(name) is str and type(body) is bytes and type(kind) is int
-            and 0 <= kind <= 1 and (headers is None or _valid_headers(headers))
-            and (ttl is None or type(ttl) is float or type(ttl) is int))
-
-
-def _publish_fields_ok(topic: Any, body: Any, kind: Any, headers: Any) -> bool:
-    """The types of a message for a topic."""
-    return (type(topic) is str and type(body) is bytes and type(kind) is int
-            and 0 <= kind <= 1 and (headers is None or _valid_headers(headers)))
 
 
 def _valid_headers(headers: Any) -> bool:
@@ -167,8 +149,6 @@ class BrokerCore:
             Op.DECLARE: self._on_declare,
             Op.STATS: self._on_stats,
             Op.ACK_MANY: self._on_ack_many,
-            Op.PUBLISH_MANY: self._on_publish_many,
-            Op.SEND_MANY: self._on_send_many,
         }
 
     # -- events in ------------------------------------------------------------------
@@ -199,7 +179,7 @@ class BrokerCore:
         except RemoteProtocolError as exc:
             self.close(conn_id, exc.code or "protocol", str(exc))
         except BusError as exc:
-            rid = frame[1] if frame[0] in _OPS_WITH_RID else 0
+            rid = frame[1] if frame[0] not in (Op.PUBLISH, Op.CREDIT) else 0
             self._sink.send(conn_id, [Op.ERROR, rid, exc.code or "error", str(exc)])
 
     @staticmethod
@@ -319,29 +299,12 @@ class BrokerCore:
         if len(frame) != 8:
             check_frame(frame)
         _, rid, name, body, kind, headers, ttl, token = frame
-        if (type(rid) is not int or rid < 0 or not _send_fields_ok(name, body, kind, headers, ttl)
+        if (type(rid) is not int or rid < 0 or type(name) is not str or type(body) is not bytes
+                or type(kind) is not int or not 0 <= kind <= 1
+                or (headers is not None and not _valid_headers(headers))
+                or (ttl is not None and type(ttl) is not float and type(ttl) is not int)
                 or (token is not None and (type(token) is not int or token < 0))):
             check_frame(frame)
-        self._send_one(conn, rid, name, body, kind, headers, ttl, token, now)
-
-    def _on_send_many(self, conn: Conn, frame: list[Any], now: float) -> None:
-        if len(frame) != 2 or type(frame[1]) is not list:
-            check_frame(frame)
-        for i, item in enumerate(frame[1]):
-            if type(item) is not list or len(item) != 5 or not _send_fields_ok(*item):
-                raise RemoteProtocolError(
-                    f"SEND_MANY.items[{i}] must be [queue: str, body: bin, kind: 0|1,"
-                    " headers: map of str or nil, ttl: number or nil]", code="bad-field")
-            name, body, kind, headers, ttl = item
-            try:
-                self._send_one(conn, 0, name, body, kind, headers, ttl, None, now)
-            except BusError as exc:  # this item only; like SEND with rid 0
-                self._sink.send(conn.id, [Op.ERROR, 0, exc.code or "error", str(exc)])
-
-    def _send_one(self, conn: Conn, rid: int, name: str, body: bytes, kind: int,
-                  headers: dict[str, str] | None, ttl: float | None, token: int | None,
-                  now: float) -> None:
-        """One message for a queue, its fields' types already checked."""
         if ttl is not None:
             if not 0 < ttl < 1e9:
                 raise BadOption("ttl must be a positive number of seconds")
@@ -366,33 +329,20 @@ class BrokerCore:
         if len(frame) != 5:
             check_frame(frame)
         _, topic, body, kind, headers = frame
-        if not _publish_fields_ok(topic, body, kind, headers):
-            check_frame(frame)
-        self._publish_one(topic, body, kind, headers, now)
-
-    def _on_publish_many(self, conn: Conn, frame: list[Any], now: float) -> None:
-        if len(frame) != 2 or type(frame[1]) is not list:
-            check_frame(frame)
-        for i, item in enumerate(frame[1]):
-            if type(item) is not list or len(item) != 4 or not _publish_fields_ok(*item):
-                raise RemoteProtocolError(
-                    f"PUBLISH_MANY.items[{i}] must be [topic: str, body: bin, kind: 0|1,"
-                    " headers: map of str or nil]", code="bad-field")
-            try:
-                self._publish_one(item[0], item[1], item[2], item[3], now)
-            except BusError as exc:  # this item only; like PUBLISH
-                self._sink.send(conn.id, [Op.ERROR, 0, exc.code or "error", str(exc)])
-
-    def _publish_one(self, topic: str, body: bytes, kind: int,
-                     headers: dict[str, str] | None, now: float) -> None:
-        """One message for a topic, its fields' types already checked."""
-        if topic not in self._good_topics:
+        if type(topic) is not str or topic not in self._good_topics:
+            if (type(topic) is not str or type(body) is not bytes or type(kind) is not int
+                    or not 0 <= kind <= 1
+                    or (headers is not None and not _valid_headers(headers))):
+                check_frame(frame)
+            check_name(topic, "topic")
             if is_reserved(topic):
                 raise Forbidden(f"topic {topic!r}: topics starting with '$' are the broker's")
-            check_name(topic, "topic")
             if len(self._good_topics) >= _GOOD_TOPICS_LIMIT:
                 self._good_topics.clear()
             self._good_topics.add(topic)
+        elif (type(body) is not bytes or type(kind) is not int or not 0 <= kind <= 1
+              or (headers is not None and not _valid_headers(headers))):
+            check_frame(frame)
         self.topics.publish(topic, self._packb(
             [self._new_id(), topic, body, kind, headers or None, now + self.wall_offset]))
 

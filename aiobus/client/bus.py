@@ -49,10 +49,8 @@ __all__ = ["Bus", "connect"]
 log = logging.getLogger(__name__)
 
 _FLUSH_AT = 64 * 1024
-_SEND = int(Op.SEND)
-_ACK_MANY, _PUBLISH_MANY, _SEND_MANY = int(Op.ACK_MANY), int(Op.PUBLISH_MANY), int(Op.SEND_MANY)
-_BATCH_ITEMS = 1024  # items per ACK_MANY, PUBLISH_MANY or SEND_MANY frame at most
-_BATCH_BYTES = 256 * 1024  # body bytes per batch frame at most (far below any max_frame)
+_SEND, _PUBLISH = int(Op.SEND), int(Op.PUBLISH)
+_ACK_BATCH = 1024  # tags per ACK_MANY frame at most
 _HANDSHAKE_TIMEOUT = 5.0
 _CLOSE_TIMEOUT = 5.0
 
@@ -100,10 +98,7 @@ class Bus:
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._out: list[bytes] = []
-        self._batch: list[Any] = []  # fire-and-forget items waiting for the next flush
-        self._batch_op = 0  # the frame type they will travel in
-        self._batch_bytes = 0  # an upper bound of the encoded size of the batch's items
-        self._batch_limit = _BATCH_BYTES
+        self._acks: list[int] = []  # ack_nowait tags waiting for the next flush
         self._out_bytes = 0
         self._flush_handle: asyncio.Handle | None = None
         self._packb = msgpack.Packer().pack
@@ -153,7 +148,6 @@ class Bus:
             raise BrokerUnavailable(f"the broker at {self.path} did not answer HELLO") from None
         self.server_info = info
         self._max_frame = int(info.get("max_frame", DEFAULT_MAX_FRAME))
-        self._batch_limit = min(_BATCH_BYTES, self._max_frame // 2)
 
     async def aclose(self) -> None:
         """Close the connection. Streams and pending calls fail with ConnectionClosed;
@@ -228,43 +222,25 @@ class Bus:
 
     # -- writing --------------------------------------------------------------------
 
-    # Batching. Fire-and-forget frames made in one event-loop iteration (ack_nowait,
-    # publish, send with confirm=False) go out as one ACK_MANY, PUBLISH_MANY or SEND_MANY
-    # frame: the broker then decodes and dispatches one frame per batch, not per message.
-    # A batch holds one kind; another kind, or any other frame, writes it out first, so
-    # the broker sees every frame in the order the application made it.
-
     def _ack_nowait(self, tag: int) -> None:
-        self._batch_add(_ACK_MANY, tag, 9)
-
-    def _batch_add(self, op: int, item: Any, size: int) -> None:
         self._check_open()
-        if op != self._batch_op:
-            self._write_batch()
-            self._batch_op = op
-        batch = self._batch
-        batch.append(item)
-        self._batch_bytes += size
-        if len(batch) >= _BATCH_ITEMS or self._batch_bytes >= self._batch_limit:
-            self._write_batch()
-            if self._out_bytes >= _FLUSH_AT:
-                self._flush()
-        if self._flush_handle is None:
+        acks = self._acks
+        acks.append(tag)
+        if len(acks) >= _ACK_BATCH:
+            self._write_acks()
+        elif self._flush_handle is None:
             self._flush_handle = self._loop.call_soon(self._flush)
 
-    def _write_batch(self) -> None:
-        batch = self._batch
-        if batch:
-            self._batch = []
-            self._batch_bytes = 0
-            data = self._packb([self._batch_op, batch])
-            self._out.append(data)
-            self._out_bytes += len(data)
+    def _write_acks(self) -> None:
+        acks, self._acks = self._acks, []
+        data = self._packb([Op.ACK_MANY, acks])
+        self._out.append(data)
+        self._out_bytes += len(data)
 
     def _write(self, frame: list[Any]) -> None:
         self._check_open()
-        if self._batch:  # keep frame order: what was batched earlier goes out first
-            self._write_batch()
+        if self._acks:  # keep frame order: acks asked for earlier go out first
+            self._write_acks()
         data = self._packb(frame)
         if len(data) > self._max_frame:  # exact: the broker bounds whole frames
             raise FrameTooLarge(
@@ -282,8 +258,8 @@ class Bus:
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
-        if self._batch:
-            self._write_batch()
+        if self._acks:
+            self._write_acks()
         if self._out and self._transport is not None and not self._transport.is_closing():
             self._transport.writelines(self._out)
         self._out = []
@@ -425,11 +401,7 @@ class Bus:
         else:
             if not self._writable.is_set():
                 await self._writable.wait()
-            size = _encoded_size(queue, data, hdrs)
-            if size <= self._batch_limit:
-                self._batch_add(_SEND_MANY, [queue, data, kind, hdrs, ttl], size)
-            else:
-                self._write([_SEND, 0, queue, data, kind, hdrs, ttl, None])
+            self._write([_SEND, 0, queue, data, kind, hdrs, ttl, None])
 
     async def publish(self, topic: str, body: Any, headers: Mapping[str, str] | None = None
                       ) -> None:
@@ -446,12 +418,7 @@ class Bus:
         data, kind = self._prepare(topic, "topic", body)
         if not self._writable.is_set():
             await self._writable.wait()
-        hdrs = _headers(headers) if headers else None
-        size = _encoded_size(topic, data, hdrs)
-        if size <= self._batch_limit:
-            self._batch_add(_PUBLISH_MANY, [topic, data, kind, hdrs], size)
-        else:
-            self._write([Op.PUBLISH, topic, data, kind, hdrs])
+        self._write([_PUBLISH, topic, data, kind, _headers(headers) if headers else None])
 
     def subscribe(self, pattern: str, *, max_pending: int = 1024,
                   policy: str = "drop-oldest") -> Subscription:
@@ -576,15 +543,6 @@ class Bus:
     async def ping(self) -> None:
         """Round trip to the broker; returns once every earlier frame was processed."""
         await self._call([Op.PING, 0])
-
-
-def _encoded_size(name: str, data: bytes, headers: dict[str, str] | None) -> int:
-    """An upper bound of an item's msgpack size: each str or bin costs at most 5 bytes
-    of header (and a str at most 4 bytes per character), plus the small fields."""
-    size = len(data) + 4 * len(name) + 24
-    if headers:
-        size += sum(4 * (len(k) + len(v)) + 10 for k, v in headers.items())
-    return size
 
 
 def _headers(headers: Mapping[str, str] | None) -> dict[str, str] | None:

@@ -1007,30 +1007,3 @@ def test_ack_many_acks_every_tag_and_reports_each_bad_one(d: Driver) -> None:
     assert consumer.take(Op.ERROR) == []
     assert d.core.stats()["queues"]["jobs"]["acked"] == 4
     assert [m.body for m in consumer.deliveries()] == [b"4"]
-
-
-def test_send_many_queues_every_item_in_order(d: Driver) -> None:
-    producer, consumer = d.client("p"), d.client("c")
-    producer.declare("strict", max_length=1, overflow="reject")
-    producer.receive(Op.SEND_MANY, [
-        ["jobs", b"1", 0, None, None],
-        ["strict", b"a", 0, None, None],
-        ["strict", b"b", 0, None, None],  # full: an ERROR for this item only
-        ["jobs", b"2", 0, {"h": "v"}, 30.0],
-        ["bad..name", b"x", 0, None, None],
-    ])
-    errors = producer.take(Op.ERROR)
-    assert [(e[1], e[2]) for e in errors] == [(0, "queue-full"), (0, "invalid-name")]
-    assert producer.take(Op.OK) == []  # unconfirmed, like SEND with rid 0
-    consumer.consume("jobs", prefetch=10)
-    got = consumer.deliveries()
-    assert [m.body for m in got] == [b"1", b"2"] and got[1].headers == {"h": "v"}
-    assert d.core.stats()["queues"]["strict"]["ready"] == 1
-
-
-def test_send_many_with_a_malformed_item_closes_the_connection(d: Driver) -> None:
-    producer = d.client("p")
-    producer.receive(Op.SEND_MANY, [["jobs", b"1", 0, None, None], ["jobs", b"2", 7, None, None]])
-    code, message = d.sink.closed[producer.conn]
-    assert code == "bad-field" and "SEND_MANY.items[1]" in message
-    assert d.core.stats()["queues"]["jobs"]["ready"] == 1

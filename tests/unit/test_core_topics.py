@@ -299,26 +299,3 @@ def test_subscribing_to_sys_is_allowed_publishing_reserved_queue_is_not(d: Drive
     c = d.client("c")
     c.subscribe("$sys.client.connected")
     assert c.send("$sys.q")[2] == "forbidden"
-
-
-def test_publish_many_fans_out_each_item_and_reports_bad_items_alone(d: Driver) -> None:
-    publisher, subscriber = d.client("p"), d.client("s")
-    subscriber.subscribe("t.*")
-    publisher.receive(Op.PUBLISH_MANY, [
-        ["t.a", b"1", 0, None],
-        ["$sys.fake", b"2", 0, None],  # forbidden: an ERROR for this item only
-        ["t.b", b"3", 0, {"k": "v"}],
-    ])
-    assert [(e.topic, e.body) for e in subscriber.events()] == [("t.a", b"1"), ("t.b", b"3")]
-    (error,) = publisher.take(Op.ERROR)
-    assert (error[1], error[2]) == (0, "forbidden")
-    assert d.core.stats()["topics"]["published"] == 2
-
-
-def test_publish_many_with_a_malformed_item_closes_the_connection(d: Driver) -> None:
-    publisher, subscriber = d.client("p"), d.client("s")
-    subscriber.subscribe("t")
-    publisher.receive(Op.PUBLISH_MANY, [["t", b"ok", 0, None], ["t", "not bin", 0, None]])
-    assert [e.body for e in subscriber.events()] == [b"ok"]  # items before it stand
-    code, message = d.sink.closed[publisher.conn]
-    assert code == "bad-field" and "PUBLISH_MANY.items[1]" in message

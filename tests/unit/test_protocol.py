@@ -45,8 +45,6 @@ EXAMPLES: dict[Op, list[Any]] = {
     Op.DECLARE: [Op.DECLARE, 11, "jobs", {"max_deliveries": 5, "retry_delays": [1, 2.5]}],
     Op.STATS: [Op.STATS, 12],
     Op.ACK_MANY: [Op.ACK_MANY, [5, 6, 7]],
-    Op.PUBLISH_MANY: [Op.PUBLISH_MANY, [["t.a", b"1", 0, None], ["t.b", b"\x01", 1, {"k": "v"}]]],
-    Op.SEND_MANY: [Op.SEND_MANY, [["jobs", b"x", 0, None, None], ["jobs", b"y", 0, None, 5.0]]],
     Op.DELIVER: [Op.DELIVER, 2, 123, ["b-1", "jobs", b"x", 0, None, 1.7e9], 1, "3.44"],
     Op.EVENT: [Op.EVENT, 1, ["b-2", "weather.hk", b"", 0, {"a": "b"}, 1.7e9], 3],
     Op.RESPONSE: [Op.RESPONSE, 44, b"\x07", 1, None],
