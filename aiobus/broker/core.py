@@ -334,9 +334,9 @@ class BrokerCore:
                     or not 0 <= kind <= 1
                     or (headers is not None and not _valid_headers(headers))):
                 check_frame(frame)
-            check_name(topic, "topic")
-            if is_reserved(topic):
+            if is_reserved(topic):  # forbidden, whatever else is wrong with the name
                 raise Forbidden(f"topic {topic!r}: topics starting with '$' are the broker's")
+            check_name(topic, "topic")
             if len(self._good_topics) >= _GOOD_TOPICS_LIMIT:
                 self._good_topics.clear()
             self._good_topics.add(topic)
