@@ -81,6 +81,7 @@ async def fifo_to_bus(
     topic: str | None = None,
     framing: str = "lines",
     max_record: int = DEFAULT_MAX_RECORD,
+    dead_letter: str | None = None,
     stats: BridgeStatistics | None = None,
     task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -90,9 +91,10 @@ async def fifo_to_bus(
     that is valid UTF-8 is sent as a ``str`` body, as ``aiobus send`` does with text; any
     other record passes through as ``bytes``. With the ``msgpack`` framing the decoded
     object is sent. A record over ``max_record`` sent to a queue is dead-lettered to
-    ``<queue>.dlq`` with reason ``too-large`` (headers ``x-dead-reason``,
-    ``x-original-queue``, ``x-record-length``, ``x-dead-time``; body: its first 256
-    bytes); for a topic it is logged and counted in ``stats.oversize``.
+    ``dead_letter`` (default ``<queue>.dlq``, the queue's default) with reason
+    ``too-large`` (headers ``x-dead-reason``, ``x-original-queue``, ``x-record-length``,
+    ``x-dead-time``; body: its first 256 bytes); for a topic it is logged and counted in
+    ``stats.oversize``.
 
     Args:
         bus: a connected client (``aiobus.connect``).
@@ -101,6 +103,8 @@ async def fifo_to_bus(
         topic: the topic to publish on.
         framing: how records are delimited (see :data:`~aiobus.bridges.framing.FRAMINGS`).
         max_record: largest record in bytes (default 1 MiB).
+        dead_letter: where oversize records of a queue go; pass the queue's
+            ``dead_letter`` if it was declared with another one.
         stats: counters to update; a fresh :class:`BridgeStatistics` if omitted.
         task_status: for ``TaskGroup.start``.
 
@@ -133,7 +137,7 @@ async def fifo_to_bus(
                 "x-record-length": str(length),
                 "x-dead-time": f"{time.time():.6f}",  # as the broker stamps its dead letters
             }
-            await bus.send(f"{queue}.dlq", head[:_DLQ_HEAD], headers=headers)
+            await bus.send(dead_letter or f"{queue}.dlq", head[:_DLQ_HEAD], headers=headers)
         if _every_power_of_two(stats.oversize):
             logger.warning(
                 "record of %d bytes from FIFO %s exceeds max_record (%d) and was %s (%d so far)",

@@ -38,7 +38,8 @@ def signal_number(text: str) -> signal.Signals:
 
 async def _fifo_in(bus: Bus, args: argparse.Namespace) -> int:
     await fifo_to_bus(bus, args.path, queue=args.queue, topic=args.topic,
-                      framing=args.framing, max_record=args.max_record)
+                      framing=args.framing, max_record=args.max_record,
+                      dead_letter=args.dead_letter)
     return 0
 
 
@@ -76,6 +77,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
     _framing_option(p)
     p.add_argument("--max-record", type=positive_int, default=DEFAULT_MAX_RECORD,
                    metavar="BYTES", help=f"largest record (default {DEFAULT_MAX_RECORD})")
+    p.add_argument("--dead-letter", type=queue_name, metavar="QUEUE",
+                   help="where records over --max-record go, with --queue (default"
+                        " QUEUE.dlq, the queue's default dead-letter queue)")
 
     p = add_command(
         subparsers, common, "fifo-out", run=_fifo_out, long_running=True,

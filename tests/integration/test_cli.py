@@ -420,3 +420,22 @@ async def test_fifo_out_acks_only_what_a_reader_got(bus: aiobus.Bus, broker: Bro
         bridge.send_signal(signal.SIGTERM)
         result = await finish(bridge)
     assert result.code == 0, result
+
+
+async def test_fifo_in_dead_letters_oversize_records_where_told(
+        bus: aiobus.Bus, broker: BrokerProcess, short_tmp: Path) -> None:
+    fifo = short_tmp / "big.fifo"
+    bridge = await start("fifo-in", str(fifo), "--queue", "sized", "--max-record", "16",
+                         "--dead-letter", "sized.rejects", "--socket", broker.path)
+    try:
+        await wait_until(lambda: _is_fifo(fifo), timeout=TIMEOUT)
+        await write_fifo(fifo, b"short\n" + b"x" * 40 + b"\nafter\n")
+        got = await drain(bus, "sized", 2)
+        assert [m.body for m in got] == ["short", "after"]
+        (dead,) = await drain(bus, "sized.rejects", 1)
+        assert dead.headers["x-dead-reason"] == "too-large"
+        assert dead.headers["x-record-length"] == "40"
+    finally:
+        bridge.send_signal(signal.SIGTERM)
+        result = await finish(bridge)
+    assert result.code == 0, result
