@@ -94,8 +94,10 @@ class SignalCaptureStatistics:
 class _Capture:
     """The handler side (sync, O(1)) and the publisher task of :func:`signals_to_bus`."""
 
-    def __init__(self, mapping: Mapping[Signals, str], stats: SignalCaptureStatistics) -> None:
+    def __init__(self, mapping: Mapping[Signals, str], stats: SignalCaptureStatistics,
+                 body: Callable[[Signals], Any] | None = None) -> None:
         self._topics = dict(mapping)
+        self._body = body
         self._stats = stats
         # Unpublished deliveries per signal; dict order is the order of the oldest one.
         self._pending: dict[Signals, int] = {}
@@ -131,7 +133,8 @@ class _Capture:
                 "time": f"{self._last_time[signum]:.6f}",
                 "count": str(count),
             }
-            await bus.publish(self._topics[signum], signum.name, headers=headers)
+            body = signum.name if self._body is None else self._body(signum)
+            await bus.publish(self._topics[signum], body, headers=headers)
             self._stats.published[signum] = self._stats.published.get(signum, 0) + 1
 
 
@@ -140,11 +143,14 @@ async def signals_to_bus(
     bus: SignalBus,
     mapping: Mapping[Signals, str],
     *,
+    body: Callable[[Signals], Any] | None = None,
     flush_timeout: float = 1.0,
 ) -> AsyncIterator[SignalCaptureStatistics]:
     """Publish a message on the bus for the signals this process receives, while open.
 
-    Each message's body is the signal's name (``"SIGHUP"``, a ``str``); its headers are
+    Each message's body is the signal's name (``"SIGHUP"``, a ``str``), or what ``body``
+    returns for the signal when given (called in the publisher task, when the message is
+    built: a service's current state, say); its headers are
     ``signal`` (name), ``signo`` (number), ``pid`` (this process), ``time`` (epoch
     seconds of the latest delivery it covers) and ``count`` (deliveries it covers; see the
     module docstring for the guarantees under a signal storm).
@@ -157,6 +163,7 @@ async def signals_to_bus(
     Args:
         bus: a connected client (``aiobus.connect``).
         mapping: the signals to capture, each with the topic to publish it on.
+        body: makes a message's body from its signal (any msgpack-serialisable value).
         flush_timeout: on exit, how long to keep publishing deliveries still pending.
 
     Returns:
@@ -174,7 +181,7 @@ async def signals_to_bus(
     """
     loop = asyncio.get_running_loop()
     stats = SignalCaptureStatistics()
-    capture = _Capture(mapping, stats)
+    capture = _Capture(mapping, stats, body)
     previous: dict[Signals, _Handler] = {}
     try:
         for signum in mapping:
