@@ -1,0 +1,73 @@
+"""Pipelined confirmed sends against unconfirmed ones, through a real broker process.
+
+    python benchmarks/bench_confirm.py [--messages 100000] [--in-flight 10000] [--repeats 3]
+
+Starts ``python -m aiobus.cli.broker`` on a socket in a fresh temp dir and, from this
+process (one connection), times ``send(confirm=False)`` for every message (returns once
+buffered; the last is followed by a ping so the broker has them all), then confirmed
+``send`` in ``asyncio.gather`` batches of ``--in-flight`` (each returns once the broker
+accepted it). Nothing consumes: the broker just queues. Prints both rates and their ratio
+(the benchmark issue's target: confirmed at least half the unconfirmed rate). The broker
+is stopped by PID in ``finally``; every wait has a timeout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import aiobus
+
+
+async def measure(path: str, messages: int, in_flight: int) -> tuple[float, float]:
+    body = b"x" * 128
+    async with aiobus.connect(path) as bus:
+        start = time.perf_counter()
+        for _ in range(messages):
+            await bus.send("unconfirmed", body, confirm=False)
+        await bus.ping()
+        unconfirmed = messages / (time.perf_counter() - start)
+        start = time.perf_counter()
+        for _ in range(0, messages, in_flight):
+            await asyncio.gather(*(bus.send("confirmed", body) for _ in range(in_flight)))
+        confirmed = messages / (time.perf_counter() - start)
+    return unconfirmed, confirmed
+
+
+async def main(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory(prefix="ab-", dir="/tmp") as tmp:
+        path = os.path.join(tmp, "b.sock")
+        broker = subprocess.Popen([sys.executable, "-m", "aiobus.cli.broker", "--socket", path,
+                                   "--log-level", "WARNING"])
+        try:
+            async with asyncio.timeout(10):
+                while not os.path.exists(path):
+                    await asyncio.sleep(0.02)
+            print(f"aiobus {aiobus.__version__}, {args.messages:,} sends of 128 B,"
+                  f" {args.in_flight:,} confirmed in flight")
+            for _ in range(args.repeats):
+                async with asyncio.timeout(300):
+                    unconfirmed, confirmed = await measure(path, args.messages, args.in_flight)
+                print(f"confirm=False {unconfirmed:>10,.0f} msgs/s   confirmed"
+                      f" {confirmed:>10,.0f} msgs/s   ratio {confirmed / unconfirmed:.2f}")
+        finally:
+            broker.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                broker.wait(10)
+            if broker.poll() is None:
+                broker.kill()
+                broker.wait(10)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=100_000)
+    parser.add_argument("--in-flight", type=int, default=10_000)
+    parser.add_argument("--repeats", type=int, default=3)
+    asyncio.run(main(parser.parse_args()))
