@@ -169,10 +169,6 @@ class TopicIndex(Generic[T]):
             else:
                 del parent.children[token]
 
-    def is_cached(self, topic: str) -> bool:
-        """True when ``topic`` was matched since the index last changed."""
-        return topic in self._cache
-
     def match(self, topic: str) -> tuple[T, ...]:
         """All entries whose pattern matches the (checked) ``topic``."""
         hit = self._cache.get(topic)

@@ -137,11 +137,8 @@ class Queue:
         self.sent = self.delivered = self.acked = 0
         self.dead_lettered = self.expired = self.discarded = 0
 
-    def waiting(self) -> int:
-        """Messages counted against ``max_length``: ready plus delayed."""
-        return self.ready_len + self.delayed
-
     def is_full(self) -> bool:
+        """At ``max_length``, which counts the messages waiting: ready plus delayed."""
         limit = self.settings.max_length
         return limit is not None and self.ready_len + self.delayed >= limit
 

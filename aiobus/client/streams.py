@@ -74,7 +74,7 @@ class _Stream:
         self._buffer.clear()
         if self._started:
             self._bus._unregister(self._sid, tell_broker=tell_broker)
-        self._wake(None)
+        self._wake()
 
     def close(self) -> None:
         """Stop receiving; an iteration in progress ends. Idempotent, never blocks."""
@@ -136,9 +136,8 @@ class _Stream:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    def _wake(self, error: BaseException | None) -> None:
-        if error is not None and self._error is None:
-            self._error = error
+    def _wake(self) -> None:
+        """Let a waiting ``__anext__`` look again (stopped, failed)."""
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -146,7 +145,7 @@ class _Stream:
     def _fail(self, error: BaseException) -> None:
         """The connection is gone: the next ``__anext__`` raises ``error``."""
         self._error = error
-        self._wake(None)
+        self._wake()
 
 
 class Subscription(_Stream):
@@ -204,7 +203,7 @@ class Subscription(_Stream):
     def _fail(self, error: BaseException) -> None:
         # Topic messages already received stay readable; the error comes after them.
         self._error = error
-        self._wake(None)
+        self._wake()
 
 
 class Consumer(_Stream):
