@@ -7,10 +7,12 @@
   (what a good client library does); the consumer, an `asyncio.Protocol`, cuts every frame
   and makes its body a `bytes` object, as a client must before handing it to user code.
   No broker can beat this, so it is the ceiling for every other row.
-- "relay": the same clients through `relay.py`, the least a Python broker can do.
+- "relay": the clients through `relay.py`, the least a Python broker can do. Their frames
+  are msgpack `[subject, body]`: the producer subscribes to nothing, the consumer to the
+  subject, and the consumer decodes each frame to get its body.
 
-W4's limit and relay rows echo each request frame back (limit: the server echoes;
-relay: a responder behind the relay echoes) and time each round trip.
+W4's limit and relay rows echo each request back (limit: the server echoes the frame;
+relay: a responder behind the relay answers `[reply_to, body]`) and time each round trip.
 """
 
 from __future__ import annotations
@@ -22,35 +24,40 @@ import struct
 import time
 from typing import Any
 
+import msgpack
 from harness import CTX, Case, Control, Worker
 
 HEADER = struct.Struct(">I")
 CHUNK = 64 * 1024
+SUBJECT = "bench"  # the relay rows' one subject
 
 
 class FrameProtocol(asyncio.Protocol):
     """Cuts frames; counts them, or echoes them, or resolves the pending request.
 
-    With a side (b"P" or b"S") it first registers with the relay and waits for b"K".
+    With `subjects` (a list, possibly empty) it talks to the relay: it registers them,
+    waits for b"K", and decodes every frame's msgpack `[subject, body, ...]` as a client
+    library must; the echo then answers `[reply_to, body]`. Without, frames are raw bodies.
     """
 
-    def __init__(self, ctl: Control | None = None, echo: bool = False, side: bytes = b"") -> None:
+    def __init__(self, ctl: Control | None = None, echo: bool = False,
+                 subjects: list[str] | None = None) -> None:  # fmt: skip
         self.ctl = ctl
         self.echo = echo
-        self.side = side
+        self.subjects = subjects
         self.buffer = bytearray()
         self.transport: Any = None
         self.waiter: asyncio.Future[bytes] | None = None
         loop = asyncio.get_running_loop()
         self.registered = loop.create_future()
         self.lost = loop.create_future()
-        if not side:
+        if subjects is None:
             self.registered.set_result(None)
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
-        if self.side:
-            transport.write(self.side)
+        if self.subjects is not None:
+            transport.write(frame_of(msgpack.packb(self.subjects)))
 
     def data_received(self, data: bytes) -> None:
         buffer = self.buffer
@@ -60,18 +67,25 @@ class FrameProtocol(asyncio.Protocol):
                 raise RuntimeError("relay did not register the connection")
             del buffer[:1]
             self.registered.set_result(None)
+        decode = self.subjects is not None
         pos, end, bodies = 0, len(buffer), []
         with memoryview(buffer) as view:  # one copy per body, not two
             while end - pos >= 4:
                 (size,) = HEADER.unpack_from(view, pos)
                 if end - pos - 4 < size:
                     break
-                bodies.append(bytes(view[pos + 4 : pos + 4 + size]))
+                start, stop = pos + 4, pos + 4 + size
+                bodies.append(msgpack.unpackb(view[start:stop]) if decode
+                              else bytes(view[start:stop]))  # fmt: skip
                 pos += 4 + size
         if not bodies:
             return
         if self.echo:
-            self.transport.write(bytes(buffer[:pos]))
+            if decode:  # a responder behind the relay answers to the request's reply_to
+                self.transport.write(b"".join(
+                    frame_of(msgpack.packb([m[2], m[1]])) for m in bodies))  # fmt: skip
+            else:
+                self.transport.write(bytes(buffer[:pos]))
         elif self.waiter is not None:
             self.waiter.set_result(bodies[-1])
             self.waiter = None
@@ -91,9 +105,15 @@ class FrameProtocol(asyncio.Protocol):
         return await self.waiter
 
 
-async def _open(path: str, side: bytes, ctl: Control | None = None, echo: bool = False) -> Any:
+def frame_of(payload: bytes) -> bytes:
+    return HEADER.pack(len(payload)) + payload
+
+
+async def _open(path: str, subjects: list[str] | None, ctl: Control | None = None,
+                echo: bool = False) -> Any:  # fmt: skip
     loop = asyncio.get_running_loop()
-    _, proto = await loop.create_unix_connection(lambda: FrameProtocol(ctl, echo, side), path)
+    _, proto = await loop.create_unix_connection(
+        lambda: FrameProtocol(ctl, echo, subjects), path)  # fmt: skip
     await proto.registered
     return proto
 
@@ -103,13 +123,17 @@ async def _listen(path: str, ctl: Control | None = None, echo: bool = False) -> 
     return await loop.create_unix_server(lambda: FrameProtocol(ctl, echo), path)
 
 
-async def frame_producer(ctl: Control, path: str, side: bytes, n: int, size: int) -> dict:
+async def frame_producer(ctl: Control, path: str, relay: bool, n: int, size: int) -> dict:
     await ctl.ready()  # connect after go: the limit row's consumer listens only once ready
     reader, writer = await asyncio.open_unix_connection(path)
-    if side:
-        writer.write(side)
+    body = os.urandom(size)
+    if relay:  # register no subjects; every frame is [subject, body]
+        writer.write(frame_of(msgpack.packb([])))
         await reader.readexactly(1)
-    head, body = HEADER.pack(size), os.urandom(size)
+        payload = msgpack.packb([SUBJECT, body])
+    else:
+        payload = body
+    head, body = HEADER.pack(len(payload)), payload
     frame = head + body
     buffer = bytearray()
     ctl.first_ns = time.monotonic_ns()
@@ -129,23 +153,23 @@ async def frame_producer(ctl: Control, path: str, side: bytes, n: int, size: int
     return {"first_ns": ctl.first_ns, "sent": n}
 
 
-async def frame_consumer(ctl: Control, path: str, side: bytes, n: int, listen: bool) -> dict:
+async def frame_consumer(ctl: Control, path: str, n: int, listen: bool) -> dict:
     if listen:  # the limit row: the consumer is the server end of the one socket
         server = await _listen(path, ctl)
         await ctl.ready()
         await ctl.run_until(asyncio.sleep(3600), n, idle=2.0)
         server.close()
     else:
-        proto = await _open(path, side, ctl)
+        proto = await _open(path, [SUBJECT], ctl)
         await ctl.ready()
         await ctl.run_until(proto.lost, n, idle=2.0)
         proto.transport.close()
     return ctl.received()
 
 
-async def echo_server(ctl: Control, path: str, side: bytes) -> dict:
-    if side:
-        proto = await _open(path, side, echo=True)
+async def echo_server(ctl: Control, path: str, relay: bool) -> dict:
+    if relay:
+        proto = await _open(path, ["echo"], echo=True)
         closing = proto.transport
     else:
         closing = await _listen(path, echo=True)
@@ -155,11 +179,16 @@ async def echo_server(ctl: Control, path: str, side: bytes) -> dict:
     return {}
 
 
-async def frame_requester(ctl: Control, path: str, side: bytes, n: int, size: int,
+async def frame_requester(ctl: Control, path: str, relay: bool, n: int, size: int,
                           warmup: int) -> dict:  # fmt: skip
     await ctl.ready()
-    proto = await _open(path, side)
-    frame = HEADER.pack(size) + os.urandom(size)
+    body = os.urandom(size)
+    if relay:  # requests go to "echo" and name the subject this client listens on
+        proto = await _open(path, ["reply"])
+        frame = frame_of(msgpack.packb(["echo", body, "reply"]))
+    else:
+        proto = await _open(path, None)
+        frame = frame_of(body)
     latencies = []
     for i in range(warmup + n):
         start = time.perf_counter_ns()
@@ -201,23 +230,22 @@ def topic_case(kind: str, env: Any, n: int, size: int, subscribers: int = 1) -> 
                      Worker(mpq_producer, {"q": q, "n": n, "size": size})])  # fmt: skip
     if kind == "limit":
         path = env.path("limit")
-        consumer = Worker(frame_consumer, {"path": path, "side": b"", "n": n, "listen": True},
-                          "consumer")  # fmt: skip
+        consumer = Worker(frame_consumer, {"path": path, "n": n, "listen": True}, "consumer")
         return Case([consumer, Worker(frame_producer,
-                                      {"path": path, "side": b"", "n": n, "size": size})])
+                                      {"path": path, "relay": False, "n": n, "size": size})])
     path = env.relay_socket
-    consumers = [Worker(frame_consumer, {"path": path, "side": b"S", "n": n, "listen": False},
-                        "consumer") for _ in range(subscribers)]  # fmt: skip
-    producer = Worker(frame_producer, {"path": path, "side": b"P", "n": n, "size": size})
+    consumers = [Worker(frame_consumer, {"path": path, "n": n, "listen": False}, "consumer")
+                 for _ in range(subscribers)]  # fmt: skip
+    producer = Worker(frame_producer, {"path": path, "relay": True, "n": n, "size": size})
     return Case([*consumers, producer], expected=n * subscribers)
 
 
 def rpc_case(kind: str, env: Any, n: int, size: int, warmup: int) -> Case:
     """W4: "limit" echoes over one socket, "relay" echoes behind the relay."""
-    path, side = (env.path("echo"), b"") if kind == "limit" else (env.relay_socket, b"S")
-    client_side = b"" if kind == "limit" else b"P"
+    relay = kind == "relay"
+    path = env.relay_socket if relay else env.path("echo")
     return Case([
-        Worker(echo_server, {"path": path, "side": side}, "server"),
-        Worker(frame_requester, {"path": path, "side": client_side, "n": n, "size": size,
+        Worker(echo_server, {"path": path, "relay": relay}, "server"),
+        Worker(frame_requester, {"path": path, "relay": relay, "n": n, "size": size,
                                  "warmup": warmup}),
     ])  # fmt: skip
