@@ -56,6 +56,7 @@ class Op(IntEnum):
     ERROR = 4  # broker→client: request ``rid`` failed (never fatal)
     CLOSE = 5  # broker→client: the broker is closing this connection, and why
     PING = 6  # liveness / barrier: answered by OK in order
+    OK_RANGE = 7  # broker→client: requests ``first``..``last`` all succeeded, result nil
     SEND = 10  # a message to a queue (optionally a request awaiting a RESPONSE)
     PUBLISH = 11  # a message to a topic; no reply
     SUBSCRIBE = 12  # start receiving EVENTs for a pattern
@@ -100,6 +101,7 @@ SPECS: Final[dict[int, tuple[tuple[str, tuple[type, ...]], ...]]] = {
     Op.WELCOME: (("version", _INT), ("info", _MAP)),
     Op.OK: (("rid", _INT), ("result", _ANY)),
     Op.ERROR: (("rid", _INT), ("code", _STR), ("message", _STR)),
+    Op.OK_RANGE: (("first", _INT), ("last", _INT)),
     Op.CLOSE: (("code", _STR), ("message", _STR)),
     Op.PING: (("rid", _INT),),
     Op.SEND: (

@@ -7,7 +7,8 @@ Feed it events and read what it wants done from the :class:`Sink` it was given:
   ``disconnect(conn, now)`` when the connection is gone, ``tick(now)`` when
   ``next_deadline()`` has come.
 * It calls ``sink.send(conn, frame)`` for every frame to write (``sink.send_raw(conn,
-  data)`` for DELIVER and EVENT frames, which it assembles from stored bytes),
+  data)`` for DELIVER and EVENT frames, which it assembles from stored bytes, and
+  ``sink.confirm(conn, rid)`` for an OK without a result),
   ``sink.close(conn, code, message)`` to close a connection with a CLOSE frame, and
   ``sink.set_reading(conn, flag)`` to stop and resume reading a producer that is
   blocked on full queues.
@@ -68,6 +69,11 @@ class Sink(Protocol):
     def send_raw(self, conn: int, data: bytes) -> None:
         """Write an already encoded frame (deliveries and events are built from the
         stored message bytes, not re-encoded)."""
+
+    def confirm(self, conn: int, rid: int) -> None:
+        """Request ``rid`` succeeded with no result: an OK ``[3, rid, nil]``, which the
+        shell may merge with the confirmations of the requests just before and after it
+        into one OK_RANGE (a client pipelining confirmed sends gets one frame per run)."""
 
     def close(self, conn: int, code: str, message: str) -> None: ...
 
@@ -238,7 +244,10 @@ class BrokerCore:
     def reply_ok(self, conn: int, rid: int, result: Any = None) -> None:
         """OK for request ``rid``; rid 0 asked for no reply."""
         if rid:
-            self._sink.send(conn, [Op.OK, rid, result])
+            if result is None:
+                self._sink.confirm(conn, rid)
+            else:
+                self._sink.send(conn, [Op.OK, rid, result])
 
     def set_parked(self, conn_id: int, delta: int, queue: str | None = None) -> None:
         conn = self._conns[conn_id]

@@ -77,8 +77,8 @@ class BrokerAlreadyRunning(BusError):
 
 
 class _Connection(asyncio.Protocol):
-    __slots__ = ("backlog", "broker", "closing", "decoder", "id", "out", "out_bytes",
-                 "paused_by", "transport")
+    __slots__ = ("backlog", "broker", "closing", "decoder", "id", "ok_first", "ok_last", "out",
+                 "out_bytes", "paused_by", "transport")
 
     def __init__(self, broker: Broker, conn_id: int) -> None:
         self.broker = broker
@@ -87,6 +87,10 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.out: list[bytes] = []
         self.out_bytes = 0
+        # Confirmations not yet written: requests ok_first..ok_last (consecutive rids)
+        # succeeded with no result; 0 when none. They become one frame when anything else
+        # is written or at the flush, so the order of answers is kept.
+        self.ok_first = self.ok_last = 0
         self.backlog: list[Any] = []  # decoded frames not yet fed while reading is paused
         self.paused_by: set[str] = set()  # "core" (parked sends), "write" (client not reading)
         self.closing = False
@@ -154,7 +158,18 @@ class _Connection(asyncio.Protocol):
             self._feed(frames)
             self.broker._after_events()
 
+    def end_range(self) -> None:
+        """Append the pending confirmations as one frame: OK for one rid, else OK_RANGE."""
+        first, last = self.ok_first, self.ok_last
+        self.ok_last = 0
+        frame = [Op.OK, first, None] if first == last else [Op.OK_RANGE, first, last]
+        data = self.broker._packb(frame)
+        self.out.append(data)
+        self.out_bytes += len(data)
+
     def flush(self) -> None:
+        if self.ok_last:
+            self.end_range()
         if self.out and self.transport is not None:
             out, self.out = self.out, []
             self.out_bytes = 0
@@ -349,11 +364,10 @@ class Broker:
         conn = self._conns.get(conn_id)
         if conn is None or conn.closing:
             return
-        if not conn.out:
-            self._dirty.append(conn)
-            if not self._flush_scheduled:
-                self._flush_scheduled = True
-                self.loop.call_soon(self._flush)
+        if conn.ok_last:  # already dirty; the confirmations go first
+            conn.end_range()
+        elif not conn.out:
+            self._mark_dirty(conn)
         conn.out.append(data)
         conn.out_bytes += len(data)
         if conn.out_bytes >= _EARLY_FLUSH:
@@ -361,6 +375,29 @@ class Broker:
             # pause_writing at once, and the frames this client pipelined after the ones
             # being answered wait in the backlog instead of growing this buffer.
             conn.flush()
+
+    def confirm(self, conn_id: int, rid: int) -> None:
+        """OK for ``rid``, merged with the confirmations just before it if their rids are
+        consecutive and nothing else was written between them."""
+        conn = self._conns.get(conn_id)
+        if conn is None or conn.closing:
+            return
+        last = conn.ok_last
+        if last:
+            if rid == last + 1:
+                conn.ok_last = rid
+                return
+            conn.end_range()
+        elif not conn.out:
+            self._mark_dirty(conn)
+        conn.ok_first = conn.ok_last = rid
+
+    def _mark_dirty(self, conn: _Connection) -> None:
+        """``conn`` has output from now on: flush it at the end of this loop turn."""
+        self._dirty.append(conn)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -375,6 +412,8 @@ class Broker:
         if code != "shutdown":
             self._close_log.warning(self.loop.time(), "closing connection %d: %s: %s",
                                     conn_id, code, message)
+        if conn.ok_last:
+            conn.end_range()
         conn.out.append(self._packb([Op.CLOSE, code, message]))
         conn.flush()
         conn.closing = True

@@ -114,6 +114,7 @@ class Bus:
             Op.DELIVER: self._on_message,
             Op.EVENT: self._on_message,
             Op.OK: self._on_ok,
+            Op.OK_RANGE: self._on_ok_range,
             Op.ERROR: self._on_error,
             Op.RESPONSE: self._on_response,
             Op.WELCOME: self._on_welcome,
@@ -319,6 +320,17 @@ class Bus:
         if fut is not None and not fut.done():
             fut.set_result(frame[2])
 
+    def _on_ok_range(self, frame: list[Any]) -> None:
+        _, first, last = frame
+        pending = self._pending
+        # Bounded by what is pending, whatever range the broker names.
+        rids = (range(first, last + 1) if last - first < len(pending)
+                else [rid for rid in pending if first <= rid <= last])
+        for rid in rids:
+            fut = pending.pop(rid, None)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+
     def _on_error(self, frame: list[Any]) -> None:
         _, rid, code, message = frame
         fut = self._pending.pop(rid, None)
@@ -402,6 +414,45 @@ class Bus:
             if not self._writable.is_set():
                 await self._writable.wait()
             self._write([_SEND, 0, queue, data, kind, hdrs, ttl, None])
+
+    def send_nowait(self, queue: str, body: Any, headers: Mapping[str, str] | None = None,
+                    ttl: float | None = None) -> asyncio.Future[None]:
+        """Put a message on a queue and return at once with a future of its confirmation:
+        the way to keep many confirmed sends in flight (pipelining).
+
+        The future completes when the broker has accepted the message (as ``send()``
+        returns), or fails with the exception ``send()`` would raise (``QueueFull``,
+        ``ConnectionLost``, ...). Confirmations of consecutive sends travel as one frame.
+        Nothing here waits, not even for a congested connection: bound the number in
+        flight by awaiting the futures, as in the example.
+
+        Args:
+            queue, body, headers, ttl: as for :meth:`send`.
+
+        Returns:
+            An ``asyncio.Future`` whose result is ``None``.
+
+        Raises:
+            TypeError, InvalidName, FrameTooLarge: at once, and nothing was sent.
+            ConnectionClosed, ConnectionLost: the bus is no longer usable.
+
+        Example::
+
+            in_flight: collections.deque[asyncio.Future[None]] = collections.deque()
+            for job in jobs:
+                in_flight.append(bus.send_nowait("jobs", job))
+                if len(in_flight) >= 10_000:
+                    await in_flight.popleft()  # raises if that send failed
+            for fut in in_flight:
+                await fut
+        """
+        data, kind = self._prepare(queue, "queue name", body)
+        rid = next(self._rids)
+        self._write([_SEND, rid, queue, data, kind, _headers(headers) if headers else None,
+                     ttl, None])
+        fut: asyncio.Future[None] = self._loop.create_future()
+        self._pending[rid] = fut
+        return fut
 
     async def publish(self, topic: str, body: Any, headers: Mapping[str, str] | None = None
                       ) -> None:

@@ -47,6 +47,9 @@ class RecordingSink:
         assert len(frames) == 1, frames
         self.send(conn, frames[0])
 
+    def confirm(self, conn: int, rid: int) -> None:
+        self.send(conn, [Op.OK, rid, None])
+
     def close(self, conn: int, code: str, message: str) -> None:
         self.close_calls.append(conn)
         self.closed[conn] = (code, message)
