@@ -8,11 +8,14 @@ delivery copies no field and re-encodes nothing. A message that never failed, ha
 and is not a request is stored as that ``bytes`` object alone (the common case, and the
 cheapest in memory); one that needs state (failed attempts, an expiry, a reply route,
 its last consumer) is wrapped in a :class:`QMsg` the first time it does. An *item* below
-is either.
+is either. A backlog of small stateless messages is kept denser still: every 256 of them
+are sealed into one :class:`Run` (one ``bytes`` for all, see queue_state.py), and taken
+back out one by one in order.
 
 A message (:class:`QMsg`) is in exactly one place, recorded in ``msg.state``:
 
-* ``READY``: in its queue's ``ready`` deque, waiting for a consumer;
+* ``READY``: in its queue's ``ready`` deque (or, stateless, in a Run or the tail),
+  waiting for a consumer;
 * ``LEASED``: delivered to one consumer under a :class:`Lease` with a deadline;
 * ``DELAYED``: waiting on a timer before it becomes ready again (nack with a delay, or
   the queue's ``retry_delays`` schedule);
@@ -58,6 +61,7 @@ from .queue_state import (
     MsgState,
     QMsg,
     Queue,
+    Run,
     pack_message,
     packb,
     promote,
@@ -190,9 +194,8 @@ class QueueRouter:
         self._sink.set_parked(conn, +1, queue.name)
 
     def _drop_oldest(self, queue: Queue, now: float) -> bool:
-        ready = queue.ready
-        while ready:
-            oldest = ready.popleft()
+        while queue.ready or queue.tail:
+            oldest = queue.take_ready()
             if type(oldest) is bytes or oldest.state is MsgState.READY:  # type: ignore[union-attr]
                 queue.ready_len -= 1
                 self.dead_letter(queue, promote(oldest), "overflow", None, now)
@@ -210,7 +213,7 @@ class QueueRouter:
             if msg.expires is not None:
                 self._timers.call_at(msg.expires, self._on_ttl, (queue, msg))
             msg.state = MsgState.READY
-        queue.ready.append(msg)
+        queue.append_ready(msg)
         queue.ready_len += 1
         if pump:
             self.pump(queue, now)
@@ -255,7 +258,18 @@ class QueueRouter:
         ready, available = queue.ready, queue.available
         while True:
             while queue.ready_len and available:
-                msg = ready.popleft()
+                if not ready:
+                    queue.seal()
+                entry = ready.popleft()
+                msg: Item
+                if type(entry) is Run:  # Run.take, inline: this loop is the hot path
+                    i, ends = entry.next, entry.ends
+                    entry.next = i + 1
+                    if i + 1 < len(ends):
+                        ready.appendleft(entry)
+                    msg = entry.data[ends[i - 1] if i else 0 : ends[i]]
+                else:
+                    msg = entry  # type: ignore[assignment]  # not a Run: an Item
                 if type(msg) is QMsg:
                     if msg.state is not MsgState.READY:
                         continue  # tombstone of an expired message

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from aiobus.broker.queue_state import RUN, SMALL
 from aiobus.broker.queues import PARK_LIMIT
 from aiobus.protocol import Op
 
@@ -94,6 +95,30 @@ def test_first_deliveries_keep_send_order(d: Driver) -> None:
             seen.append(m.body)
             consumer.ack(m.tag)
     assert seen == [b"%d" % i for i in range(50)]
+
+
+def test_a_long_backlog_keeps_send_order_across_sealed_runs(d: Driver) -> None:
+    """Small stateless messages are sealed into runs of RUN (queue_state.Run); TTL'd and
+    large ones stay apart, and released messages go back to the front: the order holds."""
+    producer, consumer = d.client("p"), d.client("c")
+    sent = []
+    for i in range(3 * RUN + 50):
+        body = b"%d" % i + (b"L" * SMALL if i % 97 == 0 else b"")
+        ttl = 60.0 if i % 101 == 0 else None
+        producer.send("jobs", body, ttl=ttl)
+        sent.append(body)
+    first = d.client("first")
+    sid = first.consume("jobs", prefetch=10)
+    assert bodies(first.deliveries()) == sent[:10]
+    first.cancel(sid)  # released: back to the front, ahead of the runs
+    consumer.consume("jobs", prefetch=64)
+    seen = []
+    while got := consumer.deliveries():
+        for m in got:
+            seen.append(m.body)
+            consumer.ack(m.tag)
+    assert seen == sent
+    assert d.queue_stats("jobs")["ready"] == 0
 
 
 def test_fairness_with_one_slow_consumer(d: Driver) -> None:
