@@ -46,7 +46,7 @@ class Plan:
     w7_each: int  # messages per producer connection
 
 
-FULL = Plan(repeats=3, w1=200_000, w2=50_000, w3=30_000, w4=10_000, w4_warmup=500,
+FULL = Plan(repeats=3, w1=200_000, w2=50_000, w3=100_000, w4=10_000, w4_warmup=500,
             w5={16: 30_000, 1024: 30_000, 65536: 2_000, 1 << 20: 150},
             w6_messages=1_000_000, w6_connections=1_000, w6_repeats=3, w7_each=1_000)
 QUICK = Plan(repeats=3, w1=10_000, w2=4_000, w3=3_000, w4=1_000, w4_warmup=100,

@@ -71,6 +71,7 @@ from .timers import Timers
 
 __all__ = ["MAX_PREFETCH", "PARK_LIMIT", "QueueRouter"]
 
+_join = b"".join  # one copy of a DELIVER's parts, where + would make three
 MAX_PREFETCH = 65535
 # A producer with this many sends parked on full queues stops being read until some are
 # admitted (RabbitMQ blocks a publishing connection the same way).
@@ -307,7 +308,7 @@ class QueueRouter:
         if queue.lease_timer is None:
             queue.lease_timer = deadline
             self._timers.call_at(deadline, self._on_lease_timer, queue)
-        self._send_raw(consumer.conn, consumer.prefix + packb(tag) + packed + tail)
+        self._send_raw(consumer.conn, _join((consumer.prefix, packb(tag), packed, tail)))
 
     # -- consumers ------------------------------------------------------------------
 
