@@ -232,6 +232,15 @@ async for msg in bus.consume("rpc.add"):
         await bus.request("rpc.nobody", 1, timeout=0.2)
 
 
+async def test_a_refused_request_fails_at_once_with_the_reason(bus: aiobus.Bus) -> None:
+    """The request's SEND is refused (full queue, overflow "reject"): the caller gets
+    QueueFull straight away, not a RequestTimeout after the whole timeout."""
+    await bus.declare_queue("rpc.full", max_length=1, overflow="reject")
+    await bus.send("rpc.full", "filler")
+    with pytest.raises(aiobus.QueueFull):  # a wait for the timeout would be RequestTimeout
+        await bus.request("rpc.full", 1, timeout=30)
+
+
 async def test_reply_to_a_plain_message_is_an_error(bus: aiobus.Bus) -> None:
     await bus.send("plain", 1)
     async with bus.consume("plain") as consumer:
