@@ -35,7 +35,7 @@ import msgpack
 from ..errors import BusError, Forbidden, LeaseError, RemoteProtocolError, SubscriptionError
 from ..names import check_name, check_pattern, is_reserved
 from ..protocol import DEFAULT_MAX_FRAME, PROTOCOL_VERSION, BodyKind, Op, check_frame
-from .queue_state import Consumer, QMsg, pack_message
+from .queue_state import Consumer, QMsg, Queue, pack_message
 from .queues import MAX_PREFETCH, PARK_LIMIT, QueueRouter
 from .settings import BadOption
 from .timers import Timers
@@ -420,14 +420,25 @@ class BrokerCore:
     def _on_ack_many(self, conn: Conn, frame: list[Any], now: float) -> None:
         if len(frame) != 2 or type(frame[1]) is not list:
             check_frame(frame)
-        ack = self.queues.ack
-        for tag in frame[1]:
-            if type(tag) is not int or tag < 0:
-                check_frame(frame)
-            try:
-                ack(conn.id, tag, now)
-            except LeaseError as exc:  # one late ack must not lose the others
-                self._sink.send(conn.id, [Op.ERROR, 0, exc.code or "lease-unknown", str(exc)])
+        ack_later, pump = self.queues.ack_later, self.queues.pump
+        pending: Queue | None = None  # acked in, not pumped yet (the tags' usual one queue)
+        try:
+            for tag in frame[1]:
+                if type(tag) is not int or tag < 0:
+                    check_frame(frame)
+                try:
+                    queue = ack_later(conn.id, tag, now)
+                except LeaseError as exc:  # one late ack must not lose the others
+                    self._sink.send(conn.id, [Op.ERROR, 0, exc.code or "lease-unknown",
+                                              str(exc)])
+                    continue
+                if queue is not pending:
+                    if pending is not None:
+                        pump(pending, now)
+                    pending = queue
+        finally:  # a bad tag further on must not leave freed slots unfilled
+            if pending is not None:
+                pump(pending, now)
 
     def _on_nack(self, conn: Conn, frame: list[Any], now: float) -> None:
         check_frame(frame)

@@ -383,12 +383,21 @@ class QueueRouter:
         return lease
 
     def ack(self, conn: int, tag: int, now: float) -> None:
+        self.pump(self.ack_later(conn, tag, now), now)
+
+    def ack_later(self, conn: int, tag: int, now: float) -> Queue:
+        """Ack, freeing the slot but delivering nothing yet: the caller pumps the queue
+        returned, once for a whole ACK_MANY (one pump for many acks, not one each)."""
         lease = self._take(conn, tag, "ack", now)
-        queue = lease.consumer.queue
+        consumer = lease.consumer
+        queue = consumer.queue
         if type(lease.msg) is QMsg:
             lease.msg.state = MsgState.GONE
         queue.acked += 1
-        self._free_slot(lease.consumer, now)
+        if consumer.active and not consumer.in_available and not consumer.zombies:
+            consumer.in_available = True
+            queue.available.append(consumer)
+        return queue
 
     def nack(self, conn: int, tag: int, delay: float | None, reason: str | None,
              now: float) -> None:

@@ -1004,6 +1004,24 @@ def test_reply_to_a_non_request(d: Driver) -> None:
     assert server.ack(m.tag)[0] == Op.OK  # the lease survived the bad reply
 
 
+def test_ack_many_refills_the_window_after_the_whole_frame(d: Driver) -> None:
+    """Freed slots are refilled once the frame is processed: its ERRORs first, then one
+    batch of DELIVERs in queue order; and two consumers' slots are refilled fairly."""
+    producer, consumer, other = d.client("p"), d.client("c"), d.client("o")
+    consumer.consume("jobs", prefetch=3)
+    for i in range(8):
+        producer.send("jobs", b"%d" % i)
+    tags = [m.tag for m in consumer.deliveries()]
+    consumer.receive(Op.ACK_MANY, [tags[0], 999_999, tags[1]])
+    frames = d.sink.take(consumer.conn)
+    assert [f[0] for f in frames] == [Op.ERROR, Op.DELIVER, Op.DELIVER]
+    assert [f[3][2] for f in frames[1:]] == [b"3", b"4"]  # message body, in order
+    other.consume("jobs", prefetch=1)
+    assert [m.body for m in other.deliveries()] == [b"5"]
+    consumer.receive(Op.ACK_MANY, [tags[2]])
+    assert [m.body for m in consumer.deliveries()] == [b"6"]
+
+
 def test_reply_to_an_unknown_tag(d: Driver) -> None:
     server = d.client("srv")
     assert server.error(Op.REPLY, 12345, b"", 0, None)[0] == "lease-unknown"
