@@ -216,7 +216,7 @@ class QueueRouter:
             msg.state = MsgState.READY
         queue.append_ready(msg)
         queue.ready_len += 1
-        if pump:
+        if pump and (queue.available or queue.parked):  # else pump has nothing to do
             self.pump(queue, now)
 
     def _admit_parked(self, queue: Queue, now: float) -> bool:
