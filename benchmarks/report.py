@@ -61,6 +61,8 @@ def versions() -> dict[str, str]:
         "redis-server": redis.group(1) if redis else "not found", "nats-server": nats,
         "redis-py": _dist("redis"), "hiredis": _dist("hiredis"), "nats-py": _dist("nats-py"),
         "pyzmq": zmq.pyzmq_version(), "libzmq": zmq.zmq_version(),
+        "rabbitmq-server": _run(["dpkg-query", "-W", "-f=${Version}", "rabbitmq-server"])
+        or "not found", "aio-pika": _dist("aio-pika"),
     }  # fmt: skip
 
 

@@ -29,7 +29,7 @@ import workloads  # noqa: E402
 from servers import Servers  # noqa: E402
 
 SERVERS_FOR = {"W1": {"aiobus", "nats", "redis", "relay"}, "W2": {"aiobus", "nats", "redis"},
-               "W3": {"aiobus", "nats", "redis"}, "W4": {"aiobus", "nats", "relay"},
+               "W3": {"aiobus", "nats", "redis", "rabbitmq"}, "W4": {"aiobus", "nats", "relay"},
                "W5": {"aiobus", "nats", "redis", "relay"}, "W6": set(), "W7": {"aiobus"}}
 
 
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     tables: list[workloads.Table] = []
     with Servers() as env:  # closing it stops every server by PID
         needed = set().union(*(SERVERS_FOR[k] for k in keys))
-        for name in ("redis", "nats", "aiobus", "relay"):
+        for name in ("redis", "nats", "aiobus", "relay", "rabbitmq"):
             if name in needed:
                 try:
                     getattr(env, f"start_{name}")()

@@ -6,7 +6,9 @@
 - nats-server on 127.0.0.1 with a free port, JetStream storing under the temp dir, and
   write-deadline and pending limits raised for the same reason;
 - the aiobus broker (`python -m aiobus.cli.broker --socket PATH`);
-- the minimal uvloop relay (`benchmarks/relay.py`).
+- the minimal uvloop relay (`benchmarks/relay.py`);
+- rabbitmq-server on 127.0.0.1 with free ports, its node data and logs under the temp dir,
+  and its own epmd (Erlang's port mapper) in the foreground.
 
 Each is ready when it accepts a connection (nats: sends INFO). `Servers` stops every one it
 started by PID, SIGTERM then SIGKILL, in `close()`, which callers run in `finally`.
@@ -65,6 +67,10 @@ def _wait_nats(port: int, proc: subprocess.Popen[bytes], deadline: float) -> Non
     raise RuntimeError(f"nats-server not ready on port {port}")
 
 
+# Debian's rabbitmq-server script without the wrapper in /usr/sbin, which would switch to
+# the rabbitmq user; this one runs the node as a child of its shell and stops it on TERM.
+RABBITMQ = "/usr/lib/rabbitmq/bin/rabbitmq-server"
+
 class Servers:
     """The servers of one benchmark run, in one short temp dir (AF_UNIX paths cap at 107)."""
 
@@ -75,6 +81,7 @@ class Servers:
         self.nats_url = ""
         self.aiobus_socket = ""
         self.relay_socket = ""
+        self.amqp_url = ""
         self._next = 0
 
     def next_id(self) -> int:
@@ -124,6 +131,38 @@ class Servers:
         self.nats_url = f"nats://127.0.0.1:{port}"
         return self.nats_url
 
+    def start_rabbitmq(self, name: str = "rabbitmq") -> str:
+        """RabbitMQ on 127.0.0.1 with everything under the run's temp dir. Erlang's port
+        mapper (epmd) runs in the foreground as a process of ours, so it is stopped by
+        PID like the rest (rabbitmq would otherwise start a daemon that outlives us)."""
+        home = os.path.join(self.dir, name)
+        os.makedirs(home)
+        port, dist_port, epmd_port = free_port(), free_port(), free_port()
+        epmd = self._spawn(f"{name}-epmd", ["epmd", "-port", str(epmd_port),
+                                             "-address", "127.0.0.1"])  # fmt: skip
+        Path(home, "plugins").write_text("[].\n")
+        env = {**os.environ, "HOME": home, "RABBITMQ_NODENAME": f"bench{port}@localhost",
+               "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1", "RABBITMQ_NODE_PORT": str(port),
+               "RABBITMQ_DIST_PORT": str(dist_port), "ERL_EPMD_PORT": str(epmd_port),
+               "ERL_EPMD_ADDRESS": "127.0.0.1", "RABBITMQ_MNESIA_BASE": f"{home}/mnesia",
+               "RABBITMQ_LOG_BASE": f"{home}/log", "RABBITMQ_PID_FILE": f"{home}/pid",
+               "RABBITMQ_ENABLED_PLUGINS_FILE": f"{home}/plugins",
+               "RABBITMQ_CONFIG_FILE": f"{home}/rabbitmq"}  # fmt: skip
+        log = open(os.path.join(self.dir, f"{name}.log"), "ab")
+        with log:  # stopped before epmd: procs keeps start order, close() reverses it
+            proc = subprocess.Popen([RABBITMQ], stdin=subprocess.DEVNULL, stdout=log,
+                                    stderr=log, env=env)  # fmt: skip
+        self.procs[name] = proc
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # the AMQP listener opens once boot completed
+            if proc.poll() is not None or epmd.poll() is not None:
+                raise RuntimeError("rabbitmq-server exited during start-up")
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+                self.amqp_url = f"amqp://guest:guest@127.0.0.1:{port}/"
+                return self.amqp_url
+            time.sleep(0.1)
+        raise RuntimeError(f"rabbitmq-server not ready on port {port}")
+
     def start_aiobus(self, name: str = "aiobus") -> str:
         path = self.path("aiobus")
         proc = self._spawn(name, [sys.executable, "-m", "aiobus.cli.broker", "--socket", path])
@@ -150,7 +189,7 @@ class Servers:
                 proc.wait(timeout=5)
 
     def close(self) -> None:
-        for name in list(self.procs):
+        for name in reversed(list(self.procs)):  # a server before what it depends on
             self.stop(name)
         shutil.rmtree(self.dir, ignore_errors=True)
 
