@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 from typing import Any
 
@@ -159,3 +160,19 @@ async def test_wildcard_at_root_does_not_see_sys_topics(bus: aiobus.Bus) -> None
         await bus.publish("visible", 1)
         msg = await asyncio.wait_for(anext(everything), 5)
     assert msg.topic == "visible"
+
+
+async def test_receiving_leaves_the_applications_collector_as_it_was(bus: aiobus.Bus) -> None:
+    """The client holds the cyclic GC off while it decodes a read, and puts it back as the
+    application had it: on, or off."""
+    async with bus.subscribe("gc.check", max_pending=10_000) as sub:
+        for enabled in (True, False):
+            (gc.enable if enabled else gc.disable)()
+            try:
+                for i in range(2_000):
+                    await bus.publish("gc.check", i)
+                for i in range(2_000):
+                    assert (await asyncio.wait_for(anext(sub), 5)).body == i
+                assert gc.isenabled() is enabled
+            finally:
+                gc.enable()
