@@ -350,10 +350,15 @@ class QueueRouter:
             del queue.leases[lease.tag]
 
     def _free_slot(self, consumer: Consumer, now: float) -> None:
+        self._make_available(consumer)
+        self.pump(consumer.queue, now)
+
+    @staticmethod
+    def _make_available(consumer: Consumer) -> None:
+        """A prefetch slot of ``consumer`` was freed: it may take a message again."""
         if consumer.active and not consumer.in_available and not consumer.zombies:
             consumer.in_available = True
             consumer.queue.available.append(consumer)
-        self.pump(consumer.queue, now)
 
     # -- answers to a lease ---------------------------------------------------------
 
@@ -394,9 +399,7 @@ class QueueRouter:
         if type(lease.msg) is QMsg:
             lease.msg.state = MsgState.GONE
         queue.acked += 1
-        if consumer.active and not consumer.in_available and not consumer.zombies:
-            consumer.in_available = True
-            queue.available.append(consumer)
+        self._make_available(consumer)
         return queue
 
     def nack(self, conn: int, tag: int, delay: float | None, reason: str | None,

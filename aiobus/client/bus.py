@@ -1,8 +1,9 @@
 """The asyncio client: one connection to the broker, shared by every caller.
 
 The protocol object decodes frames in ``data_received`` and dispatches them at once:
-OK/ERROR resolve the future of the request with that ``rid`` (so many concurrent sends
-are pipelined, not serialised), DELIVER/EVENT go to the buffer of their stream,
+OK/ERROR (and OK_RANGE, for a run of rids) resolve the future of the request with that
+``rid`` (so many concurrent sends are pipelined, not serialised), DELIVER/EVENT go to the
+buffer of their stream,
 RESPONSE to the pending request. Writes are packed into a list and flushed once per loop
 iteration, or as soon as 64 KiB are waiting; while the socket is above its high-water
 mark every send and publish waits (backpressure instead of unbounded buffering).
@@ -140,8 +141,6 @@ class Bus:
         # CANCEL it (streams.py explains why).
         self._streams: dict[int, weakref.ref[_Stream]] = {}
         self._handlers: dict[int, Callable[[list[Any]], None]] = {
-            Op.DELIVER: self._on_message,
-            Op.EVENT: self._on_message,
             Op.OK: self._on_ok,
             Op.OK_RANGE: self._on_ok_range,
             Op.ERROR: self._on_error,
@@ -337,12 +336,6 @@ class Bus:
                 self._names.add(name)
 
     # -- reading --------------------------------------------------------------------
-
-    def _on_message(self, frame: list[Any]) -> None:  # DELIVER and EVENT
-        ref = self._streams.get(frame[1])
-        stream = ref() if ref is not None else None
-        if stream is not None and not stream._stopped:
-            stream._push(frame)
 
     def _on_ok(self, frame: list[Any]) -> None:
         fut = self._pending.pop(frame[1], None)
