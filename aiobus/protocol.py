@@ -74,6 +74,7 @@ class Op(IntEnum):
     DELIVER = 30  # broker→client: a queue message under a lease
     EVENT = 31  # broker→client: a topic message
     RESPONSE = 32  # broker→client: the reply to one of this connection's requests
+    EVENTS = 33  # broker→client: consecutive topic messages of one subscription
 
 
 class BodyKind(IntEnum):
@@ -132,6 +133,7 @@ SPECS: Final[dict[int, tuple[tuple[str, tuple[type, ...]], ...]]] = {
         ("reply_to", _OPT_STR),
     ),
     Op.EVENT: (("sid", _INT), ("message", (list,)), ("dropped", _INT)),
+    Op.EVENTS: (("sid", _INT), ("messages", (list,)), ("dropped", _INT)),
     Op.RESPONSE: (("token", _INT), ("body", _BIN), ("kind", _INT), ("headers", _OPT_MAP)),
 }
 

@@ -7,8 +7,9 @@ Feed it events and read what it wants done from the :class:`Sink` it was given:
   ``disconnect(conn, now)`` when the connection is gone, ``tick(now)`` when
   ``next_deadline()`` has come.
 * It calls ``sink.send(conn, frame)`` for every frame to write (``sink.send_raw(conn,
-  data)`` for DELIVER and EVENT frames, which it assembles from stored bytes, and
-  ``sink.confirm(conn, rid)`` for an OK without a result),
+  data)`` for DELIVER frames, which it assembles from stored bytes, ``sink.event(conn,
+  sid, message, dropped)`` for EVENTs and ``sink.confirm(conn, rid)`` for an OK without
+  a result),
   ``sink.close(conn, code, message)`` to close a connection with a CLOSE frame, and
   ``sink.set_reading(conn, flag)`` to stop and resume reading a producer that is
   blocked on full queues.
@@ -75,6 +76,11 @@ class Sink(Protocol):
         shell may merge with the confirmations of the requests just before and after it
         into one OK_RANGE (a client pipelining confirmed sends gets one frame per run)."""
 
+    def event(self, conn: int, sid: int, message: bytes, dropped: int) -> None:
+        """An EVENT ``[31, sid, message, dropped]`` (``message`` encoded), which the shell
+        may merge with the EVENTs for ``sid`` just before it into one EVENTS frame, as long
+        as nothing else is written to the connection between them and ``dropped`` is 0."""
+
     def close(self, conn: int, code: str, message: str) -> None: ...
 
     def set_reading(self, conn: int, reading: bool) -> None: ...
@@ -130,7 +136,7 @@ class BrokerCore:
         # The routers write deliveries straight to the shell's send_raw: one call less
         # per message than going through this class.
         self.queues = QueueRouter(self, self.timers, wall_offset, send_raw=sink.send_raw)
-        self.topics = TopicRouter(self, send_raw=sink.send_raw)
+        self.topics = TopicRouter(self, send_event=sink.event)
         self._id_prefix = id_prefix + "-"
         self._ids = itertools.count(1)
         self._good_topics: set[str] = set()  # topics a client published that passed checks
@@ -240,6 +246,9 @@ class BrokerCore:
 
     def send_raw(self, conn: int, data: bytes) -> None:
         self._sink.send_raw(conn, data)
+
+    def event(self, conn: int, sid: int, message: bytes, dropped: int) -> None:
+        self._sink.event(conn, sid, message, dropped)
 
     def reply_ok(self, conn: int, rid: int, result: Any = None) -> None:
         """OK for request ``rid``; rid 0 asked for no reply."""

@@ -43,6 +43,14 @@ log = logging.getLogger(__name__)
 _CRED = struct.Struct("3i")  # struct ucred {pid_t pid; uid_t uid; gid_t gid;}
 _SHUTDOWN_GRACE = 5.0  # seconds to let closing connections drain before aborting them
 _EARLY_FLUSH = 256 * 1024  # bytes of output that are written before the loop turn ends
+_EVENTS_MAX = 1024  # EVENTs merged into one EVENTS frame at most
+_EVENT_HEAD = b"\x94" + msgpack.packb(int(Op.EVENT))  # [31, sid, message, dropped]
+_EVENTS_HEAD = b"\x94" + msgpack.packb(int(Op.EVENTS))  # [33, sid, messages, dropped]
+
+
+def _array_header(n: int) -> bytes:
+    """msgpack's array header for ``n`` (< 65,536) elements."""
+    return bytes((0x90 | n,)) if n < 16 else b"\xdc" + n.to_bytes(2, "big")
 
 
 class _RateLimitedLog:
@@ -77,8 +85,9 @@ class BrokerAlreadyRunning(BusError):
 
 
 class _Connection(asyncio.Protocol):
-    __slots__ = ("backlog", "broker", "closing", "decoder", "id", "ok_first", "ok_last", "out",
-                 "out_bytes", "paused_by", "transport")
+    __slots__ = ("backlog", "broker", "closing", "decoder", "events", "events_dropped",
+                 "events_sid", "id", "ok_first", "ok_last", "out", "out_bytes", "paused_by",
+                 "transport")
 
     def __init__(self, broker: Broker, conn_id: int) -> None:
         self.broker = broker
@@ -87,10 +96,14 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.out: list[bytes] = []
         self.out_bytes = 0
-        # Confirmations not yet written: requests ok_first..ok_last (consecutive rids)
-        # succeeded with no result; 0 when none. They become one frame when anything else
-        # is written or at the flush, so the order of answers is kept.
+        # Two kinds of run, at most one open, written as one frame when anything else is
+        # written to the connection or at the flush (so the order of frames is kept):
+        # confirmations, requests ok_first..ok_last (consecutive rids) that succeeded with
+        # no result (ok_last 0: none); and the encoded messages of consecutive EVENTs for
+        # subscription events_sid, events_dropped the gap before the first.
         self.ok_first = self.ok_last = 0
+        self.events: list[bytes] = []
+        self.events_sid = self.events_dropped = 0
         self.backlog: list[Any] = []  # decoded frames not yet fed while reading is paused
         self.paused_by: set[str] = set()  # "core" (parked sends), "write" (client not reading)
         self.closing = False
@@ -167,9 +180,22 @@ class _Connection(asyncio.Protocol):
         self.out.append(data)
         self.out_bytes += len(data)
 
+    def end_events(self) -> None:
+        """Append the pending EVENTs as one frame: EVENT for one, else EVENTS."""
+        events, self.events = self.events, []
+        packb = self.broker._packb
+        head = [_EVENT_HEAD if len(events) == 1 else _EVENTS_HEAD, packb(self.events_sid)]
+        if len(events) > 1:
+            head.append(_array_header(len(events)))
+        data = b"".join([*head, *events, packb(self.events_dropped)])
+        self.out.append(data)
+        self.out_bytes += len(data)
+
     def flush(self) -> None:
-        if self.ok_last:
+        if self.ok_last:  # the open run, if any (see __init__)
             self.end_range()
+        elif self.events:
+            self.end_events()
         if self.out and self.transport is not None:
             out, self.out = self.out, []
             self.out_bytes = 0
@@ -364,10 +390,8 @@ class Broker:
         conn = self._conns.get(conn_id)
         if conn is None or conn.closing:
             return
-        if conn.ok_last:  # already dirty; the confirmations go first
-            conn.end_range()
-        elif not conn.out:
-            self._mark_dirty(conn)
+        if conn.ok_last or conn.events or not conn.out:  # call only when there is work
+            self._make_room(conn)
         conn.out.append(data)
         conn.out_bytes += len(data)
         if conn.out_bytes >= _EARLY_FLUSH:
@@ -383,14 +407,38 @@ class Broker:
         if conn is None or conn.closing:
             return
         last = conn.ok_last
-        if last:
-            if rid == last + 1:
-                conn.ok_last = rid
-                return
+        if last and rid == last + 1:
+            conn.ok_last = rid
+            return
+        self._make_room(conn)
+        conn.ok_first = conn.ok_last = rid
+
+    def event(self, conn_id: int, sid: int, message: bytes, dropped: int) -> None:
+        """An EVENT, merged with the EVENTs just before it when they are for the same
+        subscription, nothing was dropped in between and the run is not yet long."""
+        conn = self._conns.get(conn_id)
+        if conn is None or conn.closing:
+            return
+        events = conn.events
+        if events and sid == conn.events_sid and not dropped and len(events) < _EVENTS_MAX:
+            events.append(message)
+        else:
+            self._make_room(conn)
+            conn.events.append(message)
+            conn.events_sid, conn.events_dropped = sid, dropped
+        conn.out_bytes += len(message)
+        if conn.out_bytes >= _EARLY_FLUSH:
+            conn.flush()
+
+    def _make_room(self, conn: _Connection) -> None:
+        """Before a new frame or run: write the open run as its frame (the connection is
+        dirty already), or mark the connection dirty if nothing waits to be written."""
+        if conn.ok_last:
             conn.end_range()
+        elif conn.events:
+            conn.end_events()
         elif not conn.out:
             self._mark_dirty(conn)
-        conn.ok_first = conn.ok_last = rid
 
     def _mark_dirty(self, conn: _Connection) -> None:
         """``conn`` has output from now on: flush it at the end of this loop turn."""
@@ -412,8 +460,7 @@ class Broker:
         if code != "shutdown":
             self._close_log.warning(self.loop.time(), "closing connection %d: %s: %s",
                                     conn_id, code, message)
-        if conn.ok_last:
-            conn.end_range()
+        self._make_room(conn)
         conn.out.append(self._packb([Op.CLOSE, code, message]))
         conn.flush()
         conn.closing = True

@@ -28,11 +28,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
-import msgpack
-
 from ..errors import InvalidOption
 from ..names import TopicIndex
-from ..protocol import Op
 
 __all__ = ["POLICIES", "Subscription", "TopicRouter"]
 
@@ -45,19 +42,17 @@ BadSubscription = InvalidOption
 # One published message, encoded once as the array [id, topic, body, kind, headers,
 # timestamp] that every EVENT frame carries as is, and shared by every subscription.
 Event = bytes
-_packb = msgpack.Packer().pack
-_NO_GAP = _packb(0)
 
 
 class TopicSink(Protocol):
-    def send_raw(self, conn: int, data: bytes) -> None: ...
+    def event(self, conn: int, sid: int, message: Event, dropped: int) -> None: ...
 
     def slow_consumer(self, conn: int, message: str) -> None: ...
 
 
 class Subscription:
     __slots__ = ("conn", "credit", "delivered", "dropped", "dropped_since", "max_pending",
-                 "pattern", "pending", "policy", "prefix", "sid")
+                 "pattern", "pending", "policy", "sid")
 
     def __init__(self, conn: int, sid: int, pattern: str, max_pending: int, policy: str) -> None:
         self.conn = conn
@@ -70,8 +65,6 @@ class Subscription:
         self.dropped = 0  # total drops
         self.dropped_since = 0  # drops since the last event queued or sent
         self.delivered = 0
-        # EVENT [31, sid, message, dropped]: its first two elements, encoded once.
-        self.prefix: bytes = b"\x94" + _packb(int(Op.EVENT)) + _packb(sid)
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -89,12 +82,12 @@ class Subscription:
 
 class TopicRouter:
     def __init__(self, sink: TopicSink, *,
-                 send_raw: Callable[[int, bytes], None] | None = None) -> None:
+                 send_event: Callable[[int, int, Event, int], None] | None = None) -> None:
         self.index: TopicIndex[Subscription] = TopicIndex()
         self.published = 0
         self.unrouted = 0  # publishes that matched no subscription
         self._sink = sink
-        self._send_raw = send_raw if send_raw is not None else sink.send_raw
+        self._send_event = send_event if send_event is not None else sink.event
 
     @staticmethod
     def check_options(max_pending: int, policy: str) -> None:
@@ -121,7 +114,7 @@ class TopicRouter:
             if count:
                 self.unrouted += 1
             return 0
-        send_raw = self._send_raw
+        send_event = self._send_event
         for sub in subs:
             if sub.credit and not sub.pending:
                 sub.credit -= 1
@@ -129,9 +122,7 @@ class TopicRouter:
                 gap = sub.dropped_since
                 if gap:
                     sub.dropped_since = 0
-                    send_raw(sub.conn, sub.prefix + event + _packb(gap))
-                else:
-                    send_raw(sub.conn, sub.prefix + event + _NO_GAP)
+                send_event(sub.conn, sub.sid, event, gap)
             else:
                 self._hold(sub, event)
         return len(subs)
@@ -168,9 +159,9 @@ class TopicRouter:
         """The client consumed ``n`` events: send what is pending, up to the new credit."""
         sub.credit = min(sub.credit + n, sub.max_pending)
         pending = sub.pending
-        send_raw = self._send_raw
+        send_event = self._send_event
         while sub.credit and pending:
             gap, event = pending.popleft()
             sub.credit -= 1
             sub.delivered += 1
-            send_raw(sub.conn, sub.prefix + event + _packb(gap))
+            send_event(sub.conn, sub.sid, event, gap)

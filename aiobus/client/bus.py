@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 
 _FLUSH_AT = 64 * 1024
 _SEND, _PUBLISH = int(Op.SEND), int(Op.PUBLISH)
-_DELIVER, _EVENT = int(Op.DELIVER), int(Op.EVENT)
+_DELIVER, _EVENT, _EVENTS = int(Op.DELIVER), int(Op.EVENT), int(Op.EVENTS)
 _ACK_BATCH = 1024  # tags per ACK_MANY frame at most
 _HANDSHAKE_TIMEOUT = 5.0
 _CLOSE_TIMEOUT = 5.0
@@ -82,18 +82,21 @@ class _Protocol(asyncio.Protocol):
             # DELIVER and EVENT, the per-message frames, inline: one read holds runs of
             # them for the same stream, which is looked up once per run.
             sid: Any = None
-            push: Callable[[list[Any]], None] | None = None
+            stream: _Stream | None = None
             for frame in frames:
                 op = frame[0]
-                if op == _EVENT or op == _DELIVER:
+                if op == _EVENT or op == _DELIVER or op == _EVENTS:
                     if frame[1] != sid:
                         sid = frame[1]
                         ref = streams.get(sid)
                         stream = ref() if ref is not None else None
-                        push = stream._push if stream is not None and not stream._stopped \
-                            else None  # fmt: skip
-                    if push is not None:
-                        push(frame)
+                        if stream is not None and stream._stopped:
+                            stream = None
+                    if stream is not None:
+                        if op == _EVENTS:
+                            stream._push_many(frame)
+                        else:
+                            stream._push(frame)
                 else:
                     handlers[op](frame)
                     sid = None  # whatever that frame did, look the next stream up again

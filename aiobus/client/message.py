@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..errors import BodyDecodeError, BusError, LeaseError, NotARequest
@@ -50,7 +50,7 @@ class Message:
     # of the client's receive path (see docs/performance.md).
     __slots__ = ("_answered", "_body", "_bus", "_f", "_m")
 
-    _f: list[Any]
+    _f: Sequence[Any]  # the DELIVER or EVENT frame
     _m: list[Any]
 
     def __init__(self, bus: Bus, frame: list[Any]) -> None:
@@ -61,6 +61,17 @@ class Message:
         self._m = frame[3] if frame[0] == _DELIVER else frame[2]
         self._body: Any = _UNDECODED
         self._answered = False
+
+    @classmethod
+    def _of_event(cls, bus: Bus, frame: Sequence[Any], message: list[Any]) -> Message:
+        """A message of an EVENTS frame: ``frame`` stands in for its EVENT frame."""
+        self = cls.__new__(cls)
+        self._bus = bus
+        self._f = frame
+        self._m = message
+        self._body = _UNDECODED
+        self._answered = False
+        return self
 
     @property
     def _tag(self) -> int:

@@ -17,10 +17,11 @@ attempt. Python gives an async iterator no hook for ``break``, so:
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections import deque
 from typing import TYPE_CHECKING, Any, Self
 
-from ..errors import BusError
+from ..errors import BusError, RemoteProtocolError
 from ..protocol import Op
 from .message import Message
 
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
     from .bus import Bus
 
 __all__ = ["Consumer", "Subscription"]
+
+_EVENT = int(Op.EVENT)
 
 
 class BusyError(BusError, RuntimeError):
@@ -136,6 +139,10 @@ class _Stream:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
+    def _push_many(self, frame: list[Any]) -> None:
+        """An EVENTS frame: only subscriptions get them."""
+        raise RemoteProtocolError(f"EVENTS frame for {self._kind} {frame[1]}")
+
     def _wake(self) -> None:
         """Let a waiting ``__anext__`` look again (stopped, failed)."""
         waiter = self._waiter
@@ -196,6 +203,20 @@ class Subscription(_Stream):
         if gap:
             self.dropped += gap
         self._buffer.append(Message(self._bus, frame))
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _push_many(self, frame: list[Any]) -> None:
+        _, sid, messages, gap = frame  # EVENTS [33, sid, messages, dropped]
+        # Each Message reads its frame fields (type, dropped) from a stand-in EVENT
+        # frame: the gap goes with the first message only.
+        bus, of_event, buffer = self._bus, Message._of_event, self._buffer
+        if gap:
+            self.dropped += gap
+        buffer.append(of_event(bus, (_EVENT, sid, None, gap), messages[0]))
+        head = (_EVENT, sid, None, 0)
+        buffer.extend([of_event(bus, head, m) for m in itertools.islice(messages, 1, None)])
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import os
 from typing import Any
 
+import msgpack
 import pytest
 
 import aiobus
+from aiobus.protocol import Op
 
 from .conftest import wait_until
+from .test_bad_input import HELLO
 
 pytestmark = pytest.mark.asyncio
 
@@ -176,3 +180,63 @@ async def test_receiving_leaves_the_applications_collector_as_it_was(bus: aiobus
                 assert gc.isenabled() is enabled
             finally:
                 gc.enable()
+
+
+async def read_frames(reader: asyncio.StreamReader, done: Any) -> list[list[Any]]:
+    """Frames from a raw connection (WELCOME left out) until ``done(frames)``."""
+    unpacker, frames = msgpack.Unpacker(raw=False), []
+    while not done(frames):
+        data = await asyncio.wait_for(reader.read(65536), 5)
+        assert data, f"connection closed; got {frames}"
+        unpacker.feed(data)
+        frames.extend(f for f in unpacker if f[0] != Op.WELCOME)
+    return frames
+
+
+def expand(frames: list[list[Any]]) -> list[tuple[int, Any, int]]:
+    """EVENT and EVENTS frames as one (sid, body, dropped) per message, in order."""
+    out = []
+    for f in frames:
+        if f[0] == Op.EVENT:
+            out.append((f[1], f[2][2], f[3]))
+        elif f[0] == Op.EVENTS:
+            assert 2 <= len(f[2]) <= 1024, f
+            out.append((f[1], f[2][0][2], f[3]))
+            out.extend((f[1], m[2], 0) for m in f[2][1:])
+    return out
+
+
+async def test_a_burst_reaches_a_subscriber_in_events_frames_in_order(bus: aiobus.Bus) -> None:
+    reader, writer = await asyncio.open_unix_connection(bus.path)
+    try:
+        writer.write(HELLO + msgpack.packb([Op.SUBSCRIBE, 1, 5, "burst", 10_000, "drop-oldest"]))
+        await read_frames(reader, lambda fs: any(f[0] == Op.OK for f in fs))
+        for i in range(3_000):
+            await bus.publish("burst", b"%d" % i)
+        frames = await read_frames(reader, lambda fs: len(expand(fs)) >= 3_000)
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+    assert expand(frames) == [(5, b"%d" % i, 0) for i in range(3_000)]
+    # Published in bursts: most of them travelled several to a frame.
+    assert len(frames) < 3_000 // 2, len(frames)
+
+
+async def test_events_keep_their_place_among_other_frames(bus: aiobus.Bus) -> None:
+    """A connection that publishes to its own subscription, with PINGs in between, all in
+    one write: the EVENTs of each stretch are merged, and the OKs stay between them."""
+    publish = [msgpack.packb([Op.PUBLISH, "own", b"%d" % i, 0, None]) for i in range(10)]
+    reader, writer = await asyncio.open_unix_connection(bus.path)
+    try:
+        writer.write(HELLO + msgpack.packb([Op.SUBSCRIBE, 1, 7, "own", 100, "drop-oldest"])
+                     + b"".join(publish[:5]) + msgpack.packb([Op.PING, 2])
+                     + b"".join(publish[5:]) + msgpack.packb([Op.PING, 3]))
+        frames = await read_frames(reader, lambda fs: any(f[:2] == [Op.OK, 3] for f in fs))
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+    assert [f[0] for f in frames] == [Op.OK, Op.EVENTS, Op.OK, Op.EVENTS, Op.OK]
+    assert [f[1] for f in frames if f[0] == Op.OK] == [1, 2, 3]
+    assert expand(frames) == [(7, b"%d" % i, 0) for i in range(10)]

@@ -27,6 +27,12 @@ def wire(frame: Any) -> Any:
     return decoded
 
 
+def plain_message(data: bytes) -> list[Any]:
+    """One encoded message array, decoded exactly (nothing may follow it)."""
+    (message,) = msgpack.Unpacker(io.BytesIO(data), raw=False)
+    return message  # type: ignore[no-any-return]
+
+
 class RecordingSink:
     """Records everything the core asks the shell to do, per connection."""
 
@@ -49,6 +55,10 @@ class RecordingSink:
 
     def confirm(self, conn: int, rid: int) -> None:
         self.send(conn, [Op.OK, rid, None])
+
+    def event(self, conn: int, sid: int, message: bytes, dropped: int) -> None:
+        """An EVENT with its message encoded: decode it as a client would."""
+        self.send(conn, [Op.EVENT, sid, plain_message(message), dropped])
 
     def close(self, conn: int, code: str, message: str) -> None:
         self.close_calls.append(conn)

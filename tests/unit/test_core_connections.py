@@ -141,6 +141,8 @@ def test_stats_request() -> None:
          "DELIVER"),
         ([Op.EVENT, 1, ["id", "t", b"", 0, None, 0.0], 0], "unknown-frame", "EVENT"),
         ([Op.RESPONSE, 1, b"", 0, None], "unknown-frame", "RESPONSE"),
+        ([Op.OK_RANGE, 1, 2], "unknown-frame", "OK_RANGE"),
+        ([Op.EVENTS, 1, [["id", "t", b"", 0, None, 0.0]] * 2, 0], "unknown-frame", "EVENTS"),
     ],
 )
 def test_bad_frame_closes_only_that_connection(frame: Any, code: str, needle: str) -> None:

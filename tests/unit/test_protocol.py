@@ -48,6 +48,8 @@ EXAMPLES: dict[Op, list[Any]] = {
     Op.ACK_MANY: [Op.ACK_MANY, [5, 6, 7]],
     Op.DELIVER: [Op.DELIVER, 2, 123, ["b-1", "jobs", b"x", 0, None, 1.7e9], 1, "3.44"],
     Op.EVENT: [Op.EVENT, 1, ["b-2", "weather.hk", b"", 0, {"a": "b"}, 1.7e9], 3],
+    Op.EVENTS: [Op.EVENTS, 1, [["b-2", "weather.hk", b"", 0, None, 1.7e9],
+                               ["b-3", "weather.hk", b"x", 1, None, 1.7e9]], 0],
     Op.RESPONSE: [Op.RESPONSE, 44, b"\x07", 1, None],
 }
 
