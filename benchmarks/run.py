@@ -8,7 +8,9 @@ servers.py), runs the workloads (workloads.py; W6 starts fresh servers of its ow
 every server by PID in `finally`, and writes the markdown report, a PNG chart beside it
 (same name, .png) and the raw numbers as JSON under benchmarks/results/. Progress goes to
 stderr. `--quick` uses small counts and finishes in under a minute; the full run takes
-about six minutes on 2 cores. Run `bash benchmarks/setup.sh` first (or `make bench`).
+about four minutes on 2 cores. Only a full run of every workload writes docs/benchmarks.md
+by default; others write benchmarks/results/latest.md. Run `bash benchmarks/setup.sh`
+first (or `make bench`).
 """
 
 from __future__ import annotations
@@ -37,8 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small counts, under a minute")
     parser.add_argument("--only", default="", help="comma-separated workloads, e.g. W1,W3")
-    parser.add_argument("--out", default=str(HERE.parent / "docs" / "benchmarks.md"),
-                        help="markdown report path; the chart goes beside it as .png")
+    parser.add_argument("--out", default="",
+                        help="markdown report path; the chart goes beside it as .png"
+                             " (default docs/benchmarks.md for a full run of every workload,"
+                             " else benchmarks/results/latest.md, which git ignores)")
     parser.add_argument("--repeats", type=int, default=0, help="override repeats per case")
     args = parser.parse_args(argv)
 
@@ -76,11 +80,14 @@ def main(argv: list[str] | None = None) -> int:
     mode = "quick" if args.quick else "full"
     meta = report.meta(["benchmarks/run.py", *(argv or sys.argv[1:])], mode, plan.repeats,
                        elapsed)  # fmt: skip
-    out = Path(args.out)
-    report.write_markdown(out, tables, meta)
-    report.write_chart(out.with_suffix(".png"), tables)
     results = HERE / "results"
     results.mkdir(exist_ok=True)
+    # Only a full run of everything replaces the published report.
+    full = not args.quick and not args.only and not args.repeats
+    out = Path(args.out or (HERE.parent / "docs" / "benchmarks.md" if full
+                            else results / "latest.md"))
+    report.write_markdown(out, tables, meta)
+    report.write_chart(out.with_suffix(".png"), tables)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     raw = {"meta": meta, "tables": [{"key": t.key, "title": t.title, "metrics": t.metrics,
                                      "rows": {" / ".join(r).strip(" /"): v
