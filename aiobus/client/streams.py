@@ -144,7 +144,7 @@ class _Stream:
         raise RemoteProtocolError(f"EVENTS frame for {self._kind} {frame[1]}")
 
     def _wake(self) -> None:
-        """Let a waiting ``__anext__`` look again (stopped, failed)."""
+        """Let a waiting ``__anext__`` look again (messages arrived, stopped, failed)."""
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -217,9 +217,7 @@ class Subscription(_Stream):
         buffer.append(of_event(bus, (_EVENT, sid, None, gap), messages[0]))
         head = (_EVENT, sid, None, 0)
         buffer.extend([of_event(bus, head, m) for m in itertools.islice(messages, 1, None)])
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._wake()
 
     def _fail(self, error: BaseException) -> None:
         # Topic messages already received stay readable; the error comes after them.
