@@ -1,0 +1,406 @@
+"""Journal records: their encoding, the segment header, and a decoder. No I/O, no clock.
+
+Theory of operation
+-------------------
+A segment file is a header followed by records, each framed as::
+
+    length: u32 LE | crc: u32 LE | body: `length` bytes      (body[0] is the record type)
+
+``crc`` is zlib's CRC-32 of the four length bytes and the body, so a flipped bit in the
+length is caught like one in the body (docs/journal.md says why CRC-32 and not CRC32C
+or xxhash). Queues are named by a small integer ``qid`` that a :class:`QueueDeclared`
+record binds to the queue's name; every segment starts by re-declaring each live queue,
+so any segment can be read, compacted or dropped without the ones before it.
+
+The decoder (:func:`decode_segment`) returns every good record with its offset, and
+classifies the first bad one:
+
+* *torn*: it is in the last segment and no good record starts anywhere after it. A
+  crash mid-write leaves exactly this (a prefix of the last write, or garbage where the
+  file system had not written yet); the store truncates it and reports file and offset.
+* *corrupt*: anything else, i.e. good data follows the damage, or the segment is not the
+  last. A torn write cannot be followed by a record that was synced, so this is damage
+  to confirmed data: the store raises :class:`~.store.JournalCorrupt` and never skips it.
+
+The scan for a later good record costs a CRC per candidate offset, paid only on a bad
+record: a real torn tail is short, and real damage is usually followed by a good record
+within one record's length.
+
+Records are encoded by plain functions returning ``bytes`` (no object per record on the
+send path, the benchmarks decide that) and decoded into frozen dataclasses.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any, Final
+
+import msgpack
+
+__all__ = [
+    "FORMAT_VERSION", "HEADER_SIZE", "MAX_RECORD", "Decoded", "Delivered", "Failed",
+    "LiveMessage", "LiveQueue", "QueueDeclared", "QueueDeleted", "QueuePurged", "Record",
+    "RemovalReason", "Removed", "Replay", "Sent", "decode_segment", "encode_declared",
+    "encode_deleted", "encode_delivered", "encode_failed", "encode_purged", "encode_removed",
+    "encode_sent", "salvage", "segment_header",
+]
+
+MAGIC: Final = b"AIOBUSJ\x00"
+FORMAT_VERSION: Final = 1
+# magic | version u16 | reserved u16 | segment number u64 | crc32 of the 20 bytes before
+_SEGMENT_HEADER = struct.Struct("<8sHHQ")
+HEADER_SIZE: Final = _SEGMENT_HEADER.size + 4
+# A record holds at most one message; the protocol's frames are at most 16 MiB by
+# default (protocol.DEFAULT_MAX_FRAME). A larger length is damage, not a record.
+MAX_RECORD: Final = 256 * 1024 * 1024
+
+_FRAME = struct.Struct("<II")
+_crc = zlib.crc32
+
+
+class RecordType(IntEnum):
+    DECLARED = 1
+    SENT = 2
+    DELIVERED = 3
+    FAILED = 4
+    REMOVED = 5
+    PURGED = 6
+    DELETED = 7
+
+
+class RemovalReason(IntEnum):
+    ACKED = 1  # ack, or a reply to a request
+    REJECTED = 2  # reject with no dead-letter queue: discarded
+    DEAD_LETTERED = 3  # moved to the dead-letter queue, which gets its own Sent record
+    EXPIRED = 4  # TTL
+    DROPPED = 5  # overflow dropped it
+
+
+@dataclass(frozen=True, slots=True)
+class QueueDeclared:
+    qid: int
+    name: str
+    settings: dict[str, Any]
+    next_seq: int  # the queue's next sequence number when this record was written
+
+
+@dataclass(frozen=True, slots=True)
+class Sent:
+    qid: int
+    seq: int
+    message: bytes  # the packed message, id inside, exactly as the core stores it
+    failures: int
+    expires: float | None  # epoch seconds
+    due: float | None  # epoch seconds; a delayed or scheduled message
+
+
+@dataclass(frozen=True, slots=True)
+class Delivered:
+    qid: int
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    qid: int
+    seq: int
+    failures: int
+    due: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Removed:
+    qid: int
+    seq: int
+    reason: RemovalReason
+
+
+@dataclass(frozen=True, slots=True)
+class QueuePurged:
+    qid: int
+
+
+@dataclass(frozen=True, slots=True)
+class QueueDeleted:
+    qid: int
+
+
+Record = QueueDeclared | Sent | Delivered | Failed | Removed | QueuePurged | QueueDeleted
+
+
+def _frame(body: bytes) -> bytes:
+    length = _FRAME.pack(len(body), 0)[:4]
+    return length + _crc(body, _crc(length)).to_bytes(4, "little") + body
+
+
+# --- encoding ------------------------------------------------------------------------
+
+_QSEQ = struct.Struct("<BIQ")
+_SENT = struct.Struct("<BIQIB")
+_FAILED = struct.Struct("<BIQId")
+_REMOVED = struct.Struct("<BIQB")
+_QID = struct.Struct("<BI")
+_F64 = struct.Struct("<d")
+_NONE = float("nan")  # "no due time" in a Failed record
+
+
+def encode_declared(qid: int, name: str, settings: dict[str, Any], next_seq: int) -> bytes:
+    tail = msgpack.packb([name, settings], use_bin_type=True)
+    return _frame(_QSEQ.pack(RecordType.DECLARED, qid, next_seq) + tail)
+
+
+def encode_sent(qid: int, seq: int, message: bytes, failures: int = 0,
+                expires: float | None = None, due: float | None = None) -> bytes:
+    flags = (expires is not None) | (due is not None) << 1
+    parts = [_SENT.pack(RecordType.SENT, qid, seq, failures, flags)]
+    if expires is not None:
+        parts.append(_F64.pack(expires))
+    if due is not None:
+        parts.append(_F64.pack(due))
+    parts.append(message)
+    return _frame(b"".join(parts))
+
+
+def encode_delivered(qid: int, seq: int) -> bytes:
+    return _frame(_QSEQ.pack(RecordType.DELIVERED, qid, seq))
+
+
+def encode_failed(qid: int, seq: int, failures: int, due: float | None) -> bytes:
+    return _frame(_FAILED.pack(RecordType.FAILED, qid, seq, failures,
+                               _NONE if due is None else due))
+
+
+def encode_removed(qid: int, seq: int, reason: RemovalReason) -> bytes:
+    return _frame(_REMOVED.pack(RecordType.REMOVED, qid, seq, reason))
+
+
+def encode_purged(qid: int) -> bytes:
+    return _frame(_QID.pack(RecordType.PURGED, qid))
+
+
+def encode_deleted(qid: int) -> bytes:
+    return _frame(_QID.pack(RecordType.DELETED, qid))
+
+
+def segment_header(number: int) -> bytes:
+    head = _SEGMENT_HEADER.pack(MAGIC, FORMAT_VERSION, 0, number)
+    return head + _crc(head).to_bytes(4, "little")
+
+
+# --- decoding ------------------------------------------------------------------------
+
+
+class BadRecord(ValueError):
+    """A record body that passed its checksum but does not decode (a bug or a foreign
+    file): treated as damage."""
+
+
+def decode_body(body: bytes) -> Record:
+    kind = body[0]
+    if kind == RecordType.SENT:
+        _, qid, seq, failures, flags = _SENT.unpack_from(body)
+        at = _SENT.size
+        expires = due = None
+        if flags & 1:
+            (expires,) = _F64.unpack_from(body, at)
+            at += 8
+        if flags & 2:
+            (due,) = _F64.unpack_from(body, at)
+            at += 8
+        return Sent(qid, seq, body[at:], failures, expires, due)
+    if kind == RecordType.DELIVERED or kind == RecordType.DECLARED:
+        _, qid, seq = _QSEQ.unpack_from(body)
+        if kind == RecordType.DELIVERED:
+            return Delivered(qid, seq)
+        name, settings = msgpack.unpackb(body[_QSEQ.size:], raw=False)
+        if type(name) is not str or type(settings) is not dict:
+            raise BadRecord("QueueDeclared: name must be str and settings a map")
+        return QueueDeclared(qid, name, settings, seq)
+    if kind == RecordType.FAILED:
+        _, qid, seq, failures, due = _FAILED.unpack_from(body)
+        return Failed(qid, seq, failures, None if due != due else due)
+    if kind == RecordType.REMOVED:
+        _, qid, seq, reason = _REMOVED.unpack_from(body)
+        return Removed(qid, seq, RemovalReason(reason))
+    if kind == RecordType.PURGED:
+        return QueuePurged(_QID.unpack_from(body)[1])
+    if kind == RecordType.DELETED:
+        return QueueDeleted(_QID.unpack_from(body)[1])
+    raise BadRecord(f"unknown record type {kind}")
+
+
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    """What one segment holds: its good records with their offsets, and where the first
+    bad record starts (``bad_at``), classified as ``torn`` or not (then: corrupt)."""
+
+    number: int | None  # from the header; None when the header itself is bad
+    records: list[tuple[int, Record]]
+    end: int  # offset just past the last good record
+    bad_at: int | None
+    torn: bool
+    resync_at: int | None  # where the first good record after the damage starts
+
+
+def _record_at(data: bytes | memoryview, at: int) -> tuple[Record, int] | None:
+    """The good record starting at ``at`` and the offset after it, or None."""
+    if at + 8 > len(data):
+        return None
+    length, crc = _FRAME.unpack_from(data, at)
+    end = at + 8 + length
+    if length == 0 or length > MAX_RECORD or end > len(data):
+        return None
+    body = bytes(data[at + 8:end])
+    if _crc(body, _crc(data[at:at + 4])) != crc:
+        return None
+    try:
+        return decode_body(body), end
+    except (BadRecord, ValueError, struct.error, msgpack.UnpackException):
+        return None
+
+
+def decode_segment(data: bytes, *, last: bool) -> Decoded:
+    """Decode one segment file's bytes. See the module docstring for torn vs corrupt."""
+    number = None
+    if len(data) >= HEADER_SIZE:
+        head = data[:_SEGMENT_HEADER.size]
+        magic, version, _, seg = _SEGMENT_HEADER.unpack(head)
+        good = _crc(head) == int.from_bytes(data[_SEGMENT_HEADER.size:HEADER_SIZE], "little")
+        if good and magic == MAGIC and version == FORMAT_VERSION:
+            number = seg
+    if number is None:  # a header is written and synced before the file gets its name
+        return Decoded(None, [], 0, 0, False, None)
+    records: list[tuple[int, Record]] = []
+    at, size = HEADER_SIZE, len(data)
+    view = memoryview(data)
+    while at < size:
+        found = _record_at(view, at)
+        if found is None:
+            break
+        records.append((at, found[0]))
+        at = found[1]
+    if at == size:
+        return Decoded(number, records, at, None, False, None)
+    resync = next((o for o in range(at + 1, size - 8) if _record_at(view, o)), None)
+    return Decoded(number, records, at, at, last and resync is None, resync)
+
+
+def salvage(data: bytes) -> tuple[list[tuple[int, int, Record]], list[tuple[int, int]]]:
+    """Every good record of a damaged segment as (start, end, record), and the damaged
+    spans as (start, end)."""
+    view = memoryview(data)
+    records: list[tuple[int, int, Record]] = []
+    spans: list[tuple[int, int]] = []
+    at, size = HEADER_SIZE, len(data)
+    while at < size:
+        found = _record_at(view, at)
+        if found is not None:
+            records.append((at, found[1], found[0]))
+            at = found[1]
+            continue
+        resync = next((o for o in range(at + 1, size - 8) if _record_at(view, o)), size)
+        spans.append((at, resync))
+        at = resync
+    return records, spans
+
+
+# --- replay --------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class LiveMessage:
+    """A message replay found live. ``segment`` is the segment holding its Sent record
+    (the store's compaction needs it); ``in_flight``: a delivery was recorded and not
+    answered yet."""
+
+    seq: int
+    message: bytes
+    failures: int
+    expires: float | None
+    due: float | None
+    segment: int
+    in_flight: bool = False
+
+
+@dataclass(slots=True)
+class LiveQueue:
+    qid: int
+    name: str
+    settings: dict[str, Any]
+    next_seq: int
+    messages: dict[int, LiveMessage]
+
+
+class Replay:
+    """Folds records, segment by segment in order, into the live state.
+
+    Rules (docs/journal.md, "Recovery rules"): a Sent for a (qid, seq) already live
+    replaces it (compaction copies a message forward with its state folded in); records
+    about messages or queues that are not live are ignored (their Sent was compacted
+    away, or they follow a removal); a queue redeclared after deletion gets a new qid.
+    :meth:`finish` counts each unanswered delivery as one failed attempt.
+    """
+
+    __slots__ = ("bytes", "queues", "records", "segment")
+
+    def __init__(self) -> None:
+        self.queues: dict[int, LiveQueue] = {}
+        self.segment = 0
+        self.records = 0
+        self.bytes = 0
+
+    def apply(self, record: Record) -> None:
+        self.records += 1
+        match record:
+            case Sent(qid, seq, message, failures, expires, due):
+                queue = self.queues.get(qid)
+                if queue is not None:
+                    queue.messages[seq] = LiveMessage(seq, message, failures, expires, due,
+                                                      self.segment)
+                    if seq >= queue.next_seq:
+                        queue.next_seq = seq + 1
+            case Delivered(qid, seq):
+                msg = self._message(qid, seq)
+                if msg is not None:
+                    msg.in_flight = True
+            case Failed(qid, seq, failures, due):
+                msg = self._message(qid, seq)
+                if msg is not None:
+                    msg.failures, msg.due, msg.in_flight = failures, due, False
+            case Removed(qid, seq, _):
+                queue = self.queues.get(qid)
+                if queue is not None:
+                    queue.messages.pop(seq, None)
+            case QueueDeclared(qid, name, settings, next_seq):
+                queue = self.queues.get(qid)
+                if queue is None:
+                    self.queues[qid] = LiveQueue(qid, name, settings, next_seq, {})
+                else:
+                    queue.settings = settings
+                    queue.next_seq = max(queue.next_seq, next_seq)
+            case QueuePurged(qid):
+                queue = self.queues.get(qid)
+                if queue is not None:  # as RabbitMQ: messages out for delivery stay
+                    queue.messages = {s: m for s, m in queue.messages.items() if m.in_flight}
+            case QueueDeleted(qid):
+                self.queues.pop(qid, None)
+
+    def _message(self, qid: int, seq: int) -> LiveMessage | None:
+        queue = self.queues.get(qid)
+        return None if queue is None else queue.messages.get(seq)
+
+    def finish(self) -> list[tuple[int, LiveMessage]]:
+        """End of the journal: a delivery nobody answered was an attempt that failed.
+        Returns those messages, so the store can journal the failure it inferred."""
+        failed = []
+        for queue in self.queues.values():
+            queue.messages = dict(sorted(queue.messages.items()))
+            for msg in queue.messages.values():
+                if msg.in_flight:
+                    msg.failures += 1
+                    msg.in_flight = False
+                    failed.append((queue.qid, msg))
+        return failed

@@ -1,0 +1,579 @@
+"""The journal store: segments, the append buffer, write/sync, recovery, compaction.
+
+Theory of operation
+-------------------
+Appending is sans-IO: :meth:`Journal.sent` and its siblings encode one record into an
+in-memory buffer and update counters; they never touch a file or a clock. Once per loop
+turn the shell calls :meth:`Journal.write` (one append of the whole buffer) and then,
+as its ``--fsync`` policy says, :meth:`Journal.sync` (one fdatasync); only after the
+sync may it confirm that turn's sends (Redis's ``appendfsync always`` in beforeSleep).
+
+Segments are files ``<number>.seg`` (16 digits, so names sort in order). A new segment
+is written as ``.tmp`` (header, then a QueueDeclared for each live queue), synced,
+renamed and the directory synced, so a segment that has its name always has a whole
+header and knows its queues. :meth:`write` rotates to a new segment once the current
+one reaches ``segment_size``.
+
+A failed append (ENOSPC, EIO) truncates the segment back to its last good length and
+raises :class:`JournalError`; the buffer keeps its records, so the next :meth:`write`
+retries them. If the truncate fails too, every write raises until it succeeds: the file
+never holds a half record that later records follow.
+
+Compaction. Each live message is *owned* by the segment holding its Sent record;
+``_owner`` maps qid -> seq -> ``segment << 32 | record bytes``. A prefix of sealed
+segments that owns no live message is deleted on :meth:`sync` (a later segment's
+removal records can only concern earlier segments, so only prefixes may go). While the
+journal is larger than ``2 * live bytes + 2 * segment_size`` (the bound), :meth:`compact`
+copies the live messages of the oldest segments forward (a Sent with the failures and
+due time folded in, plus a Delivered if one is outstanding); a later Sent for the same
+(qid, seq) replaces the earlier one on replay, so once the copies are synced the old
+segment owns nothing and goes. See docs/journal.md for why that bounds disk use.
+"""
+
+from __future__ import annotations
+
+import errno
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ...errors import BusError
+from . import records as r
+from .files import Files
+
+__all__ = [
+    "DEFAULT_SEGMENT_SIZE", "Journal", "JournalCorrupt", "JournalError", "Recovered",
+    "RecoveredMessage", "RecoveredQueue", "RecoveryReport", "RepairReport", "TornTail",
+    "repair",
+]
+
+# 64 MiB, as Kafka's log.segment.bytes default is 1 GiB and NATS JetStream's file store
+# blocks are 8-16 MiB: large enough that rotation (two syncs) is rare, small enough that
+# compaction copies little at a time.
+DEFAULT_SEGMENT_SIZE = 64 * 1024 * 1024
+SUFFIX = ".seg"
+
+
+class JournalError(BusError):
+    """The journal could not be written or read: ``cause`` names why (``"ENOSPC"``...),
+    ``file`` which file. Writes may be retried; reads keep working."""
+
+    code = "journal"
+
+    def __init__(self, message: str, *, file: str | None = None,
+                 cause: str | None = None) -> None:
+        super().__init__(message)
+        self.file = file
+        self.cause = cause
+
+
+class JournalCorrupt(JournalError):
+    """A bad checksum before the tail: confirmed data is damaged. Run :func:`repair`."""
+
+    def __init__(self, file: str, offset: int, detail: str) -> None:
+        super().__init__(f"journal segment {file} is damaged at offset {offset}: {detail}",
+                         file=file, cause="corrupt")
+        self.offset = offset
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveredMessage:
+    seq: int
+    message: bytes
+    failures: int
+    expires: float | None
+    due: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveredQueue:
+    name: str
+    settings: dict[str, Any]
+    next_seq: int
+    messages: list[RecoveredMessage]  # in sequence order
+
+
+@dataclass(frozen=True, slots=True)
+class TornTail:
+    file: str
+    offset: int
+    dropped: int  # bytes cut off
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveryReport:
+    queues: int
+    messages: int
+    bytes: int  # journal bytes read
+    seconds: float
+    torn: TornTail | None
+
+
+@dataclass(frozen=True, slots=True)
+class Recovered:
+    queues: dict[str, RecoveredQueue]
+    report: RecoveryReport
+
+
+def segment_name(number: int) -> str:
+    return f"{number:016d}{SUFFIX}"
+
+
+def _sent_size(message: bytes, expires: float | None, due: float | None) -> int:
+    return 26 + len(message) + 8 * (expires is not None) + 8 * (due is not None)
+
+
+def _os_error(exc: OSError) -> str:
+    return errno.errorcode.get(exc.errno or 0, str(exc.errno))
+
+
+@dataclass(slots=True)
+class _Segment:
+    number: int
+    size: int
+    live: int = 0  # messages it owns
+    live_bytes: int = 0
+
+
+@dataclass(slots=True)
+class _State:
+    qids: dict[str, int] = field(default_factory=dict)
+    names: dict[int, str] = field(default_factory=dict)
+    settings: dict[int, dict[str, Any]] = field(default_factory=dict)
+    next_seq: dict[int, int] = field(default_factory=dict)
+    owner: dict[int, dict[int, int]] = field(default_factory=dict)
+    failed: dict[tuple[int, int], tuple[int, float | None]] = field(default_factory=dict)
+    in_flight: set[tuple[int, int]] = field(default_factory=set)
+    next_qid: int = 1
+
+
+class Journal:
+    """An open journal: recovered state out, records in. Use :meth:`open`.
+
+    Example::
+
+        journal, recovered = Journal.open(OsFiles("/var/lib/aiobus/journal"))
+        journal.declare("jobs", {"ttl": 60.0})
+        journal.sent("jobs", 0, packed)
+        journal.write(); journal.sync()   # then confirm the send
+    """
+
+    def __init__(self, files: Files, segment_size: int) -> None:
+        self.files = files
+        self.segment_size = segment_size
+        self._s = _State()
+        self._segments: list[_Segment] = []
+        self._handle: int | None = None
+        self._buffer: list[bytes] = []
+        self._buffered = 0
+        self._unsynced = False
+        self._must_truncate = False
+
+    # --- appending: plain methods, no I/O ------------------------------------------
+
+    def declare(self, name: str, settings: dict[str, Any]) -> None:
+        """A durable queue was declared (or redeclared with new settings)."""
+        s = self._s
+        qid = s.qids.get(name)
+        if qid is None:
+            qid = s.qids[name] = s.next_qid
+            s.next_qid += 1
+            s.names[qid], s.next_seq[qid], s.owner[qid] = name, 0, {}
+        s.settings[qid] = settings
+        self._append(r.encode_declared(qid, name, settings, s.next_seq[qid]))
+
+    def sent(self, queue: str, seq: int, message: bytes, failures: int = 0,
+             expires: float | None = None, due: float | None = None) -> None:
+        """A message entered ``queue`` (also: a dead letter entering its DLQ)."""
+        s = self._s
+        qid = s.qids[queue]
+        record = r.encode_sent(qid, seq, message, failures, expires, due)
+        self._own(qid, seq, len(record))
+        if seq >= s.next_seq[qid]:
+            s.next_seq[qid] = seq + 1
+        if failures:
+            s.failed[qid, seq] = (failures, due)
+        self._append(record)
+
+    def delivered(self, queue: str, seq: int) -> None:
+        """A delivery attempt started (a lease was granted)."""
+        qid = self._s.qids[queue]
+        self._s.in_flight.add((qid, seq))
+        self._append(r.encode_delivered(qid, seq))
+
+    def failed(self, queue: str, seq: int, failures: int, due: float | None) -> None:
+        """Nack, ack timeout or lost connection: the new failures count and due time."""
+        qid = self._s.qids[queue]
+        self._s.in_flight.discard((qid, seq))
+        self._s.failed[qid, seq] = (failures, due)
+        self._append(r.encode_failed(qid, seq, failures, due))
+
+    def removed(self, queue: str, seq: int, reason: r.RemovalReason) -> None:
+        """Ack, reply, reject, dead-letter, TTL expiry or overflow drop."""
+        qid = self._s.qids[queue]
+        self._disown(qid, seq)
+        self._append(r.encode_removed(qid, seq, reason))
+
+    def purged(self, queue: str) -> None:
+        """Every message of ``queue`` not out for delivery was discarded."""
+        qid = self._s.qids[queue]
+        for seq in list(self._s.owner[qid]):
+            if (qid, seq) not in self._s.in_flight:
+                self._disown(qid, seq)
+        self._append(r.encode_purged(qid))
+
+    def deleted(self, queue: str) -> None:
+        """``queue`` and all its messages are gone."""
+        s = self._s
+        qid = s.qids.pop(queue)
+        for seq in list(s.owner[qid]):
+            self._disown(qid, seq)
+        del s.names[qid], s.settings[qid], s.next_seq[qid], s.owner[qid]
+        self._append(r.encode_deleted(qid))
+
+    def _append(self, record: bytes) -> None:
+        self._buffer.append(record)
+        self._buffered += len(record)
+
+    def _own(self, qid: int, seq: int, size: int) -> None:
+        owners = self._s.owner[qid]
+        if seq in owners:
+            self._disown(qid, seq, forget=False)
+        segment = self._segments[-1]
+        owners[seq] = segment.number << 32 | size
+        segment.live += 1
+        segment.live_bytes += size
+
+    def _disown(self, qid: int, seq: int, *, forget: bool = True) -> None:
+        entry = self._s.owner[qid].pop(seq, None)
+        if entry is None:
+            return
+        number, size = entry >> 32, entry & 0xFFFFFFFF
+        for segment in self._segments:
+            if segment.number == number:
+                segment.live -= 1
+                segment.live_bytes -= size
+                break
+        if forget:
+            self._s.failed.pop((qid, seq), None)
+            self._s.in_flight.discard((qid, seq))
+
+    @property
+    def pending(self) -> int:
+        """Bytes appended and not yet written."""
+        return self._buffered
+
+    def statistics(self) -> dict[str, int]:
+        return {
+            "segments": len(self._segments),
+            "bytes": sum(seg.size for seg in self._segments) + self._buffered,
+            "live_messages": sum(seg.live for seg in self._segments),
+            "live_bytes": sum(seg.live_bytes for seg in self._segments),
+            "pending": self._buffered,
+        }
+
+    # --- I/O -------------------------------------------------------------------------
+
+    def write(self) -> int:
+        """Append the buffered records to the current segment; returns bytes written.
+
+        Raises:
+            JournalError: the append failed (``cause`` is the errno name, e.g.
+                ``"ENOSPC"``); nothing torn is left behind, the records stay buffered.
+        """
+        segment = self._segments[-1]
+        assert self._handle is not None, "journal is closed"
+        name = segment_name(segment.number)
+        try:
+            if self._must_truncate:
+                self.files.truncate(self._handle, segment.size)
+                self._must_truncate = False
+            if not self._buffer:
+                return 0
+            data = b"".join(self._buffer)
+            self.files.append(self._handle, data)
+        except OSError as exc:
+            try:
+                self.files.truncate(self._handle, segment.size)
+            except OSError:
+                self._must_truncate = True
+            raise JournalError(f"cannot write journal segment {name}: {exc}",
+                               file=name, cause=_os_error(exc)) from exc
+        self._buffer.clear()
+        self._buffered = 0
+        segment.size += len(data)
+        self._unsynced = True
+        if segment.size >= self.segment_size:
+            try:
+                self._rotate()
+            except JournalError:
+                pass  # stay on the current segment; the next write tries again
+        return len(data)
+
+    def sync(self) -> None:
+        """fdatasync what :meth:`write` wrote; then delete segments that own nothing.
+
+        Raises:
+            JournalError: the fdatasync failed; what was written is not durable.
+        """
+        assert self._handle is not None, "journal is closed"
+        if self._unsynced:
+            try:
+                self.files.sync(self._handle)
+            except OSError as exc:
+                name = segment_name(self._segments[-1].number)
+                raise JournalError(f"cannot sync journal segment {name}: {exc}",
+                                   file=name, cause=_os_error(exc)) from exc
+            self._unsynced = False
+        if self._buffer:
+            return  # compaction copies may still be unwritten: drop nothing yet
+        dropped = False
+        while len(self._segments) > 1 and self._segments[0].live == 0:
+            self.files.remove(segment_name(self._segments.pop(0).number))
+            dropped = True
+        if dropped:
+            self.files.sync_directory()
+
+    def compact(self) -> int:
+        """Copy live messages out of the oldest segments while the journal exceeds its
+        bound (module docstring); returns how many messages were copied. The copies are
+        buffered: the old segments go at the first :meth:`sync` after they are written.
+        """
+        total = sum(seg.size for seg in self._segments)
+        live = sum(seg.live_bytes for seg in self._segments)
+        copied = 0
+        for segment in self._segments[:-1]:
+            if total <= 2 * live + 2 * self.segment_size:
+                break
+            total -= segment.size - segment.live_bytes
+            if segment.live:
+                copied += self._copy_forward(segment)
+        return copied
+
+    def _copy_forward(self, segment: _Segment) -> int:
+        s = self._s
+        decoded = r.decode_segment(self.files.read(segment_name(segment.number)), last=False)
+        copied = 0
+        for _, record in decoded.records:
+            if type(record) is not r.Sent:
+                continue
+            entry = s.owner.get(record.qid, {}).get(record.seq)
+            if entry is None or entry >> 32 != segment.number:
+                continue
+            key = (record.qid, record.seq)
+            failures, due = s.failed.get(key, (record.failures, record.due))
+            data = r.encode_sent(record.qid, record.seq, record.message, failures,
+                                 record.expires, due)
+            self._own(record.qid, record.seq, len(data))
+            self._append(data)
+            if key in s.in_flight:
+                self._append(r.encode_delivered(*key))
+            copied += 1
+        return copied
+
+    def _rotate(self) -> None:
+        """Seal the current segment and start the next one (module docstring)."""
+        assert self._handle is not None
+        number = self._segments[-1].number + 1
+        name = segment_name(number)
+        s = self._s
+        data = r.segment_header(number) + b"".join(
+            r.encode_declared(qid, s.names[qid], s.settings[qid], s.next_seq[qid])
+            for qid in sorted(s.names))
+        self._create(name, data)
+        try:
+            self.files.sync(self._handle)
+            handle = self.files.open_append(name)
+        except OSError as exc:
+            raise JournalError(f"cannot open journal segment {name}: {exc}",
+                               file=name, cause=_os_error(exc)) from exc
+        self.files.close(self._handle)
+        self._handle = handle
+        self._unsynced = False
+        self._segments.append(_Segment(number, len(data)))
+
+    def _create(self, name: str, data: bytes) -> None:
+        """Write ``name`` whole and durably: tmp file, fdatasync, rename, directory sync."""
+        tmp = name + ".tmp"
+        try:
+            handle = self.files.create(tmp)
+            try:
+                self.files.append(handle, data)
+                self.files.sync(handle)
+            finally:
+                self.files.close(handle)
+            self.files.rename(tmp, name)
+            self.files.sync_directory()
+        except OSError as exc:
+            try:
+                self.files.remove(tmp)
+            except OSError:
+                pass
+            raise JournalError(f"cannot create journal segment {name}: {exc}",
+                               file=name, cause=_os_error(exc)) from exc
+
+    def close(self) -> None:
+        """Close the current segment (write and sync first if you mean to keep the buffer)."""
+        if self._handle is not None:
+            self.files.close(self._handle)
+            self._handle = None
+
+    # --- recovery --------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, files: Files, *, segment_size: int = DEFAULT_SEGMENT_SIZE
+             ) -> tuple[Journal, Recovered]:
+        """Replay the journal in ``files`` and open it for appending.
+
+        Returns:
+            The journal, and what it recovered (queues with their live messages in
+            sequence order, and a :class:`RecoveryReport`).
+
+        Raises:
+            JournalCorrupt: a bad record before the tail; see :func:`repair`.
+            JournalError: a file could not be read or the tail not truncated.
+        """
+        started = time.perf_counter()
+        for name in files.list():
+            if name.endswith(".tmp"):  # a segment whose creation did not finish
+                files.remove(name)
+        names = [n for n in files.list() if n.endswith(SUFFIX)]
+        replay = r.Replay()
+        journal = cls(files, segment_size)
+        torn = None
+        size = 0
+        for i, name in enumerate(names):
+            data = files.read(name)
+            decoded = r.decode_segment(data, last=i == len(names) - 1)
+            if decoded.number is None:
+                raise JournalCorrupt(name, 0, "bad segment header")
+            if decoded.bad_at is not None and not decoded.torn:
+                raise JournalCorrupt(name, decoded.bad_at, "bad checksum or record")
+            if decoded.bad_at is not None:
+                torn = TornTail(name, decoded.bad_at, len(data) - decoded.end)
+                handle = files.open_append(name)
+                try:
+                    files.truncate(handle, decoded.end)
+                    files.sync(handle)
+                finally:
+                    files.close(handle)
+            replay.segment = decoded.number
+            for _, record in decoded.records:
+                replay.apply(record)
+            replay.bytes += len(data)
+            size = decoded.end
+            journal._segments.append(_Segment(decoded.number, decoded.end))
+        inferred = replay.finish()
+        journal._load(replay)
+        if names:
+            journal._handle = files.open_append(names[-1])
+            journal._segments[-1].size = size
+        else:
+            journal._create(segment_name(1), r.segment_header(1))
+            journal._handle = files.open_append(segment_name(1))
+            journal._segments.append(_Segment(1, r.HEADER_SIZE))
+        for qid, msg in inferred:  # make the inferred failure a record of its own
+            journal.failed(journal._s.names[qid], msg.seq, msg.failures, msg.due)
+        queues = {
+            q.name: RecoveredQueue(q.name, q.settings, q.next_seq, [
+                RecoveredMessage(m.seq, m.message, m.failures, m.expires, m.due)
+                for m in q.messages.values()])
+            for q in replay.queues.values()
+        }
+        report = RecoveryReport(len(queues), sum(len(q.messages) for q in queues.values()),
+                                replay.bytes, time.perf_counter() - started, torn)
+        return journal, Recovered(queues, report)
+
+    def _load(self, replay: r.Replay) -> None:
+        s = self._s
+        by_number = {seg.number: seg for seg in self._segments}
+        for q in replay.queues.values():
+            s.qids[q.name], s.names[q.qid], s.settings[q.qid] = q.qid, q.name, q.settings
+            s.next_seq[q.qid] = q.next_seq
+            owners = s.owner[q.qid] = {}
+            for m in q.messages.values():
+                size = _sent_size(m.message, m.expires, m.due)
+                owners[m.seq] = m.segment << 32 | size
+                segment = by_number[m.segment]
+                segment.live += 1
+                segment.live_bytes += size
+                if m.failures:
+                    s.failed[q.qid, m.seq] = (m.failures, m.due)
+            s.next_qid = max(s.next_qid, q.qid + 1)
+
+
+# --- repair --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RepairReport:
+    file: str
+    moved_to: str  # the damaged original, kept for forensics
+    damaged: list[tuple[int, int]]  # byte spans (start, end) that were unreadable
+    lost: list[tuple[str, int]]  # (queue, seq) of each message that may be lost
+
+
+def repair(files: Files, name: str) -> RepairReport:
+    """Move the damaged segment ``name`` aside as ``<name>.damaged`` and put in its place
+    every record that still reads; report which messages were lost.
+
+    A queue's sends in one segment have the consecutive sequence numbers from the
+    ``next_seq`` its opening QueueDeclared names up to the next segment's (or, in the
+    last segment, to the highest one read): each number in that range with no readable
+    Sent, and no readable removal here or later, is reported lost. (A message that
+    compaction had copied into the damaged span escapes this count; docs/journal.md.)
+
+    Example::
+
+        try:
+            journal, recovered = Journal.open(files)
+        except JournalCorrupt as exc:
+            report = repair(files, exc.file)   # log report.lost, then open again
+    """
+    names = sorted(n for n in files.list() if n.endswith(SUFFIX))
+    data = files.read(name)
+    good, spans = r.salvage(data)
+    header = data[:r.HEADER_SIZE]
+    if r.decode_segment(header, last=False).number is None:
+        header = r.segment_header(int(name.removesuffix(SUFFIX)))
+        spans.insert(0, (0, r.HEADER_SIZE))
+    later = names[names.index(name) + 1:]
+    # seq ranges per qid: [start, end)
+    start: dict[int, int] = {}
+    seen: dict[int, set[int]] = {}
+    qnames: dict[int, str] = {}
+    for _, _, record in good:
+        if type(record) is r.QueueDeclared:
+            start.setdefault(record.qid, record.next_seq)
+            qnames[record.qid] = record.name
+        elif type(record) is r.Sent or type(record) is r.Removed:
+            seen.setdefault(record.qid, set()).add(record.seq)
+    end: dict[int, int] = {qid: max(seqs) + 1 for qid, seqs in seen.items()}
+    for i, later_name in enumerate(later):
+        decoded = r.decode_segment(files.read(later_name), last=i == len(later) - 1)
+        for _, record in decoded.records:
+            if type(record) is r.QueueDeclared and record.qid in start and i == 0:
+                end[record.qid] = max(end.get(record.qid, 0), record.next_seq)
+                qnames.setdefault(record.qid, record.name)
+            elif type(record) is r.Removed:
+                seen.setdefault(record.qid, set()).add(record.seq)
+    lost = [
+        (qnames.get(qid, f"#{qid}"), seq)
+        for qid in sorted(start)
+        for seq in range(start[qid], end.get(qid, start[qid]))
+        if seq not in seen.get(qid, ())
+    ] if spans else []
+    moved = name + ".damaged"
+    replacement = header + b"".join(data[a:b] for a, b, _ in good)
+    files.rename(name, moved)
+    files.sync_directory()
+    tmp = name + ".tmp"
+    handle = files.create(tmp)
+    try:
+        files.append(handle, replacement)
+        files.sync(handle)
+    finally:
+        files.close(handle)
+    files.rename(tmp, name)
+    files.sync_directory()
+    return RepairReport(name, moved, spans, lost)
