@@ -28,6 +28,16 @@ pipe and the partial record, unless another process holds the FIFO open), waits 
 new reader and writes the whole record again. A record is thus never seen twice. A reader
 that opens before the writer has noticed ``EPIPE`` would see the stale partial record;
 Linux reports ``EPIPE`` on the writer's next write, which is normally immediate.
+
+Stopping mid-record. Once a frame's first byte is in the pipe the reader holds part of a
+record, and only the rest of that frame completes it: anything else written next (a new
+writer's first record included) would join the partial one into a record nobody sent.
+So a :meth:`FifoWriter.write_record` cancelled mid-record keeps the rest of its frame
+(:attr:`FifoWriter.unfinished` bytes); :meth:`FifoWriter.finish_record` writes it, as the
+next ``write_record`` does first. A frame of which nothing was written yet is simply
+dropped. Closing with a frame unfinished leaves the partial record in the pipe for good;
+the writer logs an error with the number of bytes missing. ``bus_to_fifo`` finishes the
+record before it stops, within a timeout, and acks only a finished record.
 """
 
 from __future__ import annotations
@@ -308,7 +318,8 @@ class FifoWriterStatistics:
 
     records_written: int = 0
     bytes_written: int = 0
-    broken_pipes: int = 0  # readers that went away mid-record, so the record was rewritten
+    broken_pipes: int = 0  # readers gone mid-record: the record is rewritten whole (or dropped
+    # by finish_record, whose caller must send it again)
     connected: bool = False  # whether the FIFO is open (a reader was there at the last write)
 
 
@@ -317,8 +328,9 @@ class FifoWriter:
 
     One :meth:`write_record` runs at a time (concurrent calls queue on a lock), so records
     never interleave. A :meth:`write_record` cancelled mid-record leaves the rest of its
-    frame to be written first by the next call, keeping the stream well framed; closing
-    the writer instead leaves the reader holding a partial record (logged).
+    frame (:attr:`unfinished`) to :meth:`finish_record`, or to be written first by the next
+    call, keeping the stream well framed; closing the writer instead leaves the reader
+    holding a partial record (logged as an error).
 
     Args:
         path: the FIFO; created with ``mode`` if missing.
@@ -350,13 +362,24 @@ class FifoWriter:
         self._fd = -1
         self._closed = False
         self._lock = asyncio.Lock()
-        self._unfinished = memoryview(b"")  # the rest of a frame whose write was cancelled
+        # The rest of a frame begun (first byte in the pipe) but not finished: its write was
+        # cancelled. Empty when no record is torn.
+        self._unfinished = memoryview(b"")
         self._waiter: asyncio.Future[None] | None = None
         self._stats = FifoWriterStatistics()
 
     def statistics(self) -> FifoWriterStatistics:
         """Return a snapshot of this writer's counters."""
         return replace(self._stats, connected=self._fd >= 0)
+
+    @property
+    def unfinished(self) -> int:
+        """Bytes left of a record whose write was cancelled mid-record; 0 when none is.
+
+        While this is not 0 the reader holds part of a record: :meth:`finish_record`
+        completes it.
+        """
+        return len(self._unfinished)
 
     def close(self) -> None:
         """Close the FIFO; a waiting call raises :class:`FifoClosedError`."""
@@ -371,7 +394,11 @@ class FifoWriter:
         if fd >= 0:
             os.close(fd)
         if self._unfinished:
-            logger.warning("FIFO writer for %s closed in the middle of a record", self.path)
+            logger.error(
+                "FIFO writer for %s closed with %d bytes of a record unwritten: its reader holds"
+                " a partial record, and the next record written to the FIFO will follow it",
+                self.path, len(self._unfinished),
+            )  # fmt: skip
 
     async def aclose(self) -> None:
         """Close the FIFO (see :meth:`close`)."""
@@ -437,29 +464,72 @@ class FifoWriter:
             while True:
                 await self.wait_reader()
                 try:
-                    if self._unfinished:
+                    if self._unfinished:  # an earlier record, cancelled mid-record
                         await self._write_all(self._unfinished)
+                        self._stats.records_written += 1
                     await self._write_all(memoryview(frame))
                 except BrokenPipeError:
-                    self._stats.broken_pipes += 1
+                    self._reader_gone()
                     logger.info("reader of FIFO %s went away mid-record; waiting", self.path)
-                    os.close(self._fd)  # frees the pipe and the partial record in it
-                    self._fd, self._unfinished = -1, memoryview(b"")
                     continue
                 self._stats.records_written += 1
                 return
 
+    async def finish_record(self) -> bool:
+        """Write the rest of a record whose :meth:`write_record` was cancelled mid-record.
+
+        Waits for pipe space as long as it takes; bound it with a timeout (a cancelled
+        call leaves what is still :attr:`unfinished`).
+
+        Returns:
+            True once the record is whole in the pipe; False if no record was unfinished,
+            or if its reader went away first (``EPIPE``): that reader never decoded it, so
+            the record was not delivered, and the rest of it is dropped.
+
+        Raises:
+            FifoClosedError: the writer is (or got) closed.
+            OSError: writing failed for another reason than a vanished reader.
+
+        Example:
+            >>> try:  # doctest: +SKIP
+            ...     await writer.write_record(record)
+            ... except anyio.get_cancelled_exc_class():
+            ...     with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+            ...         await writer.finish_record()
+            ...     raise
+        """
+        async with self._lock:
+            if self._closed:
+                raise FifoClosedError(f"FIFO writer for {self.path} is closed")
+            if not self._unfinished:
+                await anyio.lowlevel.checkpoint()
+                return False
+            try:
+                await self._write_all(self._unfinished)
+            except BrokenPipeError:
+                self._reader_gone()
+                logger.info("reader of FIFO %s went away mid-record", self.path)
+                return False
+            self._stats.records_written += 1
+            return True
+
+    def _reader_gone(self) -> None:
+        self._stats.broken_pipes += 1
+        os.close(self._fd)  # frees the pipe and the partial record in it
+        self._fd, self._unfinished = -1, memoryview(b"")
+
     async def _write_all(self, view: memoryview) -> None:
+        # Until the first byte is written nothing of the frame is in the pipe, so a
+        # cancellation leaves nothing unfinished (or an earlier frame's rest untouched).
         while view:
-            self._unfinished = view
             try:
                 written = os.write(self._fd, view)
             except BlockingIOError:
                 await self._wait_writable()
                 continue
             view = view[written:]
+            self._unfinished = view
             self._stats.bytes_written += written
-        self._unfinished = view
 
     async def _wait_writable(self) -> None:
         loop = asyncio.get_running_loop()

@@ -6,8 +6,11 @@ protocol of just the calls they make, so this module does not import the client.
 Delivery: ``fifo_to_bus`` sends each record once it is complete (a pipe cannot be acked,
 so a record read but not yet sent when the bridge stops is lost). ``bus_to_fifo`` acks a
 queue message only after its whole record is in the pipe (see :mod:`aiobus.bridges.fifo`
-for what the pipe guarantees), so a bridge that stops mid-record leaves the message to be
-redelivered.
+for what the pipe guarantees). Cancelled in the middle of a record, it first finishes the
+record, shielded and within ``drain_timeout``, because the reader already holds part of
+it: a finished record is acked (it was written, so it must not be delivered again); an
+unfinished one is not, so the message is redelivered, and the reader is left holding a
+partial record (logged).
 """
 
 from __future__ import annotations
@@ -26,9 +29,14 @@ import msgpack
 from .fifo import FifoReader, FifoWriter
 from .framing import DEFAULT_MAX_RECORD, Oversize, RecordTooLargeError, UnencodableRecordError
 
-__all__ = ["BridgeStatistics", "FifoBus", "bus_to_fifo", "fifo_to_bus"]
+__all__ = ["DEFAULT_DRAIN_TIMEOUT", "BridgeStatistics", "FifoBus", "bus_to_fifo", "fifo_to_bus"]
 
 logger = logging.getLogger(__name__)
+
+# How long a stopping bus_to_fifo waits for its reader to take the rest of a record. Well
+# under the grace a supervisor gives before SIGKILL (docker stop: 10 s, systemd's
+# TimeoutStopSec: 90 s), so the bridge, not SIGKILL, decides whether the message is acked.
+DEFAULT_DRAIN_TIMEOUT: Final = 5.0
 
 _DLQ_HEAD: Final = 256  # bytes of an oversize record kept as its dead letter's body
 
@@ -196,6 +204,7 @@ async def bus_to_fifo(
     topic: str | None = None,
     framing: str = "lines",
     prefetch: int = 16,
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
     stats: BridgeStatistics | None = None,
     task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> BridgeStatistics:
@@ -208,6 +217,16 @@ async def bus_to_fifo(
     ``msgpack`` framing. Waits for a reader without blocking; a reader that goes away
     mid-record gets the record again whole once a new reader arrives.
 
+    Cancelled mid-record (the reader holds part of it), the bridge first finishes the
+    record, shielded from the cancellation, for at most ``drain_timeout`` seconds; then
+    the cancellation goes on. A finished record's queue message is acked. If the timeout
+    passes first, the message is not acked: it goes back to the queue when the consumer
+    stops, without counting an attempt, and will be written again whole. But the reader
+    then holds a partial record, and the next record written to the FIFO joins it into
+    one record nobody sent: an error is logged naming the FIFO and the bytes missing. A
+    topic message is finished the same way (there is nothing to ack; on timeout it is lost).
+    A record of which nothing was written yet is just not written (nor acked).
+
     Args:
         bus: a connected client (``aiobus.connect``).
         path: the FIFO; created (mode 0600) if missing.
@@ -215,6 +234,7 @@ async def bus_to_fifo(
         topic: the topic pattern to subscribe to.
         framing: how records are delimited (see :data:`~aiobus.bridges.framing.FRAMINGS`).
         prefetch: unacked queue messages in flight.
+        drain_timeout: seconds to finish a record when cancelled mid-record (default 5).
         stats: counters to update; a fresh :class:`BridgeStatistics` if omitted.
         task_status: for ``TaskGroup.start``; started once the FIFO exists.
 
@@ -242,7 +262,12 @@ async def bus_to_fifo(
                     _count_unencodable(stats, exc, target)
                     await message.reject(reason="unencodable")
                     continue
-                await message.ack()
+                except anyio.get_cancelled_exc_class():
+                    if await _finish_record(writer, drain_timeout, target, queued=True):
+                        await _ack_written(message)
+                        stats.records += 1
+                    raise
+                await _ack_written(message)
                 stats.records += 1
         else:
             assert topic is not None
@@ -252,8 +277,38 @@ async def bus_to_fifo(
                 except UnencodableRecordError as exc:
                     _count_unencodable(stats, exc, target)
                     continue
+                except anyio.get_cancelled_exc_class():
+                    if await _finish_record(writer, drain_timeout, target, queued=False):
+                        stats.records += 1
+                    raise
                 stats.records += 1
     return stats
+
+
+async def _finish_record(
+    writer: FifoWriter, drain_timeout: float, target: str, *, queued: bool
+) -> bool:
+    """After ``write_record`` was cancelled: finish the record if the reader holds part of
+    it, shielded from that cancellation and within ``drain_timeout``. True if finished."""
+    if not writer.unfinished:
+        return False  # nothing of it is in the pipe: nothing to finish, nothing to ack
+    finished = False
+    with anyio.CancelScope(shield=True), anyio.move_on_after(drain_timeout):
+        finished = await writer.finish_record()
+    if not finished and writer.unfinished:  # else the reader went away: nothing is torn
+        logger.error(
+            "stopping: the record from %s to FIFO %s was not finished within the drain"
+            " timeout (%g s)%s", target, writer.path, drain_timeout,
+            "; its message was not acked and goes back to the queue" if queued else "",
+        )  # fmt: skip
+    return finished
+
+
+async def _ack_written(message: _QueueMessage) -> None:
+    # The record is in the pipe, so the message must not be delivered again: a
+    # cancellation arriving now must not stop the ack.
+    with anyio.CancelScope(shield=True):
+        await message.ack()
 
 
 def _count_unencodable(stats: BridgeStatistics, exc: UnencodableRecordError, target: str) -> None:

@@ -12,11 +12,18 @@ from __future__ import annotations
 import argparse
 import signal
 
-from ..bridges.fifo_bus import bus_to_fifo, fifo_to_bus
+from ..bridges.fifo_bus import DEFAULT_DRAIN_TIMEOUT, bus_to_fifo, fifo_to_bus
 from ..bridges.framing import DEFAULT_MAX_RECORD, FRAMINGS
 from ..bridges.signals import forward_signals
 from ..client.bus import Bus
-from .options import add_command, pattern, positive_int, queue_name, topic_name
+from .options import (
+    add_command,
+    non_negative_float,
+    pattern,
+    positive_int,
+    queue_name,
+    topic_name,
+)
 
 __all__ = ["register", "signal_number"]
 
@@ -45,7 +52,8 @@ async def _fifo_in(bus: Bus, args: argparse.Namespace) -> int:
 
 async def _fifo_out(bus: Bus, args: argparse.Namespace) -> int:
     await bus_to_fifo(bus, args.path, queue=args.queue, topic=args.topic,
-                      framing=args.framing, prefetch=args.prefetch)
+                      framing=args.framing, prefetch=args.prefetch,
+                      drain_timeout=args.drain_timeout)
     return 0
 
 
@@ -86,7 +94,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
         help="write each message from a queue or topic to a FIFO",
         description="Create the FIFO PATH if missing (mode 0600) and write each message"
                     " to it as one record, waiting for a reader without losing anything:"
-                    " a queue message is acked only once its record is in the pipe.",
+                    " a queue message is acked only once its record is in the pipe."
+                    " Stopped (SIGTERM, SIGINT) in the middle of a record, it first"
+                    " finishes the record, for up to --drain-timeout seconds, and acks it;"
+                    " if the reader does not take the rest in time, the message is not"
+                    " acked (it goes back to the queue) and the reader is left holding a"
+                    " partial record, which is reported on stderr.",
     )
     p.add_argument("path", metavar="PATH", help="the FIFO")
     source = p.add_mutually_exclusive_group(required=True)
@@ -96,6 +109,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
     _framing_option(p)
     p.add_argument("--prefetch", type=positive_int, default=16, metavar="N",
                    help="queue messages leased ahead (default 16)")
+    p.add_argument("--drain-timeout", type=non_negative_float, default=DEFAULT_DRAIN_TIMEOUT,
+                   metavar="SECONDS",
+                   help="when stopped mid-record, how long to wait for the reader to take"
+                        f" the rest of it (default {DEFAULT_DRAIN_TIMEOUT:g})")
 
     p = add_command(
         subparsers, common, "signal-out", run=_signal_out, long_running=True,

@@ -6,6 +6,7 @@ end-to-end tests run them against the real broker.
 
 from __future__ import annotations
 
+import os
 import shlex
 import stat
 import time
@@ -52,6 +53,20 @@ async def wait_until(condition: Callable[[], bool]) -> None:
 
 async def receive_n(reader: FifoReader, n: int) -> list[bytes | Oversize]:
     return [await reader.receive() for _ in range(n)]
+
+
+async def read_raw(fd: int, *, upto: int | None = None) -> bytes:
+    """Read a non-blocking FIFO fd the slow way: ``upto`` bytes, else up to a newline."""
+    data = b""
+    while (len(data) < upto) if upto is not None else not data.endswith(b"\n"):
+        try:
+            chunk = os.read(fd, (upto - len(data)) if upto is not None else 65536)
+        except BlockingIOError:
+            chunk = b""
+        if not chunk:  # an empty pipe, or no writer yet
+            await anyio.sleep(0.01)
+        data += chunk
+    return data
 
 
 def test_ensure_fifo(tmp_path: Path) -> None:
@@ -175,6 +190,49 @@ async def test_record_is_rewritten_whole_after_reader_dies_mid_record(fifo: Path
 
 
 @pytest.mark.asyncio
+async def test_finish_record_completes_a_write_cancelled_mid_record(fifo: Path) -> None:
+    big = b"z" * 200_000  # more than a pipe holds
+    with anyio.fail_after(TIMEOUT):
+        async with FifoWriter(fifo) as writer:
+            with anyio.move_on_after(0.05):  # no reader: nothing written, nothing torn
+                await writer.write_record(big)
+            assert writer.unfinished == 0
+            assert not await writer.finish_record()
+        fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            async with FifoWriter(fifo) as writer, anyio.create_task_group() as tg:
+                scope, cancelled = anyio.CancelScope(), anyio.Event()
+
+                async def write() -> None:
+                    with scope:
+                        await writer.write_record(big)
+                    cancelled.set()
+
+                tg.start_soon(write)
+                head = await read_raw(fd, upto=100)
+                scope.cancel()
+                await cancelled.wait()
+                left = writer.unfinished
+                assert 0 < left < len(big)
+                assert writer.statistics().bytes_written + left == len(big) + 1
+                finished: list[bool] = []
+
+                async def finish() -> None:
+                    finished.append(await writer.finish_record())
+
+                tg.start_soon(finish)
+                assert head + await read_raw(fd) == big + b"\n"
+                await wait_until(lambda: bool(finished))
+                assert finished == [True]
+                assert (writer.unfinished, writer.statistics().records_written) == (0, 1)
+                assert not await writer.finish_record()  # nothing left to finish
+                await writer.write_record(b"next")
+                assert await read_raw(fd) == b"next\n"
+        finally:
+            os.close(fd)
+
+
+@pytest.mark.asyncio
 async def test_writer_close_wakes_a_waiting_write(fifo: Path) -> None:
     writer = FifoWriter(fifo)
     with anyio.fail_after(TIMEOUT):
@@ -199,6 +257,7 @@ class RecordingBus:
     sent: list[tuple[str, Any, dict[str, str] | None]] = field(default_factory=list)
     published: list[tuple[str, Any]] = field(default_factory=list)
     script: list[ScriptedMessage] = field(default_factory=list)
+    hold: bool = False  # after the script, consume/subscribe wait (until cancelled)
 
     async def send(
         self, queue: str, body: Any, /, *, headers: dict[str, str] | None = None
@@ -211,10 +270,14 @@ class RecordingBus:
     async def consume(self, queue: str, /, *, prefetch: int = 16) -> AsyncIterator[ScriptedMessage]:
         for message in self.script:
             yield message
+        if self.hold:
+            await anyio.sleep_forever()
 
     async def subscribe(self, pattern: str, /) -> AsyncIterator[ScriptedMessage]:
         for message in self.script:
             yield message
+        if self.hold:
+            await anyio.sleep_forever()
 
 
 @dataclass
@@ -316,3 +379,28 @@ async def test_queue_to_fifo_acks_only_after_the_write(fifo: Path) -> None:
                 await wait_until(lambda: bool(result))
     assert [m.outcome for m in messages] == [["ack"], ["reject:unencodable"], ["ack"]]
     assert result == [BridgeStatistics(records=2, unencodable=1)]
+
+
+@pytest.mark.asyncio
+async def test_topic_to_fifo_cancelled_mid_record_finishes_it(fifo: Path) -> None:
+    big = "t" * 200_000
+    bus, stats = RecordingBus(script=[ScriptedMessage(big)], hold=True), BridgeStatistics()
+    fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        with anyio.fail_after(TIMEOUT):
+            async with anyio.create_task_group() as tg:
+                scope, done = anyio.CancelScope(), anyio.Event()
+
+                async def run() -> None:
+                    with scope:
+                        await bus_to_fifo(bus, fifo, topic="ev", stats=stats)
+                    done.set()
+
+                tg.start_soon(run)
+                head = await read_raw(fd, upto=100)  # mid-record: the pipe is full
+                scope.cancel()
+                assert head + await read_raw(fd) == big.encode() + b"\n"
+                await done.wait()
+    finally:
+        os.close(fd)
+    assert stats == BridgeStatistics(records=1)
