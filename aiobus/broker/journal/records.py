@@ -4,9 +4,10 @@ Theory of operation
 -------------------
 A segment file is a header followed by records, each framed as::
 
-    length: u32 LE | crc: u32 LE | body: `length` bytes      (body[0] is the record type)
+    crc: u32 LE | length: u32 LE | body: `length` bytes      (body[0] is the record type)
 
-``crc`` is zlib's CRC-32 of the four length bytes and the body, so a flipped bit in the
+``crc`` is zlib's CRC-32 of the four length bytes and the body (one call over one
+contiguous slice), so a flipped bit in the
 length is caught like one in the body (docs/journal.md says why CRC-32 and not CRC32C
 or xxhash). Queues are named by a small integer ``qid`` that a :class:`QueueDeclared`
 record binds to the queue's name; every segment starts by re-declaring each live queue,
@@ -132,8 +133,8 @@ Record = QueueDeclared | Sent | Delivered | Failed | Removed | QueuePurged | Que
 
 
 def _frame(body: bytes) -> bytes:
-    length = _FRAME.pack(len(body), 0)[:4]
-    return length + _crc(body, _crc(length)).to_bytes(4, "little") + body
+    length = len(body).to_bytes(4, "little")
+    return _crc(body, _crc(length)).to_bytes(4, "little") + length + body
 
 
 # --- encoding ------------------------------------------------------------------------
@@ -198,7 +199,7 @@ class BadRecord(ValueError):
     file): treated as damage."""
 
 
-def decode_body(body: bytes) -> Record:
+def decode_body(body: bytes | memoryview) -> Record:
     kind = body[0]
     if kind == RecordType.SENT:
         _, qid, seq, failures, flags = _SENT.unpack_from(body)
@@ -210,7 +211,7 @@ def decode_body(body: bytes) -> Record:
         if flags & 2:
             (due,) = _F64.unpack_from(body, at)
             at += 8
-        return Sent(qid, seq, body[at:], failures, expires, due)
+        return Sent(qid, seq, bytes(body[at:]), failures, expires, due)
     if kind == RecordType.DELIVERED or kind == RecordType.DECLARED:
         _, qid, seq = _QSEQ.unpack_from(body)
         if kind == RecordType.DELIVERED:
@@ -249,15 +250,14 @@ def _record_at(data: bytes | memoryview, at: int) -> tuple[Record, int] | None:
     """The good record starting at ``at`` and the offset after it, or None."""
     if at + 8 > len(data):
         return None
-    length, crc = _FRAME.unpack_from(data, at)
+    crc, length = _FRAME.unpack_from(data, at)
     end = at + 8 + length
     if length == 0 or length > MAX_RECORD or end > len(data):
         return None
-    body = bytes(data[at + 8:end])
-    if _crc(body, _crc(data[at:at + 4])) != crc:
+    if _crc(data[at + 4:end]) != crc:
         return None
     try:
-        return decode_body(body), end
+        return decode_body(data[at + 8:end]), end
     except (BadRecord, ValueError, struct.error, msgpack.UnpackException):
         return None
 
