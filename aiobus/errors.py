@@ -28,6 +28,7 @@ __all__ = [
     "ProtocolError",
     "QueueFull",
     "QueueMismatch",
+    "QuotaExceeded",
     "RemoteProtocolError",
     "RequestTimeout",
     "SubscriptionError",
@@ -113,6 +114,13 @@ class QueueMismatch(BusError):
     code = "queue-mismatch"
 
 
+class QuotaExceeded(BusError):
+    """A per-connection limit was reached (e.g. consumers on one connection); the message
+    names the limit and its value. Nothing was changed."""
+
+    code = "quota-exceeded"
+
+
 class LeaseError(BusError):
     """An ack, nack, reject, extend or reply for a lease this consumer no longer holds:
     it expired (``code == "lease-expired"``; the message went back to the queue), was
@@ -173,6 +181,7 @@ _BY_CODE: dict[str, type[BusError]] = {
     "forbidden": Forbidden,
     "queue-full": QueueFull,
     "queue-mismatch": QueueMismatch,
+    "quota-exceeded": QuotaExceeded,
     "bad-option": InvalidOption,
     "lease-expired": LeaseError,
     "lease-unknown": LeaseError,

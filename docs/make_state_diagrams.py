@@ -92,16 +92,16 @@ MESSAGE = Diagram(
         ("LEASED", "GONE", "failure reaching max_deliveries, dead-lettered",
          "QueueRouter._fail"),
         ("LEASED", "READY", "CANCEL releases it to the front, no attempt counted, TTL re-armed",
-         "QueueRouter.remove_consumer"),
+         "QueueRouter.remove_consumers"),
         ("LEASED", "READY", "failure without delay, to the front, attempt +1, TTL re-armed",
          "QueueRouter._requeue"),
         ("LEASED", "DELAYED", "failure with a delay, attempt +1", "QueueRouter._fail"),
-        ("LEASED", "GONE", "failure without delay or CANCEL release after its TTL passed,"
+        ("LEASED", "GONE", "failure or CANCEL release after its TTL passed,"
          " expired", "QueueRouter._expire"),
         ("DELAYED", "READY", "delay over, to the front, TTL re-armed",
          "QueueRouter._on_delay_done"),
-        ("DELAYED", "GONE", "delay over after its TTL passed, expired",
-         "QueueRouter._requeue"),
+        ("DELAYED", "GONE", "TTL passed, expired (dead-lettered; a request is discarded)",
+         "QueueRouter._on_ttl"),
         ("GONE", START, "", "QueueRouter.dead_letter"),
     ),
 )
@@ -122,11 +122,11 @@ LEASE = Diagram(
         ("HELD", "ZOMBIE", "deadline passed, the message fails (attempt +1), the consumer"
          " stalls", "QueueRouter._expire_lease"),
         ("HELD", "ENDED", "CANCEL (released) or connection lost (failed)",
-         "QueueRouter.remove_consumer"),
+         "QueueRouter.remove_consumers"),
         ("ZOMBIE", "ENDED", "any answer, ERROR lease-expired, slot freed; with no zombie"
          " left the consumer receives again", "QueueRouter._take"),
         ("ZOMBIE", "ENDED", "CANCEL or connection lost, slot freed",
-         "QueueRouter.remove_consumer"),
+         "QueueRouter.remove_consumers"),
         ("ENDED", START, "", "QueueRouter._take"),
     ),
 )

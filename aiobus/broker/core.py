@@ -33,7 +33,14 @@ from typing import Any, Protocol
 
 import msgpack
 
-from ..errors import BusError, Forbidden, LeaseError, RemoteProtocolError, SubscriptionError
+from ..errors import (
+    BusError,
+    Forbidden,
+    LeaseError,
+    QuotaExceeded,
+    RemoteProtocolError,
+    SubscriptionError,
+)
 from ..names import check_name, check_pattern, is_reserved
 from ..protocol import DEFAULT_MAX_FRAME, PROTOCOL_VERSION, BodyKind, Op, check_frame
 from .queue_state import Consumer, QMsg, Queue, pack_message
@@ -46,6 +53,10 @@ __all__ = ["BrokerCore", "Sink"]
 
 VERSION = "0.1.0"
 DEFAULT_HANDSHAKE_TIMEOUT = 5.0
+# Consumers one connection may hold. Concurrency within a consumer comes from prefetch;
+# thousands of consumers on one connection are a leak, not a design (RabbitMQ caps a
+# connection at 2,047 channels for the same reason).
+DEFAULT_MAX_CONSUMERS = 4096
 MAX_CLIENT_NAME = 255
 TOPIC_CONNECTED = "$sys.client.connected"
 TOPIC_DISCONNECTED = "$sys.client.disconnected"
@@ -128,6 +139,7 @@ class BrokerCore:
         wall_offset: float = 0.0,
         max_frame: int = DEFAULT_MAX_FRAME,
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+        max_consumers: int = DEFAULT_MAX_CONSUMERS,
     ) -> None:
         self._sink = sink
         self._packb = msgpack.Packer().pack
@@ -143,6 +155,7 @@ class BrokerCore:
         self.wall_offset = wall_offset
         self.max_frame = max_frame
         self.handshake_timeout = handshake_timeout
+        self.max_consumers = max_consumers
         self._now = 0.0
         self._handshake_handlers: dict[int, Handler] = {Op.HELLO: self._on_hello}
         self._handlers: dict[int, Handler] = {
@@ -216,12 +229,14 @@ class BrokerCore:
         conn = self._conns.pop(conn_id, None)
         if conn is None:
             return
-        for consumer in conn.consumers.values():
-            self.queues.remove_consumer(consumer, now, failed=True)
-        for sub in conn.subs.values():
-            self.topics.remove(sub)
+        # Its parked sends go first: leases failed below free room that must not admit
+        # them. Then every consumer at once, so each held lease counts one attempt.
         if conn.parked:
             self.queues.drop_parked(conn_id, conn.parked_queues)
+        if conn.consumers:
+            self.queues.remove_consumers(list(conn.consumers.values()), now, failed=True)
+        for sub in conn.subs.values():
+            self.topics.remove(sub)
         conn.consumers.clear()
         conn.subs.clear()
         if conn.state is ConnState.OPEN:
@@ -395,6 +410,11 @@ class BrokerCore:
         if not 1 <= prefetch <= MAX_PREFETCH:
             raise BadOption(f"prefetch must be between 1 and {MAX_PREFETCH}")
         self._check_sid(conn, sid)
+        if len(conn.consumers) >= self.max_consumers:
+            raise QuotaExceeded(
+                f"this connection already has max_consumers={self.max_consumers} consumers;"
+                " cancel one first, or raise prefetch instead of adding consumers"
+            )
         consumer = Consumer(conn.id, sid, self.queues.get(name), prefetch, conn.pid, conn.uid)
         conn.consumers[sid] = consumer
         self.reply_ok(conn.id, rid)  # before the first DELIVER, so the client is ready
@@ -405,7 +425,7 @@ class BrokerCore:
         _, rid, sid = frame
         consumer = conn.consumers.pop(sid, None)
         if consumer is not None:
-            self.queues.remove_consumer(consumer, now, failed=False)
+            self.queues.remove_consumers([consumer], now, failed=False)
         else:
             sub = conn.subs.pop(sid, None)
             if sub is None:

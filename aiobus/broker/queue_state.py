@@ -17,6 +17,7 @@ import msgpack
 
 from ..protocol import Op
 from .settings import QueueSettings
+from .timers import TimerEntry
 
 __all__ = [
     "FIRST_ATTEMPT_TAIL",
@@ -58,8 +59,8 @@ class QMsg:
     """A queued message with state. ``failures`` counts failed attempts (attempt =
     failures + 1); ``packed`` is its wire form."""
 
-    __slots__ = ("expires", "failures", "last_consumer", "last_reason", "packed", "reply",
-                 "state")
+    __slots__ = ("delay_timer", "expires", "failures", "last_consumer", "last_reason",
+                 "packed", "reply", "state", "ttl_timer")
 
     def __init__(self, packed: bytes, expires: float | None = None,
                  reply: tuple[int, int] | None = None) -> None:
@@ -70,6 +71,8 @@ class QMsg:
         self.state = MsgState.READY
         self.last_reason: str | None = None
         self.last_consumer: tuple[int, int] | None = None  # (pid, uid)
+        self.ttl_timer: TimerEntry | None = None  # armed for ``expires``, until it runs
+        self.delay_timer: TimerEntry | None = None  # while DELAYED
 
     def fields(self) -> list[Any]:
         """``[id, queue, body, kind, headers, timestamp]`` decoded (the rare paths)."""
@@ -126,7 +129,7 @@ Entry = Item | Run  # what a ready deque holds
 
 
 class Lease:
-    __slots__ = ("consumer", "deadline", "expired", "extended", "msg", "tag")
+    __slots__ = ("consumer", "deadline", "expired", "extended", "msg", "tag", "timer")
 
     def __init__(self, tag: int, msg: Item, consumer: Consumer, deadline: float) -> None:
         self.tag = tag
@@ -135,11 +138,12 @@ class Lease:
         self.deadline = deadline
         self.expired = False  # a zombie: the message went back to the queue
         self.extended = False  # out of the queue's deadline order; has its own timer
+        self.timer: TimerEntry | None = None  # that timer, while armed
 
 
 class Consumer:
     __slots__ = ("active", "conn", "in_available", "leases", "pid", "prefetch", "prefix",
-                 "queue", "sid", "uid", "zombies")
+                 "queue", "queued", "sid", "uid", "zombies")
 
     def __init__(
         self, conn: int, sid: int, queue: Queue, prefetch: int, pid: int, uid: int
@@ -152,7 +156,11 @@ class Consumer:
         self.uid = uid
         self.leases: dict[int, Lease] = {}  # active leases and zombies, by tag
         self.active = True
+        # Whether it may take a message now, and whether it has an entry in its queue's
+        # ``available`` deque: an entry whose consumer is no longer available is stale
+        # and skipped when it comes up (see Queue.available).
         self.in_available = False
+        self.queued = False
         self.zombies = 0  # expired leases not yet answered: while > 0, nothing new is sent
         # DELIVER [30, sid, tag, message, attempt, reply_to]: its first two elements.
         self.prefix: bytes = b"\x96" + packb(int(Op.DELIVER)) + packb(sid)
@@ -177,7 +185,9 @@ class Queue:
         "ready_len",
         "sent",
         "settings",
+        "stale_available",
         "tail",
+        "tombstones",
     )
 
     def __init__(self, name: str, settings: QueueSettings, explicit: bool) -> None:
@@ -188,11 +198,18 @@ class Queue:
         self.ready: deque[Entry] = deque()
         self.tail: list[bytes] = []  # small stateless messages not yet sealed
         self.ready_len = 0  # live READY messages (the deque may hold GONE tombstones)
+        self.tombstones = 0  # GONE messages still in the deque (their bodies released)
         self.delayed = 0
         self.leases: dict[int, Lease] = {}  # active, non-extended leases, in deadline order
         self.lease_timer: float | None = None  # deadline of the armed lease timer, if any
-        self.consumers: list[Consumer] = []
-        self.available: deque[Consumer] = deque()  # consumers with a free prefetch slot
+        self.consumers: dict[Consumer, None] = {}  # insertion-ordered, O(1) removal
+        # Consumers with a free prefetch slot, in turn order. Removing one from the middle
+        # of a deque is O(n), and a connection cancelling thousands of consumers made that
+        # quadratic; so a consumer that stops being available only clears its
+        # in_available flag, and its stale entry is skipped when it reaches the front, or
+        # dropped when stale entries outnumber live ones (``drop_stale_available``).
+        self.available: deque[Consumer] = deque()
+        self.stale_available = 0
         self.parked: deque[tuple[int, int, Item]] = deque()  # (conn, rid, item): blocked sends
         self.sent = self.delivered = self.acked = 0
         self.dead_lettered = self.expired = self.discarded = 0
@@ -227,6 +244,44 @@ class Queue:
             self.ready.append(Run(tail))
         else:
             self.ready.extend(tail)
+
+    def make_available(self, consumer: Consumer) -> None:
+        """``consumer`` may take a message: give it a turn at the back, unless its old
+        entry is still in the deque, which then counts again where it stands."""
+        consumer.in_available = True
+        if consumer.queued:
+            self.stale_available -= 1
+        else:
+            consumer.queued = True
+            self.available.append(consumer)
+
+    def make_unavailable(self, consumer: Consumer) -> None:
+        """``consumer`` may take nothing more for now (stalled, full, or removed)."""
+        consumer.in_available = False
+        if consumer.queued:
+            self.stale_available += 1
+            if self.stale_available > 32 and 2 * self.stale_available > len(self.available):
+                self.drop_stale_available()
+
+    def drop_stale_available(self) -> None:
+        """Rebuild ``available`` without stale entries (in place: callers hold it)."""
+        live: list[Consumer] = []
+        for consumer in self.available:
+            if consumer.in_available:
+                live.append(consumer)
+            else:
+                consumer.queued = False
+        self.available.clear()
+        self.available.extend(live)
+        self.stale_available = 0
+
+    def drop_tombstones(self) -> None:
+        """Rebuild ``ready`` without the GONE messages left in it (in place)."""
+        live = [e for e in self.ready
+                if type(e) is not QMsg or e.state is not MsgState.GONE]
+        self.ready.clear()
+        self.ready.extend(live)
+        self.tombstones = 0
 
     def is_full(self) -> bool:
         """At ``max_length``, which counts the messages waiting: ready plus delayed."""

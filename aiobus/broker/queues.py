@@ -129,7 +129,8 @@ class QueueRouter:
                 # after them, so each keeps a timer of its own.
                 for lease in queue.leases.values():
                     lease.extended = True
-                    self._timers.call_at(lease.deadline, self._on_extended_timer, lease)
+                    lease.timer = self._timers.call_at(lease.deadline,
+                                                       self._on_extended_timer, lease)
                 queue.leases.clear()
                 queue.lease_timer = None  # the next lease arms one with the new timeout
             queue.settings, queue.explicit = settings, True
@@ -152,16 +153,19 @@ class QueueRouter:
             # The common case on a busy queue: nothing waits (so it cannot be full) and a
             # consumer has room, so the message goes straight to it: what _accept and
             # pump would do, in one step.
-            queue.sent += 1
             consumer = available.popleft()
-            self._deliver(queue, consumer, msg, now)
-            if len(consumer.leases) < consumer.prefetch:
-                available.append(consumer)
-            else:
-                consumer.in_available = False
-            if rid:
-                self._sink.reply_ok(conn, rid)
-            return
+            if consumer.in_available:
+                queue.sent += 1
+                self._deliver(queue, consumer, msg, now)
+                if len(consumer.leases) < consumer.prefetch:
+                    available.append(consumer)
+                else:
+                    consumer.in_available = consumer.queued = False
+                if rid:
+                    self._sink.reply_ok(conn, rid)
+                return
+            consumer.queued = False  # a stale entry (see Queue.available): the long way
+            queue.stale_available -= 1
         if queue.parked:
             if any(c == conn for c, _, _ in queue.parked):
                 # Keep this producer's order: it already waits for room in this queue.
@@ -201,6 +205,7 @@ class QueueRouter:
                 queue.ready_len -= 1
                 self.dead_letter(queue, promote(oldest), "overflow", None, now)
                 return True
+            queue.tombstones -= 1
         return False
 
     def _accept(self, queue: Queue, msg: Item, now: float, *, pump: bool = True) -> None:
@@ -212,7 +217,7 @@ class QueueRouter:
                 msg.expires = now + ttl
         if type(msg) is QMsg:
             if msg.expires is not None:
-                self._timers.call_at(msg.expires, self._on_ttl, (queue, msg))
+                self._arm_ttl(queue, msg)
             msg.state = MsgState.READY
         queue.append_ready(msg)
         queue.ready_len += 1
@@ -243,7 +248,7 @@ class QueueRouter:
             for item in queue.parked:
                 if item[0] == conn:
                     if type(item[2]) is QMsg:
-                        item[2].state = MsgState.GONE
+                        self._gone(item[2])
                     dropped += 1
                 else:
                     kept.append(item)
@@ -259,6 +264,11 @@ class QueueRouter:
         ready, available = queue.ready, queue.available
         while True:
             while queue.ready_len and available:
+                consumer = available.popleft()
+                if not consumer.in_available:  # a stale entry (see Queue.available)
+                    consumer.queued = False
+                    queue.stale_available -= 1
+                    continue
                 if not ready:
                     queue.seal()
                 entry = ready.popleft()
@@ -273,18 +283,20 @@ class QueueRouter:
                     msg = entry  # type: ignore[assignment]  # not a Run: an Item
                 if type(msg) is QMsg:
                     if msg.state is not MsgState.READY:
-                        continue  # tombstone of an expired message
+                        queue.tombstones -= 1  # of an expired message
+                        available.appendleft(consumer)
+                        continue
                     if msg.expires is not None and msg.expires <= now:
                         queue.ready_len -= 1
                         self._expire(queue, msg, now)
+                        available.appendleft(consumer)
                         continue
                 queue.ready_len -= 1
-                consumer = available.popleft()
                 self._deliver(queue, consumer, msg, now)
                 if len(consumer.leases) < consumer.prefetch:
                     available.append(consumer)
                 else:
-                    consumer.in_available = False
+                    consumer.in_available = consumer.queued = False
             if not (queue.parked and self._admit_parked(queue, now)):
                 return
 
@@ -314,25 +326,37 @@ class QueueRouter:
 
     def add_consumer(self, consumer: Consumer, now: float) -> None:
         queue = consumer.queue
-        queue.consumers.append(consumer)
-        consumer.in_available = True
-        queue.available.append(consumer)
+        queue.consumers[consumer] = None
+        queue.make_available(consumer)
         self.pump(queue, now)
 
-    def remove_consumer(self, consumer: Consumer, now: float, *, failed: bool) -> None:
-        """Stop a consumer. Its active leases are released (``failed=False``: CANCEL, no
-        attempt counted) or failed (connection lost: an attempt counted)."""
+    def remove_consumers(self, consumers: list[Consumer], now: float, *, failed: bool) -> None:
+        """Stop consumers: one on CANCEL, all of a connection's when it is lost. Their
+        active leases are released (``failed=False``: no attempt counted) or failed (an
+        attempt counted for each lease: one per lease, not one per consumer).
+
+        All of them stop before any lease is settled: a message freed here must not be
+        delivered to another consumer that is about to go too (the same dead
+        connection's next consumer would fail it again).
+        """
+        for consumer in consumers:
+            queue = consumer.queue
+            consumer.active = False
+            del queue.consumers[consumer]
+            if consumer.in_available:
+                queue.make_unavailable(consumer)
+        for consumer in consumers:
+            self._settle_leases(consumer, now, failed=failed)
+
+    def _settle_leases(self, consumer: Consumer, now: float, *, failed: bool) -> None:
         queue = consumer.queue
-        consumer.active = False
-        queue.consumers.remove(consumer)
-        if consumer.in_available:
-            queue.available.remove(consumer)
-            consumer.in_available = False
         # In delivery order (dead letters and delays keep it); what goes back to the front
         # of the queue goes newest first, so it too ends up in delivery order.
         front: list[Item] = []
         for tag, lease in consumer.leases.items():
             del self.leases[tag]
+            if lease.timer is not None:
+                self._timers.cancel(lease.timer)
             if lease.expired:
                 continue
             self._unlease(queue, lease)
@@ -357,8 +381,7 @@ class QueueRouter:
     def _make_available(consumer: Consumer) -> None:
         """A prefetch slot of ``consumer`` was freed: it may take a message again."""
         if consumer.active and not consumer.in_available and not consumer.zombies:
-            consumer.in_available = True
-            consumer.queue.available.append(consumer)
+            consumer.queue.make_available(consumer)
 
     # -- answers to a lease ---------------------------------------------------------
 
@@ -375,6 +398,8 @@ class QueueRouter:
         consumer = lease.consumer
         del self.leases[tag]
         del consumer.leases[tag]
+        if lease.timer is not None:
+            self._timers.cancel(lease.timer)
         if lease.expired:
             consumer.zombies -= 1
             self._free_slot(consumer, now)
@@ -397,7 +422,7 @@ class QueueRouter:
         consumer = lease.consumer
         queue = consumer.queue
         if type(lease.msg) is QMsg:
-            lease.msg.state = MsgState.GONE
+            self._gone(lease.msg)
         queue.acked += 1
         self._make_available(consumer)
         return queue
@@ -429,7 +454,9 @@ class QueueRouter:
         self._unlease(lease.consumer.queue, lease)
         lease.extended = True
         lease.deadline = now + seconds
-        self._timers.call_at(lease.deadline, self._on_extended_timer, lease)
+        if lease.timer is not None:  # extended before: one timer per lease, not per EXTEND
+            self._timers.cancel(lease.timer)
+        lease.timer = self._timers.call_at(lease.deadline, self._on_extended_timer, lease)
 
     def reply(self, conn: int, tag: int, now: float) -> tuple[int, int]:
         """Ack a request's lease and return its reply route (requester conn, token)."""
@@ -443,7 +470,7 @@ class QueueRouter:
         lease = self._take(conn, tag, "reply to", now)
         msg = lease.msg
         assert type(msg) is QMsg and msg.reply is not None
-        msg.state = MsgState.GONE
+        self._gone(msg)
         lease.consumer.queue.acked += 1
         self._free_slot(lease.consumer, now)
         return msg.reply
@@ -472,14 +499,15 @@ class QueueRouter:
             delay = delays[min(msg.failures, len(delays)) - 1] if delays else 0.0
         if delay > 0:
             expires = msg.expires
-            if expires is not None:
+            if expires is not None:  # a TTL that passes during the delay acts at once
                 if expires <= now:
                     self._expire(queue, msg, now)
                     return
-                self._timers.call_at(expires, self._on_ttl, (queue, msg))  # eager, delayed
+                self._arm_ttl(queue, msg)
             msg.state = MsgState.DELAYED
             queue.delayed += 1
-            self._timers.call_at(now + delay, self._on_delay_done, (queue, msg))
+            msg.delay_timer = self._timers.call_at(now + delay, self._on_delay_done,
+                                                   (queue, msg))
         elif front is not None:
             front.append(msg)
         else:
@@ -499,8 +527,7 @@ class QueueRouter:
                 if expires <= now:
                     self._expire(queue, msg, now)
                     return
-                # Its TTL timer may have fired while it was leased or delayed: arm another.
-                self._timers.call_at(expires, self._on_ttl, (queue, msg))
+                self._arm_ttl(queue, msg)  # it may have run while leased or delayed
             msg.state = MsgState.READY
         queue.ready.appendleft(msg)
         queue.ready_len += 1
@@ -512,7 +539,7 @@ class QueueRouter:
         if msg.reply is not None:
             # A request expires when its caller's timeout passed: the caller has given up
             # and nobody could use an answer, so it is discarded (counted), not kept.
-            msg.state = MsgState.GONE
+            self._gone(msg)
             queue.discarded += 1
         else:
             self.dead_letter(queue, msg, "expired", None, now)
@@ -525,7 +552,7 @@ class QueueRouter:
         The dead-letter queue accepts it even above its own max_length: a dead letter is
         never dropped for lack of room.
         """
-        msg.state = MsgState.GONE
+        self._gone(msg)
         target = queue.settings.dead_letter
         if target is None:
             queue.discarded += 1
@@ -566,6 +593,7 @@ class QueueRouter:
             self._requeue_all(queue, front, now)
 
     def _on_extended_timer(self, lease: Lease, now: float) -> None:
+        lease.timer = None
         if lease.expired or lease.deadline > now or self.leases.get(lease.tag) is not lease:
             return  # answered, extended again, or its consumer is gone
         self._expire_lease(lease.consumer.queue, lease, now)
@@ -576,29 +604,45 @@ class QueueRouter:
         consumer = lease.consumer
         consumer.zombies += 1
         if consumer.in_available:  # stalled: no new work until it answers the zombie
-            queue.available.remove(consumer)
-            consumer.in_available = False
+            queue.make_unavailable(consumer)
         msg = self._record_consumer(lease)
         self._fail(queue, msg, None, "ack-timeout", now, front=front)
 
     def _on_delay_done(self, item: tuple[Queue, QMsg], now: float) -> None:
         queue, msg = item
-        if msg.state is not MsgState.DELAYED:
-            return
+        msg.delay_timer = None
         queue.delayed -= 1
         self._requeue(queue, msg, now)
 
+    def _arm_ttl(self, queue: Queue, msg: QMsg) -> None:
+        """Expire ``msg`` (READY in ``queue``) when its TTL passes; one timer at a time."""
+        if msg.ttl_timer is None:
+            msg.ttl_timer = self._timers.call_at(msg.expires, self._on_ttl,  # type: ignore[arg-type]
+                                                 (queue, msg))
+
+    def _gone(self, msg: QMsg) -> None:
+        """``msg`` left its queue for good: its timers must not keep it in memory."""
+        msg.state = MsgState.GONE
+        if msg.ttl_timer is not None:
+            self._timers.cancel(msg.ttl_timer)
+            msg.ttl_timer = None
+        if msg.delay_timer is not None:
+            self._timers.cancel(msg.delay_timer)
+            msg.delay_timer = None
+
     def _on_ttl(self, item: tuple[Queue, QMsg], now: float) -> None:
         queue, msg = item
-        if msg.expires is None or msg.expires > now:
-            return
-        if msg.state is MsgState.READY:
-            msg.state = MsgState.GONE  # tombstone in the ready deque
-            queue.ready_len -= 1
-        elif msg.state is MsgState.DELAYED:
-            msg.state = MsgState.GONE  # its delay timer will find it gone
+        msg.ttl_timer = None
+        if msg.state is MsgState.DELAYED:
             queue.delayed -= 1
+            self._expire(queue, msg, now)
+        elif msg.state is MsgState.READY:
+            queue.ready_len -= 1
+            self._expire(queue, msg, now)  # GONE, where it stands in the ready deque
+            msg.packed = b""  # the dead letter has its copy; the tombstone keeps no body
+            queue.tombstones += 1
+            if queue.tombstones > 64 and queue.tombstones > queue.ready_len:
+                queue.drop_tombstones()
         else:
-            return  # leased or gone: expiry is checked when it is ready again
-        self._expire(queue, msg, now)
+            return  # leased: expiry is checked when it comes back
         self.pump(queue, now)  # room for parked sends

@@ -577,6 +577,11 @@ def test_ttl_expires_a_delayed_message_at_its_ttl(d: Driver) -> None:
     d.advance(5)
     stats = d.queue_stats("jobs")
     assert (stats["delayed"], stats["expired"]) == (0, 1)
+    # Its delay timer was cancelled with it: nothing holds the message until 1000 s.
+    entries, cancelled = d.core.timers.statistics()
+    assert entries - cancelled <= 3  # the lease timer and two handshake deadlines
+    d.advance(1000)
+    assert d.queue_stats("jobs")["delayed"] == 0
 
 
 @pytest.mark.parametrize("ttl", [0, -1, -1.0, 0.0, float("inf"), float("nan"), 1e10])
