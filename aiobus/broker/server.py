@@ -34,7 +34,7 @@ import msgpack
 from .._paths import resolve_socket_path
 from ..errors import BusError, ProtocolError
 from ..protocol import DEFAULT_MAX_FRAME, FrameDecoder, Op
-from .core import DEFAULT_HANDSHAKE_TIMEOUT, BrokerCore
+from .core import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CONSUMERS, BrokerCore
 
 __all__ = ["Broker", "BrokerAlreadyRunning"]
 
@@ -192,14 +192,26 @@ class _Connection(asyncio.Protocol):
         self.out_bytes += len(data)
 
     def flush(self) -> None:
+        """Hand the pending output to the transport. Never raises: a transport that the
+        peer closed in this loop turn (its EOF came with output still due to it) drops
+        the output, since nobody will read it; one that fails is aborted. Either way
+        only this connection is affected, and ``connection_lost`` cleans it up."""
         if self.ok_last:  # the open run, if any (see __init__)
             self.end_range()
         elif self.events:
             self.end_events()
-        if self.out and self.transport is not None:
-            out, self.out = self.out, []
-            self.out_bytes = 0
-            self.transport.writelines(out)
+        if not self.out:
+            return
+        out, self.out = self.out, []
+        self.out_bytes = 0
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        try:
+            transport.writelines(out)
+        except (OSError, RuntimeError) as exc:  # uvloop: "the handler is closed"
+            log.info("connection %d: write failed (%s); dropping it", self.id, exc)
+            transport.abort()
 
 
 class Broker:
@@ -213,6 +225,8 @@ class Broker:
         socket_mode: permission bits of the socket file (default owner-only, 0o600).
         max_frame: largest frame accepted, in bytes (default 16 MiB).
         handshake_timeout: seconds a new connection has to send HELLO.
+        max_consumers: consumers one connection may hold (default 4,096); one more is
+            refused with ``QuotaExceeded``.
         sock: an already listening Unix socket to serve instead of binding ``path``
             (systemd socket activation); the broker then does not remove any file.
 
@@ -234,12 +248,14 @@ class Broker:
         socket_mode: int = 0o600,
         max_frame: int = DEFAULT_MAX_FRAME,
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+        max_consumers: int = DEFAULT_MAX_CONSUMERS,
         sock: socket.socket | None = None,
     ) -> None:
         self.path = resolve_socket_path(path) if sock is None else None
         self.socket_mode = socket_mode
         self.max_frame = max_frame
         self.handshake_timeout = handshake_timeout
+        self.max_consumers = max_consumers
         self._sock = sock
         self._conns: dict[int, _Connection] = {}
         self._next_conn = 1
@@ -267,6 +283,7 @@ class Broker:
             wall_offset=time.time() - self.loop.time(),
             max_frame=self.max_frame,
             handshake_timeout=self.handshake_timeout,
+            max_consumers=self.max_consumers,
         )
         sock = self._sock if self._sock is not None else self._bind()
         self._server = await self.loop.create_unix_server(self._new_connection, sock=sock,

@@ -18,6 +18,7 @@ import sys
 
 from .. import __version__, systemd
 from .._paths import default_socket_path
+from ..broker.core import DEFAULT_MAX_CONSUMERS
 from ..broker.server import Broker
 from ..errors import BusError
 from ..protocol import DEFAULT_MAX_FRAME
@@ -58,6 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"largest frame accepted (default {DEFAULT_MAX_FRAME})")
     parser.add_argument("--handshake-timeout", type=float, default=5.0, metavar="SECONDS",
                         help="time a new connection has to say HELLO (default 5)")
+    parser.add_argument("--max-consumers", type=_positive_int, default=DEFAULT_MAX_CONSUMERS,
+                        metavar="N",
+                        help="consumers one connection may hold (default"
+                             f" {DEFAULT_MAX_CONSUMERS}); one more gets QuotaExceeded")
+    parser.add_argument("--loop", choices=["auto", "uvloop", "asyncio"], default="auto",
+                        help="event loop: uvloop when installed (auto, the default), or the"
+                             " standard library's; both behave the same, uvloop is faster")
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     parser.add_argument("--version", action="version", version=f"aiobus-broker {__version__}")
@@ -98,6 +106,7 @@ async def serve(args: argparse.Namespace) -> None:
             socket_mode=args.socket_mode,
             max_frame=args.max_frame,
             handshake_timeout=args.handshake_timeout,
+            max_consumers=args.max_consumers,
             sock=inherited,
         ) as broker:
             where = broker.path or "the socket passed by the service manager"
@@ -126,12 +135,16 @@ def main(argv: list[str] | None = None) -> int:
     _tune_gc()
     logging.basicConfig(level=args.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        import uvloop
-    except ImportError:  # stdlib loop: slower, same behaviour
-        runner = asyncio.run
-    else:
-        runner = uvloop.run
+    runner = asyncio.run  # stdlib loop: slower, same behaviour
+    if args.loop != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if args.loop == "uvloop":
+                print("aiobus-broker: --loop uvloop: uvloop is not installed", file=sys.stderr)
+                return 1
+        else:
+            runner = uvloop.run
     try:
         runner(serve(args))
     except BusError as exc:
