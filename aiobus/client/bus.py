@@ -12,13 +12,14 @@ mark every send and publish waits (backpressure instead of unbounded buffering).
 from __future__ import annotations
 
 import asyncio
+import enum
 import gc
 import itertools
 import logging
 import os
 import weakref
 from collections.abc import Callable, Mapping
-from typing import Any, cast
+from typing import Any, Final, cast
 
 import msgpack
 
@@ -56,6 +57,17 @@ _DELIVER, _EVENT, _EVENTS = int(Op.DELIVER), int(Op.EVENT), int(Op.EVENTS)
 _ACK_BATCH = 1024  # tags per ACK_MANY frame at most
 _HANDSHAKE_TIMEOUT = 5.0
 _CLOSE_TIMEOUT = 5.0
+
+
+class _Default(enum.Enum):
+    """The type of :data:`DEFAULT`."""
+
+    DEFAULT = "DEFAULT"
+
+
+# "Not given: the broker's default applies." Queue defaults live in one table, the
+# broker's (aiobus/broker/settings.py); the client never restates them.
+DEFAULT: Final = _Default.DEFAULT
 
 
 class _Protocol(asyncio.Protocol):
@@ -156,6 +168,7 @@ class Bus:
         self._welcome: asyncio.Future[dict[str, Any]] = self._loop.create_future()
         self._lost = asyncio.Event()
         self._error: BusError | None = None  # set once the bus is unusable
+        self._closing = False  # aclose() is waiting for the broker's last answers
         self._close_frame: tuple[str, str] | None = None
         self._max_frame = DEFAULT_MAX_FRAME
         self._names: set[str] = set()  # names already checked (hot-path cache)
@@ -182,16 +195,40 @@ class Bus:
         self._max_frame = int(info.get("max_frame", DEFAULT_MAX_FRAME))
 
     async def aclose(self) -> None:
-        """Close the connection. Streams and pending calls fail with ConnectionClosed;
-        the broker releases this connection's unacked messages to other consumers."""
+        """Close the connection gracefully.
+
+        Consumers stop first, so the broker returns their unacked messages to the queue
+        without counting an attempt. What was already sent or buffered is written, and
+        the broker gets up to 5 s to answer it: a ``send_nowait()`` future or a
+        concurrent ``send()`` whose message the broker accepts in that time succeeds.
+        Whatever is still unanswered then (a send parked on a full queue, which the
+        broker drops when the connection closes) fails with ``ConnectionClosed``, as do
+        streams, pending requests and every later call.
+        """
         if self._error is None:
-            # Stop consumers first: the broker then releases their unacked messages
-            # without counting an attempt, as when an `async for` ends.
             for ref in list(self._streams.values()):
                 stream = ref()
                 if isinstance(stream, Consumer) and not stream._stopped:
                     stream._stop()
-            self._fail_all(ConnectionClosed("the bus was closed"))
+            closed = ConnectionClosed("the bus was closed")
+            # The broker answers in order: the OK of a PING written after everything
+            # else means it has answered all of that (parked sends aside).
+            drained: asyncio.Future[Any] | None = None
+            if self._pending and self._transport is not None:
+                rid = next(self._rids)
+                self._write([Op.PING, rid])
+                drained = self._pending[rid] = self._loop.create_future()
+            self._error = closed  # nothing new from here on
+            self._closing = True
+            self._flush()
+            if drained is not None:
+                try:
+                    async with asyncio.timeout(_CLOSE_TIMEOUT):
+                        await drained
+                except (TimeoutError, BusError):
+                    pass  # answered or not, what is left fails below
+            self._closing = False
+            self._fail_all(closed)
         self._flush()
         if self._transport is not None:
             self._transport.close()
@@ -216,7 +253,7 @@ class Bus:
             self._transport.abort()
 
     def _connection_lost(self, exc: Exception | None) -> None:
-        if self._error is None:
+        if self._error is None or self._closing:
             if self._close_frame is not None:
                 code, message = self._close_frame
                 error = ConnectionLost(f"the broker closed the connection: {message}", code=code)
@@ -571,41 +608,54 @@ class Bus:
         self,
         queue: str,
         *,
-        max_deliveries: int | None = 5,
-        ack_timeout: float = 30.0,
-        retry_delays: tuple[float, ...] | list[float] = (),
-        dead_letter: str | None = "",
-        ttl: float | None = None,
-        max_length: int | None = None,
-        overflow: str = "block",
+        max_deliveries: int | _Default | None = DEFAULT,
+        ack_timeout: float | _Default = DEFAULT,
+        retry_delays: tuple[float, ...] | list[float] | _Default = DEFAULT,
+        dead_letter: str | _Default | None = DEFAULT,
+        ttl: float | _Default | None = DEFAULT,
+        max_length: int | _Default | None = DEFAULT,
+        overflow: str | _Default = DEFAULT,
     ) -> dict[str, Any]:
         """Create a queue with settings, or check that it has them.
 
+        Only the settings passed are sent; the others take the broker's defaults for
+        this queue's name (README "Defaults"; a ``*.dlq`` queue has its own), which is
+        also what a queue created by use gets.
+
         Args:
-            max_deliveries: attempts before a message is dead-lettered (None: no limit).
-            ack_timeout: seconds a consumer may hold a message before it is redelivered.
+            max_deliveries: attempts before a message is dead-lettered (None: no limit;
+                default 5, for a ``*.dlq`` queue None).
+            ack_timeout: seconds a consumer may hold a message before it is redelivered
+                (default 30).
             retry_delays: the n-th retry of a failed message waits
-                ``retry_delays[min(n, len)-1]`` seconds; empty: retry at once.
-            dead_letter: dead-letter queue; default ``"<queue>.dlq"``; None: discard.
+                ``retry_delays[min(n, len)-1]`` seconds; empty (the default): at once.
+            dead_letter: dead-letter queue; default ``"<queue>.dlq"`` (for a ``*.dlq``
+                queue None); None: discard.
             ttl: seconds a message may wait before it expires to the dead-letter queue.
             max_length: most messages waiting (ready or delayed); None: no limit.
-            overflow: when full, ``"block"`` senders, ``"reject"`` them with QueueFull, or
-                ``"dead-letter"`` the oldest message.
+            overflow: when full, ``"block"`` senders (the default), ``"reject"`` them
+                with QueueFull, or ``"dead-letter"`` the oldest message.
 
         Returns:
-            The queue's settings as the broker holds them.
+            The queue's settings as the broker holds them, every key present.
 
         Raises:
             QueueMismatch: the queue was declared before with other settings.
+            InvalidOption: a setting is invalid (the message names it).
+
+        Example::
+
+            await bus.declare_queue("jobs", retry_delays=[1, 5, 30], max_deliveries=5)
         """
         self._check_name(queue, "queue name")
-        options: dict[str, Any] = {
+        given = {
             "max_deliveries": max_deliveries, "ack_timeout": ack_timeout,
-            "retry_delays": list(retry_delays), "ttl": ttl, "max_length": max_length,
-            "overflow": overflow,
+            "retry_delays": retry_delays, "dead_letter": dead_letter, "ttl": ttl,
+            "max_length": max_length, "overflow": overflow,
         }
-        if dead_letter != "":
-            options["dead_letter"] = dead_letter
+        options = {key: value for key, value in given.items() if value is not DEFAULT}
+        if "retry_delays" in options:
+            options["retry_delays"] = list(retry_delays)  # type: ignore[arg-type]
         result: dict[str, Any] = await self._call([Op.DECLARE, 0, queue, options])
         return result
 
