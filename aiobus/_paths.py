@@ -1,10 +1,11 @@
-"""Where the broker's socket lives by default; shared by the broker and the client."""
+"""Where the broker's socket and data live by default; shared by the broker and the
+client."""
 
 from __future__ import annotations
 
 import os
 
-__all__ = ["default_socket_path", "resolve_socket_path"]
+__all__ = ["default_data_dir", "default_socket_path", "resolve_socket_path"]
 
 ENV_SOCKET = "AIOBUS_SOCKET"
 
@@ -24,3 +25,12 @@ def default_socket_path() -> str:
 def resolve_socket_path(path: str | os.PathLike[str] | None) -> str:
     """``path`` if given, else :func:`default_socket_path`."""
     return os.fspath(path) if path is not None else default_socket_path()
+
+
+def default_data_dir() -> str:
+    """``$XDG_STATE_HOME/aiobus``, else ``~/.local/state/aiobus`` (the XDG base directory
+    spec's place for state that should survive a restart)."""
+    state = os.environ.get("XDG_STATE_HOME")
+    if state:
+        return os.path.join(state, "aiobus")
+    return os.path.join(os.path.expanduser("~"), ".local", "state", "aiobus")

@@ -44,7 +44,7 @@ from ..errors import (
 from ..names import check_name, check_pattern, is_reserved
 from ..protocol import DEFAULT_MAX_FRAME, PROTOCOL_VERSION, BodyKind, Op, check_frame
 from .queue_state import Consumer, QMsg, Queue, pack_message
-from .queues import MAX_PREFETCH, PARK_LIMIT, QueueRouter
+from .queues import MAX_PREFETCH, PARK_LIMIT, JournalSink, QueueRouter
 from .settings import BadOption
 from .timers import Timers
 from .topics import Subscription, TopicRouter
@@ -140,6 +140,7 @@ class BrokerCore:
         max_frame: int = DEFAULT_MAX_FRAME,
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
         max_consumers: int = DEFAULT_MAX_CONSUMERS,
+        journal: JournalSink | None = None,
     ) -> None:
         self._sink = sink
         self._packb = msgpack.Packer().pack
@@ -147,7 +148,9 @@ class BrokerCore:
         self.timers = Timers()
         # The routers write deliveries straight to the shell's send_raw: one call less
         # per message than going through this class.
-        self.queues = QueueRouter(self, self.timers, wall_offset, send_raw=sink.send_raw)
+        self.queues = QueueRouter(self, self.timers, wall_offset, send_raw=sink.send_raw,
+                                  journal=journal)
+        self.journal = journal
         self.topics = TopicRouter(self, send_event=sink.event)
         self._id_prefix = id_prefix + "-"
         self._ids = itertools.count(1)
@@ -248,6 +251,11 @@ class BrokerCore:
             return
         self.disconnect(conn_id, self._now)
         self._sink.close(conn_id, code, message)
+
+    def restore(self, recovered: Any, now: float) -> None:
+        """Load the durable queues the journal recovered (before any client connects)."""
+        self._now = now
+        self.queues.restore(recovered, now)
 
     def tick(self, now: float) -> None:
         """Run the timers that are due (lease expiry, delays, TTL, handshake deadlines)."""
@@ -528,6 +536,7 @@ class BrokerCore:
                  "parked": c.parked}
                 for c in self._conns.values()
             ],
+            "journal": self.journal.statistics() if self.journal is not None else None,
         }
 
     def connection_ids(self) -> list[int]:

@@ -60,7 +60,7 @@ class QMsg:
     failures + 1); ``packed`` is its wire form."""
 
     __slots__ = ("delay_timer", "expires", "failures", "last_consumer", "last_reason",
-                 "packed", "reply", "state", "ttl_timer")
+                 "packed", "reply", "seq", "state", "ttl_timer")
 
     def __init__(self, packed: bytes, expires: float | None = None,
                  reply: tuple[int, int] | None = None) -> None:
@@ -73,6 +73,7 @@ class QMsg:
         self.last_consumer: tuple[int, int] | None = None  # (pid, uid)
         self.ttl_timer: TimerEntry | None = None  # armed for ``expires``, until it runs
         self.delay_timer: TimerEntry | None = None  # while DELAYED
+        self.seq = -1  # its number in a durable queue's journal (-1: not journaled)
 
     def fields(self) -> list[Any]:
         """``[id, queue, body, kind, headers, timestamp]`` decoded (the rare paths)."""
@@ -177,10 +178,13 @@ class Queue:
         "discarded",
         "expired",
         "explicit",
+        "journal",
         "lease_timer",
         "leases",
         "name",
+        "next_seq",
         "parked",
+        "plain",
         "ready",
         "ready_len",
         "sent",
@@ -192,8 +196,13 @@ class Queue:
 
     def __init__(self, name: str, settings: QueueSettings, explicit: bool) -> None:
         self.name = name
-        self.settings = settings
         self.explicit = explicit  # declared (True) or created by first use (False)
+        self.settings = settings
+        # The journal of a durable queue (see queues.py), else None; the next message's
+        # sequence number in it.
+        self.journal: Any = None
+        self.next_seq = 0
+        self.plain = settings.ttl is None  # no TTL, not journaled: the send fast path
         # READY messages, oldest first: the deque, then the tail (see Run).
         self.ready: deque[Entry] = deque()
         self.tail: list[bytes] = []  # small stateless messages not yet sealed
@@ -244,6 +253,17 @@ class Queue:
             self.ready.append(Run(tail))
         else:
             self.ready.extend(tail)
+
+    def configure(self, settings: QueueSettings, journal: Any) -> None:
+        """Set the queue's settings and its journal (None: kept in memory only)."""
+        self.settings = settings
+        self.journal = journal
+        self.plain = settings.ttl is None and journal is None
+
+    def is_empty(self) -> bool:
+        """Nothing waiting, leased or parked."""
+        return not (self.ready_len or self.delayed or self.leases or self.parked
+                    or any(c.leases for c in self.consumers))
 
     def make_available(self, consumer: Consumer) -> None:
         """``consumer`` may take a message: give it a turn at the back, unless its old

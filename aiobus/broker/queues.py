@@ -88,11 +88,44 @@ class QueueSink(Protocol):
     def set_parked(self, conn: int, delta: int, queue: str | None = None) -> None: ...
 
 
+class JournalSink(Protocol):
+    """What durable queues record (``journal.Journal``); plain methods, no I/O. Times
+    are epoch seconds."""
+
+    def declare(self, name: str, settings: dict[str, Any]) -> None: ...
+
+    def sent(self, queue: str, seq: int, message: bytes, failures: int = 0,
+             expires: float | None = None, due: float | None = None) -> None: ...
+
+    def delivered(self, queue: str, seq: int) -> None: ...
+
+    def failed(self, queue: str, seq: int, failures: int, due: float | None) -> None: ...
+
+    def removed(self, queue: str, seq: int, reason: int) -> None: ...
+
+    def deleted(self, queue: str) -> None: ...
+
+    def statistics(self) -> dict[str, int]: ...
+
+
+# journal.RemovalReason, by value (the core does not import the journal's I/O side).
+ACKED, REJECTED, DEAD_LETTERED, EXPIRED, DROPPED = 1, 2, 3, 4, 5
+_REMOVAL = {"rejected": REJECTED, "max-deliveries": DEAD_LETTERED, "expired": EXPIRED,
+            "overflow": DROPPED}
+
+
+def _changed(settings: QueueSettings, name: str) -> dict[str, Any]:
+    """The settings that differ from ``name``'s defaults, as DECLARE options."""
+    default = QueueSettings.for_queue(name).as_dict()
+    return {k: v for k, v in settings.as_dict().items() if default[k] != v}
+
+
 class QueueRouter:
     """All queues of a broker and every transition of their messages."""
 
     def __init__(self, sink: QueueSink, timers: Timers, wall_offset: float, *,
-                 send_raw: Callable[[int, bytes], None] | None = None) -> None:
+                 send_raw: Callable[[int, bytes], None] | None = None,
+                 journal: JournalSink | None = None) -> None:
         self.queues: dict[str, Queue] = {}
         self.leases: dict[int, Lease] = {}  # every lease a consumer holds, zombies too
         self._sink = sink
@@ -100,6 +133,9 @@ class QueueRouter:
         self._timers = timers
         self._next_tag = 1
         self.wall_offset = wall_offset  # wall clock = now + wall_offset (for headers)
+        # Where durable queues record every change of their messages (a journal.Journal,
+        # owned by the shell, which writes it out once per loop turn); None: none.
+        self.journal: JournalSink | None = journal
 
     # -- queues ---------------------------------------------------------------------
 
@@ -120,10 +156,19 @@ class QueueRouter:
             QueueMismatch: the queue was declared before with different settings.
         """
         settings = QueueSettings.for_queue(name, options)
+        if settings.durable and self.journal is None:
+            raise BadOption("durable=True needs a broker with a journal: this one was"
+                            " started without a data directory")
         queue = self.queues.get(name)
         if queue is None:
             queue = self.queues[name] = Queue(name, settings, True)
+            self._journal_settings(queue, settings)
         elif not queue.explicit:
+            if settings.durable != queue.settings.durable and not queue.is_empty():
+                raise BadOption(
+                    f"queue {name!r} already holds messages in memory: declare it"
+                    f" durable={settings.durable} before it is first used"
+                )
             if queue.leases and settings.ack_timeout != queue.settings.ack_timeout:
                 # Their deadlines came from the old ack_timeout; new leases would not sort
                 # after them, so each keeps a timer of its own.
@@ -133,7 +178,8 @@ class QueueRouter:
                                                        self._on_extended_timer, lease)
                 queue.leases.clear()
                 queue.lease_timer = None  # the next lease arms one with the new timeout
-            queue.settings, queue.explicit = settings, True
+            self._journal_settings(queue, settings)
+            queue.explicit = True
         elif queue.settings != settings:
             old, new = queue.settings.as_dict(), settings.as_dict()
             diff = ", ".join(f"{k}: {old[k]!r} != {new[k]!r}" for k in old if old[k] != new[k])
@@ -143,13 +189,71 @@ class QueueRouter:
             )
         return queue
 
+    def _journal_settings(self, queue: Queue, settings: QueueSettings) -> None:
+        """Apply ``settings`` to a queue that holds nothing, journaling them if it is
+        durable (or dropping it from the journal if it no longer is). A durable queue's
+        dead-letter queue is made durable too when it does not exist yet or is empty and
+        undeclared: dead letters must survive what their queue survives."""
+        journal = self.journal if settings.durable else None
+        if journal is not None:
+            journal.declare(queue.name, settings.as_dict())
+        elif queue.journal is not None:
+            queue.journal.deleted(queue.name)
+        queue.configure(settings, journal)
+        target = settings.dead_letter
+        if journal is None or target is None:
+            return
+        dlq = self.queues.get(target)
+        if dlq is None:
+            dlq = self.queues[target] = Queue(target, QueueSettings.for_queue(target), False)
+        if not dlq.explicit and dlq.journal is None and dlq.is_empty():
+            self._journal_settings(
+                dlq, QueueSettings.for_queue(target, {**_changed(dlq.settings, target),
+                                                      "durable": True}))
+
+    def restore(self, recovered: Any, now: float) -> None:
+        """Load what the journal recovered (``journal.Recovered``) after a restart:
+        durable queues with their settings, and their messages, ready again (or delayed
+        until their due time) with their failed attempts counted. A message whose
+        attempts reached ``max_deliveries`` (the crash took its last one) is
+        dead-lettered now. Nothing is journaled again except what changes."""
+        wall = self.wall_offset
+        loaded: list[tuple[Queue, Any]] = []
+        for name, rq in recovered.queues.items():
+            settings = QueueSettings.for_queue(name, rq.settings)
+            queue = self.queues[name] = Queue(name, settings, True)
+            queue.configure(settings, self.journal)
+            queue.next_seq = rq.next_seq
+            loaded.append((queue, rq))
+        for queue, rq in loaded:  # every queue exists before a dead letter is moved
+            limit = queue.settings.max_deliveries
+            for m in rq.messages:
+                msg = QMsg(m.message, None if m.expires is None else m.expires - wall)
+                msg.seq, msg.failures = m.seq, m.failures
+                queue.sent += 1
+                if limit is not None and msg.failures >= limit:
+                    msg.last_reason = "broker-restart"
+                    self.dead_letter(queue, msg, "max-deliveries", None, now)
+                elif m.due is not None and m.due - wall > now:
+                    msg.state = MsgState.DELAYED
+                    queue.delayed += 1
+                    msg.delay_timer = self._timers.call_at(m.due - wall, self._on_delay_done,
+                                                           (queue, msg))
+                    if msg.expires is not None:
+                        self._arm_ttl(queue, msg)
+                else:
+                    if msg.expires is not None:
+                        self._arm_ttl(queue, msg)
+                    queue.append_ready(msg)
+                    queue.ready_len += 1
+
     # -- producing ------------------------------------------------------------------
 
     def send(self, conn: int, rid: int, queue: Queue, msg: Item, now: float) -> None:
         """A message from ``conn``; confirms with OK to ``rid`` (0: no confirmation)."""
         available = queue.available
         if (available and not queue.ready_len and not queue.delayed and not queue.parked
-                and type(msg) is bytes and queue.settings.ttl is None):
+                and type(msg) is bytes and queue.plain):
             # The common case on a busy queue: nothing waits (so it cannot be full) and a
             # consumer has room, so the message goes straight to it: what _accept and
             # pump would do, in one step.
@@ -215,6 +319,13 @@ class QueueRouter:
             msg = promote(msg)
             if msg.expires is None:
                 msg.expires = now + ttl
+        journal = queue.journal
+        if journal is not None:
+            msg = promote(msg)
+            msg.seq = queue.next_seq
+            queue.next_seq += 1
+            journal.sent(queue.name, msg.seq, msg.packed, msg.failures,
+                         None if msg.expires is None else msg.expires + self.wall_offset)
         if type(msg) is QMsg:
             if msg.expires is not None:
                 self._arm_ttl(queue, msg)
@@ -248,7 +359,7 @@ class QueueRouter:
             for item in queue.parked:
                 if item[0] == conn:
                     if type(item[2]) is QMsg:
-                        self._gone(item[2])
+                        self._gone(queue, item[2], DROPPED)
                     dropped += 1
                 else:
                     kept.append(item)
@@ -309,6 +420,8 @@ class QueueRouter:
             packed, tail = msg, FIRST_ATTEMPT_TAIL
         else:
             msg.state = MsgState.LEASED  # type: ignore[union-attr]
+            if queue.journal is not None:
+                queue.journal.delivered(queue.name, msg.seq)  # type: ignore[union-attr]
             packed = msg.packed  # type: ignore[union-attr]
             reply = msg.reply  # type: ignore[union-attr]
             tail = packb(msg.failures + 1) + packb(  # type: ignore[union-attr]
@@ -364,6 +477,9 @@ class QueueRouter:
                 msg = self._record_consumer(lease)
                 self._fail(queue, msg, None, "connection-lost", now, front=front)
             else:
+                if queue.journal is not None:  # no longer out for delivery; no attempt
+                    released: QMsg = lease.msg  # type: ignore[assignment]
+                    queue.journal.failed(queue.name, released.seq, released.failures, None)
                 front.append(lease.msg)
         consumer.leases.clear()
         consumer.zombies = 0
@@ -422,7 +538,7 @@ class QueueRouter:
         consumer = lease.consumer
         queue = consumer.queue
         if type(lease.msg) is QMsg:
-            self._gone(lease.msg)
+            self._gone(queue, lease.msg, ACKED)
         queue.acked += 1
         self._make_available(consumer)
         return queue
@@ -470,7 +586,7 @@ class QueueRouter:
         lease = self._take(conn, tag, "reply to", now)
         msg = lease.msg
         assert type(msg) is QMsg and msg.reply is not None
-        self._gone(msg)
+        self._gone(lease.consumer.queue, msg, ACKED)
         lease.consumer.queue.acked += 1
         self._free_slot(lease.consumer, now)
         return msg.reply
@@ -497,6 +613,9 @@ class QueueRouter:
         if delay is None:
             delays = queue.settings.retry_delays
             delay = delays[min(msg.failures, len(delays)) - 1] if delays else 0.0
+        if queue.journal is not None:
+            queue.journal.failed(queue.name, msg.seq, msg.failures,
+                                 now + delay + self.wall_offset if delay > 0 else None)
         if delay > 0:
             expires = msg.expires
             if expires is not None:  # a TTL that passes during the delay acts at once
@@ -539,7 +658,7 @@ class QueueRouter:
         if msg.reply is not None:
             # A request expires when its caller's timeout passed: the caller has given up
             # and nobody could use an answer, so it is discarded (counted), not kept.
-            self._gone(msg)
+            self._gone(queue, msg, EXPIRED)
             queue.discarded += 1
         else:
             self.dead_letter(queue, msg, "expired", None, now)
@@ -552,7 +671,7 @@ class QueueRouter:
         The dead-letter queue accepts it even above its own max_length: a dead letter is
         never dropped for lack of room.
         """
-        self._gone(msg)
+        self._gone(queue, msg, _REMOVAL.get(reason, DEAD_LETTERED))
         target = queue.settings.dead_letter
         if target is None:
             queue.discarded += 1
@@ -620,8 +739,15 @@ class QueueRouter:
             msg.ttl_timer = self._timers.call_at(msg.expires, self._on_ttl,  # type: ignore[arg-type]
                                                  (queue, msg))
 
-    def _gone(self, msg: QMsg) -> None:
-        """``msg`` left its queue for good: its timers must not keep it in memory."""
+    @staticmethod
+    def _journal_removed(queue: Queue, msg: QMsg, reason: int) -> None:
+        if queue.journal is not None and msg.seq >= 0:
+            queue.journal.removed(queue.name, msg.seq, reason)
+
+    def _gone(self, queue: Queue, msg: QMsg, reason: int) -> None:
+        """``msg`` left ``queue`` for good (``reason``: ACKED, ...): journaled if the
+        queue is durable, and its timers must not keep it in memory."""
+        self._journal_removed(queue, msg, reason)
         msg.state = MsgState.GONE
         if msg.ttl_timer is not None:
             self._timers.cancel(msg.ttl_timer)

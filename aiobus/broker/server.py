@@ -14,12 +14,21 @@ decoded when reading stops wait in the connection's backlog, in order.
 
 Timers: the core schedules deadlines on its clockless heap; the shell keeps one
 ``loop.call_at`` armed for the earliest and calls ``core.tick`` when it fires.
+
+Journal (durable queues, with a data directory): the core appends records to the
+journal's buffer as it changes durable queues; the flush at the end of the loop turn
+first writes them (one write), then with ``fsync="always"`` fdatasyncs (one per turn:
+group commit, Redis's ``appendfsync always`` in beforeSleep), and only then writes the
+turn's output to the sockets, so no confirmation leaves before its record is on disk.
+``"batch"`` fdatasyncs every ``fsync_interval`` seconds instead, ``"never"`` leaves it to
+the OS (docs/journal.md, README "Durability").
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import secrets
@@ -35,8 +44,12 @@ from .._paths import resolve_socket_path
 from ..errors import BusError, ProtocolError
 from ..protocol import DEFAULT_MAX_FRAME, FrameDecoder, Op
 from .core import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CONSUMERS, BrokerCore
+from .journal import Journal, JournalError, OsFiles, Recovered
+from .journal import repair as repair_journal
 
-__all__ = ["Broker", "BrokerAlreadyRunning"]
+__all__ = ["FSYNC_POLICIES", "Broker", "BrokerAlreadyRunning", "DataDirInUse"]
+
+FSYNC_POLICIES = ("always", "batch", "never")
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +93,12 @@ class _RateLimitedLog:
 
 class BrokerAlreadyRunning(BusError):
     """A live broker already listens on the socket path."""
+
+    code = "already-running"
+
+
+class DataDirInUse(BusError):
+    """Another broker holds the data directory (its lock file)."""
 
     code = "already-running"
 
@@ -227,6 +246,15 @@ class Broker:
         handshake_timeout: seconds a new connection has to send HELLO.
         max_consumers: consumers one connection may hold (default 4,096); one more is
             refused with ``QuotaExceeded``.
+        data_dir: where durable queues are journaled (created 0700; one broker at a
+            time, guarded by a lock file); None (default): no journal, and declaring a
+            queue ``durable=True`` is refused. The ``aiobus-broker`` daemon always has
+            one (``--data-dir``).
+        fsync: ``"always"`` (a durable send is confirmed once its record is on disk),
+            ``"batch"`` (fdatasync every ``fsync_interval`` seconds; confirmed once
+            written) or ``"never"`` (written; the OS syncs when it likes).
+        repair: on a damaged journal segment, move it aside, log which messages
+            were lost and start, instead of refusing to start.
         sock: an already listening Unix socket to serve instead of binding ``path``
             (systemd socket activation); the broker then does not remove any file.
 
@@ -250,12 +278,26 @@ class Broker:
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
         max_consumers: int = DEFAULT_MAX_CONSUMERS,
         sock: socket.socket | None = None,
+        data_dir: str | os.PathLike[str] | None = None,
+        fsync: str = "always",
+        fsync_interval: float = 0.1,
+        repair: bool = False,
     ) -> None:
+        if fsync not in FSYNC_POLICIES:
+            raise ValueError(f"fsync must be one of {', '.join(FSYNC_POLICIES)}")
         self.path = resolve_socket_path(path) if sock is None else None
         self.socket_mode = socket_mode
         self.max_frame = max_frame
         self.handshake_timeout = handshake_timeout
         self.max_consumers = max_consumers
+        self.data_dir = os.fspath(data_dir) if data_dir is not None else None
+        self.fsync = fsync
+        self.fsync_interval = fsync_interval
+        self.repair = repair
+        self.journal: Journal | None = None
+        self._lock_fd = -1
+        self._sync_timer: asyncio.TimerHandle | None = None
+        self._journal_log = _RateLimitedLog(burst=3, period=60.0)
         self._sock = sock
         self._conns: dict[int, _Connection] = {}
         self._next_conn = 1
@@ -277,6 +319,9 @@ class Broker:
     async def start(self) -> None:
         """Bind the socket and start serving. Returns once clients can connect."""
         self.loop = asyncio.get_running_loop()
+        if self.path is not None:
+            _remove_stale_socket(self.path)  # a live broker there: say so before the journal
+        recovered = self._open_journal() if self.data_dir is not None else None
         self.core = BrokerCore(
             self,
             id_prefix=secrets.token_hex(4),
@@ -284,12 +329,114 @@ class Broker:
             max_frame=self.max_frame,
             handshake_timeout=self.handshake_timeout,
             max_consumers=self.max_consumers,
+            journal=self.journal,
         )
-        sock = self._sock if self._sock is not None else self._bind()
+        if recovered is not None:  # replay, then serve: no client sees a half-loaded queue
+            self.core.restore(recovered, self.loop.time())
+            self._after_events()
+            if self.fsync == "batch":
+                self._sync_timer = self.loop.call_later(self.fsync_interval, self._batch_sync)
+        try:
+            sock = self._sock if self._sock is not None else self._bind()
+        except BaseException:
+            self._close_journal()
+            raise
         self._server = await self.loop.create_unix_server(self._new_connection, sock=sock,
                                                           backlog=1024)
         log.info("aiobus broker listening on %s (pid %d)", self.path or "inherited socket",
                  os.getpid())
+
+    def _open_journal(self) -> Recovered:
+        """Lock the data directory, replay the journal, and keep it open for appending.
+
+        Raises:
+            DataDirInUse: another broker holds the directory.
+            JournalCorrupt: a damaged segment (unless ``repair``).
+            JournalError: the journal cannot be read.
+        """
+        assert self.data_dir is not None
+        os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
+        lock = os.open(os.path.join(self.data_dir, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(lock, 32).decode(errors="replace").strip() or "?"
+            os.close(lock)
+            raise DataDirInUse(f"data directory {self.data_dir} is in use by another broker"
+                               f" (pid {holder}); give this one its own --data-dir") from None
+        os.ftruncate(lock, 0)
+        os.write(lock, f"{os.getpid()}\n".encode())
+        self._lock_fd = lock
+        directory = os.path.join(self.data_dir, "journal")
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        files = OsFiles(directory)
+        try:
+            while True:
+                try:
+                    journal, recovered = Journal.open(files)
+                    break
+                except JournalError as exc:
+                    if not self.repair or exc.cause != "corrupt" or exc.file is None:
+                        raise
+                    damage = repair_journal(files, exc.file)
+                    log.error("journal segment %s was damaged at %s; moved aside to %s;"
+                              " messages lost (queue, seq): %s", damage.file,
+                              damage.damaged, damage.moved_to, damage.lost or "none")
+        except BaseException:
+            self._close_journal()
+            raise
+        self.journal = journal
+        report = recovered.report
+        if report.torn is not None:
+            log.warning("journal: the last record of %s was torn by a crash at offset %d;"
+                        " %d bytes dropped", report.torn.file, report.torn.offset,
+                        report.torn.dropped)
+        log.info("journal %s: recovered %d queues, %d messages, %d bytes in %.2f s",
+                 directory, report.queues, report.messages, report.bytes, report.seconds)
+        return recovered
+
+    def _close_journal(self) -> None:
+        """Write and sync what is buffered, close the journal, release the lock."""
+        if self._sync_timer is not None:
+            self._sync_timer.cancel()
+            self._sync_timer = None
+        journal, self.journal = self.journal, None
+        if journal is not None:
+            try:
+                journal.write()
+                journal.sync()
+            except JournalError as exc:
+                log.error("journal: final write failed, unsynced records may be lost: %s",
+                          exc)
+            journal.close()
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    def _write_journal(self) -> None:
+        """The turn's journal records: written, and synced per the fsync policy, before
+        the turn's output goes out (so with ``"always"`` no confirmation precedes its
+        record on disk)."""
+        journal = self.journal
+        assert journal is not None
+        try:
+            journal.write()
+            if self.fsync == "always":
+                journal.sync()
+                journal.compact()
+        except JournalError as exc:
+            self._journal_log.warning(self.loop.time(), "journal: %s", exc)
+
+    def _batch_sync(self) -> None:
+        journal = self.journal
+        if journal is None:
+            return
+        try:
+            journal.sync()
+            journal.compact()
+        except JournalError as exc:
+            self._journal_log.warning(self.loop.time(), "journal: %s", exc)
+        self._sync_timer = self.loop.call_later(self.fsync_interval, self._batch_sync)
 
     def _bind(self) -> socket.socket:
         assert self.path is not None
@@ -343,6 +490,7 @@ class Broker:
         if self._timer is not None:
             self._timer.cancel()
         self._remove_socket_file()
+        self._close_journal()
         self._closed.set()
         log.info("aiobus broker stopped")
 
@@ -380,7 +528,12 @@ class Broker:
             self._all_gone.set()
 
     def _after_events(self) -> None:
-        """Re-arm the timer if the core's earliest deadline moved."""
+        """Re-arm the timer if the core's earliest deadline moved; make sure journal
+        records of this turn are written even when it wrote nothing to a client."""
+        journal = self.journal
+        if journal is not None and journal.pending and not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
         deadline = self.core.next_deadline()
         if deadline is None or deadline == self._timer_at:
             return
@@ -415,7 +568,7 @@ class Broker:
             # Hand it to the transport now: past its high-water mark the transport calls
             # pause_writing at once, and the frames this client pipelined after the ones
             # being answered wait in the backlog instead of growing this buffer.
-            conn.flush()
+            self._flush_one(conn)
 
     def confirm(self, conn_id: int, rid: int) -> None:
         """OK for ``rid``, merged with the confirmations just before it if their rids are
@@ -445,7 +598,7 @@ class Broker:
             conn.events_sid, conn.events_dropped = sid, dropped
         conn.out_bytes += len(message)
         if conn.out_bytes >= _EARLY_FLUSH:
-            conn.flush()
+            self._flush_one(conn)
 
     def _make_room(self, conn: _Connection) -> None:
         """Before a new frame or run: write the open run as its frame (the connection is
@@ -464,11 +617,19 @@ class Broker:
             self._flush_scheduled = True
             self.loop.call_soon(self._flush)
 
+    def _flush_one(self, conn: _Connection) -> None:
+        """Write ``conn``'s output now (before the turn ends): the journal first."""
+        if self.journal is not None and self.journal.pending:
+            self._write_journal()
+        conn.flush()
+
     def _flush(self) -> None:
         self._flush_scheduled = False
+        if self.journal is not None and self.journal.pending:
+            self._write_journal()
         dirty, self._dirty = self._dirty, []
         for conn in dirty:
-            conn.flush()
+            self._flush_one(conn)
 
     def close(self, conn_id: int, code: str, message: str) -> None:
         conn = self._conns.get(conn_id)
@@ -479,7 +640,7 @@ class Broker:
                                     conn_id, code, message)
         self._make_room(conn)
         conn.out.append(self._packb([Op.CLOSE, code, message]))
-        conn.flush()
+        self._flush_one(conn)
         conn.closing = True
         if conn.transport is not None:
             conn.transport.close()  # flushes what is buffered, then connection_lost

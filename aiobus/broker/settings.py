@@ -30,6 +30,7 @@ class QueueSettings:
     ttl: float | None = None
     max_length: int | None = None
     overflow: str = "block"
+    durable: bool = False  # journaled: survives a broker restart (needs a data dir)
 
     @classmethod
     def for_queue(cls, name: str, options: dict[str, Any] | None = None) -> QueueSettings:
@@ -63,6 +64,7 @@ class QueueSettings:
             "ttl": self.ttl,
             "max_length": self.max_length,
             "overflow": self.overflow,
+            "durable": self.durable,
         }
 
 
@@ -108,6 +110,15 @@ def _dead_letter(value: Any) -> str | None:
     return name
 
 
+def _bool(key: str) -> Callable[[Any], bool]:
+    def check(value: Any) -> bool:
+        if type(value) is not bool:
+            raise BadOption(f"{key} must be true or false")
+        return value
+
+    return check
+
+
 def _overflow(value: Any) -> str:
     if value not in OVERFLOW_POLICIES:
         raise BadOption(f"overflow must be one of {', '.join(OVERFLOW_POLICIES)}; got {value!r}")
@@ -122,4 +133,5 @@ _OPTION_CHECKS: dict[str, Callable[[Any], Any]] = {
     "ttl": _positive_number("ttl", allow_none=True),
     "max_length": _positive_int("max_length"),
     "overflow": _overflow,
+    "durable": _bool("durable"),
 }

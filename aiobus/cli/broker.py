@@ -17,9 +17,9 @@ import socket
 import sys
 
 from .. import __version__, systemd
-from .._paths import default_socket_path
+from .._paths import default_data_dir, default_socket_path
 from ..broker.core import DEFAULT_MAX_CONSUMERS
-from ..broker.server import Broker
+from ..broker.server import FSYNC_POLICIES, Broker
 from ..errors import BusError
 from ..protocol import DEFAULT_MAX_FRAME
 
@@ -63,6 +63,21 @@ def build_parser() -> argparse.ArgumentParser:
                         metavar="N",
                         help="consumers one connection may hold (default"
                              f" {DEFAULT_MAX_CONSUMERS}); one more gets QuotaExceeded")
+    parser.add_argument("--data-dir", metavar="DIR", default=None,
+                        help="where durable queues are journaled (created 0700; default:"
+                             " $XDG_STATE_HOME/aiobus, else ~/.local/state/aiobus; here:"
+                             f" {default_data_dir()})")
+    parser.add_argument("--fsync", choices=FSYNC_POLICIES, default="always",
+                        help="always: a durable send is confirmed once on disk (one"
+                             " fdatasync per loop turn covers all of its sends); batch:"
+                             " fdatasync every --fsync-interval, confirmed once written;"
+                             " never: the OS decides (default always)")
+    parser.add_argument("--fsync-interval", type=_positive_int, default=100, metavar="MS",
+                        help="milliseconds between fdatasyncs with --fsync batch (default 100)")
+    parser.add_argument("--repair", action="store_true",
+                        help="if a journal segment is damaged, move it aside, log exactly"
+                             " which messages were lost, and start (without it the broker"
+                             " refuses to start, naming the file and offset)")
     parser.add_argument("--loop", choices=["auto", "uvloop", "asyncio"], default="auto",
                         help="event loop: uvloop when installed (auto, the default), or the"
                              " standard library's; both behave the same, uvloop is faster")
@@ -107,6 +122,10 @@ async def serve(args: argparse.Namespace) -> None:
             max_frame=args.max_frame,
             handshake_timeout=args.handshake_timeout,
             max_consumers=args.max_consumers,
+            data_dir=args.data_dir or default_data_dir(),
+            fsync=args.fsync,
+            fsync_interval=args.fsync_interval / 1000,
+            repair=args.repair,
             sock=inherited,
         ) as broker:
             where = broker.path or "the socket passed by the service manager"

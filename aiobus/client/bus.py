@@ -615,6 +615,7 @@ class Bus:
         ttl: float | _Default | None = DEFAULT,
         max_length: int | _Default | None = DEFAULT,
         overflow: str | _Default = DEFAULT,
+        durable: bool | _Default = DEFAULT,
     ) -> dict[str, Any]:
         """Create a queue with settings, or check that it has them.
 
@@ -635,6 +636,10 @@ class Bus:
             max_length: most messages waiting (ready or delayed); None: no limit.
             overflow: when full, ``"block"`` senders (the default), ``"reject"`` them
                 with QueueFull, or ``"dead-letter"`` the oldest message.
+            durable: journal the queue and its messages so they survive a broker restart
+                or crash (default False: in memory only). Its settings are journaled too,
+                and its dead-letter queue becomes durable with it unless already in use.
+                Must be given before the queue is first used.
 
         Returns:
             The queue's settings as the broker holds them, every key present.
@@ -651,7 +656,7 @@ class Bus:
         given = {
             "max_deliveries": max_deliveries, "ack_timeout": ack_timeout,
             "retry_delays": retry_delays, "dead_letter": dead_letter, "ttl": ttl,
-            "max_length": max_length, "overflow": overflow,
+            "max_length": max_length, "overflow": overflow, "durable": durable,
         }
         options = {key: value for key, value in given.items() if value is not DEFAULT}
         if "retry_delays" in options:

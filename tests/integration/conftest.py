@@ -32,6 +32,13 @@ READY_TIMEOUT = 10.0
 REAP_TIMEOUT = 10.0
 
 
+@pytest.fixture(autouse=True)
+def own_state_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A broker started without --data-dir journals to $XDG_STATE_HOME/aiobus: give each
+    test its own, never the user's."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+
+
 @pytest.fixture
 def short_tmp() -> Iterator[Path]:
     """A temp dir with a short path: AF_UNIX paths are capped at 107 bytes."""
@@ -67,6 +74,8 @@ class BrokerProcess:
         self.path = path
         self.log_path = log_path
         self._log = open(log_path, "wb")  # closed in stop()
+        if "--data-dir" not in extra:  # its own journal, beside its socket and log
+            extra = ("--data-dir", str(log_path.with_suffix(".data")), *extra)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "aiobus.cli.broker", "--socket", path, *extra],
             stdout=self._log, stderr=subprocess.STDOUT,

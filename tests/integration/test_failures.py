@@ -216,6 +216,7 @@ async def test_implicit_queue_defaults(bus: aiobus.Bus) -> None:
     assert settings == {
         "max_deliveries": 5, "ack_timeout": 30.0, "retry_delays": [],
         "dead_letter": "implicit.dlq", "ttl": None, "max_length": None, "overflow": "block",
+        "durable": False,
     }
 
 

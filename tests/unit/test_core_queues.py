@@ -872,6 +872,7 @@ def test_default_settings_of_an_implicit_queue(d: Driver) -> None:
         "ttl": None,
         "max_length": None,
         "overflow": "block",
+        "durable": False,
     }
 
 

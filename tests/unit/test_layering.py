@@ -20,6 +20,7 @@ CORE_MODULES = [
     "broker/topics.py",
     "broker/timers.py",
     "broker/settings.py",
+    "broker/journal/records.py",
     "protocol.py",
     "names.py",
     "errors.py",

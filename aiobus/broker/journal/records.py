@@ -174,7 +174,7 @@ def encode_failed(qid: int, seq: int, failures: int, due: float | None) -> bytes
                                _NONE if due is None else due))
 
 
-def encode_removed(qid: int, seq: int, reason: RemovalReason) -> bytes:
+def encode_removed(qid: int, seq: int, reason: int) -> bytes:
     return _frame(_REMOVED.pack(RecordType.REMOVED, qid, seq, reason))
 
 

@@ -208,8 +208,8 @@ class Journal:
         self._s.failed[qid, seq] = (failures, due)
         self._append(r.encode_failed(qid, seq, failures, due))
 
-    def removed(self, queue: str, seq: int, reason: r.RemovalReason) -> None:
-        """Ack, reply, reject, dead-letter, TTL expiry or overflow drop."""
+    def removed(self, queue: str, seq: int, reason: int) -> None:
+        """Ack, reply, reject, dead-letter, TTL expiry or overflow drop (a RemovalReason)."""
         qid = self._s.qids[queue]
         self._disown(qid, seq)
         self._append(r.encode_removed(qid, seq, reason))
