@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test lint typecheck unit integration bench bench-quick clean
+.PHONY: run test lint typecheck unit integration bench bench-quick clean fuzz
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -47,3 +47,14 @@ bench: $(VENV)/.installed
 bench-quick: $(VENV)/.installed
 	bash benchmarks/setup.sh $(VENV)
 	$(BIN)/python benchmarks/run.py --quick
+
+# Model-based fuzzing: not part of `make test`. Runs the hypothesis state machines
+# (tests/unit/test_model_*.py, tests/integration/test_model_broker.py) with the "fuzz"
+# profile, round after round for FUZZ_SECONDS (default 600; the last round may run a
+# minute or two over). On a failure it prints the falsifying steps and stops; hypothesis
+# keeps the example in .hypothesis/ and replays it first on the next run.
+#   make fuzz                     ten minutes
+#   make fuzz FUZZ_SECONDS=3600   an hour
+FUZZ_SECONDS ?= 600
+fuzz: $(VENV)/.installed-test
+	FUZZ_SECONDS=$(FUZZ_SECONDS) PYTHON=$(BIN)/python sh tests/fuzz.sh

@@ -1,0 +1,35 @@
+"""Hypothesis profiles for the whole suite, chosen by ``AIOBUS_HYPOTHESIS_PROFILE``.
+
+* ``default`` (what ``make test`` runs): few examples, so each model-based state machine
+  (tests/unit/test_model_*.py, tests/integration/test_model_broker.py) takes a few
+  seconds. Property tests that name their own ``max_examples`` keep it.
+* ``fuzz`` (what ``make fuzz`` runs, over and over): many more and longer runs.
+
+Neither derandomizes: every run explores new examples, a failing one is saved in
+``.hypothesis/`` and replayed first next time, and hypothesis prints how to reproduce it
+(``print_blob``). No deadline: the machines' steps vary in cost, and a slow step is not a
+bug here (pytest-timeout still bounds each test).
+"""
+
+from __future__ import annotations
+
+import os
+
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "default",
+    max_examples=150,
+    stateful_step_count=50,
+    deadline=None,
+    print_blob=True,
+)
+settings.register_profile(
+    "fuzz",
+    max_examples=600,
+    stateful_step_count=80,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile(os.environ.get("AIOBUS_HYPOTHESIS_PROFILE", "default"))
