@@ -24,10 +24,12 @@ __all__ = [
     "InvalidOption",
     "LeaseError",
     "LocalProtocolError",
+    "NoSuchQueue",
     "NotARequest",
     "ProtocolError",
     "QueueFull",
     "QueueMismatch",
+    "QueueNotEmpty",
     "QuotaExceeded",
     "RemoteProtocolError",
     "RequestTimeout",
@@ -114,6 +116,21 @@ class QueueMismatch(BusError):
     code = "queue-mismatch"
 
 
+class NoSuchQueue(BusError, LookupError):
+    """``purge_queue`` or ``delete_queue`` of a queue the broker does not have (never
+    used since it started, or deleted). Also what a send waiting for room in a full
+    ``overflow="block"`` queue gets when the queue is deleted: it was not accepted."""
+
+    code = "no-such-queue"
+
+
+class QueueNotEmpty(BusError):
+    """``delete_queue(..., if_empty=True)`` of a queue that still holds messages (ready,
+    delayed, leased or waiting for room); the message says how many. Nothing changed."""
+
+    code = "queue-not-empty"
+
+
 class QuotaExceeded(BusError):
     """A per-connection limit was reached (e.g. consumers on one connection); the message
     names the limit and its value. Nothing was changed."""
@@ -181,6 +198,8 @@ _BY_CODE: dict[str, type[BusError]] = {
     "forbidden": Forbidden,
     "queue-full": QueueFull,
     "queue-mismatch": QueueMismatch,
+    "no-such-queue": NoSuchQueue,
+    "queue-not-empty": QueueNotEmpty,
     "quota-exceeded": QuotaExceeded,
     "bad-option": InvalidOption,
     "lease-expired": LeaseError,

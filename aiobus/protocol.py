@@ -25,6 +25,7 @@ from .errors import FrameTooLarge, LocalProtocolError, ProtocolError, RemoteProt
 
 __all__ = [
     "DEFAULT_MAX_FRAME",
+    "OPTIONAL_TAIL",
     "PROTOCOL_VERSION",
     "SPECS",
     "BodyKind",
@@ -71,6 +72,8 @@ class Op(IntEnum):
     DECLARE = 21  # create a queue with settings, or check them
     STATS = 22  # broker statistics
     ACK_MANY = 23  # ack several leases at once, no reply (fire-and-forget acks, batched)
+    PURGE = 24  # remove a queue's waiting messages (ready and delayed); result: how many
+    DELETE = 25  # remove a queue, its settings and all its messages; result: how many
     DELIVER = 30  # broker→client: a queue message under a lease
     EVENT = 31  # broker→client: a topic message
     RESPONSE = 32  # broker→client: the reply to one of this connection's requests
@@ -93,6 +96,7 @@ _BIN = (bytes,)
 _MAP = (dict,)
 _OPT_MAP = (dict, type(None))
 _OPT_INT = (int, type(None))
+_BOOL = (bool,)
 _ANY = (object,)
 
 # Field names and accepted Python types per frame (after msgpack decoding). Field names
@@ -108,6 +112,7 @@ SPECS: Final[dict[int, tuple[tuple[str, tuple[type, ...]], ...]]] = {
     Op.SEND: (
         ("rid", _INT), ("queue", _STR), ("body", _BIN), ("kind", _INT),
         ("headers", _OPT_MAP), ("ttl", _OPT_NUM), ("reply_token", _OPT_INT),
+        ("delay", _OPT_NUM),
     ),
     Op.PUBLISH: (("topic", _STR), ("body", _BIN), ("kind", _INT), ("headers", _OPT_MAP)),
     Op.SUBSCRIBE: (
@@ -127,6 +132,8 @@ SPECS: Final[dict[int, tuple[tuple[str, tuple[type, ...]], ...]]] = {
     Op.DECLARE: (("rid", _INT), ("queue", _STR), ("options", _MAP)),
     Op.STATS: (("rid", _INT),),
     Op.ACK_MANY: (("tags", (list,)),),
+    Op.PURGE: (("rid", _INT), ("queue", _STR)),
+    Op.DELETE: (("rid", _INT), ("queue", _STR), ("if_empty", _BOOL)),
     # message: [id, queue or topic, body, kind, headers, timestamp], as MESSAGE_FIELDS.
     Op.DELIVER: (
         ("sid", _INT), ("tag", _INT), ("message", (list,)), ("attempt", _INT),
@@ -136,6 +143,11 @@ SPECS: Final[dict[int, tuple[tuple[str, tuple[type, ...]], ...]]] = {
     Op.EVENTS: (("sid", _INT), ("messages", (list,)), ("dropped", _INT)),
     Op.RESPONSE: (("token", _INT), ("body", _BIN), ("kind", _INT), ("headers", _OPT_MAP)),
 }
+
+# Trailing fields a frame may leave out, per op: fields added after the frame first
+# shipped, so that older clients' shorter frames stay valid. A left-out field means nil.
+# SEND's ``delay`` (scheduled delivery) is the only one.
+OPTIONAL_TAIL: Final[dict[int, int]] = {Op.SEND: 1}
 
 # The message array inside DELIVER and EVENT: the broker stores a queued message in
 # exactly this encoding and sends it as is.
@@ -152,9 +164,12 @@ def _signatures() -> dict[int, frozenset[tuple[type, ...]]]:
         if any(types is _ANY or list in types for _, types in spec):
             continue  # OK's result and ACK_MANY's tags need a look inside: slow path
         combos: list[tuple[type, ...]] = [(int,)]
-        for _, types in spec:
+        shorter: list[tuple[type, ...]] = []  # the combos without the optional tail
+        for i, (_, types) in enumerate(spec):
+            if i == len(spec) - OPTIONAL_TAIL.get(op, 0):
+                shorter = combos
             combos = [(*c, t) for c in combos for t in types]
-        result[op] = frozenset(combos)
+        result[op] = frozenset(combos + shorter)
     return result
 
 
@@ -177,8 +192,10 @@ _KIND_INDEX: Final = {
 def check_frame(frame: object) -> int:
     """Validate a decoded frame against ``SPECS`` and return its op.
 
-    Header maps must hold str keys and str values. Integer fields (ids, counts, kinds)
-    must be non-negative; numbers of seconds are checked by the broker, as request errors.
+    A frame has every field of its spec, in order, except the ``OPTIONAL_TAIL`` fields
+    a frame may leave out at its end (SEND's ``delay``). Header maps must hold str keys
+    and str values. Integer fields (ids, counts, kinds) must be non-negative; numbers of
+    seconds are checked by the broker, as request errors.
 
     Raises:
         RemoteProtocolError: naming the frame type and the field that is wrong.
@@ -213,11 +230,13 @@ def _check_frame_slow(frame: object) -> int:
         shown = repr(op)[:40] if type(op) in (int, str) else type(op).__name__
         raise RemoteProtocolError(f"unknown frame type {shown}", code="unknown-frame")
     name = _OP_NAMES[op]
-    if len(frame) != len(spec) + 1:
+    fewest = len(spec) - OPTIONAL_TAIL.get(op, 0)
+    if not fewest <= len(frame) - 1 <= len(spec):
+        expected = f"{fewest} to {len(spec)}" if fewest < len(spec) else str(len(spec))
         raise RemoteProtocolError(
-            f"{name} frame has {len(frame) - 1} fields, expected {len(spec)}", code="bad-field"
+            f"{name} frame has {len(frame) - 1} fields, expected {expected}", code="bad-field"
         )
-    for (field, types), value in zip(spec, frame[1:], strict=True):
+    for (field, types), value in zip(spec, frame[1:], strict=False):
         vtype = type(value)
         if vtype not in types and types is not _ANY:
             raise RemoteProtocolError(

@@ -177,6 +177,8 @@ class BrokerCore:
             Op.DECLARE: self._on_declare,
             Op.STATS: self._on_stats,
             Op.ACK_MANY: self._on_ack_many,
+            Op.PURGE: self._on_purge,
+            Op.DELETE: self._on_delete,
         }
 
     # -- events in ------------------------------------------------------------------
@@ -274,12 +276,17 @@ class BrokerCore:
         self._sink.event(conn, sid, message, dropped)
 
     def reply_ok(self, conn: int, rid: int, result: Any = None) -> None:
-        """OK for request ``rid``; rid 0 asked for no reply."""
+        """OK for request ``rid`` (with ``result``, unless None); rid 0 asked for no
+        reply."""
         if rid:
             if result is None:
                 self._sink.confirm(conn, rid)
             else:
                 self._sink.send(conn, [Op.OK, rid, result])
+
+    def reply_error(self, conn: int, rid: int, error: BusError) -> None:
+        """ERROR for request ``rid`` (0 included: failures are always reported)."""
+        self._sink.send(conn, [Op.ERROR, rid, error.code or "error", str(error)])
 
     def set_parked(self, conn_id: int, delta: int, queue: str | None = None) -> None:
         conn = self._conns[conn_id]
@@ -337,34 +344,53 @@ class BrokerCore:
         return self._id_prefix + str(next(self._ids))
 
     def _on_send(self, conn: Conn, frame: list[Any], now: float) -> None:
-        if len(frame) != 8:
-            check_frame(frame)
-        _, rid, name, body, kind, headers, ttl, token = frame
+        if len(frame) == 8:  # without the optional delay (older clients; the usual SEND)
+            _, rid, name, body, kind, headers, ttl, token = frame
+            delay = None
+        else:
+            if len(frame) != 9:
+                check_frame(frame)
+            _, rid, name, body, kind, headers, ttl, token, delay = frame
+            if delay is not None and type(delay) is not float and type(delay) is not int:
+                check_frame(frame)
         if (type(rid) is not int or rid < 0 or type(name) is not str or type(body) is not bytes
                 or type(kind) is not int or not 0 <= kind <= 1
                 or (headers is not None and not _valid_headers(headers))
                 or (ttl is not None and type(ttl) is not float and type(ttl) is not int)
                 or (token is not None and (type(token) is not int or token < 0))):
             check_frame(frame)
-        if ttl is not None:
-            if not 0 < ttl < 1e9:
-                raise BadOption("ttl must be a positive number of seconds")
-            expires: float | None = now + ttl
-        else:
-            expires = None
+        if ttl is not None and not 0 < ttl < 1e9:
+            raise BadOption("ttl must be a positive number of seconds, below 1e9")
+        due = None
+        if delay is not None:
+            if not 0 <= delay < 1e9:
+                raise BadOption("delay must be a number of seconds from 0 up to 1e9")
+            if delay > 0:
+                due = now + delay
         queue = self.queues.queues.get(name)
         if queue is None:
-            check_name(name, "queue name")
-            if is_reserved(name):
-                raise Forbidden(f"queue name {name!r}: names starting with '$' are reserved")
+            self._check_queue_name(name)
             queue = self.queues.get(name)
         packed = pack_message(self._new_id(), name, body, kind, headers or None,
                               now + self.wall_offset)
-        if expires is None and token is None:
+        if ttl is None and token is None and due is None:
             self.queues.send(conn.id, rid, queue, packed, now)
         else:
+            # A scheduled message's TTL counts from its due time (PROTOCOL.md, TTL).
+            expires = None if ttl is None else (now if due is None else due) + ttl
             reply = (conn.id, token) if token is not None else None
-            self.queues.send(conn.id, rid, queue, QMsg(packed, expires, reply), now)
+            self.queues.send(conn.id, rid, queue, QMsg(packed, expires, reply, due), now)
+
+    @staticmethod
+    def _check_queue_name(name: str) -> None:
+        """A queue name a client may use: it follows the grammar and is not ``$...``.
+
+        Raises:
+            InvalidName, Forbidden.
+        """
+        check_name(name, "queue name")
+        if is_reserved(name):
+            raise Forbidden(f"queue name {name!r}: names starting with '$' are reserved")
 
     def _on_publish(self, conn: Conn, frame: list[Any], now: float) -> None:
         if len(frame) != 5:
@@ -412,9 +438,7 @@ class BrokerCore:
     def _on_consume(self, conn: Conn, frame: list[Any], now: float) -> None:
         check_frame(frame)
         _, rid, sid, name, prefetch = frame
-        check_name(name, "queue name")
-        if is_reserved(name):
-            raise Forbidden(f"queue name {name!r}: names starting with '$' are reserved")
+        self._check_queue_name(name)
         if not 1 <= prefetch <= MAX_PREFETCH:
             raise BadOption(f"prefetch must be between 1 and {MAX_PREFETCH}")
         self._check_sid(conn, sid)
@@ -506,11 +530,21 @@ class BrokerCore:
     def _on_declare(self, conn: Conn, frame: list[Any], now: float) -> None:
         check_frame(frame)
         _, rid, name, options = frame
-        check_name(name, "queue name")
-        if is_reserved(name):
-            raise Forbidden(f"queue name {name!r}: names starting with '$' are reserved")
+        self._check_queue_name(name)
         queue = self.queues.declare(name, options)
         self.reply_ok(conn.id, rid, queue.settings.as_dict())
+
+    def _on_purge(self, conn: Conn, frame: list[Any], now: float) -> None:
+        check_frame(frame)
+        _, rid, name = frame
+        self._check_queue_name(name)
+        self.reply_ok(conn.id, rid, self.queues.purge(name, now))
+
+    def _on_delete(self, conn: Conn, frame: list[Any], now: float) -> None:
+        check_frame(frame)
+        _, rid, name, if_empty = frame
+        self._check_queue_name(name)
+        self.reply_ok(conn.id, rid, self.queues.delete(name, if_empty, now))
 
     def _on_stats(self, conn: Conn, frame: list[Any], now: float) -> None:
         check_frame(frame)

@@ -40,7 +40,7 @@ __all__ = [
 class MsgState(IntEnum):
     READY = 0  # in the ready deque
     LEASED = 1  # held by a consumer
-    DELAYED = 2  # waiting for a retry/nack delay timer
+    DELAYED = 2  # waiting for a timer: a retry/nack delay, or a scheduled first delivery
     PARKED = 3  # waiting for room in a full queue (overflow="block")
     GONE = 4  # acked, dead-lettered, discarded or expired
 
@@ -59,14 +59,17 @@ class QMsg:
     """A queued message with state. ``failures`` counts failed attempts (attempt =
     failures + 1); ``packed`` is its wire form."""
 
-    __slots__ = ("delay_timer", "expires", "failures", "last_consumer", "last_reason",
+    __slots__ = ("delay_timer", "due", "expires", "failures", "last_consumer", "last_reason",
                  "packed", "reply", "seq", "state", "ttl_timer")
 
     def __init__(self, packed: bytes, expires: float | None = None,
-                 reply: tuple[int, int] | None = None) -> None:
+                 reply: tuple[int, int] | None = None, due: float | None = None) -> None:
         self.packed = packed
         self.expires = expires
         self.reply = reply  # (requester connection id, its token) for a request
+        # A scheduled message (SEND with a delay): when it is first ready. Cleared when
+        # it is; a retry delay never sets it (a retry goes to the front, this to the back).
+        self.due = due
         self.failures = 0
         self.state = MsgState.READY
         self.last_reason: str | None = None
@@ -173,7 +176,7 @@ class Queue:
         "available",
         "consumers",
         "dead_lettered",
-        "delayed",
+        "delayed_msgs",
         "delivered",
         "discarded",
         "expired",
@@ -208,7 +211,9 @@ class Queue:
         self.tail: list[bytes] = []  # small stateless messages not yet sealed
         self.ready_len = 0  # live READY messages (the deque may hold GONE tombstones)
         self.tombstones = 0  # GONE messages still in the deque (their bodies released)
-        self.delayed = 0
+        # DELAYED messages (only their timers reach them otherwise), so that a purge or
+        # a delete can find them; insertion-ordered, O(1) removal.
+        self.delayed_msgs: dict[QMsg, None] = {}
         self.leases: dict[int, Lease] = {}  # active, non-extended leases, in deadline order
         self.lease_timer: float | None = None  # deadline of the armed lease timer, if any
         self.consumers: dict[Consumer, None] = {}  # insertion-ordered, O(1) removal
@@ -222,6 +227,11 @@ class Queue:
         self.parked: deque[tuple[int, int, Item]] = deque()  # (conn, rid, item): blocked sends
         self.sent = self.delivered = self.acked = 0
         self.dead_lettered = self.expired = self.discarded = 0
+
+    @property
+    def delayed(self) -> int:
+        """How many messages are DELAYED."""
+        return len(self.delayed_msgs)
 
     def append_ready(self, msg: Item) -> None:
         """Queue ``msg`` behind every READY message (sealing the tail into a Run when
@@ -262,8 +272,13 @@ class Queue:
 
     def is_empty(self) -> bool:
         """Nothing waiting, leased or parked."""
-        return not (self.ready_len or self.delayed or self.leases or self.parked
+        return not (self.ready_len or self.delayed_msgs or self.leases or self.parked
                     or any(c.leases for c in self.consumers))
+
+    def unacked(self) -> int:
+        """Leases held (zombies excluded: their messages are back in the queue)."""
+        return sum(1 for c in self.consumers for lease in c.leases.values()
+                   if not lease.expired)
 
     def make_available(self, consumer: Consumer) -> None:
         """``consumer`` may take a message: give it a turn at the back, unless its old
@@ -306,14 +321,12 @@ class Queue:
     def is_full(self) -> bool:
         """At ``max_length``, which counts the messages waiting: ready plus delayed."""
         limit = self.settings.max_length
-        return limit is not None and self.ready_len + self.delayed >= limit
+        return limit is not None and self.ready_len + len(self.delayed_msgs) >= limit
 
     def stats(self) -> dict[str, Any]:
-        unacked = sum(1 for c in self.consumers for lease in c.leases.values()
-                      if not lease.expired)
         return {
             "ready": self.ready_len,
-            "unacked": unacked,
+            "unacked": self.unacked(),
             "delayed": self.delayed,
             "parked": len(self.parked),
             "consumers": len(self.consumers),

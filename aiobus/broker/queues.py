@@ -18,7 +18,9 @@ A message (:class:`QMsg`) is in exactly one place, recorded in ``msg.state``:
   waiting for a consumer;
 * ``LEASED``: delivered to one consumer under a :class:`Lease` with a deadline;
 * ``DELAYED``: waiting on a timer before it becomes ready again (nack with a delay, or
-  the queue's ``retry_delays`` schedule);
+  the queue's ``retry_delays`` schedule: then to the front), or ready for the first time
+  (a SEND with a ``delay``, ``msg.due`` set: then to the back, as if sent at its due
+  time, which is also when its TTL starts); the queue keeps them in ``delayed_msgs``;
 * ``PARKED``: sent to a full queue with ``overflow="block"``; admitted when room frees;
 * ``GONE``: acked, dead-lettered, or discarded.
 
@@ -27,6 +29,12 @@ Every transition goes through a method of :class:`QueueRouter`; that is the seam
 journal will record them. Leaving ``READY`` by TTL expiry marks the message ``GONE``
 where it sits in the deque (removal from the middle of a deque is O(n)); ``pump`` skips
 such tombstones and ``Queue.ready_len`` counts only live ones.
+
+Administration. ``purge`` drops what waits (READY and DELAYED) and leaves leases alone;
+``delete`` drops the queue object with everything in it, ends its leases (a later
+answer is ``lease-unknown``) and moves its consumers to a fresh queue of the same name.
+A durable queue journals either as one record (``purged``, ``deleted``), not one per
+message.
 
 A lease ends in one of four ways. ``ack`` and ``reply`` remove the message. ``nack``,
 an ack timeout and a lost connection are *failures*: they count an attempt, and after
@@ -52,7 +60,15 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from ..errors import LeaseError, NotARequest, QueueFull, QueueMismatch
+from ..errors import (
+    BusError,
+    LeaseError,
+    NoSuchQueue,
+    NotARequest,
+    QueueFull,
+    QueueMismatch,
+    QueueNotEmpty,
+)
 from .queue_state import (
     FIRST_ATTEMPT_TAIL,
     Consumer,
@@ -87,6 +103,8 @@ class QueueSink(Protocol):
 
     def set_parked(self, conn: int, delta: int, queue: str | None = None) -> None: ...
 
+    def reply_error(self, conn: int, rid: int, error: BusError) -> None: ...
+
 
 class JournalSink(Protocol):
     """What durable queues record (``journal.Journal``); plain methods, no I/O. Times
@@ -102,6 +120,8 @@ class JournalSink(Protocol):
     def failed(self, queue: str, seq: int, failures: int, due: float | None) -> None: ...
 
     def removed(self, queue: str, seq: int, reason: int) -> None: ...
+
+    def purged(self, queue: str) -> None: ...
 
     def deleted(self, queue: str) -> None: ...
 
@@ -211,6 +231,95 @@ class QueueRouter:
                 dlq, QueueSettings.for_queue(target, {**_changed(dlq.settings, target),
                                                       "durable": True}))
 
+    def _existing(self, name: str) -> Queue:
+        queue = self.queues.get(name)
+        if queue is None:
+            raise NoSuchQueue(f"there is no queue {name!r}: it was never used since the"
+                              " broker started, or it was deleted")
+        return queue
+
+    def purge(self, name: str, now: float) -> int:
+        """Remove the messages waiting in ``name``, ready and delayed, and return how
+        many. Leased ones stay (as RabbitMQ's queue.purge): their consumers are working
+        on them. Sends parked on the full queue are then admitted into the room made.
+
+        Raises:
+            NoSuchQueue: the queue does not exist.
+        """
+        queue = self._existing(name)
+        count = queue.ready_len + len(queue.delayed_msgs)
+        if queue.journal is not None:
+            queue.journal.purged(name)  # one record, for what is not out for delivery
+        self._forget_waiting(queue)
+        self.pump(queue, now)
+        return count
+
+    def delete(self, name: str, if_empty: bool, now: float) -> int:
+        """Remove ``name`` with its settings and every message (ready, delayed, leased),
+        and return how many messages that was.
+
+        The leases end: answering one later is ``lease-unknown``. Consumers stay
+        registered on the name, which is then created again empty, with defaults, as
+        any queue is by use. Sends parked on the queue were never accepted: each is
+        refused with NoSuchQueue.
+
+        Raises:
+            NoSuchQueue: the queue does not exist.
+            QueueNotEmpty: ``if_empty`` and the queue holds any message or parked send.
+        """
+        queue = self._existing(name)
+        unacked = queue.unacked()
+        count = queue.ready_len + len(queue.delayed_msgs) + unacked
+        if if_empty and (count or queue.parked):
+            raise QueueNotEmpty(
+                f"queue {name!r} is not empty: {queue.ready_len} ready, {queue.delayed}"
+                f" delayed, {unacked} unacked, {len(queue.parked)} sends waiting for room;"
+                " purge it first, or delete it without if_empty"
+            )
+        if queue.journal is not None:
+            queue.journal.deleted(name)  # one record: all of it, settings too
+        del self.queues[name]
+        self._forget_waiting(queue)
+        consumers = list(queue.consumers)
+        for consumer in consumers:
+            for tag, lease in consumer.leases.items():
+                del self.leases[tag]
+                if lease.timer is not None:
+                    self._timers.cancel(lease.timer)
+                if not lease.expired and type(lease.msg) is QMsg:
+                    self._forget(lease.msg)
+            consumer.leases.clear()
+            consumer.zombies = 0
+        queue.leases.clear()  # its lease timer, if armed, finds nothing
+        for conn, rid, item in queue.parked:
+            if type(item) is QMsg:
+                self._forget(item)
+            self._sink.set_parked(conn, -1)
+            self._sink.reply_error(conn, rid, NoSuchQueue(
+                f"queue {name!r} was deleted while this send waited for room in it;"
+                " the message was not accepted"))
+        queue.parked.clear()
+        if consumers:  # they use the name: it exists again, as a new queue
+            fresh = self.get(name)
+            for consumer in consumers:
+                consumer.queue = fresh
+                consumer.in_available = consumer.queued = False
+                fresh.consumers[consumer] = None
+                self._make_available(consumer)
+        return count
+
+    def _forget_waiting(self, queue: Queue) -> None:
+        """Drop every READY and DELAYED message of ``queue`` (the caller journals)."""
+        for entry in queue.ready:
+            if type(entry) is QMsg:
+                self._forget(entry)
+        for msg in queue.delayed_msgs:
+            self._forget(msg)
+        queue.ready.clear()
+        queue.tail.clear()
+        queue.delayed_msgs.clear()
+        queue.ready_len = queue.tombstones = 0
+
     def restore(self, recovered: Any, now: float) -> None:
         """Load what the journal recovered (``journal.Recovered``) after a restart:
         durable queues with their settings, and their messages, ready again (or delayed
@@ -235,10 +344,9 @@ class QueueRouter:
                     msg.last_reason = "broker-restart"
                     self.dead_letter(queue, msg, "max-deliveries", None, now)
                 elif m.due is not None and m.due - wall > now:
-                    msg.state = MsgState.DELAYED
-                    queue.delayed += 1
-                    msg.delay_timer = self._timers.call_at(m.due - wall, self._on_delay_done,
-                                                           (queue, msg))
+                    if not msg.failures:  # never delivered: a scheduled message
+                        msg.due = m.due - wall
+                    self._delay(queue, msg, m.due - wall)
                     if msg.expires is not None:
                         self._arm_ttl(queue, msg)
                 else:
@@ -252,7 +360,7 @@ class QueueRouter:
     def send(self, conn: int, rid: int, queue: Queue, msg: Item, now: float) -> None:
         """A message from ``conn``; confirms with OK to ``rid`` (0: no confirmation)."""
         available = queue.available
-        if (available and not queue.ready_len and not queue.delayed and not queue.parked
+        if (available and not queue.ready_len and not queue.delayed_msgs and not queue.parked
                 and type(msg) is bytes and queue.plain):
             # The common case on a busy queue: nothing waits (so it cannot be full) and a
             # consumer has room, so the message goes straight to it: what _accept and
@@ -313,19 +421,33 @@ class QueueRouter:
         return False
 
     def _accept(self, queue: Queue, msg: Item, now: float, *, pump: bool = True) -> None:
+        """``msg`` enters ``queue``: READY at the back, or, a scheduled message, DELAYED
+        until its due time (then it joins the back: it counts as sent then, and so does
+        the queue's TTL)."""
         queue.sent += 1
+        due = None
+        if type(msg) is QMsg and msg.due is not None:
+            if msg.due > now:
+                due = msg.due
+            else:
+                msg.due = None  # it waited parked past its due time
         ttl = queue.settings.ttl
         if ttl is not None:
             msg = promote(msg)
             if msg.expires is None:
-                msg.expires = now + ttl
+                msg.expires = (now if due is None else due) + ttl
         journal = queue.journal
         if journal is not None:
             msg = promote(msg)
             msg.seq = queue.next_seq
             queue.next_seq += 1
+            wall = self.wall_offset
             journal.sent(queue.name, msg.seq, msg.packed, msg.failures,
-                         None if msg.expires is None else msg.expires + self.wall_offset)
+                         None if msg.expires is None else msg.expires + wall,
+                         None if due is None else due + wall)
+        if due is not None:
+            self._delay(queue, msg, due)  # type: ignore[arg-type]  # a QMsg
+            return  # its TTL timer is armed when it is due (its TTL counts from then)
         if type(msg) is QMsg:
             if msg.expires is not None:
                 self._arm_ttl(queue, msg)
@@ -623,10 +745,7 @@ class QueueRouter:
                     self._expire(queue, msg, now)
                     return
                 self._arm_ttl(queue, msg)
-            msg.state = MsgState.DELAYED
-            queue.delayed += 1
-            msg.delay_timer = self._timers.call_at(now + delay, self._on_delay_done,
-                                                   (queue, msg))
+            self._delay(queue, msg, now + delay)
         elif front is not None:
             front.append(msg)
         else:
@@ -727,11 +846,30 @@ class QueueRouter:
         msg = self._record_consumer(lease)
         self._fail(queue, msg, None, "ack-timeout", now, front=front)
 
+    def _delay(self, queue: Queue, msg: QMsg, due: float) -> None:
+        """DELAYED until ``due``: a retry delay, or a scheduled message (``msg.due``)."""
+        msg.state = MsgState.DELAYED
+        queue.delayed_msgs[msg] = None
+        msg.delay_timer = self._timers.call_at(due, self._on_delay_done, (queue, msg))
+
     def _on_delay_done(self, item: tuple[Queue, QMsg], now: float) -> None:
         queue, msg = item
         msg.delay_timer = None
-        queue.delayed -= 1
-        self._requeue(queue, msg, now)
+        del queue.delayed_msgs[msg]
+        if msg.due is None:
+            self._requeue(queue, msg, now)  # a retry: older than what waits, to the front
+            return
+        # A scheduled message joins the back, as if sent now; its TTL starts now.
+        msg.due = None
+        if msg.expires is not None:
+            if msg.expires <= now:  # only if the broker was down past it
+                self._expire(queue, msg, now)
+                return
+            self._arm_ttl(queue, msg)
+        msg.state = MsgState.READY
+        queue.append_ready(msg)
+        queue.ready_len += 1
+        self.pump(queue, now)
 
     def _arm_ttl(self, queue: Queue, msg: QMsg) -> None:
         """Expire ``msg`` (READY in ``queue``) when its TTL passes; one timer at a time."""
@@ -748,6 +886,10 @@ class QueueRouter:
         """``msg`` left ``queue`` for good (``reason``: ACKED, ...): journaled if the
         queue is durable, and its timers must not keep it in memory."""
         self._journal_removed(queue, msg, reason)
+        self._forget(msg)
+
+    def _forget(self, msg: QMsg) -> None:
+        """``msg`` is GONE; its timers are cancelled (journaling is the caller's)."""
         msg.state = MsgState.GONE
         if msg.ttl_timer is not None:
             self._timers.cancel(msg.ttl_timer)
@@ -760,7 +902,7 @@ class QueueRouter:
         queue, msg = item
         msg.ttl_timer = None
         if msg.state is MsgState.DELAYED:
-            queue.delayed -= 1
+            del queue.delayed_msgs[msg]
             self._expire(queue, msg, now)
         elif msg.state is MsgState.READY:
             queue.ready_len -= 1

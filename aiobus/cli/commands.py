@@ -60,7 +60,7 @@ async def _bodies(args: argparse.Namespace) -> AsyncIterator[Any]:
 async def _send(bus: Bus, args: argparse.Namespace) -> int:
     headers = dict(args.header)
     async for body in _bodies(args):
-        await _sending(bus.send(args.queue, body, headers, args.ttl))
+        await _sending(bus.send(args.queue, body, headers, args.ttl, delay=args.delay))
     return 0
 
 
@@ -172,7 +172,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
     p.add_argument("queue", metavar="QUEUE", type=queue_name)
     _add_body_options(p)
     p.add_argument("--ttl", type=positive_float, metavar="SECONDS",
-                   help="dead-letter the message (reason 'expired') if it waits longer")
+                   help="dead-letter the message (reason 'expired') if it waits longer"
+                        " (with --delay: longer once it is due)")
+    p.add_argument("--delay", type=positive_float, metavar="SECONDS",
+                   help="deliver it no sooner than SECONDS from now (it waits in the"
+                        " queue as delayed)")
 
     p = add_command(subparsers, common, "publish", run=_publish,
                     help="publish a message on a topic",

@@ -1,13 +1,13 @@
 """``aiobus``: the client command line.
 
 Theory of operation: every command is an ``async def run(bus, args) -> int`` registered
-by its module (:mod:`.commands`, :mod:`.stat`, :mod:`.dlq`, :mod:`.bridges`). ``main``
-parses the options, then one ``asyncio.run`` connects to the broker and runs the command
-inside a cancel scope. SIGINT and SIGTERM cancel that scope only: the command unwinds
-(a consumer leaving its ``async for`` hands its unacked messages back), and the
-connection is then closed normally, outside the scope, so the broker hears a clean
-goodbye. A second signal gets the default action (as in most Unix tools, Ctrl-C twice
-is a hard stop).
+by its module (:mod:`.commands`, :mod:`.stat`, :mod:`.queues`, :mod:`.dlq`,
+:mod:`.bridges`). ``main`` parses the options, then one ``asyncio.run`` connects to the
+broker and runs the command inside a cancel scope. SIGINT and SIGTERM cancel that scope
+only: the command unwinds (a consumer leaving its ``async for`` hands its unacked
+messages back), and the connection is then closed normally, outside the scope, so the
+broker hears a clean goodbye. A second signal gets the default action (as in most Unix
+tools, Ctrl-C twice is a hard stop).
 
 Exit codes follow Unix habits: 0 done; 1 an operational error (broker unavailable,
 timeout, lost connection), one line ``aiobus: <message>`` on stderr; 2 a usage error
@@ -30,7 +30,7 @@ import anyio
 from .. import __version__
 from ..client.bus import connect
 from ..errors import BusError
-from . import bridges, commands, dlq, stat
+from . import bridges, commands, dlq, queues, stat
 from .bodies import CliError
 from .options import EXIT_CODES, HelpFormatter, add_socket_option
 
@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aiobus",
         description="Talk to an aiobus broker: send and receive messages, watch its"
-                    " statistics, manage dead letters, bridge FIFOs and signals.",
+                    " statistics, manage queues and dead letters, bridge FIFOs and"
+                    " signals.",
         epilog=EXIT_CODES,
         formatter_class=HelpFormatter,
     )
@@ -50,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     add_socket_option(common, default=argparse.SUPPRESS)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (commands, stat, dlq, bridges):
+    for module in (commands, stat, queues, dlq, bridges):
         module.register(subparsers, common)
     return parser
 

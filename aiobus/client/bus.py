@@ -444,8 +444,9 @@ class Bus:
         ttl: float | None = None,
         *,
         confirm: bool = True,
+        delay: float | None = None,
     ) -> None:
-        """Put a message on a queue.
+        """Put a message on a queue, for delivery now or, with ``delay``, later.
 
         Args:
             queue: queue name (created with defaults on first use).
@@ -453,32 +454,44 @@ class Bus:
                 list, dict), which the consumer receives as the same value.
             headers: str to str.
             ttl: seconds the message may wait in the queue before it is dead-lettered
-                with reason ``expired``; default the queue's ``ttl``.
+                with reason ``expired``; default the queue's ``ttl``. With ``delay``,
+                counted from when the message is due.
             confirm: when True (default) return once the broker has accepted the message
                 (for ``overflow="block"`` queues: once there was room); when False return
                 once it is buffered for writing (bulk producers; errors are logged).
+            delay: seconds (0 up to 1e9) before the message can be delivered: it waits
+                in the queue as ``delayed`` (counting against ``max_length``; kept by a
+                durable queue across restarts), then joins the back of the queue.
+                None or 0: at once.
 
         Raises:
             TypeError: the body is not msgpack-serialisable (nothing was sent).
             InvalidName: bad queue name. FrameTooLarge: body above the broker's max_frame.
+            InvalidOption: ``ttl`` or ``delay`` out of range.
             QueueFull: the queue is full and its overflow policy is ``"reject"``.
+            NoSuchQueue: the queue was deleted while the send waited for room in it.
             ConnectionLost: the broker went away before confirming.
 
         Example::
 
             await bus.send("jobs", {"url": "https://example.org"}, ttl=60)
+            await bus.send("reminders", "call back", delay=15 * 60)
         """
         data, kind = self._prepare(queue, "queue name", body)
         hdrs = _headers(headers) if headers else None
+        frame = [_SEND, 0, queue, data, kind, hdrs, ttl, None]
+        if delay is not None:  # else the 8-field SEND every broker version understands
+            frame.append(delay)
         if confirm:
-            await self._call([_SEND, 0, queue, data, kind, hdrs, ttl, None])
+            await self._call(frame)
         else:
             if not self._writable.is_set():
                 await self._writable.wait()
-            self._write([_SEND, 0, queue, data, kind, hdrs, ttl, None])
+            self._write(frame)
 
     def send_nowait(self, queue: str, body: Any, headers: Mapping[str, str] | None = None,
-                    ttl: float | None = None) -> asyncio.Future[None]:
+                    ttl: float | None = None, *, delay: float | None = None
+                    ) -> asyncio.Future[None]:
         """Put a message on a queue and return at once with a future of its confirmation:
         the way to keep many confirmed sends in flight (pipelining).
 
@@ -489,7 +502,7 @@ class Bus:
         flight by awaiting the futures, as in the example.
 
         Args:
-            queue, body, headers, ttl: as for :meth:`send`.
+            queue, body, headers, ttl, delay: as for :meth:`send`.
 
         Returns:
             An ``asyncio.Future`` whose result is ``None``.
@@ -510,8 +523,11 @@ class Bus:
         """
         data, kind = self._prepare(queue, "queue name", body)
         rid = next(self._rids)
-        self._write([_SEND, rid, queue, data, kind, _headers(headers) if headers else None,
-                     ttl, None])
+        frame = [_SEND, rid, queue, data, kind, _headers(headers) if headers else None,
+                 ttl, None]
+        if delay is not None:
+            frame.append(delay)
+        self._write(frame)
         fut: asyncio.Future[None] = self._loop.create_future()
         self._pending[rid] = fut
         return fut
@@ -662,6 +678,56 @@ class Bus:
         if "retry_delays" in options:
             options["retry_delays"] = list(retry_delays)  # type: ignore[arg-type]
         result: dict[str, Any] = await self._call([Op.DECLARE, 0, queue, options])
+        return result
+
+    async def purge_queue(self, queue: str) -> int:
+        """Remove every message waiting in a queue: ready and delayed ones. Messages
+        consumers hold (leased) stay and are answered as usual, as RabbitMQ's purge.
+        A durable queue stays purged across a broker restart.
+
+        Returns:
+            How many messages were removed.
+
+        Raises:
+            NoSuchQueue: the broker has no such queue.
+            InvalidName, Forbidden: a bad or reserved (``$...``) name.
+
+        Example::
+
+            removed = await bus.purge_queue("jobs")
+        """
+        self._check_name(queue, "queue name")
+        result: int = await self._call([Op.PURGE, 0, queue])
+        return result
+
+    async def delete_queue(self, queue: str, *, if_empty: bool = False) -> int:
+        """Remove a queue: its settings and all its messages, leased ones included. A
+        durable queue stays deleted across a broker restart.
+
+        Leases on it end: a consumer's later ``ack()`` (or nack, ...) of such a message
+        raises ``LeaseError`` (``lease-unknown``). Its consumers stay registered, and as
+        with any use of a queue name, the queue exists again at once, empty and with the
+        default settings; so do sends to it, and ``declare_queue`` may give it new
+        settings. Sends waiting for room in it fail with ``NoSuchQueue``.
+
+        Args:
+            if_empty: refuse (``QueueNotEmpty``) if it holds any message, ready,
+                delayed or leased, or a send waits for room in it.
+
+        Returns:
+            How many messages were removed.
+
+        Raises:
+            NoSuchQueue: the broker has no such queue.
+            QueueNotEmpty: ``if_empty`` and the queue is not empty; nothing changed.
+            InvalidName, Forbidden: a bad or reserved (``$...``) name.
+
+        Example::
+
+            await bus.delete_queue("scratch", if_empty=True)
+        """
+        self._check_name(queue, "queue name")
+        result: int = await self._call([Op.DELETE, 0, queue, bool(if_empty)])
         return result
 
     async def stats(self) -> dict[str, Any]:

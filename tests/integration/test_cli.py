@@ -96,6 +96,7 @@ async def drain(bus: aiobus.Bus, queue: str, count: int) -> list[aiobus.Message]
 
 
 COMMANDS = [[], ["send"], ["publish"], ["listen"], ["consume"], ["request"], ["stat"],
+            ["queue"], ["queue", "list"], ["queue", "purge"], ["queue", "delete"],
             ["dlq"], ["dlq", "list"], ["dlq", "requeue"], ["dlq", "purge"], ["fifo-in"],
             ["fifo-out"], ["signal-out"]]
 
@@ -117,6 +118,8 @@ BAD_USAGE = [
     ["stat", "--watch", "-1"], ["dlq", "list"], ["signal-out", "--topic", "t", "--pid", "1"],
     ["signal-out", "--topic", "t", "--pid", "1", "--signal", "NOPE"],
     ["fifo-in", "/tmp/x", "--queue", "q", "--topic", "t"],
+    ["queue"], ["queue", "purge"], ["queue", "delete", "$sys.q"],
+    ["send", "q", "x", "--delay", "0"],
 ]
 
 
@@ -321,6 +324,47 @@ async def test_stat_table_and_json(bus: aiobus.Bus, cli: Any) -> None:
     assert stats["queues"]["jobs"]["ready"] == 2 and stats["rates"] is None
     assert [s["pattern"] for s in stats["topics"]["subscriptions"]] == ["weather.*"]
     assert {c["name"] for c in stats["connections"]} >= {"test", "aiobus stat"}
+
+
+async def test_queue_list_purge_and_delete(bus: aiobus.Bus, cli: Any) -> None:
+    await bus.declare_queue("jobs", durable=True)
+    for i in range(3):
+        await bus.send("jobs", i)
+    await bus.send("jobs", "later", delay=3600)
+    await bus.send("other", "x")
+    async with bus.consume("jobs", prefetch=1) as consumer:
+        held = await asyncio.wait_for(anext(consumer), TIMEOUT)
+        listed = await cli("queue", "list")
+        as_json = await cli("queue", "list", "--json")
+        assert listed.code == 0, listed.err
+        assert listed.lines[0].split() == ["QUEUE", "DURABLE", "READY", "UNACKED", "DELAYED",
+                                           "CONSUMERS"]
+        rows = {line.split()[0]: line.split()[1:] for line in listed.lines[1:]}
+        assert rows["jobs"] == ["yes", "2", "1", "1", "1"]
+        assert rows["other"] == ["no", "1", "0", "0", "0"]
+        records = [json.loads(line) for line in as_json.lines]
+        assert {"name": "jobs", "durable": True, "ready": 2, "unacked": 1, "delayed": 1,
+                "consumers": 1} in records
+        purged = await cli("queue", "purge", "jobs")
+        assert (purged.code, purged.out) == (0, "purged 3 messages from jobs\n")
+        refused = await cli("queue", "delete", "jobs", "--if-empty")
+        assert refused.code == 1 and refused.out == ""
+        assert refused.err.startswith("aiobus: queue 'jobs' is not empty: 0 ready, 0 delayed,"
+                                      " 1 unacked")
+        await held.ack()
+    deleted = await cli("queue", "delete", "other")
+    assert (deleted.code, deleted.out) == (0, "deleted queue other with 1 message\n")
+    missing = await cli("queue", "purge", "other")
+    assert missing.code == 1 and "there is no queue 'other'" in missing.err
+    assert (await cli("queue", "delete", "jobs", "--if-empty")).code == 0
+    assert "jobs" not in (await bus.stats())["queues"]
+
+
+async def test_send_with_a_delay(bus: aiobus.Bus, cli: Any) -> None:
+    result = await cli("send", "jobs", "later", "--delay", "3600")
+    assert result.code == 0, result.err
+    stats = await queue_stats(bus, "jobs")
+    assert (stats["ready"], stats["delayed"]) == (0, 1)
 
 
 async def test_long_running_commands_end_cleanly_on_signals(

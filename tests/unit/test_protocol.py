@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from aiobus.errors import FrameTooLarge, LocalProtocolError, ProtocolError, RemoteProtocolError
 from aiobus.protocol import (
     DEFAULT_MAX_FRAME,
+    OPTIONAL_TAIL,
     SPECS,
     BodyKind,
     FrameDecoder,
@@ -32,7 +33,7 @@ EXAMPLES: dict[Op, list[Any]] = {
     Op.ERROR: [Op.ERROR, 7, "queue-full", "queue 'jobs' is full"],
     Op.CLOSE: [Op.CLOSE, "shutdown", "the broker is shutting down"],
     Op.PING: [Op.PING, 9],
-    Op.SEND: [Op.SEND, 2, "jobs", b"\x00\xff body", 0, {"trace": "x"}, 1.5, 44],
+    Op.SEND: [Op.SEND, 2, "jobs", b"\x00\xff body", 0, {"trace": "x"}, 1.5, 44, 30],
     Op.PUBLISH: [Op.PUBLISH, "weather.hk", b"\x93\x01\x02\x03", 1, None],
     Op.SUBSCRIBE: [Op.SUBSCRIBE, 3, 1, "weather.*", 100, "drop-oldest"],
     Op.CONSUME: [Op.CONSUME, 4, 2, "jobs", 16],
@@ -46,6 +47,8 @@ EXAMPLES: dict[Op, list[Any]] = {
     Op.DECLARE: [Op.DECLARE, 11, "jobs", {"max_deliveries": 5, "retry_delays": [1, 2.5]}],
     Op.STATS: [Op.STATS, 12],
     Op.ACK_MANY: [Op.ACK_MANY, [5, 6, 7]],
+    Op.PURGE: [Op.PURGE, 13, "jobs"],
+    Op.DELETE: [Op.DELETE, 14, "jobs", False],
     Op.DELIVER: [Op.DELIVER, 2, 123, ["b-1", "jobs", b"x", 0, None, 1.7e9], 1, "3.44"],
     Op.EVENT: [Op.EVENT, 1, ["b-2", "weather.hk", b"", 0, {"a": "b"}, 1.7e9], 3],
     Op.EVENTS: [Op.EVENTS, 1, [["b-2", "weather.hk", b"", 0, None, 1.7e9],
@@ -259,6 +262,13 @@ def _send(**fields: Any) -> list[Any]:
         (_send(ttl="5"), "bad-field", "SEND.ttl must be int or float or NoneType, got str"),
         (_send(reply_token=-1), "bad-field", "SEND.reply_token must not be negative"),
         (_send(reply_token="t"), "bad-field", "SEND.reply_token must be int or NoneType"),
+        ([*_send(), "5"], "bad-field", "SEND.delay must be int or float or NoneType, got str"),
+        ([*_send(), None, None], "bad-field", "SEND frame has 9 fields, expected 7 to 8"),
+        (_send()[:-1], "bad-field", "SEND frame has 6 fields, expected 7 to 8"),
+        ([Op.PURGE, 1], "bad-field", "PURGE frame has 1 fields, expected 2"),
+        ([Op.PURGE, 1, None], "bad-field", "PURGE.queue must be str, got NoneType"),
+        ([Op.DELETE, 1, "jobs", 0], "bad-field", "DELETE.if_empty must be bool, got int"),
+        ([Op.DELETE, 1, "jobs"], "bad-field", "DELETE frame has 2 fields, expected 3"),
         ([Op.PUBLISH, "t", b"", 0, {"k": 5}], "bad-field", "PUBLISH.headers must map str"),
         ([Op.PUBLISH, "t", b"", 3, None], "bad-field", "PUBLISH.kind must be 0 (raw)"),
         ([Op.PUBLISH, None, b"", 0, None], "bad-field", "PUBLISH.topic must be str"),
@@ -300,6 +310,11 @@ def test_check_frame_accepts_optional_fields() -> None:
     assert check_frame(plain(_send(headers={"a": "b", "": ""}, ttl=3))) == Op.SEND
     assert check_frame([int(Op.NACK), 1, 1, 0, None]) == Op.NACK
     assert check_frame([int(Op.ACK), 0, 0]) == Op.ACK
+    # SEND's delay came later: a SEND without it (older clients) is as valid as with.
+    assert check_frame(plain(_send())) == Op.SEND
+    assert check_frame(plain([*_send(), None])) == Op.SEND
+    assert check_frame(plain([*_send(), 2.5])) == Op.SEND
+    assert check_frame(plain([*_send(), -1])) == Op.SEND  # the broker's to refuse
 
 
 @pytest.mark.parametrize("op", list(Op), ids=lambda op: op.name)
@@ -360,6 +375,7 @@ _FIELD_STRATEGIES: dict[tuple[type, ...], st.SearchStrategy[Any]] = {
     (dict, type(None)): st.none() | st.dictionaries(st.text(max_size=8), st.text(max_size=8),
                                                    max_size=4),
     (int, type(None)): st.none() | st.integers(min_value=0, max_value=2**64 - 1),
+    (bool,): st.booleans(),
     (object,): _values,
     (list,): st.lists(st.integers(min_value=0, max_value=2**64 - 1), max_size=8),
 }
@@ -416,9 +432,11 @@ def reference_check(frame: Any) -> bool:
     if type(frame) is not list or not frame:
         return False
     op = frame[0]
-    if type(op) is not int or op not in SPECS or len(frame) != len(SPECS[op]) + 1:
+    if type(op) is not int or op not in SPECS:
         return False
-    for (field, types), value in zip(SPECS[op], frame[1:], strict=True):
+    if not len(SPECS[op]) - OPTIONAL_TAIL.get(op, 0) <= len(frame) - 1 <= len(SPECS[op]):
+        return False
+    for (field, types), value in zip(SPECS[op], frame[1:], strict=False):
         if types == (object,):
             continue
         if type(value) not in types:
