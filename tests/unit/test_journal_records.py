@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from aiobus.broker.journal import records as r
+from aiobus.broker.journal.replay import Replay
 
 RECORDS: list[tuple[bytes, r.Record]] = [
     (r.encode_declared(1, "jobs", {"ttl": 5.0}, 7), r.QueueDeclared(1, "jobs", {"ttl": 5.0}, 7)),
@@ -80,8 +81,8 @@ def test_the_decoder_never_raises_on_garbage(garbage: bytes) -> None:
     r.salvage(segment() + garbage)
 
 
-def replay(*records: r.Record) -> r.Replay:
-    state = r.Replay()
+def replay(*records: r.Record) -> Replay:
+    state = Replay()
     for record in records:
         state.apply(record)
     state.finish()
@@ -123,3 +124,71 @@ def test_a_later_sent_for_the_same_message_replaces_it() -> None:
                    r.Failed(1, 0, 2, 5.0), r.Sent(1, 0, b"a", 2, None, 5.0))
     msg = state.queues[1].messages[0]
     assert (msg.failures, msg.due) == (2, 5.0)
+
+
+# --- the flat loop (Replay.read_segment) agrees with decode_segment + apply -----------
+
+# Bodies that pass their checksum but do not decode: each must stop both paths alike.
+MALFORMED = [
+    bytes([r.RecordType.SENT]) + bytes(10),  # shorter than a Sent's fixed part
+    r.SENT_HEAD.pack(r.RecordType.SENT, 1, 3, 0, 1) + b"short",  # expires flag, 5 bytes
+    r.SENT_HEAD.pack(r.RecordType.SENT, 1, 3, 0, 3) + bytes(12),  # both flags, 12 bytes
+    bytes([r.RecordType.DELIVERED]) + bytes(11),
+    r.REMOVED_HEAD.pack(r.RecordType.REMOVED, 1, 0, 9),  # no such RemovalReason
+    bytes([r.RecordType.REMOVED]) + bytes(12),
+    bytes([r.RecordType.FAILED]) + bytes(20),
+    bytes([99, 1, 2, 3]),  # no such record type
+]
+
+LIFE = [
+    r.encode_declared(1, "q", {}, 0),
+    *(r.encode_sent(1, seq, b"m%d" % seq) for seq in (0, 2, 1)),  # 1 out of order
+    r.encode_sent(1, 3, b"t", 1, 10.0, 20.0), r.encode_delivered(1, 0),
+    r.encode_failed(1, 0, 1, 5.0), r.encode_delivered(1, 2), r.encode_removed(1, 1, 1),
+    r.encode_sent(1, 0, b"m0", 1, None, 5.0),  # a compaction copy
+    r.encode_declared(2, "p", {}, 0), r.encode_sent(2, 0, b"x"), r.encode_delivered(2, 0),
+    r.encode_purged(2), r.encode_sent(7, 0, b"unknown queue"),
+]
+
+
+def both_ways(data: bytes, *, last: bool) -> None:
+    slow = Replay()
+    decoded = r.decode_segment(data, last=last)
+    slow.segment = decoded.number or 0
+    ends = [o for o, _ in decoded.records[1:]] + [decoded.end][:len(decoded.records)]
+    for (at, record), end in zip(decoded.records, ends, strict=True):
+        slow.apply(record, end - at)
+    fast = Replay()
+    verdict = fast.read_segment(data, last=last)
+    assert verdict == r.Decoded(decoded.number, [], decoded.end, decoded.bad_at,
+                                decoded.torn, decoded.resync_at)
+    assert fast.records == slow.records
+    assert fast.queues == slow.queues
+    assert fast.finish() == slow.finish()
+    assert fast.queues == slow.queues
+
+
+@pytest.mark.parametrize("body", MALFORMED)
+def test_the_flat_loop_refuses_what_decode_body_refuses(body: bytes) -> None:
+    with pytest.raises(r.DECODE_ERRORS):
+        r.decode_body(body)
+    for tail in (b"", LIFE[1]):  # torn, and corrupt (a good record follows)
+        both_ways(segment(*LIFE[:4], r._frame(body), tail), last=True)
+
+
+def test_the_flat_loop_folds_a_whole_life_like_apply() -> None:
+    both_ways(segment(*LIFE), last=True)
+    state = Replay()
+    state.read_segment(segment(*LIFE), last=False)
+    state.finish()
+    assert list(state.queues[1].messages) == [0, 2, 3]  # sorted: 1 came out of order
+    assert [m.size for m in state.queues[1].messages.values()] == [
+        len(LIFE[9]), len(LIFE[2]), len(LIFE[4])]
+
+
+@given(st.binary(max_size=200), st.integers(0, 10_000), st.booleans())
+def test_the_flat_loop_agrees_on_damage_and_garbage(garbage: bytes, flip: int,
+                                                    last: bool) -> None:
+    data = bytearray(segment(*LIFE) + garbage)
+    data[r.HEADER_SIZE + flip % (len(data) - r.HEADER_SIZE)] ^= 1 << flip % 8
+    both_ways(bytes(data), last=last)

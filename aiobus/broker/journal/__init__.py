@@ -1,27 +1,20 @@
 """The durable-queue journal: segment files of checksummed records, and their replay.
 
-``records`` is sans-IO (encoding, the decoder, :class:`~.records.Replay`); ``files`` is
-the file-access interface and its ``os`` implementation; ``store`` holds segments, the
-append buffer, write/sync, recovery, compaction and repair. docs/journal.md describes
-the format and the rules.
+Sans-IO: ``records`` (the format: encoding and the decoder) and ``replay`` (folding
+records into the live state). With I/O: ``files`` (the file-access interface and its
+``os`` implementation), ``recovery`` (reading a directory back), ``store`` (segments,
+the append buffer, write/sync, compaction) and ``repair``; ``errors`` is shared.
+docs/journal.md describes the format and the rules.
 """
 
 from __future__ import annotations
 
+from .errors import JournalCorrupt, JournalError
 from .files import Files, OsFiles
 from .records import RemovalReason
-from .store import (
-    Journal,
-    JournalCorrupt,
-    JournalError,
-    Recovered,
-    RecoveredMessage,
-    RecoveredQueue,
-    RecoveryReport,
-    RepairReport,
-    TornTail,
-    repair,
-)
+from .recovery import Recovered, RecoveredMessage, RecoveredQueue, RecoveryReport, TornTail
+from .repair import RepairReport, repair
+from .store import Journal
 
 __all__ = [
     "Files",

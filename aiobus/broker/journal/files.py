@@ -6,6 +6,8 @@ SQLite's crash VFS does (src/test6.c): every write not yet synced is applied, dr
 applied with garbage. The interface is deliberately the handful of calls a log needs:
 append at the end, fdatasync, truncate, atomic rename plus a directory fsync, list,
 remove, read whole. Files are named inside one directory; handles are opaque ints.
+
+Segments are named ``<number>.seg`` with 16 digits, so that names sort in number order.
 """
 
 from __future__ import annotations
@@ -13,7 +15,18 @@ from __future__ import annotations
 import os
 from typing import Protocol
 
-__all__ = ["Files", "OsFiles"]
+__all__ = ["SUFFIX", "Files", "OsFiles", "segment_name", "segment_names"]
+
+SUFFIX = ".seg"
+
+
+def segment_name(number: int) -> str:
+    return f"{number:016d}{SUFFIX}"
+
+
+def segment_names(files: Files) -> list[str]:
+    """The segments in ``files``, oldest first."""
+    return sorted(n for n in files.list() if n.endswith(SUFFIX))
 
 
 class Files(Protocol):

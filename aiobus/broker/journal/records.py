@@ -28,7 +28,10 @@ record: a real torn tail is short, and real damage is usually followed by a good
 within one record's length.
 
 Records are encoded by plain functions returning ``bytes`` (no object per record on the
-send path, the benchmarks decide that) and decoded into frozen dataclasses.
+send path, the benchmarks decide that) and decoded into frozen dataclasses. Recovery does
+not build those: :mod:`.replay` reads the hot records (Sent, Delivered, Removed) straight
+into its state in one flat loop, and must accept and refuse exactly what
+:func:`decode_body` does (tests/unit/test_journal_records.py checks both paths agree).
 """
 
 from __future__ import annotations
@@ -42,11 +45,12 @@ from typing import Any, Final
 import msgpack
 
 __all__ = [
-    "FORMAT_VERSION", "HEADER_SIZE", "MAX_RECORD", "Decoded", "Delivered", "Failed",
-    "LiveMessage", "LiveQueue", "QueueDeclared", "QueueDeleted", "QueuePurged", "Record",
-    "RemovalReason", "Removed", "Replay", "Sent", "decode_segment", "encode_declared",
-    "encode_deleted", "encode_delivered", "encode_failed", "encode_purged", "encode_removed",
-    "encode_sent", "salvage", "segment_header",
+    "DECODE_ERRORS", "FORMAT_VERSION", "HEADER_SIZE", "MAX_RECORD", "BadRecord", "Decoded",
+    "Delivered", "Failed", "QueueDeclared", "QueueDeleted", "QueuePurged", "Record",
+    "RecordType", "RemovalReason", "Removed", "Sent", "classify_damage", "decode_body",
+    "decode_segment", "encode_declared", "encode_deleted", "encode_delivered",
+    "encode_failed", "encode_purged", "encode_removed", "encode_sent", "read_header",
+    "salvage", "segment_header",
 ]
 
 MAGIC: Final = b"AIOBUSJ\x00"
@@ -58,7 +62,7 @@ HEADER_SIZE: Final = _SEGMENT_HEADER.size + 4
 # default (protocol.DEFAULT_MAX_FRAME). A larger length is damage, not a record.
 MAX_RECORD: Final = 256 * 1024 * 1024
 
-_FRAME = struct.Struct("<II")
+FRAME = struct.Struct("<II")
 _crc = zlib.crc32
 
 
@@ -139,34 +143,34 @@ def _frame(body: bytes) -> bytes:
 
 # --- encoding ------------------------------------------------------------------------
 
-_QSEQ = struct.Struct("<BIQ")
-_SENT = struct.Struct("<BIQIB")
+QSEQ = struct.Struct("<BIQ")
+SENT_HEAD = struct.Struct("<BIQIB")
 _FAILED = struct.Struct("<BIQId")
-_REMOVED = struct.Struct("<BIQB")
+REMOVED_HEAD = struct.Struct("<BIQB")
 _QID = struct.Struct("<BI")
-_F64 = struct.Struct("<d")
+F64 = struct.Struct("<d")
 _NONE = float("nan")  # "no due time" in a Failed record
 
 
 def encode_declared(qid: int, name: str, settings: dict[str, Any], next_seq: int) -> bytes:
     tail = msgpack.packb([name, settings], use_bin_type=True)
-    return _frame(_QSEQ.pack(RecordType.DECLARED, qid, next_seq) + tail)
+    return _frame(QSEQ.pack(RecordType.DECLARED, qid, next_seq) + tail)
 
 
 def encode_sent(qid: int, seq: int, message: bytes, failures: int = 0,
                 expires: float | None = None, due: float | None = None) -> bytes:
     flags = (expires is not None) | (due is not None) << 1
-    parts = [_SENT.pack(RecordType.SENT, qid, seq, failures, flags)]
+    parts = [SENT_HEAD.pack(RecordType.SENT, qid, seq, failures, flags)]
     if expires is not None:
-        parts.append(_F64.pack(expires))
+        parts.append(F64.pack(expires))
     if due is not None:
-        parts.append(_F64.pack(due))
+        parts.append(F64.pack(due))
     parts.append(message)
     return _frame(b"".join(parts))
 
 
 def encode_delivered(qid: int, seq: int) -> bytes:
-    return _frame(_QSEQ.pack(RecordType.DELIVERED, qid, seq))
+    return _frame(QSEQ.pack(RecordType.DELIVERED, qid, seq))
 
 
 def encode_failed(qid: int, seq: int, failures: int, due: float | None) -> bytes:
@@ -175,7 +179,7 @@ def encode_failed(qid: int, seq: int, failures: int, due: float | None) -> bytes
 
 
 def encode_removed(qid: int, seq: int, reason: int) -> bytes:
-    return _frame(_REMOVED.pack(RecordType.REMOVED, qid, seq, reason))
+    return _frame(REMOVED_HEAD.pack(RecordType.REMOVED, qid, seq, reason))
 
 
 def encode_purged(qid: int) -> bytes:
@@ -202,21 +206,21 @@ class BadRecord(ValueError):
 def decode_body(body: bytes | memoryview) -> Record:
     kind = body[0]
     if kind == RecordType.SENT:
-        _, qid, seq, failures, flags = _SENT.unpack_from(body)
-        at = _SENT.size
+        _, qid, seq, failures, flags = SENT_HEAD.unpack_from(body)
+        at = SENT_HEAD.size
         expires = due = None
         if flags & 1:
-            (expires,) = _F64.unpack_from(body, at)
+            (expires,) = F64.unpack_from(body, at)
             at += 8
         if flags & 2:
-            (due,) = _F64.unpack_from(body, at)
+            (due,) = F64.unpack_from(body, at)
             at += 8
         return Sent(qid, seq, bytes(body[at:]), failures, expires, due)
     if kind == RecordType.DELIVERED or kind == RecordType.DECLARED:
-        _, qid, seq = _QSEQ.unpack_from(body)
+        _, qid, seq = QSEQ.unpack_from(body)
         if kind == RecordType.DELIVERED:
             return Delivered(qid, seq)
-        name, settings = msgpack.unpackb(body[_QSEQ.size:], raw=False)
+        name, settings = msgpack.unpackb(body[QSEQ.size:], raw=False)
         if type(name) is not str or type(settings) is not dict:
             raise BadRecord("QueueDeclared: name must be str and settings a map")
         return QueueDeclared(qid, name, settings, seq)
@@ -224,7 +228,7 @@ def decode_body(body: bytes | memoryview) -> Record:
         _, qid, seq, failures, due = _FAILED.unpack_from(body)
         return Failed(qid, seq, failures, None if due != due else due)
     if kind == RecordType.REMOVED:
-        _, qid, seq, reason = _REMOVED.unpack_from(body)
+        _, qid, seq, reason = REMOVED_HEAD.unpack_from(body)
         return Removed(qid, seq, RemovalReason(reason))
     if kind == RecordType.PURGED:
         return QueuePurged(_QID.unpack_from(body)[1])
@@ -246,11 +250,14 @@ class Decoded:
     resync_at: int | None  # where the first good record after the damage starts
 
 
+DECODE_ERRORS = (BadRecord, ValueError, struct.error, msgpack.UnpackException)
+
+
 def _record_at(data: bytes | memoryview, at: int) -> tuple[Record, int] | None:
     """The good record starting at ``at`` and the offset after it, or None."""
     if at + 8 > len(data):
         return None
-    crc, length = _FRAME.unpack_from(data, at)
+    crc, length = FRAME.unpack_from(data, at)
     end = at + 8 + length
     if length == 0 or length > MAX_RECORD or end > len(data):
         return None
@@ -258,19 +265,35 @@ def _record_at(data: bytes | memoryview, at: int) -> tuple[Record, int] | None:
         return None
     try:
         return decode_body(data[at + 8:end]), end
-    except (BadRecord, ValueError, struct.error, msgpack.UnpackException):
+    except DECODE_ERRORS:
         return None
+
+
+def read_header(data: bytes) -> int | None:
+    """The segment number from a good header of this format version, else None."""
+    if len(data) < HEADER_SIZE:
+        return None
+    head = data[:_SEGMENT_HEADER.size]
+    magic, version, _, number = _SEGMENT_HEADER.unpack(head)
+    good = _crc(head) == int.from_bytes(data[_SEGMENT_HEADER.size:HEADER_SIZE], "little")
+    return number if good and magic == MAGIC and version == FORMAT_VERSION else None
+
+
+def classify_damage(data: bytes, number: int, records: list[tuple[int, Record]], at: int,
+                    *, last: bool) -> Decoded:
+    """The decode of a segment whose records are good up to ``at``: whole if ``at`` is its
+    end, else torn or corrupt by whether a good record starts anywhere after ``at``."""
+    size = len(data)
+    if at == size:
+        return Decoded(number, records, at, None, False, None)
+    view = memoryview(data)
+    resync = next((o for o in range(at + 1, size - 8) if _record_at(view, o)), None)
+    return Decoded(number, records, at, at, last and resync is None, resync)
 
 
 def decode_segment(data: bytes, *, last: bool) -> Decoded:
     """Decode one segment file's bytes. See the module docstring for torn vs corrupt."""
-    number = None
-    if len(data) >= HEADER_SIZE:
-        head = data[:_SEGMENT_HEADER.size]
-        magic, version, _, seg = _SEGMENT_HEADER.unpack(head)
-        good = _crc(head) == int.from_bytes(data[_SEGMENT_HEADER.size:HEADER_SIZE], "little")
-        if good and magic == MAGIC and version == FORMAT_VERSION:
-            number = seg
+    number = read_header(data)
     if number is None:  # a header is written and synced before the file gets its name
         return Decoded(None, [], 0, 0, False, None)
     records: list[tuple[int, Record]] = []
@@ -282,10 +305,7 @@ def decode_segment(data: bytes, *, last: bool) -> Decoded:
             break
         records.append((at, found[0]))
         at = found[1]
-    if at == size:
-        return Decoded(number, records, at, None, False, None)
-    resync = next((o for o in range(at + 1, size - 8) if _record_at(view, o)), None)
-    return Decoded(number, records, at, at, last and resync is None, resync)
+    return classify_damage(data, number, records, at, last=last)
 
 
 def salvage(data: bytes) -> tuple[list[tuple[int, int, Record]], list[tuple[int, int]]]:
@@ -305,102 +325,3 @@ def salvage(data: bytes) -> tuple[list[tuple[int, int, Record]], list[tuple[int,
         spans.append((at, resync))
         at = resync
     return records, spans
-
-
-# --- replay --------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class LiveMessage:
-    """A message replay found live. ``segment`` is the segment holding its Sent record
-    (the store's compaction needs it); ``in_flight``: a delivery was recorded and not
-    answered yet."""
-
-    seq: int
-    message: bytes
-    failures: int
-    expires: float | None
-    due: float | None
-    segment: int
-    in_flight: bool = False
-
-
-@dataclass(slots=True)
-class LiveQueue:
-    qid: int
-    name: str
-    settings: dict[str, Any]
-    next_seq: int
-    messages: dict[int, LiveMessage]
-
-
-class Replay:
-    """Folds records, segment by segment in order, into the live state.
-
-    Rules (docs/journal.md, "Recovery rules"): a Sent for a (qid, seq) already live
-    replaces it (compaction copies a message forward with its state folded in); records
-    about messages or queues that are not live are ignored (their Sent was compacted
-    away, or they follow a removal); a queue redeclared after deletion gets a new qid.
-    :meth:`finish` counts each unanswered delivery as one failed attempt.
-    """
-
-    __slots__ = ("bytes", "queues", "records", "segment")
-
-    def __init__(self) -> None:
-        self.queues: dict[int, LiveQueue] = {}
-        self.segment = 0
-        self.records = 0
-        self.bytes = 0
-
-    def apply(self, record: Record) -> None:
-        self.records += 1
-        match record:
-            case Sent(qid, seq, message, failures, expires, due):
-                queue = self.queues.get(qid)
-                if queue is not None:
-                    queue.messages[seq] = LiveMessage(seq, message, failures, expires, due,
-                                                      self.segment)
-                    if seq >= queue.next_seq:
-                        queue.next_seq = seq + 1
-            case Delivered(qid, seq):
-                msg = self._message(qid, seq)
-                if msg is not None:
-                    msg.in_flight = True
-            case Failed(qid, seq, failures, due):
-                msg = self._message(qid, seq)
-                if msg is not None:
-                    msg.failures, msg.due, msg.in_flight = failures, due, False
-            case Removed(qid, seq, _):
-                queue = self.queues.get(qid)
-                if queue is not None:
-                    queue.messages.pop(seq, None)
-            case QueueDeclared(qid, name, settings, next_seq):
-                queue = self.queues.get(qid)
-                if queue is None:
-                    self.queues[qid] = LiveQueue(qid, name, settings, next_seq, {})
-                else:
-                    queue.settings = settings
-                    queue.next_seq = max(queue.next_seq, next_seq)
-            case QueuePurged(qid):
-                queue = self.queues.get(qid)
-                if queue is not None:  # as RabbitMQ: messages out for delivery stay
-                    queue.messages = {s: m for s, m in queue.messages.items() if m.in_flight}
-            case QueueDeleted(qid):
-                self.queues.pop(qid, None)
-
-    def _message(self, qid: int, seq: int) -> LiveMessage | None:
-        queue = self.queues.get(qid)
-        return None if queue is None else queue.messages.get(seq)
-
-    def finish(self) -> list[tuple[int, LiveMessage]]:
-        """End of the journal: a delivery nobody answered was an attempt that failed.
-        Returns those messages, so the store can journal the failure it inferred."""
-        failed = []
-        for queue in self.queues.values():
-            queue.messages = dict(sorted(queue.messages.items()))
-            for msg in queue.messages.values():
-                if msg.in_flight:
-                    msg.failures += 1
-                    msg.in_flight = False
-                    failed.append((queue.qid, msg))
-        return failed

@@ -1,4 +1,5 @@
-"""The journal store: segments, the append buffer, write/sync, recovery, compaction.
+"""The journal store: segments, the append buffer, write/sync, compaction, and loading
+what recovery (recovery.py) replayed.
 
 Theory of operation
 -------------------
@@ -32,99 +33,29 @@ segment owns nothing and goes. See docs/journal.md for why that bounds disk use.
 
 from __future__ import annotations
 
-import errno
+import gc
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ...errors import BusError
 from . import records as r
-from .files import Files
+from .errors import JournalError, os_error_name
+from .files import Files, segment_name
+from .recovery import (
+    Recovered,
+    RecoveredQueue,
+    RecoveryReport,
+    recovered_messages,
+    replay_files,
+)
+from .replay import Replay
 
-__all__ = [
-    "DEFAULT_SEGMENT_SIZE", "Journal", "JournalCorrupt", "JournalError", "Recovered",
-    "RecoveredMessage", "RecoveredQueue", "RecoveryReport", "RepairReport", "TornTail",
-    "repair",
-]
+__all__ = ["DEFAULT_SEGMENT_SIZE", "Journal"]
 
 # 64 MiB, as Kafka's log.segment.bytes default is 1 GiB and NATS JetStream's file store
 # blocks are 8-16 MiB: large enough that rotation (two syncs) is rare, small enough that
 # compaction copies little at a time.
 DEFAULT_SEGMENT_SIZE = 64 * 1024 * 1024
-SUFFIX = ".seg"
-
-
-class JournalError(BusError):
-    """The journal could not be written or read: ``cause`` names why (``"ENOSPC"``...),
-    ``file`` which file. Writes may be retried; reads keep working."""
-
-    code = "journal"
-
-    def __init__(self, message: str, *, file: str | None = None,
-                 cause: str | None = None) -> None:
-        super().__init__(message)
-        self.file = file
-        self.cause = cause
-
-
-class JournalCorrupt(JournalError):
-    """A bad checksum before the tail: confirmed data is damaged. Run :func:`repair`."""
-
-    def __init__(self, file: str, offset: int, detail: str) -> None:
-        super().__init__(f"journal segment {file} is damaged at offset {offset}: {detail}",
-                         file=file, cause="corrupt")
-        self.offset = offset
-
-
-@dataclass(frozen=True, slots=True)
-class RecoveredMessage:
-    seq: int
-    message: bytes
-    failures: int
-    expires: float | None
-    due: float | None
-
-
-@dataclass(frozen=True, slots=True)
-class RecoveredQueue:
-    name: str
-    settings: dict[str, Any]
-    next_seq: int
-    messages: list[RecoveredMessage]  # in sequence order
-
-
-@dataclass(frozen=True, slots=True)
-class TornTail:
-    file: str
-    offset: int
-    dropped: int  # bytes cut off
-
-
-@dataclass(frozen=True, slots=True)
-class RecoveryReport:
-    queues: int
-    messages: int
-    bytes: int  # journal bytes read
-    seconds: float
-    torn: TornTail | None
-
-
-@dataclass(frozen=True, slots=True)
-class Recovered:
-    queues: dict[str, RecoveredQueue]
-    report: RecoveryReport
-
-
-def segment_name(number: int) -> str:
-    return f"{number:016d}{SUFFIX}"
-
-
-def _sent_size(message: bytes, expires: float | None, due: float | None) -> int:
-    return 26 + len(message) + 8 * (expires is not None) + 8 * (due is not None)
-
-
-def _os_error(exc: OSError) -> str:
-    return errno.errorcode.get(exc.errno or 0, str(exc.errno))
 
 
 @dataclass(slots=True)
@@ -298,7 +229,7 @@ class Journal:
             except OSError:
                 self._must_truncate = True
             raise JournalError(f"cannot write journal segment {name}: {exc}",
-                               file=name, cause=_os_error(exc)) from exc
+                               file=name, cause=os_error_name(exc)) from exc
         self._buffer.clear()
         self._buffered = 0
         segment.size += len(data)
@@ -323,7 +254,7 @@ class Journal:
             except OSError as exc:
                 name = segment_name(self._segments[-1].number)
                 raise JournalError(f"cannot sync journal segment {name}: {exc}",
-                                   file=name, cause=_os_error(exc)) from exc
+                                   file=name, cause=os_error_name(exc)) from exc
             self._unsynced = False
         if self._buffer:
             return  # compaction copies may still be unwritten: drop nothing yet
@@ -386,7 +317,7 @@ class Journal:
             handle = self.files.open_append(name)
         except OSError as exc:
             raise JournalError(f"cannot open journal segment {name}: {exc}",
-                               file=name, cause=_os_error(exc)) from exc
+                               file=name, cause=os_error_name(exc)) from exc
         self.files.close(self._handle)
         self._handle = handle
         self._unsynced = False
@@ -410,7 +341,7 @@ class Journal:
             except OSError:
                 pass
             raise JournalError(f"cannot create journal segment {name}: {exc}",
-                               file=name, cause=_os_error(exc)) from exc
+                               file=name, cause=os_error_name(exc)) from exc
 
     def close(self) -> None:
         """Close the current segment (write and sync first if you mean to keep the buffer)."""
@@ -434,146 +365,67 @@ class Journal:
             JournalError: a file could not be read or the tail not truncated.
         """
         started = time.perf_counter()
-        for name in files.list():
-            if name.endswith(".tmp"):  # a segment whose creation did not finish
-                files.remove(name)
-        names = [n for n in files.list() if n.endswith(SUFFIX)]
-        replay = r.Replay()
-        journal = cls(files, segment_size)
-        torn = None
-        size = 0
-        for i, name in enumerate(names):
-            data = files.read(name)
-            decoded = r.decode_segment(data, last=i == len(names) - 1)
-            if decoded.number is None:
-                raise JournalCorrupt(name, 0, "bad segment header")
-            if decoded.bad_at is not None and not decoded.torn:
-                raise JournalCorrupt(name, decoded.bad_at, "bad checksum or record")
-            if decoded.bad_at is not None:
-                torn = TornTail(name, decoded.bad_at, len(data) - decoded.end)
-                handle = files.open_append(name)
-                try:
-                    files.truncate(handle, decoded.end)
-                    files.sync(handle)
-                finally:
-                    files.close(handle)
-            replay.segment = decoded.number
-            for _, record in decoded.records:
-                replay.apply(record)
-            replay.bytes += len(data)
-            size = decoded.end
-            journal._segments.append(_Segment(decoded.number, decoded.end))
-        inferred = replay.finish()
-        journal._load(replay)
-        if names:
-            journal._handle = files.open_append(names[-1])
-            journal._segments[-1].size = size
+        # Recovery makes a few objects per message and no reference cycles; the cyclic
+        # collector, triggered by allocation counts, would rescan everything built so
+        # far again and again: 40% of the time for a million messages (measured, see
+        # docs/journal.md). So it is paused, as bulk loaders do, and restored after.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            replay, segments, torn = replay_files(files)
+            journal = cls(files, segment_size)
+            journal._segments = [_Segment(number, size) for number, size in segments]
+            inferred = replay.finish()
+            queues = journal._load(replay)
+        finally:
+            if collecting:
+                gc.enable()
+        if segments:
+            journal._handle = files.open_append(segment_name(segments[-1][0]))
         else:
             journal._create(segment_name(1), r.segment_header(1))
             journal._handle = files.open_append(segment_name(1))
             journal._segments.append(_Segment(1, r.HEADER_SIZE))
         for qid, msg in inferred:  # make the inferred failure a record of its own
             journal.failed(journal._s.names[qid], msg.seq, msg.failures, msg.due)
-        queues = {
-            q.name: RecoveredQueue(q.name, q.settings, q.next_seq, [
-                RecoveredMessage(m.seq, m.message, m.failures, m.expires, m.due)
-                for m in q.messages.values()])
-            for q in replay.queues.values()
-        }
         report = RecoveryReport(len(queues), sum(len(q.messages) for q in queues.values()),
                                 replay.bytes, time.perf_counter() - started, torn)
         return journal, Recovered(queues, report)
 
-    def _load(self, replay: r.Replay) -> None:
+    def _load(self, replay: Replay) -> dict[str, RecoveredQueue]:
+        """Build the store's indexes (the owner index once, each segment's live counts
+        per run of messages it owns) from a finished replay; return what :meth:`open`
+        returns."""
         s = self._s
         by_number = {seg.number: seg for seg in self._segments}
+        queues: dict[str, RecoveredQueue] = {}
         for q in replay.queues.values():
-            s.qids[q.name], s.names[q.qid], s.settings[q.qid] = q.qid, q.name, q.settings
-            s.next_seq[q.qid] = q.next_seq
-            owners = s.owner[q.qid] = {}
-            for m in q.messages.values():
-                size = _sent_size(m.message, m.expires, m.due)
-                owners[m.seq] = m.segment << 32 | size
-                segment = by_number[m.segment]
-                segment.live += 1
-                segment.live_bytes += size
+            qid = q.qid
+            s.qids[q.name], s.names[qid], s.settings[qid] = qid, q.name, q.settings
+            s.next_seq[qid] = q.next_seq
+            s.next_qid = max(s.next_qid, qid + 1)
+            owners: dict[int, int] = {}
+            s.owner[qid] = owners
+            failed = s.failed
+            number, live, live_bytes = -1, 0, 0
+            segment: _Segment | None = None
+            for seq, m in q.messages.items():
+                if m.segment != number:  # messages come in runs of one segment
+                    if segment is not None:
+                        segment.live += live
+                        segment.live_bytes += live_bytes
+                    number, live, live_bytes = m.segment, 0, 0
+                    segment = by_number[number]
+                size = m.size or len(r.encode_sent(qid, seq, m.message, m.failures,
+                                                   m.expires, m.due))
+                owners[seq] = number << 32 | size
+                live += 1
+                live_bytes += size
                 if m.failures:
-                    s.failed[q.qid, m.seq] = (m.failures, m.due)
-            s.next_qid = max(s.next_qid, q.qid + 1)
-
-
-# --- repair --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class RepairReport:
-    file: str
-    moved_to: str  # the damaged original, kept for forensics
-    damaged: list[tuple[int, int]]  # byte spans (start, end) that were unreadable
-    lost: list[tuple[str, int]]  # (queue, seq) of each message that may be lost
-
-
-def repair(files: Files, name: str) -> RepairReport:
-    """Move the damaged segment ``name`` aside as ``<name>.damaged`` and put in its place
-    every record that still reads; report which messages were lost.
-
-    A queue's sends in one segment have the consecutive sequence numbers from the
-    ``next_seq`` its opening QueueDeclared names up to the next segment's (or, in the
-    last segment, to the highest one read): each number in that range with no readable
-    Sent, and no readable removal here or later, is reported lost. (A message that
-    compaction had copied into the damaged span escapes this count; docs/journal.md.)
-
-    Example::
-
-        try:
-            journal, recovered = Journal.open(files)
-        except JournalCorrupt as exc:
-            report = repair(files, exc.file)   # log report.lost, then open again
-    """
-    names = sorted(n for n in files.list() if n.endswith(SUFFIX))
-    data = files.read(name)
-    good, spans = r.salvage(data)
-    header = data[:r.HEADER_SIZE]
-    if r.decode_segment(header, last=False).number is None:
-        header = r.segment_header(int(name.removesuffix(SUFFIX)))
-        spans.insert(0, (0, r.HEADER_SIZE))
-    later = names[names.index(name) + 1:]
-    # seq ranges per qid: [start, end)
-    start: dict[int, int] = {}
-    seen: dict[int, set[int]] = {}
-    qnames: dict[int, str] = {}
-    for _, _, record in good:
-        if type(record) is r.QueueDeclared:
-            start.setdefault(record.qid, record.next_seq)
-            qnames[record.qid] = record.name
-        elif type(record) is r.Sent or type(record) is r.Removed:
-            seen.setdefault(record.qid, set()).add(record.seq)
-    end: dict[int, int] = {qid: max(seqs) + 1 for qid, seqs in seen.items()}
-    for i, later_name in enumerate(later):
-        decoded = r.decode_segment(files.read(later_name), last=i == len(later) - 1)
-        for _, record in decoded.records:
-            if type(record) is r.QueueDeclared and record.qid in start and i == 0:
-                end[record.qid] = max(end.get(record.qid, 0), record.next_seq)
-                qnames.setdefault(record.qid, record.name)
-            elif type(record) is r.Removed:
-                seen.setdefault(record.qid, set()).add(record.seq)
-    lost = [
-        (qnames.get(qid, f"#{qid}"), seq)
-        for qid in sorted(start)
-        for seq in range(start[qid], end.get(qid, start[qid]))
-        if seq not in seen.get(qid, ())
-    ] if spans else []
-    moved = name + ".damaged"
-    replacement = header + b"".join(data[a:b] for a, b, _ in good)
-    files.rename(name, moved)
-    files.sync_directory()
-    tmp = name + ".tmp"
-    handle = files.create(tmp)
-    try:
-        files.append(handle, replacement)
-        files.sync(handle)
-    finally:
-        files.close(handle)
-    files.rename(tmp, name)
-    files.sync_directory()
-    return RepairReport(name, moved, spans, lost)
+                    failed[qid, seq] = (m.failures, m.due)
+            if segment is not None:
+                segment.live += live
+                segment.live_bytes += live_bytes
+            queues[q.name] = RecoveredQueue(q.name, q.settings, q.next_seq,
+                                            recovered_messages(q.messages.values()))
+        return queues

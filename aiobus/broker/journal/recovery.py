@@ -1,0 +1,120 @@
+"""Recovery: read every segment of a journal directory into a :class:`~.replay.Replay`,
+cutting off a torn tail and refusing damage; and the types recovery returns.
+
+:meth:`~.store.Journal.open` runs :func:`replay_files` and then loads the result into
+the store's indexes (docs/journal.md, "Recovery rules").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import JournalCorrupt
+from .files import Files, segment_names
+from .replay import LiveMessage, Replay
+
+__all__ = [
+    "Recovered", "RecoveredMessage", "RecoveredQueue", "RecoveryReport", "TornTail",
+    "recovered_messages", "replay_files",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveredMessage:
+    seq: int
+    message: bytes
+    failures: int
+    expires: float | None
+    due: float | None
+
+
+def recovered_messages(live: Iterable[LiveMessage]) -> list[RecoveredMessage]:
+    """``[RecoveredMessage(m.seq, m.message, ...) for m in live]`` in half the time. A
+    frozen dataclass's ``__init__`` sets each field through ``object.__setattr__`` (0.86
+    µs for five: most of a second per million recovered messages on this machine);
+    setting the slots through their descriptors makes the same objects in 0.45 µs."""
+    new = object.__new__
+    cls = RecoveredMessage
+    set_seq, set_message, set_failures, set_expires, set_due = (
+        cls.__dict__[name].__set__ for name in cls.__slots__)
+    out: list[RecoveredMessage] = []
+    append = out.append
+    for m in live:
+        recovered = new(cls)
+        set_seq(recovered, m.seq)
+        set_message(recovered, m.message)
+        set_failures(recovered, m.failures)
+        set_expires(recovered, m.expires)
+        set_due(recovered, m.due)
+        append(recovered)
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveredQueue:
+    name: str
+    settings: dict[str, Any]
+    next_seq: int
+    messages: list[RecoveredMessage]  # in sequence order
+
+
+@dataclass(frozen=True, slots=True)
+class TornTail:
+    file: str
+    offset: int
+    dropped: int  # bytes cut off
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveryReport:
+    queues: int
+    messages: int
+    bytes: int  # journal bytes read
+    seconds: float
+    torn: TornTail | None
+
+
+@dataclass(frozen=True, slots=True)
+class Recovered:
+    queues: dict[str, RecoveredQueue]
+    report: RecoveryReport
+
+
+def replay_files(files: Files) -> tuple[Replay, list[tuple[int, int]], TornTail | None]:
+    """Replay every segment in ``files``, oldest first (leftover ``.tmp`` files, segments
+    whose creation did not finish, are removed first).
+
+    Returns:
+        The replay (not finished), each segment's (number, good length), and the torn
+        tail that was cut off the last segment, if any.
+
+    Raises:
+        JournalCorrupt: a bad header, or a bad record before the tail.
+        OSError: a file could not be read, or the torn tail not truncated.
+    """
+    for name in files.list():
+        if name.endswith(".tmp"):
+            files.remove(name)
+    names = segment_names(files)
+    replay = Replay()
+    segments: list[tuple[int, int]] = []
+    torn = None
+    for i, name in enumerate(names):
+        data = files.read(name)
+        decoded = replay.read_segment(data, last=i == len(names) - 1)
+        if decoded.number is None:
+            raise JournalCorrupt(name, 0, "bad segment header")
+        if decoded.bad_at is not None and not decoded.torn:
+            raise JournalCorrupt(name, decoded.bad_at, "bad checksum or record")
+        if decoded.bad_at is not None:
+            torn = TornTail(name, decoded.bad_at, len(data) - decoded.end)
+            handle = files.open_append(name)
+            try:
+                files.truncate(handle, decoded.end)
+                files.sync(handle)
+            finally:
+                files.close(handle)
+        segments.append((decoded.number, decoded.end))
+    return replay, segments, torn

@@ -1,0 +1,217 @@
+"""Replay: fold journal records, segment by segment, into the live state. No I/O, no clock.
+
+Theory of operation
+-------------------
+Rules (docs/journal.md, "Recovery rules"): a Sent for a (qid, seq) already live
+replaces it (compaction copies a message forward with its state folded in); records
+about messages or queues that are not live are ignored (their Sent was compacted away,
+or they follow a removal); a queue redeclared after deletion gets a new qid.
+:meth:`Replay.finish` counts each unanswered delivery as one failed attempt.
+
+Two ways in, one set of rules. :meth:`Replay.apply` folds one decoded record (tests,
+and records of the rare kinds). :meth:`Replay.read_segment` is what recovery runs: one
+flat loop over a segment's bytes that checks each frame and reads Sent, Delivered and
+Removed straight into the state, with no record object and no call per record, as
+msgpack and redis keep their hot loops flat. It hands every other kind to
+:func:`~.records.decode_body` and :meth:`apply`, and stops at the first record that
+:func:`~.records.decode_body` would refuse (a short body, an unknown reason), so it
+accepts exactly what :func:`~.records.decode_segment` does; the torn-or-corrupt verdict
+on what follows is :func:`~.records.classify_damage`'s, as before.
+
+Messages arrive in sequence order unless compaction copied old ones forward past newer
+ones; a queue notes when that happened (``ordered``), and :meth:`finish` sorts only
+those queues.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+from . import records as r
+
+__all__ = ["LiveMessage", "LiveQueue", "Replay"]
+
+
+@dataclass(slots=True)
+class LiveMessage:
+    """A message replay found live. ``segment`` is the segment holding its Sent record and
+    ``size`` that record's bytes (the store's compaction needs both; 0: not known);
+    ``in_flight``: a delivery was recorded and not answered yet."""
+
+    seq: int
+    message: bytes
+    failures: int
+    expires: float | None
+    due: float | None
+    segment: int
+    size: int = 0
+    in_flight: bool = False
+
+
+@dataclass(slots=True)
+class LiveQueue:
+    qid: int
+    name: str
+    settings: dict[str, Any]
+    next_seq: int
+    messages: dict[int, LiveMessage]
+    ordered: bool = True  # ``messages`` was filled in sequence order
+
+
+_SENT = r.RecordType.SENT
+_DELIVERED = r.RecordType.DELIVERED
+_REMOVED = r.RecordType.REMOVED
+_REASONS = frozenset(r.RemovalReason)
+
+
+class Replay:
+    """Folds records, segment by segment in order, into the live state (module docstring).
+    Set ``segment`` before applying a segment's records by hand."""
+
+    __slots__ = ("bytes", "queues", "records", "segment")
+
+    def __init__(self) -> None:
+        self.queues: dict[int, LiveQueue] = {}
+        self.segment = 0
+        self.records = 0
+        self.bytes = 0
+
+    def apply(self, record: r.Record, size: int = 0) -> None:
+        """Fold one record; ``size`` is its encoded length (for a Sent, the owner index)."""
+        self.records += 1
+        match record:
+            case r.Sent(qid, seq, message, failures, expires, due):
+                queue = self.queues.get(qid)
+                if queue is not None:
+                    if seq >= queue.next_seq:
+                        queue.next_seq = seq + 1
+                    elif seq not in queue.messages:
+                        queue.ordered = False
+                    queue.messages[seq] = LiveMessage(seq, message, failures, expires, due,
+                                                      self.segment, size)
+            case r.Delivered(qid, seq):
+                msg = self._message(qid, seq)
+                if msg is not None:
+                    msg.in_flight = True
+            case r.Failed(qid, seq, failures, due):
+                msg = self._message(qid, seq)
+                if msg is not None:
+                    msg.failures, msg.due, msg.in_flight = failures, due, False
+            case r.Removed(qid, seq, _):
+                queue = self.queues.get(qid)
+                if queue is not None:
+                    queue.messages.pop(seq, None)
+            case r.QueueDeclared(qid, name, settings, next_seq):
+                queue = self.queues.get(qid)
+                if queue is None:
+                    self.queues[qid] = LiveQueue(qid, name, settings, next_seq, {})
+                else:
+                    queue.settings = settings
+                    queue.next_seq = max(queue.next_seq, next_seq)
+            case r.QueuePurged(qid):
+                queue = self.queues.get(qid)
+                if queue is not None:  # as RabbitMQ: messages out for delivery stay
+                    queue.messages = {s: m for s, m in queue.messages.items() if m.in_flight}
+            case r.QueueDeleted(qid):
+                self.queues.pop(qid, None)
+
+    def _message(self, qid: int, seq: int) -> LiveMessage | None:
+        queue = self.queues.get(qid)
+        return None if queue is None else queue.messages.get(seq)
+
+    def read_segment(self, data: bytes, *, last: bool) -> r.Decoded:
+        """Apply every good record of one segment's bytes, in one flat loop.
+
+        Returns what :func:`~.records.decode_segment` would, except that ``records`` is
+        empty: they were applied. On damage the records before it are applied too; the
+        caller refuses the whole replay if the verdict is corrupt.
+        """
+        number = r.read_header(data)
+        if number is None:
+            return r.Decoded(None, [], 0, 0, False, None)
+        self.segment = number
+        self.bytes += len(data)
+        queues = self.queues
+        view = memoryview(data)
+        size = len(data)
+        at = r.HEADER_SIZE
+        count = 0
+        frame = r.FRAME.unpack_from
+        sent_head = r.SENT_HEAD.unpack_from
+        qseq = r.QSEQ.unpack_from
+        removed_head = r.REMOVED_HEAD.unpack_from
+        f64 = r.F64.unpack_from
+        crc32 = zlib.crc32
+        reasons = _REASONS
+        max_record = r.MAX_RECORD
+        while at + 8 <= size:
+            crc, length = frame(data, at)
+            end = at + 8 + length
+            # (crc32 of a bytes slice beats one of a memoryview slice: 0.41 vs 0.57 µs)
+            if not 0 < length <= max_record or end > size or crc32(data[at + 4:end]) != crc:
+                break
+            kind = data[at + 8]
+            if kind == _SENT and length >= 18:
+                _, qid, seq, failures, flags = sent_head(data, at + 8)
+                start = at + 26
+                expires = due = None
+                if flags & 3:
+                    if start + 8 * ((flags & 1) + (flags >> 1 & 1)) > end:
+                        break  # decode_body refuses it (struct.error)
+                    if flags & 1:
+                        (expires,) = f64(data, start)
+                        start += 8
+                    if flags & 2:
+                        (due,) = f64(data, start)
+                        start += 8
+                queue = queues.get(qid)
+                if queue is not None:
+                    messages = queue.messages
+                    if seq >= queue.next_seq:
+                        queue.next_seq = seq + 1
+                    elif seq not in messages:
+                        queue.ordered = False
+                    messages[seq] = LiveMessage(seq, data[start:end], failures, expires, due,
+                                                number, end - at)
+            elif kind == _DELIVERED and length >= 13:
+                _, qid, seq = qseq(data, at + 8)
+                queue = queues.get(qid)
+                if queue is not None:
+                    msg = queue.messages.get(seq)
+                    if msg is not None:
+                        msg.in_flight = True
+            elif kind == _REMOVED and length >= 14:
+                _, qid, seq, reason = removed_head(data, at + 8)
+                if reason not in reasons:
+                    break  # decode_body refuses it (RemovalReason raises ValueError)
+                queue = queues.get(qid)
+                if queue is not None:
+                    queue.messages.pop(seq, None)
+            else:
+                try:
+                    record = r.decode_body(view[at + 8:end])
+                except r.DECODE_ERRORS:
+                    break
+                self.apply(record, end - at)
+                count -= 1  # apply counted it
+            count += 1
+            at = end
+        self.records += count
+        return r.classify_damage(data, number, [], at, last=last)
+
+    def finish(self) -> list[tuple[int, LiveMessage]]:
+        """End of the journal: a delivery nobody answered was an attempt that failed.
+        Returns those messages, so the store can journal the failure it inferred."""
+        failed = []
+        for queue in self.queues.values():
+            if not queue.ordered:
+                queue.messages = dict(sorted(queue.messages.items()))
+                queue.ordered = True
+            for msg in queue.messages.values():
+                if msg.in_flight:
+                    msg.failures += 1
+                    msg.in_flight = False
+                    failed.append((queue.qid, msg))
+        return failed
