@@ -22,6 +22,7 @@ __all__ = [
     "FrameTooLarge",
     "InvalidName",
     "InvalidOption",
+    "JournalError",
     "LeaseError",
     "LocalProtocolError",
     "NoSuchQueue",
@@ -181,6 +182,21 @@ class ConnectionClosed(BusConnectionError):
     code = "closed"
 
 
+class JournalError(BusError):
+    """The broker's journal could not be written or read, so a send to a durable queue
+    was not accepted (``cause`` names why, e.g. ``"ENOSPC"``; ``file`` which file, when
+    known). The broker keeps serving everything else and accepts durable sends again by
+    itself once the journal is writable."""
+
+    code = "journal"
+
+    def __init__(self, message: str, *, code: str | None = None, file: str | None = None,
+                 cause: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.file = file
+        self.cause = cause
+
+
 class RequestTimeout(BusError, TimeoutError):
     """``request`` got no reply within its timeout."""
 
@@ -198,6 +214,7 @@ _BY_CODE: dict[str, type[BusError]] = {
     "forbidden": Forbidden,
     "queue-full": QueueFull,
     "queue-mismatch": QueueMismatch,
+    "journal": JournalError,
     "no-such-queue": NoSuchQueue,
     "queue-not-empty": QueueNotEmpty,
     "quota-exceeded": QuotaExceeded,

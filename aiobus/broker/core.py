@@ -259,6 +259,14 @@ class BrokerCore:
         self._now = now
         self.queues.restore(recovered, now)
 
+    def drain(self) -> None:
+        """Stop delivering (a shutdown): held leases may still be answered."""
+        self.queues.pause()
+
+    def held_leases(self) -> int:
+        """Leases held and not expired, over all queues."""
+        return self.queues.held()
+
     def tick(self, now: float) -> None:
         """Run the timers that are due (lease expiry, delays, TTL, handshake deadlines)."""
         self._now = now

@@ -62,6 +62,7 @@ from typing import Any, Protocol
 
 from ..errors import (
     BusError,
+    JournalError,
     LeaseError,
     NoSuchQueue,
     NotARequest,
@@ -156,6 +157,13 @@ class QueueRouter:
         # Where durable queues record every change of their messages (a journal.Journal,
         # owned by the shell, which writes it out once per loop turn); None: none.
         self.journal: JournalSink | None = journal
+        self.paused = False  # shutting down: nothing more is delivered (see pause)
+        # Set by the shell while the journal cannot be written (e.g. "ENOSPC"): sends to
+        # durable queues are refused. And the connections that got a confirmation of a
+        # durable send since the shell last wrote the journal: if that write fails, the
+        # shell drops their output (those confirmations must not go out) and closes them.
+        self.journal_error: str | None = None
+        self.journaled_confirms: set[int] = set()
 
     # -- queues ---------------------------------------------------------------------
 
@@ -378,6 +386,14 @@ class QueueRouter:
                 return
             consumer.queued = False  # a stale entry (see Queue.available): the long way
             queue.stale_available -= 1
+        if queue.journal is not None:
+            if self.journal_error is not None:
+                raise JournalError(
+                    f"queue {queue.name!r} is durable and the journal cannot be written"
+                    f" ({self.journal_error}); the message was not accepted, retry later",
+                    cause=self.journal_error)
+            if rid:  # confirmed only if this turn's records reach the journal
+                self.journaled_confirms.add(conn)
         if queue.parked:
             if any(c == conn for c, _, _ in queue.parked):
                 # Keep this producer's order: it already waits for room in this queue.
@@ -465,6 +481,8 @@ class QueueRouter:
             self._sink.set_parked(conn, -1)
             self._accept(queue, msg, now, pump=False)
             if rid:
+                if queue.journal is not None:
+                    self.journaled_confirms.add(conn)
                 self._sink.reply_ok(conn, rid)
             admitted = True
         return admitted
@@ -559,9 +577,27 @@ class QueueRouter:
 
     # -- consumers ------------------------------------------------------------------
 
+    def pause(self) -> None:
+        """Deliver nothing more: a broker shutting down lets the leases it granted end
+        (acks, nacks, rejects and extends still work) before it closes connections.
+        A consumer marked inactive is never made available again (``_make_available``)."""
+        self.paused = True
+        for queue in self.queues.values():
+            for consumer in queue.consumers:
+                consumer.active = False
+                if consumer.in_available:
+                    queue.make_unavailable(consumer)
+
+    def held(self) -> int:
+        """Leases held and not expired: the work a draining broker waits for."""
+        return sum(1 for lease in self.leases.values() if not lease.expired)
+
     def add_consumer(self, consumer: Consumer, now: float) -> None:
         queue = consumer.queue
         queue.consumers[consumer] = None
+        if self.paused:
+            consumer.active = False  # registered, but given nothing (see pause)
+            return
         queue.make_available(consumer)
         self.pump(queue, now)
 

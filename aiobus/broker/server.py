@@ -255,6 +255,8 @@ class Broker:
             written) or ``"never"`` (written; the OS syncs when it likes).
         repair: on a damaged journal segment, move it aside, log which messages
             were lost and start, instead of refusing to start.
+        drain_timeout: seconds :meth:`aclose` gives consumers to answer the leases they
+            hold before it closes their connections (default 5).
         sock: an already listening Unix socket to serve instead of binding ``path``
             (systemd socket activation); the broker then does not remove any file.
 
@@ -282,6 +284,7 @@ class Broker:
         fsync: str = "always",
         fsync_interval: float = 0.1,
         repair: bool = False,
+        drain_timeout: float = 5.0,
     ) -> None:
         if fsync not in FSYNC_POLICIES:
             raise ValueError(f"fsync must be one of {', '.join(FSYNC_POLICIES)}")
@@ -294,6 +297,7 @@ class Broker:
         self.fsync = fsync
         self.fsync_interval = fsync_interval
         self.repair = repair
+        self.drain_timeout = drain_timeout
         self.journal: Journal | None = None
         self._lock_fd = -1
         self._sync_timer: asyncio.TimerHandle | None = None
@@ -416,16 +420,52 @@ class Broker:
     def _write_journal(self) -> None:
         """The turn's journal records: written, and synced per the fsync policy, before
         the turn's output goes out (so with ``"always"`` no confirmation precedes its
-        record on disk)."""
+        record on disk).
+
+        If that fails (ENOSPC, EIO), the confirmations of this turn's durable sends must
+        not go out: each connection that got one loses this turn's output and is closed
+        with CLOSE ``journal`` (its client sees those sends fail). Until a write
+        succeeds again, sends to durable queues are refused with ERROR ``journal``;
+        everything else carries on, and the records stay buffered and are retried each
+        turn and every second."""
         journal = self.journal
         assert journal is not None
+        queues = self.core.queues
+        confirmed, queues.journaled_confirms = queues.journaled_confirms, set()
         try:
             journal.write()
             if self.fsync == "always":
                 journal.sync()
                 journal.compact()
         except JournalError as exc:
-            self._journal_log.warning(self.loop.time(), "journal: %s", exc)
+            if queues.journal_error is None:
+                log.error("journal: %s; refusing sends to durable queues until it can be"
+                          " written again", exc)
+                self.loop.call_later(1.0, self._retry_journal)
+            queues.journal_error = exc.cause or "error"
+            for conn_id in confirmed:
+                conn = self._conns.get(conn_id)
+                if conn is not None and not conn.closing:
+                    conn.out, conn.out_bytes, conn.ok_last = [], 0, 0
+                    conn.events = []
+                    self.close(conn_id, "journal", "the broker could not write its journal"
+                               f" ({queues.journal_error}): its last sends were not confirmed")
+            return
+        if queues.journal_error is not None:
+            log.warning("journal: writable again; accepting sends to durable queues")
+            queues.journal_error = None
+
+    def _retry_journal(self) -> None:
+        """While the journal cannot be written: try again every second, even when idle."""
+        if self.journal is None or self.core.queues.journal_error is None:
+            return
+        if self.journal.pending:
+            self._write_journal()
+        else:  # nothing buffered: a write of nothing cannot fail, so it is writable
+            self.core.queues.journal_error = None
+            log.warning("journal: writable again; accepting sends to durable queues")
+        if self.core.queues.journal_error is not None:
+            self.loop.call_later(1.0, self._retry_journal)
 
     def _batch_sync(self) -> None:
         journal = self.journal
@@ -469,12 +509,21 @@ class Broker:
         await self._closed.wait()
 
     async def aclose(self) -> None:
-        """Shut down gracefully: stop accepting, send every client a CLOSE frame with code
-        ``shutdown``, close the connections (aborting those that do not drain within 5 s),
-        and remove the socket file."""
+        """Shut down gracefully.
+
+        Stops accepting and delivering; gives the leases consumers hold up to
+        ``drain_timeout`` seconds to be answered (an ack in that time counts); then sends
+        every client a CLOSE frame with code ``shutdown`` (leases still held fail, one
+        attempt each), closes the connections (aborting those that do not drain within
+        5 s), logs per queue what it keeps (durable queues, in the journal) and what it
+        discards (in-memory queues), writes and syncs the journal, and removes the
+        socket file.
+        """
         if self._server is None or self._closed.is_set():
             return
         self._server.close()
+        self.core.drain()
+        await self._wait_leases_answered()
         for conn in list(self._conns.values()):
             self.close(conn.id, "shutdown", "the broker is shutting down")
         if self._conns:
@@ -489,10 +538,39 @@ class Broker:
             await asyncio.wait_for(self._server.wait_closed(), _SHUTDOWN_GRACE)
         if self._timer is not None:
             self._timer.cancel()
+        self._log_what_remains()
         self._remove_socket_file()
         self._close_journal()
         self._closed.set()
         log.info("aiobus broker stopped")
+
+    async def _wait_leases_answered(self) -> None:
+        """Until no lease is held, or ``drain_timeout`` has passed."""
+        held = self.core.held_leases()
+        if not held or self.drain_timeout <= 0:
+            return
+        log.info("waiting up to %.1f s for consumers to answer %d leases",
+                 self.drain_timeout, held)
+        deadline = self.loop.time() + self.drain_timeout
+        while self.core.held_leases() and self.loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        if self.core.held_leases():
+            log.info("%d leases still held after %.1f s: they fail (one attempt each)",
+                     self.core.held_leases(), self.drain_timeout)
+
+    def _log_what_remains(self) -> None:
+        """The honest part of a shutdown: what survives it and what does not."""
+        kept: dict[str, int] = {}
+        lost: dict[str, int] = {}
+        for name, queue in sorted(self.core.queues.queues.items()):
+            count = queue.ready_len + queue.delayed
+            if count:
+                (kept if queue.journal is not None else lost)[name] = count
+        for what, queues in (("keeping", kept), ("discarding", lost)):
+            if queues:
+                where = "durable queues" if what == "keeping" else "in-memory queues"
+                log.info("%s %d messages in %d %s: %s", what, sum(queues.values()),
+                         len(queues), where, ", ".join(f"{n} {c}" for n, c in queues.items()))
 
     def _remove_socket_file(self) -> None:
         if self.path is None or self._socket_inode is None:
@@ -618,8 +696,10 @@ class Broker:
             self.loop.call_soon(self._flush)
 
     def _flush_one(self, conn: _Connection) -> None:
-        """Write ``conn``'s output now (before the turn ends): the journal first."""
-        if self.journal is not None and self.journal.pending:
+        """Write ``conn``'s output now (before the turn ends): the journal first (unless
+        it is failing: then no durable send was confirmed, see _write_journal)."""
+        journal = self.journal
+        if journal is not None and journal.pending and self.core.queues.journal_error is None:
             self._write_journal()
         conn.flush()
 

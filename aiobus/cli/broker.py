@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="if a journal segment is damaged, move it aside, log exactly"
                              " which messages were lost, and start (without it the broker"
                              " refuses to start, naming the file and offset)")
+    parser.add_argument("--drain-timeout", type=float, default=5.0, metavar="SECONDS",
+                        help="on SIGTERM, seconds consumers get to answer the messages they"
+                             " hold before their connections close (default 5)")
     parser.add_argument("--loop", choices=["auto", "uvloop", "asyncio"], default="auto",
                         help="event loop: uvloop when installed (auto, the default), or the"
                              " standard library's; both behave the same, uvloop is faster")
@@ -126,6 +129,7 @@ async def serve(args: argparse.Namespace) -> None:
             fsync=args.fsync,
             fsync_interval=args.fsync_interval / 1000,
             repair=args.repair,
+            drain_timeout=args.drain_timeout,
             sock=inherited,
         ) as broker:
             where = broker.path or "the socket passed by the service manager"

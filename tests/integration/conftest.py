@@ -199,8 +199,8 @@ async def spawn_client(broker: BrokerProcess) -> AsyncIterator[Any]:
         code = _PRELUDE.format(body=textwrap.indent(textwrap.dedent(body), " " * 8))
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-c", code, path or broker.path,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            env={**os.environ, "CLIENT_NAME": name},
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, env={**os.environ, "CLIENT_NAME": name},
         )
         client = ClientProcess(proc)
         clients.append(client)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -84,3 +85,127 @@ async def test_a_second_broker_on_the_same_data_directory_is_refused(
     _, err = await asyncio.wait_for(proc.communicate(), 20)
     assert proc.returncode == 1
     assert b"in use by another broker" in err and str(broker.pid).encode() in err
+
+
+async def test_sigterm_lets_consumers_finish_and_says_what_it_keeps(
+        broker_factory: Any, spawn_client: Any) -> None:
+    # Not "b": spawn_client comes with a broker of its own under that name.
+    broker = broker_factory("--drain-timeout", "10", name="d")
+    async with aiobus.connect(broker.path) as bus:
+        await bus.declare_queue("jobs", durable=True)
+        for i in range(10):
+            await bus.send("jobs", i)
+        for name, count in (("mem", 3), ("slow2", 2)):
+            for i in range(count):
+                await bus.send(name, i)
+    worker = await spawn_client("""
+        held = []
+        try:
+            async for msg in bus.consume("jobs", prefetch=4):
+                held.append(msg)
+                if len(held) == 4:
+                    emit(holding=[m.body for m in held])
+                    sys.stdin.readline()  # the test sends SIGTERM to the broker, then a line
+                    for m in held:
+                        await m.ack()
+                    emit(acked=len(held))
+        except aiobus.ConnectionLost as exc:
+            emit(lost=exc.code)
+    """, path=broker.path)
+    holding = (await worker.line())["holding"]
+    assert holding == [0, 1, 2, 3]
+    started = asyncio.get_running_loop().time()
+    os.kill(broker.pid, signal.SIGTERM)
+    assert worker.proc.stdin is not None
+    worker.proc.stdin.write(b"go\n")  # the broker is draining: its acks still count
+    await worker.proc.stdin.drain()
+    assert await worker.line() == {"acked": 4}
+    assert await worker.line() == {"lost": "shutdown"}
+    assert await asyncio.to_thread(broker.proc.wait, 15) == 0
+    assert asyncio.get_running_loop().time() - started < 8  # not the whole drain timeout
+    log = broker.log()
+    assert "keeping 6 messages in 1 durable queues: jobs 6" in log
+    assert "discarding 5 messages in 2 in-memory queues: mem 3, slow2 2" in log
+
+    broker = broker_factory(name="d")
+    async with aiobus.connect(broker.path) as bus:
+        async with bus.consume("jobs", prefetch=10) as consumer:
+            again = await take(consumer, 6)
+        assert [(m.body, m.attempt) for m in again] == [(i, 1) for i in range(4, 10)]
+
+
+async def test_sigterm_fails_what_is_not_answered_within_the_drain_timeout(
+        broker_factory: Any) -> None:
+    broker = broker_factory("--drain-timeout", "0.5")
+    async with aiobus.connect(broker.path) as bus:
+        await bus.declare_queue("jobs", durable=True)
+        await bus.send("jobs", "stuck")
+        async with bus.consume("jobs") as consumer:
+            await take(consumer, 1)
+            os.kill(broker.pid, signal.SIGTERM)
+            assert await asyncio.to_thread(broker.proc.wait, 15) == 0
+    assert "1 leases still held after 0.5 s" in broker.log()
+    broker = broker_factory()
+    async with aiobus.connect(broker.path) as bus, bus.consume("jobs") as consumer:
+        (msg,) = await take(consumer, 1)
+        assert (msg.body, msg.attempt) == ("stuck", 2)
+
+
+@pytest.fixture
+def small_disk(short_tmp: Path) -> Any:
+    """A 4 MiB tmpfs: a disk that really fills up (needs mount rights: root here)."""
+    mount = short_tmp / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
+                          capture_output=True, text=True, timeout=20, check=False)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True, timeout=20,
+                       check=False)
+
+
+async def test_a_full_disk_refuses_durable_sends_until_space_returns(
+        broker_factory: Any, small_disk: Path) -> None:
+    broker = broker_factory("--data-dir", str(small_disk / "data"), name="full")
+    filler = small_disk / "filler"
+    async with aiobus.connect(broker.path) as bus:
+        await bus.declare_queue("jobs", durable=True)
+        await bus.send("memory", "in memory: unaffected")
+        confirmed = []
+        with filler.open("wb") as f:  # leave ~64 KiB for the journal
+            free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+            f.write(b"\0" * max(0, free - 64 * 1024))
+        with pytest.raises((aiobus.JournalError, aiobus.ConnectionLost)) as failed:
+            for i in range(1000):
+                await bus.send("jobs", i.to_bytes(4, "big") * 256)  # 1 KiB each
+                confirmed.append(i)
+        if isinstance(failed.value, aiobus.ConnectionLost):
+            assert failed.value.code == "journal"
+    async with aiobus.connect(broker.path) as bus:
+        with pytest.raises(aiobus.JournalError) as refused:
+            await bus.send("jobs", b"x")
+        assert refused.value.code == "journal" and "ENOSPC" in str(refused.value)
+        await bus.send("memory", "still fine")  # everything else carries on
+        assert (await queue_stats(bus, "memory"))["ready"] == 2
+        filler.unlink()  # space returns: the broker notices by itself within a second
+        deadline = asyncio.get_running_loop().time() + 10
+        while True:
+            try:
+                await bus.send("jobs", b"after")
+                break
+            except aiobus.JournalError:
+                assert asyncio.get_running_loop().time() < deadline
+                await asyncio.sleep(0.1)
+    assert broker.log().count("refusing sends to durable queues") == 1
+    broker.terminate()
+    broker = broker_factory("--data-dir", str(small_disk / "data"), name="full")
+    async with aiobus.connect(broker.path) as bus:
+        stats = await queue_stats(bus, "jobs")
+        async with bus.consume("jobs", prefetch=100) as c:
+            got = [int.from_bytes(m.raw_body[:4], "big") if m.raw_body != b"after" else -1
+                   for m in await take(c, stats["ready"])]
+    assert set(confirmed) <= set(got)  # every confirmed send survived
+    assert -1 in got
