@@ -298,6 +298,7 @@ class Broker:
         self.fsync_interval = fsync_interval
         self.repair = repair
         self.drain_timeout = drain_timeout
+        self._drained: asyncio.Event | None = None  # while shutting down: no lease held
         self.journal: Journal | None = None
         self._lock_fd = -1
         self._sync_timer: asyncio.TimerHandle | None = None
@@ -551,9 +552,9 @@ class Broker:
             return
         log.info("waiting up to %.1f s for consumers to answer %d leases",
                  self.drain_timeout, held)
-        deadline = self.loop.time() + self.drain_timeout
-        while self.core.held_leases() and self.loop.time() < deadline:
-            await asyncio.sleep(0.02)
+        self._drained = asyncio.Event()  # set by _after_events once none is held
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._drained.wait(), self.drain_timeout)
         if self.core.held_leases():
             log.info("%d leases still held after %.1f s: they fail (one attempt each)",
                      self.core.held_leases(), self.drain_timeout)
@@ -608,6 +609,8 @@ class Broker:
     def _after_events(self) -> None:
         """Re-arm the timer if the core's earliest deadline moved; make sure journal
         records of this turn are written even when it wrote nothing to a client."""
+        if self._drained is not None and not self.core.held_leases():
+            self._drained.set()
         journal = self.journal
         if journal is not None and journal.pending and not self._flush_scheduled:
             self._flush_scheduled = True

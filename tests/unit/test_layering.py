@@ -21,6 +21,7 @@ CORE_MODULES = [
     "broker/timers.py",
     "broker/settings.py",
     "broker/journal/records.py",
+    "broker/journal/replay.py",
     "protocol.py",
     "names.py",
     "errors.py",

@@ -4,22 +4,12 @@ from __future__ import annotations
 
 import errno
 
-from ...errors import BusError
+from ...errors import JournalError
 
 __all__ = ["JournalCorrupt", "JournalError", "os_error_name"]
 
-
-class JournalError(BusError):
-    """The journal could not be written or read: ``cause`` names why (``"ENOSPC"``...),
-    ``file`` which file. Writes may be retried; reads keep working."""
-
-    code = "journal"
-
-    def __init__(self, message: str, *, file: str | None = None,
-                 cause: str | None = None) -> None:
-        super().__init__(message)
-        self.file = file
-        self.cause = cause
+# JournalError is aiobus.errors.JournalError: what a client gets for a durable send the
+# journal could not take is the same class the journal raises here.
 
 
 class JournalCorrupt(JournalError):
