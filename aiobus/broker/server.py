@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 
 _CRED = struct.Struct("3i")  # struct ucred {pid_t pid; uid_t uid; gid_t gid;}
 _SHUTDOWN_GRACE = 5.0  # seconds to let closing connections drain before aborting them
+_NEVER_SYNC_EVERY = 30.0  # seconds, with fsync="never" (see Broker._sync_every)
 _EARLY_FLUSH = 256 * 1024  # bytes of output that are written before the loop turn ends
 _EVENTS_MAX = 1024  # EVENTs merged into one EVENTS frame at most
 _EVENT_HEAD = b"\x94" + msgpack.packb(int(Op.EVENT))  # [31, sid, message, dropped]
@@ -339,8 +340,8 @@ class Broker:
         if recovered is not None:  # replay, then serve: no client sees a half-loaded queue
             self.core.restore(recovered, self.loop.time())
             self._after_events()
-            if self.fsync == "batch":
-                self._sync_timer = self.loop.call_later(self.fsync_interval, self._batch_sync)
+            if self.fsync != "always":
+                self._sync_timer = self.loop.call_later(self._sync_every(), self._batch_sync)
         try:
             sock = self._sock if self._sock is not None else self._bind()
         except BaseException:
@@ -477,7 +478,13 @@ class Broker:
             journal.compact()
         except JournalError as exc:
             self._journal_log.warning(self.loop.time(), "journal: %s", exc)
-        self._sync_timer = self.loop.call_later(self.fsync_interval, self._batch_sync)
+        self._sync_timer = self.loop.call_later(self._sync_every(), self._batch_sync)
+
+    def _sync_every(self) -> float:
+        """``batch``: the interval asked for. ``never`` still syncs every 30 s (the Linux
+        default for writing back dirty pages), only so that segments whose messages are
+        all settled can be deleted safely; confirmations never wait for it."""
+        return self.fsync_interval if self.fsync == "batch" else _NEVER_SYNC_EVERY
 
     def _bind(self) -> socket.socket:
         assert self.path is not None
