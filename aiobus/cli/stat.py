@@ -80,6 +80,15 @@ def _cell(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
+def _journal_line(journal: dict[str, Any] | None) -> str:
+    """What the durable queues' journal holds, or that the broker has none."""
+    if journal is None:
+        return "journal: none (started without a data directory: no durable queues)"
+    return (f"journal: {journal.get('bytes', 0):,} bytes in {journal.get('segments', 0)}"
+            f" segments, {journal.get('live_messages', 0):,} live messages"
+            f" ({journal.get('live_bytes', 0):,} bytes)")
+
+
 def rendertable(current: Sample, rates: dict[str, Any] | None, where: str) -> str:
     stats = current.stats
     queue_rates = rates["queues"] if rates else {}
@@ -90,6 +99,7 @@ def rendertable(current: Sample, rates: dict[str, Any] | None, where: str) -> st
         f"topics: {topics.get('published', 0)} published"
         f" ({_rate(rates['published'] if rates else None)}/s),"
         f" {topics.get('unrouted', 0)} with no subscriber",
+        _journal_line(stats.get("journal")),
         "",
     ]
     queues = stats.get("queues", {})

@@ -320,7 +320,10 @@ async def test_stat_table_and_json(bus: aiobus.Bus, cli: Any) -> None:
     subscription = next(line for line in table.lines if line.startswith("weather.*"))
     assert subscription.split()[-3:] == ["0", "0", "0"]  # pending, delivered, dropped
     assert any(line.split()[1:2] == ["test"] for line in table.lines)  # the bus fixture
+    journal = next(line for line in table.lines if line.startswith("journal:"))
+    assert "segments" in journal and "0 live messages" in journal, journal
     stats = json.loads(as_json.out)
+    assert stats["journal"]["segments"] >= 1 and stats["journal"]["live_messages"] == 0
     assert stats["queues"]["jobs"]["ready"] == 2 and stats["rates"] is None
     assert [s["pattern"] for s in stats["topics"]["subscriptions"]] == ["weather.*"]
     assert {c["name"] for c in stats["connections"]} >= {"test", "aiobus stat"}
