@@ -361,8 +361,12 @@ class Broker:
             JournalError: the journal cannot be read.
         """
         assert self.data_dir is not None
-        os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
-        lock = os.open(os.path.join(self.data_dir, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            os.makedirs(os.path.join(self.data_dir, "journal"), mode=0o700, exist_ok=True)
+            lock = os.open(os.path.join(self.data_dir, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise JournalError(f"cannot use data directory {self.data_dir}: {exc.strerror}",
+                               file=exc.filename, cause="open") from exc
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -374,7 +378,6 @@ class Broker:
         os.write(lock, f"{os.getpid()}\n".encode())
         self._lock_fd = lock
         directory = os.path.join(self.data_dir, "journal")
-        os.makedirs(directory, mode=0o700, exist_ok=True)
         files = OsFiles(directory)
         try:
             while True:

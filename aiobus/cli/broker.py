@@ -19,6 +19,7 @@ import sys
 from .. import __version__, systemd
 from .._paths import default_data_dir, default_socket_path
 from ..broker.core import DEFAULT_MAX_CONSUMERS
+from ..broker.journal import JournalCorrupt
 from ..broker.server import FSYNC_POLICIES, Broker
 from ..errors import BusError
 from ..protocol import DEFAULT_MAX_FRAME
@@ -170,6 +171,10 @@ def main(argv: list[str] | None = None) -> int:
             runner = uvloop.run
     try:
         runner(serve(args))
+    except JournalCorrupt as exc:
+        print(f"aiobus-broker: {exc}. Start with --repair to move the damaged segment"
+              " aside and log exactly which messages were lost.", file=sys.stderr)
+        return 1
     except BusError as exc:
         print(f"aiobus-broker: {exc}", file=sys.stderr)
         return 1

@@ -209,3 +209,33 @@ async def test_a_full_disk_refuses_durable_sends_until_space_returns(
                    for m in await take(c, stats["ready"])]
     assert set(confirmed) <= set(got)  # every confirmed send survived
     assert -1 in got
+
+
+async def test_a_damaged_journal_stops_the_broker_until_repair(broker_factory: Any,
+                                                               short_tmp: Path) -> None:
+    broker = broker_factory(name="hurt")
+    async with aiobus.connect(broker.path) as bus:
+        await bus.declare_queue("jobs", durable=True)
+        for i in range(200):
+            await bus.send("jobs", i.to_bytes(2, "big") * 50)
+    broker.terminate()
+    (segment,) = sorted((short_tmp / "hurt.data" / "journal").glob("*.seg"))
+    data = bytearray(segment.read_bytes())
+    middle = len(data) // 2
+    data[middle] ^= 0x10  # one flipped bit in the middle: not a torn tail
+    segment.write_bytes(bytes(data))
+
+    refused = subprocess.run(
+        [sys.executable, "-m", "aiobus.cli.broker", "--socket", str(short_tmp / "x.sock"),
+         "--data-dir", str(short_tmp / "hurt.data")],
+        capture_output=True, text=True, timeout=20, check=False)
+    assert refused.returncode == 1
+    assert segment.name in refused.stderr and "damaged at offset" in refused.stderr
+    assert "--repair" in refused.stderr
+
+    broker = broker_factory("--repair", name="hurt")
+    log = broker.log()
+    assert "moved aside" in log and "messages lost (queue, seq): [('jobs'," in log
+    async with aiobus.connect(broker.path) as bus:
+        ready = (await queue_stats(bus, "jobs"))["ready"]
+        assert 190 <= ready < 200  # the damaged record's message is lost, the rest kept
