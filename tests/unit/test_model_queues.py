@@ -228,6 +228,10 @@ class QueueMachine(RuleBasedStateMachine):
         self.d.core.disconnect(conn, self.now)
         return self.sink.log[start:]
 
+    def _advance_to(self, t: float) -> None:
+        """The broker's clock reaches ``t`` (on the model's clock): run what is due."""
+        self.d.advance_to(t)
+
     def _queue_stats(self) -> dict[str, Any]:
         return dict(self.d.core.stats()["queues"])
 
@@ -622,7 +626,7 @@ class QueueMachine(RuleBasedStateMachine):
     def _instant(self, t: float) -> None:
         """Everything due at ``t``: ack timeouts, ends of delays, TTLs of ready ones."""
         start = len(self.sink.log)
-        self.d.advance_to(t)
+        self._advance_to(t)
         self.relaxed = True
         for tag in sorted(self.leases):
             lease = self.leases[tag]
