@@ -52,10 +52,12 @@ from .replay import Replay
 
 __all__ = ["DEFAULT_SEGMENT_SIZE", "Journal"]
 
-# 64 MiB, as Kafka's log.segment.bytes default is 1 GiB and NATS JetStream's file store
-# blocks are 8-16 MiB: large enough that rotation (two syncs) is rare, small enough that
-# compaction copies little at a time.
-DEFAULT_SEGMENT_SIZE = 64 * 1024 * 1024
+# 16 MiB, as NATS JetStream's file store blocks are 8-16 MiB (Kafka's log segments are
+# 1 GiB, but Kafka never replays them at start): rotation (two syncs) every ~100,000
+# small messages is rare, and the settled data a restart may replay is bounded by the
+# compaction trigger at 2 segments: 32 MiB, about a second (64 MiB segments meant 128 MiB
+# of dead records to read through before serving).
+DEFAULT_SEGMENT_SIZE = 16 * 1024 * 1024
 
 
 @dataclass(slots=True)
