@@ -11,6 +11,11 @@ Driven the fastest way its API offers, each choice matching what the peers get:
   only when the broker has accepted everything. Consumers use `prefetch=256` (the fetch
   and COUNT the peers get) and `msg.ack_nowait()` per message, the fire-and-forget ack that
   matches nats' `msg.ack()`; the "await ack" row awaits each `msg.ack()` instead.
+- Confirmed and durable queues (W3's durable rows): the producer keeps `WINDOW` confirmed
+  sends in flight (`send_nowait` futures in a sliding window, the oldest awaited once it
+  is full), as many as the Redis pipeline and the RabbitMQ confirm window hold; the
+  queue is declared `durable=True` on a broker started with `--fsync always|batch|never`,
+  or not (the in-memory row with the same producer). Consumers as above.
 - Request/reply (W4): `bus.request`, a responder doing `await msg.reply(body)` (which also
   acks).
 - W7 (many clients): 100 connections over 4 producer processes, each `await bus.send`
@@ -21,6 +26,7 @@ Driven the fastest way its API offers, each choice matching what the peers get:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
 import struct
@@ -32,6 +38,7 @@ from harness import Case, Control, Worker
 import aiobus
 
 PREFETCH = 256
+WINDOW = 256  # confirmed sends in flight (durable rows)
 STAMP = struct.Struct("<q")
 
 
@@ -74,9 +81,27 @@ async def producer(ctl: Control, path: str, queue: str, n: int, size: int) -> di
     return {"first_ns": first, "sent": n}
 
 
-async def consumer(ctl: Control, path: str, queue: str, n: int, await_ack: bool) -> dict:
+async def confirmed_producer(ctl: Control, path: str, queue: str, n: int, size: int,
+                             durable: bool) -> dict:  # fmt: skip
+    body = os.urandom(size)
     async with aiobus.connect(path) as bus:
-        await bus.declare_queue(queue)
+        await bus.declare_queue(queue, durable=durable)
+        await ctl.ready()
+        first = time.monotonic_ns()
+        window: collections.deque[asyncio.Future[None]] = collections.deque()
+        for _ in range(n):
+            window.append(bus.send_nowait(queue, body))
+            if len(window) >= WINDOW:
+                await window.popleft()
+        for fut in window:
+            await fut
+    return {"first_ns": first, "sent": n}
+
+
+async def consumer(ctl: Control, path: str, queue: str, n: int, await_ack: bool,
+                   durable: bool = False) -> dict:  # fmt: skip
+    async with aiobus.connect(path) as bus:
+        await bus.declare_queue(queue, durable=durable)
         await ctl.ready()
 
         async def loop() -> None:
@@ -182,6 +207,28 @@ def queue_case(env: Any, n: int, size: int, consumers: int = 1, await_ack: bool 
                       "consumer") for _ in range(consumers)]  # fmt: skip
     workers.append(Worker(producer, {"path": path, "queue": queue, "n": n, "size": size}))
     return Case(workers)
+
+
+def confirmed_queue_case(env: Any, n: int, size: int, consumers: int = 1,
+                         fsync: str = "") -> Case:  # fmt: skip
+    """W3's durable rows: `WINDOW` confirmed sends in flight; with `fsync`, a durable queue
+    on the broker started with that policy, else a plain queue on the in-memory one."""
+    queue = f"bench.dq{env.next_id()}"
+    path = env.aiobus_durable[fsync] if fsync else env.aiobus_socket
+    durable = bool(fsync)
+    workers = [Worker(consumer, {"path": path, "queue": queue, "n": n, "await_ack": False,
+                                 "durable": durable}, "consumer") for _ in range(consumers)]
+    workers.append(Worker(confirmed_producer, {"path": path, "queue": queue, "n": n,
+                                               "size": size, "durable": durable}))
+    return Case(workers, cleanup=[Worker(delete_queue, {"path": path, "queue": queue},
+                                         "step")])  # fmt: skip
+
+
+async def delete_queue(ctl: Control, path: str, queue: str) -> dict:
+    """After a durable case: the journal forgets the queue, so the next starts clean."""
+    async with aiobus.connect(path) as bus:
+        await bus.delete_queue(queue)
+    return {}
 
 
 def rpc_case(env: Any, n: int, size: int, warmup: int) -> Case:

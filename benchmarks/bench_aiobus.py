@@ -121,8 +121,11 @@ def _stop(proc: subprocess.Popen[str]) -> None:
 
 
 def start_broker(path: str) -> subprocess.Popen[str]:
+    # Its data directory beside the socket, never the user's default (one broker per dir).
+    data_dir = os.path.join(os.path.dirname(path), "data")
     broker = subprocess.Popen([sys.executable, "-m", "aiobus.cli.broker", "--socket", path,
-                               "--log-level", "WARNING"], text=True)  # fmt: skip
+                               "--data-dir", data_dir, "--log-level", "WARNING"],
+                              text=True)  # fmt: skip
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         if broker.poll() is not None:

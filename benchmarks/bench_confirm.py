@@ -60,6 +60,7 @@ async def main(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="ab-", dir="/tmp") as tmp:
         path = os.path.join(tmp, "b.sock")
         broker = subprocess.Popen([sys.executable, "-m", "aiobus.cli.broker", "--socket", path,
+                                   "--data-dir", os.path.join(tmp, "data"),
                                    "--log-level", "WARNING"])
         try:
             async with asyncio.timeout(10):

@@ -9,7 +9,9 @@ reads its RSS (VmRSS from /proc/PID/status), then
   a redis PING, a nats CONNECT + PING) and holds them; (after - before) / K is the cost
   of one connection.
 
-Fillers: aiobus `send(confirm=False)` then one confirmed send and a `stats()` check;
+Fillers: aiobus `send(confirm=False)` then one confirmed send and a `stats()` check (also
+on a durable queue, the broker started with `--fsync always`: its RSS, and from STATS'
+"journal" map the journal's bytes per message it holds);
 redis list RPUSH with 1,000 values per command; redis stream XADD pipelined 256 at a time;
 NATS JetStream (memory storage) core publishes to the stream's subject, then polling the
 stream until it holds N. RSS includes allocator slack and, for nats-server, Go garbage not
@@ -36,14 +38,20 @@ import aiobus
 SIZE = 128
 
 
-async def fill_aiobus(ctl: Control, path: str, n: int) -> dict:
+async def fill_aiobus(ctl: Control, path: str, n: int, durable: bool = False) -> dict:
     body = os.urandom(SIZE)
     async with aiobus.connect(path) as bus:
+        if durable:
+            await bus.declare_queue("bench.mem", durable=True)
         for _ in range(n - 1):
             await bus.send("bench.mem", body, confirm=False)
         await bus.send("bench.mem", body)
-        held = (await bus.stats())["queues"]["bench.mem"]["ready"]
-    return {"held": held}
+        stats = await bus.stats()
+    return {"held": stats["queues"]["bench.mem"]["ready"], "journal": stats.get("journal")}
+
+
+async def fill_aiobus_durable(ctl: Control, path: str, n: int) -> dict:
+    return await fill_aiobus(ctl, path, n, durable=True)
 
 
 async def fill_redis_list(ctl: Control, path: str, n: int) -> dict:
@@ -119,6 +127,8 @@ def _start(servers: Servers, system: str) -> tuple[str, str]:
     """Start the one server a measurement needs: (process name, address)."""
     if system == "aiobus":
         return "aiobus", servers.start_aiobus()
+    if system.startswith("aiobus durable"):
+        return "aiobus-always", servers.start_aiobus("aiobus-always", fsync="always")
     if system.lower().startswith("redis"):
         return "redis", servers.start_redis()
     return "nats", servers.start_nats()
@@ -126,11 +136,14 @@ def _start(servers: Servers, system: str) -> tuple[str, str]:
 
 FILLERS: dict[str, Callable[..., Any]] = {
     "aiobus": fill_aiobus,
+    "aiobus durable (fsync always)": fill_aiobus_durable,
     "Redis list": fill_redis_list,
     "Redis stream": fill_redis_stream,
     "NATS JetStream (memory)": fill_jetstream,
 }
 CONNECTORS = {"aiobus": "aiobus", "Redis": "redis", "NATS": "nats"}
+JOURNAL_METRICS = ("journal B/msg", "÷ encoded", "Sent record B", "encoded B", "÷ body")
+SENT_FRAMING = 26  # a Sent record without time fields, beyond the packed message (journal.md)
 
 
 def queued_bytes(system: str, n: int) -> dict[str, float]:
@@ -146,8 +159,16 @@ def queued_bytes(system: str, n: int) -> dict[str, float]:
     held = result["held"]
     if held <= 0:
         raise RuntimeError(f"{system}: the broker holds no messages")
-    return {"B/msg": (after - before) / held - SIZE, "held": held,
-            "RSS MiB": after / 2**20}  # fmt: skip
+    values = {"B/msg": (after - before) / held - SIZE, "held": held, "RSS MiB": after / 2**20}
+    journal = result.get("journal")
+    if system.startswith("aiobus durable") and journal and journal["live_messages"]:
+        live = journal["live_messages"]
+        record = journal["live_bytes"] / live
+        encoded = record - SENT_FRAMING
+        values.update({"journal B/msg": journal["bytes"] / live, "Sent record B": record,
+                       "encoded B": encoded, "÷ encoded": journal["bytes"] / live / encoded,
+                       "÷ body": journal["bytes"] / live / SIZE})  # fmt: skip
+    return values
 
 
 def connection_bytes(system: str, k: int) -> dict[str, float]:

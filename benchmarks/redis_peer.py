@@ -10,7 +10,10 @@ driven for speed as the Redis docs advise: pipeline round trips away.
   many ids per command), and the ack rides in the same round trip as the next read.
 - W6 fills a list with RPUSH (1,000 values per command) and a stream with pipelined XADD.
 
-The server runs with `client-output-buffer-limit pubsub 0 0 0` (see servers.py).
+The server runs with `client-output-buffer-limit pubsub 0 0 0` (see servers.py). W3's
+durable row runs the same Streams workload against a second server with the AOF on and
+`appendfsync always`: Redis writes and fsyncs the AOF once per event-loop turn before it
+sends that turn's replies, so a pipeline's replies are its confirmations.
 """
 
 from __future__ import annotations
@@ -133,9 +136,10 @@ def topic_case(env: Any, n: int, size: int, subscribers: int = 1) -> Case:
     return Case([*subs, pub], expected=n * subscribers)
 
 
-def queue_case(env: Any, n: int, size: int, consumers: int = 1) -> Case:
+def queue_case(env: Any, n: int, size: int, consumers: int = 1, aof: bool = False) -> Case:
+    """With `aof`, against the server that fsyncs its AOF before every reply."""
     stream = f"bench.s{env.next_id()}"
-    path = env.redis_socket
+    path = env.redis_aof_socket if aof else env.redis_socket
     workers = [Worker(stream_consumer, {"path": path, "stream": stream, "name": f"c{i}", "n": n},
                       "consumer") for i in range(consumers)]  # fmt: skip
     workers.append(Worker(stream_producer, {"path": path, "stream": stream, "n": n, "size": size}))

@@ -31,7 +31,8 @@ import workloads  # noqa: E402
 from servers import Servers  # noqa: E402
 
 SERVERS_FOR = {"W1": {"aiobus", "nats", "redis", "relay"}, "W2": {"aiobus", "nats", "redis"},
-               "W3": {"aiobus", "nats", "redis", "rabbitmq"}, "W4": {"aiobus", "nats", "relay"},
+               "W3": {"aiobus", "nats", "redis", "rabbitmq", "redis_aof", "aiobus_durable"},
+               "W4": {"aiobus", "nats", "relay"},
                "W5": {"aiobus", "nats", "redis", "relay"}, "W6": set(), "W7": {"aiobus"}}
 
 
@@ -66,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     tables: list[workloads.Table] = []
     with Servers() as env:  # closing it stops every server by PID
         needed = set().union(*(SERVERS_FOR[k] for k in keys))
-        for name in ("redis", "nats", "aiobus", "relay", "rabbitmq"):
+        for name in ("redis", "redis_aof", "nats", "aiobus", "aiobus_durable", "relay",
+                     "rabbitmq"):
             if name in needed:
                 try:
                     getattr(env, f"start_{name}")()

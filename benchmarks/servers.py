@@ -2,10 +2,15 @@
 
 - redis-server on a Unix socket in a temp dir, TCP off, no persistence (`--save ''
   --appendonly no`), and no output-buffer limit for pub/sub clients, so a slow subscriber
-  is measured rather than disconnected;
+  is measured rather than disconnected; for W3's durable rows a second one with the AOF on
+  and fsynced before every reply (`--appendonly yes --appendfsync always`), its files in a
+  directory of its own under the temp dir;
 - nats-server on 127.0.0.1 with a free port, JetStream storing under the temp dir, and
   write-deadline and pending limits raised for the same reason;
-- the aiobus broker (`python -m aiobus.cli.broker --socket PATH`);
+- the aiobus broker (`python -m aiobus.cli.broker --socket PATH --data-dir DIR`), its
+  data directory always in the temp dir (never the user's default, and one per broker, as
+  a data directory admits one broker); for W3's durable rows three more, one per
+  `--fsync` policy;
 - the minimal uvloop relay (`benchmarks/relay.py`);
 - rabbitmq-server on 127.0.0.1 with free ports, its node data and logs under the temp dir,
   and its own epmd (Erlang's port mapper) in the foreground.
@@ -80,6 +85,8 @@ class Servers:
         self.redis_socket = ""
         self.nats_url = ""
         self.aiobus_socket = ""
+        self.redis_aof_socket = ""
+        self.aiobus_durable: dict[str, str] = {}  # --fsync policy -> socket path
         self.relay_socket = ""
         self.amqp_url = ""
         self._next = 0
@@ -103,17 +110,31 @@ class Servers:
         self.procs[name] = proc
         return proc
 
-    def start_redis(self, name: str = "redis") -> str:
+    def start_redis(self, name: str = "redis", *, aof: bool = False) -> str:
+        """redis-server without persistence; with `aof`, the append-only file on and
+        fsynced before replies go out (`appendfsync always`), in `<temp dir>/<name>`."""
         path = self.path("redis")
+        directory = self.dir
+        persistence = ["--appendonly", "no"]
+        if aof:
+            directory = os.path.join(self.dir, name)
+            os.makedirs(directory)
+            persistence = ["--appendonly", "yes", "--appendfsync", "always"]
         proc = self._spawn(name, [
             "redis-server", "--port", "0", "--unixsocket", path, "--unixsocketperm", "700",
-            "--save", "", "--appendonly", "no", "--dir", self.dir, "--daemonize", "no",
+            "--save", "", *persistence, "--dir", directory, "--daemonize", "no",
             "--client-output-buffer-limit", "pubsub 0 0 0", "--maxclients", "10000",
             "--loglevel", "warning",
         ])  # fmt: skip
         _wait_unix(path, proc, time.monotonic() + 10)
-        self.redis_socket = path
+        if aof:
+            self.redis_aof_socket = path
+        else:
+            self.redis_socket = path
         return path
+
+    def start_redis_aof(self) -> str:
+        return self.start_redis("redis-aof", aof=True)
 
     def start_nats(self, name: str = "nats") -> str:
         port = free_port()
@@ -163,12 +184,28 @@ class Servers:
             time.sleep(0.1)
         raise RuntimeError(f"rabbitmq-server not ready on port {port}")
 
-    def start_aiobus(self, name: str = "aiobus") -> str:
+    def start_aiobus(self, name: str = "aiobus", *, fsync: str = "",
+                     data_dir: str = "") -> str:  # fmt: skip
+        """The broker, its data directory `<temp dir>/<name>-data` unless `data_dir` is
+        given. With `fsync` (always, batch, never) it is one of W3's durable brokers."""
         path = self.path("aiobus")
-        proc = self._spawn(name, [sys.executable, "-m", "aiobus.cli.broker", "--socket", path])
-        _wait_unix(path, proc, time.monotonic() + 10)
-        self.aiobus_socket = path
+        argv = [sys.executable, "-m", "aiobus.cli.broker", "--socket", path,
+                "--data-dir", data_dir or os.path.join(self.dir, f"{name}-data")]
+        if fsync:
+            argv += ["--fsync", fsync]
+        proc = self._spawn(name, argv)
+        _wait_unix(path, proc, time.monotonic() + 60)  # a big journal replays first
+        if fsync:
+            self.aiobus_durable[fsync] = path
+        else:
+            self.aiobus_socket = path
         return path
+
+    def start_aiobus_durable(self) -> dict[str, str]:
+        """One broker per `--fsync` policy, each with a fresh data directory."""
+        for policy in ("always", "batch", "never"):
+            self.start_aiobus(f"aiobus-{policy}", fsync=policy)
+        return self.aiobus_durable
 
     def start_relay(self, name: str = "relay") -> str:
         path = self.path("relay")

@@ -3,10 +3,12 @@ run's results turn into numbers. Every case runs `plan.repeats` times, interleav
 systems (A B C A B C ...), so a slow minute on the machine hurts every row alike.
 
 W1 topic 1 -> 1 (msgs/s)      W2 fan-out 1 -> 4 (deliveries/s)
-W3 queue, per-message ack, 1 -> 1 and 1 -> 4 (msgs/s)
+W3 queue, per-message ack, 1 -> 1 and 1 -> 4 (msgs/s); with durable rows: aiobus
+   `--fsync always|batch|never`, Redis AOF `appendfsync always`, RabbitMQ durable + confirms
 W4 request/reply, sequential (p50 / p99 / p99.9 in µs)
 W5 W1 and W3 at 16 B, 1 KiB, 64 KiB, 1 MiB (msgs/s and MB/s)
-W6 broker memory per queued message and per idle connection (memory.py)
+W6 broker memory per queued message and per idle connection, journal bytes per durable
+   queued message (memory.py)
 W7 aiobus, 100 producer connections and 10 consumers (msgs/s, p50 / p99 latency)
 
 Throughput runs from the producer's first send to the last receive of any consumer.
@@ -102,6 +104,7 @@ def many_metrics(results: list[dict[str, Any]], case: Case) -> dict[str, float]:
 
 
 Maker = Callable[[], Case]
+TIMES = "\u00d7"  # the multiplication sign, as report.py writes ratios
 
 
 def interleave(table: Table, makers: dict[tuple[str, str], Maker],
@@ -158,6 +161,24 @@ QUEUE_PEERS = {
 # W3 only: at a few thousand messages a second, RabbitMQ would make the W5 sweep take
 # minutes more and adds nothing the W3 rows do not show.
 W3_ONLY_PEERS = {"RabbitMQ (aio-pika)": rabbitmq_peer.queue_case}
+# W3's durable rows: confirmed sends with 256 in flight (aiobus `send_nowait` window,
+# Redis pipelines of 256 XADDs, RabbitMQ 256 publishes awaiting confirms), so a
+# confirmation means the message is on disk (always) or written to the OS (batch,
+# never). "aiobus, confirmed sends" is the same producer on an in-memory queue: the base
+# for what the journal costs. RabbitMQ durable sends at most 25,000 messages (~2,000
+# msgs/s here: 100,000 would take most of the case's 60 s deadline; 10 s is steady state).
+RABBITMQ_DURABLE_MAX = 25_000
+DURABLE_PEERS = {
+    "aiobus, confirmed sends": aiobus_peer.confirmed_queue_case,
+    **{f"aiobus durable, fsync {policy}": (
+        lambda env, n, size, consumers, policy=policy: aiobus_peer.confirmed_queue_case(
+            env, n, size, consumers, fsync=policy))
+       for policy in ("always", "batch", "never")},
+    "Redis Streams, AOF fsync always": lambda env, n, size, consumers: redis_peer.queue_case(
+        env, n, size, consumers, aof=True),
+    "RabbitMQ durable + confirms": lambda env, n, size, consumers: rabbitmq_peer.queue_case(
+        env, min(n, RABBITMQ_DURABLE_MAX), size, consumers, durable=True),
+}
 RPC_PEERS = {
     "aiobus": aiobus_peer.rpc_case,
     "NATS request": nats_peer.rpc_case,
@@ -193,8 +214,9 @@ def run_workload(key: str, env: Any, plan: Plan, log: Callable[[str], None]) -> 
         t = Table("W3", "Queue with per-message ack, 128 B", ["msgs/s"])
         makers = {(name, f"1 -> {c}"): (lambda f=f, c=c: f(env, plan.w3, 128, c))
                   for c in (1, 4)
-                  for name, f in {**QUEUE_PEERS, **W3_ONLY_PEERS}.items()}  # fmt: skip
+                  for name, f in {**QUEUE_PEERS, **W3_ONLY_PEERS, **DURABLE_PEERS}.items()}
         interleave(t, makers, rate_metrics(128), r, log)
+        t.notes += durable_notes(t)
         return [t]
     if key == "W4":
         t = Table("W4", "Request/reply latency, sequential, 128 B",
@@ -219,13 +241,22 @@ def run_workload(key: str, env: Any, plan: Plan, log: Callable[[str], None]) -> 
                   f"({plan.w6_messages:,} queued)", ["B/msg", "RSS MiB"], higher_is_better=False)
         c = Table("W6 idle", f"Broker memory per idle connection ({plan.w6_connections:,} open)",
                   ["B/conn", "RSS MiB"], higher_is_better=False)  # fmt: skip
+        j = Table("W6 journal", f"Journal bytes per queued durable 128 B message "
+                  f"({plan.w6_messages:,} queued)", list(memory.JOURNAL_METRICS),
+                  higher_is_better=False)  # fmt: skip
+        j.notes.append("- journal B/msg: the journal's size (STATS `journal.bytes`) over the "
+                       "messages it holds (`live_messages`); Sent record B: `live_bytes` / "
+                       "`live_messages`; encoded B: the broker's packed message (id, queue, "
+                       "body, ...), the Sent record less its 26 bytes of framing "
+                       "(docs/journal.md); ÷ encoded is the issue's measure (goal ≤ 1.3).")
         for rep in range(plan.w6_repeats):
             for name in memory.FILLERS:
-                _memory(q, name, lambda n=name: memory.queued_bytes(n, plan.w6_messages), rep, log)
+                _memory(q, name, lambda n=name: memory.queued_bytes(n, plan.w6_messages), rep,
+                        log, also=j)  # fmt: skip
             for name in memory.CONNECTORS:
                 _memory(c, name, lambda n=name: memory.connection_bytes(n, plan.w6_connections),
                         rep, log)  # fmt: skip
-        return [q, c]
+        return [q, j, c]
     if key == "W7":
         t = Table("W7", "Many clients: aiobus queue, 100 producer connections (4 processes), "
                   "10 consumers (5 processes), 128 B", ["msgs/s", "p50 µs", "p99 µs", "p99.9 µs"])
@@ -235,8 +266,32 @@ def run_workload(key: str, env: Any, plan: Plan, log: Callable[[str], None]) -> 
     raise ValueError(f"unknown workload {key!r}")
 
 
+def durable_notes(t: Table) -> list[str]:
+    """The issue's targets for the durable rows, as ratios of this run's medians."""
+    targets = [
+        ("aiobus durable, fsync always", "Redis Streams, AOF fsync always", "≥ 2"),
+        ("aiobus durable, fsync always", "RabbitMQ durable + confirms", "≥ 10"),
+        ("aiobus durable, fsync batch", "aiobus, confirmed sends", "≥ 0.7"),
+        ("aiobus durable, fsync batch", "aiobus", "≥ 0.7"),
+        ("aiobus durable, fsync never", "aiobus, confirmed sends", ""),
+        ("aiobus durable, fsync always", "aiobus, confirmed sends", ""),
+    ]
+    notes = []
+    for system, other, goal in targets:
+        parts = []
+        for group in ("1 -> 1", "1 -> 4"):
+            a, b = t.median((system, group), "msgs/s"), t.median((other, group), "msgs/s")
+            if a and b:
+                parts.append(f"{group} {a / b:.2f}{TIMES}")
+        if parts:
+            target = f" (target {goal})" if goal else ""
+            notes.append(f"- {system} ÷ {other}: {', '.join(parts)}{target}")
+    return notes
+
+
 def _memory(table: Table, name: str, measure: Callable[[], dict[str, float]], rep: int,
-            log: Callable[[str], None]) -> None:  # fmt: skip
+            log: Callable[[str], None], also: Table | None = None) -> None:  # fmt: skip
+    """One W6 measurement; values with the `also` table's metrics go there too."""
     row = (name, "")
     if row in table.errors:
         return
@@ -247,6 +302,8 @@ def _memory(table: Table, name: str, measure: Callable[[], dict[str, float]], re
         log(f"{table.key} {name}: FAILED {table.errors[row]}")
         return
     table.add(row, values)
+    if also is not None and all(m in values for m in also.metrics):
+        also.add(row, values)
     log(f"{table.key} #{rep + 1} {name}: " + ", ".join(f"{k} {v:,.1f}" for k, v in values.items()))
 
 
