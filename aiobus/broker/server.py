@@ -40,7 +40,7 @@ from typing import Any, cast
 
 import msgpack
 
-from .._paths import resolve_socket_path
+from .._paths import check_private_directory, is_explicit, resolve_socket_path
 from ..errors import BusError, ProtocolError
 from ..protocol import DEFAULT_MAX_FRAME, FrameDecoder, Op
 from .core import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CONSUMERS, BrokerCore
@@ -241,7 +241,9 @@ class Broker:
 
     Args:
         path: socket path; default ``$AIOBUS_SOCKET``, else
-            ``$XDG_RUNTIME_DIR/aiobus.sock``, else ``/tmp/aiobus-<uid>.sock``.
+            ``$XDG_RUNTIME_DIR/aiobus.sock``, else ``/tmp/aiobus-<uid>/aiobus.sock``. A
+            default path's directory must be private to this user (created 0700 if
+            missing), else ``start`` raises PermissionError.
         socket_mode: permission bits of the socket file (default owner-only, 0o600).
         max_frame: largest frame accepted, in bytes (default 16 MiB).
         handshake_timeout: seconds a new connection has to send HELLO.
@@ -290,6 +292,7 @@ class Broker:
         if fsync not in FSYNC_POLICIES:
             raise ValueError(f"fsync must be one of {', '.join(FSYNC_POLICIES)}")
         self.path = resolve_socket_path(path) if sock is None else None
+        self._default_path = sock is None and not is_explicit(path)
         self.socket_mode = socket_mode
         self.max_frame = max_frame
         self.handshake_timeout = handshake_timeout
@@ -325,6 +328,10 @@ class Broker:
     async def start(self) -> None:
         """Bind the socket and start serving. Returns once clients can connect."""
         self.loop = asyncio.get_running_loop()
+        if self.path is not None and self._default_path:
+            # A default path must be in a directory nobody else can write to: else
+            # another user could bind it first, or replace this broker's socket later.
+            check_private_directory(os.path.dirname(self.path), create=True)
         if self.path is not None:
             _remove_stale_socket(self.path)  # a live broker there: say so before the journal
         recovered = self._open_journal() if self.data_dir is not None else None

@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--socket", metavar="PATH",
                         help="socket path (default: $AIOBUS_SOCKET, else"
-                             " $XDG_RUNTIME_DIR/aiobus.sock, else /tmp/aiobus-<uid>.sock;"
+                             " $XDG_RUNTIME_DIR/aiobus.sock, else /tmp/aiobus-<uid>/aiobus.sock;"
                              f" here: {default_socket_path()})")
     parser.add_argument("--socket-mode", type=_octal, default=0o600, metavar="MODE",
                         help="permissions of the socket file, octal (default 0600)")

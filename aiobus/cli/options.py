@@ -49,7 +49,7 @@ def add_socket_option(parser: argparse.ArgumentParser, default: Any) -> None:
     parser.add_argument(
         "--socket", metavar="PATH", default=default,
         help="the broker's socket (default: $AIOBUS_SOCKET, else"
-             " $XDG_RUNTIME_DIR/aiobus.sock, else /tmp/aiobus-<uid>.sock;"
+             " $XDG_RUNTIME_DIR/aiobus.sock, else /tmp/aiobus-<uid>/aiobus.sock;"
              f" here: {default_socket_path()})",
     )
 

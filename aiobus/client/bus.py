@@ -17,13 +17,17 @@ import gc
 import itertools
 import logging
 import os
+import pwd
+import socket
+import stat
+import struct
 import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, Final, cast
 
 import msgpack
 
-from .._paths import resolve_socket_path
+from .._paths import is_explicit, resolve_socket_path
 from ..errors import (
     BodyDecodeError,
     BrokerUnavailable,
@@ -52,6 +56,7 @@ __all__ = ["Bus", "connect"]
 log = logging.getLogger(__name__)
 
 _FLUSH_AT = 64 * 1024
+_CRED = struct.Struct("3i")  # struct ucred {pid_t pid; uid_t uid; gid_t gid;}
 _SEND, _PUBLISH = int(Op.SEND), int(Op.PUBLISH)
 _DELIVER, _EVENT, _EVENTS = int(Op.DELIVER), int(Op.EVENT), int(Op.EVENTS)
 _ACK_BATCH = 1024  # tags per ACK_MANY frame at most
@@ -175,7 +180,9 @@ class Bus:
 
     # -- connection lifecycle -------------------------------------------------------
 
-    async def _open(self) -> None:
+    async def _open(self, *, explicit: bool = True) -> None:
+        """Connect and say HELLO. A broker found at a default path (``explicit`` False)
+        must run as this user or root: another user's broker there is refused."""
         try:
             await self._loop.create_unix_connection(lambda: _Protocol(self), self.path)
         except (FileNotFoundError, ConnectionRefusedError) as exc:
@@ -183,6 +190,13 @@ class Bus:
                 f"no aiobus broker is listening on {self.path} ({exc.strerror}); start one with"
                 " `aiobus-broker` (or `make run`), or pass the right path"
             ) from exc
+        except PermissionError as exc:
+            raise BrokerUnavailable(
+                f"permission denied connecting to {self.path} ({_describe_file(self.path)});"
+                " the broker's --socket-mode/--socket-group decide who may connect"
+            ) from exc
+        if not explicit:
+            self._check_broker_owner()
         options = {"name": self.name} if self.name is not None else {}
         self._write([Op.HELLO, PROTOCOL_VERSION, options])
         try:
@@ -193,6 +207,18 @@ class Bus:
             raise BrokerUnavailable(f"the broker at {self.path} did not answer HELLO") from None
         self.server_info = info
         self._max_frame = int(info.get("max_frame", DEFAULT_MAX_FRAME))
+
+    def _check_broker_owner(self) -> None:
+        assert self._transport is not None
+        sock = self._transport.get_extra_info("socket")
+        _, uid, _ = _CRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                 _CRED.size))
+        if uid not in (os.getuid(), 0):
+            self._abort()
+            raise BrokerUnavailable(
+                f"the broker at the default path {self.path} runs as uid {uid}, not as you"
+                f" (uid {os.getuid()}) or root: refusing to send it anything; if you trust"
+                " it, pass the path explicitly (connect(path) or $AIOBUS_SOCKET)")
 
     async def aclose(self) -> None:
         """Close the connection gracefully.
@@ -742,6 +768,19 @@ class Bus:
         await self._call([Op.PING, 0])
 
 
+def _describe_file(path: str) -> str:
+    """``owner root (uid 0), mode srw-------`` for an error message."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        return f"cannot stat it: {exc.strerror}"
+    try:
+        owner = pwd.getpwuid(st.st_uid).pw_name
+    except KeyError:
+        owner = "?"
+    return f"owner {owner} (uid {st.st_uid}), mode {stat.filemode(st.st_mode)}"
+
+
 def _headers(headers: Mapping[str, str] | None) -> dict[str, str] | None:
     if not headers:
         return None
@@ -758,22 +797,26 @@ class connect:
 
     Args:
         path: the broker's socket; default as the broker's (``$AIOBUS_SOCKET``, else
-            ``$XDG_RUNTIME_DIR/aiobus.sock``, else ``/tmp/aiobus-<uid>.sock``).
+            ``$XDG_RUNTIME_DIR/aiobus.sock``, else ``/tmp/aiobus-<uid>/aiobus.sock``). A
+            broker found at a default path must run as this user or root.
         name: a name for this client, shown in stats and presence events.
 
     Raises:
-        BrokerUnavailable: nothing listens on the socket, or the handshake failed.
+        BrokerUnavailable: nothing listens on the socket, or the handshake failed; the
+            socket's permissions keep this user out (the message names its owner and
+            mode); or the broker at a default path runs as another user (not root).
     """
 
     def __init__(self, path: str | os.PathLike[str] | None = None, *,
                  name: str | None = None) -> None:
         self._path = resolve_socket_path(path)
+        self._explicit = is_explicit(path)
         self._name = name
         self._bus: Bus | None = None
 
     async def __aenter__(self) -> Bus:
         bus = Bus(self._path, self._name)
-        await bus._open()
+        await bus._open(explicit=self._explicit)
         self._bus = bus
         return bus
 
