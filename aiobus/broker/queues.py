@@ -118,7 +118,9 @@ class JournalSink(Protocol):
 
     def delivered(self, queue: str, seq: int) -> None: ...
 
-    def failed(self, queue: str, seq: int, failures: int, due: float | None) -> None: ...
+    def failed(self, queue: str, seq: int, failures: int, due: float | None, *,
+               reason: str | None = None, consumer: tuple[int, int] | None = None
+               ) -> None: ...
 
     def removed(self, queue: str, seq: int, reason: int) -> None: ...
 
@@ -331,9 +333,11 @@ class QueueRouter:
     def restore(self, recovered: Any, now: float) -> None:
         """Load what the journal recovered (``journal.Recovered``) after a restart:
         durable queues with their settings, and their messages, ready again (or delayed
-        until their due time) with their failed attempts counted. A message whose
-        attempts reached ``max_deliveries`` (the crash took its last one) is
-        dead-lettered now. Nothing is journaled again except what changes."""
+        until their due time) with their failed attempts counted and their last failure
+        (reason text, consumer) for dead-letter headers. A message whose attempts
+        reached ``max_deliveries`` (the crash took its last one: its reason text is
+        ``broker-restart``) is dead-lettered now. Nothing is journaled again except
+        what changes."""
         wall = self.wall_offset
         loaded: list[tuple[Queue, Any]] = []
         for name, rq in recovered.queues.items():
@@ -347,9 +351,9 @@ class QueueRouter:
             for m in rq.messages:
                 msg = QMsg(m.message, None if m.expires is None else m.expires - wall)
                 msg.seq, msg.failures = m.seq, m.failures
+                msg.last_reason, msg.last_consumer = m.last_reason, m.last_consumer
                 queue.sent += 1
                 if limit is not None and msg.failures >= limit:
-                    msg.last_reason = "broker-restart"
                     self.dead_letter(queue, msg, "max-deliveries", None, now)
                 elif m.due is not None and m.due - wall > now:
                     if not msg.failures:  # never delivered: a scheduled message
@@ -637,7 +641,9 @@ class QueueRouter:
             else:
                 if queue.journal is not None:  # no longer out for delivery; no attempt
                     released: QMsg = lease.msg  # type: ignore[assignment]
-                    queue.journal.failed(queue.name, released.seq, released.failures, None)
+                    queue.journal.failed(queue.name, released.seq, released.failures, None,
+                                         reason=released.last_reason,
+                                         consumer=released.last_consumer)
                 front.append(lease.msg)
         consumer.leases.clear()
         consumer.zombies = 0
@@ -773,7 +779,8 @@ class QueueRouter:
             delay = delays[min(msg.failures, len(delays)) - 1] if delays else 0.0
         if queue.journal is not None:
             queue.journal.failed(queue.name, msg.seq, msg.failures,
-                                 now + delay + self.wall_offset if delay > 0 else None)
+                                 now + delay + self.wall_offset if delay > 0 else None,
+                                 reason=reason, consumer=msg.last_consumer)
         if delay > 0:
             expires = msg.expires
             if expires is not None:  # a TTL that passes during the delay acts at once

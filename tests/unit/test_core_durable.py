@@ -199,3 +199,24 @@ def test_durability_cannot_change_once_a_queue_holds_messages(b: Durable) -> Non
     p.send("jobs", b"in memory")
     code, message = p.error(Op.DECLARE, "jobs", {"durable": True})
     assert code == "bad-option" and "before it is first used" in message
+
+
+def test_a_release_keeps_the_last_failure_across_a_restart(b: Durable) -> None:
+    """A CANCEL releases the lease with no attempt counted: the journaled release repeats
+    the last failure's reason and consumer, so a restart does not forget them (§8 "Dead
+    letters": ``x-reason-text``, ``x-consumer-pid`` of the last failure)."""
+    d = b.driver
+    p, c = d.client("p"), d.client("c", pid=4321)
+    p.ok(Op.DECLARE, "jobs", {"durable": True, "ttl": 5.0})
+    p.send("jobs", b"x")
+    sid = c.consume("jobs")
+    c.nack(c.delivery().tag, reason="why")  # failed by pid 4321, back at once
+    assert c.delivery().attempt == 2
+    c.cancel(sid)  # released
+    d = b.restart()
+    d.advance(5.0)  # expired: dead-lettered without failing again
+    c2 = d.client("c2")
+    c2.consume("jobs.dlq")
+    headers = c2.delivery().headers or {}
+    assert {k: headers.get(k) for k in ("x-attempts", "x-reason-text", "x-consumer-pid")} == {
+        "x-attempts": "1", "x-reason-text": "why", "x-consumer-pid": "4321"}

@@ -19,6 +19,15 @@ RECORDS: list[tuple[bytes, r.Record]] = [
     (r.encode_delivered(1, 7), r.Delivered(1, 7)),
     (r.encode_failed(1, 7, 3, 12.5), r.Failed(1, 7, 3, 12.5)),
     (r.encode_failed(1, 7, 3, None), r.Failed(1, 7, 3, None)),
+    # A message's last failure: its reason text and consumer (pid, uid), either or both.
+    (r.encode_failed(1, 7, 3, None, "why", (4321, 1000)),
+     r.Failed(1, 7, 3, None, "why", (4321, 1000))),
+    (r.encode_failed(1, 7, 1, 2.5, "ack-timeout"), r.Failed(1, 7, 1, 2.5, "ack-timeout")),
+    (r.encode_failed(1, 7, 1, None, None, (1, 2**40)), r.Failed(1, 7, 1, None, None, (1, 2**40))),
+    (r.encode_sent(1, 7, b"m", 2, 1.0, 2.0, "é", (9, 0)),
+     r.Sent(1, 7, b"m", 2, 1.0, 2.0, "é", (9, 0))),
+    (r.encode_sent(1, 7, b"\x96m", 1, None, None, "broker-restart"),
+     r.Sent(1, 7, b"\x96m", 1, None, None, "broker-restart")),
     (r.encode_removed(1, 7, r.RemovalReason.DEAD_LETTERED),
      r.Removed(1, 7, r.RemovalReason.DEAD_LETTERED)),
     (r.encode_purged(3), r.QueuePurged(3)),
@@ -35,6 +44,31 @@ def test_each_record_round_trips(encoded: bytes, record: r.Record) -> None:
     decoded = r.decode_segment(segment(encoded), last=True)
     assert decoded.records == [(r.HEADER_SIZE, record)]
     assert decoded.bad_at is None and decoded.number == 1
+
+
+def test_records_without_failure_details_keep_the_version_1_layout() -> None:
+    """A version 1 segment is read as is: a Failed without details is its fixed part
+    only, and a Sent without them has no flag 4, byte for byte as version 1 wrote them."""
+    assert r.encode_failed(1, 7, 3, 12.5) == r._frame(r.FAILED_HEAD.pack(4, 1, 7, 3, 12.5))
+    assert r.encode_sent(1, 7, b"m", 1, None, 2.0) == r._frame(
+        r.SENT_HEAD.pack(2, 1, 7, 1, 2) + r.F64.pack(2.0) + b"m")
+
+
+def version_1_header(number: int) -> bytes:
+    head = r._SEGMENT_HEADER.pack(r.MAGIC, 1, 0, number)
+    return head + r._crc(head).to_bytes(4, "little")
+
+
+def test_version_1_segments_are_read_and_unknown_versions_refused() -> None:
+    body = b"".join(e for e, _ in RECORDS[:3])
+    old = r.decode_segment(version_1_header(5) + body, last=True)
+    assert (old.number, old.bad_at) == (5, None)
+    assert old.records == r.decode_segment(segment(body, number=5), last=True).records
+    assert r.header_version(version_1_header(5)) == 1
+    assert r.header_version(segment(number=5)) == r.FORMAT_VERSION == 2
+    head = r._SEGMENT_HEADER.pack(r.MAGIC, 3, 0, 5)
+    newer = head + r._crc(head).to_bytes(4, "little")
+    assert r.decode_segment(newer + body, last=True).number is None
 
 
 def test_a_segment_decodes_whole_and_cut_at_every_offset() -> None:
@@ -119,11 +153,39 @@ def test_replay_purge_keeps_deliveries_in_flight_and_delete_forgets() -> None:
     assert list(state.queues[1].messages) == [1]
 
 
+def test_replay_keeps_the_last_failure_and_counts_the_crash_as_one() -> None:
+    """The crash is a failure with reason ``broker-restart`` and no consumer of its own:
+    the message keeps the consumer of its previous failure, as the core's
+    ``last_consumer`` does; one never failed before has none."""
+    state = Replay()
+    for record in (r.QueueDeclared(1, "q", {}, 0), r.Sent(1, 0, b"a", 0, None, None),
+                   r.Sent(1, 1, b"b", 0, None, None), r.Sent(1, 2, b"c", 0, None, None),
+                   r.Delivered(1, 0), r.Failed(1, 0, 1, None, "why", (7, 8)),
+                   r.Delivered(1, 0),  # unanswered at the crash
+                   r.Delivered(1, 1),  # unanswered at the crash, never failed before
+                   r.Delivered(1, 2), r.Failed(1, 2, 1, 9.0, "ack-timeout", (5, 6))):
+        state.apply(record)
+    inferred = state.finish()
+    m0, m1, m2 = state.queues[1].messages.values()
+    assert [msg for _, msg in inferred] == [m0, m1]
+    assert (m0.failures, m0.last_reason, m0.last_consumer) == (2, "broker-restart", (7, 8))
+    assert (m1.failures, m1.last_reason, m1.last_consumer) == (1, "broker-restart", None)
+    assert (m2.failures, m2.due, m2.last_reason, m2.last_consumer) == (
+        1, 9.0, "ack-timeout", (5, 6))
+
+
 def test_a_later_sent_for_the_same_message_replaces_it() -> None:
     state = replay(r.QueueDeclared(1, "q", {}, 0), r.Sent(1, 0, b"a", 0, None, None),
                    r.Failed(1, 0, 2, 5.0), r.Sent(1, 0, b"a", 2, None, 5.0))
     msg = state.queues[1].messages[0]
     assert (msg.failures, msg.due) == (2, 5.0)
+    # with the failure's details, which a copy carries as well
+    state = replay(r.QueueDeclared(1, "q", {}, 0), r.Sent(1, 0, b"a", 0, None, None),
+                   r.Failed(1, 0, 2, 5.0, "why", (1, 2)),
+                   r.Sent(1, 0, b"a", 2, None, 5.0, "why", (1, 2)))
+    msg = state.queues[1].messages[0]
+    assert (msg.failures, msg.due, msg.last_reason, msg.last_consumer) == (
+        2, 5.0, "why", (1, 2))
 
 
 # --- the flat loop (Replay.read_segment) agrees with decode_segment + apply -----------
@@ -137,6 +199,17 @@ MALFORMED = [
     r.REMOVED_HEAD.pack(r.RecordType.REMOVED, 1, 0, 9),  # no such RemovalReason
     bytes([r.RecordType.REMOVED]) + bytes(12),
     bytes([r.RecordType.FAILED]) + bytes(20),
+    # failure details that are not [reason: str or nil, [pid, uid] or nil]
+    r.FAILED_HEAD.pack(r.RecordType.FAILED, 1, 0, 1, 0.0) + b"\xc1",  # not msgpack
+    r.FAILED_HEAD.pack(r.RecordType.FAILED, 1, 0, 1, 0.0) + b"\x92\xa1x\xc0\xc0",  # extra
+    r.FAILED_HEAD.pack(r.RecordType.FAILED, 1, 0, 1, 0.0) + b"\x92\x01\xc0",  # int reason
+    r.FAILED_HEAD.pack(r.RecordType.FAILED, 1, 0, 1, 0.0) + b"\x92\xc0\x91\x01",  # [pid]
+    r.FAILED_HEAD.pack(r.RecordType.FAILED, 1, 0, 1, 0.0) + b"\x92\xc0\x92\x01\xa1x",
+    r.FAILED_HEAD.pack(r.RecordType.FAILED, 1, 0, 1, 0.0) + b"\x81\xa1x\xc0",  # a map
+    r.SENT_HEAD.pack(r.RecordType.SENT, 1, 3, 0, 8) + b"m",  # no such flag
+    r.SENT_HEAD.pack(r.RecordType.SENT, 1, 3, 1, 4) + b"\x09\x00\x00\x00\x92\xc0\xc0",
+    r.SENT_HEAD.pack(r.RecordType.SENT, 1, 3, 1, 4) + b"\x03\x00",  # short length field
+    r.SENT_HEAD.pack(r.RecordType.SENT, 1, 3, 1, 5) + bytes(8) + b"\x01\x00\x00\x00\x90m",
     bytes([99, 1, 2, 3]),  # no such record type
 ]
 
@@ -146,6 +219,9 @@ LIFE = [
     r.encode_sent(1, 3, b"t", 1, 10.0, 20.0), r.encode_delivered(1, 0),
     r.encode_failed(1, 0, 1, 5.0), r.encode_delivered(1, 2), r.encode_removed(1, 1, 1),
     r.encode_sent(1, 0, b"m0", 1, None, 5.0),  # a compaction copy
+    r.encode_delivered(1, 3), r.encode_failed(1, 3, 2, None, "why", (42, 7)),
+    r.encode_delivered(1, 3),  # in flight at the end: a crash failure, keeps pid 42
+    r.encode_sent(1, 2, b"m2", 1, 3.0, None, "ack-timeout", (41, 7)),  # a copy, details
     r.encode_declared(2, "p", {}, 0), r.encode_sent(2, 0, b"x"), r.encode_delivered(2, 0),
     r.encode_purged(2), r.encode_sent(7, 0, b"unknown queue"),
 ]
@@ -182,8 +258,10 @@ def test_the_flat_loop_folds_a_whole_life_like_apply() -> None:
     state.read_segment(segment(*LIFE), last=False)
     state.finish()
     assert list(state.queues[1].messages) == [0, 2, 3]  # sorted: 1 came out of order
-    assert [m.size for m in state.queues[1].messages.values()] == [
-        len(LIFE[9]), len(LIFE[2]), len(LIFE[4])]
+    messages = state.queues[1].messages.values()
+    assert [m.size for m in messages] == [len(LIFE[9]), len(LIFE[13]), len(LIFE[4])]
+    assert [(m.failures, m.last_reason, m.last_consumer) for m in messages] == [
+        (1, None, None), (1, "ack-timeout", (41, 7)), (3, "broker-restart", (42, 7))]
 
 
 @given(st.binary(max_size=200), st.integers(0, 10_000), st.booleans())

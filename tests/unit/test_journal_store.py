@@ -20,6 +20,7 @@ from aiobus.broker.journal import (
     repair,
 )
 from aiobus.broker.journal import records as r
+from aiobus.broker.journal.files import segment_name
 
 from .crashfs import CrashFS
 
@@ -310,3 +311,78 @@ def test_os_files_in_a_temporary_directory(tmp_path: Path) -> None:
     files.sync_directory()
     assert files.read("y") == b"a"
     files.remove("y")
+
+
+def details(fs: CrashFS, **kw: int) -> dict[int, tuple[int, str | None, tuple[int, int] | None]]:
+    journal, recovered = Journal.open(fs, **kw)
+    journal.close()
+    return {m.seq: (m.failures, m.last_reason, m.last_consumer)
+            for m in recovered.queues["q"].messages}
+
+
+def test_a_last_failure_survives_compaction_and_restarts() -> None:
+    """A message's last failure (reason text, consumer) comes back after compaction copied
+    it forward, before and after a restart; a crash while it is leased makes
+    ``broker-restart`` its last failure, keeping the consumer, and is counted once."""
+    fs = CrashFS()
+    size = 1024
+    journal, _ = Journal.open(fs, segment_size=size)
+    journal.declare("q", {})
+    for seq in range(3):
+        journal.sent("q", seq, packed("q", seq))
+        journal.delivered("q", seq)
+    journal.failed("q", 0, 1, 99.0, reason="why", consumer=(4321, 1000))
+    journal.failed("q", 1, 1, None, reason="ack-timeout", consumer=(7, 8))
+    journal.delivered("q", 1)  # leased at the crash
+
+    def churn(journal: Journal, first: int) -> None:
+        """Traffic that is acked at once, until the first segments are compacted away."""
+        for seq in range(first, first + 60):
+            journal.sent("q", seq, packed("q", seq))
+            journal.removed("q", seq, ACKED)
+            journal.write()
+            journal.compact()
+            journal.write()
+            journal.sync()
+
+    churn(journal, 100)
+    journal.close()
+    assert segment_name(1) not in fs.list()  # messages 0-2 were copied forward
+    assert details(fs, segment_size=size) == {
+        0: (1, "why", (4321, 1000)), 1: (2, "broker-restart", (7, 8)),
+        2: (1, "broker-restart", None)}
+    # Once more after the restart: the store's state came from the replay this time.
+    journal, _ = Journal.open(fs, segment_size=size)
+    before = set(fs.list())
+    churn(journal, 200)
+    journal.close()
+    assert not before & set(fs.list())  # every segment was compacted away
+    assert details(fs, segment_size=size) == {
+        0: (1, "why", (4321, 1000)), 1: (2, "broker-restart", (7, 8)),
+        2: (1, "broker-restart", None)}
+
+
+def test_a_version_1_journal_is_read_and_new_records_go_to_a_new_segment() -> None:
+    """Version 2 records (failure details) are never appended to a version 1 segment: an
+    older broker refuses a version 2 segment rather than misread it (records.py)."""
+    fs = CrashFS()
+    head = r._SEGMENT_HEADER.pack(r.MAGIC, 1, 0, 1)
+    old = (head + r._crc(head).to_bytes(4, "little") + r.encode_declared(1, "q", {}, 0)
+           + r.encode_sent(1, 0, packed("q", 0)) + r.encode_delivered(1, 0)
+           + r.encode_failed(1, 0, 1, None))
+    handle = fs.create(segment_name(1))
+    fs.append(handle, old)
+    fs.sync(handle)
+    fs.close(handle)
+    fs.sync_directory()
+    journal, recovered = Journal.open(fs)
+    assert [(m.seq, m.failures, m.last_reason) for m in recovered.queues["q"].messages] == [
+        (0, 1, None)]
+    journal.delivered("q", 0)
+    journal.failed("q", 0, 2, None, reason="why", consumer=(1, 2))
+    journal.write()
+    journal.sync()
+    journal.close()
+    assert fs.read(segment_name(1)) == old
+    assert r.header_version(fs.read(segment_name(2))) == r.FORMAT_VERSION
+    assert details(fs) == {0: (2, "why", (1, 2))}

@@ -13,6 +13,14 @@ or xxhash). Queues are named by a small integer ``qid`` that a :class:`QueueDecl
 record binds to the queue's name; every segment starts by re-declaring each live queue,
 so any segment can be read, compacted or dropped without the ones before it.
 
+Format versions. The header's version says which records a segment may hold, so that an
+older broker refuses a segment it would misread rather than misread it. Version 2 added a
+message's last failure (reason text, consumer) to Failed, as a msgpack tail after the
+fixed part, and to Sent, behind flag bit 4 (docs/journal.md). A version 1 segment is a
+version 2 segment that happens to hold neither, so both are read; records are only ever
+appended to a segment of the current version (:meth:`~.store.Journal.open` rotates off
+an older one).
+
 The decoder (:func:`decode_segment`) returns every good record with its offset, and
 classifies the first bad one:
 
@@ -45,16 +53,18 @@ from typing import Any, Final
 import msgpack
 
 __all__ = [
-    "DECODE_ERRORS", "FORMAT_VERSION", "HEADER_SIZE", "MAX_RECORD", "BadRecord", "Decoded",
+    "DECODE_ERRORS", "FORMAT_VERSION", "HEADER_SIZE", "MAX_RECORD", "READABLE_VERSIONS",
+    "BadRecord", "Decoded",
     "Delivered", "Failed", "QueueDeclared", "QueueDeleted", "QueuePurged", "Record",
     "RecordType", "RemovalReason", "Removed", "Sent", "classify_damage", "decode_body",
     "decode_segment", "encode_declared", "encode_deleted", "encode_delivered",
-    "encode_failed", "encode_purged", "encode_removed", "encode_sent", "read_header",
-    "salvage", "segment_header",
+    "encode_failed", "encode_purged", "encode_removed", "encode_sent", "header_version",
+    "read_header", "salvage", "segment_header",
 ]
 
 MAGIC: Final = b"AIOBUSJ\x00"
-FORMAT_VERSION: Final = 1
+FORMAT_VERSION: Final = 2
+READABLE_VERSIONS: Final = frozenset({1, 2})  # see "Format versions" above
 # magic | version u16 | reserved u16 | segment number u64 | crc32 of the 20 bytes before
 _SEGMENT_HEADER = struct.Struct("<8sHHQ")
 HEADER_SIZE: Final = _SEGMENT_HEADER.size + 4
@@ -100,6 +110,10 @@ class Sent:
     failures: int
     expires: float | None  # epoch seconds
     due: float | None  # epoch seconds; a delayed or scheduled message
+    # The last failure's reason text and consumer (pid, uid): a compaction copy carries
+    # them, as it carries ``failures``. The core's own Sent records never do.
+    last_reason: str | None = None
+    last_consumer: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +128,11 @@ class Failed:
     seq: int
     failures: int
     due: float | None
+    # Why it failed (the NACK's reason, "ack-timeout", ...) and the consumer (pid, uid)
+    # that failed it. A failure with no consumer (a broker restart) keeps the previous
+    # one, as the core does; a release (no attempt counted) repeats both unchanged.
+    reason: str | None = None
+    consumer: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,11 +164,34 @@ def _frame(body: bytes) -> bytes:
 
 QSEQ = struct.Struct("<BIQ")
 SENT_HEAD = struct.Struct("<BIQIB")
-_FAILED = struct.Struct("<BIQId")
+FAILED_HEAD = struct.Struct("<BIQId")
+_DETAILS_SIZE = struct.Struct("<I")
 REMOVED_HEAD = struct.Struct("<BIQB")
 _QID = struct.Struct("<BI")
 F64 = struct.Struct("<d")
 _NONE = float("nan")  # "no due time" in a Failed record
+# Sent flags: which optional fields follow the fixed part, in this order.
+SENT_EXPIRES, SENT_DUE, SENT_DETAILS = 1, 2, 4
+_SENT_FLAGS = SENT_EXPIRES | SENT_DUE | SENT_DETAILS
+
+
+def _pack_details(reason: str | None, consumer: tuple[int, int] | None) -> bytes:
+    """A failure's details as msgpack ``[reason, [pid, uid] or nil]``."""
+    packed: bytes = msgpack.packb([reason, None if consumer is None else list(consumer)])
+    return packed
+
+
+def _unpack_details(raw: bytes | memoryview) -> tuple[str | None, tuple[int, int] | None]:
+    details = msgpack.unpackb(raw, raw=False)
+    if type(details) is list and len(details) == 2:
+        reason, consumer = details
+        if reason is None or type(reason) is str:
+            if consumer is None:
+                return reason, None
+            if (type(consumer) is list and len(consumer) == 2
+                    and type(consumer[0]) is int and type(consumer[1]) is int):
+                return reason, (consumer[0], consumer[1])
+    raise BadRecord("failure details must be [reason: str or nil, [pid, uid] or nil]")
 
 
 def encode_declared(qid: int, name: str, settings: dict[str, Any], next_seq: int) -> bytes:
@@ -158,13 +200,20 @@ def encode_declared(qid: int, name: str, settings: dict[str, Any], next_seq: int
 
 
 def encode_sent(qid: int, seq: int, message: bytes, failures: int = 0,
-                expires: float | None = None, due: float | None = None) -> bytes:
-    flags = (expires is not None) | (due is not None) << 1
+                expires: float | None = None, due: float | None = None,
+                last_reason: str | None = None,
+                last_consumer: tuple[int, int] | None = None) -> bytes:
+    details = last_reason is not None or last_consumer is not None
+    flags = (expires is not None) | (due is not None) << 1 | details << 2
     parts = [SENT_HEAD.pack(RecordType.SENT, qid, seq, failures, flags)]
     if expires is not None:
         parts.append(F64.pack(expires))
     if due is not None:
         parts.append(F64.pack(due))
+    if details:
+        packed = _pack_details(last_reason, last_consumer)
+        parts.append(_DETAILS_SIZE.pack(len(packed)))
+        parts.append(packed)
     parts.append(message)
     return _frame(b"".join(parts))
 
@@ -173,9 +222,12 @@ def encode_delivered(qid: int, seq: int) -> bytes:
     return _frame(QSEQ.pack(RecordType.DELIVERED, qid, seq))
 
 
-def encode_failed(qid: int, seq: int, failures: int, due: float | None) -> bytes:
-    return _frame(_FAILED.pack(RecordType.FAILED, qid, seq, failures,
-                               _NONE if due is None else due))
+def encode_failed(qid: int, seq: int, failures: int, due: float | None,
+                  reason: str | None = None, consumer: tuple[int, int] | None = None) -> bytes:
+    head = FAILED_HEAD.pack(RecordType.FAILED, qid, seq, failures, _NONE if due is None else due)
+    if reason is None and consumer is None:
+        return _frame(head)  # byte for byte a version 1 Failed
+    return _frame(head + _pack_details(reason, consumer))
 
 
 def encode_removed(qid: int, seq: int, reason: int) -> bytes:
@@ -207,15 +259,24 @@ def decode_body(body: bytes | memoryview) -> Record:
     kind = body[0]
     if kind == RecordType.SENT:
         _, qid, seq, failures, flags = SENT_HEAD.unpack_from(body)
+        if flags & ~_SENT_FLAGS:
+            raise BadRecord(f"Sent: unknown flags {flags:#x}")
         at = SENT_HEAD.size
-        expires = due = None
-        if flags & 1:
+        expires = due = reason = consumer = None
+        if flags & SENT_EXPIRES:
             (expires,) = F64.unpack_from(body, at)
             at += 8
-        if flags & 2:
+        if flags & SENT_DUE:
             (due,) = F64.unpack_from(body, at)
             at += 8
-        return Sent(qid, seq, bytes(body[at:]), failures, expires, due)
+        if flags & SENT_DETAILS:
+            (size,) = _DETAILS_SIZE.unpack_from(body, at)
+            at += 4
+            if at + size > len(body):
+                raise BadRecord("Sent: failure details longer than the record")
+            reason, consumer = _unpack_details(body[at:at + size])
+            at += size
+        return Sent(qid, seq, bytes(body[at:]), failures, expires, due, reason, consumer)
     if kind == RecordType.DELIVERED or kind == RecordType.DECLARED:
         _, qid, seq = QSEQ.unpack_from(body)
         if kind == RecordType.DELIVERED:
@@ -225,8 +286,11 @@ def decode_body(body: bytes | memoryview) -> Record:
             raise BadRecord("QueueDeclared: name must be str and settings a map")
         return QueueDeclared(qid, name, settings, seq)
     if kind == RecordType.FAILED:
-        _, qid, seq, failures, due = _FAILED.unpack_from(body)
-        return Failed(qid, seq, failures, None if due != due else due)
+        _, qid, seq, failures, due = FAILED_HEAD.unpack_from(body)
+        reason = consumer = None
+        if len(body) > FAILED_HEAD.size:  # version 2: the failure's details
+            reason, consumer = _unpack_details(body[FAILED_HEAD.size:])
+        return Failed(qid, seq, failures, None if due != due else due, reason, consumer)
     if kind == RecordType.REMOVED:
         _, qid, seq, reason = REMOVED_HEAD.unpack_from(body)
         return Removed(qid, seq, RemovalReason(reason))
@@ -270,13 +334,18 @@ def _record_at(data: bytes | memoryview, at: int) -> tuple[Record, int] | None:
 
 
 def read_header(data: bytes) -> int | None:
-    """The segment number from a good header of this format version, else None."""
+    """The segment number from a good header of a version this code reads, else None."""
     if len(data) < HEADER_SIZE:
         return None
     head = data[:_SEGMENT_HEADER.size]
     magic, version, _, number = _SEGMENT_HEADER.unpack(head)
     good = _crc(head) == int.from_bytes(data[_SEGMENT_HEADER.size:HEADER_SIZE], "little")
-    return number if good and magic == MAGIC and version == FORMAT_VERSION else None
+    return number if good and magic == MAGIC and version in READABLE_VERSIONS else None
+
+
+def header_version(data: bytes) -> int:
+    """The format version in a header that :func:`read_header` accepted."""
+    return int(_SEGMENT_HEADER.unpack_from(data)[1])
 
 
 def classify_damage(data: bytes, number: int, records: list[tuple[int, Record]], at: int,

@@ -6,11 +6,14 @@ Rules (docs/journal.md, "Recovery rules"): a Sent for a (qid, seq) already live
 replaces it (compaction copies a message forward with its state folded in); records
 about messages or queues that are not live are ignored (their Sent was compacted away,
 or they follow a removal); a queue redeclared after deletion gets a new qid.
-:meth:`Replay.finish` counts each unanswered delivery as one failed attempt.
+:meth:`Replay.finish` counts each unanswered delivery as one failed attempt, with the
+reason text ``broker-restart`` and no consumer of its own: the message keeps the consumer
+of its previous failure, as the core's ``last_consumer`` does across failures.
 
 Two ways in, one set of rules. :meth:`Replay.apply` folds one decoded record (tests,
 and records of the rare kinds). :meth:`Replay.read_segment` is what recovery runs: one
-flat loop over a segment's bytes that checks each frame and reads Sent, Delivered and
+flat loop over a segment's bytes that checks each frame and reads Sent (without failure
+details: those are compaction copies of failed messages, and rare), Delivered and
 Removed straight into the state, with no record object and no call per record, as
 msgpack and redis keep their hot loops flat. It hands every other kind to
 :func:`~.records.decode_body` and :meth:`apply`, and stops at the first record that
@@ -31,14 +34,15 @@ from typing import Any
 
 from . import records as r
 
-__all__ = ["LiveMessage", "LiveQueue", "Replay"]
+__all__ = ["RESTART_REASON", "LiveMessage", "LiveQueue", "Replay"]
 
 
 @dataclass(slots=True)
 class LiveMessage:
     """A message replay found live. ``segment`` is the segment holding its Sent record and
     ``size`` that record's bytes (the store's compaction needs both; 0: not known);
-    ``in_flight``: a delivery was recorded and not answered yet."""
+    ``in_flight``: a delivery was recorded and not answered yet; ``last_reason`` and
+    ``last_consumer``: its last failure's reason text and consumer (pid, uid)."""
 
     seq: int
     message: bytes
@@ -48,6 +52,8 @@ class LiveMessage:
     segment: int
     size: int = 0
     in_flight: bool = False
+    last_reason: str | None = None
+    last_consumer: tuple[int, int] | None = None
 
 
 @dataclass(slots=True)
@@ -64,17 +70,20 @@ _SENT = r.RecordType.SENT
 _DELIVERED = r.RecordType.DELIVERED
 _REMOVED = r.RecordType.REMOVED
 _REASONS = frozenset(r.RemovalReason)
+# The reason text of the failed attempt a crash is counted as (PROTOCOL.md §8 Attempts).
+RESTART_REASON = "broker-restart"
 
 
 class Replay:
     """Folds records, segment by segment in order, into the live state (module docstring).
     Set ``segment`` before applying a segment's records by hand."""
 
-    __slots__ = ("bytes", "queues", "records", "segment")
+    __slots__ = ("bytes", "queues", "records", "segment", "version")
 
     def __init__(self) -> None:
         self.queues: dict[int, LiveQueue] = {}
         self.segment = 0
+        self.version = r.FORMAT_VERSION  # of the last segment read
         self.records = 0
         self.bytes = 0
 
@@ -82,7 +91,7 @@ class Replay:
         """Fold one record; ``size`` is its encoded length (for a Sent, the owner index)."""
         self.records += 1
         match record:
-            case r.Sent(qid, seq, message, failures, expires, due):
+            case r.Sent(qid, seq, message, failures, expires, due, reason, consumer):
                 queue = self.queues.get(qid)
                 if queue is not None:
                     if seq >= queue.next_seq:
@@ -90,15 +99,17 @@ class Replay:
                     elif seq not in queue.messages:
                         queue.ordered = False
                     queue.messages[seq] = LiveMessage(seq, message, failures, expires, due,
-                                                      self.segment, size)
+                                                      self.segment, size, False, reason,
+                                                      consumer)
             case r.Delivered(qid, seq):
                 msg = self._message(qid, seq)
                 if msg is not None:
                     msg.in_flight = True
-            case r.Failed(qid, seq, failures, due):
+            case r.Failed(qid, seq, failures, due, reason, consumer):
                 msg = self._message(qid, seq)
                 if msg is not None:
                     msg.failures, msg.due, msg.in_flight = failures, due, False
+                    msg.last_reason, msg.last_consumer = reason, consumer
             case r.Removed(qid, seq, _):
                 queue = self.queues.get(qid)
                 if queue is not None:
@@ -132,6 +143,7 @@ class Replay:
         if number is None:
             return r.Decoded(None, [], 0, 0, False, None)
         self.segment = number
+        self.version = r.header_version(data)
         self.bytes += len(data)
         queues = self.queues
         view = memoryview(data)
@@ -153,7 +165,8 @@ class Replay:
             if not 0 < length <= max_record or end > size or crc32(data[at + 4:end]) != crc:
                 break
             kind = data[at + 8]
-            if kind == _SENT and length >= 18:
+            # (data[at + 25]: the Sent's flags; 4 and up go the general way, see above)
+            if kind == _SENT and length >= 18 and data[at + 25] < 4:
                 _, qid, seq, failures, flags = sent_head(data, at + 8)
                 start = at + 26
                 expires = due = None
@@ -202,7 +215,8 @@ class Replay:
         return r.classify_damage(data, number, [], at, last=last)
 
     def finish(self) -> list[tuple[int, LiveMessage]]:
-        """End of the journal: a delivery nobody answered was an attempt that failed.
+        """End of the journal: a delivery nobody answered was an attempt that failed,
+        for the reason ``broker-restart`` (its consumer stays the previous failure's).
         Returns those messages, so the store can journal the failure it inferred."""
         failed = []
         for queue in self.queues.values():
@@ -213,5 +227,6 @@ class Replay:
                 if msg.in_flight:
                     msg.failures += 1
                     msg.in_flight = False
+                    msg.last_reason = RESTART_REASON
                     failed.append((queue.qid, msg))
         return failed

@@ -25,10 +25,11 @@ Compaction. Each live message is *owned* by the segment holding its Sent record;
 segments that owns no live message is deleted on :meth:`sync` (a later segment's
 removal records can only concern earlier segments, so only prefixes may go). While the
 journal is larger than ``2 * live bytes + 2 * segment_size`` (the bound), :meth:`compact`
-copies the live messages of the oldest segments forward (a Sent with the failures and
-due time folded in, plus a Delivered if one is outstanding); a later Sent for the same
-(qid, seq) replaces the earlier one on replay, so once the copies are synced the old
-segment owns nothing and goes. See docs/journal.md for why that bounds disk use.
+copies the live messages of the oldest segments forward (a Sent with the failures, due
+time and last failure's details folded in, plus a Delivered if one is outstanding); a
+later Sent for the same (qid, seq) replaces the earlier one on replay, so once the
+copies are synced the old segment owns nothing and goes. See docs/journal.md for why
+that bounds disk use.
 """
 
 from __future__ import annotations
@@ -68,6 +69,9 @@ class _Segment:
     live_bytes: int = 0
 
 
+_Failure = tuple[int, float | None, str | None, tuple[int, int] | None]
+
+
 @dataclass(slots=True)
 class _State:
     qids: dict[str, int] = field(default_factory=dict)
@@ -75,7 +79,9 @@ class _State:
     settings: dict[int, dict[str, Any]] = field(default_factory=dict)
     next_seq: dict[int, int] = field(default_factory=dict)
     owner: dict[int, dict[int, int]] = field(default_factory=dict)
-    failed: dict[tuple[int, int], tuple[int, float | None]] = field(default_factory=dict)
+    # (qid, seq) -> what compaction must fold into a copy: failures, due, last reason and
+    # consumer. Only for messages that failed (or were sent with failures, a DLQ's).
+    failed: dict[tuple[int, int], _Failure] = field(default_factory=dict)
     in_flight: set[tuple[int, int]] = field(default_factory=set)
     next_qid: int = 1
 
@@ -125,7 +131,7 @@ class Journal:
         if seq >= s.next_seq[qid]:
             s.next_seq[qid] = seq + 1
         if failures:
-            s.failed[qid, seq] = (failures, due)
+            s.failed[qid, seq] = (failures, due, None, None)
         self._append(record)
 
     def delivered(self, queue: str, seq: int) -> None:
@@ -134,12 +140,15 @@ class Journal:
         self._s.in_flight.add((qid, seq))
         self._append(r.encode_delivered(qid, seq))
 
-    def failed(self, queue: str, seq: int, failures: int, due: float | None) -> None:
-        """Nack, ack timeout or lost connection: the new failures count and due time."""
+    def failed(self, queue: str, seq: int, failures: int, due: float | None, *,
+               reason: str | None = None, consumer: tuple[int, int] | None = None) -> None:
+        """Nack, ack timeout or lost connection: the new failures count and due time,
+        and the message's last failure (its reason text, the consumer's (pid, uid)).
+        Also a release (no attempt counted: the same count and details again)."""
         qid = self._s.qids[queue]
         self._s.in_flight.discard((qid, seq))
-        self._s.failed[qid, seq] = (failures, due)
-        self._append(r.encode_failed(qid, seq, failures, due))
+        self._s.failed[qid, seq] = (failures, due, reason, consumer)
+        self._append(r.encode_failed(qid, seq, failures, due, reason, consumer))
 
     def removed(self, queue: str, seq: int, reason: int) -> None:
         """Ack, reply, reject, dead-letter, TTL expiry or overflow drop (a RemovalReason)."""
@@ -294,9 +303,10 @@ class Journal:
             if entry is None or entry >> 32 != segment.number:
                 continue
             key = (record.qid, record.seq)
-            failures, due = s.failed.get(key, (record.failures, record.due))
+            failures, due, reason, consumer = s.failed.get(
+                key, (record.failures, record.due, record.last_reason, record.last_consumer))
             data = r.encode_sent(record.qid, record.seq, record.message, failures,
-                                 record.expires, due)
+                                 record.expires, due, reason, consumer)
             self._own(record.qid, record.seq, len(data))
             self._append(data)
             if key in s.in_flight:
@@ -384,12 +394,15 @@ class Journal:
                 gc.enable()
         if segments:
             journal._handle = files.open_append(segment_name(segments[-1][0]))
+            if replay.version != r.FORMAT_VERSION:  # never append to an older format
+                journal._rotate()
         else:
             journal._create(segment_name(1), r.segment_header(1))
             journal._handle = files.open_append(segment_name(1))
             journal._segments.append(_Segment(1, r.HEADER_SIZE))
         for qid, msg in inferred:  # make the inferred failure a record of its own
-            journal.failed(journal._s.names[qid], msg.seq, msg.failures, msg.due)
+            journal.failed(journal._s.names[qid], msg.seq, msg.failures, msg.due,
+                           reason=msg.last_reason, consumer=msg.last_consumer)
         report = RecoveryReport(len(queues), sum(len(q.messages) for q in queues.values()),
                                 replay.bytes, time.perf_counter() - started, torn)
         return journal, Recovered(queues, report)
@@ -419,12 +432,13 @@ class Journal:
                     number, live, live_bytes = m.segment, 0, 0
                     segment = by_number[number]
                 size = m.size or len(r.encode_sent(qid, seq, m.message, m.failures,
-                                                   m.expires, m.due))
+                                                   m.expires, m.due, m.last_reason,
+                                                   m.last_consumer))
                 owners[seq] = number << 32 | size
                 live += 1
                 live_bytes += size
-                if m.failures:
-                    failed[qid, seq] = (m.failures, m.due)
+                if m.failures:  # (a last failure's details come with a failure)
+                    failed[qid, seq] = (m.failures, m.due, m.last_reason, m.last_consumer)
             if segment is not None:
                 segment.live += live
                 segment.live_bytes += live_bytes
