@@ -29,9 +29,8 @@ across restarts. What the documents promise after a restart, and the model appli
 * a message's last failure still names its reason and consumer (§8 "Dead letters":
   ``x-reason-text`` "the reason of the last failure", ``x-consumer-pid`` "absent if it
   never failed"); the crash itself is a failure with reason ``broker-restart`` and no
-  consumer. The broker journals only the number of failures, so this does not hold yet:
-  the two tests at the end show it in a few frames, and the machine fails on it too
-  (``keeps_failure_details = False`` models what the broker does instead).
+  consumer (journaled with each failure; the two tests at the end show it in a few
+  frames, which failed before the journal kept it).
 
 The queues come back in journal sequence order, the order messages entered them. Only
 SENDs enter "qa" and "qb", one per step, so that is the order the model created them in
@@ -71,10 +70,6 @@ downtime = st.sampled_from([0.0, 0.0, 0.5, 2.0, 10.0])  # seconds the broker is 
 
 class DurableQueueMachine(QueueMachine):
     queue_options = DURABLE
-    # A message's last failure (reason text, consumer) outlives a restart, as §8 "Dead
-    # letters" describes the headers. The broker does not journal it (see the tests at
-    # the end); False makes the model forget it at a restart, as the broker does now.
-    keeps_failure_details = True
 
     # -- talking to the broker ----------------------------------------------------------
 
@@ -162,9 +157,6 @@ class DurableQueueMachine(QueueMachine):
             msg.last_reason = "broker-restart"
             msg.state = "ready"
         live = [m for m in self.msgs.values() if m.state != "gone"]
-        if not self.keeps_failure_details:
-            for msg in live:
-                msg.last_reason = msg.last_pid = None
         for queue in self.queues.values():
             queue.ready = []
             queue.counters = dict.fromkeys(queue.counters, 0)
