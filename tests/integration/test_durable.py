@@ -116,8 +116,12 @@ async def test_sigterm_lets_consumers_finish_and_says_what_it_keeps(
     assert holding == [0, 1, 2, 3]
     started = asyncio.get_running_loop().time()
     os.kill(broker.pid, signal.SIGTERM)
+    deadline = started + 10
+    while "for consumers to answer 4 leases" not in broker.log():  # it is draining
+        assert asyncio.get_running_loop().time() < deadline, broker.log()
+        await asyncio.sleep(0.01)
     assert worker.proc.stdin is not None
-    worker.proc.stdin.write(b"go\n")  # the broker is draining: its acks still count
+    worker.proc.stdin.write(b"go\n")  # the broker is draining: these acks still count
     await worker.proc.stdin.drain()
     assert await worker.line() == {"acked": 4}
     assert await worker.line() == {"lost": "shutdown"}
