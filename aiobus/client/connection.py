@@ -1,0 +1,407 @@
+"""The client's side of the wire protocol, sans I/O: bytes in, callbacks out; calls in,
+bytes to write out. The client's counterpart of ``broker/core.py``, in h11's manner.
+
+Theory of operation
+-------------------
+A :class:`ClientConnection` knows frames, never sockets, clocks or futures:
+
+* Every method that speaks to the broker packs its frame into an outgoing buffer, which
+  the shell takes with :meth:`data_to_send` and writes. The first frame written after a
+  take calls ``sink.flush_wanted()`` once, so the shell can schedule one write per loop
+  turn (redis's pending-write queue) without a check per frame on its side.
+* The connection allocates rids, stream ids and reply tokens (counters from 1, never
+  reused: docs/PROTOCOL.md §15). A request is remembered with an opaque *waiter* the
+  shell passes in (the asyncio shell passes a future; tests pass anything); its OK,
+  ERROR, or its part of an OK_RANGE, comes back as ``sink.completed(waiter, result)``
+  or ``sink.failed(waiter, error)`` with the error class from ``errors.from_code``. An
+  ERROR with an unknown rid (rid 0: a fire-and-forget frame) is counted in
+  :attr:`async_errors` and reported as ``sink.failed(None, error)``.
+* DELIVER, EVENT and EVENTS go straight to the receiver registered for their stream id,
+  with their fields by name: the receiver never sees frame indexes. Receivers are held
+  through a callable returning the receiver or None (a ``weakref.ref`` in the asyncio
+  shell: a stream the application dropped must be freed so that it can CANCEL itself).
+  A receiver that is gone, or a stream id that is not registered (frames written before
+  a CANCEL took effect), drops the frame, as §5 asks.
+* Once :attr:`error` is set (the connection failed or is closing) every method that
+  would write raises it; frames received are still dispatched, so that answers to what
+  was already sent arrive while the shell drains on close.
+
+Frames stay plain lists and are dispatched inline, runs of DELIVER/EVENT for one stream
+looking their receiver up once: an event object per frame would cost more than the rest
+of the receive path (docs/performance.md). The resend buffer that reconnecting will need
+is not here yet; what it plugs into is noted where requests are remembered.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from collections.abc import Callable
+from typing import Any, Final, Protocol
+
+import msgpack
+
+from ..errors import BodyDecodeError, BusError, FrameTooLarge, RemoteProtocolError, from_code
+from ..protocol import DEFAULT_MAX_FRAME, PROTOCOL_VERSION, FrameDecoder, Op, decode_body
+
+__all__ = ["ClientConnection", "ConnectionSink", "State", "StreamReceiver"]
+
+ACK_BATCH: Final = 1024  # tags per ACK_MANY frame at most
+# Ask for a write at once, not at the end of the loop turn, when this much is waiting:
+# bounds the buffer of a producer that never yields.
+FLUSH_AT: Final = 64 * 1024
+_SEND, _PUBLISH, _CREDIT = int(Op.SEND), int(Op.PUBLISH), int(Op.CREDIT)
+_OK, _OK_RANGE, _ERROR = int(Op.OK), int(Op.OK_RANGE), int(Op.ERROR)
+_DELIVER, _EVENT, _EVENTS = int(Op.DELIVER), int(Op.EVENT), int(Op.EVENTS)
+_RESPONSE, _WELCOME, _CLOSE = int(Op.RESPONSE), int(Op.WELCOME), int(Op.CLOSE)
+_SETTLE_OPS: Final = {"ack": int(Op.ACK), "nack": int(Op.NACK), "reject": int(Op.REJECT)}
+
+
+class State(enum.Enum):
+    """Where a connection stands (derived from what was sent and received)."""
+
+    IDLE = "idle"  # nothing sent yet: HELLO comes first
+    HANDSHAKE = "handshake"  # HELLO written, WELCOME not yet received
+    OPEN = "open"  # WELCOME received: any frame may be written
+    DONE = "done"  # failed or closing (``error`` is set): nothing more is written
+
+
+class ConnectionSink(Protocol):
+    """What the connection reports to its shell."""
+
+    def completed(self, waiter: Any, result: Any) -> None:
+        """A request succeeded (OK, OK_RANGE) or a request's reply arrived (RESPONSE)."""
+
+    def failed(self, waiter: Any, error: BusError) -> None:
+        """A request failed; ``waiter`` None: a fire-and-forget frame did."""
+
+    def welcomed(self, info: dict[str, Any]) -> None:
+        """WELCOME: the handshake is done."""
+
+    def flush_wanted(self) -> None:
+        """The outgoing buffer went from empty to not empty, or holds ``flush_at`` bytes
+        or more: call :meth:`ClientConnection.data_to_send` now or soon."""
+
+
+class StreamReceiver(Protocol):
+    """A consumer or subscription, as the connection feeds it."""
+
+    def _deliver(self, tag: int, message: list[Any], attempt: int,
+                 reply_to: str | None) -> None: ...
+
+    def _event(self, message: list[Any], dropped: int) -> None: ...
+
+    def _events(self, messages: list[list[Any]], dropped: int) -> None: ...
+
+
+class ClientConnection:
+    """One client connection's protocol state. See the module docstring."""
+
+    def __init__(self, sink: ConnectionSink, *, max_frame: int = DEFAULT_MAX_FRAME,
+                 flush_at: int = FLUSH_AT) -> None:
+        self._sink = sink
+        self._flush_at = flush_at
+        # The broker bounds what it sends by its own max_frame, unknown until WELCOME;
+        # the client trusts its broker (it checked its owner), so only sanity limits.
+        self._decoder = FrameDecoder(2**31 - 1, max_array=2**20, max_map=2**20)
+        self.max_frame = max_frame  # the broker's, from WELCOME
+        self.error: BusError | None = None  # set once nothing more may be written
+        self.welcomed = False
+        self._hello_sent = False
+        self.close_reason: tuple[str, str] | None = None  # the broker's CLOSE, if any
+        self.async_errors = 0  # ERRORs for fire-and-forget frames
+        self.out_bytes = 0
+        self._out: list[bytes] = []
+        self._acks: list[int] = []  # ack_nowait tags waiting for the next data_to_send
+        self._flush_wanted = False
+        self._packb = msgpack.Packer().pack
+        self._rids = itertools.count(1)
+        self._sids = itertools.count(1)
+        self._tokens = itertools.count(1)
+        # rid -> waiter, token -> waiter. For reconnecting, this is where the frame of each
+        # unanswered request would be kept too (the resend buffer).
+        self.pending: dict[int, Any] = {}
+        self.replies: dict[int, Any] = {}
+        self._streams: dict[int, Callable[[], StreamReceiver | None]] = {}
+        self._consumers: set[int] = set()  # the stream ids that are consumers
+
+    @property
+    def state(self) -> State:
+        if self.error is not None:
+            return State.DONE
+        if self.welcomed:
+            return State.OPEN
+        return State.HANDSHAKE if self._hello_sent else State.IDLE
+
+    # -- writing --------------------------------------------------------------------------
+
+    def data_to_send(self) -> list[bytes]:
+        """Take everything written so far (ACK_MANY of pending acks last)."""
+        if self._acks:
+            self._write_acks()
+        out, self._out = self._out, []
+        self.out_bytes = 0
+        self._flush_wanted = False
+        return out
+
+    def _write_acks(self) -> None:
+        acks, self._acks = self._acks, []
+        data = self._packb([Op.ACK_MANY, acks])
+        self._out.append(data)
+        self.out_bytes += len(data)
+
+    def _write(self, frame: list[Any]) -> None:
+        if self.error is not None:
+            raise self.error
+        if self._acks:  # keep frame order: acks asked for earlier go out first
+            self._write_acks()
+        data = self._packb(frame)
+        if len(data) > self.max_frame:  # exact: the broker bounds whole frames
+            raise FrameTooLarge(
+                f"a frame of {len(data)} bytes exceeds the broker's max_frame of"
+                f" {self.max_frame} bytes; send a smaller body or fewer headers"
+            )
+        self._out.append(data)
+        self.out_bytes += len(data)
+        if not self._flush_wanted or self.out_bytes >= self._flush_at:
+            self._flush_wanted = True
+            self._sink.flush_wanted()
+
+    def _request(self, frame: list[Any], waiter: Any) -> int:
+        """Write a request frame (rid at index 1) and remember ``waiter`` for its answer."""
+        rid = next(self._rids)
+        frame[1] = rid
+        self._write(frame)
+        self.pending[rid] = waiter
+        return rid
+
+    def hello(self, name: str | None) -> None:
+        options = {"name": name} if name is not None else {}
+        self._write([Op.HELLO, PROTOCOL_VERSION, options])
+        self._hello_sent = True
+
+    def send(self, queue: str, data: bytes, kind: int, headers: dict[str, str] | None,
+             ttl: float | None, delay: float | None, waiter: Any = None, *,
+             confirm: bool = True) -> int:
+        """SEND; with ``confirm`` False rid 0 (no answer unless it fails). Returns the rid."""
+        frame = [_SEND, 0, queue, data, kind, headers, ttl, None]
+        if delay is not None:  # else the 8-field SEND every broker version understands
+            frame.append(delay)
+        if confirm:
+            return self._request(frame, waiter)
+        self._write(frame)
+        return 0
+
+    def request(self, queue: str, data: bytes, kind: int, headers: dict[str, str] | None,
+                timeout: float, waiter: Any, reply_waiter: Any) -> int:
+        """A SEND awaiting a RESPONSE: ``reply_waiter`` gets the reply's decoded body.
+        Returns the reply token (for :meth:`forget_reply`)."""
+        token = next(self._tokens)
+        self._request([_SEND, 0, queue, data, kind, headers, timeout, token], waiter)
+        self.replies[token] = reply_waiter
+        return token
+
+    def forget_reply(self, token: int) -> None:
+        """The requester stopped waiting: a late RESPONSE is dropped."""
+        self.replies.pop(token, None)
+
+    def publish(self, topic: str, data: bytes, kind: int,
+                headers: dict[str, str] | None) -> None:
+        self._write([_PUBLISH, topic, data, kind, headers])
+
+    def consume(self, queue: str, prefetch: int, receiver: Callable[[], StreamReceiver | None],
+                waiter: Any) -> int:
+        """Register a consumer and write CONSUME. Returns its stream id."""
+        sid = self._register(receiver)
+        self._consumers.add(sid)
+        self._start_stream([Op.CONSUME, 0, sid, queue, prefetch], sid, waiter)
+        return sid
+
+    def subscribe(self, pattern: str, max_pending: int, policy: str,
+                  receiver: Callable[[], StreamReceiver | None], waiter: Any) -> int:
+        """Register a subscription and write SUBSCRIBE. Returns its stream id."""
+        sid = self._register(receiver)
+        self._start_stream([Op.SUBSCRIBE, 0, sid, pattern, max_pending, policy], sid, waiter)
+        return sid
+
+    def _register(self, receiver: Callable[[], StreamReceiver | None]) -> int:
+        if self.error is not None:
+            raise self.error
+        sid = next(self._sids)
+        self._streams[sid] = receiver
+        return sid
+
+    def _start_stream(self, frame: list[Any], sid: int, waiter: Any) -> None:
+        try:
+            self._request(frame, waiter)
+        except BaseException:
+            self.unregister(sid)
+            raise
+
+    def unregister(self, sid: int) -> None:
+        """Forget a stream the broker does not know (its SUBSCRIBE/CONSUME failed)."""
+        self._streams.pop(sid, None)
+        self._consumers.discard(sid)
+
+    def cancel(self, sid: int) -> None:
+        """Forget a stream and, if the connection is usable, write CANCEL for it (rid 0:
+        nobody waits; this runs from ``__del__`` too). Frames for it are dropped."""
+        self.unregister(sid)
+        if self.error is None:
+            self._write([Op.CANCEL, 0, sid])
+
+    def credit(self, sid: int, n: int) -> None:
+        self._write([_CREDIT, sid, n])
+
+    def consumers(self) -> list[StreamReceiver]:
+        """The live consumers' receivers."""
+        found = (self._streams[sid]() for sid in self._consumers if sid in self._streams)
+        return [receiver for receiver in found if receiver is not None]
+
+    def receivers(self) -> list[StreamReceiver]:
+        found = (ref() for ref in self._streams.values())
+        return [receiver for receiver in found if receiver is not None]
+
+    def settle(self, tag: int, outcome: str, delay: float | None, reason: str | None,
+               waiter: Any) -> int:
+        """ACK, NACK or REJECT a lease (``outcome``: ``"ack"``, ``"nack"``, ``"reject"``)."""
+        op = _SETTLE_OPS[outcome]
+        if op == Op.ACK:
+            return self._request([op, 0, tag], waiter)
+        if op == Op.NACK:
+            return self._request([op, 0, tag, delay, reason], waiter)
+        return self._request([op, 0, tag, reason], waiter)
+
+    def ack_nowait(self, tag: int) -> None:
+        """Queue an ack for the next ACK_MANY (no answer unless it fails)."""
+        if self.error is not None:
+            raise self.error
+        acks = self._acks
+        acks.append(tag)
+        if len(acks) >= ACK_BATCH:
+            self._write_acks()
+        if not self._flush_wanted:
+            self._flush_wanted = True
+            self._sink.flush_wanted()
+
+    def extend(self, tag: int, seconds: float, waiter: Any) -> int:
+        return self._request([Op.EXTEND, 0, tag, seconds], waiter)
+
+    def reply(self, tag: int, data: bytes, kind: int, headers: dict[str, str] | None,
+              waiter: Any) -> int:
+        return self._request([Op.REPLY, 0, tag, data, kind, headers], waiter)
+
+    def call(self, frame: list[Any], waiter: Any) -> int:
+        """Any request frame with its rid at index 1 (DECLARE, PURGE, DELETE, STATS, PING,
+        or a raw frame a test writes)."""
+        return self._request(frame, waiter)
+
+    # -- failing --------------------------------------------------------------------------
+
+    def fail(self, error: BusError) -> tuple[list[Any], list[StreamReceiver]]:
+        """Nothing more may be written; return the waiters and receivers to fail, and
+        forget them."""
+        self.error = error
+        waiters = [*self.pending.values(), *self.replies.values()]
+        self.pending.clear()
+        self.replies.clear()
+        return waiters, self.receivers()
+
+    # -- reading --------------------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> None:
+        """Decode ``data`` and dispatch every frame it completes.
+
+        Raises:
+            RemoteProtocolError: the broker sent something invalid; the connection is
+                poisoned (frames already dispatched stay dispatched).
+        """
+        try:
+            frames = self._decoder.feed(data)
+            streams, sink = self._streams, self._sink
+            # DELIVER and EVENT, the per-message frames, inline: one read holds runs of
+            # them for the same stream, which is looked up once per run.
+            sid: Any = None
+            receiver: StreamReceiver | None = None
+            for frame in frames:
+                op = frame[0]
+                if op == _DELIVER:
+                    if frame[1] != sid:
+                        sid = frame[1]
+                        ref = streams.get(sid)
+                        receiver = ref() if ref is not None else None
+                    if receiver is not None:
+                        _, _, tag, message, attempt, reply_to = frame
+                        receiver._deliver(tag, message, attempt, reply_to)
+                elif op == _EVENT or op == _EVENTS:
+                    if frame[1] != sid:
+                        sid = frame[1]
+                        ref = streams.get(sid)
+                        receiver = ref() if ref is not None else None
+                    if receiver is not None:
+                        if op == _EVENT:
+                            receiver._event(frame[2], frame[3])
+                        else:
+                            receiver._events(frame[2], frame[3])
+                else:
+                    sid = None  # whatever that frame did, look the next stream up again
+                    if op == _OK:
+                        waiter = self.pending.pop(frame[1], _MISSING)
+                        if waiter is not _MISSING:
+                            sink.completed(waiter, frame[2])
+                    elif op == _OK_RANGE:
+                        self._on_ok_range(frame)
+                    elif op == _ERROR:
+                        self._on_error(frame)
+                    elif op == _RESPONSE:
+                        self._on_response(frame)
+                    elif op == _WELCOME:
+                        self._on_welcome(frame)
+                    elif op == _CLOSE:
+                        self.close_reason = (frame[1], frame[2])
+                    else:
+                        raise RemoteProtocolError(f"unexpected frame type {op!r}")
+        except (BusError, IndexError, TypeError, ValueError, KeyError) as exc:
+            raise RemoteProtocolError(f"broker sent an invalid frame: {exc!r}") from exc
+
+    def _on_ok_range(self, frame: list[Any]) -> None:
+        _, first, last = frame
+        pending, completed = self.pending, self._sink.completed
+        # Bounded by what is pending, whatever range the broker names.
+        rids = (range(first, last + 1) if last - first < len(pending)
+                else [rid for rid in pending if first <= rid <= last])
+        for rid in rids:
+            waiter = pending.pop(rid, _MISSING)
+            if waiter is not _MISSING:
+                completed(waiter, None)
+
+    def _on_error(self, frame: list[Any]) -> None:
+        _, rid, code, message = frame
+        waiter = self.pending.pop(rid, _MISSING)
+        if waiter is _MISSING:
+            self.async_errors += 1
+            self._sink.failed(None, from_code(code, message))
+        else:
+            self._sink.failed(waiter, from_code(code, message))
+
+    def _on_response(self, frame: list[Any]) -> None:
+        _, token, body, kind, _headers = frame
+        waiter = self.replies.pop(token, _MISSING)
+        if waiter is _MISSING:
+            return
+        try:
+            value = decode_body(body, kind)
+        except Exception as exc:  # the replier's bug, not this connection's
+            self._sink.failed(waiter, BodyDecodeError(f"the reply's body is undecodable: {exc}"))
+        else:
+            self._sink.completed(waiter, value)
+
+    def _on_welcome(self, frame: list[Any]) -> None:
+        info = frame[2]
+        if not self.welcomed:
+            self.welcomed = True
+            self.max_frame = int(info.get("max_frame", DEFAULT_MAX_FRAME))
+            self._sink.welcomed(info)
+
+
+_MISSING: Any = object()
