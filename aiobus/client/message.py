@@ -3,19 +3,27 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-from ..errors import BodyDecodeError, BusError, LeaseError, NotARequest
-from ..protocol import BodyKind, Op, decode_body, encode_body
+from ..errors import BodyDecodeError, BusError, FrameTooLarge, LeaseError, NotARequest
+from ..protocol import BodyKind, decode_body, encode_body
 
 if TYPE_CHECKING:
-    from .bus import Bus
+    from .backend import Backend
 
 __all__ = ["Message"]
 
 _UNDECODED: Any = object()
-_DELIVER = int(Op.DELIVER)
+
+
+def check_size(body: bytes, max_body: int) -> None:
+    """Refuse a body the broker would refuse (before anything is sent)."""
+    if len(body) > max_body:
+        raise FrameTooLarge(
+            f"message body of {len(body)} bytes exceeds the broker's max_frame of"
+            f" {max_body} bytes; split it, or raise the broker's --max-frame"
+        )
 
 
 class Message:
@@ -45,37 +53,26 @@ class Message:
     :meth:`extend` the lease), or it is redelivered.
     """
 
-    # A message keeps the decoded DELIVER or EVENT frame it came in and reads its fields
-    # from it on access: building a dozen attributes per message cost more than the rest
-    # of the client's receive path (see docs/performance.md).
-    __slots__ = ("_answered", "_body", "_bus", "_f", "_m")
+    # A message keeps the message array it came in ([id, queue or topic, body, kind,
+    # headers, timestamp]: protocol.MESSAGE_FIELDS) and reads its fields from it on
+    # access: building a dozen attributes per message cost more than the rest of the
+    # client's receive path (see docs/performance.md). Its lease is the backend's opaque
+    # handle (None for a topic message), settled through the backend.
+    __slots__ = ("_answered", "_backend", "_body", "_lease", "_m", "_n", "_reply_to")
 
-    _f: Sequence[Any]  # the DELIVER or EVENT frame
     _m: list[Any]
 
-    def __init__(self, bus: Bus, frame: list[Any]) -> None:
-        self._bus = bus
-        self._f = frame
-        # DELIVER [30, sid, tag, message, attempt, reply_to], EVENT [31, sid, message,
-        # dropped]; message [id, queue or topic, body, kind, headers, timestamp].
-        self._m = frame[3] if frame[0] == _DELIVER else frame[2]
+    def __init__(self, backend: Backend, lease: Any, message: list[Any], n: int,
+                 reply_to: str | None = None) -> None:
+        """``lease`` None: a topic message, and ``n`` is how many the subscription
+        dropped before it; else a queue message, and ``n`` is its attempt."""
+        self._backend = backend
+        self._lease = lease
+        self._m = message
+        self._n = n
+        self._reply_to = reply_to
         self._body: Any = _UNDECODED
         self._answered = False
-
-    @classmethod
-    def _of_event(cls, bus: Bus, frame: Sequence[Any], message: list[Any]) -> Message:
-        """A message of an EVENTS frame: ``frame`` stands in for its EVENT frame."""
-        self = cls.__new__(cls)
-        self._bus = bus
-        self._f = frame
-        self._m = message
-        self._body = _UNDECODED
-        self._answered = False
-        return self
-
-    @property
-    def _tag(self) -> int:
-        return int(self._f[2]) if self._f[0] == _DELIVER else 0
 
     @property
     def id(self) -> str:
@@ -83,11 +80,11 @@ class Message:
 
     @property
     def queue(self) -> str | None:
-        return self._m[1] if self._f[0] == _DELIVER else None
+        return None if self._lease is None else self._m[1]
 
     @property
     def topic(self) -> str | None:
-        return None if self._f[0] == _DELIVER else self._m[1]
+        return self._m[1] if self._lease is None else None
 
     @property
     def raw_body(self) -> bytes:
@@ -111,18 +108,15 @@ class Message:
 
     @property
     def attempt(self) -> int:
-        f = self._f
-        return f[4] if f[0] == _DELIVER else 1
+        return 1 if self._lease is None else self._n
 
     @property
     def dropped(self) -> int:
-        f = self._f
-        return 0 if f[0] == _DELIVER else f[3]
+        return self._n if self._lease is None else 0
 
     @property
     def reply_to(self) -> str | None:
-        f = self._f
-        return f[5] if f[0] == _DELIVER else None
+        return self._reply_to
 
     @property
     def body(self) -> Any:
@@ -150,15 +144,15 @@ class Message:
             body = f"<undecodable {self.raw_body!r:.40}>"
         return f"<Message id={self.id!r} {where} attempt={self.attempt} body={body:.60}>"
 
-    def _lease(self, verb: str) -> int:
-        f = self._f
-        if f[0] != _DELIVER:
+    def _take_lease(self, verb: str) -> Any:
+        lease = self._lease
+        if lease is None:
             raise BusError(f"cannot {verb} a topic message: topics have no acknowledgements")
         if self._answered:
             raise LeaseError(f"message {self.id} was already answered; cannot {verb} it again",
                              code="lease-unknown")
         self._answered = True
-        return f[2]  # type: ignore[no-any-return]  # DELIVER's tag
+        return lease
 
     async def ack(self) -> None:
         """Acknowledge: the message is done and leaves the queue.
@@ -169,7 +163,7 @@ class Message:
             LeaseError: the lease expired (the message was redelivered) or was released.
             ConnectionLost: the broker went away; the message will be redelivered.
         """
-        await self._bus._call([Op.ACK, 0, self._lease("ack")])
+        await self._backend.settle(self._take_lease("ack"), "ack")
 
     def ack_nowait(self) -> None:
         """Acknowledge without waiting for the broker's confirmation (fastest).
@@ -177,7 +171,7 @@ class Message:
         A failure (expired lease) is logged and counted in ``bus.async_errors`` instead of
         raised. Acks made in the same event-loop iteration travel in one ACK_MANY frame.
         """
-        self._bus._ack_nowait(self._lease("ack"))
+        self._backend.ack_nowait(self._take_lease("ack"))
 
     async def nack(self, delay: float | None = None, reason: str | None = None) -> None:
         """Give the message back for another attempt; this attempt counts as failed.
@@ -190,7 +184,7 @@ class Message:
         Raises:
             LeaseError: the lease expired or was released.
         """
-        await self._bus._call([Op.NACK, 0, self._lease("nack"), delay, reason])
+        await self._backend.settle(self._take_lease("nack"), "nack", delay, reason)
 
     async def reject(self, reason: str | None = None) -> None:
         """Send the message straight to the queue's dead-letter queue.
@@ -198,7 +192,7 @@ class Message:
         Raises:
             LeaseError: the lease expired or was released.
         """
-        await self._bus._call([Op.REJECT, 0, self._lease("reject"), reason])
+        await self._backend.settle(self._take_lease("reject"), "reject", None, reason)
 
     async def extend(self, seconds: float) -> None:
         """Push the lease's deadline to ``seconds`` from now, for a long job.
@@ -210,7 +204,7 @@ class Message:
             raise BusError("cannot extend a topic message: topics have no leases")
         if self._answered:
             raise LeaseError(f"message {self.id} was already answered", code="lease-unknown")
-        await self._bus._call([Op.EXTEND, 0, self._tag, seconds])
+        await self._backend.extend(self._lease, seconds)
 
     async def reply(self, body: Any, headers: dict[str, str] | None = None) -> None:
         """Answer a request: the reply goes to the requester, and the message is acked.
@@ -226,8 +220,8 @@ class Message:
                 " reply to; ack it instead"
             )
         data, kind = encode_body(body)
-        self._bus._check_size(data)
-        await self._bus._call([Op.REPLY, 0, self._lease("reply to"), data, kind, headers])
+        check_size(data, self._backend.max_body)
+        await self._backend.reply(self._take_lease("reply to"), data, kind, headers)
 
     @contextlib.asynccontextmanager
     async def process(self) -> AsyncIterator[Message]:

@@ -4,7 +4,7 @@ Leaving an ``async for`` early must stop the subscription at the broker, and for
 consumer release its unacked messages to other consumers at once, without counting an
 attempt. Python gives an async iterator no hook for ``break``, so:
 
-* the bus keeps only weak references to streams; when the loop drops its iterator
+* the backend keeps only weak references to streams; when the loop drops its iterator
   (``break``, or an exception unwinding through the loop body), CPython frees it at once
   and ``__del__`` writes the CANCEL frame synchronously (a buffer append, no await);
 * an exception raised inside ``__anext__`` itself (cancellation while waiting) stops the
@@ -22,15 +22,12 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, Self
 
 from ..errors import BusError, RemoteProtocolError
-from ..protocol import Op
 from .message import Message
 
 if TYPE_CHECKING:
-    from .bus import Bus
+    from .backend import Backend
 
 __all__ = ["Consumer", "Subscription"]
-
-_EVENT = int(Op.EVENT)
 
 
 class BusyError(BusError, RuntimeError):
@@ -40,13 +37,13 @@ class BusyError(BusError, RuntimeError):
 
 
 class _Stream:
-    """Shared machinery: a local buffer filled by the bus's protocol callbacks."""
+    """Shared machinery: a local buffer filled by the backend's protocol callbacks."""
 
     _kind = "stream"
 
-    def __init__(self, bus: Bus) -> None:
-        self._bus = bus
-        self._sid = 0
+    def __init__(self, backend: Backend) -> None:
+        self._backend = backend
+        self._handle: Any = None  # the backend's, once start() asked for the stream
         self._buffer: deque[Message] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self._started = False
@@ -54,7 +51,7 @@ class _Stream:
         self._managed = False  # inside `async with`: the block decides when it stops
         self._error: BaseException | None = None
 
-    def _start_frame(self, sid: int) -> list[Any]:
+    async def _start_with(self, backend: Backend) -> None:
         raise NotImplementedError
 
     async def start(self) -> None:
@@ -62,9 +59,8 @@ class _Stream:
         if self._started:
             return
         self._started = True
-        self._sid = self._bus._register(self)
         try:
-            await self._bus._call(self._start_frame(self._sid))
+            await self._start_with(self._backend)
         except BaseException:
             # Refused (or never answered): there is nothing to CANCEL at the broker.
             self._stop(tell_broker=False)
@@ -75,8 +71,8 @@ class _Stream:
             return
         self._stopped = True
         self._buffer.clear()
-        if self._started:
-            self._bus._unregister(self._sid, tell_broker=tell_broker)
+        if tell_broker and self._handle is not None:
+            self._backend.cancel(self._handle)
         self._wake()
 
     def close(self) -> None:
@@ -117,7 +113,7 @@ class _Stream:
                 raise self._error
             if self._stopped:
                 raise StopAsyncIteration
-            self._waiter = self._bus._loop.create_future()
+            self._waiter = asyncio.get_running_loop().create_future()
             try:
                 await self._waiter
             except BaseException:
@@ -132,16 +128,24 @@ class _Stream:
     def _take(self) -> Message:
         return self._buffer.popleft()
 
-    def _push(self, frame: list[Any]) -> None:
-        """A DELIVER or EVENT for this stream (called by the bus's protocol callback)."""
-        self._buffer.append(Message(self._bus, frame))
+    def _deliver(self, lease: Any, message: list[Any], attempt: int,
+                 reply_to: str | None) -> None:
+        """A queue message for this stream (called by the backend's protocol callback)."""
+        self._buffer.append(Message(self._backend, lease, message, attempt, reply_to))
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    def _push_many(self, frame: list[Any]) -> None:
-        """An EVENTS frame: only subscriptions get them."""
-        raise RemoteProtocolError(f"EVENTS frame for {self._kind} {frame[1]}")
+    def _event(self, message: list[Any], dropped: int) -> None:
+        """A topic message for this stream."""
+        self._buffer.append(Message(self._backend, None, message, dropped))
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _events(self, messages: list[list[Any]], dropped: int) -> None:
+        """Several topic messages at once: only subscriptions get them."""
+        raise RemoteProtocolError(f"EVENTS frame for {self._kind} {self._handle}")
 
     def _wake(self) -> None:
         """Let a waiting ``__anext__`` look again (messages arrived, stopped, failed)."""
@@ -164,8 +168,8 @@ class Subscription(_Stream):
 
     _kind = "subscription"
 
-    def __init__(self, bus: Bus, pattern: str, max_pending: int, policy: str) -> None:
-        super().__init__(bus)
+    def __init__(self, backend: Backend, pattern: str, max_pending: int, policy: str) -> None:
+        super().__init__(backend)
         self.pattern = pattern
         self.max_pending = max_pending
         self.policy = policy
@@ -173,8 +177,8 @@ class Subscription(_Stream):
         self._credit_batch = max(1, max_pending // 2)
         self.dropped = 0  # total messages dropped by the broker for this subscription
 
-    def _start_frame(self, sid: int) -> list[Any]:
-        return [Op.SUBSCRIBE, 0, sid, self.pattern, self.max_pending, self.policy]
+    async def _start_with(self, backend: Backend) -> None:
+        await backend.subscribe(self.pattern, self.max_pending, self.policy, self)
 
     async def __anext__(self) -> Message:
         # The per-message path, inlined: take a buffered event and count it; credit goes
@@ -185,7 +189,7 @@ class Subscription(_Stream):
         msg = buffer.popleft()
         consumed = self._consumed + 1
         if consumed >= self._credit_batch:
-            self._bus._write([Op.CREDIT, self._sid, consumed])
+            self._backend.credit(self._handle, consumed)
             consumed = 0
         self._consumed = consumed
         return msg
@@ -194,29 +198,25 @@ class Subscription(_Stream):
         msg = self._buffer.popleft()
         self._consumed += 1
         if self._consumed >= self._credit_batch:
-            self._bus._write([Op.CREDIT, self._sid, self._consumed])
+            self._backend.credit(self._handle, self._consumed)
             self._consumed = 0
         return msg
 
-    def _push(self, frame: list[Any]) -> None:
-        gap = frame[3]  # EVENT [31, sid, message, dropped]
-        if gap:
-            self.dropped += gap
-        self._buffer.append(Message(self._bus, frame))
+    def _event(self, message: list[Any], dropped: int) -> None:
+        if dropped:
+            self.dropped += dropped
+        self._buffer.append(Message(self._backend, None, message, dropped))
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    def _push_many(self, frame: list[Any]) -> None:
-        _, sid, messages, gap = frame  # EVENTS [33, sid, messages, dropped]
-        # Each Message reads its frame fields (type, dropped) from a stand-in EVENT
-        # frame: the gap goes with the first message only.
-        bus, of_event, buffer = self._bus, Message._of_event, self._buffer
-        if gap:
-            self.dropped += gap
-        buffer.append(of_event(bus, (_EVENT, sid, None, gap), messages[0]))
-        head = (_EVENT, sid, None, 0)
-        buffer.extend([of_event(bus, head, m) for m in itertools.islice(messages, 1, None)])
+    def _events(self, messages: list[list[Any]], dropped: int) -> None:
+        # The gap goes with the first message only.
+        backend, buffer = self._backend, self._buffer
+        if dropped:
+            self.dropped += dropped
+        buffer.append(Message(backend, None, messages[0], dropped))
+        buffer.extend([Message(backend, None, m, 0) for m in itertools.islice(messages, 1, None)])
         self._wake()
 
     def _fail(self, error: BaseException) -> None:
@@ -231,13 +231,13 @@ class Consumer(_Stream):
 
     _kind = "consumer"
 
-    def __init__(self, bus: Bus, queue: str, prefetch: int) -> None:
-        super().__init__(bus)
+    def __init__(self, backend: Backend, queue: str, prefetch: int) -> None:
+        super().__init__(backend)
         self.queue = queue
         self.prefetch = prefetch
 
-    def _start_frame(self, sid: int) -> list[Any]:
-        return [Op.CONSUME, 0, sid, self.queue, self.prefetch]
+    async def _start_with(self, backend: Backend) -> None:
+        await backend.consume(self.queue, self.prefetch, self)
 
     def _fail(self, error: BaseException) -> None:
         # Leases died with the connection; their messages will be redelivered.

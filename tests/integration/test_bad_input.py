@@ -139,13 +139,13 @@ async def test_peer_vanishing_mid_frame(broker: BrokerProcess, bus: aiobus.Bus) 
 
 async def test_request_errors_do_not_close_the_connection(bus: aiobus.Bus) -> None:
     with pytest.raises(aiobus.InvalidName):
-        await bus._call([Op.SEND, 0, "bad..name", b"", 0, None, None, None])
+        await bus._backend._call([Op.SEND, 0, "bad..name", b"", 0, None, None, None])
     with pytest.raises(aiobus.Forbidden):
-        await bus._call([Op.SEND, 0, "$sys.queue", b"", 0, None, None, None])
+        await bus._backend._call([Op.SEND, 0, "$sys.queue", b"", 0, None, None, None])
     with pytest.raises(aiobus.LeaseError):
-        await bus._call([Op.ACK, 0, 123456])
+        await bus._backend._call([Op.ACK, 0, 123456])
     with pytest.raises(aiobus.SubscriptionError):
-        await bus._call([Op.CANCEL, 0, 999])
+        await bus._backend._call([Op.CANCEL, 0, 999])
     await bus.ping()
 
 

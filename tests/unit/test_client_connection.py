@@ -39,6 +39,9 @@ class Sink:
     def completed(self, waiter: Any, result: Any) -> None:
         self.completed_.append((waiter, result))
 
+    def completed_all(self, waiters: list[Any]) -> None:
+        self.completed_.extend((waiter, None) for waiter in waiters if waiter is not None)
+
     def failed(self, waiter: Any, error: BusError) -> None:
         self.failed_.append((waiter, error))
 
@@ -136,8 +139,9 @@ def test_rids_count_from_one_and_ok_completes_its_waiter(conn: ClientConnection,
 
 def test_ok_range_completes_each_pending_rid(conn: ClientConnection, sink: Sink,
                                              feed: Feed) -> None:
-    rids = [conn.send("q", b"x", 0, None, None, None, f"s{i}") for i in range(5)]
-    assert rids == [1, 2, 3, 4, 5]
+    waiters = [conn.send("q", b"x", 0, None, None, None, f"s{i}") for i in range(5)]
+    assert conn.pending == {1: "s0", 2: "s1", 3: "s2", 4: "s3", 5: "s4"} == dict(
+        zip(range(1, 6), waiters, strict=True))
     feed(conn, pack([Op.OK_RANGE, 2, 4]))
     assert [w for w, _ in sink.completed_] == ["s1", "s2", "s3"]
     assert sorted(conn.pending) == [1, 5]
@@ -160,11 +164,18 @@ def test_error_maps_to_its_class(conn: ClientConnection, sink: Sink, feed: Feed)
 
 def test_error_for_a_fire_and_forget_frame_is_counted(conn: ClientConnection, sink: Sink,
                                                       feed: Feed) -> None:
-    assert conn.send("q", b"x", 0, None, None, None, confirm=False) == 0
+    conn.send_unconfirmed("q", b"x", 0, None, None, None)
     assert sent(conn)[0][1] == 0
     feed(conn, pack([Op.ERROR, 0, "queue-full", "full"]))
     assert conn.async_errors == 1
     assert [(w, type(e)) for w, e in sink.failed_] == [(None, QueueFull)]
+
+
+def test_send_makes_its_waiter_when_given_none(sink: Sink) -> None:
+    made = iter(["w1", "w2"])
+    conn = ClientConnection(sink, new_waiter=lambda: next(made))
+    assert conn.send("q", b"x", 0, None, None, None) == "w1"
+    assert conn.pending == {1: "w1"}
 
 
 def test_send_frame_has_a_ninth_field_only_with_a_delay(conn: ClientConnection) -> None:

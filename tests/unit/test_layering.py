@@ -22,6 +22,7 @@ CORE_MODULES = [
     "broker/settings.py",
     "broker/journal/records.py",
     "broker/journal/replay.py",
+    "client/connection.py",
     "protocol.py",
     "names.py",
     "errors.py",

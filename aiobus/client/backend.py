@@ -1,0 +1,151 @@
+"""What :class:`~aiobus.Bus`, :class:`~aiobus.client.message.Message` and the streams need
+from a transport: the :class:`Backend` protocol.
+
+``Bus`` checks names, encodes bodies and documents the public API; a backend moves
+encoded messages. The Unix-socket backend (``client/unix.py``) speaks aiobus's own
+protocol to its broker; another backend (NATS is planned) implements the same methods
+over its own transport, and the behaviour suite in ``tests/integration`` runs against
+``Bus`` whatever is below it.
+
+Leases are opaque: a backend hands a receiver a lease handle with each queue message
+(an int tag for the Unix socket) and takes it back to settle, extend or reply. Stream
+handles are opaque too: ``consume`` and ``subscribe`` store one in the receiver's
+``_handle`` before they first wait, so that the stream can cancel itself from then on.
+
+Methods that cannot block are plain ``def`` (trio's rule): those on the per-message path
+(``send_unconfirmed``, ``publish``, ``ack_nowait``, ``credit``) buffer and return, and the
+``Bus`` awaits :meth:`Backend.wait_writable` first while the transport is congested.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Literal, Protocol
+
+__all__ = ["Backend", "Outcome", "StreamTarget"]
+
+Outcome = Literal["ack", "nack", "reject"]
+
+
+class StreamTarget(Protocol):
+    """A consumer or subscription as a backend feeds it (``client/streams.py``)."""
+
+    _handle: Any  # the backend's handle for this stream, set by consume/subscribe
+
+    def _deliver(self, lease: Any, message: list[Any], attempt: int,
+                 reply_to: str | None) -> None:
+        """A queue message; ``message`` is ``[id, queue, body, kind, headers,
+        timestamp]`` (protocol.MESSAGE_FIELDS)."""
+
+    def _event(self, message: list[Any], dropped: int) -> None:
+        """A topic message, after ``dropped`` that this subscription missed."""
+
+    def _events(self, messages: list[list[Any]], dropped: int) -> None:
+        """Consecutive topic messages; ``dropped`` were missed before the first."""
+
+    def _stop(self, *, tell_broker: bool = True) -> None:
+        """Stop receiving (the bus is closing)."""
+
+    def _fail(self, error: BaseException) -> None:
+        """The connection is gone: the stream raises ``error`` when it runs dry."""
+
+
+class Backend(Protocol):
+    """One connection to a broker, as ``Bus``, ``Message`` and the streams use it.
+
+    Bodies arrive encoded (``data``, ``kind``: protocol.encode_body) and names checked.
+    Errors are the ``aiobus.errors`` classes, whatever the transport reports.
+    """
+
+    path: str
+    name: str | None  # this client's name, shown in the broker's stats
+    server_info: dict[str, Any]
+
+    @property
+    def closed(self) -> bool: ...
+
+    @property
+    def async_errors(self) -> int:
+        """Errors reported for fire-and-forget operations (logged, not raised)."""
+
+    @property
+    def max_body(self) -> int:
+        """The largest body the broker may accept (its ``max_frame``)."""
+
+    writable: bool  # False while the transport is congested: await wait_writable()
+
+    async def wait_writable(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+    # -- producing ------------------------------------------------------------------------
+
+    async def send(self, queue: str, data: bytes, kind: int, headers: dict[str, str] | None,
+                   ttl: float | None, delay: float | None) -> None:
+        """Put a message on a queue; return once the broker accepted it."""
+
+    def send_nowait(self, queue: str, data: bytes, kind: int,
+                    headers: dict[str, str] | None, ttl: float | None,
+                    delay: float | None) -> asyncio.Future[None]:
+        """As :meth:`send`, with a future of the confirmation."""
+
+    def send_unconfirmed(self, queue: str, data: bytes, kind: int,
+                         headers: dict[str, str] | None, ttl: float | None,
+                         delay: float | None) -> None:
+        """Buffer a send nobody waits for (a failure counts in ``async_errors``)."""
+
+    def publish(self, topic: str, data: bytes, kind: int,
+                headers: dict[str, str] | None) -> None:
+        """Buffer a topic message."""
+
+    async def request(self, queue: str, data: bytes, kind: int,
+                      headers: dict[str, str] | None, timeout: float) -> Any:
+        """Send a request and return the decoded body of its reply.
+
+        Raises:
+            RequestTimeout: no reply within ``timeout`` seconds.
+        """
+
+    # -- receiving ------------------------------------------------------------------------
+
+    async def consume(self, queue: str, prefetch: int, target: StreamTarget) -> None:
+        """Start delivering ``queue``'s messages to ``target``; on failure nothing is
+        registered (and nothing is to be cancelled)."""
+
+    async def subscribe(self, pattern: str, max_pending: int, policy: str,
+                        target: StreamTarget) -> None:
+        """Start delivering topic messages matching ``pattern`` to ``target``."""
+
+    def cancel(self, handle: Any) -> None:
+        """Stop a stream (never blocks; runs from ``__del__`` too). A consumer's leases
+        are released without counting an attempt."""
+
+    def credit(self, handle: Any, n: int) -> None:
+        """A subscription's application consumed ``n`` more messages."""
+
+    # -- leases ---------------------------------------------------------------------------
+
+    async def settle(self, lease: Any, outcome: Outcome, delay: float | None = None,
+                     reason: str | None = None) -> None:
+        """Ack, nack (``delay``, ``reason``) or reject (``reason``) a queue message."""
+
+    def ack_nowait(self, lease: Any) -> None:
+        """Ack without waiting for the confirmation; acks travel in batches."""
+
+    async def extend(self, lease: Any, seconds: float) -> None: ...
+
+    async def reply(self, lease: Any, data: bytes, kind: int,
+                    headers: dict[str, str] | None) -> None:
+        """Answer a request (acks its lease)."""
+
+    # -- administration -------------------------------------------------------------------
+
+    async def declare(self, queue: str, options: dict[str, Any]) -> dict[str, Any]: ...
+
+    async def purge(self, queue: str) -> int: ...
+
+    async def delete(self, queue: str, if_empty: bool) -> int: ...
+
+    async def stats(self) -> dict[str, Any]: ...
+
+    async def ping(self) -> None: ...

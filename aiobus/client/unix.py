@@ -1,0 +1,385 @@
+"""The Unix-socket :class:`~aiobus.client.backend.Backend`: the asyncio shell around a
+:class:`~aiobus.client.connection.ClientConnection`.
+
+The protocol object feeds every read to the connection at once; the connection answers
+futures through this shell (its sink) and hands DELIVER/EVENT to the streams. Writes are
+flushed once per loop iteration, or as soon as 64 KiB are waiting; while the socket is
+above its high-water mark every send and publish waits (backpressure instead of
+unbounded buffering). Many concurrent requests are pipelined on the one connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import os
+import pwd
+import socket
+import stat
+import struct
+import weakref
+from typing import Any, cast
+
+from ..errors import (
+    BrokerUnavailable,
+    BusError,
+    ConnectionClosed,
+    ConnectionLost,
+    RemoteProtocolError,
+    RequestTimeout,
+)
+from ..protocol import Op
+from .backend import Outcome, StreamTarget
+from .connection import FLUSH_AT, ClientConnection
+
+__all__ = ["UnixSocketBackend"]
+
+log = logging.getLogger(__name__)
+
+_CRED = struct.Struct("3i")  # struct ucred {pid_t pid; uid_t uid; gid_t gid;}
+_HANDSHAKE_TIMEOUT = 5.0
+_CLOSE_TIMEOUT = 5.0
+
+
+class _Protocol(asyncio.Protocol):
+    def __init__(self, backend: UnixSocketBackend) -> None:
+        self.backend = backend
+        self.receive_data = backend._conn.receive_data
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.backend._transport = cast(asyncio.Transport, transport)  # uvloop's: no subclass
+
+    def data_received(self, data: bytes) -> None:
+        # Every object decoded here survives into a stream's buffer or a future: a
+        # collection during the decode (CPython runs one every 700 new container objects,
+        # and a 256 KiB read holds ~1,500 messages of three each) would rescan them for
+        # nothing. So the collector waits until the read is dispatched; no application
+        # code runs in between (futures' callbacks are only scheduled). Receive path
+        # -20% per message (docs/performance.md).
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            self.receive_data(data)
+        except RemoteProtocolError as exc:
+            self.backend._protocol_violation(str(exc))
+        finally:
+            if enabled:
+                gc.enable()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.backend._connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.backend.writable = False
+        self.backend._writable.clear()
+
+    def resume_writing(self) -> None:
+        self.backend.writable = True
+        self.backend._writable.set()
+
+
+class UnixSocketBackend:
+    """A connection to an aiobus broker over its Unix socket. Open with :meth:`open`."""
+
+    def __init__(self, path: str, name: str | None) -> None:
+        self.path = path
+        self.name = name
+        self.server_info: dict[str, Any] = {}
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        self._conn = conn = ClientConnection(self, new_waiter=self._loop.create_future)
+        # The per-message writes are the connection's own methods: no call in between.
+        self.send_nowait = conn.send
+        self.send_unconfirmed = conn.send_unconfirmed
+        self.publish = conn.publish
+        self.ack_nowait = conn.ack_nowait
+        self.credit = conn.credit
+        self.writable = True  # False while the transport is above its high-water mark
+        self._flush_handle: asyncio.Handle | None = None
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._welcome: asyncio.Future[dict[str, Any]] = self._loop.create_future()
+        self._lost = asyncio.Event()
+        self._closing = False  # aclose() is waiting for the broker's last answers
+
+    # -- the connection's sink ------------------------------------------------------------
+
+    def completed(self, waiter: asyncio.Future[Any], result: Any) -> None:
+        if not waiter.done():
+            waiter.set_result(result)
+
+    def completed_all(self, waiters: list[asyncio.Future[Any] | None]) -> None:
+        for waiter in waiters:
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+
+    def failed(self, waiter: asyncio.Future[Any] | None, error: BusError) -> None:
+        if waiter is None:
+            log.warning("broker reported an error for a fire-and-forget frame: %s: %s",
+                        error.code, error)
+        elif not waiter.done():
+            waiter.set_exception(error)
+
+    def welcomed(self, info: dict[str, Any]) -> None:
+        if not self._welcome.done():
+            self._welcome.set_result(info)
+
+    def flush_wanted(self) -> None:
+        if self._conn.out_bytes >= FLUSH_AT:
+            self._flush()
+        elif self._flush_handle is None:
+            self._flush_handle = self._loop.call_soon(self._flush)
+
+    # -- connection lifecycle -------------------------------------------------------------
+
+    async def open(self, *, explicit: bool = True) -> None:
+        """Connect and say HELLO. A broker found at a default path (``explicit`` False)
+        must run as this user or root: another user's broker there is refused."""
+        try:
+            await self._loop.create_unix_connection(lambda: _Protocol(self), self.path)
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            raise BrokerUnavailable(
+                f"no aiobus broker is listening on {self.path} ({exc.strerror}); start one with"
+                " `aiobus-broker` (or `make run`), or pass the right path"
+            ) from exc
+        except PermissionError as exc:
+            raise BrokerUnavailable(
+                f"permission denied connecting to {self.path} ({_describe_file(self.path)});"
+                " the broker's --socket-mode/--socket-group decide who may connect"
+            ) from exc
+        if not explicit:
+            self._check_broker_owner()
+        self._conn.hello(self.name)
+        try:
+            async with asyncio.timeout(_HANDSHAKE_TIMEOUT):
+                info = await self._welcome
+        except TimeoutError:
+            self._abort()
+            raise BrokerUnavailable(f"the broker at {self.path} did not answer HELLO") from None
+        self.server_info = info
+
+    def _check_broker_owner(self) -> None:
+        assert self._transport is not None
+        sock = self._transport.get_extra_info("socket")
+        _, uid, _ = _CRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                 _CRED.size))
+        if uid not in (os.getuid(), 0):
+            self._abort()
+            raise BrokerUnavailable(
+                f"the broker at the default path {self.path} runs as uid {uid}, not as you"
+                f" (uid {os.getuid()}) or root: refusing to send it anything; if you trust"
+                " it, pass the path explicitly (connect(path) or $AIOBUS_SOCKET)")
+
+    async def aclose(self) -> None:
+        conn = self._conn
+        if conn.error is None:
+            for consumer in conn.consumers():
+                cast(StreamTarget, consumer)._stop()
+            closed = ConnectionClosed("the bus was closed")
+            # The broker answers in order: the OK of a PING written after everything
+            # else means it has answered all of that (parked sends aside).
+            drained: asyncio.Future[Any] | None = None
+            if conn.pending and self._transport is not None:
+                drained = self._loop.create_future()
+                conn.call([Op.PING, 0], drained)
+            conn.error = closed  # nothing new from here on
+            self._closing = True
+            self._flush()
+            if drained is not None:
+                try:
+                    async with asyncio.timeout(_CLOSE_TIMEOUT):
+                        await drained
+                except (TimeoutError, BusError):
+                    pass  # answered or not, what is left fails below
+            self._closing = False
+            self._fail_all(closed)
+        self._flush()
+        if self._transport is not None:
+            self._transport.close()
+            try:
+                async with asyncio.timeout(_CLOSE_TIMEOUT):
+                    await self._lost.wait()
+            except TimeoutError:
+                self._transport.abort()
+
+    @property
+    def closed(self) -> bool:
+        return self._conn.error is not None
+
+    @property
+    def async_errors(self) -> int:
+        return self._conn.async_errors
+
+    @property
+    def max_body(self) -> int:
+        return self._conn.max_frame
+
+    def _abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+    def _connection_lost(self, exc: Exception | None) -> None:
+        if self._conn.error is None or self._closing:
+            if self._conn.close_reason is not None:
+                code, message = self._conn.close_reason
+                error = ConnectionLost(f"the broker closed the connection: {message}", code=code)
+            else:
+                error = ConnectionLost(f"connection to the broker at {self.path} was lost"
+                                       + (f": {exc}" if exc else ""))
+            self._fail_all(error)
+        if not self._welcome.done():
+            self._welcome.set_exception(BrokerUnavailable("the broker closed the connection"
+                                                          " during the handshake"))
+        self.writable = True
+        self._writable.set()
+        self._lost.set()
+
+    def _fail_all(self, error: BusError) -> None:
+        waiters, receivers = self._conn.fail(error)
+        for fut in waiters:
+            if not fut.done():
+                fut.set_exception(error)
+        for receiver in receivers:
+            cast(StreamTarget, receiver)._fail(error)
+
+    def _protocol_violation(self, message: str) -> None:
+        log.error("closing the connection to %s: %s", self.path, message)
+        if self._conn.error is None:
+            self._fail_all(RemoteProtocolError(message))
+        self._abort()
+
+    # -- writing --------------------------------------------------------------------------
+
+    def _flush(self) -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        out = self._conn.data_to_send()
+        if out and self._transport is not None and not self._transport.is_closing():
+            self._transport.writelines(out)
+
+    async def wait_writable(self) -> None:
+        await self._writable.wait()
+
+    async def _call(self, frame: list[Any]) -> Any:
+        """Send a request frame (rid at index 1) and wait for its OK result."""
+        if not self._writable.is_set():
+            await self._writable.wait()
+        fut: asyncio.Future[Any] = self._loop.create_future()
+        self._conn.call(frame, fut)
+        return await fut
+
+    # -- producing ------------------------------------------------------------------------
+
+    async def send(self, queue: str, data: bytes, kind: int, headers: dict[str, str] | None,
+                   ttl: float | None, delay: float | None) -> None:
+        if not self._writable.is_set():
+            await self._writable.wait()
+        await self._conn.send(queue, data, kind, headers, ttl, delay)
+
+    async def request(self, queue: str, data: bytes, kind: int,
+                      headers: dict[str, str] | None, timeout: float) -> Any:
+        reply: asyncio.Future[Any] = self._loop.create_future()
+        token = 0
+        try:
+            async with asyncio.timeout(timeout):
+                if not self._writable.is_set():
+                    await self._writable.wait()
+                confirmed: asyncio.Future[Any] = self._loop.create_future()
+                token = self._conn.request(queue, data, kind, headers, timeout, confirmed,
+                                           reply)
+                await confirmed
+                return await reply
+        except TimeoutError:
+            raise RequestTimeout(
+                f"no reply from queue {queue!r} within {timeout} s; is a consumer running?"
+            ) from None
+        finally:
+            if token:
+                self._conn.forget_reply(token)
+
+    # -- receiving ------------------------------------------------------------------------
+
+    async def consume(self, queue: str, prefetch: int, target: StreamTarget) -> None:
+        fut: asyncio.Future[Any] = self._loop.create_future()
+        conn = self._conn
+        if not self._writable.is_set():
+            await self._writable.wait()
+        target._handle = sid = conn.consume(queue, prefetch, weakref.ref(target), fut)
+        await self._started(sid, fut)
+
+    async def subscribe(self, pattern: str, max_pending: int, policy: str,
+                        target: StreamTarget) -> None:
+        fut: asyncio.Future[Any] = self._loop.create_future()
+        conn = self._conn
+        if not self._writable.is_set():
+            await self._writable.wait()
+        target._handle = sid = conn.subscribe(pattern, max_pending, policy,
+                                              weakref.ref(target), fut)
+        await self._started(sid, fut)
+
+    async def _started(self, sid: int, fut: asyncio.Future[Any]) -> None:
+        try:
+            await fut
+        except BaseException:
+            # Refused (or never answered): there is nothing to CANCEL at the broker.
+            self._conn.unregister(sid)
+            raise
+
+    def cancel(self, handle: Any) -> None:
+        if self._transport is None:
+            self._conn.unregister(handle)
+        else:
+            self._conn.cancel(handle)
+
+    # -- leases ---------------------------------------------------------------------------
+
+    async def settle(self, lease: Any, outcome: Outcome, delay: float | None = None,
+                     reason: str | None = None) -> None:
+        if not self._writable.is_set():
+            await self._writable.wait()
+        fut: asyncio.Future[Any] = self._loop.create_future()
+        self._conn.settle(lease, outcome, delay, reason, fut)
+        await fut
+
+    async def extend(self, lease: Any, seconds: float) -> None:
+        await self._call([Op.EXTEND, 0, lease, seconds])
+
+    async def reply(self, lease: Any, data: bytes, kind: int,
+                    headers: dict[str, str] | None) -> None:
+        await self._call([Op.REPLY, 0, lease, data, kind, headers])
+
+    # -- administration -------------------------------------------------------------------
+
+    async def declare(self, queue: str, options: dict[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = await self._call([Op.DECLARE, 0, queue, options])
+        return result
+
+    async def purge(self, queue: str) -> int:
+        result: int = await self._call([Op.PURGE, 0, queue])
+        return result
+
+    async def delete(self, queue: str, if_empty: bool) -> int:
+        result: int = await self._call([Op.DELETE, 0, queue, bool(if_empty)])
+        return result
+
+    async def stats(self) -> dict[str, Any]:
+        result: dict[str, Any] = await self._call([Op.STATS, 0])
+        return result
+
+    async def ping(self) -> None:
+        await self._call([Op.PING, 0])
+
+
+def _describe_file(path: str) -> str:
+    """``owner root (uid 0), mode srw-------`` for an error message."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        return f"cannot stat it: {exc.strerror}"
+    try:
+        owner = pwd.getpwuid(st.st_uid).pw_name
+    except KeyError:
+        owner = "?"
+    return f"owner {owner} (uid {st.st_uid}), mode {stat.filemode(st.st_mode)}"
