@@ -68,9 +68,7 @@ class Backend(Protocol):
     def async_errors(self) -> int:
         """Errors reported for fire-and-forget operations (logged, not raised)."""
 
-    @property
-    def max_body(self) -> int:
-        """The largest body the broker may accept (its ``max_frame``)."""
+    max_body: int  # the largest body the broker may accept (its max_frame)
 
     writable: bool  # False while the transport is congested: await wait_writable()
 

@@ -95,6 +95,7 @@ class UnixSocketBackend:
         self.publish = conn.publish
         self.ack_nowait = conn.ack_nowait
         self.credit = conn.credit
+        self.max_body = conn.max_frame
         self.writable = True  # False while the transport is above its high-water mark
         self._flush_handle: asyncio.Handle | None = None
         self._writable = asyncio.Event()
@@ -122,6 +123,7 @@ class UnixSocketBackend:
             waiter.set_exception(error)
 
     def welcomed(self, info: dict[str, Any]) -> None:
+        self.max_body = self._conn.max_frame  # an attribute: Bus reads it per message
         if not self._welcome.done():
             self._welcome.set_result(info)
 
@@ -210,10 +212,6 @@ class UnixSocketBackend:
     @property
     def async_errors(self) -> int:
         return self._conn.async_errors
-
-    @property
-    def max_body(self) -> int:
-        return self._conn.max_frame
 
     def _abort(self) -> None:
         if self._transport is not None:
