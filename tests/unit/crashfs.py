@@ -62,7 +62,7 @@ class CrashFS:
     def used(self) -> int:
         return sum(len(f.current) for f in self.dir.values())
 
-    def append(self, handle: int, data: bytes) -> None:
+    def append(self, handle: int, data: bytes | bytearray) -> None:
         f = self.handles[handle]
         room = len(data) if self.space is None else max(0, self.space - self.used())
         part = data[:room]

@@ -270,3 +270,17 @@ def test_the_flat_loop_agrees_on_damage_and_garbage(garbage: bytes, flip: int,
     data = bytearray(segment(*LIFE) + garbage)
     data[r.HEADER_SIZE + flip % (len(data) - r.HEADER_SIZE)] ^= 1 << flip % 8
     both_ways(bytes(data), last=last)
+
+
+@given(st.integers(0, 2**32 - 1), st.integers(0, 2**64 - 1), st.binary(max_size=300),
+       st.sampled_from(list(r.RemovalReason)))
+def test_the_append_fast_paths_write_exactly_what_the_encoders_return(
+        qid: int, seq: int, message: bytes, reason: r.RemovalReason) -> None:
+    buffer = bytearray(b"before")
+    size = r.append_sent(buffer, qid, seq, message)
+    r.append_delivered(buffer, qid, seq)
+    r.append_removed(buffer, qid, seq, reason)
+    sent = r.encode_sent(qid, seq, message)
+    assert size == len(sent)
+    assert bytes(buffer) == (b"before" + sent + r.encode_delivered(qid, seq)
+                             + r.encode_removed(qid, seq, reason))

@@ -42,7 +42,7 @@ class Files(Protocol):
     def open_append(self, name: str) -> int:
         """Open an existing file for appending at its end; returns a handle."""
 
-    def append(self, handle: int, data: bytes) -> None:
+    def append(self, handle: int, data: bytes | bytearray) -> None:
         """Write all of ``data`` at the end of the file (may raise OSError: ENOSPC, EIO)."""
 
     def size(self, handle: int) -> int:
@@ -89,7 +89,7 @@ class OsFiles:
     def open_append(self, name: str) -> int:
         return os.open(self._path(name), os.O_WRONLY | os.O_APPEND)
 
-    def append(self, handle: int, data: bytes) -> None:
+    def append(self, handle: int, data: bytes | bytearray) -> None:
         view = memoryview(data)
         while view:  # os.write may write less than asked (a signal, a nearly full disk)
             view = view[os.write(handle, view):]

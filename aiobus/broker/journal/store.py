@@ -102,9 +102,9 @@ class Journal:
         self.segment_size = segment_size
         self._s = _State()
         self._segments: list[_Segment] = []
+        self._by_number: dict[int, _Segment] = {}  # the same segments, by number
         self._handle: int | None = None
-        self._buffer: list[bytes] = []
-        self._buffered = 0
+        self._buffer = bytearray()  # records appended and not yet written
         self._unsynced = False
         self._must_truncate = False
 
@@ -126,19 +126,23 @@ class Journal:
         """A message entered ``queue`` (also: a dead letter entering its DLQ)."""
         s = self._s
         qid = s.qids[queue]
-        record = r.encode_sent(qid, seq, message, failures, expires, due)
-        self._own(qid, seq, len(record))
+        if failures or expires is not None or due is not None:
+            record = r.encode_sent(qid, seq, message, failures, expires, due)
+            size = len(record)
+            self._buffer += record
+            if failures:
+                s.failed[qid, seq] = (failures, due, None, None)
+        else:  # the common case, without building the record apart
+            size = r.append_sent(self._buffer, qid, seq, message)
+        self._own(qid, seq, size)
         if seq >= s.next_seq[qid]:
             s.next_seq[qid] = seq + 1
-        if failures:
-            s.failed[qid, seq] = (failures, due, None, None)
-        self._append(record)
 
     def delivered(self, queue: str, seq: int) -> None:
         """A delivery attempt started (a lease was granted)."""
         qid = self._s.qids[queue]
         self._s.in_flight.add((qid, seq))
-        self._append(r.encode_delivered(qid, seq))
+        r.append_delivered(self._buffer, qid, seq)
 
     def failed(self, queue: str, seq: int, failures: int, due: float | None, *,
                reason: str | None = None, consumer: tuple[int, int] | None = None) -> None:
@@ -154,7 +158,7 @@ class Journal:
         """Ack, reply, reject, dead-letter, TTL expiry or overflow drop (a RemovalReason)."""
         qid = self._s.qids[queue]
         self._disown(qid, seq)
-        self._append(r.encode_removed(qid, seq, reason))
+        r.append_removed(self._buffer, qid, seq, reason)
 
     def purged(self, queue: str) -> None:
         """Every message of ``queue`` not out for delivery was discarded."""
@@ -174,8 +178,7 @@ class Journal:
         self._append(r.encode_deleted(qid))
 
     def _append(self, record: bytes) -> None:
-        self._buffer.append(record)
-        self._buffered += len(record)
+        self._buffer += record
 
     def _own(self, qid: int, seq: int, size: int) -> None:
         owners = self._s.owner[qid]
@@ -190,28 +193,30 @@ class Journal:
         entry = self._s.owner[qid].pop(seq, None)
         if entry is None:
             return
-        number, size = entry >> 32, entry & 0xFFFFFFFF
-        for segment in self._segments:
-            if segment.number == number:
-                segment.live -= 1
-                segment.live_bytes -= size
-                break
+        segment = self._by_number.get(entry >> 32)
+        if segment is not None:
+            segment.live -= 1
+            segment.live_bytes -= entry & 0xFFFFFFFF
         if forget:
             self._s.failed.pop((qid, seq), None)
             self._s.in_flight.discard((qid, seq))
 
+    def _add_segment(self, segment: _Segment) -> None:
+        self._segments.append(segment)
+        self._by_number[segment.number] = segment
+
     @property
     def pending(self) -> int:
         """Bytes appended and not yet written."""
-        return self._buffered
+        return len(self._buffer)
 
     def statistics(self) -> dict[str, int]:
         return {
             "segments": len(self._segments),
-            "bytes": sum(seg.size for seg in self._segments) + self._buffered,
+            "bytes": sum(seg.size for seg in self._segments) + len(self._buffer),
             "live_messages": sum(seg.live for seg in self._segments),
             "live_bytes": sum(seg.live_bytes for seg in self._segments),
-            "pending": self._buffered,
+            "pending": len(self._buffer),
         }
 
     # --- I/O -------------------------------------------------------------------------
@@ -232,7 +237,7 @@ class Journal:
                 self._must_truncate = False
             if not self._buffer:
                 return 0
-            data = b"".join(self._buffer)
+            data = self._buffer
             self.files.append(self._handle, data)
         except OSError as exc:
             try:
@@ -241,8 +246,7 @@ class Journal:
                 self._must_truncate = True
             raise JournalError(f"cannot write journal segment {name}: {exc}",
                                file=name, cause=os_error_name(exc)) from exc
-        self._buffer.clear()
-        self._buffered = 0
+        self._buffer = bytearray()  # not clear(): ``files`` may keep what it was given
         segment.size += len(data)
         self._unsynced = True
         if segment.size >= self.segment_size:
@@ -271,7 +275,9 @@ class Journal:
             return  # compaction copies may still be unwritten: drop nothing yet
         dropped = False
         while len(self._segments) > 1 and self._segments[0].live == 0:
-            self.files.remove(segment_name(self._segments.pop(0).number))
+            number = self._segments.pop(0).number
+            del self._by_number[number]
+            self.files.remove(segment_name(number))
             dropped = True
         if dropped:
             self.files.sync_directory()
@@ -333,7 +339,7 @@ class Journal:
         self.files.close(self._handle)
         self._handle = handle
         self._unsynced = False
-        self._segments.append(_Segment(number, len(data)))
+        self._add_segment(_Segment(number, len(data)))
 
     def _create(self, name: str, data: bytes) -> None:
         """Write ``name`` whole and durably: tmp file, fdatasync, rename, directory sync."""
@@ -386,7 +392,8 @@ class Journal:
         try:
             replay, segments, torn = replay_files(files)
             journal = cls(files, segment_size)
-            journal._segments = [_Segment(number, size) for number, size in segments]
+            for number, size in segments:
+                journal._add_segment(_Segment(number, size))
             inferred = replay.finish()
             queues = journal._load(replay)
         finally:
@@ -399,7 +406,7 @@ class Journal:
         else:
             journal._create(segment_name(1), r.segment_header(1))
             journal._handle = files.open_append(segment_name(1))
-            journal._segments.append(_Segment(1, r.HEADER_SIZE))
+            journal._add_segment(_Segment(1, r.HEADER_SIZE))
         for qid, msg in inferred:  # make the inferred failure a record of its own
             journal.failed(journal._s.names[qid], msg.seq, msg.failures, msg.due,
                            reason=msg.last_reason, consumer=msg.last_consumer)
@@ -412,7 +419,7 @@ class Journal:
         per run of messages it owns) from a finished replay; return what :meth:`open`
         returns."""
         s = self._s
-        by_number = {seg.number: seg for seg in self._segments}
+        by_number = self._by_number
         queues: dict[str, RecoveredQueue] = {}
         for q in replay.queues.values():
             qid = q.qid
