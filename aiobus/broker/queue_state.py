@@ -178,6 +178,7 @@ class Queue:
         "dead_lettered",
         "delayed_msgs",
         "delivered",
+        "direct_durable",
         "discarded",
         "expired",
         "explicit",
@@ -206,6 +207,7 @@ class Queue:
         self.journal: Any = None
         self.next_seq = 0
         self.plain = settings.ttl is None  # no TTL, not journaled: the send fast path
+        self.direct_durable = False  # no TTL, journaled: the send fast path, journaling
         # READY messages, oldest first: the deque, then the tail (see Run).
         self.ready: deque[Entry] = deque()
         self.tail: list[bytes] = []  # small stateless messages not yet sealed
@@ -269,6 +271,7 @@ class Queue:
         self.settings = settings
         self.journal = journal
         self.plain = settings.ttl is None and journal is None
+        self.direct_durable = settings.ttl is None and journal is not None
 
     def is_empty(self) -> bool:
         """Nothing waiting, leased or parked."""
