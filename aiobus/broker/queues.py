@@ -715,8 +715,12 @@ class QueueRouter:
         lease = self._take(conn, tag, "ack", now)
         consumer = lease.consumer
         queue = consumer.queue
-        if type(lease.msg) is QMsg:
-            self._gone(queue, lease.msg, ACKED)
+        msg = lease.msg
+        if type(msg) is QMsg:  # _gone, inline: every durable message ends here
+            journal = queue.journal
+            if journal is not None and msg.seq >= 0:
+                journal.removed(queue.name, msg.seq, ACKED)
+            self._forget(msg)
         queue.acked += 1
         self._make_available(consumer)
         return queue

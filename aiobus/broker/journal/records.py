@@ -233,7 +233,7 @@ _DELIVERED = int(RecordType.DELIVERED)
 _REMOVED = int(RecordType.REMOVED)
 _FRAMED_QSEQ = struct.Struct("<IIBIQ")
 _FRAMED_REMOVED = struct.Struct("<IIBIQB")
-_FRAMED_SENT_HEAD = struct.Struct("<IIBIQIB")
+_LENGTH_SENT_HEAD = struct.Struct("<IBIQIB")  # the length, then SENT_HEAD
 _CRC_QSEQ_LENGTH: Final = _crc(QSEQ.size.to_bytes(4, "little"))
 _CRC_REMOVED_LENGTH: Final = _crc(REMOVED_HEAD.size.to_bytes(4, "little"))
 
@@ -241,10 +241,10 @@ _CRC_REMOVED_LENGTH: Final = _crc(REMOVED_HEAD.size.to_bytes(4, "little"))
 def append_sent(buffer: bytearray, qid: int, seq: int, message: bytes) -> int:
     """Append a Sent with no failures, expiry or due time (what the core sends); returns
     its size in bytes."""
-    head = SENT_HEAD.pack(_SENT_PLAIN, qid, seq, 0, 0)
     length = SENT_HEAD.size + len(message)
-    crc = _crc(message, _crc(head, _crc(length.to_bytes(4, "little"))))
-    buffer += _FRAMED_SENT_HEAD.pack(crc, length, _SENT_PLAIN, qid, seq, 0, 0)
+    head = _LENGTH_SENT_HEAD.pack(length, _SENT_PLAIN, qid, seq, 0, 0)
+    buffer += _crc(message, _crc(head)).to_bytes(4, "little")
+    buffer += head
     buffer += message
     return 8 + length
 

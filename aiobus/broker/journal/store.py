@@ -134,7 +134,14 @@ class Journal:
                 s.failed[qid, seq] = (failures, due, None, None)
         else:  # the common case, without building the record apart
             size = r.append_sent(self._buffer, qid, seq, message)
-        self._own(qid, seq, size)
+        owners = s.owner[qid]
+        if seq in owners:
+            self._own(qid, seq, size)
+        else:  # a new message: _own, inline
+            segment = self._segments[-1]
+            owners[seq] = segment.number << 32 | size
+            segment.live += 1
+            segment.live_bytes += size
         if seq >= s.next_seq[qid]:
             s.next_seq[qid] = seq + 1
 
@@ -156,8 +163,17 @@ class Journal:
 
     def removed(self, queue: str, seq: int, reason: int) -> None:
         """Ack, reply, reject, dead-letter, TTL expiry or overflow drop (a RemovalReason)."""
-        qid = self._s.qids[queue]
-        self._disown(qid, seq)
+        s = self._s
+        qid = s.qids[queue]
+        entry = s.owner[qid].pop(seq, None)
+        if entry is not None:  # _disown, inline: this is every message's last record
+            segment = self._by_number.get(entry >> 32)
+            if segment is not None:
+                segment.live -= 1
+                segment.live_bytes -= entry & 0xFFFFFFFF
+            if s.failed:
+                s.failed.pop((qid, seq), None)
+            s.in_flight.discard((qid, seq))
         r.append_removed(self._buffer, qid, seq, reason)
 
     def purged(self, queue: str) -> None:
