@@ -45,7 +45,7 @@ from ..names import check_name, check_pattern, is_reserved
 from ..protocol import DEFAULT_MAX_FRAME, PROTOCOL_VERSION, BodyKind, Op, check_frame
 from .queue_state import Consumer, QMsg, Queue, pack_message
 from .queues import MAX_PREFETCH, PARK_LIMIT, JournalSink, QueueRouter
-from .settings import BadOption
+from .settings import MAX_SECONDS, BadOption
 from .timers import Timers
 from .topics import Subscription, TopicRouter
 
@@ -367,11 +367,11 @@ class BrokerCore:
                 or (ttl is not None and type(ttl) is not float and type(ttl) is not int)
                 or (token is not None and (type(token) is not int or token < 0))):
             check_frame(frame)
-        if ttl is not None and not 0 < ttl < 1e9:
+        if ttl is not None and not 0 < ttl < MAX_SECONDS:
             raise BadOption("ttl must be a positive number of seconds, below 1e9")
         due = None
         if delay is not None:
-            if not 0 <= delay < 1e9:
+            if not 0 <= delay < MAX_SECONDS:
                 raise BadOption("delay must be a number of seconds from 0 up to 1e9")
             if delay > 0:
                 due = now + delay

@@ -55,7 +55,6 @@ gets a timer entry of its own.
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -83,7 +82,7 @@ from .queue_state import (
     packb,
     promote,
 )
-from .settings import BadOption, QueueSettings
+from .settings import MAX_SECONDS, BadOption, QueueSettings
 from .timers import Timers
 
 __all__ = ["MAX_PREFETCH", "PARK_LIMIT", "QueueRouter"]
@@ -727,8 +726,8 @@ class QueueRouter:
 
     def nack(self, conn: int, tag: int, delay: float | None, reason: str | None,
              now: float) -> None:
-        if delay is not None and (not math.isfinite(delay) or delay < 0):
-            raise BadOption("nack delay must be a non-negative number of seconds or None")
+        if delay is not None and not 0 <= delay < MAX_SECONDS:
+            raise BadOption("nack delay must be a number of seconds from 0 up to 1e9, or None")
         lease = self._take(conn, tag, "nack", now)
         msg = self._record_consumer(lease)
         self._fail(lease.consumer.queue, msg, delay, reason, now)
@@ -742,8 +741,8 @@ class QueueRouter:
         self._free_slot(lease.consumer, now)
 
     def extend(self, conn: int, tag: int, seconds: float, now: float) -> None:
-        if not math.isfinite(seconds) or seconds <= 0:
-            raise BadOption("extend needs a positive number of seconds")
+        if not 0 < seconds < MAX_SECONDS:
+            raise BadOption("extend needs a positive number of seconds below 1e9")
         lease = self.leases.get(tag)
         if lease is None or lease.consumer.conn != conn or lease.expired:
             # Reuse _take's messages and zombie handling for the failure case.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -10,10 +9,17 @@ from typing import Any
 from ..errors import InvalidName, InvalidOption
 from ..names import check_name, is_reserved
 
-__all__ = ["DLQ_SUFFIX", "OVERFLOW_POLICIES", "BadOption", "QueueSettings"]
+__all__ = ["DLQ_SUFFIX", "MAX_RETRY_DELAYS", "MAX_SECONDS", "OVERFLOW_POLICIES", "BadOption",
+           "QueueSettings"]
 
 DLQ_SUFFIX = ".dlq"
 OVERFLOW_POLICIES = ("block", "reject", "dead-letter")
+# Upper bounds, one home for all: every number of seconds a client gives (SEND ttl and
+# delay, queue ttl and ack_timeout, retry delays, NACK delay, EXTEND) is below MAX_SECONDS
+# (~31 years: longer is a mistake, and would overflow a deadline's use as a timer), and a
+# retry schedule has at most MAX_RETRY_DELAYS steps (the attempt past the last reuses it).
+MAX_SECONDS = 1e9
+MAX_RETRY_DELAYS = 64
 
 
 BadOption = InvalidOption  # the broker's name for it
@@ -72,8 +78,9 @@ def _positive_number(key: str, allow_none: bool) -> Callable[[Any], float | None
     def check(value: Any) -> float | None:
         if value is None and allow_none:
             return None
-        if type(value) not in (int, float) or not math.isfinite(value) or value <= 0:
-            raise BadOption(f"{key} must be a positive number{' or None' if allow_none else ''}")
+        if type(value) not in (int, float) or not 0 < value < MAX_SECONDS:
+            raise BadOption(f"{key} must be a positive number of seconds below 1e9"
+                            f"{' or None' if allow_none else ''}; got {value!r:.40}")
         return float(value)
 
     return check
@@ -92,9 +99,12 @@ def _positive_int(key: str) -> Callable[[Any], int | None]:
 
 def _retry_delays(value: Any) -> tuple[float, ...]:
     if not isinstance(value, list | tuple) or not all(
-        type(v) in (int, float) and math.isfinite(v) and v >= 0 for v in value
+        type(v) in (int, float) and 0 <= v < MAX_SECONDS for v in value
     ):
-        raise BadOption("retry_delays must be a list of non-negative numbers of seconds")
+        raise BadOption("retry_delays must be a list of numbers of seconds from 0 up to 1e9")
+    if len(value) > MAX_RETRY_DELAYS:
+        raise BadOption(f"retry_delays has {len(value)} steps; at most {MAX_RETRY_DELAYS}"
+                        " (the last one repeats for every later retry)")
     return tuple(float(v) for v in value)
 
 
