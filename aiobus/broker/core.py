@@ -16,7 +16,7 @@ Feed it events and read what it wants done from the :class:`Sink` it was given:
 
 ``now`` is a monotonic number of seconds; ``wall_offset`` turns it into epoch time for
 timestamps and headers. The asyncio server (server.py) is a thin shell around this;
-tests drive it directly (tests/unit/test_core.py).
+tests drive it directly (tests/unit/helpers.py, tests/unit/test_core_*.py).
 
 Connection states: HANDSHAKE (only HELLO is accepted, until ``handshake_timeout``), then
 OPEN until closed by either side. A protocol violation closes only the connection that

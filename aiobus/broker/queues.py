@@ -25,8 +25,12 @@ A message (:class:`QMsg`) is in exactly one place, recorded in ``msg.state``:
 * ``GONE``: acked, dead-lettered, or discarded.
 
 (A bare ``bytes`` item is READY while in the deque and LEASED while a lease holds it.)
-Every transition goes through a method of :class:`QueueRouter`; that is the seam where a
-journal will record them. Leaving ``READY`` by TTL expiry marks the message ``GONE``
+Every transition goes through a method of :class:`QueueRouter`. A durable queue (one with
+``queue.journal``; every message of it is a QMsg with a per-queue ``seq``) records them
+there, without I/O: ``_accept`` (sent), ``_deliver`` (delivered), ``_fail`` (failed, with
+its due time, reason and consumer), a CANCEL release (no attempt), and ``_gone`` (acked,
+rejected, dead-lettered, expired, dropped); the shell writes the records out once per loop
+turn before the turn's output. Leaving ``READY`` by TTL expiry marks the message ``GONE``
 where it sits in the deque (removal from the middle of a deque is O(n)); ``pump`` skips
 such tombstones and ``Queue.ready_len`` counts only live ones.
 
@@ -136,12 +140,6 @@ _REMOVAL = {"rejected": REJECTED, "max-deliveries": DEAD_LETTERED, "expired": EX
             "overflow": DROPPED}
 
 
-def _changed(settings: QueueSettings, name: str) -> dict[str, Any]:
-    """The settings that differ from ``name``'s defaults, as DECLARE options."""
-    default = QueueSettings.for_queue(name).as_dict()
-    return {k: v for k, v in settings.as_dict().items() if default[k] != v}
-
-
 class QueueRouter:
     """All queues of a broker and every transition of their messages."""
 
@@ -219,8 +217,9 @@ class QueueRouter:
         return queue
 
     def _journal_settings(self, queue: Queue, settings: QueueSettings) -> None:
-        """Apply ``settings`` to a queue that holds nothing, journaling them if it is
-        durable (or dropping it from the journal if it no longer is). A durable queue's
+        """Apply ``settings`` to ``queue``, journaling them if it is durable (or dropping
+        it from the journal if it no longer is: the caller allows that only while the
+        queue holds nothing). A durable queue's
         dead-letter queue is made durable too when it does not exist yet or is empty and
         undeclared: dead letters must survive what their queue survives."""
         journal = self.journal if settings.durable else None
@@ -236,9 +235,8 @@ class QueueRouter:
         if dlq is None:
             dlq = self.queues[target] = Queue(target, QueueSettings.for_queue(target), False)
         if not dlq.explicit and dlq.journal is None and dlq.is_empty():
-            self._journal_settings(
-                dlq, QueueSettings.for_queue(target, {**_changed(dlq.settings, target),
-                                                      "durable": True}))
+            # Undeclared, so it has the defaults: the same, made durable.
+            self._journal_settings(dlq, QueueSettings.for_queue(target, {"durable": True}))
 
     def _existing(self, name: str) -> Queue:
         queue = self.queues.get(name)
@@ -937,15 +935,11 @@ class QueueRouter:
             msg.ttl_timer = self._timers.call_at(msg.expires, self._on_ttl,  # type: ignore[arg-type]
                                                  (queue, msg))
 
-    @staticmethod
-    def _journal_removed(queue: Queue, msg: QMsg, reason: int) -> None:
-        if queue.journal is not None and msg.seq >= 0:
-            queue.journal.removed(queue.name, msg.seq, reason)
-
     def _gone(self, queue: Queue, msg: QMsg, reason: int) -> None:
         """``msg`` left ``queue`` for good (``reason``: ACKED, ...): journaled if the
         queue is durable, and its timers must not keep it in memory."""
-        self._journal_removed(queue, msg, reason)
+        if queue.journal is not None and msg.seq >= 0:
+            queue.journal.removed(queue.name, msg.seq, reason)
         self._forget(msg)
 
     def _forget(self, msg: QMsg) -> None:

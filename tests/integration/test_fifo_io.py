@@ -45,9 +45,11 @@ async def sh(script: str) -> bytes:
     return result.stdout
 
 
-async def wait_until(condition: Callable[[], bool]) -> None:
+async def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
     # Polling is fine here: the conditions are counters inside the code under test.
+    deadline = time.monotonic() + timeout
     while not condition():
+        assert time.monotonic() < deadline, f"condition not met within {timeout} s"
         await anyio.sleep(0.01)
 
 
@@ -58,7 +60,9 @@ async def receive_n(reader: FifoReader, n: int) -> list[bytes | Oversize]:
 async def read_raw(fd: int, *, upto: int | None = None) -> bytes:
     """Read a non-blocking FIFO fd the slow way: ``upto`` bytes, else up to a newline."""
     data = b""
+    deadline = time.monotonic() + 10.0
     while (len(data) < upto) if upto is not None else not data.endswith(b"\n"):
+        assert time.monotonic() < deadline, f"read {len(data)} bytes in 10 s"
         try:
             chunk = os.read(fd, (upto - len(data)) if upto is not None else 65536)
         except BlockingIOError:

@@ -132,12 +132,17 @@ async def test_a_delayed_send_arrives_after_its_delay(bus: aiobus.Bus) -> None:
 
 
 async def test_ttl_of_a_delayed_send_counts_from_its_due_time(bus: aiobus.Bus) -> None:
-    await bus.send("jobs", "x", delay=0.6, ttl=0.4)  # expires 1.0 s after the send
-    await asyncio.sleep(0.8)
-    assert (await queue_stats(bus, "jobs"))["ready"] == 1  # due, TTL not yet over
+    sent = time.monotonic()
+    await bus.send("jobs", "x", delay=1.0, ttl=2.0)  # expires 3 s after the send, not 2
+    deadline = sent + 10
+    while (await queue_stats(bus, "jobs"))["ready"] != 1:  # due
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    assert time.monotonic() - sent >= 1.0
     async with bus.consume("jobs.dlq") as dead:
         (letter,) = await take(dead, 1)
         assert letter.headers["x-dead-reason"] == "expired"
+        assert time.monotonic() - sent >= 3.0 - 0.05  # TTL counted from the due time
         await letter.ack()
 
 
