@@ -12,6 +12,7 @@ Example::
 """
 
 from .broker.server import Broker, BrokerAlreadyRunning
+from .client.backend import ConnectionState, StateChange
 from .client.bus import Bus, connect
 from .client.message import Message
 from .client.streams import BusyError, Consumer, Subscription
@@ -37,6 +38,7 @@ from .errors import (
     QuotaExceeded,
     RemoteProtocolError,
     RequestTimeout,
+    SendTimeout,
     SubscriptionError,
 )
 
@@ -52,6 +54,7 @@ __all__ = [
     "BusyError",
     "ConnectionClosed",
     "ConnectionLost",
+    "ConnectionState",
     "Consumer",
     "Forbidden",
     "FrameTooLarge",
@@ -70,6 +73,8 @@ __all__ = [
     "QuotaExceeded",
     "RemoteProtocolError",
     "RequestTimeout",
+    "SendTimeout",
+    "StateChange",
     "Subscription",
     "SubscriptionError",
     "__version__",

@@ -34,6 +34,7 @@ __all__ = [
     "QuotaExceeded",
     "RemoteProtocolError",
     "RequestTimeout",
+    "SendTimeout",
     "SubscriptionError",
     "from_code",
 ]
@@ -142,7 +143,9 @@ class QuotaExceeded(BusError):
 class LeaseError(BusError):
     """An ack, nack, reject, extend or reply for a lease this consumer no longer holds:
     it expired (``code == "lease-expired"``; the message went back to the queue), was
-    released when the consumer stopped, or was already answered (``"lease-unknown"``)."""
+    released when the consumer stopped, or was already answered (``"lease-unknown"``), or
+    the connection it came on was lost (``"lease-lost"``: the broker redelivers it; a
+    reconnecting client raises this for leases of the connection before)."""
 
     code = "lease-unknown"
 
@@ -201,6 +204,14 @@ class RequestTimeout(BusError, TimeoutError):
     """``request`` got no reply within its timeout."""
 
     code = "timeout"
+
+
+class SendTimeout(BusError, TimeoutError):
+    """``send(..., timeout=)`` was not confirmed in time (the broker was away, or the
+    queue stayed full). If the message had been written before the connection dropped,
+    the broker may still hold it; it is not sent again after the timeout."""
+
+    code = "send-timeout"
 
 
 _BY_CODE: dict[str, type[BusError]] = {

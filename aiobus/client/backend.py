@@ -20,11 +20,43 @@ Methods that cannot block are plain ``def`` (trio's rule): those on the per-mess
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Literal, Protocol
+import enum
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-__all__ = ["Backend", "Outcome", "StreamTarget"]
+if TYPE_CHECKING:
+    from ..errors import BusError
+
+__all__ = ["Backend", "ConnectionState", "Outcome", "StateChange", "StreamTarget"]
 
 Outcome = Literal["ack", "nack", "reject"]
+
+
+class ConnectionState(enum.Enum):
+    """What happened to a bus's connection (:meth:`aiobus.Bus.state_changes`)."""
+
+    DISCONNECTED = "disconnected"  # the connection was lost; reconnecting
+    RECONNECTED = "reconnected"  # connected again; streams restarted, sends resent
+    CLOSED = "closed"  # for good: closed by you, refused, or reconnecting gave up
+
+
+@dataclass(frozen=True, slots=True)
+class StateChange:
+    """One change of a bus's connection state.
+
+    Attributes:
+        state: what happened.
+        error: why the connection was lost or closed (None for RECONNECTED, and for a
+            CLOSED that ``aclose()`` caused it is ``ConnectionClosed``).
+        downtime: for RECONNECTED, seconds from the loss to the new connection.
+        attempts: for RECONNECTED, how many dials it took.
+    """
+
+    state: ConnectionState
+    error: BusError | None = None
+    downtime: float | None = None
+    attempts: int = 0
 
 
 class StreamTarget(Protocol):
@@ -49,6 +81,10 @@ class StreamTarget(Protocol):
     def _fail(self, error: BaseException) -> None:
         """The connection is gone: the stream raises ``error`` when it runs dry."""
 
+    def _reset(self) -> None:
+        """The connection was lost and is being re-established: forget what the old one
+        gave (a consumer's buffered leases died with it), and note a possible gap."""
+
 
 class Backend(Protocol):
     """One connection to a broker, as ``Bus``, ``Message`` and the streams use it.
@@ -70,17 +106,34 @@ class Backend(Protocol):
 
     max_body: int  # the largest body the broker may accept (its max_frame)
 
-    writable: bool  # False while the transport is congested: await wait_writable()
+    writable: bool  # False while congested or disconnected: await wait_writable()
+    connected: bool  # a connection is up (False while reconnecting, and once closed)
+    reconnects: int  # how many times the connection was re-established
+
+    @property
+    def dropped(self) -> int:
+        """Publishes and unconfirmed sends dropped while disconnected (buffer full)."""
 
     async def wait_writable(self) -> None: ...
+
+    async def wait_connected(self) -> None:
+        """Return once connected; raise the bus's error if it is closed for good."""
+
+    def state_changes(self) -> AsyncIterator[StateChange]:
+        """Each change of the connection's state from now on, ending after CLOSED."""
 
     async def aclose(self) -> None: ...
 
     # -- producing ------------------------------------------------------------------------
 
     async def send(self, queue: str, data: bytes, kind: int, headers: dict[str, str] | None,
-                   ttl: float | None, delay: float | None) -> None:
-        """Put a message on a queue; return once the broker accepted it."""
+                   ttl: float | None, delay: float | None,
+                   timeout: float | None = None) -> None:
+        """Put a message on a queue; return once the broker accepted it.
+
+        Raises:
+            SendTimeout: not confirmed within ``timeout`` seconds (None: no limit).
+        """
 
     def send_nowait(self, queue: str, data: bytes, kind: int,
                     headers: dict[str, str] | None, ttl: float | None,

@@ -11,14 +11,15 @@ from __future__ import annotations
 import asyncio
 import enum
 import os
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any, Final
 
 from .._paths import is_explicit, resolve_socket_path
 from ..errors import Forbidden, RemoteProtocolError
 from ..names import check_name, check_pattern, is_reserved
 from ..protocol import check_headers, encode_body
-from .backend import Backend
+from .backend import Backend, StateChange
+from .connection import HOLD_BYTES
 from .message import check_size
 from .streams import Consumer, Subscription
 from .unix import UnixSocketBackend
@@ -94,6 +95,44 @@ class Bus:
     def closed(self) -> bool:
         return self._backend.closed
 
+    @property
+    def connected(self) -> bool:
+        """True while connected to the broker; False while reconnecting and once closed."""
+        return self._backend.connected
+
+    @property
+    def reconnects(self) -> int:
+        """How many times the connection was re-established after a loss."""
+        return self._backend.reconnects
+
+    @property
+    def dropped(self) -> int:
+        """Publishes (and ``send(confirm=False)`` messages) dropped while disconnected
+        because ``publish_buffer`` was full."""
+        return self._backend.dropped
+
+    async def wait_connected(self) -> None:
+        """Return once connected (at once if connected now).
+
+        Raises:
+            ConnectionClosed: the bus was closed. ConnectionLost: it gave up reconnecting
+            (``max_reconnect_time``), or was refused for good.
+        """
+        await self._backend.wait_connected()
+
+    def state_changes(self) -> AsyncIterator[StateChange]:
+        """Each change of the connection's state from now on: ``StateChange`` objects
+        whose ``state`` is ``ConnectionState.DISCONNECTED``, ``RECONNECTED`` or
+        ``CLOSED`` (the last; then the iteration ends). Changes are also logged at INFO
+        by ``aiobus.client.unix``.
+
+        Example::
+
+            async for change in bus.state_changes():
+                print("bus:", change.state.value, change.error or "")
+        """
+        return self._backend.state_changes()
+
     # -- checks ---------------------------------------------------------------------------
 
     def _prepare(self, name: str, what: str, body: Any) -> tuple[bytes, int]:
@@ -128,8 +167,13 @@ class Bus:
         *,
         confirm: bool = True,
         delay: float | None = None,
+        timeout: float | None = None,
     ) -> None:
         """Put a message on a queue, for delivery now or, with ``delay``, later.
+
+        While the bus is reconnecting, a confirmed send waits, and a send that was not
+        yet confirmed when the connection dropped is sent again with the same message
+        id; the broker's deduplication window keeps a resend from making a duplicate.
 
         Args:
             queue: queue name (created with defaults on first use).
@@ -146,6 +190,8 @@ class Bus:
                 in the queue as ``delayed`` (counting against ``max_length``; kept by a
                 durable queue across restarts), then joins the back of the queue.
                 None or 0: at once.
+            timeout: seconds to wait for the confirmation (None: as long as it takes,
+                reconnects included). On timeout the message is not sent again.
 
         Raises:
             TypeError: the body is not msgpack-serialisable (nothing was sent).
@@ -153,7 +199,10 @@ class Bus:
             InvalidOption: ``ttl`` or ``delay`` out of range.
             QueueFull: the queue is full and its overflow policy is ``"reject"``.
             NoSuchQueue: the queue was deleted while the send waited for room in it.
-            ConnectionLost: the broker went away before confirming.
+            SendTimeout: not confirmed within ``timeout`` (the broker may still have it,
+                if it was written before the connection dropped).
+            ConnectionLost: the broker went away before confirming and the bus does not
+                reconnect (``reconnect=False``, or it gave up).
 
         Example::
 
@@ -163,7 +212,7 @@ class Bus:
         data, kind = self._prepare(queue, "queue name", body)
         hdrs = _headers(headers) if headers else None
         if confirm:
-            await self._backend.send(queue, data, kind, hdrs, ttl, delay)
+            await self._backend.send(queue, data, kind, hdrs, ttl, delay, timeout)
         else:
             backend = self._backend
             if not backend.writable:
@@ -212,7 +261,9 @@ class Bus:
         with no subscriber the message is dropped (pub/sub is at-most-once).
 
         Returns once the message is buffered for writing; waits while the connection is
-        congested (backpressure).
+        congested (backpressure). While the bus is reconnecting, messages are held, up
+        to ``publish_buffer`` bytes (connect()), and written once it is back; beyond
+        that they are dropped and counted in :attr:`dropped`.
 
         Raises:
             TypeError, InvalidName, FrameTooLarge: as for :meth:`send`.
@@ -220,7 +271,7 @@ class Bus:
         """
         data, kind = self._prepare(topic, "topic", body)
         backend = self._backend
-        if not backend.writable:
+        if not backend.writable and backend.connected:
             await backend.wait_writable()
         backend.publish(topic, data, kind, _headers(headers) if headers else None)
 
@@ -419,6 +470,19 @@ class connect:
             ``$XDG_RUNTIME_DIR/aiobus.sock``, else ``/tmp/aiobus-<uid>/aiobus.sock``). A
             broker found at a default path must run as this user or root.
         name: a name for this client, shown in stats and presence events.
+        reconnect: when the connection is lost (broker restart, crash, socket replaced),
+            connect again, declare the queues declared so far, restart consumers and
+            subscriptions, and resend unconfirmed sends, so ``async for`` loops go on
+            (README, "When the broker restarts"). False: every stream and pending call
+            raises ``ConnectionLost`` instead.
+        reconnect_delay: the first wait between attempts, in seconds; it doubles up to
+            ``max_reconnect_delay``, each wait drawn at random from its upper half.
+        max_reconnect_time: give up after this many seconds without a connection (then
+            everything raises ``ConnectionLost``); None: never.
+        publish_buffer: bytes of publishes held while reconnecting; beyond, dropped and
+            counted in ``bus.dropped``.
+
+    The first connection is not retried: ``connect`` raises if no broker answers.
 
     Raises:
         BrokerUnavailable: nothing listens on the socket, or the handshake failed; the
@@ -427,14 +491,23 @@ class connect:
     """
 
     def __init__(self, path: str | os.PathLike[str] | None = None, *,
-                 name: str | None = None) -> None:
+                 name: str | None = None, reconnect: bool = True,
+                 reconnect_delay: float = 0.05, max_reconnect_delay: float = 2.0,
+                 max_reconnect_time: float | None = None,
+                 publish_buffer: int = HOLD_BYTES) -> None:
+        if not 0 < reconnect_delay <= max_reconnect_delay:
+            raise ValueError("need 0 < reconnect_delay <= max_reconnect_delay")
         self._path = resolve_socket_path(path)
         self._explicit = is_explicit(path)
         self._name = name
+        self._options: dict[str, Any] = {
+            "reconnect": reconnect, "reconnect_delay": reconnect_delay,
+            "max_reconnect_delay": max_reconnect_delay,
+            "max_reconnect_time": max_reconnect_time, "publish_buffer": publish_buffer}
         self._bus: Bus | None = None
 
     async def __aenter__(self) -> Bus:
-        backend = UnixSocketBackend(self._path, self._name)
+        backend = UnixSocketBackend(self._path, self._name, **self._options)
         await backend.open(explicit=self._explicit)
         self._bus = bus = Bus(backend)
         return bus

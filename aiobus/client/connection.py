@@ -28,28 +28,67 @@ A :class:`ClientConnection` knows frames, never sockets, clocks or futures:
 
 Frames stay plain lists and are dispatched inline, runs of DELIVER/EVENT for one stream
 looking their receiver up once: an event object per frame would cost more than the rest
-of the receive path (docs/performance.md). The resend buffer that reconnecting will need
-is not here yet; what it plugs into is noted where requests are remembered.
+of the receive path (docs/performance.md).
+
+Sessions outlive transports
+---------------------------
+With a ``client_id`` (the shell gives one when it reconnects), the connection is a
+*session* that can move from one transport to the next:
+
+* :meth:`connection_lost` keeps what can be done again and gives back what cannot. Kept:
+  unanswered confirmed SENDs (their packed frames, in ``_frames`` by rid: the resend
+  buffer), DECLAREs, STATS and PINGs, and every registered stream with its CONSUME or
+  SUBSCRIBE frame. Given back, to fail with ConnectionLost: requests (never resent: they
+  may not be idempotent), PURGE, DELETE, and lease operations (their leases died with the
+  transport). Leases are numbered per transport by the broker, so the connection adds a
+  per-transport base to every tag it hands out (``_tag_base``, which moves up by 2**40 on
+  each loss): a lease from an earlier transport is below the base and is refused with
+  ``LeaseError`` code ``lease-lost``, never confused with a new lease of the same tag.
+* While DISCONNECTED, confirmed sends go to the resend buffer only; PUBLISHes and
+  unconfirmed SENDs are held up to ``hold_bytes`` (beyond that they are dropped and
+  counted in :attr:`dropped`); credit and acks for old leases are dropped.
+* After the next WELCOME, :meth:`restore` writes, in this order: the queues declared so
+  far (rid 0), the resend buffer with the frames' original rids and seqs (the broker
+  keeps a window of recent message ids per queue and answers a SEND it already accepted
+  with OK without queueing it again: PROTOCOL.md §8), each stream's CONSUME or SUBSCRIBE
+  under its old stream id, then what was held.
+
+A SEND carries a ``seq`` (message id ``<client_id>-<seq>`` at the broker) only when the
+broker's WELCOME says it deduplicates (``info.dedup``); to an older broker a resend could
+duplicate, and the connection does not resend to one.
 """
 
 from __future__ import annotations
 
 import enum
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Final, Protocol
 
 import msgpack
 
-from ..errors import BodyDecodeError, BusError, FrameTooLarge, RemoteProtocolError, from_code
+from ..errors import (
+    BodyDecodeError,
+    BusError,
+    ConnectionLost,
+    FrameTooLarge,
+    LeaseError,
+    RemoteProtocolError,
+    from_code,
+)
 from ..protocol import DEFAULT_MAX_FRAME, PROTOCOL_VERSION, FrameDecoder, Op, decode_body
 
-__all__ = ["ClientConnection", "ConnectionSink", "State", "StreamReceiver"]
+__all__ = ["HOLD_BYTES", "ClientConnection", "ConnectionSink", "State", "StreamReceiver"]
 
 ACK_BATCH: Final = 1024  # tags per ACK_MANY frame at most
 # Ask for a write at once, not at the end of the loop turn, when this much is waiting:
 # bounds the buffer of a producer that never yields.
 FLUSH_AT: Final = 64 * 1024
+# What a session holds of PUBLISHes and unconfirmed SENDs while DISCONNECTED (nats.py's
+# pending buffer is 2 MiB; the bound keeps a publisher that ignores the outage from
+# growing without limit). Beyond it they are dropped and counted.
+HOLD_BYTES: Final = 1024 * 1024
+_TAG_SPAN: Final = 2**40  # lease numbers per transport (see "Sessions outlive transports")
 _SEND, _PUBLISH, _CREDIT = int(Op.SEND), int(Op.PUBLISH), int(Op.CREDIT)
 _OK, _OK_RANGE, _ERROR = int(Op.OK), int(Op.OK_RANGE), int(Op.ERROR)
 _DELIVER, _EVENT, _EVENTS = int(Op.DELIVER), int(Op.EVENT), int(Op.EVENTS)
@@ -63,6 +102,7 @@ class State(enum.Enum):
     IDLE = "idle"  # nothing sent yet: HELLO comes first
     HANDSHAKE = "handshake"  # HELLO written, WELCOME not yet received
     OPEN = "open"  # WELCOME received: any frame may be written
+    DISCONNECTED = "disconnected"  # the transport is gone; the session waits for the next
     DONE = "done"  # failed or closing (``error`` is set): nothing more is written
 
 
@@ -81,6 +121,9 @@ class ConnectionSink(Protocol):
 
     def welcomed(self, info: dict[str, Any]) -> None:
         """WELCOME: the handshake is done."""
+
+    def stream_failed(self, receiver: StreamReceiver, error: BusError) -> None:
+        """A stream could not be started again on a new transport."""
 
     def flush_wanted(self) -> None:
         """The outgoing buffer went from empty to not empty, or holds ``flush_at`` bytes
@@ -102,17 +145,20 @@ class ClientConnection:
     """One client connection's protocol state. See the module docstring."""
 
     def __init__(self, sink: ConnectionSink, *, new_waiter: Callable[[], Any] = object,
-                 max_frame: int = DEFAULT_MAX_FRAME, flush_at: int = FLUSH_AT) -> None:
+                 max_frame: int = DEFAULT_MAX_FRAME, flush_at: int = FLUSH_AT,
+                 client_id: str | None = None, hold_bytes: int = HOLD_BYTES) -> None:
         self._sink = sink
         # Makes the waiter of a SEND the caller passes none for (the asyncio shell:
         # loop.create_future), so that send_nowait is one call deep.
         self._new_waiter = new_waiter
         self._flush_at = flush_at
-        # The broker bounds what it sends by its own max_frame, unknown until WELCOME;
-        # the client trusts its broker (it checked its owner), so only sanity limits.
-        self._decoder = FrameDecoder(2**31 - 1, max_array=2**20, max_map=2**20)
+        self._decoder = self._new_decoder()
         self.max_frame = max_frame  # the broker's, from WELCOME
         self.error: BusError | None = None  # set once nothing more may be written
+        # True while nothing may be written to a transport: ``error`` is set, or the
+        # session is between transports (DISCONNECTED). One check on the hot paths.
+        self._blocked = False
+        self._down = False  # between transports (connection_lost .. restore)
         self.welcomed = False
         self._hello_sent = False
         self.close_reason: tuple[str, str] | None = None  # the broker's CLOSE, if any
@@ -125,17 +171,36 @@ class ClientConnection:
         self._rids = itertools.count(1)
         self._sids = itertools.count(1)
         self._tokens = itertools.count(1)
-        # rid -> waiter, token -> waiter. For reconnecting, this is where the frame of each
-        # unanswered request would be kept too (the resend buffer).
+        # rid -> waiter, token -> waiter.
         self.pending: dict[int, Any] = {}
         self.replies: dict[int, Any] = {}
         self._streams: dict[int, Callable[[], StreamReceiver | None]] = {}
         self._consumers: set[int] = set()  # the stream ids that are consumers
+        # -- the session (see "Sessions outlive transports") --
+        self.client_id = client_id
+        self._seqs: Iterator[int] | None = None  # set once a broker says it deduplicates
+        self._frames: dict[int, bytes] = {}  # rid -> packed frame to write again if lost
+        self._stream_frames: dict[int, list[Any]] = {}  # sid -> its CONSUME or SUBSCRIBE
+        self._starts: dict[int, int] = {}  # rid -> sid of a CONSUME/SUBSCRIBE (may be stale)
+        self._restores: dict[int, int] = {}  # rid -> sid of a restoring CONSUME/SUBSCRIBE
+        self._declared: dict[str, dict[str, Any]] = {}  # queue -> options, to declare again
+        self._held: list[bytes] = []  # PUBLISH and rid-0 SEND frames while DISCONNECTED
+        self._held_bytes = 0
+        self._hold_limit = hold_bytes
+        self.dropped = 0  # frames dropped while DISCONNECTED because the hold was full
+        self._tag_base = 0  # added to this transport's lease tags (see the docstring)
+
+    def _new_decoder(self) -> FrameDecoder:
+        # The broker bounds what it sends by its own max_frame, unknown until WELCOME;
+        # the client trusts its broker (it checked its owner), so only sanity limits.
+        return FrameDecoder(2**31 - 1, max_array=2**20, max_map=2**20)
 
     @property
     def state(self) -> State:
         if self.error is not None:
             return State.DONE
+        if self._down:
+            return State.DISCONNECTED
         if self.welcomed:
             return State.OPEN
         return State.HANDSHAKE if self._hello_sent else State.IDLE
@@ -157,9 +222,17 @@ class ClientConnection:
         self._out.append(data)
         self.out_bytes += len(data)
 
-    def _write(self, frame: list[Any]) -> None:
+    def _raise_blocked(self) -> None:
         if self.error is not None:
             raise self.error
+        raise ConnectionLost("the connection to the broker is down; reconnecting")
+
+    def _write(self, frame: list[Any]) -> None:
+        if self._blocked:
+            self._raise_blocked()
+        self._append(frame)
+
+    def _append(self, frame: list[Any]) -> None:
         if self._acks:  # keep frame order: acks asked for earlier go out first
             self._write_acks()
         data = self._packb(frame)
@@ -187,8 +260,13 @@ class ClientConnection:
         return rid
 
     def hello(self, name: str | None) -> None:
-        options = {"name": name} if name is not None else {}
-        self._write([Op.HELLO, PROTOCOL_VERSION, options])
+        """Write HELLO: the first frame on each transport (``_down`` or not)."""
+        options: dict[str, Any] = {"name": name} if name is not None else {}
+        if self.client_id is not None:
+            options["client_id"] = self.client_id
+        if self.error is not None:
+            raise self.error
+        self._append([Op.HELLO, PROTOCOL_VERSION, options])
         self._hello_sent = True
 
     # SEND and PUBLISH, the per-message writes, each in one flat call (the benchmarks
@@ -197,34 +275,42 @@ class ClientConnection:
     def send(self, queue: str, data: bytes, kind: int, headers: dict[str, str] | None,
              ttl: float | None, delay: float | None, waiter: Any = None) -> Any:
         """A confirmed SEND: ``waiter`` (default: a new one from ``new_waiter``) gets its
-        OK or ERROR. Returns the waiter."""
+        OK or ERROR. Returns the waiter. With a session, the SEND carries a seq and its
+        frame stays in the resend buffer until answered; while DISCONNECTED it goes
+        there only."""
         if waiter is None:
             waiter = self._new_waiter()
-        if self.error is not None:
-            raise self.error
         if self._acks:  # keep frame order: acks asked for earlier go out first
             self._write_acks()
         rid = next(self._rids)
-        frame = [_SEND, rid, queue, data, kind, headers, ttl, None]
-        if delay is not None:  # else the 8-field SEND every broker version understands
-            frame.append(delay)
+        seqs = self._seqs
+        if seqs is not None:
+            frame = [_SEND, rid, queue, data, kind, headers, ttl, None, delay, next(seqs)]
+        elif delay is not None:
+            frame = [_SEND, rid, queue, data, kind, headers, ttl, None, delay]
+        else:  # the 8-field SEND every broker version understands
+            frame = [_SEND, rid, queue, data, kind, headers, ttl, None]
         packed = self._packb(frame)
         if len(packed) > self.max_frame:
             self._too_large(packed)
-        self._out.append(packed)
-        self.out_bytes += len(packed)
-        if not self._flush_wanted or self.out_bytes >= self._flush_at:
-            self._flush_wanted = True
-            self._sink.flush_wanted()
+        if self._blocked:
+            if self.error is not None or seqs is None:
+                self._raise_blocked()
+        else:
+            self._out.append(packed)
+            self.out_bytes += len(packed)
+            if not self._flush_wanted or self.out_bytes >= self._flush_at:
+                self._flush_wanted = True
+                self._sink.flush_wanted()
         self.pending[rid] = waiter
+        if seqs is not None:
+            self._frames[rid] = packed
         return waiter
 
     def send_unconfirmed(self, queue: str, data: bytes, kind: int,
                          headers: dict[str, str] | None, ttl: float | None,
                          delay: float | None) -> None:
         """A SEND with rid 0: no answer unless it fails (then counted in async_errors)."""
-        if self.error is not None:
-            raise self.error
         if self._acks:
             self._write_acks()
         frame = [_SEND, 0, queue, data, kind, headers, ttl, None]
@@ -233,6 +319,9 @@ class ClientConnection:
         packed = self._packb(frame)
         if len(packed) > self.max_frame:
             self._too_large(packed)
+        if self._blocked:
+            self._hold(packed)
+            return
         self._out.append(packed)
         self.out_bytes += len(packed)
         if not self._flush_wanted or self.out_bytes >= self._flush_at:
@@ -241,23 +330,34 @@ class ClientConnection:
 
     def publish(self, topic: str, data: bytes, kind: int,
                 headers: dict[str, str] | None) -> None:
-        if self.error is not None:
-            raise self.error
         if self._acks:
             self._write_acks()
         packed = self._packb([_PUBLISH, topic, data, kind, headers])
         if len(packed) > self.max_frame:
             self._too_large(packed)
+        if self._blocked:
+            self._hold(packed)
+            return
         self._out.append(packed)
         self.out_bytes += len(packed)
         if not self._flush_wanted or self.out_bytes >= self._flush_at:
             self._flush_wanted = True
             self._sink.flush_wanted()
 
+    def _hold(self, packed: bytes) -> None:
+        """A fire-and-forget frame while DISCONNECTED: hold it (bounded) for restore."""
+        if self.error is not None:
+            raise self.error
+        if self._held_bytes + len(packed) > self._hold_limit:
+            self.dropped += 1
+            return
+        self._held.append(packed)
+        self._held_bytes += len(packed)
+
     def request(self, queue: str, data: bytes, kind: int, headers: dict[str, str] | None,
                 timeout: float, waiter: Any, reply_waiter: Any) -> int:
         """A SEND awaiting a RESPONSE: ``reply_waiter`` gets the reply's decoded body.
-        Returns the reply token (for :meth:`forget_reply`)."""
+        Returns the reply token (for :meth:`forget_reply`). Never resent."""
         token = next(self._tokens)
         self._request([_SEND, 0, queue, data, kind, headers, timeout, token], waiter)
         self.replies[token] = reply_waiter
@@ -269,7 +369,8 @@ class ClientConnection:
 
     def consume(self, queue: str, prefetch: int, receiver: Callable[[], StreamReceiver | None],
                 waiter: Any) -> int:
-        """Register a consumer and write CONSUME. Returns its stream id."""
+        """Register a consumer and write CONSUME (while DISCONNECTED: at restore).
+        Returns its stream id."""
         sid = self._register(receiver)
         self._consumers.add(sid)
         self._start_stream([Op.CONSUME, 0, sid, queue, prefetch], sid, waiter)
@@ -290,25 +391,42 @@ class ClientConnection:
         return sid
 
     def _start_stream(self, frame: list[Any], sid: int, waiter: Any) -> None:
-        try:
-            self._request(frame, waiter)
-        except BaseException:
-            self.unregister(sid)
-            raise
+        if self.client_id is not None:
+            self._stream_frames[sid] = frame
+        if self._down:  # written by restore(), which hands it this waiter
+            rid = next(self._rids)
+            frame[1] = rid
+            self.pending[rid] = waiter
+        else:
+            try:
+                rid = self._request(frame, waiter)
+            except BaseException:
+                self.unregister(sid)
+                raise
+        if self.client_id is not None:
+            starts = self._starts
+            if len(starts) > 2 * len(self._streams) + 16:  # drop the answered ones
+                self._starts = starts = {r: s for r, s in starts.items() if r in self.pending}
+            starts[rid] = sid
 
     def unregister(self, sid: int) -> None:
         """Forget a stream the broker does not know (its SUBSCRIBE/CONSUME failed)."""
         self._streams.pop(sid, None)
         self._consumers.discard(sid)
+        self._stream_frames.pop(sid, None)
 
     def cancel(self, sid: int) -> None:
         """Forget a stream and, if the connection is usable, write CANCEL for it (rid 0:
         nobody waits; this runs from ``__del__`` too). Frames for it are dropped."""
         self.unregister(sid)
-        if self.error is None:
+        if not self._blocked:
             self._write([Op.CANCEL, 0, sid])
 
     def credit(self, sid: int, n: int) -> None:
+        if self._blocked:  # a resubscribed stream starts with full credit
+            if self.error is not None:
+                raise self.error
+            return
         self._write([_CREDIT, sid, n])
 
     def consumers(self) -> list[StreamReceiver]:
@@ -320,9 +438,24 @@ class ClientConnection:
         found = (ref() for ref in self._streams.values())
         return [receiver for receiver in found if receiver is not None]
 
-    def settle(self, tag: int, outcome: str, delay: float | None, reason: str | None,
+    def _tag(self, lease: int) -> int:
+        """This transport's tag for ``lease``; LeaseError if it is from an earlier one."""
+        tag = lease - self._tag_base
+        if tag <= 0:
+            raise LeaseError(
+                "the connection to the broker was lost after this message was delivered:"
+                " the broker gives it to a consumer again (at-least-once), so it must not"
+                " be answered now", code="lease-lost")
+        return tag
+
+    def check_lease(self, lease: int) -> None:
+        """Raise LeaseError (``lease-lost``) if ``lease`` is from an earlier transport."""
+        self._tag(lease)
+
+    def settle(self, lease: int, outcome: str, delay: float | None, reason: str | None,
                waiter: Any) -> int:
         """ACK, NACK or REJECT a lease (``outcome``: ``"ack"``, ``"nack"``, ``"reject"``)."""
+        tag = lease - self._tag_base if lease > self._tag_base else self._tag(lease)
         op = _SETTLE_OPS[outcome]
         if op == Op.ACK:
             return self._request([op, 0, tag], waiter)
@@ -330,40 +463,146 @@ class ClientConnection:
             return self._request([op, 0, tag, delay, reason], waiter)
         return self._request([op, 0, tag, reason], waiter)
 
-    def ack_nowait(self, tag: int) -> None:
-        """Queue an ack for the next ACK_MANY (no answer unless it fails)."""
-        if self.error is not None:
-            raise self.error
+    def ack_nowait(self, lease: int) -> None:
+        """Queue an ack for the next ACK_MANY (no answer unless it fails). The ack of a
+        lease from an earlier transport is dropped: its message is redelivered."""
+        if self._blocked:
+            if self.error is not None:
+                raise self.error
+            self.lost_acks += 1
+            return
+        base = self._tag_base
+        if lease <= base:
+            self.lost_acks += 1
+            return
         acks = self._acks
-        acks.append(tag)
+        acks.append(lease - base)
         if len(acks) >= ACK_BATCH:
             self._write_acks()
         if not self._flush_wanted:
             self._flush_wanted = True
             self._sink.flush_wanted()
 
-    def extend(self, tag: int, seconds: float, waiter: Any) -> int:
-        return self._request([Op.EXTEND, 0, tag, seconds], waiter)
+    lost_acks = 0  # ack_nowait calls dropped because their lease was lost
 
-    def reply(self, tag: int, data: bytes, kind: int, headers: dict[str, str] | None,
+    def extend(self, lease: int, seconds: float, waiter: Any) -> int:
+        return self._request([Op.EXTEND, 0, self._tag(lease), seconds], waiter)
+
+    def reply(self, lease: int, data: bytes, kind: int, headers: dict[str, str] | None,
               waiter: Any) -> int:
-        return self._request([Op.REPLY, 0, tag, data, kind, headers], waiter)
+        return self._request([Op.REPLY, 0, self._tag(lease), data, kind, headers], waiter)
 
-    def call(self, frame: list[Any], waiter: Any) -> int:
+    def call(self, frame: list[Any], waiter: Any, *, resend: bool = False) -> int:
         """Any request frame with its rid at index 1 (DECLARE, PURGE, DELETE, STATS, PING,
-        or a raw frame a test writes)."""
-        return self._request(frame, waiter)
+        or a raw frame a test writes). ``resend``: idempotent, so a session writes it
+        again on the next transport if it was not answered."""
+        rid = self._request(frame, waiter)
+        if resend and self.client_id is not None:
+            self._frames[rid] = self._out[-1]
+        return rid
 
-    # -- failing --------------------------------------------------------------------------
+    def abandon(self, rid: int) -> None:
+        """Stop waiting for request ``rid`` and never write it again (a send that timed
+        out). If it was written, the broker may still act on it."""
+        self.pending.pop(rid, None)
+        self._frames.pop(rid, None)
+
+    def declared(self, queue: str, options: dict[str, Any]) -> None:
+        """``queue`` was declared with ``options``: a session declares it again on each
+        new transport (so a broker that lost it, or restarted, has it before any send)."""
+        if self.client_id is not None:
+            self._declared.pop(queue, None)
+            self._declared[queue] = options
+
+    def deleted(self, queue: str) -> None:
+        self._declared.pop(queue, None)
+
+    # -- failing and moving on ------------------------------------------------------------
+
+    def close(self, error: BusError) -> None:
+        """Nothing new may be written (the shell is closing); answers still arrive."""
+        self.error = error
+        self._blocked = True
 
     def fail(self, error: BusError) -> tuple[list[Any], list[StreamReceiver]]:
         """Nothing more may be written; return the waiters and receivers to fail, and
         forget them."""
         self.error = error
-        waiters = [*self.pending.values(), *self.replies.values()]
+        self._blocked = True
+        waiters = [w for w in (*self.pending.values(), *self.replies.values())
+                   if w is not _RESTORING]
         self.pending.clear()
         self.replies.clear()
+        self._frames.clear()
+        self._held.clear()
+        self._held_bytes = 0
         return waiters, self.receivers()
+
+    def connection_lost(self) -> list[Any]:
+        """The transport is gone; the session waits for the next (DISCONNECTED). Returns
+        the waiters that cannot be carried over (fail them with ConnectionLost); the
+        receivers (:meth:`receivers`) should forget what the old transport gave them."""
+        if self.client_id is None:
+            raise RuntimeError("connection_lost needs a session (a client_id)")
+        self._down = self._blocked = True
+        self.welcomed = self._hello_sent = False
+        self.close_reason = None
+        self._decoder = self._new_decoder()  # a partial frame of the old transport goes
+        self._out.clear()
+        self._acks.clear()
+        self.out_bytes = 0
+        self._flush_wanted = False
+        self._tag_base += _TAG_SPAN
+        keep = self._frames.keys() | {rid for rid, sid in self._starts.items()
+                                      if sid in self._streams}
+        lost: list[Any] = []
+        for rid, waiter in list(self.pending.items()):
+            if rid not in keep:
+                del self.pending[rid]
+                if waiter is not _RESTORING:
+                    lost.append(waiter)
+        self._restores.clear()
+        lost.extend(self.replies.values())
+        self.replies.clear()
+        return lost
+
+    def restore(self) -> None:
+        """After the new transport's WELCOME: write the session again (see the module
+        docstring) and leave DISCONNECTED."""
+        if not self.welcomed or not self._down:
+            raise RuntimeError("restore() belongs after a new transport's WELCOME")
+        self._down = False
+        self._blocked = self.error is not None
+        if self._blocked:
+            return
+        for queue, options in self._declared.items():
+            self._append([Op.DECLARE, 0, queue, options])
+        out = self._out
+        for packed in self._frames.values():
+            out.append(packed)
+            self.out_bytes += len(packed)
+        starts, self._starts = self._starts, {}
+        waiting = {sid: rid for rid, sid in starts.items() if rid in self.pending}
+        for sid, frame in self._stream_frames.items():
+            if sid not in self._streams:
+                continue
+            rid = next(self._rids)
+            frame[1] = rid
+            self._append(frame)
+            old = waiting.get(sid)
+            if old is not None:  # its consume()/subscribe() still waits for the answer
+                self.pending[rid] = self.pending.pop(old)
+                self._starts[rid] = sid
+            else:
+                self.pending[rid] = _RESTORING
+                self._restores[rid] = sid
+        out.extend(self._held)
+        self.out_bytes += self._held_bytes
+        self._held.clear()
+        self._held_bytes = 0
+        if out and not self._flush_wanted:
+            self._flush_wanted = True
+            self._sink.flush_wanted()
 
     # -- reading --------------------------------------------------------------------------
 
@@ -381,6 +620,7 @@ class ClientConnection:
             # them for the same stream, which is looked up once per run.
             sid: Any = None
             receiver: StreamReceiver | None = None
+            base = self._tag_base
             for frame in frames:
                 op = frame[0]
                 if op == _DELIVER:
@@ -390,7 +630,7 @@ class ClientConnection:
                         receiver = ref() if ref is not None else None
                     if receiver is not None:
                         _, _, tag, message, attempt, reply_to = frame
-                        receiver._deliver(tag, message, attempt, reply_to)
+                        receiver._deliver(tag + base, message, attempt, reply_to)
                 elif op == _EVENT or op == _EVENTS:
                     if frame[1] != sid:
                         sid = frame[1]
@@ -437,6 +677,11 @@ class ClientConnection:
         if waiter is _MISSING:
             self.async_errors += 1
             self._sink.failed(None, from_code(code, message))
+        elif waiter is _RESTORING:  # a stream could not be started again
+            ref = self._streams.get(self._restores.pop(rid, 0))
+            receiver = ref() if ref is not None else None
+            if receiver is not None:
+                self._sink.stream_failed(receiver, from_code(code, message))
         else:
             self._sink.failed(waiter, from_code(code, message))
 
@@ -457,7 +702,23 @@ class ClientConnection:
         if not self.welcomed:
             self.welcomed = True
             self.max_frame = int(info.get("max_frame", DEFAULT_MAX_FRAME))
+            if self.client_id is not None and info.get("dedup") and self._seqs is None:
+                self._seqs = itertools.count(1)
             self._sink.welcomed(info)
 
 
 _MISSING: Any = object()
+
+
+class _Restoring:
+    """The waiter of a CONSUME or SUBSCRIBE that :meth:`ClientConnection.restore` wrote:
+    nobody awaits it (``done()`` is true, so a shell skips it); its ERROR fails the
+    stream through ``sink.stream_failed``."""
+
+    __slots__ = ()
+
+    def done(self) -> bool:
+        return True
+
+
+_RESTORING: Any = _Restoring()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -13,6 +14,8 @@ if TYPE_CHECKING:
     from .backend import Backend
 
 __all__ = ["Message"]
+
+log = logging.getLogger(__name__)
 
 _UNDECODED: Any = object()
 
@@ -46,6 +49,8 @@ class Message:
         timestamp: when the broker accepted it, seconds since the epoch.
         dropped: for topic messages, how many messages this subscription dropped just
             before this one because it fell behind (see ``subscribe``); 0 otherwise.
+        gap: True for the first topic message after the bus reconnected: messages
+            published while it was away were missed, and ``dropped`` cannot count them.
         reply_to: set when the message is a ``request``; answer it with :meth:`reply`.
 
     A queue message is a *lease*: answer it exactly once with :meth:`ack`, :meth:`nack`,
@@ -119,6 +124,10 @@ class Message:
         return self._reply_to
 
     @property
+    def gap(self) -> bool:
+        return False
+
+    @property
     def body(self) -> Any:
         body = self._body
         if body is _UNDECODED:
@@ -160,8 +169,10 @@ class Message:
         Waits for the broker's confirmation.
 
         Raises:
-            LeaseError: the lease expired (the message was redelivered) or was released.
-            ConnectionLost: the broker went away; the message will be redelivered.
+            LeaseError: the lease expired (the message was redelivered) or was released;
+                or (``code == "lease-lost"``) the connection it came on was lost, and
+                the broker redelivers it.
+            ConnectionLost: the broker went away and the bus does not reconnect.
         """
         await self._backend.settle(self._take_lease("ack"), "ack")
 
@@ -228,7 +239,10 @@ class Message:
         """Ack when the block succeeds, nack (a failed attempt) when it raises.
 
         Cancellation neither acks nor nacks: the consumer's leases are released when its
-        ``async for`` ends, without counting an attempt.
+        ``async for`` ends, without counting an attempt. If the connection was lost
+        while the block ran (``LeaseError`` code ``lease-lost``), the broker has already
+        given the message back for redelivery: the ack or nack is skipped, and the
+        consumer's loop goes on (an exception from the block still propagates).
 
         Example::
 
@@ -240,7 +254,27 @@ class Message:
             yield self
         except Exception as exc:
             if not self._answered:
-                await self.nack(reason=f"{type(exc).__name__}: {exc}"[:1000])
+                try:
+                    await self.nack(reason=f"{type(exc).__name__}: {exc}"[:1000])
+                except LeaseError as lease_error:
+                    if lease_error.code != "lease-lost":
+                        raise
             raise
         if not self._answered:
-            await self.ack()
+            try:
+                await self.ack()
+            except LeaseError as exc:
+                if exc.code != "lease-lost":
+                    raise
+                log.info("message %s was redelivered: the connection was lost while it was"
+                         " processed", self.id)
+
+
+class GapMessage(Message):
+    """The first topic message a subscription receives after its bus reconnected."""
+
+    __slots__ = ()
+
+    @property
+    def gap(self) -> bool:
+        return True

@@ -22,7 +22,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, Self
 
 from ..errors import BusError, RemoteProtocolError
-from .message import Message
+from .message import GapMessage, Message
 
 if TYPE_CHECKING:
     from .backend import Backend
@@ -158,6 +158,9 @@ class _Stream:
         self._error = error
         self._wake()
 
+    def _reset(self) -> None:
+        """The bus lost its connection and is reconnecting; the stream goes on after."""
+
 
 class Subscription(_Stream):
     """Messages published on topics matching ``pattern``; from ``bus.subscribe``.
@@ -176,6 +179,7 @@ class Subscription(_Stream):
         self._consumed = 0
         self._credit_batch = max(1, max_pending // 2)
         self.dropped = 0  # total messages dropped by the broker for this subscription
+        self.gaps = 0  # reconnects of the bus while subscribed: messages may be missing
 
     async def _start_with(self, backend: Backend) -> None:
         await backend.subscribe(self.pattern, self.max_pending, self.policy, self)
@@ -224,6 +228,26 @@ class Subscription(_Stream):
         self._error = error
         self._wake()
 
+    def _reset(self) -> None:
+        # Messages already received stay readable. The broker gives a new subscription
+        # full credit; the first message after it is marked (Message.gap). The marking
+        # shadows the two receive methods until then: nothing on the per-message path.
+        self._consumed = 0
+        self.gaps += 1
+        self._event = self._gap_event  # type: ignore[method-assign]
+        self._events = self._gap_events  # type: ignore[method-assign]
+
+    def _gap_event(self, message: list[Any], dropped: int) -> None:
+        del self._event, self._events
+        self.dropped += dropped
+        self._buffer.append(GapMessage(self._backend, None, message, dropped))
+        self._wake()
+
+    def _gap_events(self, messages: list[list[Any]], dropped: int) -> None:
+        self._gap_event(messages[0], dropped)
+        if len(messages) > 1:
+            self._events(messages[1:], 0)
+
 
 class Consumer(_Stream):
     """Leased messages from a queue; from ``bus.consume``. At most ``prefetch`` are
@@ -243,3 +267,8 @@ class Consumer(_Stream):
         # Leases died with the connection; their messages will be redelivered.
         self._buffer.clear()
         super()._fail(error)
+
+    def _reset(self) -> None:
+        # Messages not yet handed out came under leases of the lost connection: the
+        # broker redelivers them, so they must not be processed here.
+        self._buffer.clear()

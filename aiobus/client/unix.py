@@ -6,32 +6,49 @@ futures through this shell (its sink) and hands DELIVER/EVENT to the streams. Wr
 flushed once per loop iteration, or as soon as 64 KiB are waiting; while the socket is
 above its high-water mark every send and publish waits (backpressure instead of
 unbounded buffering). Many concurrent requests are pipelined on the one connection.
+
+Reconnecting. With ``reconnect`` (the default) the connection is a session (see
+``connection.py``, "Sessions outlive transports"). When the transport is lost for any
+reason but a protocol violation, the shell tells the connection, fails what cannot be
+carried over, tells the streams to forget what the old transport gave them, and starts
+one task, owned by this backend and awaited by :meth:`aclose`, that dials again with
+exponential backoff and jitter (``reconnect_delay`` doubling up to
+``max_reconnect_delay``, each sleep drawn uniformly from its upper half, as AWS's "equal
+jitter"), forever or until ``max_reconnect_time``. Once a broker WELCOMEs it, the
+connection writes the session again and everything that waited goes on. Each change is
+logged at INFO and given to every ``state_changes()`` iterator.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import gc
 import logging
 import os
 import pwd
+import random
+import secrets
 import socket
 import stat
 import struct
 import weakref
-from typing import Any, cast
+from collections.abc import AsyncIterator
+from typing import Any, Final, cast
 
 from ..errors import (
     BrokerUnavailable,
     BusError,
     ConnectionClosed,
     ConnectionLost,
+    LeaseError,
     RemoteProtocolError,
     RequestTimeout,
+    SendTimeout,
 )
 from ..protocol import Op
-from .backend import Outcome, StreamTarget
-from .connection import FLUSH_AT, ClientConnection
+from .backend import ConnectionState, Outcome, StateChange, StreamTarget
+from .connection import FLUSH_AT, HOLD_BYTES, ClientConnection, StreamReceiver
 
 __all__ = ["UnixSocketBackend"]
 
@@ -40,6 +57,12 @@ log = logging.getLogger(__name__)
 _CRED = struct.Struct("3i")  # struct ucred {pid_t pid; uid_t uid; gid_t gid;}
 _HANDSHAKE_TIMEOUT = 5.0
 _CLOSE_TIMEOUT = 5.0
+# CLOSE codes after which the client does not dial again: it broke the protocol (dialling
+# again would repeat it), or a subscription it made with policy "disconnect" fell behind
+# (it asked to be disconnected, so its loop must hear about it).
+_FATAL_CLOSES: Final = frozenset({"protocol", "bad-field", "unknown-frame",
+                                  "unsupported-version", "frame-too-large", "slow-consumer"})
+_STATE_BACKLOG: Final = 64  # state changes kept for a state_changes() reader that lags
 
 
 class _Protocol(asyncio.Protocol):
@@ -75,20 +98,26 @@ class _Protocol(asyncio.Protocol):
         self.backend._writable.clear()
 
     def resume_writing(self) -> None:
-        self.backend.writable = True
-        self.backend._writable.set()
+        if self.backend.connected:
+            self.backend.writable = True
+            self.backend._writable.set()
 
 
 class UnixSocketBackend:
     """A connection to an aiobus broker over its Unix socket. Open with :meth:`open`."""
 
-    def __init__(self, path: str, name: str | None) -> None:
+    def __init__(self, path: str, name: str | None, *, reconnect: bool = True,
+                 reconnect_delay: float = 0.05, max_reconnect_delay: float = 2.0,
+                 max_reconnect_time: float | None = None,
+                 publish_buffer: int = HOLD_BYTES) -> None:
         self.path = path
         self.name = name
         self.server_info: dict[str, Any] = {}
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
-        self._conn = conn = ClientConnection(self, new_waiter=self._loop.create_future)
+        self._conn = conn = ClientConnection(
+            self, new_waiter=self._loop.create_future, hold_bytes=publish_buffer,
+            client_id=secrets.token_hex(8) if reconnect else None)
         # The per-message writes are the connection's own methods: no call in between.
         self.send_nowait = conn.send
         self.send_unconfirmed = conn.send_unconfirmed
@@ -96,13 +125,23 @@ class UnixSocketBackend:
         self.ack_nowait = conn.ack_nowait
         self.credit = conn.credit
         self.max_body = conn.max_frame
-        self.writable = True  # False while the transport is above its high-water mark
+        self.writable = True  # False while congested or disconnected
+        self.connected = False  # a transport is open and WELCOMEd (and the session restored)
         self._flush_handle: asyncio.Handle | None = None
         self._writable = asyncio.Event()
         self._writable.set()
         self._welcome: asyncio.Future[dict[str, Any]] = self._loop.create_future()
-        self._lost = asyncio.Event()
+        self._lost = asyncio.Event()  # this transport's connection_lost has run
         self._closing = False  # aclose() is waiting for the broker's last answers
+        self._explicit = True
+        self._reconnect = reconnect
+        self._reconnect_delay = reconnect_delay
+        self._max_reconnect_delay = max_reconnect_delay
+        self._max_reconnect_time = max_reconnect_time
+        self._reconnector: asyncio.Task[None] | None = None
+        self._changed = asyncio.Event()  # set and replaced on every change of state
+        self._listeners: list[collections.deque[StateChange]] = []
+        self.reconnects = 0
 
     # -- the connection's sink ------------------------------------------------------------
 
@@ -122,6 +161,11 @@ class UnixSocketBackend:
         elif not waiter.done():
             waiter.set_exception(error)
 
+    def stream_failed(self, receiver: StreamReceiver, error: BusError) -> None:
+        log.warning("the broker at %s refused to start a stream again after reconnecting:"
+                    " %s: %s", self.path, error.code, error)
+        cast(StreamTarget, receiver)._fail(error)
+
     def welcomed(self, info: dict[str, Any]) -> None:
         self.max_body = self._conn.max_frame  # an attribute: Bus reads it per message
         if not self._welcome.done():
@@ -138,6 +182,14 @@ class UnixSocketBackend:
     async def open(self, *, explicit: bool = True) -> None:
         """Connect and say HELLO. A broker found at a default path (``explicit`` False)
         must run as this user or root: another user's broker there is refused."""
+        self._explicit = explicit
+        await self._dial()
+        self._set_connected(True)
+
+    async def _dial(self) -> None:
+        """Open a transport, check its owner, HELLO, wait for WELCOME."""
+        self._welcome = self._loop.create_future()
+        self._lost = asyncio.Event()
         try:
             await self._loop.create_unix_connection(lambda: _Protocol(self), self.path)
         except (FileNotFoundError, ConnectionRefusedError) as exc:
@@ -150,7 +202,9 @@ class UnixSocketBackend:
                 f"permission denied connecting to {self.path} ({_describe_file(self.path)});"
                 " the broker's --socket-mode/--socket-group decide who may connect"
             ) from exc
-        if not explicit:
+        except OSError as exc:  # EAGAIN (a full backlog), ENOTSOCK, ...
+            raise BrokerUnavailable(f"cannot connect to {self.path}: {exc}") from exc
+        if not self._explicit:
             self._check_broker_owner()
         self._conn.hello(self.name)
         try:
@@ -175,6 +229,14 @@ class UnixSocketBackend:
 
     async def aclose(self) -> None:
         conn = self._conn
+        if self._reconnector is not None:
+            self._reconnector.cancel()
+            try:
+                await self._reconnector
+            except asyncio.CancelledError:
+                if asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                    raise
+            self._reconnector = None
         if conn.error is None:
             for consumer in conn.consumers():
                 cast(StreamTarget, consumer)._stop()
@@ -182,10 +244,10 @@ class UnixSocketBackend:
             # The broker answers in order: the OK of a PING written after everything
             # else means it has answered all of that (parked sends aside).
             drained: asyncio.Future[Any] | None = None
-            if conn.pending and self._transport is not None:
+            if conn.pending and self.connected and self._transport is not None:
                 drained = self._loop.create_future()
                 conn.call([Op.PING, 0], drained)
-            conn.error = closed  # nothing new from here on
+            conn.close(closed)  # nothing new from here on
             self._closing = True
             self._flush()
             if drained is not None:
@@ -213,25 +275,94 @@ class UnixSocketBackend:
     def async_errors(self) -> int:
         return self._conn.async_errors
 
+    @property
+    def dropped(self) -> int:
+        return self._conn.dropped
+
     def _abort(self) -> None:
         if self._transport is not None:
             self._transport.abort()
 
     def _connection_lost(self, exc: Exception | None) -> None:
-        if self._conn.error is None or self._closing:
-            if self._conn.close_reason is not None:
-                code, message = self._conn.close_reason
-                error = ConnectionLost(f"the broker closed the connection: {message}", code=code)
-            else:
-                error = ConnectionLost(f"connection to the broker at {self.path} was lost"
-                                       + (f": {exc}" if exc else ""))
-            self._fail_all(error)
-        if not self._welcome.done():
-            self._welcome.set_exception(BrokerUnavailable("the broker closed the connection"
-                                                          " during the handshake"))
-        self.writable = True
-        self._writable.set()
+        self._transport = None
         self._lost.set()
+        conn = self._conn
+        if not self._welcome.done():
+            self._welcome.set_exception(BrokerUnavailable(
+                f"the broker at {self.path} closed the connection during the handshake"))
+        if conn.error is not None and not self._closing:
+            return  # failed or closed before: nothing left to tell anyone
+        if conn.close_reason is not None:
+            code, message = conn.close_reason
+            error = ConnectionLost(f"the broker closed the connection: {message}", code=code)
+        else:
+            error = ConnectionLost(f"connection to the broker at {self.path} was lost"
+                                   + (f": {exc}" if exc else ""))
+        if self._closing or not self._reconnect or (
+                conn.close_reason is not None and conn.close_reason[0] in _FATAL_CLOSES):
+            self._fail_all(error)
+            return
+        was_connected = self.connected
+        for waiter in conn.connection_lost():
+            if not waiter.done():
+                waiter.set_exception(error)
+        if not was_connected:
+            return  # a dial of the reconnect loop failed: the loop goes on
+        for receiver in conn.receivers():
+            cast(StreamTarget, receiver)._reset()
+        self._set_connected(False)
+        log.info("connection to the broker at %s lost (%s); reconnecting", self.path, error)
+        self._emit(StateChange(ConnectionState.DISCONNECTED, error))
+        self._reconnector = self._loop.create_task(self._redial(error))
+
+    async def _redial(self, cause: BusError) -> None:
+        loop = self._loop
+        started = loop.time()
+        delay = self._reconnect_delay
+        last: BusError = cause
+        attempts = 0
+        while True:
+            attempts += 1
+            if self._conn.error is not None:  # failed for good meanwhile (fatal CLOSE)
+                self._reconnector = None
+                return
+            try:
+                await self._dial()
+            except BrokerUnavailable as exc:
+                last = exc
+                self._abort()
+            else:
+                if self._transport is not None and self._conn.welcomed:
+                    break
+            elapsed = loop.time() - started
+            if self._max_reconnect_time is not None and elapsed >= self._max_reconnect_time:
+                error = ConnectionLost(
+                    f"gave up reconnecting to {self.path} after {elapsed:.1f} s and"
+                    f" {attempts} attempts; last: {last}")
+                log.warning("%s", error)
+                self._reconnector = None
+                self._fail_all(error)
+                return
+            await asyncio.sleep(random.uniform(delay / 2, delay))
+            delay = min(delay * 2, self._max_reconnect_delay)
+        self._conn.restore()
+        self._flush()
+        self.reconnects += 1
+        self._reconnector = None
+        self._set_connected(True)
+        downtime = loop.time() - started
+        log.info("reconnected to the broker at %s after %.2f s (%d attempts)",
+                 self.path, downtime, attempts)
+        self._emit(StateChange(ConnectionState.RECONNECTED, None, downtime, attempts))
+
+    def _set_connected(self, connected: bool) -> None:
+        self.connected = self.writable = connected
+        if connected:
+            self._writable.set()
+        else:
+            self._writable.clear()
+        self._changed.set()
+        self._changed = asyncio.Event()
 
     def _fail_all(self, error: BusError) -> None:
         waiters, receivers = self._conn.fail(error)
@@ -240,6 +371,11 @@ class UnixSocketBackend:
                 fut.set_exception(error)
         for receiver in receivers:
             cast(StreamTarget, receiver)._fail(error)
+        self.connected = False
+        self.writable = True  # whoever waits to write goes on, and meets the error
+        self._writable.set()
+        self._changed.set()
+        self._emit(StateChange(ConnectionState.CLOSED, error))
 
     def _protocol_violation(self, message: str) -> None:
         log.error("closing the connection to %s: %s", self.path, message)
@@ -247,34 +383,85 @@ class UnixSocketBackend:
             self._fail_all(RemoteProtocolError(message))
         self._abort()
 
+    # -- state ----------------------------------------------------------------------------
+
+    def _emit(self, change: StateChange) -> None:
+        for backlog in self._listeners:
+            backlog.append(change)
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def wait_connected(self) -> None:
+        while not self.connected:
+            if self._conn.error is not None:
+                raise self._conn.error
+            await self._changed.wait()
+
+    async def state_changes(self) -> AsyncIterator[StateChange]:
+        backlog: collections.deque[StateChange] = collections.deque(maxlen=_STATE_BACKLOG)
+        if self._conn.error is not None:
+            backlog.append(StateChange(ConnectionState.CLOSED, self._conn.error))
+        self._listeners.append(backlog)
+        try:
+            while True:
+                while not backlog:
+                    await self._changed.wait()
+                change = backlog.popleft()
+                yield change
+                if change.state is ConnectionState.CLOSED:
+                    return
+        finally:
+            self._listeners.remove(backlog)
+
     # -- writing --------------------------------------------------------------------------
 
     def _flush(self) -> None:
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return  # the connection keeps what it has: a session writes it again
         out = self._conn.data_to_send()
-        if out and self._transport is not None and not self._transport.is_closing():
-            self._transport.writelines(out)
+        if out:
+            transport.writelines(out)
 
     async def wait_writable(self) -> None:
         await self._writable.wait()
 
-    async def _call(self, frame: list[Any]) -> Any:
+    async def _call(self, frame: list[Any], *, resend: bool = False) -> Any:
         """Send a request frame (rid at index 1) and wait for its OK result."""
         if not self._writable.is_set():
             await self._writable.wait()
         fut: asyncio.Future[Any] = self._loop.create_future()
-        self._conn.call(frame, fut)
+        self._conn.call(frame, fut, resend=resend)
         return await fut
 
     # -- producing ------------------------------------------------------------------------
 
     async def send(self, queue: str, data: bytes, kind: int, headers: dict[str, str] | None,
-                   ttl: float | None, delay: float | None) -> None:
-        if not self._writable.is_set():
-            await self._writable.wait()
-        await self._conn.send(queue, data, kind, headers, ttl, delay)
+                   ttl: float | None, delay: float | None,
+                   timeout: float | None = None) -> None:
+        if timeout is None:
+            if not self._writable.is_set():
+                await self._writable.wait()
+            await self._conn.send(queue, data, kind, headers, ttl, delay)
+            return
+        conn = self._conn
+        rid = 0
+        try:
+            async with asyncio.timeout(timeout):
+                if not self._writable.is_set():
+                    await self._writable.wait()
+                fut = conn.send(queue, data, kind, headers, ttl, delay)
+                rid = next(reversed(conn.pending))  # the one just added
+                await fut
+        except TimeoutError:
+            if rid:
+                conn.abandon(rid)
+            raise SendTimeout(f"a send to queue {queue!r} was not confirmed within"
+                              f" {timeout} s" + ("" if self.connected else
+                                                 "; the broker is not connected")) from None
 
     async def request(self, queue: str, data: bytes, kind: int,
                       headers: dict[str, str] | None, timeout: float) -> Any:
@@ -302,7 +489,7 @@ class UnixSocketBackend:
     async def consume(self, queue: str, prefetch: int, target: StreamTarget) -> None:
         fut: asyncio.Future[Any] = self._loop.create_future()
         conn = self._conn
-        if not self._writable.is_set():
+        if not self._writable.is_set() and self.connected:
             await self._writable.wait()
         target._handle = sid = conn.consume(queue, prefetch, weakref.ref(target), fut)
         await self._started(sid, fut)
@@ -311,7 +498,7 @@ class UnixSocketBackend:
                         target: StreamTarget) -> None:
         fut: asyncio.Future[Any] = self._loop.create_future()
         conn = self._conn
-        if not self._writable.is_set():
+        if not self._writable.is_set() and self.connected:
             await self._writable.wait()
         target._handle = sid = conn.subscribe(pattern, max_pending, policy,
                                               weakref.ref(target), fut)
@@ -336,22 +523,51 @@ class UnixSocketBackend:
     async def settle(self, lease: Any, outcome: Outcome, delay: float | None = None,
                      reason: str | None = None) -> None:
         if not self._writable.is_set():
+            self._conn.check_lease(lease)  # a lease of a lost transport: at once
             await self._writable.wait()
         fut: asyncio.Future[Any] = self._loop.create_future()
         self._conn.settle(lease, outcome, delay, reason, fut)
-        await fut
+        try:
+            await fut
+        except ConnectionLost as exc:
+            raise self._lease_lost(exc) from exc
+
+    def _lease_lost(self, exc: ConnectionLost) -> BusError:
+        if self._conn.client_id is None:
+            return exc
+        return LeaseError(f"the connection was lost before the broker answered ({exc}); the"
+                          " broker redelivers the message unless it got the answer first",
+                          code="lease-lost")
 
     async def extend(self, lease: Any, seconds: float) -> None:
-        await self._call([Op.EXTEND, 0, lease, seconds])
+        if not self._writable.is_set():
+            self._conn.check_lease(lease)
+            await self._writable.wait()
+        fut: asyncio.Future[Any] = self._loop.create_future()
+        self._conn.extend(lease, seconds, fut)
+        try:
+            await fut
+        except ConnectionLost as exc:
+            raise self._lease_lost(exc) from exc
 
     async def reply(self, lease: Any, data: bytes, kind: int,
                     headers: dict[str, str] | None) -> None:
-        await self._call([Op.REPLY, 0, lease, data, kind, headers])
+        if not self._writable.is_set():
+            self._conn.check_lease(lease)
+            await self._writable.wait()
+        fut: asyncio.Future[Any] = self._loop.create_future()
+        self._conn.reply(lease, data, kind, headers, fut)
+        try:
+            await fut
+        except ConnectionLost as exc:
+            raise self._lease_lost(exc) from exc
 
     # -- administration -------------------------------------------------------------------
 
     async def declare(self, queue: str, options: dict[str, Any]) -> dict[str, Any]:
-        result: dict[str, Any] = await self._call([Op.DECLARE, 0, queue, options])
+        result: dict[str, Any] = await self._call([Op.DECLARE, 0, queue, options],
+                                                  resend=True)
+        self._conn.declared(queue, options)
         return result
 
     async def purge(self, queue: str) -> int:
@@ -360,14 +576,15 @@ class UnixSocketBackend:
 
     async def delete(self, queue: str, if_empty: bool) -> int:
         result: int = await self._call([Op.DELETE, 0, queue, bool(if_empty)])
+        self._conn.deleted(queue)
         return result
 
     async def stats(self) -> dict[str, Any]:
-        result: dict[str, Any] = await self._call([Op.STATS, 0])
+        result: dict[str, Any] = await self._call([Op.STATS, 0], resend=True)
         return result
 
     async def ping(self) -> None:
-        await self._call([Op.PING, 0])
+        await self._call([Op.PING, 0], resend=True)
 
 
 def _describe_file(path: str) -> str:

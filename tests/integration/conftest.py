@@ -151,7 +151,8 @@ def emit(**fields):
     print(json.dumps(fields), flush=True)
 
 async def _main(path):
-    async with aiobus.connect(path, name=os.environ.get("CLIENT_NAME")) as bus:
+    async with aiobus.connect(path, name=os.environ.get("CLIENT_NAME"),
+                              reconnect=os.environ.get("CLIENT_RECONNECT") == "1") as bus:
 {body}
 
 asyncio.run(_main(sys.argv[1]))
@@ -192,15 +193,18 @@ class ClientProcess:
 @pytest_asyncio.fixture
 async def spawn_client(broker: BrokerProcess) -> AsyncIterator[Any]:
     """Start client processes: ``await spawn_client(body, name=...)`` where ``body`` is
-    the code of an async function with ``bus`` and ``emit`` in scope."""
+    the code of an async function with ``bus`` and ``emit`` in scope. ``reconnect``:
+    as ``aiobus.connect``'s."""
     clients: list[ClientProcess] = []
 
-    async def spawn(body: str, name: str = "client", path: str | None = None) -> ClientProcess:
+    async def spawn(body: str, name: str = "client", path: str | None = None,
+                    reconnect: bool = True) -> ClientProcess:
         code = _PRELUDE.format(body=textwrap.indent(textwrap.dedent(body), " " * 8))
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-c", code, path or broker.path,
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, env={**os.environ, "CLIENT_NAME": name},
+            stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "CLIENT_NAME": name, "CLIENT_RECONNECT": str(int(reconnect))},
         )
         client = ClientProcess(proc)
         clients.append(client)

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.asyncio
 
 @pytest.mark.parametrize("signo", [signal.SIGTERM, signal.SIGINT])
 async def test_signal_stops_gracefully(broker: BrokerProcess, signo: int) -> None:
-    async with aiobus.connect(broker.path) as bus:
+    async with aiobus.connect(broker.path, reconnect=False) as bus:
         await bus.send("jobs", 1)
         consumer = bus.consume("jobs")
         msg = await asyncio.wait_for(anext(consumer), 5)
@@ -142,7 +142,7 @@ async def test_embedded_broker_close_tells_clients(short_tmp: Path) -> None:
     path = short_tmp / "e.sock"
     broker = aiobus.Broker(path=path)
     await broker.start()
-    bus = await aiobus.connect(path)
+    bus = await aiobus.connect(path, reconnect=False)
     try:
         await bus.ping()
         await broker.aclose()

@@ -111,7 +111,7 @@ async def test_sigterm_lets_consumers_finish_and_says_what_it_keeps(
                     emit(acked=len(held))
         except aiobus.ConnectionLost as exc:
             emit(lost=exc.code)
-    """, path=broker.path)
+    """, path=broker.path, reconnect=False)
     holding = (await worker.line())["holding"]
     assert holding == [0, 1, 2, 3]
     started = asyncio.get_running_loop().time()

@@ -77,7 +77,7 @@ async def connect(path, name):
     deadline = time.monotonic() + 10.0
     while True:
         try:
-            return await aiobus.connect(path, name=name)
+            return await aiobus.connect(path, name=name, reconnect=False)
         except aiobus.BrokerUnavailable:
             if time.monotonic() > deadline:
                 raise
