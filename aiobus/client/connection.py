@@ -621,6 +621,7 @@ class ClientConnection:
             sid: Any = None
             receiver: StreamReceiver | None = None
             base = self._tag_base
+            frames_ = self._frames  # the resend buffer: answered frames leave it
             for frame in frames:
                 op = frame[0]
                 if op == _DELIVER:
@@ -646,6 +647,8 @@ class ClientConnection:
                     if op == _OK:
                         waiter = self.pending.pop(frame[1], _MISSING)
                         if waiter is not _MISSING:
+                            if frames_:
+                                frames_.pop(frame[1], None)
                             sink.completed(waiter, frame[2])
                     elif op == _OK_RANGE:
                         self._on_ok_range(frame)
@@ -669,11 +672,17 @@ class ClientConnection:
         rids = (range(first, last + 1) if last - first < len(pending)
                 else [rid for rid in pending if first <= rid <= last])
         pop = pending.pop
-        self._sink.completed_all([pop(rid, None) for rid in rids])
+        waiters = [pop(rid, None) for rid in rids]
+        if self._frames:
+            forget = self._frames.pop
+            for rid in rids:
+                forget(rid, None)
+        self._sink.completed_all(waiters)
 
     def _on_error(self, frame: list[Any]) -> None:
         _, rid, code, message = frame
         waiter = self.pending.pop(rid, _MISSING)
+        self._frames.pop(rid, None)
         if waiter is _MISSING:
             self.async_errors += 1
             self._sink.failed(None, from_code(code, message))
