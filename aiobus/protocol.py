@@ -112,7 +112,7 @@ SPECS: Final[dict[int, tuple[tuple[str, tuple[type, ...]], ...]]] = {
     Op.SEND: (
         ("rid", _INT), ("queue", _STR), ("body", _BIN), ("kind", _INT),
         ("headers", _OPT_MAP), ("ttl", _OPT_NUM), ("reply_token", _OPT_INT),
-        ("delay", _OPT_NUM),
+        ("delay", _OPT_NUM), ("seq", _OPT_INT),
     ),
     Op.PUBLISH: (("topic", _STR), ("body", _BIN), ("kind", _INT), ("headers", _OPT_MAP)),
     Op.SUBSCRIBE: (
@@ -146,8 +146,8 @@ SPECS: Final[dict[int, tuple[tuple[str, tuple[type, ...]], ...]]] = {
 
 # Trailing fields a frame may leave out, per op: fields added after the frame first
 # shipped, so that older clients' shorter frames stay valid. A left-out field means nil.
-# SEND's ``delay`` (scheduled delivery) is the only one.
-OPTIONAL_TAIL: Final[dict[int, int]] = {Op.SEND: 1}
+# SEND's ``delay`` (scheduled delivery) and ``seq`` (resendable SENDs) are the only ones.
+OPTIONAL_TAIL: Final[dict[int, int]] = {Op.SEND: 2}
 
 # The message array inside DELIVER and EVENT: the broker stores a queued message in
 # exactly this encoding and sends it as is.
@@ -164,10 +164,10 @@ def _signatures() -> dict[int, frozenset[tuple[type, ...]]]:
         if any(types is _ANY or list in types for _, types in spec):
             continue  # OK's result and ACK_MANY's tags need a look inside: slow path
         combos: list[tuple[type, ...]] = [(int,)]
-        shorter: list[tuple[type, ...]] = []  # the combos without the optional tail
+        shorter: list[tuple[type, ...]] = []  # the combos leaving out some of the tail
         for i, (_, types) in enumerate(spec):
-            if i == len(spec) - OPTIONAL_TAIL.get(op, 0):
-                shorter = combos
+            if i >= len(spec) - OPTIONAL_TAIL.get(op, 0):
+                shorter += combos
             combos = [(*c, t) for c in combos for t in types]
         result[op] = frozenset(combos + shorter)
     return result
@@ -207,8 +207,9 @@ def check_frame(frame: object) -> int:
         op = frame[0]
         valid = _SIGNATURES.get(op) if type(op) is int else None
         if valid is not None and tuple(map(type, frame)) in valid:
+            size = len(frame)
             for i in _INT_INDEXES[op]:
-                value = frame[i]
+                value = frame[i] if i < size else None  # (an optional tail left out)
                 if value is not None and value < 0:
                     break
             else:

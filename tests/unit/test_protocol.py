@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from aiobus.errors import FrameTooLarge, LocalProtocolError, ProtocolError, RemoteProtocolError
 from aiobus.protocol import (
+    _SIGNATURES,
     DEFAULT_MAX_FRAME,
     OPTIONAL_TAIL,
     SPECS,
@@ -33,7 +34,7 @@ EXAMPLES: dict[Op, list[Any]] = {
     Op.ERROR: [Op.ERROR, 7, "queue-full", "queue 'jobs' is full"],
     Op.CLOSE: [Op.CLOSE, "shutdown", "the broker is shutting down"],
     Op.PING: [Op.PING, 9],
-    Op.SEND: [Op.SEND, 2, "jobs", b"\x00\xff body", 0, {"trace": "x"}, 1.5, 44, 30],
+    Op.SEND: [Op.SEND, 2, "jobs", b"\x00\xff body", 0, {"trace": "x"}, 1.5, None, 30, 7],
     Op.PUBLISH: [Op.PUBLISH, "weather.hk", b"\x93\x01\x02\x03", 1, None],
     Op.SUBSCRIBE: [Op.SUBSCRIBE, 3, 1, "weather.*", 100, "drop-oldest"],
     Op.CONSUME: [Op.CONSUME, 4, 2, "jobs", 16],
@@ -263,8 +264,12 @@ def _send(**fields: Any) -> list[Any]:
         (_send(reply_token=-1), "bad-field", "SEND.reply_token must not be negative"),
         (_send(reply_token="t"), "bad-field", "SEND.reply_token must be int or NoneType"),
         ([*_send(), "5"], "bad-field", "SEND.delay must be int or float or NoneType, got str"),
-        ([*_send(), None, None], "bad-field", "SEND frame has 9 fields, expected 7 to 8"),
-        (_send()[:-1], "bad-field", "SEND frame has 6 fields, expected 7 to 8"),
+        ([*_send(), None, "1"], "bad-field", "SEND.seq must be int or NoneType, got str"),
+        ([*_send(), None, 1.0], "bad-field", "SEND.seq must be int or NoneType, got float"),
+        ([*_send(), None, True], "bad-field", "SEND.seq must be int or NoneType, got bool"),
+        ([*_send(), None, -1], "bad-field", "SEND.seq must not be negative"),
+        ([*_send(), None, 1, None], "bad-field", "SEND frame has 10 fields, expected 7 to 9"),
+        (_send()[:-1], "bad-field", "SEND frame has 6 fields, expected 7 to 9"),
         ([Op.PURGE, 1], "bad-field", "PURGE frame has 1 fields, expected 2"),
         ([Op.PURGE, 1, None], "bad-field", "PURGE.queue must be str, got NoneType"),
         ([Op.DELETE, 1, "jobs", 0], "bad-field", "DELETE.if_empty must be bool, got int"),
@@ -315,6 +320,21 @@ def test_check_frame_accepts_optional_fields() -> None:
     assert check_frame(plain([*_send(), None])) == Op.SEND
     assert check_frame(plain([*_send(), 2.5])) == Op.SEND
     assert check_frame(plain([*_send(), -1])) == Op.SEND  # the broker's to refuse
+    # ... and so did seq (resendable SENDs), after delay: 8, 9 or 10 fields.
+    assert check_frame(plain([*_send(), None, 5])) == Op.SEND
+    assert check_frame(plain([*_send(), 2.5, None])) == Op.SEND
+    assert check_frame(plain([*_send(), None, 2**63 - 1])) == Op.SEND
+    assert check_frame(plain([*_send(), None, 0])) == Op.SEND  # the broker's to refuse
+
+
+def test_every_length_of_a_send_takes_the_fast_path() -> None:
+    """The fast check knows the types of 8-, 9- and 10-field SENDs (a left-out optional
+    field is no reason to take the slow path), and never reads past the frame's end."""
+    lengths = {len(signature) for signature in _SIGNATURES[Op.SEND]}
+    assert lengths == {8, 9, 10}
+    for frame in (_send(), [*_send(), None], [*_send(), 1.5, 3]):
+        assert tuple(map(type, plain(frame))) in _SIGNATURES[Op.SEND]
+        assert check_frame(plain(frame)) == Op.SEND
 
 
 @pytest.mark.parametrize("op", list(Op), ids=lambda op: op.name)
