@@ -32,6 +32,14 @@ RECORDS: list[tuple[bytes, r.Record]] = [
      r.Removed(1, 7, r.RemovalReason.DEAD_LETTERED)),
     (r.encode_purged(3), r.QueuePurged(3)),
     (r.encode_deleted(3), r.QueueDeleted(3)),
+    # Version 3: when a resendable SEND's id entered the queue's deduplication window.
+    (r.encode_sent(1, 7, b"\x96m", accepted=1e9 + 0.25),
+     r.Sent(1, 7, b"\x96m", 0, None, None, accepted=1e9 + 0.25)),
+    (r.encode_sent(1, 7, b"m", 2, 1.0, 2.0, "why", (9, 0), 3.0),
+     r.Sent(1, 7, b"m", 2, 1.0, 2.0, "why", (9, 0), 3.0)),
+    (r.encode_dedup(2, [("c1-1", 5.0), ("c1-2", 6.5)]),
+     r.DedupIds(2, [("c1-1", 5.0), ("c1-2", 6.5)])),
+    (r.encode_dedup(2, []), r.DedupIds(2, [])),
 ]
 
 
@@ -65,8 +73,8 @@ def test_version_1_segments_are_read_and_unknown_versions_refused() -> None:
     assert (old.number, old.bad_at) == (5, None)
     assert old.records == r.decode_segment(segment(body, number=5), last=True).records
     assert r.header_version(version_1_header(5)) == 1
-    assert r.header_version(segment(number=5)) == r.FORMAT_VERSION == 2
-    head = r._SEGMENT_HEADER.pack(r.MAGIC, 3, 0, 5)
+    assert r.header_version(segment(number=5)) == r.FORMAT_VERSION == 3
+    head = r._SEGMENT_HEADER.pack(r.MAGIC, 4, 0, 5)
     newer = head + r._crc(head).to_bytes(4, "little")
     assert r.decode_segment(newer + body, last=True).number is None
 
@@ -206,7 +214,16 @@ MALFORMED = [
     r.FAILED_HEAD.pack(r.RecordType.FAILED, 1, 0, 1, 0.0) + b"\x92\xc0\x91\x01",  # [pid]
     r.FAILED_HEAD.pack(r.RecordType.FAILED, 1, 0, 1, 0.0) + b"\x92\xc0\x92\x01\xa1x",
     r.FAILED_HEAD.pack(r.RecordType.FAILED, 1, 0, 1, 0.0) + b"\x81\xa1x\xc0",  # a map
-    r.SENT_HEAD.pack(r.RecordType.SENT, 1, 3, 0, 8) + b"m",  # no such flag
+    r.SENT_HEAD.pack(r.RecordType.SENT, 1, 3, 0, 16) + b"m",  # no such flag
+    r.SENT_HEAD.pack(r.RecordType.SENT, 1, 3, 0, 8) + bytes(7),  # accepted, 7 bytes
+    r.SENT_HEAD.pack(r.RecordType.SENT, 1, 3, 0, 11) + bytes(20),  # three times, 20 bytes
+    # DedupIds that are not [ids: str array, times: float array] of one length
+    bytes([r.RecordType.DEDUP, 1, 0, 0]),  # short qid
+    bytes([r.RecordType.DEDUP]) + bytes(4) + b"\x92\x91\xa1x\x90",  # lengths differ
+    bytes([r.RecordType.DEDUP]) + bytes(4) + b"\x92\x91\x01\x91\xcb" + bytes(8),  # int id
+    bytes([r.RecordType.DEDUP]) + bytes(4) + b"\x92\x91\xa1x\x91\x01",  # int time
+    bytes([r.RecordType.DEDUP]) + bytes(4) + b"\x91\x90",  # one array
+    bytes([r.RecordType.DEDUP]) + bytes(4) + b"\x01",  # not an array
     r.SENT_HEAD.pack(r.RecordType.SENT, 1, 3, 1, 4) + b"\x09\x00\x00\x00\x92\xc0\xc0",
     r.SENT_HEAD.pack(r.RecordType.SENT, 1, 3, 1, 4) + b"\x03\x00",  # short length field
     r.SENT_HEAD.pack(r.RecordType.SENT, 1, 3, 1, 5) + bytes(8) + b"\x01\x00\x00\x00\x90m",
@@ -224,6 +241,14 @@ LIFE = [
     r.encode_sent(1, 2, b"m2", 1, 3.0, None, "ack-timeout", (41, 7)),  # a copy, details
     r.encode_declared(2, "p", {}, 0), r.encode_sent(2, 0, b"x"), r.encode_delivered(2, 0),
     r.encode_purged(2), r.encode_sent(7, 0, b"unknown queue"),
+    # Deduplication windows: a segment head's, and ids with Sent records (a str 8 id too)
+    r.encode_dedup(1, [("c-1", 1.0), ("c-2", 2.0)]),
+    r.encode_sent(1, 4, b"\x96\xa3c-3\xa1q\xc4\x00\x00\xc0\x01", accepted=3.0),
+    r.encode_sent(1, 5, b"\x96\xd9\x22" + b"c" * 32 + b"-4\xa1q", 0, 9.0, None,
+                  accepted=4.0),
+    r.encode_sent(1, 6, b"\x93\xa3c-5\x01\x02", accepted=5.0),  # another packing
+    r.encode_sent(1, 7, b"not msgpack", accepted=6.0),  # no id: no entry
+    r.encode_dedup(7, [("x-1", 1.0)]),  # unknown queue: ignored
 ]
 
 
@@ -257,11 +282,13 @@ def test_the_flat_loop_folds_a_whole_life_like_apply() -> None:
     state = Replay()
     state.read_segment(segment(*LIFE), last=False)
     state.finish()
-    assert list(state.queues[1].messages) == [0, 2, 3]  # sorted: 1 came out of order
+    assert list(state.queues[1].messages) == [0, 2, 3, 4, 5, 6, 7]  # sorted: 1 came late
     messages = state.queues[1].messages.values()
-    assert [m.size for m in messages] == [len(LIFE[9]), len(LIFE[13]), len(LIFE[4])]
-    assert [(m.failures, m.last_reason, m.last_consumer) for m in messages] == [
+    assert [m.size for m in messages][:3] == [len(LIFE[9]), len(LIFE[13]), len(LIFE[4])]
+    assert [(m.failures, m.last_reason, m.last_consumer) for m in messages][:3] == [
         (1, None, None), (1, "ack-timeout", (41, 7)), (3, "broker-restart", (42, 7))]
+    assert state.queues[1].dedup == {"c-1": 1.0, "c-2": 2.0, "c-3": 3.0, "c" * 32 + "-4": 4.0,
+                                     "c-5": 5.0}
 
 
 @given(st.binary(max_size=200), st.integers(0, 10_000), st.booleans())

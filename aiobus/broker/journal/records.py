@@ -16,10 +16,13 @@ so any segment can be read, compacted or dropped without the ones before it.
 Format versions. The header's version says which records a segment may hold, so that an
 older broker refuses a segment it would misread rather than misread it. Version 2 added a
 message's last failure (reason text, consumer) to Failed, as a msgpack tail after the
-fixed part, and to Sent, behind flag bit 4 (docs/journal.md). A version 1 segment is a
-version 2 segment that happens to hold neither, so both are read; records are only ever
-appended to a segment of the current version (:meth:`~.store.Journal.open` rotates off
-an older one).
+fixed part, and to Sent, behind flag bit 4 (docs/journal.md). Version 3 added the
+deduplication window of resendable SENDs: Sent flag bit 8 (the time the message's id
+entered its queue's window) and the DedupIds record (ids with those times; a segment
+starts with each queue's whole window). A version 1 or 2 segment is a version 3 segment
+that happens to hold none of what came later, so all three are read; records are only
+ever appended to a segment of the current version (:meth:`~.store.Journal.open` rotates
+off an older one).
 
 The decoder (:func:`decode_segment`) returns every good record with its offset, and
 classifies the first bad one:
@@ -54,18 +57,18 @@ import msgpack
 
 __all__ = [
     "DECODE_ERRORS", "FORMAT_VERSION", "HEADER_SIZE", "MAX_RECORD", "READABLE_VERSIONS",
-    "BadRecord", "Decoded",
+    "BadRecord", "Decoded", "DedupIds",
     "Delivered", "Failed", "QueueDeclared", "QueueDeleted", "QueuePurged", "Record",
     "RecordType", "RemovalReason", "Removed", "Sent", "append_delivered", "append_removed",
     "append_sent", "classify_damage", "decode_body",
-    "decode_segment", "encode_declared", "encode_deleted", "encode_delivered",
+    "decode_segment", "encode_declared", "encode_dedup", "encode_deleted", "encode_delivered",
     "encode_failed", "encode_purged", "encode_removed", "encode_sent", "header_version",
-    "read_header", "salvage", "segment_header",
+    "message_id", "read_header", "salvage", "segment_header",
 ]
 
 MAGIC: Final = b"AIOBUSJ\x00"
-FORMAT_VERSION: Final = 2
-READABLE_VERSIONS: Final = frozenset({1, 2})  # see "Format versions" above
+FORMAT_VERSION: Final = 3
+READABLE_VERSIONS: Final = frozenset({1, 2, 3})  # see "Format versions" above
 # magic | version u16 | reserved u16 | segment number u64 | crc32 of the 20 bytes before
 _SEGMENT_HEADER = struct.Struct("<8sHHQ")
 HEADER_SIZE: Final = _SEGMENT_HEADER.size + 4
@@ -85,6 +88,7 @@ class RecordType(IntEnum):
     REMOVED = 5
     PURGED = 6
     DELETED = 7
+    DEDUP = 8
 
 
 class RemovalReason(IntEnum):
@@ -115,6 +119,9 @@ class Sent:
     # them, as it carries ``failures``. The core's own Sent records never do.
     last_reason: str | None = None
     last_consumer: tuple[int, int] | None = None
+    # When the message's id entered its queue's deduplication window (epoch seconds): a
+    # SEND with a seq (PROTOCOL.md §8 "Resends and deduplication"); else None.
+    accepted: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,7 +160,18 @@ class QueueDeleted:
     qid: int
 
 
-Record = QueueDeclared | Sent | Delivered | Failed | Removed | QueuePurged | QueueDeleted
+@dataclass(frozen=True, slots=True)
+class DedupIds:
+    """Ids that entered the queue's deduplication window, with when (epoch seconds),
+    oldest first: a queue's whole window at the head of a segment, or one id accepted
+    without a Sent of its own in the queue."""
+
+    qid: int
+    entries: list[tuple[str, float]]
+
+
+Record = (QueueDeclared | Sent | Delivered | Failed | Removed | QueuePurged | QueueDeleted
+          | DedupIds)
 
 
 def _frame(body: bytes) -> bytes:
@@ -171,9 +189,10 @@ REMOVED_HEAD = struct.Struct("<BIQB")
 _QID = struct.Struct("<BI")
 F64 = struct.Struct("<d")
 _NONE = float("nan")  # "no due time" in a Failed record
-# Sent flags: which optional fields follow the fixed part, in this order.
-SENT_EXPIRES, SENT_DUE, SENT_DETAILS = 1, 2, 4
-_SENT_FLAGS = SENT_EXPIRES | SENT_DUE | SENT_DETAILS
+# Sent flags: which optional fields follow the fixed part, in this order: expires, due,
+# accepted (f64 each), details. (The flag values are in the order they were added.)
+SENT_EXPIRES, SENT_DUE, SENT_DETAILS, SENT_ACCEPTED = 1, 2, 4, 8
+_SENT_FLAGS = SENT_EXPIRES | SENT_DUE | SENT_DETAILS | SENT_ACCEPTED
 
 
 def _pack_details(reason: str | None, consumer: tuple[int, int] | None) -> bytes:
@@ -203,14 +222,18 @@ def encode_declared(qid: int, name: str, settings: dict[str, Any], next_seq: int
 def encode_sent(qid: int, seq: int, message: bytes, failures: int = 0,
                 expires: float | None = None, due: float | None = None,
                 last_reason: str | None = None,
-                last_consumer: tuple[int, int] | None = None) -> bytes:
+                last_consumer: tuple[int, int] | None = None,
+                accepted: float | None = None) -> bytes:
     details = last_reason is not None or last_consumer is not None
-    flags = (expires is not None) | (due is not None) << 1 | details << 2
+    flags = ((expires is not None) | (due is not None) << 1 | details << 2
+             | (accepted is not None) << 3)
     parts = [SENT_HEAD.pack(RecordType.SENT, qid, seq, failures, flags)]
     if expires is not None:
         parts.append(F64.pack(expires))
     if due is not None:
         parts.append(F64.pack(due))
+    if accepted is not None:
+        parts.append(F64.pack(accepted))
     if details:
         packed = _pack_details(last_reason, last_consumer)
         parts.append(_DETAILS_SIZE.pack(len(packed)))
@@ -279,6 +302,37 @@ def encode_deleted(qid: int) -> bytes:
     return _frame(_QID.pack(RecordType.DELETED, qid))
 
 
+def encode_dedup(qid: int, entries: list[tuple[str, float]]) -> bytes:
+    """A DedupIds record: qid u32, then msgpack ``[ids, times]`` (two arrays, so that
+    msgpack packs and unpacks them in C, without an object per entry)."""
+    ids = [mid for mid, _ in entries]
+    times = [at for _, at in entries]
+    return _frame(_QID.pack(RecordType.DEDUP, qid) + msgpack.packb([ids, times]))
+
+
+def message_id(message: bytes | memoryview) -> str | None:
+    """The id of a packed message (``[id, queue, body, ...]``, queue_state.pack_message),
+    read from its first bytes without unpacking the body; None if it has none."""
+    if len(message) > 3 and message[0] == 0x96:  # fixarray of 6, as the core packs it
+        head = message[1]
+        start, end = (2, 2 + head - 0xA0) if 0xA0 <= head <= 0xBF else (  # fixstr
+            (3, 3 + message[2]) if head == 0xD9 else (0, 0))  # str 8: up to 255 bytes
+        if start and end <= len(message):
+            try:
+                return bytes(message[start:end]).decode()
+            except UnicodeDecodeError:
+                return None
+    try:
+        unpacker = msgpack.Unpacker(raw=False)
+        unpacker.feed(message)
+        if unpacker.read_array_header() > 0:
+            mid = unpacker.unpack()
+            return mid if type(mid) is str else None
+    except DECODE_ERRORS:
+        pass
+    return None
+
+
 def segment_header(number: int) -> bytes:
     head = _SEGMENT_HEADER.pack(MAGIC, FORMAT_VERSION, 0, number)
     return head + _crc(head).to_bytes(4, "little")
@@ -306,6 +360,10 @@ def decode_body(body: bytes | memoryview) -> Record:
         if flags & SENT_DUE:
             (due,) = F64.unpack_from(body, at)
             at += 8
+        accepted = None
+        if flags & SENT_ACCEPTED:
+            (accepted,) = F64.unpack_from(body, at)
+            at += 8
         if flags & SENT_DETAILS:
             (size,) = _DETAILS_SIZE.unpack_from(body, at)
             at += 4
@@ -313,7 +371,8 @@ def decode_body(body: bytes | memoryview) -> Record:
                 raise BadRecord("Sent: failure details longer than the record")
             reason, consumer = _unpack_details(body[at:at + size])
             at += size
-        return Sent(qid, seq, bytes(body[at:]), failures, expires, due, reason, consumer)
+        return Sent(qid, seq, bytes(body[at:]), failures, expires, due, reason, consumer,
+                    accepted)
     if kind == RecordType.DELIVERED or kind == RecordType.DECLARED:
         _, qid, seq = QSEQ.unpack_from(body)
         if kind == RecordType.DELIVERED:
@@ -335,6 +394,16 @@ def decode_body(body: bytes | memoryview) -> Record:
         return QueuePurged(_QID.unpack_from(body)[1])
     if kind == RecordType.DELETED:
         return QueueDeleted(_QID.unpack_from(body)[1])
+    if kind == RecordType.DEDUP:
+        qid = _QID.unpack_from(body)[1]
+        value = msgpack.unpackb(body[_QID.size:], raw=False)
+        ids, times = value if type(value) is list and len(value) == 2 else (None, None)
+        if (type(ids) is not list or type(times) is not list or len(ids) != len(times)
+                or not all(type(mid) is str for mid in ids)
+                or not all(type(at) is float for at in times)):
+            raise BadRecord("DedupIds: must be [ids: str array, times: float array] of one"
+                            " length")
+        return DedupIds(qid, list(zip(ids, times, strict=True)))
     raise BadRecord(f"unknown record type {kind}")
 
 

@@ -8,7 +8,7 @@ the store's indexes (docs/journal.md, "Recovery rules").
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from .errors import JournalCorrupt
@@ -55,6 +55,9 @@ class RecoveredQueue:
     settings: dict[str, Any]
     next_seq: int
     messages: list[RecoveredMessage]  # in sequence order
+    # The deduplication window: (id, accepted-at in epoch seconds), oldest first; the
+    # core keeps those still within its dedup_window (and at most dedup_size).
+    dedup: list[tuple[str, float]] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)

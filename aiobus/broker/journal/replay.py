@@ -21,6 +21,14 @@ msgpack and redis keep their hot loops flat. It hands every other kind to
 accepts exactly what :func:`~.records.decode_segment` does; the torn-or-corrupt verdict
 on what follows is :func:`~.records.classify_damage`'s, as before.
 
+Deduplication windows (version 3): a queue's window is rebuilt from the DedupIds records
+(a segment starts with each queue's whole window, so deleting older segments loses
+nothing) and from the Sent records with an ``accepted`` time (flag 8), keyed by the id
+inside the packed message. Acks do not remove ids from it, a purge does not, a queue
+deletion does; which ids are still within ``dedup_window`` the core decides on restore,
+by wall time. The flat loop reads flag 8 too: the Python client gives every confirmed
+SEND a seq, so those are the common Sent.
+
 Messages arrive in sequence order unless compaction copied old ones forward past newer
 ones; a queue notes when that happened (``ordered``), and :meth:`finish` sorts only
 those queues.
@@ -29,7 +37,7 @@ those queues.
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from . import records as r
@@ -64,6 +72,7 @@ class LiveQueue:
     next_seq: int
     messages: dict[int, LiveMessage]
     ordered: bool = True  # ``messages`` was filled in sequence order
+    dedup: dict[str, float] = field(default_factory=dict)  # id -> accepted-at (epoch)
 
 
 _SENT = r.RecordType.SENT
@@ -91,9 +100,13 @@ class Replay:
         """Fold one record; ``size`` is its encoded length (for a Sent, the owner index)."""
         self.records += 1
         match record:
-            case r.Sent(qid, seq, message, failures, expires, due, reason, consumer):
+            case r.Sent(qid, seq, message, failures, expires, due, reason, consumer, accepted):
                 queue = self.queues.get(qid)
                 if queue is not None:
+                    if accepted is not None:
+                        mid = r.message_id(message)
+                        if mid is not None:
+                            queue.dedup[mid] = accepted
                     if seq >= queue.next_seq:
                         queue.next_seq = seq + 1
                     elif seq not in queue.messages:
@@ -127,6 +140,10 @@ class Replay:
                     queue.messages = {s: m for s, m in queue.messages.items() if m.in_flight}
             case r.QueueDeleted(qid):
                 self.queues.pop(qid, None)
+            case r.DedupIds(qid, entries):
+                queue = self.queues.get(qid)
+                if queue is not None:
+                    queue.dedup.update(entries)
 
     def _message(self, qid: int, seq: int) -> LiveMessage | None:
         queue = self.queues.get(qid)
@@ -155,6 +172,7 @@ class Replay:
         qseq = r.QSEQ.unpack_from
         removed_head = r.REMOVED_HEAD.unpack_from
         f64 = r.F64.unpack_from
+        message_id = r.message_id
         crc32 = zlib.crc32
         reasons = _REASONS
         max_record = r.MAX_RECORD
@@ -165,13 +183,14 @@ class Replay:
             if not 0 < length <= max_record or end > size or crc32(data[at + 4:end]) != crc:
                 break
             kind = data[at + 8]
-            # (data[at + 25]: the Sent's flags; 4 and up go the general way, see above)
-            if kind == _SENT and length >= 18 and data[at + 25] < 4:
+            # (data[at + 25]: the Sent's flags; details (4) and unknown ones go the general
+            # way, see above)
+            if kind == _SENT and length >= 18 and not data[at + 25] & 0xF4:
                 _, qid, seq, failures, flags = sent_head(data, at + 8)
                 start = at + 26
-                expires = due = None
-                if flags & 3:
-                    if start + 8 * ((flags & 1) + (flags >> 1 & 1)) > end:
+                expires = due = accepted = None
+                if flags:
+                    if start + 8 * ((flags & 1) + (flags >> 1 & 1) + (flags >> 3)) > end:
                         break  # decode_body refuses it (struct.error)
                     if flags & 1:
                         (expires,) = f64(data, start)
@@ -179,14 +198,22 @@ class Replay:
                     if flags & 2:
                         (due,) = f64(data, start)
                         start += 8
+                    if flags & 8:
+                        (accepted,) = f64(data, start)
+                        start += 8
                 queue = queues.get(qid)
                 if queue is not None:
+                    message = data[start:end]
+                    if accepted is not None:
+                        mid = message_id(message)
+                        if mid is not None:
+                            queue.dedup[mid] = accepted
                     messages = queue.messages
                     if seq >= queue.next_seq:
                         queue.next_seq = seq + 1
                     elif seq not in messages:
                         queue.ordered = False
-                    messages[seq] = LiveMessage(seq, data[start:end], failures, expires, due,
+                    messages[seq] = LiveMessage(seq, message, failures, expires, due,
                                                 number, end - at)
             elif kind == _DELIVERED and length >= 13:
                 _, qid, seq = qseq(data, at + 8)

@@ -10,9 +10,14 @@ as its ``--fsync`` policy says, :meth:`Journal.sync` (one fdatasync); only after
 sync may it confirm that turn's sends (Redis's ``appendfsync always`` in beforeSleep).
 
 Segments are files ``<number>.seg`` (16 digits, so names sort in order). A new segment
-is written as ``.tmp`` (header, then a QueueDeclared for each live queue), synced,
-renamed and the directory synced, so a segment that has its name always has a whole
-header and knows its queues. :meth:`write` rotates to a new segment once the current
+is written as ``.tmp`` (header, then a QueueDeclared for each live queue and a DedupIds
+with its deduplication window, read from the core through :meth:`attach_windows`),
+synced, renamed and the directory synced, so a segment that has its name always has a
+whole header, knows its queues and holds every id they must still refuse as duplicates
+(which is what lets the older segments go once their messages are acked). The current
+segment is synced before the next one is created: the window in the new head may name
+ids whose Sent records are in the old segment's unsynced tail, and a crash must not keep
+the names without the messages. :meth:`write` rotates to a new segment once the current
 one reaches ``segment_size``.
 
 A failed append (ENOSPC, EIO) truncates the segment back to its last good length and
@@ -36,6 +41,7 @@ from __future__ import annotations
 
 import gc
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,6 +113,11 @@ class Journal:
         self._buffer = bytearray()  # records appended and not yet written
         self._unsynced = False
         self._must_truncate = False
+        # Where a new segment's head gets each queue's deduplication window: the core's
+        # once attached (attach_windows), until then what recovery found (open).
+        self._recovered_windows: dict[str, list[tuple[str, float]]] = {}
+        self._windows: Callable[[str], list[tuple[str, float]]] = (
+            lambda name: self._recovered_windows.get(name, []))
 
     # --- appending: plain methods, no I/O ------------------------------------------
 
@@ -122,12 +133,15 @@ class Journal:
         self._append(r.encode_declared(qid, name, settings, s.next_seq[qid]))
 
     def sent(self, queue: str, seq: int, message: bytes, failures: int = 0,
-             expires: float | None = None, due: float | None = None) -> None:
-        """A message entered ``queue`` (also: a dead letter entering its DLQ)."""
+             expires: float | None = None, due: float | None = None,
+             accepted: float | None = None) -> None:
+        """A message entered ``queue`` (also: a dead letter entering its DLQ);
+        ``accepted``: when its id entered the queue's deduplication window, if it did."""
         s = self._s
         qid = s.qids[queue]
-        if failures or expires is not None or due is not None:
-            record = r.encode_sent(qid, seq, message, failures, expires, due)
+        if failures or expires is not None or due is not None or accepted is not None:
+            record = r.encode_sent(qid, seq, message, failures, expires, due,
+                                   accepted=accepted)
             size = len(record)
             self._buffer += record
             if failures:
@@ -192,6 +206,16 @@ class Journal:
             self._disown(qid, seq)
         del s.names[qid], s.settings[qid], s.next_seq[qid], s.owner[qid]
         self._append(r.encode_deleted(qid))
+
+    def remembered(self, queue: str, entries: list[tuple[str, float]]) -> None:
+        """Ids entered ``queue``'s deduplication window without a Sent in it."""
+        self._append(r.encode_dedup(self._s.qids[queue], entries))
+
+    def attach_windows(self, source: Callable[[str], list[tuple[str, float]]]) -> None:
+        """Read each queue's deduplication window from ``source(name)`` (as (id,
+        accepted-at in epoch seconds), oldest first) whenever a segment starts."""
+        self._windows = source
+        self._recovered_windows = {}
 
     def _append(self, record: bytes) -> None:
         self._buffer += record
@@ -328,7 +352,7 @@ class Journal:
             failures, due, reason, consumer = s.failed.get(
                 key, (record.failures, record.due, record.last_reason, record.last_consumer))
             data = r.encode_sent(record.qid, record.seq, record.message, failures,
-                                 record.expires, due, reason, consumer)
+                                 record.expires, due, reason, consumer, record.accepted)
             self._own(record.qid, record.seq, len(data))
             self._append(data)
             if key in s.in_flight:
@@ -342,12 +366,21 @@ class Journal:
         number = self._segments[-1].number + 1
         name = segment_name(number)
         s = self._s
-        data = r.segment_header(number) + b"".join(
-            r.encode_declared(qid, s.names[qid], s.settings[qid], s.next_seq[qid])
-            for qid in sorted(s.names))
+        parts = [r.segment_header(number)]
+        for qid in sorted(s.names):
+            parts.append(r.encode_declared(qid, s.names[qid], s.settings[qid], s.next_seq[qid]))
+            window = self._windows(s.names[qid])
+            if window:
+                parts.append(r.encode_dedup(qid, window))
+        data = b"".join(parts)
+        try:  # first the old segment (module docstring: the window may name its tail)
+            self.files.sync(self._handle)
+        except OSError as exc:
+            old = segment_name(self._segments[-1].number)
+            raise JournalError(f"cannot sync journal segment {old}: {exc}",
+                               file=old, cause=os_error_name(exc)) from exc
         self._create(name, data)
         try:
-            self.files.sync(self._handle)
             handle = self.files.open_append(name)
         except OSError as exc:
             raise JournalError(f"cannot open journal segment {name}: {exc}",
@@ -465,6 +498,9 @@ class Journal:
             if segment is not None:
                 segment.live += live
                 segment.live_bytes += live_bytes
+            dedup = sorted(q.dedup.items(), key=lambda entry: entry[1])
             queues[q.name] = RecoveredQueue(q.name, q.settings, q.next_seq,
-                                            recovered_messages(q.messages.values()))
+                                            recovered_messages(q.messages.values()), dedup)
+            if dedup:
+                self._recovered_windows[q.name] = dedup
         return queues
