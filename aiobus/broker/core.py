@@ -43,9 +43,10 @@ from ..errors import (
 )
 from ..names import check_name, check_pattern, is_reserved
 from ..protocol import DEFAULT_MAX_FRAME, PROTOCOL_VERSION, BodyKind, Op, check_frame
+from .dedup import check_client_id, check_seq
 from .queue_state import Consumer, QMsg, Queue, pack_message
 from .queues import MAX_PREFETCH, PARK_LIMIT, JournalSink, QueueRouter
-from .settings import MAX_SECONDS, BadOption
+from .settings import DEFAULT_DEDUP_SIZE, DEFAULT_DEDUP_WINDOW, MAX_SECONDS, BadOption
 from .timers import Timers
 from .topics import Subscription, TopicRouter
 
@@ -103,8 +104,8 @@ class ConnState(Enum):
 
 
 class Conn:
-    __slots__ = ("consumers", "gid", "handlers", "id", "name", "parked", "parked_queues", "pid",
-                 "reading", "state", "subs", "uid")
+    __slots__ = ("client_id", "consumers", "gid", "handlers", "id", "name", "parked",
+                 "parked_queues", "pid", "reading", "state", "subs", "uid")
 
     def __init__(self, conn_id: int, pid: int, uid: int, gid: int) -> None:
         self.id = conn_id
@@ -112,6 +113,7 @@ class Conn:
         self.uid = uid
         self.gid = gid
         self.name: str | None = None
+        self.client_id: str | None = None  # HELLO's: the prefix of its resendable ids
         self.state = ConnState.HANDSHAKE
         self.handlers: dict[int, Handler] = {}  # what this state accepts, by frame type
         self.consumers: dict[int, Consumer] = {}
@@ -141,6 +143,8 @@ class BrokerCore:
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
         max_consumers: int = DEFAULT_MAX_CONSUMERS,
         journal: JournalSink | None = None,
+        dedup_window: float = DEFAULT_DEDUP_WINDOW,
+        dedup_size: int = DEFAULT_DEDUP_SIZE,
     ) -> None:
         self._sink = sink
         self._packb = msgpack.Packer().pack
@@ -149,7 +153,8 @@ class BrokerCore:
         # The routers write deliveries straight to the shell's send_raw: one call less
         # per message than going through this class.
         self.queues = QueueRouter(self, self.timers, wall_offset, send_raw=sink.send_raw,
-                                  journal=journal)
+                                  journal=journal, dedup_window=dedup_window,
+                                  dedup_size=dedup_size)
         self.journal = journal
         self.topics = TopicRouter(self, send_event=sink.event)
         self._id_prefix = id_prefix + "-"
@@ -327,6 +332,7 @@ class BrokerCore:
             raise RemoteProtocolError("HELLO.options.name must be a str of at most 255 chars",
                                       code="bad-field")
         conn.name = name
+        conn.client_id = check_client_id(options.get("client_id"))
         conn.state = ConnState.OPEN
         conn.handlers = self._handlers
         self._sink.send(conn.id, [Op.WELCOME, PROTOCOL_VERSION, {
@@ -352,13 +358,18 @@ class BrokerCore:
         return self._id_prefix + str(next(self._ids))
 
     def _on_send(self, conn: Conn, frame: list[Any], now: float) -> None:
+        seq = None
         if len(frame) == 8:  # without the optional delay (older clients; the usual SEND)
             _, rid, name, body, kind, headers, ttl, token = frame
             delay = None
         else:
-            if len(frame) != 9:
+            if len(frame) == 10:  # with a seq: a resendable SEND
+                seq = frame[9]
+                if seq is not None and (type(seq) is not int or seq < 0):
+                    check_frame(frame)
+            elif len(frame) != 9:
                 check_frame(frame)
-            _, rid, name, body, kind, headers, ttl, token, delay = frame
+            _, rid, name, body, kind, headers, ttl, token, delay = frame[:9]
             if delay is not None and type(delay) is not float and type(delay) is not int:
                 check_frame(frame)
         if (type(rid) is not int or rid < 0 or type(name) is not str or type(body) is not bytes
@@ -375,19 +386,29 @@ class BrokerCore:
                 raise BadOption("delay must be a number of seconds from 0 up to 1e9")
             if delay > 0:
                 due = now + delay
+        mid = None
+        if seq is not None:  # checked before the queue is created, as ttl and delay
+            mid = check_seq(seq, conn.client_id, token)
         queue = self.queues.queues.get(name)
         if queue is None:
             self._check_queue_name(name)
             queue = self.queues.get(name)
-        packed = pack_message(self._new_id(), name, body, kind, headers or None,
-                              now + self.wall_offset)
+        packed = pack_message(self._new_id() if mid is None else mid, name, body, kind,
+                              headers or None, now + self.wall_offset)
         if ttl is None and token is None and due is None:
-            self.queues.send(conn.id, rid, queue, packed, now)
+            if mid is None:
+                self.queues.send(conn.id, rid, queue, packed, now)
+            else:
+                self.queues.send_once(conn.id, rid, queue, packed, mid, now)
         else:
             # A scheduled message's TTL counts from its due time (PROTOCOL.md, TTL).
             expires = None if ttl is None else (now if due is None else due) + ttl
             reply = (conn.id, token) if token is not None else None
-            self.queues.send(conn.id, rid, queue, QMsg(packed, expires, reply, due), now)
+            msg = QMsg(packed, expires, reply, due)
+            if mid is None:
+                self.queues.send(conn.id, rid, queue, msg, now)
+            else:
+                self.queues.send_once(conn.id, rid, queue, msg, mid, now)
 
     @staticmethod
     def _check_queue_name(name: str) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 import msgpack
 
 from ..protocol import Op
+from .dedup import DedupWindow
 from .settings import QueueSettings
 from .timers import TimerEntry
 
@@ -176,10 +177,12 @@ class Queue:
         "available",
         "consumers",
         "dead_lettered",
+        "dedup",
         "delayed_msgs",
         "delivered",
         "direct_durable",
         "discarded",
+        "duplicates",
         "expired",
         "explicit",
         "journal",
@@ -226,9 +229,15 @@ class Queue:
         # dropped when stale entries outnumber live ones (``drop_stale_available``).
         self.available: deque[Consumer] = deque()
         self.stale_available = 0
-        self.parked: deque[tuple[int, int, Item]] = deque()  # (conn, rid, item): blocked sends
+        # (conn, rid, item, id): blocked sends; id: the message id that enters the
+        # deduplication window when it is accepted (a SEND with a seq), else None.
+        self.parked: deque[tuple[int, int, Item, str | None]] = deque()
+        # The ids of resendable SENDs accepted recently (see dedup.py); None until one
+        # arrives, so that other queues pay nothing for it.
+        self.dedup: DedupWindow | None = None
         self.sent = self.delivered = self.acked = 0
         self.dead_lettered = self.expired = self.discarded = 0
+        self.duplicates = 0  # resends answered OK and not enqueued again
 
     @property
     def delayed(self) -> int:
@@ -339,5 +348,6 @@ class Queue:
             "dead_lettered": self.dead_lettered,
             "expired": self.expired,
             "discarded": self.discarded,
+            "duplicates": self.duplicates,
             "settings": self.settings.as_dict(),
         }

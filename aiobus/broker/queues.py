@@ -73,6 +73,7 @@ from ..errors import (
     QueueMismatch,
     QueueNotEmpty,
 )
+from .dedup import DedupWindow
 from .queue_state import (
     FIRST_ATTEMPT_TAIL,
     Consumer,
@@ -86,7 +87,14 @@ from .queue_state import (
     packb,
     promote,
 )
-from .settings import MAX_SECONDS, BadOption, QueueSettings
+from .settings import (
+    DEFAULT_DEDUP_SIZE,
+    DEFAULT_DEDUP_WINDOW,
+    MAX_SECONDS,
+    BadOption,
+    QueueSettings,
+    check_dedup,
+)
 from .timers import Timers
 
 __all__ = ["MAX_PREFETCH", "PARK_LIMIT", "QueueRouter"]
@@ -117,7 +125,18 @@ class JournalSink(Protocol):
     def declare(self, name: str, settings: dict[str, Any]) -> None: ...
 
     def sent(self, queue: str, seq: int, message: bytes, failures: int = 0,
-             expires: float | None = None, due: float | None = None) -> None: ...
+             expires: float | None = None, due: float | None = None,
+             accepted: float | None = None) -> None:
+        """``accepted``: the message's id entered the queue's deduplication window at
+        this time (a SEND with a seq), else None."""
+
+    def remembered(self, queue: str, entries: list[tuple[str, float]]) -> None:
+        """These ids entered the queue's deduplication window (without a Sent record in
+        the queue: a message overflow dead-lettered at once)."""
+
+    def attach_windows(self, source: Callable[[str], list[tuple[str, float]]]) -> None:
+        """Where the journal reads a queue's window, as (id, accepted-at) oldest first,
+        when it starts a segment."""
 
     def delivered(self, queue: str, seq: int) -> None: ...
 
@@ -145,7 +164,9 @@ class QueueRouter:
 
     def __init__(self, sink: QueueSink, timers: Timers, wall_offset: float, *,
                  send_raw: Callable[[int, bytes], None] | None = None,
-                 journal: JournalSink | None = None) -> None:
+                 journal: JournalSink | None = None,
+                 dedup_window: float = DEFAULT_DEDUP_WINDOW,
+                 dedup_size: int = DEFAULT_DEDUP_SIZE) -> None:
         self.queues: dict[str, Queue] = {}
         self.leases: dict[int, Lease] = {}  # every lease a consumer holds, zombies too
         self._sink = sink
@@ -163,6 +184,12 @@ class QueueRouter:
         # shell drops their output (those confirmations must not go out) and closes them.
         self.journal_error: str | None = None
         self.journaled_confirms: set[int] = set()
+        # Each queue's deduplication window of resendable SENDs (dedup.py): how long and
+        # how many ids; a size of 0 means off (either setting 0 turns it off).
+        self.dedup_window, size = check_dedup(dedup_window, dedup_size)
+        self.dedup_size = size if self.dedup_window else 0
+        if journal is not None:
+            journal.attach_windows(self.dedup_entries)
 
     # -- queues ---------------------------------------------------------------------
 
@@ -298,7 +325,7 @@ class QueueRouter:
             consumer.leases.clear()
             consumer.zombies = 0
         queue.leases.clear()  # its lease timer, if armed, finds nothing
-        for conn, rid, item in queue.parked:
+        for conn, rid, item, _ in queue.parked:
             if type(item) is QMsg:
                 self._forget(item)
             self._sink.set_parked(conn, -1)
@@ -342,6 +369,9 @@ class QueueRouter:
             queue = self.queues[name] = Queue(name, settings, True)
             queue.configure(settings, self.journal)
             queue.next_seq = rq.next_seq
+            if rq.dedup and self.dedup_size:
+                window = queue.dedup = DedupWindow(self.dedup_window, self.dedup_size)
+                window.load([(mid, at - wall) for mid, at in rq.dedup], now)
             loaded.append((queue, rq))
         for queue, rq in loaded:  # every queue exists before a dead letter is moved
             limit = queue.settings.max_deliveries
@@ -366,8 +396,61 @@ class QueueRouter:
 
     # -- producing ------------------------------------------------------------------
 
-    def send(self, conn: int, rid: int, queue: Queue, msg: Item, now: float) -> None:
-        """A message from ``conn``; confirms with OK to ``rid`` (0: no confirmation)."""
+    def send_once(self, conn: int, rid: int, queue: Queue, msg: Item, mid: str,
+                  now: float) -> None:
+        """A resendable SEND (one with a seq; ``mid`` is its message id): as
+        :meth:`send`, unless ``mid`` is in the queue's deduplication window. Then it was
+        accepted before: it is confirmed, counted in ``duplicates``, and not enqueued
+        again (PROTOCOL.md §8 "Resends and deduplication").
+
+        Raises:
+            JournalError, QueueFull: as :meth:`send` (the id does not enter the window).
+        """
+        if not self.dedup_size:  # deduplication is off: a SEND like any other
+            self.send(conn, rid, queue, msg, now)
+            return
+        if queue.journal is not None:
+            self._check_journal(queue)
+        window = queue.dedup
+        if window is None:
+            window = queue.dedup = DedupWindow(self.dedup_window, self.dedup_size)
+        if window.seen(mid, now):
+            queue.duplicates += 1
+            if rid:
+                if queue.journal is not None:  # the original may still wait to be written
+                    self.journaled_confirms.add(conn)
+                self._sink.reply_ok(conn, rid)
+            return
+        self.send(conn, rid, queue, msg, now, mid)
+
+    def _remember(self, queue: Queue, mid: str, now: float) -> None:
+        """``mid`` was accepted into ``queue``: it enters the deduplication window."""
+        window = queue.dedup
+        if window is None:
+            window = queue.dedup = DedupWindow(self.dedup_window, self.dedup_size)
+        window.add(mid, now)
+
+    def dedup_entries(self, name: str) -> list[tuple[str, float]]:
+        """The deduplication window of queue ``name`` as (id, accepted-at in epoch
+        seconds), oldest first: what the journal writes at the head of a segment."""
+        queue = self.queues.get(name)
+        if queue is None or queue.dedup is None:
+            return []
+        wall = self.wall_offset
+        return [(mid, at + wall) for mid, at in queue.dedup.entries()]
+
+    def _check_journal(self, queue: Queue) -> None:
+        if self.journal_error is not None:
+            raise JournalError(
+                f"queue {queue.name!r} is durable and the journal cannot be written"
+                f" ({self.journal_error}); the message was not accepted, retry later",
+                cause=self.journal_error)
+
+    def send(self, conn: int, rid: int, queue: Queue, msg: Item, now: float,
+             mid: str | None = None) -> None:
+        """A message from ``conn``; confirms with OK to ``rid`` (0: no confirmation).
+        ``mid``: a resendable SEND's id, which enters the queue's deduplication window
+        when the message is accepted (see :meth:`send_once`)."""
         available = queue.available
         if (available and not queue.ready_len and not queue.delayed_msgs and not queue.parked
                 and type(msg) is bytes
@@ -378,13 +461,19 @@ class QueueRouter:
             consumer = available.popleft()
             if consumer.in_available:
                 queue.sent += 1
+                if mid is not None:
+                    self._remember(queue, mid, now)
                 if queue.plain:
                     self._deliver(queue, consumer, msg, now)
                 else:
                     durable = QMsg(msg)
                     durable.seq = seq = queue.next_seq
                     queue.next_seq = seq + 1
-                    queue.journal.sent(queue.name, seq, msg)
+                    if mid is None:
+                        queue.journal.sent(queue.name, seq, msg)
+                    else:
+                        queue.journal.sent(queue.name, seq, msg, 0, None, None,
+                                           now + self.wall_offset)
                     self._deliver(queue, consumer, durable, now)
                     if rid:  # confirmed only if this turn's records reach the journal
                         self.journaled_confirms.add(conn)
@@ -398,22 +487,18 @@ class QueueRouter:
             consumer.queued = False  # a stale entry (see Queue.available): the long way
             queue.stale_available -= 1
         if queue.journal is not None:
-            if self.journal_error is not None:
-                raise JournalError(
-                    f"queue {queue.name!r} is durable and the journal cannot be written"
-                    f" ({self.journal_error}); the message was not accepted, retry later",
-                    cause=self.journal_error)
+            self._check_journal(queue)
             if rid:  # confirmed only if this turn's records reach the journal
                 self.journaled_confirms.add(conn)
         if queue.parked:
-            if any(c == conn for c, _, _ in queue.parked):
+            if any(parked[0] == conn for parked in queue.parked):
                 # Keep this producer's order: it already waits for room in this queue.
-                self._park(conn, rid, queue, msg)
+                self._park(conn, rid, queue, msg, mid)
                 return
         if queue.is_full():
             policy = queue.settings.overflow
             if policy == "block":
-                self._park(conn, rid, queue, msg)
+                self._park(conn, rid, queue, msg, mid)
                 return
             if policy == "reject":
                 raise QueueFull(
@@ -423,18 +508,22 @@ class QueueRouter:
             if not self._drop_oldest(queue, now):
                 # Only delayed messages fill the queue: the new one is the one to go.
                 queue.sent += 1
+                if mid is not None:  # accepted (and confirmed) before it goes
+                    self._remember(queue, mid, now)
+                    if queue.journal is not None:  # no Sent of its own here to say so
+                        queue.journal.remembered(queue.name, [(mid, now + self.wall_offset)])
                 self.dead_letter(queue, promote(msg), "overflow", None, now)
                 if rid:
                     self._sink.reply_ok(conn, rid)
                 return
-        self._accept(queue, msg, now)
+        self._accept(queue, msg, now, mid=mid)
         if rid:
             self._sink.reply_ok(conn, rid)
 
-    def _park(self, conn: int, rid: int, queue: Queue, msg: Item) -> None:
+    def _park(self, conn: int, rid: int, queue: Queue, msg: Item, mid: str | None) -> None:
         if type(msg) is QMsg:
             msg.state = MsgState.PARKED
-        queue.parked.append((conn, rid, msg))
+        queue.parked.append((conn, rid, msg, mid))
         self._sink.set_parked(conn, +1, queue.name)
 
     def _drop_oldest(self, queue: Queue, now: float) -> bool:
@@ -447,11 +536,14 @@ class QueueRouter:
             queue.tombstones -= 1
         return False
 
-    def _accept(self, queue: Queue, msg: Item, now: float, *, pump: bool = True) -> None:
+    def _accept(self, queue: Queue, msg: Item, now: float, *, pump: bool = True,
+                mid: str | None = None) -> None:
         """``msg`` enters ``queue``: READY at the back, or, a scheduled message, DELAYED
         until its due time (then it joins the back: it counts as sent then, and so does
-        the queue's TTL)."""
+        the queue's TTL). ``mid``: a resendable SEND's id, which enters the window."""
         queue.sent += 1
+        if mid is not None:
+            self._remember(queue, mid, now)
         due = None
         if type(msg) is QMsg and msg.due is not None:
             if msg.due > now:
@@ -471,7 +563,8 @@ class QueueRouter:
             wall = self.wall_offset
             journal.sent(queue.name, msg.seq, msg.packed, msg.failures,
                          None if msg.expires is None else msg.expires + wall,
-                         None if due is None else due + wall)
+                         None if due is None else due + wall,
+                         None if mid is None else now + wall)
         if due is not None:
             self._delay(queue, msg, due)  # type: ignore[arg-type]  # a QMsg
             return  # its TTL timer is armed when it is due (its TTL counts from then)
@@ -488,14 +581,21 @@ class QueueRouter:
         """Accept parked sends while there is room (without pumping); True if any was."""
         admitted = False
         while queue.parked and not queue.is_full():
-            conn, rid, msg = queue.parked.popleft()
+            conn, rid, msg, mid = queue.parked.popleft()
             self._sink.set_parked(conn, -1)
-            self._accept(queue, msg, now, pump=False)
+            if mid is not None and queue.dedup is not None and queue.dedup.seen(mid, now):
+                # The same id was accepted while this one waited (a resend that came
+                # another way): a duplicate after all.
+                if type(msg) is QMsg:
+                    self._forget(msg)
+                queue.duplicates += 1
+            else:
+                self._accept(queue, msg, now, pump=False, mid=mid)
+            admitted = True
             if rid:
                 if queue.journal is not None:
                     self.journaled_confirms.add(conn)
                 self._sink.reply_ok(conn, rid)
-            admitted = True
         return admitted
 
     def drop_parked(self, conn: int, queues: set[str]) -> int:
@@ -506,7 +606,7 @@ class QueueRouter:
             queue = self.queues.get(name)
             if queue is None or not queue.parked:
                 continue
-            kept: deque[tuple[int, int, Item]] = deque()
+            kept: deque[tuple[int, int, Item, str | None]] = deque()
             for item in queue.parked:
                 if item[0] == conn:
                     if type(item[2]) is QMsg:

@@ -9,8 +9,9 @@ from typing import Any
 from ..errors import InvalidName, InvalidOption
 from ..names import check_name, is_reserved
 
-__all__ = ["DLQ_SUFFIX", "MAX_RETRY_DELAYS", "MAX_SECONDS", "OVERFLOW_POLICIES", "BadOption",
-           "QueueSettings"]
+__all__ = ["DEFAULT_DEDUP_SIZE", "DEFAULT_DEDUP_WINDOW", "DLQ_SUFFIX", "MAX_DEDUP_SIZE",
+           "MAX_RETRY_DELAYS", "MAX_SECONDS", "OVERFLOW_POLICIES", "BadOption", "QueueSettings",
+           "check_dedup"]
 
 DLQ_SUFFIX = ".dlq"
 OVERFLOW_POLICIES = ("block", "reject", "dead-letter")
@@ -20,9 +21,33 @@ OVERFLOW_POLICIES = ("block", "reject", "dead-letter")
 # retry schedule has at most MAX_RETRY_DELAYS steps (the attempt past the last reuses it).
 MAX_SECONDS = 1e9
 MAX_RETRY_DELAYS = 64
+# The deduplication window of resent SENDs (broker/dedup.py), per queue: ids accepted in
+# the last DEFAULT_DEDUP_WINDOW seconds (NATS JetStream's default duplicate_window is
+# 2 minutes), at most DEFAULT_DEDUP_SIZE of them (~15 MB per queue when full, see
+# docs/performance.md); 0 for either turns deduplication off. Broker-wide settings
+# (--dedup-window, --dedup-size), not DECLARE options.
+DEFAULT_DEDUP_WINDOW = 120.0
+DEFAULT_DEDUP_SIZE = 100_000
+MAX_DEDUP_SIZE = 10_000_000
 
 
 BadOption = InvalidOption  # the broker's name for it
+
+
+def check_dedup(window: float, size: int) -> tuple[float, int]:
+    """The broker's deduplication settings, checked: ``0 <= window < 1e9`` seconds and
+    ``0 <= size <= 10,000,000`` ids.
+
+    Raises:
+        BadOption: naming the setting.
+    """
+    if type(window) not in (int, float) or not 0 <= window < MAX_SECONDS:
+        raise BadOption(f"dedup_window must be a number of seconds from 0 up to 1e9 (0: off);"
+                        f" got {window!r:.40}")
+    if type(size) is not int or not 0 <= size <= MAX_DEDUP_SIZE:
+        raise BadOption(f"dedup_size must be an int from 0 to {MAX_DEDUP_SIZE} (0: off);"
+                        f" got {size!r:.40}")
+    return float(window), size
 
 
 @dataclass(frozen=True, slots=True)

@@ -124,10 +124,13 @@ class Driver:
         return conn
 
     def client(self, name: str | None = None, *, pid: int | None = None,
-               uid: int = 1000) -> Client:
-        """A connection after a successful handshake (its WELCOME already taken)."""
+               uid: int = 1000, client_id: str | None = None) -> Client:
+        """A connection after a successful handshake (its WELCOME already taken); with
+        ``client_id``, it may send resendable SENDs (:meth:`Client.send_once`)."""
         conn = self.open(pid=pid, uid=uid)
-        options = {} if name is None else {"name": name}
+        options: dict[str, str] = {} if name is None else {"name": name}
+        if client_id is not None:
+            options["client_id"] = client_id
         self.receive(conn, [Op.HELLO, 1, options])
         welcome = self.sink.take(conn)
         assert [f[0] for f in welcome] == [Op.WELCOME], welcome
@@ -201,6 +204,12 @@ class Client:
     def send(self, queue: str, body: bytes = b"m", *, headers: dict[str, str] | None = None,
              ttl: float | None = None, token: int | None = None) -> list[Any] | None:
         return self.call(Op.SEND, queue, body, 0, headers, ttl, token)
+
+    def send_once(self, queue: str, seq: int | None, body: bytes = b"m", *,
+                  delay: float | None = None, ttl: float | None = None,
+                  token: int | None = None) -> list[Any] | None:
+        """A resendable SEND: the 10-field frame, with ``seq``."""
+        return self.call(Op.SEND, queue, body, 0, None, ttl, token, delay, seq)
 
     def declare(self, queue: str, **options: Any) -> Any:
         return self.call(Op.DECLARE, queue, options)

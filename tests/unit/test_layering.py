@@ -19,6 +19,7 @@ CORE_MODULES = [
     "broker/queue_state.py",
     "broker/topics.py",
     "broker/timers.py",
+    "broker/dedup.py",
     "broker/settings.py",
     "broker/journal/records.py",
     "broker/journal/replay.py",
