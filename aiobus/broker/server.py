@@ -46,6 +46,7 @@ from ..protocol import DEFAULT_MAX_FRAME, FrameDecoder, Op
 from .core import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CONSUMERS, BrokerCore
 from .journal import Journal, JournalError, OsFiles, Recovered
 from .journal import repair as repair_journal
+from .settings import DEFAULT_DEDUP_SIZE, DEFAULT_DEDUP_WINDOW, check_dedup
 
 __all__ = ["FSYNC_POLICIES", "Broker", "BrokerAlreadyRunning", "DataDirInUse"]
 
@@ -260,6 +261,10 @@ class Broker:
             were lost and start, instead of refusing to start.
         drain_timeout: seconds :meth:`aclose` gives consumers to answer the leases they
             hold before it closes their connections (default 5).
+        dedup_window, dedup_size: each queue's deduplication window of resent SENDs
+            (PROTOCOL.md §8 "Resends and deduplication"): ids accepted in the last
+            ``dedup_window`` seconds (default 120), at most ``dedup_size`` of them
+            (default 100,000); 0 for either turns it off.
         sock: an already listening Unix socket to serve instead of binding ``path``
             (systemd socket activation); the broker then does not remove any file.
 
@@ -288,9 +293,12 @@ class Broker:
         fsync_interval: float = 0.1,
         repair: bool = False,
         drain_timeout: float = 5.0,
+        dedup_window: float = DEFAULT_DEDUP_WINDOW,
+        dedup_size: int = DEFAULT_DEDUP_SIZE,
     ) -> None:
         if fsync not in FSYNC_POLICIES:
             raise ValueError(f"fsync must be one of {', '.join(FSYNC_POLICIES)}")
+        self.dedup_window, self.dedup_size = check_dedup(dedup_window, dedup_size)
         self.path = resolve_socket_path(path) if sock is None else None
         self._default_path = sock is None and not is_explicit(path)
         self.socket_mode = socket_mode
@@ -343,6 +351,8 @@ class Broker:
             handshake_timeout=self.handshake_timeout,
             max_consumers=self.max_consumers,
             journal=self.journal,
+            dedup_window=self.dedup_window,
+            dedup_size=self.dedup_size,
         )
         if recovered is not None:  # replay, then serve: no client sees a half-loaded queue
             self.core.restore(recovered, self.loop.time())

@@ -21,6 +21,7 @@ from .._paths import default_data_dir, default_socket_path
 from ..broker.core import DEFAULT_MAX_CONSUMERS
 from ..broker.journal import JournalCorrupt
 from ..broker.server import FSYNC_POLICIES, Broker
+from ..broker.settings import DEFAULT_DEDUP_SIZE, DEFAULT_DEDUP_WINDOW, MAX_DEDUP_SIZE
 from ..errors import BusError
 from ..protocol import DEFAULT_MAX_FRAME
 
@@ -44,6 +45,23 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _dedup_window(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 <= value < 1e9:
+        raise argparse.ArgumentTypeError("must be from 0 (off) up to 1e9 seconds")
+    return value
+
+
+def _dedup_size(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= MAX_DEDUP_SIZE:
+        raise argparse.ArgumentTypeError(f"must be from 0 (off) to {MAX_DEDUP_SIZE}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aiobus-broker",
@@ -64,6 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
                         metavar="N",
                         help="consumers one connection may hold (default"
                              f" {DEFAULT_MAX_CONSUMERS}); one more gets QuotaExceeded")
+    parser.add_argument("--dedup-window", type=_dedup_window, default=DEFAULT_DEDUP_WINDOW,
+                        metavar="SECONDS",
+                        help="a resent SEND (same client_id and seq) within this many seconds"
+                             " of the first is confirmed and not queued again (default"
+                             f" {DEFAULT_DEDUP_WINDOW:g}; 0: off)")
+    parser.add_argument("--dedup-size", type=_dedup_size, default=DEFAULT_DEDUP_SIZE,
+                        metavar="N",
+                        help="ids each queue remembers for that, at most; the oldest go"
+                             f" first (default {DEFAULT_DEDUP_SIZE}; 0: off)")
     parser.add_argument("--data-dir", metavar="DIR", default=None,
                         help="where durable queues are journaled (created 0700; default:"
                              " $XDG_STATE_HOME/aiobus, else ~/.local/state/aiobus; here:"
@@ -131,6 +158,8 @@ async def serve(args: argparse.Namespace) -> None:
             fsync_interval=args.fsync_interval / 1000,
             repair=args.repair,
             drain_timeout=args.drain_timeout,
+            dedup_window=args.dedup_window,
+            dedup_size=args.dedup_size,
             sock=inherited,
         ) as broker:
             where = broker.path or "the socket passed by the service manager"
