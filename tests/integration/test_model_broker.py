@@ -27,9 +27,10 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import precondition, rule
 
+from aiobus.broker.settings import DEFAULT_DEDUP_SIZE, DEFAULT_DEDUP_WINDOW
 from aiobus.protocol import Op
 
-from ..unit.test_model_queues import QueueMachine, index
+from ..unit.test_model_queues import CLIENT_ID, QueueMachine, index
 from .conftest import BrokerProcess
 
 READ_TIMEOUT = 10.0  # seconds; every answer here comes within milliseconds
@@ -81,6 +82,8 @@ class BrokerQueueMachine(QueueMachine):
     queue_options = QUEUES
     uid = os.getuid()
     exact_time = False
+    # The broker's defaults (a run takes far less than 120 s: no id leaves by time).
+    dedup_window, dedup_size = DEFAULT_DEDUP_WINDOW, DEFAULT_DEDUP_SIZE
 
     def __init__(self) -> None:
         self.wires: dict[int, Wire] = {}
@@ -114,7 +117,7 @@ class BrokerQueueMachine(QueueMachine):
     def _handshake(self) -> tuple[int, Wire]:
         assert self.broker is not None
         wire = Wire(self.broker.path)
-        wire.send([Op.HELLO, 1, {}])
+        wire.send([Op.HELLO, 1, {"client_id": CLIENT_ID}])
         (welcome,) = wire.read_until(Op.WELCOME)
         return welcome[2]["conn"], wire
 
@@ -173,6 +176,10 @@ class BrokerQueueMachine(QueueMachine):
     @rule(c=index, queue=st.sampled_from(["qa", "qb"]))
     def send(self, c: int, queue: str) -> None:
         super().send(c, queue, None)
+
+    @rule(c=index, queue=st.sampled_from(["qa", "qb"]), resend=st.none() | index)
+    def send_once(self, c: int, queue: str, resend: int | None) -> None:  # type: ignore[override]
+        super().send_once(c, queue, None, resend)
 
     @precondition(QueueMachine._can_answer)
     @rule(verb=st.sampled_from(["ack", "nack", "reject", "extend"]), i=index,

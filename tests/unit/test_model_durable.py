@@ -26,6 +26,9 @@ across restarts. What the documents promise after a restart, and the model appli
 * delayed ones keep their due time (ready at once if it passed while the broker was
   down); TTLs keep counting in wall time (one that passed while down expires at the
   restart); dead letters stay with their headers; message ids are unchanged;
+* each queue's deduplication window is kept (journaled), in wall time: a resend of an id
+  accepted less than ``dedup_window`` seconds before, by the wall clock, is still a
+  duplicate after the restart, acked or not;
 * a message's last failure still names its reason and consumer (§8 "Dead letters":
   ``x-reason-text`` "the reason of the last failure", ``x-consumer-pid`` "absent if it
   never failed"); the crash itself is a failure with reason ``broker-restart`` and no
@@ -85,7 +88,8 @@ class DurableQueueMachine(QueueMachine):
         start = 100.0 * self.restarts  # another monotonic clock
         self.wall_offset = wall - start
         options = {"id_prefix": f"p{self.restarts}", "wall_offset": self.wall_offset,
-                   "journal": journal}
+                   "journal": journal, "dedup_window": self.dedup_window,
+                   "dedup_size": self.dedup_size}
         self.d = Driver()
         self.d.sink = self.sink = LoggingSink()
         self.d.core = BrokerCore(self.sink, **options)

@@ -18,6 +18,14 @@ messages ahead of ones already taken), any message of that batch or the head beh
 
 Times are multiples of 0.5 s, exact in binary, so deadlines meet exactly and the model
 sees the same ties the broker does.
+
+Resends (§8 "Resends and deduplication"): every connection says HELLO with one
+``client_id``, as one client reconnecting would, and :meth:`QueueMachine.send_once`
+sends a new seq or resends an earlier one (to the queue it first went to, with a new
+body: the broker looks at the id only). The model keeps each queue's window (ids
+accepted in the last ``dedup_window`` seconds, the ``dedup_size`` newest) and predicts:
+a resend of an id in it is answered OK, counted in ``duplicates``, and adds nothing;
+any other is a new message with that same id.
 """
 
 from __future__ import annotations
@@ -50,6 +58,9 @@ QUEUES: dict[str, dict[str, Any]] = {
            "overflow": "dead-letter"},
     "qa.dlq": {"ack_timeout": 6.0},
 }
+CLIENT_ID = "model"  # every connection's: one client that reconnects
+DEDUP_WINDOW = 10.0  # small, so that runs see ids leave the window by time ...
+DEDUP_SIZE = 4  # ... and by number
 MAX_CONNECTIONS = 4
 MAX_CONSUMERS = 6
 UID = 1000
@@ -78,7 +89,8 @@ def make_driver() -> tuple[Driver, LoggingSink]:
     driver = Driver()
     sink = LoggingSink()
     driver.sink = sink
-    driver.core = BrokerCore(sink, id_prefix="t")
+    driver.core = BrokerCore(sink, id_prefix="t", dedup_window=DEDUP_WINDOW,
+                             dedup_size=DEDUP_SIZE)
     return driver, sink
 
 
@@ -132,7 +144,10 @@ class QueueModel:
     spec: Spec
     ready: list[tuple[Msg, int | None]] = field(default_factory=list)  # (msg, batch)
     counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
-        ("sent", "delivered", "acked", "dead_lettered", "expired", "discarded"), 0))
+        ("sent", "delivered", "acked", "dead_lettered", "expired", "discarded",
+         "duplicates"), 0))
+    # The deduplication window: resendable ids (by seq) -> when accepted, oldest first.
+    window: dict[int, float] = field(default_factory=dict)
 
     def remove_ready(self, msg: Msg) -> None:
         (index,) = [i for i, (m, _) in enumerate(self.ready) if m is msg]
@@ -166,6 +181,7 @@ class QueueMachine(RuleBasedStateMachine):
     queue_options = QUEUES
     uid = UID
     exact_time = True  # the model knows the broker's clock (x-dead-time is checked)
+    dedup_window, dedup_size = DEDUP_WINDOW, DEDUP_SIZE  # as the broker under test has
 
     def __init__(self) -> None:
         super().__init__()
@@ -184,6 +200,8 @@ class QueueMachine(RuleBasedStateMachine):
         self.bodies = itertools.count(1)
         self.batches = itertools.count(1)
         self.pids = itertools.count(5000)
+        self.seqs = itertools.count(1)
+        self.resendable: list[tuple[str, int]] = []  # (queue, seq) sent with a seq
         # Per step: batches whose order is open while the step runs, consumers whose
         # zombie appeared at this instant (and which may have been served before it),
         # and, when ``relaxed``, what goes to the front is collected into one batch.
@@ -218,7 +236,7 @@ class QueueMachine(RuleBasedStateMachine):
         """A new connection after its handshake: (connection id, peer pid)."""
         pid = next(self.pids)
         conn = self.d.open(pid=pid, uid=self.uid)
-        entries = self._exchange(conn, [Op.HELLO, 1, {}])
+        entries = self._exchange(conn, [Op.HELLO, 1, {"client_id": CLIENT_ID}])
         assert [(c, f[0]) for c, f in entries] == [(conn, Op.WELCOME)], entries
         return conn, pid
 
@@ -417,7 +435,8 @@ class QueueMachine(RuleBasedStateMachine):
         if msg.id is None:
             msg.id = mid
         assert mid == msg.id, (frame, msg.id)
-        assert self.ids.setdefault(mid, body) == body, f"id {mid} names two messages"
+        if not mid.startswith(CLIENT_ID + "-"):  # a resend outside the window reuses one
+            assert self.ids.setdefault(mid, body) == body, f"id {mid} names two messages"
         if not self.exact_time and headers is not None:
             headers = dict(headers)
             float(headers.pop("x-dead-time"))
@@ -452,6 +471,36 @@ class QueueMachine(RuleBasedStateMachine):
     @rule(c=index, queue=st.sampled_from(["qa", "qb"]),
           ttl=st.sampled_from([None, None, 2.0, 5.0, 20.0]))
     def send(self, c: int, queue: str, ttl: float | None) -> None:
+        self._send(c, queue, ttl, None)
+
+    @rule(c=index, queue=st.sampled_from(["qa", "qb"]),
+          ttl=st.sampled_from([None, 2.0, 20.0]), resend=st.none() | index)
+    def send_once(self, c: int, queue: str, ttl: float | None, resend: int | None) -> None:
+        """A SEND with a seq: a new one, or (``resend``) one sent with a seq before, to
+        the queue it went to; a duplicate while its id is in that queue's window."""
+        if resend is None or not self.resendable:
+            self._send(c, queue, ttl, next(self.seqs))
+            return
+        queue, seq = self.resendable[resend % len(self.resendable)]
+        model = self.queues[queue]
+        self._trim_window(model)
+        if seq in model.window:
+            conn, rid = self._pick_conn(c), next(self.rids)
+            entries = self._exchange(conn, [Op.SEND, rid, queue, b"again", 0, None, ttl, None,
+                                            None, seq])
+            self._answer(entries, conn, rid, None)
+            model.counters["duplicates"] += 1
+            self._deliveries(entries)
+        else:
+            self._send(c, queue, ttl, seq)
+
+    def _trim_window(self, model: QueueModel) -> None:
+        for seq, at in list(model.window.items()):
+            if at > self.now - self.dedup_window:
+                break
+            del model.window[seq]
+
+    def _send(self, c: int, queue: str, ttl: float | None, seq: int | None) -> None:
         conn = self._pick_conn(c)
         model = self.queues[queue]
         spec = model.spec
@@ -459,15 +508,28 @@ class QueueMachine(RuleBasedStateMachine):
         full = spec.max_length is not None and waiting >= spec.max_length
         if full and model.ready and model.ready[0][1] is not None:
             # Which message of a batch the broker holds first is open, so which one a
-            # full queue drops would be too: send elsewhere.
+            # full queue drops would be too: send elsewhere (a resend: not at all).
+            if seq is not None and (queue, seq) in self.resendable:
+                return
             queue, model, spec, full = "qa", self.queues["qa"], self.queues["qa"].spec, False
         body = b"m%d" % next(self.bodies)
         rid = next(self.rids)
-        entries = self._exchange(conn, [Op.SEND, rid, queue, body, 0, None, ttl, None])
+        frame = [Op.SEND, rid, queue, body, 0, None, ttl, None]
+        if seq is not None:
+            frame += [None, seq]
+        entries = self._exchange(conn, frame)
         self._answer(entries, conn, rid, None)
         if ttl is None:
             ttl = spec.ttl
-        msg = Msg(queue, body, None if ttl is None else self.now + ttl)
+        msg = Msg(queue, body, None if ttl is None else self.now + ttl,
+                  id=None if seq is None else f"{CLIENT_ID}-{seq}")
+        if seq is not None:  # accepted (even when dead-lettered at once): in the window
+            self._trim_window(model)
+            model.window[seq] = self.now
+            if len(model.window) > self.dedup_size:
+                del model.window[next(iter(model.window))]
+            if (queue, seq) not in self.resendable:
+                self.resendable.append((queue, seq))
         self.msgs[(queue, body)] = msg
         model.counters["sent"] += 1
         if not full:
