@@ -335,13 +335,17 @@ class BrokerCore:
         conn.client_id = check_client_id(options.get("client_id"))
         conn.state = ConnState.OPEN
         conn.handlers = self._handlers
-        self._sink.send(conn.id, [Op.WELCOME, PROTOCOL_VERSION, {
+        info = {
             "server": f"aiobus/{VERSION}",
             "conn": conn.id,
             "max_frame": self.max_frame,
             "pid": conn.pid,
             "uid": conn.uid,
-        }])
+        }
+        if self.queues.dedup_size:  # a client resends only to a broker that says this
+            info["dedup"] = {"window": self.queues.dedup_window,
+                             "size": self.queues.dedup_size}
+        self._sink.send(conn.id, [Op.WELCOME, PROTOCOL_VERSION, info])
         self._presence(TOPIC_CONNECTED, conn, self._now)
 
     def _on_handshake_deadline(self, conn_id: int, now: float) -> None:

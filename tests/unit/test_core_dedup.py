@@ -124,6 +124,18 @@ def test_sends_without_seq_never_enter_the_window(d: Driver) -> None:
     assert all(not m.id.startswith("app-") for m in c.deliveries())
 
 
+def test_welcome_says_whether_the_broker_deduplicates() -> None:
+    """A client gives SENDs a seq and resends them only when WELCOME says so."""
+    for options, dedup in (({}, {"window": 120.0, "size": 100_000}),
+                           ({"dedup_window": 5, "dedup_size": 7}, {"window": 5.0, "size": 7}),
+                           ({"dedup_window": 0}, None), ({"dedup_size": 0}, None)):
+        d = Driver(**options)
+        conn = d.open()
+        d.receive(conn, [Op.HELLO, 1, {"client_id": "app"}])
+        (welcome,) = d.sink.take(conn)
+        assert welcome[2].get("dedup") == dedup, options
+
+
 # -- what is refused ----------------------------------------------------------------------
 
 
