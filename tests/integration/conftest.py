@@ -201,7 +201,7 @@ async def spawn_client(broker: BrokerProcess) -> AsyncIterator[Any]:
                     reconnect: bool = True) -> ClientProcess:
         code = _PRELUDE.format(body=textwrap.indent(textwrap.dedent(body), " " * 8))
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", code, path or broker.path,
+            sys.executable, "-c", code, path or broker.path, limit=2**24,  # long JSON lines
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             env={**os.environ, "CLIENT_NAME": name, "CLIENT_RECONNECT": str(int(reconnect))},

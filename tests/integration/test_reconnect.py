@@ -104,13 +104,15 @@ async def stop_client(client: Any) -> dict[str, Any]:
 
 
 async def wait_for_progress(bus: aiobus.Bus, broker: BrokerProcess, acked: int) -> None:
-    """Until this broker process has seen ``acked`` acks on jobs (its counters start at
-    0), i.e. the producer and the consumer are both back on it."""
+    """Until the producer, consumer and subscriber are connected to this broker process
+    and it has seen ``acked`` acks on jobs (its counters start at 0)."""
     deadline = time.monotonic() + 20
     while True:
         try:
-            stats = await asyncio.wait_for(queue_stats(bus, "jobs"), 5)
-            if stats.get("acked", 0) >= acked:
+            stats = await asyncio.wait_for(bus.stats(), 5)
+            names = {c.get("name") for c in stats["connections"]}
+            if ({"producer", "consumer", "subscriber"} <= names
+                    and stats["queues"].get("jobs", {}).get("acked", 0) >= acked):
                 return
         except (TimeoutError, aiobus.BusError):
             pass
