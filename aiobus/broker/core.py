@@ -43,7 +43,7 @@ from ..errors import (
 )
 from ..names import check_name, check_pattern, is_reserved
 from ..protocol import DEFAULT_MAX_FRAME, PROTOCOL_VERSION, BodyKind, Op, check_frame
-from .dedup import check_client_id, check_seq
+from .dedup import MAX_SEQ, check_client_id, check_seq
 from .queue_state import Consumer, QMsg, Queue, pack_message
 from .queues import MAX_PREFETCH, PARK_LIMIT, JournalSink, QueueRouter
 from .settings import DEFAULT_DEDUP_SIZE, DEFAULT_DEDUP_WINDOW, MAX_SECONDS, BadOption
@@ -104,8 +104,8 @@ class ConnState(Enum):
 
 
 class Conn:
-    __slots__ = ("client_id", "consumers", "gid", "handlers", "id", "name", "parked",
-                 "parked_queues", "pid", "reading", "state", "subs", "uid")
+    __slots__ = ("client_id", "consumers", "gid", "handlers", "id", "id_prefix", "name",
+                 "parked", "parked_queues", "pid", "reading", "state", "subs", "uid")
 
     def __init__(self, conn_id: int, pid: int, uid: int, gid: int) -> None:
         self.id = conn_id
@@ -114,6 +114,7 @@ class Conn:
         self.gid = gid
         self.name: str | None = None
         self.client_id: str | None = None  # HELLO's: the prefix of its resendable ids
+        self.id_prefix: str | None = None  # client_id + "-"
         self.state = ConnState.HANDSHAKE
         self.handlers: dict[int, Handler] = {}  # what this state accepts, by frame type
         self.consumers: dict[int, Consumer] = {}
@@ -332,7 +333,8 @@ class BrokerCore:
             raise RemoteProtocolError("HELLO.options.name must be a str of at most 255 chars",
                                       code="bad-field")
         conn.name = name
-        conn.client_id = check_client_id(options.get("client_id"))
+        conn.client_id = client_id = check_client_id(options.get("client_id"))
+        conn.id_prefix = None if client_id is None else client_id + "-"
         conn.state = ConnState.OPEN
         conn.handlers = self._handlers
         info = {
@@ -362,18 +364,20 @@ class BrokerCore:
         return self._id_prefix + str(next(self._ids))
 
     def _on_send(self, conn: Conn, frame: list[Any], now: float) -> None:
-        seq = None
-        if len(frame) == 8:  # without the optional delay (older clients; the usual SEND)
+        size = len(frame)
+        if size == 8:  # without the optional delay (older clients; the usual SEND)
             _, rid, name, body, kind, headers, ttl, token = frame
-            delay = None
+            delay = seq = None
         else:
-            if len(frame) == 10:  # with a seq: a resendable SEND
-                seq = frame[9]
+            if size == 10:  # with a seq: a resendable SEND (the Python client's)
+                _, rid, name, body, kind, headers, ttl, token, delay, seq = frame
                 if seq is not None and (type(seq) is not int or seq < 0):
                     check_frame(frame)
-            elif len(frame) != 9:
+            elif size == 9:
+                _, rid, name, body, kind, headers, ttl, token, delay = frame
+                seq = None
+            else:
                 check_frame(frame)
-            _, rid, name, body, kind, headers, ttl, token, delay = frame[:9]
             if delay is not None and type(delay) is not float and type(delay) is not int:
                 check_frame(frame)
         if (type(rid) is not int or rid < 0 or type(name) is not str or type(body) is not bytes
@@ -392,7 +396,11 @@ class BrokerCore:
                 due = now + delay
         mid = None
         if seq is not None:  # checked before the queue is created, as ttl and delay
-            mid = check_seq(seq, conn.client_id, token)
+            prefix = conn.id_prefix
+            if prefix is not None and token is None and 0 < seq <= MAX_SEQ:
+                mid = prefix + str(seq)
+            else:
+                mid = check_seq(seq, conn.client_id, token)
         queue = self.queues.queues.get(name)
         if queue is None:
             self._check_queue_name(name)
