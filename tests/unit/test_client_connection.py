@@ -83,19 +83,7 @@ def message(mid: str) -> list[Any]:
     return [mid, "q", b"body", 0, None, 1.5]
 
 
-@pytest.fixture(params=["whole", "bytewise"])
-def feed(request: pytest.FixtureRequest) -> Callable[[ClientConnection, bytes], None]:
-    def whole(conn: ClientConnection, data: bytes) -> None:
-        conn.receive_data(data)
-
-    def bytewise(conn: ClientConnection, data: bytes) -> None:
-        for i in range(len(data)):
-            conn.receive_data(data[i:i + 1])
-
-    return whole if request.param == "whole" else bytewise
-
-
-Feed = Callable[[ClientConnection, bytes], None]
+Feed = Callable[[ClientConnection, bytes], None]  # the ``feed`` fixture (conftest.py)
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from aiobus.client.connection import ClientConnection, State
 from aiobus.errors import ConnectionLost, LeaseError
 from aiobus.protocol import Op
 
-from .test_client_connection import Feed, Sink, Stream, feed, message, pack, sent  # noqa: F401
+from .test_client_connection import Feed, Sink, Stream, message, pack, sent
 
 TAG_SPAN = 2**40
 
