@@ -19,6 +19,10 @@ Writing. Opening ``O_WRONLY | O_NONBLOCK`` fails with ``ENXIO`` while nobody has
 open for reading. A blocking open would block the loop's thread and Linux does not report
 FIFO opens to ``poll``, so :class:`FifoWriter` retries with exponential backoff (10 ms up
 to 250 ms). Writes are non-blocking; on ``EAGAIN`` the writer waits in ``add_writer``.
+The last reader leaving *is* reported: the write end polls ``POLLERR`` (Linux
+``pipe_poll``), which ``add_reader`` sees (a write end is never readable otherwise), so
+:meth:`FifoWriter.wait_reader_gone` needs no write to notice it; ``bus_to_fifo`` uses it to
+hold queue messages only while someone reads.
 
 Record guarantee. :meth:`FifoWriter.write_record` returns once the whole record is in the
 pipe; a pipe has no acknowledgements, so a record still in the pipe when its reader dies
@@ -46,6 +50,7 @@ import asyncio
 import errno
 import logging
 import os
+import select
 import stat
 from collections import deque
 from dataclasses import dataclass, replace
@@ -141,6 +146,13 @@ def _open_fifo(path: Path, flags: int) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def _reader_left(fd: int) -> bool:
+    """Whether the FIFO write end ``fd`` has lost its last reader (``POLLERR``)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(events & select.POLLERR for _, events in poller.poll(0))
 
 
 def _wake(waiter: asyncio.Future[None]) -> None:
@@ -366,6 +378,9 @@ class FifoWriter:
         # cancelled. Empty when no record is torn.
         self._unfinished = memoryview(b"")
         self._waiter: asyncio.Future[None] | None = None
+        # wait_reader_gone's future; its add_reader is on _fd, so every close of _fd goes
+        # through _close_fd, which unregisters it first (a closed fd number is soon reused).
+        self._gone_waiter: asyncio.Future[None] | None = None
         self._stats = FifoWriterStatistics()
 
     def statistics(self) -> FifoWriterStatistics:
@@ -386,13 +401,12 @@ class FifoWriter:
         if self._closed:
             return
         self._closed = True
-        fd, self._fd = self._fd, -1
         if self._waiter is not None:
-            if fd >= 0:
-                self._waiter.get_loop().remove_writer(fd)
+            if self._fd >= 0:
+                self._waiter.get_loop().remove_writer(self._fd)
             _close_waiter(self._waiter, "FIFO writer")
-        if fd >= 0:
-            os.close(fd)
+        _close_waiter(self._gone_waiter, "FIFO writer")
+        self._close_fd()
         if self._unfinished:
             logger.error(
                 "FIFO writer for %s closed with %d bytes of a record unwritten: its reader holds"
@@ -422,14 +436,19 @@ class FifoWriter:
     async def wait_reader(self) -> None:
         """Wait until a reader has the FIFO open and open it for writing.
 
-        Returns at once while the writer is connected. Polls with backoff (10 ms doubling
-        to 250 ms): a FIFO gives no notice when a reader arrives.
+        Returns at once while the writer is connected to a reader. Polls with backoff (10
+        ms doubling to 250 ms): a FIFO gives no notice when a reader arrives.
 
         Raises:
             FifoClosedError: the writer is (or got) closed.
             NotAFifoError: the path is not a FIFO.
             OSError: opening failed for another reason than "no reader" (``ENXIO``).
         """
+        if self._fd >= 0 and not self._lock.locked() and _reader_left(self._fd):
+            self._close_fd()  # connected to a reader that has gone, and no write noticed
+        await self._connect()
+
+    async def _connect(self) -> None:
         delay = _POLL_FIRST
         while self._fd < 0:
             if self._closed:
@@ -443,6 +462,56 @@ class FifoWriter:
                 delay = min(delay * 2, _POLL_MAX)
             else:
                 logger.debug("FIFO %s has a reader", self.path)
+
+    async def wait_reader_gone(self) -> None:
+        """Wait until the reader the writer is connected to has closed the FIFO.
+
+        Returns at once when not connected. Afterwards the writer is not connected (its fd
+        is closed, freeing the pipe), so the next :meth:`wait_reader` or
+        :meth:`write_record` waits for a new reader. It writes nothing: the pipe reports
+        its last reader leaving (``POLLERR``) to a waiting ``add_reader``. One task may
+        wait at a time. A :meth:`write_record` that is waiting for pipe space when the
+        reader leaves notices too (``EPIPE``) and waits for the next reader.
+
+        Raises:
+            FifoClosedError: the writer is (or got) closed.
+            FifoBusyError: another task is already waiting here.
+
+        Example:
+            >>> await writer.wait_reader()  # doctest: +SKIP
+            >>> await writer.wait_reader_gone()
+        """
+        if self._closed:
+            raise FifoClosedError(f"FIFO writer for {self.path} is closed")
+        if self._gone_waiter is not None:
+            raise FifoBusyError(f"another task is already waiting for {self.path}'s reader")
+        fd = self._fd
+        if fd < 0:
+            await anyio.lowlevel.checkpoint()
+            return
+        loop = asyncio.get_running_loop()
+        self._gone_waiter = waiter = loop.create_future()
+        loop.add_reader(fd, _wake, waiter)
+        try:
+            await waiter
+        finally:
+            if self._gone_waiter is waiter:  # else _close_fd has unregistered it already
+                self._gone_waiter = None
+                loop.remove_reader(fd)
+        if self._fd == fd and not self._lock.locked():  # else a write notices by itself
+            self._close_fd()
+            logger.debug("reader of FIFO %s went away", self.path)
+
+    def _close_fd(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd < 0:
+            return
+        gone = self._gone_waiter
+        if gone is not None:
+            self._gone_waiter = None
+            gone.get_loop().remove_reader(fd)
+            _wake(gone)
+        os.close(fd)
 
     async def write_record(self, record: bytes) -> None:
         """Frame ``record`` and write all of it, waiting for a reader and pipe space.
@@ -462,7 +531,7 @@ class FifoWriter:
         await anyio.lowlevel.checkpoint()  # a fast pipe must not starve other tasks
         async with self._lock:
             while True:
-                await self.wait_reader()
+                await self._connect()
                 try:
                     if self._unfinished:  # an earlier record, cancelled mid-record
                         await self._write_all(self._unfinished)
@@ -515,8 +584,8 @@ class FifoWriter:
 
     def _reader_gone(self) -> None:
         self._stats.broken_pipes += 1
-        os.close(self._fd)  # frees the pipe and the partial record in it
-        self._fd, self._unfinished = -1, memoryview(b"")
+        self._close_fd()  # frees the pipe and the partial record in it
+        self._unfinished = memoryview(b"")
 
     async def _write_all(self, view: memoryview) -> None:
         # Until the first byte is written nothing of the frame is in the pipe, so a
