@@ -3,21 +3,39 @@
 They are written against the client's public API only, typed by :class:`FifoBus`, a
 protocol of just the calls they make, so this module does not import the client.
 
-Delivery: ``fifo_to_bus`` sends each record once it is complete (a pipe cannot be acked,
-so a record read but not yet sent when the bridge stops is lost). ``bus_to_fifo`` acks a
-queue message only after its whole record is in the pipe (see :mod:`aiobus.bridges.fifo`
-for what the pipe guarantees). Cancelled in the middle of a record, it first finishes the
-record, shielded and within ``drain_timeout``, because the reader already holds part of
-it: a finished record is acked (it was written, so it must not be delivered again); an
-unfinished one is not, so the message is redelivered, and the reader is left holding a
-partial record (logged).
+Delivery: ``fifo_to_bus`` keeps at most ``window`` records sent but not yet confirmed by
+the broker, and reads no more until the oldest is confirmed; while the broker is away it
+reads nothing. A record read but unconfirmed when the connection drops is sent again by
+the client after it reconnects, under the same message id, which the broker
+deduplicates: every record read is queued once. The FIFO stays open meanwhile, so shell
+writers are never told "no reader" (``EPIPE``): their records wait in the pipe (64 KiB on
+Linux), and once it is full ``echo >> fifo`` blocks until the bridge reads again. A pipe
+cannot be acked, so a record is lost only if the bridge process itself dies holding it:
+in the pipe (the kernel frees a pipe with no reader), read, or unconfirmed. Stopped, the
+bridge gives its unconfirmed records ``drain_timeout`` to be confirmed, and logs how
+many were not.
+
+``bus_to_fifo`` takes queue messages only while a reader has the FIFO open: it starts
+its consumer when a reader opens the FIFO, and stops it (the broker hands the unacked
+messages back without counting an attempt) when the last reader closes it, so a message
+never waits for a reader while its lease runs out. It acks a message only after its
+whole record is in the pipe (see :mod:`aiobus.bridges.fifo` for what the pipe
+guarantees). An ack that finds the lease gone (it expired under a stalled reader, or the
+connection dropped and the broker redelivered it) is logged, not fatal: the record was
+written and the message will be written again, so delivery is at least once. Cancelled
+in the middle of a record, it first finishes the record, shielded and within
+``drain_timeout``, because the reader already holds part of it: a finished record is
+acked (it was written, so it must not be delivered again); an unfinished one is not, so
+the message is redelivered, and the reader is left holding a partial record (logged).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import AsyncIterable
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
@@ -26,17 +44,31 @@ import anyio
 import anyio.abc
 import msgpack
 
-from .fifo import FifoReader, FifoWriter
+from ..errors import ConnectionLost, LeaseError
+from .fifo import FifoClosedError, FifoReader, FifoWriter
 from .framing import DEFAULT_MAX_RECORD, Oversize, RecordTooLargeError, UnencodableRecordError
 
-__all__ = ["DEFAULT_DRAIN_TIMEOUT", "BridgeStatistics", "FifoBus", "bus_to_fifo", "fifo_to_bus"]
+__all__ = [
+    "DEFAULT_DRAIN_TIMEOUT",
+    "DEFAULT_WINDOW",
+    "BridgeStatistics",
+    "FifoBus",
+    "bus_to_fifo",
+    "fifo_to_bus",
+]
 
 logger = logging.getLogger(__name__)
 
-# How long a stopping bus_to_fifo waits for its reader to take the rest of a record. Well
+# How long a stopping bridge waits to finish what it holds: bus_to_fifo for its reader to
+# take the rest of a record, fifo_to_bus for the broker to confirm what it read. Well
 # under the grace a supervisor gives before SIGKILL (docker stop: 10 s, systemd's
-# TimeoutStopSec: 90 s), so the bridge, not SIGKILL, decides whether the message is acked.
+# TimeoutStopSec: 90 s), so the bridge, not SIGKILL, decides what happens to them.
 DEFAULT_DRAIN_TIMEOUT: Final = 5.0
+
+# Records fifo_to_bus keeps sent but unconfirmed. Enough to keep the socket busy (a
+# confirmation comes back within a loop turn or two, and consecutive ones share a frame),
+# small enough that a reconnect resends little: 256 short lines are about one pipe buffer.
+DEFAULT_WINDOW: Final = 256
 
 _DLQ_HEAD: Final = 256  # bytes of an oversize record kept as its dead letter's body
 
@@ -47,18 +79,28 @@ class _Message(Protocol):
 
 
 class _QueueMessage(_Message, Protocol):
+    @property
+    def id(self) -> str: ...
     async def ack(self) -> object: ...
     async def reject(self, *, reason: str) -> object: ...
+
+
+class _Consumer(Protocol):
+    async def __aenter__(self) -> AsyncIterable[_QueueMessage]: ...
+    async def __aexit__(self, *exc_info: object) -> object: ...
 
 
 class FifoBus(Protocol):
     """The part of the aiobus client API the FIFO bridges use."""
 
-    async def send(
-        self, queue: str, body: Any, /, *, headers: dict[str, str] | None = ...
-    ) -> object: ...
+    @property
+    def connected(self) -> bool: ...
+    async def wait_connected(self) -> None: ...
+    def send_nowait(
+        self, queue: str, body: Any, /, headers: dict[str, str] | None = ...
+    ) -> asyncio.Future[None]: ...
     async def publish(self, topic: str, body: Any, /) -> object: ...
-    def consume(self, queue: str, /, *, prefetch: int = ...) -> AsyncIterable[_QueueMessage]: ...
+    def consume(self, queue: str, /, *, prefetch: int = ...) -> _Consumer: ...
     def subscribe(self, pattern: str, /) -> AsyncIterable[_Message]: ...
 
 
@@ -66,9 +108,11 @@ class FifoBus(Protocol):
 class BridgeStatistics:
     """Counters of a running bridge; pass one in to watch it live."""
 
-    records: int = 0  # records forwarded
+    records: int = 0  # records forwarded (FIFO→queue: confirmed by the broker)
     oversize: int = 0  # records over max_record: dead-lettered (queue) or dropped (topic)
     unencodable: int = 0  # bus→FIFO: bodies the framing cannot carry (rejected or dropped)
+    leases_lost: int = 0  # bus→FIFO: written, but the ack found the lease gone (redelivered)
+    unconfirmed: int = 0  # FIFO→queue: sent, not yet confirmed (at most the window)
 
 
 def _check_target(queue: str | None, topic: str | None) -> str:
@@ -90,6 +134,8 @@ async def fifo_to_bus(
     framing: str = "lines",
     max_record: int = DEFAULT_MAX_RECORD,
     dead_letter: str | None = None,
+    window: int = DEFAULT_WINDOW,
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
     stats: BridgeStatistics | None = None,
     task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -104,6 +150,14 @@ async def fifo_to_bus(
     ``x-dead-time``; body: its first 256 bytes); for a topic it is logged and counted in
     ``stats.oversize``.
 
+    Sends to a queue are confirmed, at most ``window`` at a time: the bridge reads the
+    next record only while fewer are unconfirmed, and reads nothing while the bus is
+    disconnected (the module docstring says what writers see then). Across a broker
+    restart a client connected with ``reconnect=True`` sends the unconfirmed records
+    again, so none is lost. Cancelled, the bridge waits up to ``drain_timeout`` seconds,
+    shielded, for the records it sent to be confirmed, and logs an error counting those
+    that were not. Topic records are published (at most once, like any publish).
+
     Args:
         bus: a connected client (``aiobus.connect``).
         path: the FIFO; created (mode 0600) if missing.
@@ -113,28 +167,58 @@ async def fifo_to_bus(
         max_record: largest record in bytes (default 1 MiB).
         dead_letter: where oversize records of a queue go; pass the queue's
             ``dead_letter`` if it was declared with another one.
+        window: most records sent to a queue and not yet confirmed (default 256).
+        drain_timeout: seconds to wait for confirmations when cancelled (default 5).
         stats: counters to update; a fresh :class:`BridgeStatistics` if omitted.
         task_status: for ``TaskGroup.start``.
 
     Raises:
-        ValueError: not exactly one of ``queue`` and ``topic``, or an unknown framing.
+        ValueError: not exactly one of ``queue`` and ``topic``, an unknown framing, or a
+            window below 1.
         FramingError: the stream broke the framing beyond repair (bad netstring; any
             oversize or invalid msgpack object, after dead-lettering it).
         FifoError: the path is not a FIFO.
+        ConnectionClosed, ConnectionLost: the bus was closed, or gave up reconnecting.
+        BusError: the broker refused a record (``QueueFull`` for an ``overflow="reject"``
+            queue, ``JournalError``, ...).
 
     Example:
         >>> async with aiobus.connect() as bus, anyio.create_task_group() as tg:  # doctest: +SKIP
         ...     await tg.start(fifo_to_bus, bus, "/run/user/1000/jobs", queue="jobs")
     """
     target = _check_target(queue, topic)
+    if window < 1:
+        raise ValueError(f"window must be at least 1, not {window}")
     stats = BridgeStatistics() if stats is None else stats
+    # Futures of the sends not yet confirmed, oldest first; True for a record (counted in
+    # stats.records once confirmed), False for a dead letter.
+    in_flight: deque[tuple[asyncio.Future[None], bool]] = deque()
+
+    def settled(future: asyncio.Future[None], record: bool) -> None:
+        future.result()  # raises what the broker said (QueueFull, ConnectionLost, ...)
+        stats.records += record
+        stats.unconfirmed -= 1
+
+    async def send(queue: str, body: Any, headers: dict[str, str] | None, record: bool) -> None:
+        while in_flight and in_flight[0][0].done():
+            settled(*in_flight.popleft())
+        while len(in_flight) >= window:
+            # asyncio.wait: a cancellation here must not cancel the client's future,
+            # which still tells the drain below whether the broker confirmed it.
+            await asyncio.wait((in_flight[0][0],))
+            settled(*in_flight.popleft())
+        if not bus.connected:  # the connection dropped while we waited for the record
+            await bus.wait_connected()
+        in_flight.append((bus.send_nowait(queue, body, headers), record))
+        stats.unconfirmed += 1
 
     async def forward(body: Any) -> None:
         if queue is not None:
-            await bus.send(queue, body)
+            await send(queue, body, None, True)
         else:
             assert topic is not None
             await bus.publish(topic, body)
+            stats.records += 1
 
     async def too_large(length: int, head: bytes) -> None:
         stats.oversize += 1
@@ -145,7 +229,7 @@ async def fifo_to_bus(
                 "x-record-length": str(length),
                 "x-dead-time": f"{time.time():.6f}",  # as the broker stamps its dead letters
             }
-            await bus.send(dead_letter or f"{queue}.dlq", head[:_DLQ_HEAD], headers=headers)
+            await send(dead_letter or f"{queue}.dlq", head[:_DLQ_HEAD], headers, False)
         if _every_power_of_two(stats.oversize):
             logger.warning(
                 "record of %d bytes from FIFO %s exceeds max_record (%d) and was %s (%d so far)",
@@ -158,15 +242,49 @@ async def fifo_to_bus(
         logger.info("forwarding FIFO %s to %s", path, target)
         task_status.started()
         try:
-            async for record in reader:
+            while True:
+                if not bus.connected:  # read nothing while the broker is away
+                    await bus.wait_connected()
+                try:
+                    record = await reader.receive()
+                except FifoClosedError:
+                    return
+                except RecordTooLargeError as exc:
+                    await too_large(exc.length, exc.head)
+                    raise
                 if isinstance(record, Oversize):
                     await too_large(record.length, record.head)
                     continue
                 await forward(_unpack(record) if framing == "msgpack" else _text_or_bytes(record))
-                stats.records += 1
-        except RecordTooLargeError as exc:
-            await too_large(exc.length, exc.head)
-            raise
+        finally:
+            await _drain_sends(in_flight, drain_timeout, path, stats)
+
+
+async def _drain_sends(
+    in_flight: deque[tuple[asyncio.Future[None], bool]],
+    drain_timeout: float,
+    path: str | os.PathLike[str],
+    stats: BridgeStatistics,
+) -> None:
+    """On the way out of fifo_to_bus: wait (shielded, bounded) for the sends in flight."""
+    if not in_flight:
+        return
+    futures = [future for future, _ in in_flight]
+    with anyio.CancelScope(shield=True):
+        # asyncio.wait, not awaiting each: a timeout must not cancel the client's futures.
+        await asyncio.wait(futures, timeout=drain_timeout)
+    lost = 0
+    for future, record in in_flight:
+        if not future.done() or future.cancelled() or future.exception() is not None:
+            lost += 1  # exception() also marks a failed future's error as seen
+        else:
+            stats.records += record
+        stats.unconfirmed -= 1
+    if lost:
+        logger.error(
+            "stopping: %d records read from FIFO %s were not confirmed by the broker within"
+            " %g s and may be lost", lost, path, drain_timeout,
+        )  # fmt: skip
 
 
 def _text_or_bytes(record: bytes) -> str | bytes:
@@ -210,12 +328,23 @@ async def bus_to_fifo(
 ) -> BridgeStatistics:
     """Write each message from a queue or topic to the FIFO at ``path``, one record each.
 
-    A queue message is acked only after its whole record is in the pipe; a body the
-    framing cannot carry (not bytes/str for byte framings, a newline with ``lines``) is
-    rejected with reason ``unencodable``. Topic messages that cannot be framed are logged
-    and counted. Bodies are written as bytes (``str`` as UTF-8), or packed with the
-    ``msgpack`` framing. Waits for a reader without blocking; a reader that goes away
-    mid-record gets the record again whole once a new reader arrives.
+    A queue is consumed only while a reader has the FIFO open: the consumer starts when
+    a reader opens it and stops when the last reader closes it, handing its unacked
+    messages back to the queue without counting an attempt; then the bridge waits for
+    the next reader. So a message is never leased while nobody reads, and cannot expire
+    waiting for one. A queue message is acked only after its whole record is in the
+    pipe; a body the framing cannot carry (not bytes/str for byte framings, a newline
+    with ``lines``) is rejected with reason ``unencodable``. An ack or reject that finds
+    the lease gone (``LeaseError``: the reader stalled past the queue's ``ack_timeout``,
+    or the connection dropped) is logged at WARNING and counted in
+    ``stats.leases_lost``; the message comes again (at least once).
+
+    A topic is subscribed to at once; its messages wait for a reader in the subscription
+    (which drops the oldest beyond its limit, as topics do). Messages that cannot be
+    framed are logged and counted. Bodies are written as bytes (``str`` as UTF-8), or
+    packed with the ``msgpack`` framing. A reader that goes away mid-record gets the
+    record again whole once a new reader arrives. Across a broker restart a client
+    connected with ``reconnect=True`` resumes the consumer or subscription by itself.
 
     Cancelled mid-record (the reader holds part of it), the bridge first finishes the
     record, shielded from the cancellation, for at most ``drain_timeout`` seconds; then
@@ -233,7 +362,7 @@ async def bus_to_fifo(
         queue: the queue to consume; exclusive with ``topic``.
         topic: the topic pattern to subscribe to.
         framing: how records are delimited (see :data:`~aiobus.bridges.framing.FRAMINGS`).
-        prefetch: unacked queue messages in flight.
+        prefetch: unacked queue messages in flight while a reader is there.
         drain_timeout: seconds to finish a record when cancelled mid-record (default 5).
         stats: counters to update; a fresh :class:`BridgeStatistics` if omitted.
         task_status: for ``TaskGroup.start``; started once the FIFO exists.
@@ -244,6 +373,7 @@ async def bus_to_fifo(
     Raises:
         ValueError: not exactly one of ``queue`` and ``topic``, or an unknown framing.
         FifoError: the path is not a FIFO.
+        ConnectionClosed, ConnectionLost: the bus was closed, or gave up reconnecting.
 
     Example:
         >>> async with aiobus.connect() as bus:  # doctest: +SKIP
@@ -255,34 +385,77 @@ async def bus_to_fifo(
         logger.info("forwarding %s to FIFO %s", target, path)
         task_status.started()
         if queue is not None:
-            async for message in bus.consume(queue, prefetch=prefetch):
-                try:
-                    await writer.write_record(_to_record(message.body, framing))
-                except UnencodableRecordError as exc:
-                    _count_unencodable(stats, exc, target)
-                    await message.reject(reason="unencodable")
-                    continue
-                except anyio.get_cancelled_exc_class():
-                    if await _finish_record(writer, drain_timeout, target, queued=True):
-                        await _ack_written(message)
-                        stats.records += 1
-                    raise
-                await _ack_written(message)
-                stats.records += 1
-        else:
-            assert topic is not None
-            async for event in bus.subscribe(topic):
-                try:
-                    await writer.write_record(_to_record(event.body, framing))
-                except UnencodableRecordError as exc:
-                    _count_unencodable(stats, exc, target)
-                    continue
-                except anyio.get_cancelled_exc_class():
-                    if await _finish_record(writer, drain_timeout, target, queued=False):
-                        stats.records += 1
-                    raise
-                stats.records += 1
+            while True:
+                await writer.wait_reader()
+                if not bus.connected:
+                    await bus.wait_connected()
+                logger.info("FIFO %s has a reader: consuming %s", path, target)
+                with anyio.CancelScope() as while_read:
+                    try:
+                        async with anyio.create_task_group() as tg:
+                            tg.start_soon(_cancel_when_reader_gone, writer, while_read)
+                            await _queue_to_fifo(
+                                bus.consume(queue, prefetch=prefetch), writer, framing,
+                                drain_timeout, stats, target,
+                            )  # fmt: skip
+                            tg.cancel_scope.cancel()
+                    except BaseExceptionGroup as group:
+                        # One of the two tasks failed (the other is cancelled): raise what
+                        # it raised, as the bridge did before it had a task group.
+                        if len(group.exceptions) != 1:
+                            raise
+                        if not isinstance(group.exceptions[0], ConnectionLost):
+                            raise group.exceptions[0] from None
+                        # The connection dropped as the consumer started: start it again
+                        # once reconnected (wait_connected raises if the client gave up).
+                        await bus.wait_connected()
+                        continue
+                    return stats  # the consumer ended: the bus was closed
+                logger.info("reader of FIFO %s went away: stopped consuming %s", path, target)
+        assert topic is not None
+        async for event in bus.subscribe(topic):
+            try:
+                await writer.write_record(_to_record(event.body, framing))
+            except UnencodableRecordError as exc:
+                _count_unencodable(stats, exc, target)
+                continue
+            except anyio.get_cancelled_exc_class():
+                if await _finish_record(writer, drain_timeout, target, queued=False):
+                    stats.records += 1
+                raise
+            stats.records += 1
     return stats
+
+
+async def _cancel_when_reader_gone(writer: FifoWriter, scope: anyio.CancelScope) -> None:
+    await writer.wait_reader_gone()
+    scope.cancel()
+
+
+async def _queue_to_fifo(
+    consumer: _Consumer,
+    writer: FifoWriter,
+    framing: str,
+    drain_timeout: float,
+    stats: BridgeStatistics,
+    target: str,
+) -> None:
+    """Write a consumer's messages to the FIFO until the consumer ends (or cancelled)."""
+    async with consumer as messages:
+        async for message in messages:
+            try:
+                await writer.write_record(_to_record(message.body, framing))
+            except UnencodableRecordError as exc:
+                _count_unencodable(stats, exc, target)
+                await _answer(message, "reject", stats, target)
+                continue
+            except anyio.get_cancelled_exc_class():
+                if await _finish_record(writer, drain_timeout, target, queued=True):
+                    await _answer(message, "ack", stats, target)
+                    stats.records += 1
+                raise
+            await _answer(message, "ack", stats, target)
+            stats.records += 1
 
 
 async def _finish_record(
@@ -304,11 +477,26 @@ async def _finish_record(
     return finished
 
 
-async def _ack_written(message: _QueueMessage) -> None:
-    # The record is in the pipe, so the message must not be delivered again: a
-    # cancellation arriving now must not stop the ack.
+async def _answer(message: _QueueMessage, verb: str, stats: BridgeStatistics,
+                  target: str) -> None:
+    """Ack (its record is in the pipe) or reject (unencodable) ``message``; a lease that is
+    gone is not fatal: the broker has given the message out again, or will."""
+    # A written record must not be delivered again: a cancellation arriving now must not
+    # stop the ack.
     with anyio.CancelScope(shield=True):
-        await message.ack()
+        try:
+            if verb == "ack":
+                await message.ack()
+            else:
+                await message.reject(reason="unencodable")
+        except LeaseError as exc:
+            stats.leases_lost += 1
+            if _every_power_of_two(stats.leases_lost):
+                logger.warning(
+                    "could not %s message %s from %s (%s): it will be delivered again;"
+                    " %d lease(s) lost so far", verb, message.id, target, exc,
+                    stats.leases_lost,
+                )  # fmt: skip
 
 
 def _count_unencodable(stats: BridgeStatistics, exc: UnencodableRecordError, target: str) -> None:

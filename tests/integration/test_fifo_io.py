@@ -1,11 +1,14 @@
 """FIFO I/O with real FIFOs, written and read by real shell commands, each a new process.
 
-No broker: the bus bridges are exercised against a recording sink here; the lead's
-end-to-end tests run them against the real broker.
+No broker: the bus bridges are exercised against a recording sink here, which plays a
+client that confirms late and disconnects; tests/integration/test_bridges_restart.py runs
+them against a real broker that restarts.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import shlex
 import stat
@@ -30,6 +33,7 @@ from aiobus.bridges.fifo import (
 )
 from aiobus.bridges.fifo_bus import BridgeStatistics, bus_to_fifo, fifo_to_bus
 from aiobus.bridges.framing import MalformedRecordError, Oversize
+from aiobus.errors import LeaseError
 
 TIMEOUT = 10
 
@@ -251,31 +255,92 @@ async def test_writer_close_wakes_a_waiting_write(fifo: Path) -> None:
             await writer.aclose()
 
 
+@pytest.mark.asyncio
+async def test_writer_sees_its_reader_go_without_writing(fifo: Path) -> None:
+    with anyio.fail_after(TIMEOUT):
+        async with FifoWriter(fifo) as writer:
+            await writer.wait_reader_gone()  # not connected: at once
+            reader = await anyio.open_process(["sh", "-c", f"head -n 1 < {shlex.quote(str(fifo))}"])
+            async with reader:
+                await writer.wait_reader()
+                await writer.write_record(b"first")
+                assert reader.stdout is not None
+                assert await reader.stdout.receive() == b"first\n"
+                await writer.wait_reader_gone()  # head exits after one line
+                assert not writer.statistics().connected
+                assert writer.statistics().broken_pipes == 0  # noticed without a write
+            async with anyio.create_task_group() as tg:  # close wakes a waiter
+                fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+                try:
+                    await writer.wait_reader()
+
+                    async def wait_gone() -> None:
+                        with pytest.raises(FifoClosedError):
+                            await writer.wait_reader_gone()
+
+                    tg.start_soon(wait_gone)
+                    await anyio.sleep(0.05)
+                    writer.close()
+                finally:
+                    os.close(fd)
+
+
 # --- the bus bridges, against a recording sink ----------------------------------------
 
 
 @dataclass
 class RecordingBus:
-    """Records sends and publishes; replays scripted messages for consume/subscribe."""
+    """Records sends and publishes; replays scripted messages for consume/subscribe.
+
+    Sends are confirmed at once unless ``confirm_at_once`` is False; then ``pending``
+    holds their futures. ``connected`` can be switched off and on (``reconnect()``), and
+    every send checks the bridge's promises: connected, and under ``window`` unconfirmed.
+    """
 
     sent: list[tuple[str, Any, dict[str, str] | None]] = field(default_factory=list)
     published: list[tuple[str, Any]] = field(default_factory=list)
     script: list[ScriptedMessage] = field(default_factory=list)
     hold: bool = False  # after the script, consume/subscribe wait (until cancelled)
+    confirm_at_once: bool = True
+    window: int | None = None
+    pending: list[asyncio.Future[None]] = field(default_factory=list)
+    connected: bool = True
+    consumers: list[str] = field(default_factory=list)  # "start"/"stop" of each consumer
+    _connected: anyio.Event = field(default_factory=anyio.Event)
 
-    async def send(
-        self, queue: str, body: Any, /, *, headers: dict[str, str] | None = None
-    ) -> None:
+    async def wait_connected(self) -> None:
+        while not self.connected:
+            await self._connected.wait()
+
+    def disconnect(self) -> None:
+        self.connected, self._connected = False, anyio.Event()
+
+    def reconnect(self) -> None:
+        self.connected = True
+        self._connected.set()
+
+    def send_nowait(
+        self, queue: str, body: Any, /, headers: dict[str, str] | None = None
+    ) -> asyncio.Future[None]:
+        assert self.connected, "the bridge sent while disconnected"
+        unconfirmed = sum(not f.done() for f in self.pending)
+        assert self.window is None or unconfirmed < self.window, "the window overflowed"
         self.sent.append((queue, body, headers))
+        future = asyncio.get_running_loop().create_future()
+        if self.confirm_at_once:
+            future.set_result(None)
+        self.pending.append(future)
+        return future
+
+    def confirm(self, n: int) -> None:
+        for future in [f for f in self.pending if not f.done()][:n]:
+            future.set_result(None)
 
     async def publish(self, topic: str, body: Any, /) -> None:
         self.published.append((topic, body))
 
-    async def consume(self, queue: str, /, *, prefetch: int = 16) -> AsyncIterator[ScriptedMessage]:
-        for message in self.script:
-            yield message
-        if self.hold:
-            await anyio.sleep_forever()
+    def consume(self, queue: str, /, *, prefetch: int = 16) -> ScriptedConsumer:
+        return ScriptedConsumer(self)
 
     async def subscribe(self, pattern: str, /) -> AsyncIterator[ScriptedMessage]:
         for message in self.script:
@@ -285,15 +350,42 @@ class RecordingBus:
 
 
 @dataclass
+class ScriptedConsumer:
+    """``bus.consume(...)``: yields the script's messages not yet taken, then waits."""
+
+    bus: RecordingBus
+
+    async def __aenter__(self) -> AsyncIterator[ScriptedMessage]:
+        self.bus.consumers.append("start")
+        return self._messages()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.bus.consumers.append("stop")
+
+    async def _messages(self) -> AsyncIterator[ScriptedMessage]:
+        while self.bus.script:
+            yield self.bus.script.pop(0)
+        if self.bus.hold:
+            await anyio.sleep_forever()
+
+
+@dataclass
 class ScriptedMessage:
     body: Any
     outcome: list[str] = field(default_factory=list)
+    lease_lost: bool = False  # ack and reject raise LeaseError, as after a reconnect
+    id: str = "m1"
 
     async def ack(self) -> None:
-        self.outcome.append("ack")
+        self._answer("ack")
 
     async def reject(self, *, reason: str) -> None:
-        self.outcome.append(f"reject:{reason}")
+        self._answer(f"reject:{reason}")
+
+    def _answer(self, outcome: str) -> None:
+        if self.lease_lost:
+            raise LeaseError("the connection dropped", code="lease-lost")
+        self.outcome.append(outcome)
 
 
 @pytest.mark.asyncio
@@ -367,7 +459,7 @@ async def test_queue_to_fifo_acks_only_after_the_write(fifo: Path) -> None:
         ScriptedMessage("two\nlines"),
         ScriptedMessage("thr\u00e9e"),
     ]
-    bus = RecordingBus(script=messages)
+    bus = RecordingBus(script=list(messages))
     with anyio.fail_after(TIMEOUT):
         async with anyio.create_task_group() as tg:
             result: list[BridgeStatistics] = []
@@ -408,3 +500,113 @@ async def test_topic_to_fifo_cancelled_mid_record_finishes_it(fifo: Path) -> Non
     finally:
         os.close(fd)
     assert stats == BridgeStatistics(records=1)
+
+
+@pytest.mark.asyncio
+async def test_fifo_to_queue_keeps_at_most_window_records_unconfirmed(fifo: Path) -> None:
+    bus, stats = RecordingBus(confirm_at_once=False, window=4), BridgeStatistics()
+    with anyio.fail_after(TIMEOUT):
+        async with anyio.create_task_group() as tg:
+            await tg.start(partial(fifo_to_bus, bus, fifo, queue="jobs", window=4, stats=stats))
+            await sh(f"seq 1 20 >> {shlex.quote(str(fifo))}")  # one write: the bridge has all
+            await wait_until(lambda: len(bus.sent) == 4)
+            for n in range(5, 21):  # each confirmation lets exactly one more record go
+                bus.confirm(1)
+                await wait_until(lambda: len(bus.sent) == n)  # noqa: B023
+            assert stats.unconfirmed == 4
+            bus.confirm(4)
+            tg.cancel_scope.cancel()
+    assert [body for _, body, _ in bus.sent] == [str(n) for n in range(1, 21)]
+    assert stats == BridgeStatistics(records=20)  # the last 4 were counted on the way out
+
+
+@pytest.mark.asyncio
+async def test_fifo_to_queue_reads_nothing_while_disconnected(fifo: Path) -> None:
+    bus, stats = RecordingBus(), BridgeStatistics()
+    target = shlex.quote(str(fifo))
+    with anyio.fail_after(TIMEOUT):
+        async with anyio.create_task_group() as tg:
+            await tg.start(partial(fifo_to_bus, bus, fifo, queue="jobs", stats=stats))
+            await sh(f"echo before >> {target}")
+            await wait_until(lambda: len(bus.sent) == 1)
+            bus.disconnect()
+            # The FIFO stays open: writers succeed, their lines wait (RecordingBus fails the
+            # test if the bridge sends while disconnected).
+            await sh(f"echo during-1 >> {target}; echo during-2 >> {target}")
+            await anyio.sleep(0.2)
+            assert len(bus.sent) == 1
+            bus.reconnect()
+            await wait_until(lambda: len(bus.sent) == 3)
+            tg.cancel_scope.cancel()
+    assert [body for _, body, _ in bus.sent] == ["before", "during-1", "during-2"]
+    assert stats == BridgeStatistics(records=3)
+
+
+@pytest.mark.asyncio
+async def test_fifo_to_queue_stopped_waits_for_confirmations_and_counts_the_rest(
+    fifo: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    bus, stats = RecordingBus(confirm_at_once=False), BridgeStatistics()
+    with anyio.fail_after(TIMEOUT):
+        async with anyio.create_task_group() as tg:
+            await tg.start(
+                partial(fifo_to_bus, bus, fifo, queue="jobs", drain_timeout=0.5, stats=stats)
+            )
+            await sh(f"printf 'a\\nb\\nc\\n' >> {shlex.quote(str(fifo))}")
+            await wait_until(lambda: len(bus.sent) == 3)
+            bus.confirm(2)
+            tg.cancel_scope.cancel()
+    assert stats == BridgeStatistics(records=2)
+    assert "1 records read from FIFO" in caplog.text and "may be lost" in caplog.text
+
+
+@pytest.mark.asyncio
+async def test_queue_to_fifo_consumes_only_while_a_reader_has_the_fifo_open(fifo: Path) -> None:
+    bus = RecordingBus(script=[ScriptedMessage("one"), ScriptedMessage("two")], hold=True)
+    with anyio.fail_after(TIMEOUT):
+        async with anyio.create_task_group() as tg:
+            await tg.start(partial(bus_to_fifo, bus, fifo, queue="out"))
+            await anyio.sleep(0.2)
+            assert bus.consumers == []  # no reader: no consumer, no lease to run out
+            fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+            try:
+                assert await read_raw(fd, upto=8) == b"one\ntwo\n"
+                assert bus.consumers == ["start"]
+            finally:
+                os.close(fd)
+            # The reader went away: the consumer stops (its leases go back) at once.
+            await wait_until(lambda: bus.consumers == ["start", "stop"])
+            bus.script.append(ScriptedMessage("three"))
+            await anyio.sleep(0.2)
+            assert len(bus.script) == 1  # not taken while nobody reads
+            fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+            try:
+                assert await read_raw(fd) == b"three\n"
+                assert bus.consumers == ["start", "stop", "start"]
+            finally:
+                os.close(fd)
+            await wait_until(lambda: len(bus.consumers) == 4)
+            tg.cancel_scope.cancel()
+
+
+@pytest.mark.asyncio
+async def test_queue_to_fifo_logs_a_lost_lease_and_goes_on(
+    fifo: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    messages = [ScriptedMessage("one", lease_lost=True), ScriptedMessage("two")]
+    bus = RecordingBus(script=list(messages))
+    with anyio.fail_after(TIMEOUT), caplog.at_level(logging.WARNING):
+        async with anyio.create_task_group() as tg:
+            result: list[BridgeStatistics] = []
+
+            async def run() -> None:
+                result.append(await bus_to_fifo(bus, fifo, queue="out"))
+
+            tg.start_soon(run)
+            async with FifoReader(fifo) as reader:
+                assert await receive_n(reader, 2) == [b"one", b"two"]
+                await wait_until(lambda: bool(result))
+    assert [m.outcome for m in messages] == [[], ["ack"]]
+    assert result == [BridgeStatistics(records=2, leases_lost=1)]
+    assert "could not ack message m1 from queue out" in caplog.text
+    assert "it will be delivered again" in caplog.text
