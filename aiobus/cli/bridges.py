@@ -2,9 +2,11 @@
 :mod:`aiobus.bridges` as commands.
 
 They parse options and call the library (``fifo_to_bus``, ``bus_to_fifo``,
-``forward_signals``); all the behaviour (framing, oversize records, waiting for a
-reader, acking after the write, a vanished target) is the library's and documented there.
-Each runs until SIGINT or SIGTERM, which end it with status 0.
+``forward_signals``); all the behaviour (framing, oversize records, the window of
+unconfirmed sends, consuming only while a reader is there, acking after the write, a
+vanished target) is the library's and documented there. Each runs until SIGINT or
+SIGTERM, which end it with status 0, and keeps running across a broker restart (see
+:mod:`.main`); it exits 1 only if the client gives up reconnecting.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import argparse
 import signal
 
-from ..bridges.fifo_bus import DEFAULT_DRAIN_TIMEOUT, bus_to_fifo, fifo_to_bus
+from ..bridges.fifo_bus import DEFAULT_DRAIN_TIMEOUT, DEFAULT_WINDOW, bus_to_fifo, fifo_to_bus
 from ..bridges.framing import DEFAULT_MAX_RECORD, FRAMINGS
 from ..bridges.signals import forward_signals
 from ..client.bus import Bus
@@ -46,7 +48,8 @@ def signal_number(text: str) -> signal.Signals:
 async def _fifo_in(bus: Bus, args: argparse.Namespace) -> int:
     await fifo_to_bus(bus, args.path, queue=args.queue, topic=args.topic,
                       framing=args.framing, max_record=args.max_record,
-                      dead_letter=args.dead_letter)
+                      dead_letter=args.dead_letter, window=args.window,
+                      drain_timeout=args.drain_timeout)
     return 0
 
 
@@ -76,7 +79,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
         description="Create the FIFO PATH if missing (mode 0600) and turn each record"
                     " written to it into a message, for as many writers as come and go:"
                     " `echo job >> PATH` works again and again. Records over --max-record"
-                    " are reported and, for a queue, dead-lettered with reason too-large.",
+                    " are reported and, for a queue, dead-lettered with reason too-large."
+                    "\nEach record sent to a queue is confirmed by the broker, at most"
+                    " --window at a time. While the broker is away (restarting) the FIFO"
+                    " stays open but nothing is read from it: writers' records wait in the"
+                    " pipe, and once it is full (64 KiB) writers block until the broker is"
+                    " back; records read but not yet confirmed are sent again after the"
+                    " reconnect. Nothing is lost unless this process itself dies.",
     )
     p.add_argument("path", metavar="PATH", help="the FIFO")
     target = p.add_mutually_exclusive_group(required=True)
@@ -88,6 +97,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
     p.add_argument("--dead-letter", type=queue_name, metavar="QUEUE",
                    help="where records over --max-record go, with --queue (default"
                         " QUEUE.dlq, the queue's default dead-letter queue)")
+    p.add_argument("--window", type=positive_int, default=DEFAULT_WINDOW, metavar="N",
+                   help="with --queue: records sent but not yet confirmed by the broker"
+                        f" (default {DEFAULT_WINDOW}); no more is read until one is")
+    p.add_argument("--drain-timeout", type=non_negative_float, default=DEFAULT_DRAIN_TIMEOUT,
+                   metavar="SECONDS",
+                   help="when stopped, how long to wait for the broker to confirm the"
+                        f" records sent (default {DEFAULT_DRAIN_TIMEOUT:g})")
 
     p = add_command(
         subparsers, common, "fifo-out", run=_fifo_out, long_running=True,
@@ -95,6 +111,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
         description="Create the FIFO PATH if missing (mode 0600) and write each message"
                     " to it as one record, waiting for a reader without losing anything:"
                     " a queue message is acked only once its record is in the pipe."
+                    " A queue is consumed only while a reader has the FIFO open (`cat"
+                    " PATH`), so no message waits for a reader while its lease runs out;"
+                    " when the reader leaves, the unacked messages go back to the queue."
+                    " An ack that comes too late (the reader stalled past the queue's"
+                    " ack_timeout, or the broker restarted) is reported on stderr and the"
+                    " message is delivered again: at least once."
                     " Stopped (SIGTERM, SIGINT) in the middle of a record, it first"
                     " finishes the record, for up to --drain-timeout seconds, and acks it;"
                     " if the reader does not take the rest in time, the message is not"
@@ -108,7 +130,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
                         help="subscribe to PATTERN")
     _framing_option(p)
     p.add_argument("--prefetch", type=positive_int, default=16, metavar="N",
-                   help="queue messages leased ahead (default 16)")
+                   help="queue messages leased ahead while a reader is there (default 16)")
     p.add_argument("--drain-timeout", type=non_negative_float, default=DEFAULT_DRAIN_TIMEOUT,
                    metavar="SECONDS",
                    help="when stopped mid-record, how long to wait for the reader to take"

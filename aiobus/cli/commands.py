@@ -2,7 +2,9 @@
 
 Each prints a message and flushes stdout *before* acknowledging it (``consume``), so a
 message whose line never got out (full disk, closed pipe) is not acked and comes back:
-queues stay at-least-once through the command line too.
+queues stay at-least-once through the command line too. The other way round, a message
+printed whose ack finds the lease gone (the broker restarted meanwhile) is reported on
+stderr and printed again when it comes back.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any, TypeVar
 
 from ..client.bus import Bus
 from ..client.message import Message
+from ..errors import LeaseError
 from .bodies import (
     CliError,
     argument_bytes,
@@ -112,10 +115,17 @@ async def _consume(bus: Bus, args: argparse.Namespace) -> int:
             if msg is None:
                 break
             _emit(message_json(msg) if args.json else render(body_of(msg)))
-            if args.reject:
-                await msg.reject(args.reason)
-            else:
-                await msg.ack()
+            try:
+                if args.reject:
+                    await msg.reject(args.reason)
+                else:
+                    await msg.ack()
+            except LeaseError as exc:
+                # Printed, but the lease is gone (it expired, or the connection dropped
+                # and the broker gave the message out again): it will come again.
+                print(f"aiobus: message {msg.id} was printed but not"
+                      f" {'rejected' if args.reject else 'acknowledged'} ({exc});"
+                      " it will be delivered again", file=sys.stderr, flush=True)
             handled += 1
     return 0
 

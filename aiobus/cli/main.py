@@ -9,6 +9,14 @@ messages back), and the connection is then closed normally, outside the scope, s
 broker hears a clean goodbye. A second signal gets the default action (as in most Unix
 tools, Ctrl-C twice is a hard stop).
 
+A long-running command (``listen``, ``consume``, ``stat --watch``, the bridges) connects
+with ``reconnect=True``: across a broker restart it keeps running, its consumer or
+subscription resumed by the client, and says so on stderr (``aiobus: connection to PATH
+lost (...); reconnecting``, then ``aiobus: reconnected to PATH``) from a task beside the
+command in one task group. It exits 1 only if the client gives up. Other commands connect
+with ``reconnect=False``: a one-shot command fails (exit 1) rather than wait for a broker
+that may never come back.
+
 Exit codes follow Unix habits: 0 done; 1 an operational error (broker unavailable,
 timeout, lost connection), one line ``aiobus: <message>`` on stderr; 2 a usage error
 (argparse's). A long-running command (``listen``, ``consume``, ``stat --watch``, the
@@ -24,11 +32,12 @@ import logging
 import os
 import signal
 import sys
+from typing import assert_never
 
 import anyio
 
-from .. import __version__
-from ..client.bus import connect
+from .. import ConnectionState, __version__
+from ..client.bus import Bus, connect
 from ..errors import BusError
 from . import bridges, commands, dlq, queues, stat
 from .bodies import CliError
@@ -71,16 +80,40 @@ async def _run(args: argparse.Namespace) -> int:
     for signo in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signo, on_signal, signo)
     status = 0
+    long_running = getattr(args, "long_running", False)
     try:
-        async with connect(args.socket, name=f"aiobus {args.command}") as bus:
+        async with connect(args.socket, name=f"aiobus {args.command}",
+                           reconnect=long_running) as bus:
             with work:
-                status = await args.run(bus, args)
+                if long_running:
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(report_connection, bus)
+                        status = await args.run(bus, args)
+                        tg.cancel_scope.cancel()
+                else:
+                    status = await args.run(bus, args)
     finally:
         for signo in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signo)
     if received:
-        return 0 if getattr(args, "long_running", False) else 128 + received[0]
+        return 0 if long_running else 128 + received[0]
     return int(status)
+
+
+async def report_connection(bus: Bus) -> None:
+    """Tell stderr each time the connection drops and comes back, until the bus closes."""
+    async for change in bus.state_changes():
+        match change.state:
+            case ConnectionState.DISCONNECTED:
+                reason = " ".join(str(change.error).split()) if change.error else "closed"
+                print(f"aiobus: connection to {bus.path} lost ({reason}); reconnecting",
+                      file=sys.stderr, flush=True)
+            case ConnectionState.RECONNECTED:
+                print(f"aiobus: reconnected to {bus.path}", file=sys.stderr, flush=True)
+            case ConnectionState.CLOSED:
+                return
+            case _:
+                assert_never(change.state)
 
 
 def _leaf(exc: BaseException) -> BaseException:

@@ -5,7 +5,9 @@ The broker reports counters (``sent``, ``delivered``, ``acked``, ``dead_lettered
 here from two samples: the previous redraw in ``--watch`` mode, otherwise a second sample
 taken ``--sample`` seconds after the first. The interval is measured with the local
 monotonic clock when each answer arrives. A counter that went down (the broker was
-restarted between samples) has no rate rather than a negative one.
+restarted between samples) has no rate rather than a negative one. ``--watch`` keeps
+running across a broker restart: while the client reconnects it shows the outage above
+the last table, and rates start again from the first two samples after it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..client.bus import Bus
+from ..errors import ConnectionLost
 from .bodies import table, to_jsonable
 from .options import add_command, non_negative_float, positive_float
 
@@ -161,15 +164,33 @@ async def _stat(bus: Bus, args: argparse.Namespace) -> int:
         _write(render_json(current, rates) + "\n" if args.json
                else rendertable(current, rates, bus.path))
         return 0
-    previous = None
+    return await _watch(bus, args)
+
+
+async def _watch(bus: Bus, args: argparse.Namespace) -> int:
+    """Redraw every ``args.watch`` seconds; across a broker restart, show the outage (the
+    last table under a banner) until the client has reconnected, then go on."""
+    previous: Sample | None = None
+    shown = ""  # the last table drawn
     while True:
-        current = await take_sample(bus)
+        if not bus.connected:
+            if not args.json:  # JSON lines stay samples; stderr tells of the outage
+                since = time.strftime("%H:%M:%S")
+                _write(CLEAR + f"every {args.watch:g} s; Ctrl-C to quit\n"
+                       f"broker at {bus.path} unreachable since {since}; reconnecting"
+                       f"{' (the last sample below)' if shown else ''}\n\n" + shown)
+            await bus.wait_connected()  # raises if the client gives up
+            previous = None  # a rate across the outage would mean nothing
+        try:
+            current = await take_sample(bus)
+        except ConnectionLost:
+            continue  # dropped while asking: the top of the loop shows the outage
         rates = compute_rates(previous, current)
         if args.json:
             _write(render_json(current, rates) + "\n")
         else:
-            _write(CLEAR + f"every {args.watch:g} s; Ctrl-C to quit\n"
-                   + rendertable(current, rates, bus.path))
+            shown = rendertable(current, rates, bus.path)
+            _write(CLEAR + f"every {args.watch:g} s; Ctrl-C to quit\n" + shown)
         previous = current
         await asyncio.sleep(args.watch)
 
