@@ -81,6 +81,18 @@ def compute(request: Any) -> float:
     return OPERATIONS[op](args[0], args[1])
 
 
+async def report_connection(bus: aiobus.Bus) -> None:
+    """Say on stderr when the broker goes away and when it is back. The client reconnects
+    by itself (``aiobus.connect(reconnect=True)``, the default); consumers and
+    subscriptions carry on where they were."""
+    async for change in bus.state_changes():
+        if change.state is aiobus.ConnectionState.DISCONNECTED:
+            print(f"connection to {bus.path} lost ({change.error}); reconnecting",
+                  file=sys.stderr)
+        elif change.state is aiobus.ConnectionState.RECONNECTED:
+            print(f"reconnected to {bus.path}", file=sys.stderr)
+
+
 async def serve(bus: aiobus.Bus, *,
                 task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
     async with bus.consume(QUEUE) as requests:  # registered with the broker from here on
@@ -92,7 +104,10 @@ async def serve(bus: aiobus.Bus, *,
             except CalcError as exc:
                 reply = {"error": {"type": type(exc).__name__, "message": str(exc)}}
             print(f"service: {msg.body!r} -> {reply!r}")
-            await msg.reply(reply)  # also acks the request
+            try:
+                await msg.reply(reply)  # also acks the request
+            except aiobus.LeaseError as exc:  # the broker restarted meanwhile
+                print(f"service: could not reply ({exc})", file=sys.stderr)
 
 
 async def stop_on_signal(scope: anyio.CancelScope) -> None:
@@ -105,6 +120,7 @@ async def stop_on_signal(scope: anyio.CancelScope) -> None:
 async def run_service(bus: aiobus.Bus) -> None:
     async with anyio.create_task_group() as tg:
         tg.start_soon(stop_on_signal, tg.cancel_scope)
+        tg.start_soon(report_connection, bus)
         await serve(bus)
     print("calculator service stopped")
 
@@ -181,7 +197,7 @@ async def main() -> int:
 if __name__ == "__main__":
     try:
         sys.exit(asyncio.run(main()))
-    except* aiobus.BrokerUnavailable as errors:  # except*: it may come from a task group
-        sys.exit(f"error: {errors.exceptions[0]}")
+    except* (aiobus.BrokerUnavailable, aiobus.ConnectionLost) as errors:  # from a task group
+        sys.exit(f"error: {errors.exceptions[0]}")  # no broker, or it never came back
     except* KeyboardInterrupt:
         sys.exit(130)

@@ -51,6 +51,18 @@ async def stdin_lines() -> AsyncIterator[str]:
         transport.close()
 
 
+async def report_connection(bus: aiobus.Bus) -> None:
+    """Say on stderr when the broker goes away and when it is back. The client reconnects
+    by itself (``aiobus.connect(reconnect=True)``, the default); consumers and
+    subscriptions carry on where they were."""
+    async for change in bus.state_changes():
+        if change.state is aiobus.ConnectionState.DISCONNECTED:
+            print(f"connection to {bus.path} lost ({change.error}); reconnecting",
+                  file=sys.stderr)
+        elif change.state is aiobus.ConnectionState.RECONNECTED:
+            print(f"reconnected to {bus.path}", file=sys.stderr)
+
+
 async def show_lines(lines: AsyncIterator[aiobus.Message], me: dict[str, Any]) -> None:
     async for msg in lines:
         body = msg.body
@@ -84,6 +96,7 @@ async def chat(bus: aiobus.Bus, room: str, nick: str) -> None:
         )
         print(f"joined #{room} as {nick}; here: {', '.join(here) or 'nobody yet'}")
         tg.start_soon(show_lines, lines, me)
+        tg.start_soon(report_connection, bus)
         tg.start_soon(show_presence, events, room)
         async for text in stdin_lines():
             if text:
@@ -106,7 +119,7 @@ async def main() -> None:
 if __name__ == "__main__":
     try:
         asyncio.run(main())
-    except* aiobus.BrokerUnavailable as errors:  # except*: it may come from a task group
-        sys.exit(f"error: {errors.exceptions[0]}")
+    except* (aiobus.BrokerUnavailable, aiobus.ConnectionLost) as errors:  # from a task group
+        sys.exit(f"error: {errors.exceptions[0]}")  # no broker, or it never came back
     except* KeyboardInterrupt:
         sys.exit(130)

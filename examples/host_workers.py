@@ -40,6 +40,18 @@ async def work(n: int) -> int:
     return n * n
 
 
+async def report_connection(bus: aiobus.Bus) -> None:
+    """Say on stderr when the broker goes away and when it is back. The client reconnects
+    by itself (``aiobus.connect(reconnect=True)``, the default); consumers and
+    subscriptions carry on where they were."""
+    async for change in bus.state_changes():
+        if change.state is aiobus.ConnectionState.DISCONNECTED:
+            print(f"connection to {bus.path} lost ({change.error}); reconnecting",
+                  file=sys.stderr)
+        elif change.state is aiobus.ConnectionState.RECONNECTED:
+            print(f"reconnected to {bus.path}", file=sys.stderr)
+
+
 async def serve_tasks(bus: aiobus.Bus, name: str, *,
                       task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
                       ) -> None:
@@ -50,7 +62,10 @@ async def serve_tasks(bus: aiobus.Bus, name: str, *,
             result = await work(msg.body["n"])
             await bus.send(RESPONSES, {"task": msg.body["task"], "result": result,
                                        "worker": name})
-            await msg.ack()  # after the result is sent: a worker dying mid-task loses nothing
+            try:
+                await msg.ack()  # after the result is sent: a worker dying mid-task loses nothing
+            except aiobus.LeaseError as exc:  # the broker restarted: the task comes again
+                print(f"worker {name}: {exc}", file=sys.stderr)
 
 
 async def worker(socket: str | None, name: str, *,
@@ -62,6 +77,7 @@ async def worker(socket: str | None, name: str, *,
         anyio.create_task_group() as tg,
     ):
         await tg.start(serve_tasks, bus, name)
+        tg.start_soon(report_connection, bus)
         task_status.started()
         async for _ in shutdown:
             print(f"worker {name}: shutting down")
@@ -78,7 +94,10 @@ async def host(socket: str | None, tasks: int) -> None:
             print(f"host: sent {tasks} tasks")
             done: Counter[str] = Counter()
             async for msg in responses:
-                await msg.ack()
+                try:
+                    await msg.ack()
+                except aiobus.LeaseError:
+                    continue  # the broker restarted: this response comes again
                 body = msg.body
                 print(f"host: task {body['task']:>3} = {body['result']:<5} by {body['worker']}")
                 done[body["worker"]] += 1
@@ -116,7 +135,7 @@ async def main() -> None:
 if __name__ == "__main__":
     try:
         asyncio.run(main())
-    except* aiobus.BrokerUnavailable as errors:  # except*: it may come from a task group
-        sys.exit(f"error: {errors.exceptions[0]}")
+    except* (aiobus.BrokerUnavailable, aiobus.ConnectionLost) as errors:  # from a task group
+        sys.exit(f"error: {errors.exceptions[0]}")  # no broker, or it never came back
     except* KeyboardInterrupt:
         sys.exit(130)

@@ -71,28 +71,48 @@ def text(body: object) -> str:
     return body.decode(errors="replace") if isinstance(body, bytes) else str(body)
 
 
+async def report_connection(bus: aiobus.Bus) -> None:
+    """Say on stderr when the broker goes away and when it is back. The client reconnects
+    by itself (``aiobus.connect(reconnect=True)``, the default); consumers and
+    subscriptions carry on where they were."""
+    async for change in bus.state_changes():
+        if change.state is aiobus.ConnectionState.DISCONNECTED:
+            print(f"connection to {bus.path} lost ({change.error}); reconnecting",
+                  file=sys.stderr)
+        elif change.state is aiobus.ConnectionState.RECONNECTED:
+            print(f"reconnected to {bus.path}", file=sys.stderr)
+
+
 async def worker(socket: str | None, name: str, retry_delays: list[float],
                  settled: MemoryObjectSendStream[str]) -> None:
     async with aiobus.connect(socket, name=name) as bus, settled:
         async for msg in bus.consume(JOBS, prefetch=1):
-            url = text(msg.body)
             try:
-                size = await fetch(url, msg.attempt)
-            except InvalidJob as exc:
-                print(f"{name}: {url!r} is invalid, dead-lettered at once")
-                await msg.reject(reason=str(exc))
-            except TransientError as exc:
-                if msg.attempt < MAX_DELIVERIES:
-                    delay = retry_delays[min(msg.attempt, len(retry_delays)) - 1]
-                    print(f"{name}: {url} attempt {msg.attempt} failed ({exc}),"
-                          f" retry in {delay:g} s")
-                else:
-                    print(f"{name}: {url} attempt {msg.attempt} failed ({exc}), giving up")
-                await msg.nack(reason=str(exc))  # the broker applies retry_delays
-            else:
-                print(f"{name}: {url} done on attempt {msg.attempt} ({size} bytes)")
-                await msg.ack()
-                await settled.send("done")
+                await work_on(msg, name, retry_delays, settled)
+            except aiobus.LeaseError as exc:  # the broker restarted while we held the job
+                print(f"{name}: {exc}; the broker gives the job out again", file=sys.stderr)
+
+
+async def work_on(msg: aiobus.Message, name: str, retry_delays: list[float],
+                  settled: MemoryObjectSendStream[str]) -> None:
+    url = text(msg.body)
+    try:
+        size = await fetch(url, msg.attempt)
+    except InvalidJob as exc:
+        print(f"{name}: {url!r} is invalid, dead-lettered at once")
+        await msg.reject(reason=str(exc))
+    except TransientError as exc:
+        if msg.attempt < MAX_DELIVERIES:
+            delay = retry_delays[min(msg.attempt, len(retry_delays)) - 1]
+            print(f"{name}: {url} attempt {msg.attempt} failed ({exc}),"
+                  f" retry in {delay:g} s")
+        else:
+            print(f"{name}: {url} attempt {msg.attempt} failed ({exc}), giving up")
+        await msg.nack(reason=str(exc))  # the broker applies retry_delays
+    else:
+        print(f"{name}: {url} done on attempt {msg.attempt} ({size} bytes)")
+        await msg.ack()
+        await settled.send("done")
 
 
 async def watch_dead_letters(bus: aiobus.Bus, settled: MemoryObjectSendStream[str]) -> None:
@@ -103,7 +123,10 @@ async def watch_dead_letters(bus: aiobus.Bus, settled: MemoryObjectSendStream[st
             print(f"dead letter: {text(msg.body)!r}"
                   f" reason={h['x-dead-reason']} attempts={h['x-attempts']}"
                   f" ({h.get('x-reason-text', '')}) {age:.1f} s after it was first queued")
-            await msg.ack()
+            try:
+                await msg.ack()
+            except aiobus.LeaseError:
+                continue  # the broker restarted: it gives the dead letter out again
             await settled.send("dead")
 
 
@@ -136,6 +159,7 @@ async def main() -> None:
                 tg.start_soon(worker, args.socket, f"worker-{n}", retry_delays,
                               send_settled.clone())
             tg.start_soon(watch_dead_letters, bus, send_settled.clone())
+            tg.start_soon(report_connection, bus)  # the workers' connections recover alike
             tally: Counter[str] = Counter()
             async for outcome in settled:
                 tally[outcome] += 1
@@ -148,7 +172,7 @@ async def main() -> None:
 if __name__ == "__main__":
     try:
         asyncio.run(main())
-    except* aiobus.BrokerUnavailable as errors:  # except*: it may come from a task group
-        sys.exit(f"error: {errors.exceptions[0]}")
+    except* (aiobus.BrokerUnavailable, aiobus.ConnectionLost) as errors:  # from a task group
+        sys.exit(f"error: {errors.exceptions[0]}")  # no broker, or it never came back
     except* KeyboardInterrupt:
         sys.exit(130)

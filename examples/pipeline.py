@@ -37,6 +37,18 @@ def is_end(msg: aiobus.Message) -> bool:
     return msg.headers.get("end-of-stream") == "true"
 
 
+async def report_connection(bus: aiobus.Bus) -> None:
+    """Say on stderr when the broker goes away and when it is back. The client reconnects
+    by itself (``aiobus.connect(reconnect=True)``, the default); consumers and
+    subscriptions carry on where they were."""
+    async for change in bus.state_changes():
+        if change.state is aiobus.ConnectionState.DISCONNECTED:
+            print(f"connection to {bus.path} lost ({change.error}); reconnecting",
+                  file=sys.stderr)
+        elif change.state is aiobus.ConnectionState.RECONNECTED:
+            print(f"reconnected to {bus.path}", file=sys.stderr)
+
+
 async def source(bus: aiobus.Bus, output: str, count: int) -> None:
     for n in range(1, count + 1):
         await bus.send(output, n)
@@ -49,24 +61,31 @@ async def filter_stage(bus: aiobus.Bus, by: int, input: str, output: str) -> Non
     async for msg in bus.consume(input):
         if is_end(msg):
             await bus.send(output, None, headers=END)
-            await msg.ack()
+            await ack(msg)
             break
         if msg.body % by == 0:
             await bus.send(output, msg.body)  # forward first, then ack: at-least-once
             passed += 1
-        await msg.ack()
+        await ack(msg)
     print(f"filter by {by}: passed {passed} numbers from {input} to {output}, then end of stream")
 
 
 async def sink(bus: aiobus.Bus, input: str) -> None:
     received: list[int] = []
     async for msg in bus.consume(input):
-        await msg.ack()
+        await ack(msg)
         if is_end(msg):
             break
         received.append(msg.body)
         print(f"sink: {msg.body}")
     print(f"sink: end of stream after {len(received)} numbers: {received}")
+
+
+async def ack(msg: aiobus.Message) -> None:
+    try:
+        await msg.ack()
+    except aiobus.LeaseError as exc:  # the broker restarted: it delivers the message again
+        print(f"{msg.queue}: {exc}; it comes again", file=sys.stderr)
 
 
 Stage = Callable[[aiobus.Bus], Awaitable[None]]
@@ -84,8 +103,13 @@ def stages(count: int) -> dict[str, Stage]:
 
 async def run_stage(socket: str | None, name: str, stage: Stage) -> None:
     """Run one stage on its own connection, as a separate process would."""
-    async with aiobus.connect(socket, name=f"pipeline-{name}") as bus:
+    async with (
+        aiobus.connect(socket, name=f"pipeline-{name}") as bus,
+        anyio.create_task_group() as tg,
+    ):
+        tg.start_soon(report_connection, bus)
         await stage(bus)
+        tg.cancel_scope.cancel()
 
 
 async def main() -> None:
@@ -109,7 +133,7 @@ async def main() -> None:
 if __name__ == "__main__":
     try:
         asyncio.run(main())
-    except* aiobus.BrokerUnavailable as errors:  # except*: it may come from a task group
-        sys.exit(f"error: {errors.exceptions[0]}")
+    except* (aiobus.BrokerUnavailable, aiobus.ConnectionLost) as errors:  # from a task group
+        sys.exit(f"error: {errors.exceptions[0]}")  # no broker, or it never came back
     except* KeyboardInterrupt:
         sys.exit(130)

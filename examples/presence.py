@@ -37,13 +37,26 @@ from aiobus.bridges import signals_to_bus
 PREFIX = "svc:"  # client names of services, as the monitor recognises them
 
 
+async def report_connection(bus: aiobus.Bus) -> None:
+    """Say on stderr when the broker goes away and when it is back. The client reconnects
+    by itself (``aiobus.connect(reconnect=True)``, the default); consumers and
+    subscriptions carry on where they were."""
+    async for change in bus.state_changes():
+        if change.state is aiobus.ConnectionState.DISCONNECTED:
+            print(f"connection to {bus.path} lost ({change.error}); reconnecting",
+                  file=sys.stderr)
+        elif change.state is aiobus.ConnectionState.RECONNECTED:
+            print(f"reconnected to {bus.path}", file=sys.stderr)
+
+
 async def wait_for_stop() -> signal.Signals:
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         return await anext(signals)
 
 
 async def service(socket: str | None, name: str) -> None:
-    async with aiobus.connect(socket, name=PREFIX + name) as bus:
+    async with aiobus.connect(socket, name=PREFIX + name) as bus, anyio.create_task_group() as tg:
+        tg.start_soon(report_connection, bus)
         async with signals_to_bus(bus, {signal.SIGUSR1: f"svc.{name}.state"}) as stats:
             pid = os.getpid()
             print(f"service {name} up, pid {pid}:"
@@ -53,6 +66,7 @@ async def service(socket: str | None, name: str) -> None:
         sent = stats.published.get(signal.SIGUSR1, 0)
         print(f"service {name}: {signum.name}, stopping"
               f" ({seen} SIGUSR1 received, {sent} state reports published)")
+        tg.cancel_scope.cancel()
 
 
 def describe(event: Any) -> str:
@@ -82,6 +96,7 @@ async def monitor(socket: str | None, downs: int | None) -> None:
                       f" (pid {h['pid']}, {h['count']} signal(s) in this report)")
 
         tg.start_soon(print_states)
+        tg.start_soon(report_connection, bus)
         down = 0
         async for msg in presence:
             if not is_service(msg.body):
@@ -116,7 +131,7 @@ async def main() -> None:
 if __name__ == "__main__":
     try:
         asyncio.run(main())
-    except* aiobus.BrokerUnavailable as errors:  # except*: it may come from a task group
-        sys.exit(f"error: {errors.exceptions[0]}")
+    except* (aiobus.BrokerUnavailable, aiobus.ConnectionLost) as errors:  # from a task group
+        sys.exit(f"error: {errors.exceptions[0]}")  # no broker, or it never came back
     except* KeyboardInterrupt:
         sys.exit(130)

@@ -33,6 +33,18 @@ def reading(city: str, metric: str, rng: random.Random) -> float:
     return round(base + rng.uniform(-3, 3), 1)
 
 
+async def report_connection(bus: aiobus.Bus) -> None:
+    """Say on stderr when the broker goes away and when it is back. The client reconnects
+    by itself (``aiobus.connect(reconnect=True)``, the default); consumers and
+    subscriptions carry on where they were."""
+    async for change in bus.state_changes():
+        if change.state is aiobus.ConnectionState.DISCONNECTED:
+            print(f"connection to {bus.path} lost ({change.error}); reconnecting",
+                  file=sys.stderr)
+        elif change.state is aiobus.ConnectionState.RECONNECTED:
+            print(f"reconnected to {bus.path}", file=sys.stderr)
+
+
 async def station(bus: aiobus.Bus, city: str, count: int, interval: float) -> None:
     rng = random.Random(city)  # seeded: the same city reports the same weather every run
     for n in range(count):
@@ -88,19 +100,24 @@ async def main() -> None:
     p.add_argument("--count", type=int, default=2, help="rounds of readings (default 2)")
     args = parser.parse_args()
 
-    async with aiobus.connect(args.socket, name=f"weather-{args.role}") as bus:
+    async with (
+        aiobus.connect(args.socket, name=f"weather-{args.role}") as bus,
+        anyio.create_task_group() as tg,
+    ):
+        tg.start_soon(report_connection, bus)
         if args.role == "station":
             await station(bus, args.city, args.count, args.interval)
         elif args.role == "listen":
             await listen(bus, args.pattern, args.count)
         else:
             await demo(bus, args.count)
+        tg.cancel_scope.cancel()
 
 
 if __name__ == "__main__":
     try:
         asyncio.run(main())
-    except* aiobus.BrokerUnavailable as errors:  # except*: it may come from a task group
-        sys.exit(f"error: {errors.exceptions[0]}")
+    except* (aiobus.BrokerUnavailable, aiobus.ConnectionLost) as errors:  # from a task group
+        sys.exit(f"error: {errors.exceptions[0]}")  # no broker, or it never came back
     except* KeyboardInterrupt:
         sys.exit(130)
