@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test lint typecheck unit integration bench bench-quick clean fuzz
+.PHONY: run test lint typecheck unit integration soak bench bench-quick clean fuzz
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ integration: $(VENV)/.installed-test
 
 test: lint
 	$(BIN)/python -m pytest -q
+
+# Soak tests (marked `soak`, deselected by `make test`): real time is the point, as a
+# reader that opens a FIFO 60 s after `aiobus fifo-out` started. A few minutes.
+soak: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -m soak -q
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
