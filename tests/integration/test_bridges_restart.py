@@ -158,13 +158,14 @@ async def test_fifo_in_queues_every_line_once_across_broker_restarts(
                 await asyncio.wait_for(writer.wait(), REAP_TIMEOUT)
         await wait_stats(path, "lines", lambda s: s["ready"] >= LINES, timeout=60)
         assert await bridge.stop() == 0, bridge.err.text()
+    total = (await stats_of(path, "lines"))["ready"]  # fixed now: nothing else sends
 
     failed = {int(n) for n in re.findall(rb"failed (\d+)", errors)}
     assert failed == set(), "the FIFO stayed open: writers never see an error"
     seen: Counter[int] = Counter()
     async with aiobus.connect(path, reconnect=False) as bus:
         async with bus.consume("lines", prefetch=1000) as consumer:
-            while sum(seen.values()) < LINES or (await queue_stats(bus, "lines"))["ready"]:
+            for _ in range(total):
                 msg = await asyncio.wait_for(anext(consumer), TIMEOUT)
                 number, pad = msg.body.split(" ")
                 assert pad == "x" * 100
@@ -175,7 +176,7 @@ async def test_fifo_in_queues_every_line_once_across_broker_restarts(
     assert not duplicates, f"{len(duplicates)} lines queued twice, e.g. {list(duplicates)[:5]}"
     missing = sorted(set(range(1, LINES + 1)) - set(seen))
     assert not missing, f"{len(missing)} lines lost, e.g. {missing[:5]}"
-    assert set(seen) == set(range(1, LINES + 1))
+    assert set(seen) == set(range(1, LINES + 1)) and total == LINES
 
 
 # -- fifo-out: a reader that comes late -----------------------------------------------
