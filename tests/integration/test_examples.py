@@ -22,7 +22,12 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
+import aiobus
+
 from .conftest import REAP_TIMEOUT, BrokerProcess
+from .restarts import Restarts, restarts
+
+__all__ = ["restarts"]  # the fixture, imported for this module's tests
 
 pytestmark = pytest.mark.asyncio
 
@@ -393,3 +398,42 @@ async def test_an_example_without_a_broker_says_how_to_start_one(short_tmp: Path
     assert proc.returncode == 1
     assert err.decode().startswith("error: no aiobus broker is listening on "), err.decode()
     assert "start one with `aiobus-broker`" in err.decode()
+
+
+# -- across a broker restart -----------------------------------------------------------
+
+
+async def test_examples_keep_running_across_a_broker_restart(
+    run: Run, restarts: Restarts
+) -> None:
+    service = await run("calculator.py", "service")
+    await service.expect(r"calculator service ready on queue calc.requests")
+    listener = await run("weather.py", "listen", "weather.hk.>", "--count", "3")
+    await listener.expect(r"^listening to weather.hk.>$")
+
+    restarts.stop()
+    restarts.start()
+    where = re.escape(restarts.path)
+    for example in (service, listener):
+        await example.expect(rf"^connection to {where} lost \(.*\); reconnecting$")
+        await example.expect(rf"^reconnected to {where}$")
+    await wait_subscribed(restarts.path, "weather.hk.>")  # resubscribed by the client
+
+    assert "add(2, 3) = 5" in await (await run("calculator.py", "client", "add", "2", "3")
+                                     ).succeeds()
+    station = await run("weather.py", "station", "hk", "--count", "1", "--interval", "0")
+    await station.succeeds()
+    assert sorted(readings(await listener.succeeds(), "weather.hk.>")) == [
+        ("hk", "humidity"), ("hk", "temp"), ("hk", "wind")]
+    service.proc.send_signal(signal.SIGTERM)
+    lines = await service.succeeds()
+    for example in (service, listener):
+        assert "Traceback" not in example.output() and "ExceptionGroup" not in example.output()
+    assert lines[-1] == "calculator service stopped"
+
+
+async def wait_subscribed(path: str, pattern: str) -> None:
+    async with aiobus.connect(path, reconnect=False) as bus, asyncio.timeout(TIMEOUT):
+        while not any(sub["pattern"] == pattern
+                      for sub in (await bus.stats())["topics"]["subscriptions"]):
+            await asyncio.sleep(0.05)
