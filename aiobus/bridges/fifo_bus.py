@@ -7,7 +7,8 @@ Delivery: ``fifo_to_bus`` keeps at most ``window`` records sent but not yet conf
 the broker, and reads no more until the oldest is confirmed; while the broker is away it
 reads nothing. A record read but unconfirmed when the connection drops is sent again by
 the client after it reconnects, under the same message id, which the broker
-deduplicates: every record read is queued once. The FIFO stays open meanwhile, so shell
+deduplicates: every record read is queued once. (A broker that does not deduplicate gets
+the record again from the bridge: at least once.) The FIFO stays open meanwhile, so shell
 writers are never told "no reader" (``EPIPE``): their records wait in the pipe (64 KiB on
 Linux), and once it is full ``echo >> fifo`` blocks until the bridge reads again. A pipe
 cannot be acked, so a record is lost only if the bridge process itself dies holding it:
@@ -113,6 +114,18 @@ class BridgeStatistics:
     unencodable: int = 0  # bus→FIFO: bodies the framing cannot carry (rejected or dropped)
     leases_lost: int = 0  # bus→FIFO: written, but the ack found the lease gone (redelivered)
     unconfirmed: int = 0  # FIFO→queue: sent, not yet confirmed (at most the window)
+    resent: int = 0  # FIFO→queue: sent again by the bridge after a reconnect (see fifo_to_bus)
+
+
+@dataclass(slots=True)
+class _Send:
+    """A send of fifo_to_bus not yet confirmed, with what it takes to send it again."""
+
+    future: asyncio.Future[None]
+    queue: str
+    body: Any
+    headers: dict[str, str] | None
+    record: bool  # a record (counted in stats.records once confirmed), else a dead letter
 
 
 def _check_target(queue: str | None, topic: str | None) -> str:
@@ -154,7 +167,10 @@ async def fifo_to_bus(
     next record only while fewer are unconfirmed, and reads nothing while the bus is
     disconnected (the module docstring says what writers see then). Across a broker
     restart a client connected with ``reconnect=True`` sends the unconfirmed records
-    again, so none is lost. Cancelled, the bridge waits up to ``drain_timeout`` seconds,
+    again, so none is lost; it does so under the same message id only to a broker that
+    deduplicates, and gives the send back otherwise: then the bridge sends the record
+    again itself (logged, counted in ``stats.resent``), which may queue it twice.
+    Cancelled, the bridge waits up to ``drain_timeout`` seconds,
     shielded, for the records it sent to be confirmed, and logs an error counting those
     that were not. Topic records are published (at most once, like any publish).
 
@@ -192,24 +208,39 @@ async def fifo_to_bus(
     stats = BridgeStatistics() if stats is None else stats
     # Futures of the sends not yet confirmed, oldest first; True for a record (counted in
     # stats.records once confirmed), False for a dead letter.
-    in_flight: deque[tuple[asyncio.Future[None], bool]] = deque()
+    in_flight: deque[_Send] = deque()
 
-    def settled(future: asyncio.Future[None], record: bool) -> None:
-        future.result()  # raises what the broker said (QueueFull, ConnectionLost, ...)
-        stats.records += record
+    async def settle(sent: _Send) -> None:
+        try:
+            sent.future.result()  # raises what the broker said (QueueFull, ...)
+        except ConnectionLost:
+            # The client resends what a lost connection left unconfirmed only to a broker
+            # that deduplicates (its WELCOME says so); from another it gives the send
+            # back. Send it again ourselves: at least once rather than lost.
+            await bus.wait_connected()  # raises if the client gave up, or was closed
+            stats.resent += 1
+            if _every_power_of_two(stats.resent):
+                logger.warning(
+                    "the broker does not deduplicate: %d records from FIFO %s sent again"
+                    " after a reconnect, which may queue them twice", stats.resent, path,
+                )  # fmt: skip
+            sent.future = bus.send_nowait(sent.queue, sent.body, sent.headers)
+            in_flight.append(sent)
+            return
+        stats.records += sent.record
         stats.unconfirmed -= 1
 
     async def send(queue: str, body: Any, headers: dict[str, str] | None, record: bool) -> None:
-        while in_flight and in_flight[0][0].done():
-            settled(*in_flight.popleft())
+        while in_flight and in_flight[0].future.done():
+            await settle(in_flight.popleft())
         while len(in_flight) >= window:
             # asyncio.wait: a cancellation here must not cancel the client's future,
             # which still tells the drain below whether the broker confirmed it.
-            await asyncio.wait((in_flight[0][0],))
-            settled(*in_flight.popleft())
+            await asyncio.wait((in_flight[0].future,))
+            await settle(in_flight.popleft())
         if not bus.connected:  # the connection dropped while we waited for the record
             await bus.wait_connected()
-        in_flight.append((bus.send_nowait(queue, body, headers), record))
+        in_flight.append(_Send(bus.send_nowait(queue, body, headers), queue, body, headers, record))
         stats.unconfirmed += 1
 
     async def forward(body: Any) -> None:
@@ -261,7 +292,7 @@ async def fifo_to_bus(
 
 
 async def _drain_sends(
-    in_flight: deque[tuple[asyncio.Future[None], bool]],
+    in_flight: deque[_Send],
     drain_timeout: float,
     path: str | os.PathLike[str],
     stats: BridgeStatistics,
@@ -269,16 +300,17 @@ async def _drain_sends(
     """On the way out of fifo_to_bus: wait (shielded, bounded) for the sends in flight."""
     if not in_flight:
         return
-    futures = [future for future, _ in in_flight]
+    futures = [sent.future for sent in in_flight]
     with anyio.CancelScope(shield=True):
         # asyncio.wait, not awaiting each: a timeout must not cancel the client's futures.
         await asyncio.wait(futures, timeout=drain_timeout)
     lost = 0
-    for future, record in in_flight:
+    for sent in in_flight:
+        future = sent.future
         if not future.done() or future.cancelled() or future.exception() is not None:
             lost += 1  # exception() also marks a failed future's error as seen
         else:
-            stats.records += record
+            stats.records += sent.record
         stats.unconfirmed -= 1
     if lost:
         logger.error(

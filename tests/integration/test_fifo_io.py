@@ -33,7 +33,7 @@ from aiobus.bridges.fifo import (
 )
 from aiobus.bridges.fifo_bus import BridgeStatistics, bus_to_fifo, fifo_to_bus
 from aiobus.bridges.framing import MalformedRecordError, Oversize
-from aiobus.errors import LeaseError
+from aiobus.errors import ConnectionLost, LeaseError
 
 TIMEOUT = 10
 
@@ -610,3 +610,28 @@ async def test_queue_to_fifo_logs_a_lost_lease_and_goes_on(
     assert result == [BridgeStatistics(records=2, leases_lost=1)]
     assert "could not ack message m1 from queue out" in caplog.text
     assert "it will be delivered again" in caplog.text
+
+
+@pytest.mark.asyncio
+async def test_fifo_to_queue_sends_again_what_the_client_gave_back(fifo: Path) -> None:
+    # A client whose broker does not deduplicate fails the sends a lost connection left
+    # unconfirmed with ConnectionLost; the bridge sends them again once reconnected.
+    bus, stats = RecordingBus(confirm_at_once=False), BridgeStatistics()
+    with anyio.fail_after(TIMEOUT):
+        async with anyio.create_task_group() as tg:
+            await tg.start(partial(fifo_to_bus, bus, fifo, queue="jobs", window=2, stats=stats))
+            await sh(f"printf 'a\\nb\\nc\\n' >> {shlex.quote(str(fifo))}")
+            await wait_until(lambda: len(bus.sent) == 2)
+            bus.disconnect()
+            for future in bus.pending:
+                future.set_exception(ConnectionLost("the connection dropped"))
+            await anyio.sleep(0.1)
+            assert len(bus.sent) == 2  # nothing sent again while disconnected
+            bus.reconnect()
+            await wait_until(lambda: len(bus.sent) == 4)
+            bus.confirm(2)
+            await wait_until(lambda: len(bus.sent) == 5)
+            bus.confirm(1)
+            tg.cancel_scope.cancel()
+    assert [body for _, body, _ in bus.sent] == ["a", "b", "a", "b", "c"]
+    assert stats == BridgeStatistics(records=3, resent=2)
