@@ -81,8 +81,7 @@ class Lines:
     """The lines of a child's stream, kept, with ``expect`` waiting for one that matches."""
 
     def __init__(self, stream: asyncio.StreamReader | None) -> None:
-        assert stream is not None
-        self._stream = stream
+        self._stream = stream  # None: not a pipe, expect() fails
         self.lines: list[str] = []
         self._next = 0  # expect() looks at lines from here on: each match is used once
 
@@ -95,6 +94,7 @@ class Lines:
                         self._next += 1
                         if needle in self.lines[self._next - 1]:
                             return self.lines[self._next - 1]
+                    assert self._stream is not None
                     raw = await self._stream.readline()
                     if not raw:
                         raise AssertionError(f"stream ended before {needle!r}:\n{self.text()}")
