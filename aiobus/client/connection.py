@@ -30,32 +30,8 @@ Frames stay plain lists and are dispatched inline, runs of DELIVER/EVENT for one
 looking their receiver up once: an event object per frame would cost more than the rest
 of the receive path (docs/performance.md).
 
-Sessions outlive transports
----------------------------
-With a ``client_id`` (the shell gives one when it reconnects), the connection is a
-*session* that can move from one transport to the next:
-
-* :meth:`connection_lost` keeps what can be done again and gives back what cannot. Kept:
-  unanswered confirmed SENDs (their packed frames, in ``_frames`` by rid: the resend
-  buffer), DECLAREs, STATS and PINGs, and every registered stream with its CONSUME or
-  SUBSCRIBE frame. Given back, to fail with ConnectionLost: requests (never resent: they
-  may not be idempotent), PURGE, DELETE, and lease operations (their leases died with the
-  transport). Leases are numbered per transport by the broker, so the connection adds a
-  per-transport base to every tag it hands out (``_tag_base``, which moves up by 2**40 on
-  each loss): a lease from an earlier transport is below the base and is refused with
-  ``LeaseError`` code ``lease-lost``, never confused with a new lease of the same tag.
-* While DISCONNECTED, confirmed sends go to the resend buffer only; PUBLISHes and
-  unconfirmed SENDs are held up to ``hold_bytes`` (beyond that they are dropped and
-  counted in :attr:`dropped`); credit and acks for old leases are dropped.
-* After the next WELCOME, :meth:`restore` writes, in this order: the queues declared so
-  far (rid 0), the resend buffer with the frames' original rids and seqs (the broker
-  keeps a window of recent message ids per queue and answers a SEND it already accepted
-  with OK without queueing it again: PROTOCOL.md §8), each stream's CONSUME or SUBSCRIBE
-  under its old stream id, then what was held.
-
-A SEND carries a ``seq`` (message id ``<client_id>-<seq>`` at the broker) only when the
-broker's WELCOME says it deduplicates (``info.dedup``); to an older broker a resend could
-duplicate, and the connection does not resend to one.
+Reconnecting: :class:`~aiobus.client.session.Session`, which this class extends, keeps
+what a new transport must be given again.
 """
 
 from __future__ import annotations
@@ -72,11 +48,11 @@ from ..errors import (
     BusError,
     ConnectionLost,
     FrameTooLarge,
-    LeaseError,
     RemoteProtocolError,
     from_code,
 )
 from ..protocol import DEFAULT_MAX_FRAME, PROTOCOL_VERSION, FrameDecoder, Op, decode_body
+from .session import HOLD_BYTES, RESTORING, Session
 
 __all__ = ["HOLD_BYTES", "ClientConnection", "ConnectionSink", "State", "StreamReceiver"]
 
@@ -84,11 +60,6 @@ ACK_BATCH: Final = 1024  # tags per ACK_MANY frame at most
 # Ask for a write at once, not at the end of the loop turn, when this much is waiting:
 # bounds the buffer of a producer that never yields.
 FLUSH_AT: Final = 64 * 1024
-# What a session holds of PUBLISHes and unconfirmed SENDs while DISCONNECTED (nats.py's
-# pending buffer is 2 MiB; the bound keeps a publisher that ignores the outage from
-# growing without limit). Beyond it they are dropped and counted.
-HOLD_BYTES: Final = 1024 * 1024
-_TAG_SPAN: Final = 2**40  # lease numbers per transport (see "Sessions outlive transports")
 _SEND, _PUBLISH, _CREDIT = int(Op.SEND), int(Op.PUBLISH), int(Op.CREDIT)
 _OK, _OK_RANGE, _ERROR = int(Op.OK), int(Op.OK_RANGE), int(Op.ERROR)
 _DELIVER, _EVENT, _EVENTS = int(Op.DELIVER), int(Op.EVENT), int(Op.EVENTS)
@@ -141,7 +112,7 @@ class StreamReceiver(Protocol):
     def _events(self, messages: list[list[Any]], dropped: int) -> None: ...
 
 
-class ClientConnection:
+class ClientConnection(Session):
     """One client connection's protocol state. See the module docstring."""
 
     def __init__(self, sink: ConnectionSink, *, new_waiter: Callable[[], Any] = object,
@@ -344,16 +315,6 @@ class ClientConnection:
             self._flush_wanted = True
             self._sink.flush_wanted()
 
-    def _hold(self, packed: bytes) -> None:
-        """A fire-and-forget frame while DISCONNECTED: hold it (bounded) for restore."""
-        if self.error is not None:
-            raise self.error
-        if self._held_bytes + len(packed) > self._hold_limit:
-            self.dropped += 1
-            return
-        self._held.append(packed)
-        self._held_bytes += len(packed)
-
     def request(self, queue: str, data: bytes, kind: int, headers: dict[str, str] | None,
                 timeout: float, waiter: Any, reply_waiter: Any) -> int:
         """A SEND awaiting a RESPONSE: ``reply_waiter`` gets the reply's decoded body.
@@ -438,20 +399,6 @@ class ClientConnection:
         found = (ref() for ref in self._streams.values())
         return [receiver for receiver in found if receiver is not None]
 
-    def _tag(self, lease: int) -> int:
-        """This transport's tag for ``lease``; LeaseError if it is from an earlier one."""
-        tag = lease - self._tag_base
-        if tag <= 0:
-            raise LeaseError(
-                "the connection to the broker was lost after this message was delivered:"
-                " the broker gives it to a consumer again (at-least-once), so it must not"
-                " be answered now", code="lease-lost")
-        return tag
-
-    def check_lease(self, lease: int) -> None:
-        """Raise LeaseError (``lease-lost``) if ``lease`` is from an earlier transport."""
-        self._tag(lease)
-
     def settle(self, lease: int, outcome: str, delay: float | None, reason: str | None,
                waiter: Any) -> int:
         """ACK, NACK or REJECT a lease (``outcome``: ``"ack"``, ``"nack"``, ``"reject"``)."""
@@ -500,109 +447,6 @@ class ClientConnection:
         if resend and self.client_id is not None:
             self._frames[rid] = self._out[-1]
         return rid
-
-    def abandon(self, rid: int) -> None:
-        """Stop waiting for request ``rid`` and never write it again (a send that timed
-        out). If it was written, the broker may still act on it."""
-        self.pending.pop(rid, None)
-        self._frames.pop(rid, None)
-
-    def declared(self, queue: str, options: dict[str, Any]) -> None:
-        """``queue`` was declared with ``options``: a session declares it again on each
-        new transport (so a broker that lost it, or restarted, has it before any send)."""
-        if self.client_id is not None:
-            self._declared.pop(queue, None)
-            self._declared[queue] = options
-
-    def deleted(self, queue: str) -> None:
-        self._declared.pop(queue, None)
-
-    # -- failing and moving on ------------------------------------------------------------
-
-    def close(self, error: BusError) -> None:
-        """Nothing new may be written (the shell is closing); answers still arrive."""
-        self.error = error
-        self._blocked = True
-
-    def fail(self, error: BusError) -> tuple[list[Any], list[StreamReceiver]]:
-        """Nothing more may be written; return the waiters and receivers to fail, and
-        forget them."""
-        self.error = error
-        self._blocked = True
-        waiters = [w for w in (*self.pending.values(), *self.replies.values())
-                   if w is not _RESTORING]
-        self.pending.clear()
-        self.replies.clear()
-        self._frames.clear()
-        self._held.clear()
-        self._held_bytes = 0
-        return waiters, self.receivers()
-
-    def connection_lost(self) -> list[Any]:
-        """The transport is gone; the session waits for the next (DISCONNECTED). Returns
-        the waiters that cannot be carried over (fail them with ConnectionLost); the
-        receivers (:meth:`receivers`) should forget what the old transport gave them."""
-        if self.client_id is None:
-            raise RuntimeError("connection_lost needs a session (a client_id)")
-        self._down = self._blocked = True
-        self.welcomed = self._hello_sent = False
-        self.close_reason = None
-        self._decoder = self._new_decoder()  # a partial frame of the old transport goes
-        self._out.clear()
-        self._acks.clear()
-        self.out_bytes = 0
-        self._flush_wanted = False
-        self._tag_base += _TAG_SPAN
-        keep = self._frames.keys() | {rid for rid, sid in self._starts.items()
-                                      if sid in self._streams}
-        lost: list[Any] = []
-        for rid, waiter in list(self.pending.items()):
-            if rid not in keep:
-                del self.pending[rid]
-                if waiter is not _RESTORING:
-                    lost.append(waiter)
-        self._restores.clear()
-        lost.extend(self.replies.values())
-        self.replies.clear()
-        return lost
-
-    def restore(self) -> None:
-        """After the new transport's WELCOME: write the session again (see the module
-        docstring) and leave DISCONNECTED."""
-        if not self.welcomed or not self._down:
-            raise RuntimeError("restore() belongs after a new transport's WELCOME")
-        self._down = False
-        self._blocked = self.error is not None
-        if self._blocked:
-            return
-        for queue, options in self._declared.items():
-            self._append([Op.DECLARE, 0, queue, options])
-        out = self._out
-        for packed in self._frames.values():
-            out.append(packed)
-            self.out_bytes += len(packed)
-        starts, self._starts = self._starts, {}
-        waiting = {sid: rid for rid, sid in starts.items() if rid in self.pending}
-        for sid, frame in self._stream_frames.items():
-            if sid not in self._streams:
-                continue
-            rid = next(self._rids)
-            frame[1] = rid
-            self._append(frame)
-            old = waiting.get(sid)
-            if old is not None:  # its consume()/subscribe() still waits for the answer
-                self.pending[rid] = self.pending.pop(old)
-                self._starts[rid] = sid
-            else:
-                self.pending[rid] = _RESTORING
-                self._restores[rid] = sid
-        out.extend(self._held)
-        self.out_bytes += self._held_bytes
-        self._held.clear()
-        self._held_bytes = 0
-        if out and not self._flush_wanted:
-            self._flush_wanted = True
-            self._sink.flush_wanted()
 
     # -- reading --------------------------------------------------------------------------
 
@@ -686,7 +530,7 @@ class ClientConnection:
         if waiter is _MISSING:
             self.async_errors += 1
             self._sink.failed(None, from_code(code, message))
-        elif waiter is _RESTORING:  # a stream could not be started again
+        elif waiter is RESTORING:  # a stream could not be started again
             ref = self._streams.get(self._restores.pop(rid, 0))
             receiver = ref() if ref is not None else None
             if receiver is not None:
@@ -718,16 +562,3 @@ class ClientConnection:
 
 _MISSING: Any = object()
 
-
-class _Restoring:
-    """The waiter of a CONSUME or SUBSCRIBE that :meth:`ClientConnection.restore` wrote:
-    nobody awaits it (``done()`` is true, so a shell skips it); its ERROR fails the
-    stream through ``sink.stream_failed``."""
-
-    __slots__ = ()
-
-    def done(self) -> bool:
-        return True
-
-
-_RESTORING: Any = _Restoring()

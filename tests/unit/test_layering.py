@@ -24,6 +24,7 @@ CORE_MODULES = [
     "broker/journal/records.py",
     "broker/journal/replay.py",
     "client/connection.py",
+    "client/session.py",
     "protocol.py",
     "names.py",
     "errors.py",
