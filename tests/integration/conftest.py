@@ -134,9 +134,18 @@ def broker(broker_factory: Any) -> BrokerProcess:
     return proc
 
 
-@pytest_asyncio.fixture
-async def bus(broker: BrokerProcess) -> AsyncIterator[aiobus.Bus]:
-    """A client connection (in the test's process) to the ``broker`` fixture."""
+# The client's behaviour suite (every test taking ``bus``) runs once per backend here: the
+# same tests, written against ``aiobus.Bus``, for each transport below it. The NATS
+# backend (planned) joins this list with a fixture that starts nats-server.
+BACKENDS = ["unix"]
+
+
+@pytest_asyncio.fixture(params=BACKENDS)
+async def bus(request: pytest.FixtureRequest, broker: BrokerProcess) -> AsyncIterator[aiobus.Bus]:
+    """A client connection (in the test's process) to the ``broker`` fixture, over each
+    backend in BACKENDS."""
+    if request.param != "unix":
+        raise AssertionError(f"no fixture for backend {request.param!r}")
     async with aiobus.connect(broker.path, name="test") as bus:
         yield bus
 

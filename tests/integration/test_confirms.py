@@ -127,17 +127,35 @@ async def test_send_nowait_failures_land_on_their_own_futures(bus: aiobus.Bus) -
 
 
 async def test_send_nowait_fails_with_connection_lost_when_the_broker_dies(
-        broker: BrokerProcess, bus: aiobus.Bus) -> None:
-    await bus.declare_queue("blocked", max_length=1)
-    await bus.send("blocked", "fills it")
-    parked = bus.send_nowait("blocked", "waits for room")
-    await wait_until(lambda: _parked(bus))
-    broker.proc.send_signal(signal.SIGKILL)
-    broker.proc.wait(10)
-    with pytest.raises(aiobus.ConnectionLost):
-        await asyncio.wait_for(parked, 5)
-    with pytest.raises(aiobus.ConnectionLost):
-        bus.send_nowait("blocked", "after")
+        broker: BrokerProcess) -> None:
+    async with aiobus.connect(broker.path, reconnect=False) as bus:
+        await bus.declare_queue("blocked", max_length=1)
+        await bus.send("blocked", "fills it")
+        parked = bus.send_nowait("blocked", "waits for room")
+        await wait_until(lambda: _parked(bus))
+        broker.proc.send_signal(signal.SIGKILL)
+        broker.proc.wait(10)
+        with pytest.raises(aiobus.ConnectionLost):
+            await asyncio.wait_for(parked, 5)
+        with pytest.raises(aiobus.ConnectionLost):
+            bus.send_nowait("blocked", "after")
+
+
+async def test_a_parked_send_is_resent_to_the_restarted_broker(broker_factory: Any) -> None:
+    broker = broker_factory(name="r")
+    async with aiobus.connect(broker.path) as bus:
+        await bus.declare_queue("blocked", max_length=1)
+        await bus.send("blocked", "fills it")
+        parked = bus.send_nowait("blocked", "waits for room")
+        await wait_until(lambda: _parked(bus))
+        broker.proc.send_signal(signal.SIGKILL)
+        broker.proc.wait(10)
+        broker_factory(name="r")  # in memory: the queue comes back empty...
+        await asyncio.wait_for(parked, 10)  # ...declared again (max_length=1), then resent
+        stats = await queue_stats(bus, "blocked")
+        assert (stats["ready"], stats["parked"]) == (1, 0)
+        settings = await bus.declare_queue("blocked", max_length=1)  # the same settings
+        assert settings["max_length"] == 1
 
 
 async def _parked(bus: aiobus.Bus) -> bool:
