@@ -11,7 +11,9 @@ reads its RSS (VmRSS from /proc/PID/status), then
 
 Fillers: aiobus `send(confirm=False)` then one confirmed send and a `stats()` check (also
 on a durable queue, the broker started with `--fsync always`: its RSS, and from STATS'
-"journal" map the journal's bytes per message it holds);
+"journal" map the journal's bytes per message it holds); aiobus confirmed sends
+(`send_nowait`, 4,096 in flight), which carry seqs and so fill the queue's deduplication
+window (up to 100,000 ids): its difference from the first row is the window's cost;
 redis list RPUSH with 1,000 values per command; redis stream XADD pipelined 256 at a time;
 NATS JetStream (memory storage) core publishes to the stream's subject, then polling the
 stream until it holds N. RSS includes allocator slack and, for nats-server, Go garbage not
@@ -21,6 +23,7 @@ yet collected: it is what the machine pays, which is the point.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
 import time
@@ -52,6 +55,23 @@ async def fill_aiobus(ctl: Control, path: str, n: int, durable: bool = False) ->
 
 async def fill_aiobus_durable(ctl: Control, path: str, n: int) -> dict:
     return await fill_aiobus(ctl, path, n, durable=True)
+
+
+async def fill_aiobus_confirmed(ctl: Control, path: str, n: int) -> dict:
+    """Confirmed sends, 4,096 in flight: each carries a seq, so the queue's deduplication
+    window holds the last min(n, 100,000) ids (the broker's default --dedup-size): the
+    row's difference from "aiobus" is the window's cost, spread over n messages."""
+    body = os.urandom(SIZE)
+    async with aiobus.connect(path) as bus:
+        in_flight: collections.deque[asyncio.Future[None]] = collections.deque()
+        for _ in range(n):
+            in_flight.append(bus.send_nowait("bench.mem", body))
+            if len(in_flight) >= 4096:
+                await in_flight.popleft()
+        for fut in in_flight:
+            await fut
+        stats = await bus.stats()
+    return {"held": stats["queues"]["bench.mem"]["ready"]}
 
 
 async def fill_redis_list(ctl: Control, path: str, n: int) -> dict:
@@ -125,7 +145,7 @@ def _settled_rss(pid: int, settle: float) -> int:
 
 def _start(servers: Servers, system: str) -> tuple[str, str]:
     """Start the one server a measurement needs: (process name, address)."""
-    if system == "aiobus":
+    if system == "aiobus" or system.startswith("aiobus,"):
         return "aiobus", servers.start_aiobus()
     if system.startswith("aiobus durable"):
         return "aiobus-always", servers.start_aiobus("aiobus-always", fsync="always")
@@ -136,6 +156,7 @@ def _start(servers: Servers, system: str) -> tuple[str, str]:
 
 FILLERS: dict[str, Callable[..., Any]] = {
     "aiobus": fill_aiobus,
+    "aiobus, confirmed sends (dedup window)": fill_aiobus_confirmed,
     "aiobus durable (fsync always)": fill_aiobus_durable,
     "Redis list": fill_redis_list,
     "Redis stream": fill_redis_stream,
