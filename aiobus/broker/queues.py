@@ -414,10 +414,9 @@ class QueueRouter:
         window = queue.dedup
         if window is None:
             window = queue.dedup = DedupWindow(self.dedup_window, self.dedup_size)
-        ids, order = window.ids, window.order
-        if order and ids[order[0]] <= now - window.span:
+        if now >= window.trim_at:
             window.seen(mid, now)  # trims what expired
-        if mid in ids:
+        if mid in window.ids:
             queue.duplicates += 1
             if rid:
                 if queue.journal is not None:  # the original may still wait to be written
@@ -431,13 +430,7 @@ class QueueRouter:
         window = queue.dedup
         if window is None:
             window = queue.dedup = DedupWindow(self.dedup_window, self.dedup_size)
-        ids = window.ids
-        if mid not in ids:  # DedupWindow.add, inline (once per resendable SEND)
-            ids[mid] = now
-            order = window.order
-            order.append(mid)
-            if len(order) > window.size:
-                del ids[order.popleft()]
+        window.add(mid, now)
 
     def dedup_entries(self, name: str) -> list[tuple[str, float]]:
         """The deduplication window of queue ``name`` as (id, accepted-at in epoch
