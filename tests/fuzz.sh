@@ -1,7 +1,7 @@
 #!/bin/sh
 # Model-based fuzzing, what `make fuzz` runs: the hypothesis state machines
-# (tests/unit/test_model_queues.py, tests/unit/test_model_topics.py and
-# tests/integration/test_model_broker.py) with the "fuzz" profile of tests/conftest.py,
+# (tests/unit/test_model_queues.py, test_model_topics.py, test_model_durable.py,
+# test_model_client_session.py and tests/integration/test_model_broker.py) with the "fuzz" profile of tests/conftest.py,
 # round after round, each with fresh random examples, until FUZZ_SECONDS (default 600)
 # have passed. A round is never cut short (that would orphan the integration test's
 # broker), so the last one may end up to a round's length (a minute or two) late.
@@ -18,6 +18,7 @@ while [ "$(date +%s)" -lt "$end" ]; do
     echo "fuzz round $round ($(( end - $(date +%s) )) s left)"
     if ! AIOBUS_HYPOTHESIS_PROFILE=fuzz "$python" -m pytest -q -x --timeout=0 \
             tests/unit/test_model_queues.py tests/unit/test_model_topics.py \
+            tests/unit/test_model_durable.py tests/unit/test_model_client_session.py \
             tests/integration/test_model_broker.py >"$log" 2>&1; then
         cat "$log"
         echo
