@@ -26,6 +26,7 @@ CORE_MODULES = [
     "client/connection.py",
     "client/session.py",
     "protocol.py",
+    "_frame_scan.py",
     "names.py",
     "errors.py",
 ]
