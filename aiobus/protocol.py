@@ -21,10 +21,12 @@ from typing import Any, Final
 
 import msgpack
 
+from ._frame_scan import FrameScanner
 from .errors import FrameTooLarge, LocalProtocolError, ProtocolError, RemoteProtocolError
 
 __all__ = [
     "DEFAULT_MAX_FRAME",
+    "MAX_HELLO_FRAME",
     "OPTIONAL_TAIL",
     "PROTOCOL_VERSION",
     "SPECS",
@@ -46,6 +48,11 @@ _READ_SLACK: Final = 512 * 1024
 _MAX_ARRAY: Final = 65536  # ACK_MANY carries up to this many tags
 _MAX_MAP: Final = 4096
 _POOL_LIMIT: Final = 64  # idle unpackers kept per set of limits
+# Bytes a connection may send before its first frame, the HELLO, is complete. A HELLO is
+# tens of bytes (a version and a name of at most 255 chars); before it, the peer is
+# unknown, so it may make the broker hold little (h11 caps an incomplete request head at
+# 16 KiB, nginx a header line at 8 KiB).
+MAX_HELLO_FRAME: Final = 8 * 1024
 
 
 class Op(IntEnum):
@@ -280,12 +287,25 @@ class FrameDecoder:
     incomplete; between frames the unpacker goes back to a pool shared by decoders with
     the same limits, and an idle connection holds none.
 
+    Args:
+        max_frame: largest frame, in bytes, from its first byte to its last.
+        max_array: most values in one array; max_map: most entries in one map.
+        first_frame_limit: a smaller limit for the first frame only (the broker's
+            HELLO, :data:`MAX_HELLO_FRAME`); None: ``max_frame``.
+        refuse_early: refuse a frame as soon as its headers declare more than fits
+            (``aiobus._frame_scan``), walking the headers of each frame left
+            incomplete by a read. Without it, an oversized ``str`` or ``bin`` is refused
+            only once ``max_frame`` bytes of it are buffered. Off by default: a client
+            decoding the broker's EVENTS frames (thousands of values, most of them
+            split across reads) would pay a Python step per value.
+
     Raises (from ``feed``):
-        FrameTooLarge: a frame exceeds ``max_frame`` bytes.
+        FrameTooLarge: a frame exceeds its limit.
         RemoteProtocolError: the bytes are not valid msgpack, or nest too deep.
     """
 
-    __slots__ = ("_fed", "_limits", "_pool", "_start", "_unpacker", "max_frame")
+    __slots__ = ("_fed", "_limit", "_limits", "_pool", "_refuse_early", "_scanner", "_start",
+                 "_unpacker", "max_frame")
 
     _pools: dict[tuple[int, int, int], list[Any]] = {}  # idle, empty unpackers by limits
 
@@ -295,6 +315,8 @@ class FrameDecoder:
         *,
         max_array: int = _MAX_ARRAY,
         max_map: int = _MAX_MAP,
+        first_frame_limit: int | None = None,
+        refuse_early: bool = False,
     ) -> None:
         self.max_frame = max_frame
         self._limits = (max_frame, max_array, max_map)
@@ -302,6 +324,10 @@ class FrameDecoder:
         self._unpacker: Any = None  # held only while a frame is incomplete
         self._start = 0  # the unpacker's offset where the next frame starts
         self._fed = 0  # the unpacker's offset after the last byte fed
+        # The limit of the next frame: first_frame_limit until a frame is complete.
+        self._limit = min(max_frame, first_frame_limit or max_frame)
+        self._refuse_early = refuse_early
+        self._scanner: FrameScanner | None = None  # the incomplete frame's, if any
 
     def _new_unpacker(self) -> Any:
         max_frame, max_array, max_map = self._limits
@@ -327,10 +353,12 @@ class FrameDecoder:
             unpacker = self._unpacker = pool.pop() if pool else self._new_unpacker()
             self._start = self._fed = unpacker.tell()  # a pooled unpacker is empty
         frames: list[Any] = []
+        first = self._fed  # the offset of data[0]
+        limit = self._limit
         try:
             unpacker.feed(data)
             self._fed += len(data)
-            limit = self.max_frame
+            max_frame = self.max_frame
             start = self._start
             for frame in unpacker:
                 end = unpacker.tell()
@@ -338,14 +366,14 @@ class FrameDecoder:
                     raise msgpack.BufferFull
                 frames.append(frame)
                 start = end
+                limit = max_frame
             self._start = start
+            self._limit = limit
         except msgpack.BufferFull:
-            raise self._error(FrameTooLarge(
-                f"frame larger than max_frame ({self.max_frame} bytes)"), frames) from None
+            raise self._error(FrameTooLarge(self._too_large(limit)), frames) from None
         except ValueError as exc:  # FormatError, StackError, ExtraData, limits exceeded
             if "exceeds max_bin_len" in str(exc) or "exceeds max_str_len" in str(exc):
-                raise self._error(FrameTooLarge(
-                    f"frame larger than max_frame ({self.max_frame} bytes)"), frames) from None
+                raise self._error(FrameTooLarge(self._too_large(limit)), frames) from None
             raise self._error(RemoteProtocolError(
                 f"malformed msgpack ({type(exc).__name__}: {exc})", code="protocol"), frames
             ) from None
@@ -354,13 +382,34 @@ class FrameDecoder:
                 f"malformed msgpack ({type(exc).__name__}: {exc})", code="protocol"), frames
             ) from None
         if start == self._fed:  # nothing incomplete: give the unpacker back
-            self._unpacker = None
+            self._unpacker = self._scanner = None
             if len(self._pool) < _POOL_LIMIT:
                 self._pool.append(unpacker)
+        elif self._refuse_early:
+            # A frame is incomplete: walk its headers, from its start if it began in
+            # this read, else from where the last read left off.
+            scanner = self._scanner
+            if start >= first:
+                _, max_array, max_map = self._limits
+                scanner = self._scanner = FrameScanner(limit, max_array, max_map)
+            assert scanner is not None  # made by the read that left this frame incomplete
+            try:
+                scanner.scan(data, max(start - first, 0))
+            except FrameTooLarge as exc:
+                raise self._error(FrameTooLarge(f"{self._too_large(scanner.limit)}: {exc}"),
+                                  frames) from None
+            except ProtocolError as exc:
+                raise self._error(exc, frames) from None
         return frames
 
+    def _too_large(self, limit: int) -> str:
+        """How a refusal for size begins: the limit, and which one it is."""
+        if limit < self.max_frame:
+            return f"first frame larger than {limit} bytes (all a HELLO may take)"
+        return f"frame larger than max_frame ({limit} bytes)"
+
     def _error(self, exc: ProtocolError, frames: list[Any]) -> ProtocolError:
-        self._unpacker = None  # poisoned: never pooled
+        self._unpacker = self._scanner = None  # poisoned: never pooled
         exc.frames = frames  # type: ignore[attr-defined]
         return exc
 
