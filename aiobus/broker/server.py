@@ -42,7 +42,7 @@ import msgpack
 
 from .._paths import check_private_directory, is_explicit, resolve_socket_path
 from ..errors import BusError, ProtocolError
-from ..protocol import DEFAULT_MAX_FRAME, FrameDecoder, Op
+from ..protocol import DEFAULT_MAX_FRAME, MAX_HELLO_FRAME, FrameDecoder, Op
 from .core import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CONSUMERS, BrokerCore
 from .journal import Journal, JournalError, OsFiles, Recovered
 from .journal import repair as repair_journal
@@ -113,7 +113,10 @@ class _Connection(asyncio.Protocol):
     def __init__(self, broker: Broker, conn_id: int) -> None:
         self.broker = broker
         self.id = conn_id
-        self.decoder = FrameDecoder(broker.max_frame)
+        # Client bytes are untrusted: refuse a frame by its headers, before buffering
+        # what they announce, and hold at most MAX_HELLO_FRAME bytes before the HELLO.
+        self.decoder = FrameDecoder(broker.max_frame, first_frame_limit=MAX_HELLO_FRAME,
+                                    refuse_early=True)
         self.transport: asyncio.Transport | None = None
         self.out: list[bytes] = []
         self.out_bytes = 0
