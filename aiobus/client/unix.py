@@ -33,7 +33,7 @@ import socket
 import stat
 import struct
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Final, cast
 
 from ..errors import (
@@ -540,23 +540,21 @@ class UnixSocketBackend:
                           code="lease-lost")
 
     async def extend(self, lease: Any, seconds: float) -> None:
-        if not self._writable.is_set():
-            self._conn.check_lease(lease)
-            await self._writable.wait()
-        fut: asyncio.Future[Any] = self._loop.create_future()
-        self._conn.extend(lease, seconds, fut)
-        try:
-            await fut
-        except ConnectionLost as exc:
-            raise self._lease_lost(exc) from exc
+        await self._lease_call(lease, lambda fut: self._conn.extend(lease, seconds, fut))
 
     async def reply(self, lease: Any, data: bytes, kind: int,
                     headers: dict[str, str] | None) -> None:
+        await self._lease_call(lease,
+                               lambda fut: self._conn.reply(lease, data, kind, headers, fut))
+
+    async def _lease_call(self, lease: Any, write: Callable[[asyncio.Future[Any]], object]
+                          ) -> None:
+        """What settle() does, for the lease operations off the per-message path."""
         if not self._writable.is_set():
             self._conn.check_lease(lease)
             await self._writable.wait()
         fut: asyncio.Future[Any] = self._loop.create_future()
-        self._conn.reply(lease, data, kind, headers, fut)
+        write(fut)
         try:
             await fut
         except ConnectionLost as exc:
