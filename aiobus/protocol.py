@@ -258,7 +258,7 @@ def _check_frame_slow(frame: object) -> int:
             raise RemoteProtocolError(f"{name}.tags must be non-negative ints",
                                       code="bad-field")
         if field == "headers" and value:
-            check_headers(value, name)
+            check_headers(value, f"{name}.headers")
         elif field == "kind" and value not in _BODY_KINDS:
             raise RemoteProtocolError(f"{name}.kind must be 0 (raw) or 1 (msgpack)",
                                       code="bad-field")
@@ -266,11 +266,11 @@ def _check_frame_slow(frame: object) -> int:
 
 
 def check_headers(headers: dict[Any, Any], where: str = "headers") -> None:
-    """Headers are a map of str to str."""
+    """Headers are a map of str to str; ``where`` names them in the error."""
     for key, value in headers.items():
         if type(key) is not str or type(value) is not str:
             raise RemoteProtocolError(
-                f"{where}.headers must map str to str; got {key!r}: {type(value).__name__}",
+                f"{where} must map str to str; got {key!r}: {type(value).__name__}",
                 code="bad-field",
             )
 

@@ -458,7 +458,7 @@ def _headers(headers: Mapping[str, str] | None) -> dict[str, str] | None:
     try:
         check_headers(result)
     except RemoteProtocolError as exc:
-        raise TypeError(str(exc).replace("None.headers", "headers")) from None
+        raise TypeError(str(exc)) from None
     return result
 
 

@@ -41,6 +41,13 @@ async def test_unserialisable_body_raises_type_error_and_sends_nothing(bus: aiob
     assert "jobs" not in (await bus.stats())["queues"]
 
 
+async def test_bad_headers_raise_type_error_naming_them(bus: aiobus.Bus) -> None:
+    with pytest.raises(TypeError) as info:
+        await bus.send("jobs", "x", headers={"attempt": 1})  # type: ignore[dict-item]
+    assert str(info.value) == "headers must map str to str; got 'attempt': int"
+    assert "jobs" not in (await bus.stats())["queues"]
+
+
 async def test_message_waits_for_a_consumer_and_first_deliveries_keep_order(
     bus: aiobus.Bus,
 ) -> None:
