@@ -42,6 +42,7 @@ from ..errors import BusError
 from . import bridges, commands, dlq, queues, stat
 from .bodies import CliError
 from .options import EXIT_CODES, HelpFormatter, add_socket_option
+from .parsing import parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,7 +126,7 @@ def _leaf(exc: BaseException) -> BaseException:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse(parser, sys.argv[1:] if argv is None else argv)
     # The bridges report what they skip (a vanished signal target, an oversize record)
     # through logging: one line each on stderr.
     logging.basicConfig(level=logging.WARNING, format="aiobus: %(message)s")

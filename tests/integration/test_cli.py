@@ -133,6 +133,33 @@ async def test_bad_usage_exits_2() -> None:
         assert result.err.rstrip().splitlines()[-1].startswith("aiobus"), (args, result)
 
 
+async def test_a_mistyped_command_gets_a_suggestion() -> None:
+    for args, expected in ((("sned", "q", "x"), "unknown command 'sned'; did you mean 'send'?"),
+                           (("queue", "lsit"), "unknown command 'lsit'; did you mean 'list'?")):
+        result = await run(*args, "--socket", "/nonexistent/aiobus.sock")
+        assert result.code == 2 and result.out == "", result
+        assert result.err.rstrip().splitlines()[-1].endswith(expected), result
+
+
+async def test_options_anywhere_and_python_dash_m(bus: aiobus.Bus, broker: BrokerProcess
+                                                  ) -> None:
+    # Each was refused with "unrecognized arguments" (issue 14): options after a
+    # positional, between positionals, and --socket between the queue and the body.
+    for args in (("send", "mixed", "--json", '{"a": 1}', "--socket", broker.path),
+                 ("send", "mixed", "--socket", broker.path, "plain"),
+                 ("publish", "demo.z", "-H", "a=b", "zz", "--socket", broker.path)):
+        result = await run(*args)
+        assert result.code == 0, (args, result)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "aiobus", "send", "mixed", "via -m", "--socket", broker.path,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    result = await finish(proc)
+    assert result.code == 0, result
+    async with bus.consume("mixed") as consumer:
+        bodies = [(await asyncio.wait_for(anext(consumer), 5)).body for _ in range(3)]
+    assert bodies == [{"a": 1}, "plain", "via -m"]
+
+
 async def test_no_broker_exits_1_with_one_line(short_tmp: Path) -> None:
     path = str(short_tmp / "none.sock")
     results = await asyncio.gather(
