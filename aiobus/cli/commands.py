@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
@@ -60,11 +62,58 @@ async def _bodies(args: argparse.Namespace) -> AsyncIterator[Any]:
             yield body
 
 
+SEND_WINDOW = 1024  # confirmed sends in flight: one round trip per send made --lines slow
+PROGRESS_EVERY = 0.5  # seconds between progress lines on a terminal
+
+
 async def _send(bus: Bus, args: argparse.Namespace) -> int:
+    """Send each body, confirmed, keeping up to SEND_WINDOW in flight (``--lines`` of a
+    large file ran at one round trip per line); on a terminal, stderr shows the count."""
     headers = dict(args.header)
-    async for body in _bodies(args):
-        await _sending(bus.send(args.queue, body, headers, args.ttl, delay=args.delay))
+    in_flight: collections.deque[asyncio.Future[None]] = collections.deque()
+    progress = Progress("sent") if sys.stderr.isatty() else None
+    sent = 0
+    try:
+        async for body in _bodies(args):
+            try:
+                in_flight.append(bus.send_nowait(args.queue, body, headers, args.ttl,
+                                                 delay=args.delay))
+            except TypeError as exc:  # a JSON value msgpack cannot carry
+                raise CliError(str(exc)) from None
+            if len(in_flight) >= SEND_WINDOW:
+                await in_flight.popleft()
+                sent += 1
+                if progress is not None:
+                    progress.show(sent)
+        while in_flight:
+            await in_flight.popleft()
+            sent += 1
+    finally:
+        for fut in in_flight:  # failed or interrupted: nobody awaits the rest
+            fut.cancel()
+        if progress is not None:
+            progress.done(sent)
     return 0
+
+
+class Progress:
+    """``aiobus: sent 12,345`` on a terminal's stderr, rewritten in place."""
+
+    def __init__(self, verb: str) -> None:
+        self.verb = verb
+        self.last = 0.0
+        self.shown = False
+
+    def show(self, count: int) -> None:
+        now = time.monotonic()
+        if now - self.last >= PROGRESS_EVERY:
+            self.last = now
+            self.shown = True
+            print(f"\raiobus: {self.verb} {count:,}", end="", file=sys.stderr, flush=True)
+
+    def done(self, count: int) -> None:
+        if self.shown:
+            print(f"\raiobus: {self.verb} {count:,}", file=sys.stderr, flush=True)
 
 
 async def _publish(bus: Bus, args: argparse.Namespace) -> int:

@@ -226,6 +226,51 @@ async def _dead(bus: aiobus.Bus, queue: str) -> bool:
     return bool((await queue_stats(bus, queue)).get("dead_lettered", 0) == 1)
 
 
+async def test_send_lines_keeps_sends_in_flight_and_shows_progress_on_a_terminal(
+        bus: aiobus.Bus, broker: BrokerProcess) -> None:
+    lines = b"".join(b"%d\n" % n for n in range(1, 20_001))
+    result = await run("send", "load", "--lines", "--socket", broker.path, stdin=lines)
+    assert (result.code, result.out, result.err) == (0, "", "")  # no terminal: silent
+    assert (await queue_stats(bus, "load"))["ready"] == 20_000
+    got = []
+    async with bus.consume("load", prefetch=100) as consumer:
+        for _ in range(20_000):
+            msg = await asyncio.wait_for(anext(consumer), 5)
+            msg.ack_nowait()
+            got.append(msg.body)
+    assert got == [str(n) for n in range(1, 20_001)]  # all of them, in order
+    # On a terminal, stderr counts what was confirmed (ending on the total).
+    controller, terminal = os.openpty()
+    try:
+        assert AIOBUS is not None
+        proc = await asyncio.create_subprocess_exec(
+            AIOBUS, "send", "load", "--lines", "--socket", broker.path,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=terminal)
+        os.close(terminal)
+        terminal = -1
+        try:
+            out, _ = await asyncio.wait_for(proc.communicate(lines), TIMEOUT)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await asyncio.wait_for(proc.wait(), TIMEOUT)
+        assert (proc.returncode, out) == (0, b"")
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(controller, 65536)
+            except OSError:  # EIO: the terminal's other side is closed and drained
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        os.close(controller)
+        if terminal >= 0:
+            os.close(terminal)
+    assert shown.rstrip().endswith(b"aiobus: sent 20,000"), shown[-200:]
+
+
 async def test_publish_and_listen(bus: aiobus.Bus, cli: Any, broker: BrokerProcess) -> None:
     text = await start("--socket", broker.path, "listen", "w.>", "--count", "3")
     as_json = await start("listen", "w.*", "--json", "-n", "2", "--socket", broker.path)
