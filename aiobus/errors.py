@@ -12,6 +12,8 @@ BrokenResourceError): :class:`ConnectionClosed` means this side closed the bus,
 
 from __future__ import annotations
 
+import ast
+
 __all__ = [
     "BodyDecodeError",
     "BrokerUnavailable",
@@ -27,6 +29,7 @@ __all__ = [
     "LocalProtocolError",
     "NoSuchQueue",
     "NotARequest",
+    "PermissionDenied",
     "ProtocolError",
     "QueueFull",
     "QueueMismatch",
@@ -104,6 +107,43 @@ class Forbidden(BusError, PermissionError):
     """The operation is reserved, e.g. publishing on a ``$sys.`` topic."""
 
     code = "forbidden"
+
+
+class PermissionDenied(Forbidden):
+    """The broker's policy does not let this client do ``operation`` on ``name``.
+
+    On the wire an ERROR ``forbidden`` whose message reads ``permission denied: <verb>
+    '<name>' ...`` (docs/PROTOCOL.md, section 7); the request was not carried out and the
+    connection stays open. A subclass of :class:`Forbidden`, so ``except Forbidden``
+    catches both this and the reserved ``$...`` names.
+
+    Attributes:
+        operation: the verb denied (``send``, ``consume``, ``publish``, ``subscribe``,
+            ``declare``, ``admin``), or None if the message did not say.
+        name: the queue name, topic or pattern it was denied on, or None.
+    """
+
+    PREFIX = "permission denied: "
+
+    def __init__(self, message: str, *, code: str | None = None,
+                 operation: str | None = None, name: str | None = None) -> None:
+        super().__init__(message, code=code)
+        if operation is None and message.startswith(self.PREFIX):
+            operation, _, rest = message[len(self.PREFIX):].partition(" ")
+            quoted = rest.split(" for uid ", 1)[0]
+            try:
+                parsed = ast.literal_eval(quoted)
+            except (ValueError, SyntaxError):
+                parsed = None
+            name = parsed if type(parsed) is str else None
+        self.operation = operation
+        self.name = name
+
+    @classmethod
+    def of(cls, operation: str, name: str, uid: int) -> PermissionDenied:
+        """The broker's error for ``uid`` denied ``operation`` on ``name``."""
+        return cls(f"{cls.PREFIX}{operation} {name!r} for uid {uid}", operation=operation,
+                   name=name)
 
 
 class QueueFull(BusError):
@@ -222,7 +262,7 @@ _BY_CODE: dict[str, type[BusError]] = {
     "handshake-timeout": RemoteProtocolError,
     "frame-too-large": FrameTooLarge,
     "invalid-name": InvalidName,
-    "forbidden": Forbidden,
+    "forbidden": PermissionDenied,  # a Forbidden; operation None for a '$' name
     "queue-full": QueueFull,
     "queue-mismatch": QueueMismatch,
     "journal": JournalError,

@@ -18,6 +18,17 @@ Feed it events and read what it wants done from the :class:`Sink` it was given:
 timestamps and headers. The asyncio server (server.py) is a thin shell around this;
 tests drive it directly (tests/unit/helpers.py, tests/unit/test_core_*.py).
 
+Access. Every request that names a queue or topic is checked once, in ``receive``, before
+its handler runs: ``ACCESS`` says, per frame type, which verb it is and which field holds
+the name, and ``_check_access`` is the only place that checks names for the grammar, the
+reserved ``$`` prefix and the policy (broker/policy.py, injected by the launcher; None
+lets every uid that can open the socket do everything, as before policies). Answers are
+cached per connection and verb, so a connection's next SEND to the same queue costs one
+dict lookup; ``set_policy`` drops every cache. Dead-lettering and REPLY are checked where
+their route is chosen: DECLARE of an explicit ``dead_letter`` needs ``send`` on that
+queue, and a REPLY needs ``consume`` on the queue the request came from (it can only go
+to that request's sender).
+
 Connection states: HANDSHAKE (only HELLO is accepted, until ``handshake_timeout``), then
 OPEN until closed by either side. A protocol violation closes only the connection that
 made it; request errors (bad names, full queues, late acks) are ERROR replies and the
@@ -26,8 +37,9 @@ connection carries on.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from enum import Enum
 from typing import Any, Protocol
 
@@ -36,7 +48,9 @@ import msgpack
 from ..errors import (
     BusError,
     Forbidden,
+    InvalidName,
     LeaseError,
+    PermissionDenied,
     QuotaExceeded,
     RemoteProtocolError,
     SubscriptionError,
@@ -44,9 +58,16 @@ from ..errors import (
 from ..names import check_name, check_pattern, is_reserved
 from ..protocol import DEFAULT_MAX_FRAME, PROTOCOL_VERSION, BodyKind, Op, check_frame
 from .dedup import MAX_SEQ, check_client_id, check_seq
+from .policy import ALL_QUEUES, VERBS, Policy
 from .queue_state import Consumer, QMsg, Queue, pack_message
 from .queues import MAX_PREFETCH, PARK_LIMIT, JournalSink, QueueRouter
-from .settings import DEFAULT_DEDUP_SIZE, DEFAULT_DEDUP_WINDOW, MAX_SECONDS, BadOption
+from .settings import (
+    DEFAULT_DEDUP_SIZE,
+    DEFAULT_DEDUP_WINDOW,
+    DLQ_SUFFIX,
+    MAX_SECONDS,
+    BadOption,
+)
 from .timers import Timers
 from .topics import Subscription, TopicRouter
 
@@ -61,7 +82,24 @@ DEFAULT_MAX_CONSUMERS = 4096
 MAX_CLIENT_NAME = 255
 TOPIC_CONNECTED = "$sys.client.connected"
 TOPIC_DISCONNECTED = "$sys.client.disconnected"
-_GOOD_TOPICS_LIMIT = 4096
+# Names one connection's access cache keeps per verb; past this it starts over (a client
+# cycling through names costs a policy lookup per new name, not unbounded memory).
+_ACCESS_CACHE_LIMIT = 4096
+
+# The one access table: per frame type, the verb it needs and the field holding the name
+# it acts on (None: STATS, which shows every queue and connection).
+ACCESS: dict[int, tuple[str, int | None]] = {
+    Op.SEND: ("send", 2),
+    Op.PUBLISH: ("publish", 1),
+    Op.CONSUME: ("consume", 3),
+    Op.SUBSCRIBE: ("subscribe", 3),
+    Op.DECLARE: ("declare", 2),
+    Op.PURGE: ("admin", 2),
+    Op.DELETE: ("admin", 2),
+    Op.STATS: ("admin", None),
+}
+# Called with (conn, pid, uid, verb, name) for each denied request (the shell logs it).
+DeniedHook = Callable[[int, int, int, str, str], None]
 
 
 def _valid_headers(headers: Any) -> bool:
@@ -104,14 +142,19 @@ class ConnState(Enum):
 
 
 class Conn:
-    __slots__ = ("client_id", "consumers", "gid", "handlers", "id", "id_prefix", "name",
-                 "parked", "parked_queues", "pid", "reading", "state", "subs", "uid")
+    __slots__ = ("allowed", "client_id", "consumers", "gid", "gids", "handlers", "id",
+                 "id_prefix", "name", "parked", "parked_queues", "pid", "reading", "state",
+                 "subs", "uid")
 
-    def __init__(self, conn_id: int, pid: int, uid: int, gid: int) -> None:
+    def __init__(self, conn_id: int, pid: int, uid: int, gid: int,
+                 gids: Iterable[int] = ()) -> None:
         self.id = conn_id
         self.pid = pid
         self.uid = uid
         self.gid = gid
+        self.gids = frozenset((gid, *gids))  # SO_PEERCRED's and SO_PEERGROUPS'
+        # The access cache: per verb, names already checked and the answer.
+        self.allowed: dict[str, dict[str, bool]] = {verb: {} for verb in VERBS}
         self.name: str | None = None
         self.client_id: str | None = None  # HELLO's: the prefix of its resendable ids
         self.id_prefix: str | None = None  # client_id + "-"
@@ -146,8 +189,12 @@ class BrokerCore:
         journal: JournalSink | None = None,
         dedup_window: float = DEFAULT_DEDUP_WINDOW,
         dedup_size: int = DEFAULT_DEDUP_SIZE,
+        policy: Policy | None = None,
+        on_denied: DeniedHook | None = None,
     ) -> None:
         self._sink = sink
+        self.policy = policy
+        self._on_denied = on_denied
         self._packb = msgpack.Packer().pack
         self._conns: dict[int, Conn] = {}
         self.timers = Timers()
@@ -160,7 +207,6 @@ class BrokerCore:
         self.topics = TopicRouter(self, send_event=sink.event)
         self._id_prefix = id_prefix + "-"
         self._ids = itertools.count(1)
-        self._good_topics: set[str] = set()  # topics a client published that passed checks
         self.wall_offset = wall_offset
         self.max_frame = max_frame
         self.handshake_timeout = handshake_timeout
@@ -189,10 +235,12 @@ class BrokerCore:
 
     # -- events in ------------------------------------------------------------------
 
-    def connect(self, conn_id: int, pid: int, uid: int, gid: int, now: float) -> None:
-        """A client connected; it has ``handshake_timeout`` seconds to send HELLO."""
+    def connect(self, conn_id: int, pid: int, uid: int, gid: int, now: float,
+                gids: Iterable[int] = ()) -> None:
+        """A client connected; it has ``handshake_timeout`` seconds to send HELLO.
+        ``gids`` are its supplementary groups (SO_PEERGROUPS), where known."""
         self._now = now
-        conn = self._conns[conn_id] = Conn(conn_id, pid, uid, gid)
+        conn = self._conns[conn_id] = Conn(conn_id, pid, uid, gid, gids)
         conn.handlers = self._handshake_handlers
         self.timers.call_at(now + self.handshake_timeout, self._on_handshake_deadline, conn_id)
 
@@ -211,6 +259,15 @@ class BrokerCore:
             if handler is None:
                 self._refuse(conn, frame)
             else:
+                access = ACCESS.get(frame[0])  # op: an int, as it has a handler
+                if access is not None:
+                    verb, field = access
+                    if field is None:
+                        self._check_access(conn, verb, ALL_QUEUES, checked=True)
+                    elif len(frame) > field:
+                        name = frame[field]  # not a str: the handler names the bad field
+                        if type(name) is str and conn.allowed[verb].get(name) is not True:
+                            self._check_access(conn, verb, name)
                 handler(conn, frame, now)
         except RemoteProtocolError as exc:
             self.close(conn_id, exc.code or "protocol", str(exc))
@@ -229,6 +286,50 @@ class BrokerCore:
                                       code="protocol")
         raise RemoteProtocolError(f"frame type {Op(op).name} is not sent by clients",
                                   code="unknown-frame")
+
+    def _check_access(self, conn: Conn, verb: str, name: str, *,
+                      checked: bool = False) -> None:
+        """The one access check: may ``conn`` do ``verb`` on ``name``? Asks the policy
+        once per (connection, verb, name) and caches the answer on the connection.
+
+        Raises:
+            InvalidName: not a name (or for ``subscribe`` a pattern) at all.
+            Forbidden: a ``$`` name, the broker's whatever the policy says.
+            PermissionDenied: the policy does not grant it.
+        """
+        cache = conn.allowed[verb]
+        ok = cache.get(name)
+        if ok is None:
+            if verb == "subscribe":
+                check_pattern(name)  # subscribing to $sys. topics is how presence works
+            elif verb == "publish":
+                if is_reserved(name):  # forbidden, whatever else is wrong with the name
+                    raise Forbidden(f"topic {name!r}: topics starting with '$' are the"
+                                    " broker's")
+                check_name(name, "topic")
+            elif not checked:
+                check_name(name, "queue name")
+                if is_reserved(name):
+                    raise Forbidden(f"queue name {name!r}: names starting with '$' are"
+                                    " reserved")
+            policy = self.policy
+            ok = policy is None or policy.allow(conn.uid, conn.gids, verb, name)
+            if len(cache) >= _ACCESS_CACHE_LIMIT:
+                cache.clear()
+            cache[name] = ok
+        if not ok:
+            if self._on_denied is not None:
+                self._on_denied(conn.id, conn.pid, conn.uid, verb, name)
+            raise PermissionDenied.of(verb, name, conn.uid)
+
+    def set_policy(self, policy: Policy | None) -> None:
+        """Use ``policy`` from now on (a reload): every cached answer is dropped, so the
+        next request of each kind asks the new policy. Consumers and subscriptions made
+        under the old policy stay; connections are not dropped."""
+        self.policy = policy
+        for conn in self._conns.values():
+            for cache in conn.allowed.values():
+                cache.clear()
 
     def protocol_error(self, conn_id: int, code: str, message: str) -> None:
         """The shell could not decode this connection's bytes: close it."""
@@ -402,8 +503,7 @@ class BrokerCore:
             else:
                 mid = check_seq(seq, conn.client_id, token)
         queue = self.queues.queues.get(name)
-        if queue is None:
-            self._check_queue_name(name)
+        if queue is None:  # the name passed _check_access in receive()
             queue = self.queues.get(name)
         packed = pack_message(self._new_id() if mid is None else mid, name, body, kind,
                               headers or None, now + self.wall_offset)
@@ -422,34 +522,13 @@ class BrokerCore:
             else:
                 self.queues.send_once(conn.id, rid, queue, msg, mid, now)
 
-    @staticmethod
-    def _check_queue_name(name: str) -> None:
-        """A queue name a client may use: it follows the grammar and is not ``$...``.
-
-        Raises:
-            InvalidName, Forbidden.
-        """
-        check_name(name, "queue name")
-        if is_reserved(name):
-            raise Forbidden(f"queue name {name!r}: names starting with '$' are reserved")
-
     def _on_publish(self, conn: Conn, frame: list[Any], now: float) -> None:
         if len(frame) != 5:
             check_frame(frame)
-        _, topic, body, kind, headers = frame
-        if type(topic) is not str or topic not in self._good_topics:
-            if (type(topic) is not str or type(body) is not bytes or type(kind) is not int
-                    or not 0 <= kind <= 1
-                    or (headers is not None and not _valid_headers(headers))):
-                check_frame(frame)
-            if is_reserved(topic):  # forbidden, whatever else is wrong with the name
-                raise Forbidden(f"topic {topic!r}: topics starting with '$' are the broker's")
-            check_name(topic, "topic")
-            if len(self._good_topics) >= _GOOD_TOPICS_LIMIT:
-                self._good_topics.clear()
-            self._good_topics.add(topic)
-        elif (type(body) is not bytes or type(kind) is not int or not 0 <= kind <= 1
-              or (headers is not None and not _valid_headers(headers))):
+        _, topic, body, kind, headers = frame  # a str topic passed _check_access
+        if (type(topic) is not str or type(body) is not bytes or type(kind) is not int
+                or not 0 <= kind <= 1
+                or (headers is not None and not _valid_headers(headers))):
             check_frame(frame)
         self.topics.publish(topic, self._packb(
             [self._new_id(), topic, body, kind, headers or None, now + self.wall_offset]))
@@ -468,7 +547,6 @@ class BrokerCore:
     def _on_subscribe(self, conn: Conn, frame: list[Any], now: float) -> None:
         check_frame(frame)
         _, rid, sid, pattern, max_pending, policy = frame
-        check_pattern(pattern)
         self.topics.check_options(max_pending, policy)
         self._check_sid(conn, sid)
         sub = Subscription(conn.id, sid, pattern, max_pending, policy)
@@ -479,7 +557,6 @@ class BrokerCore:
     def _on_consume(self, conn: Conn, frame: list[Any], now: float) -> None:
         check_frame(frame)
         _, rid, sid, name, prefetch = frame
-        self._check_queue_name(name)
         if not 1 <= prefetch <= MAX_PREFETCH:
             raise BadOption(f"prefetch must be between 1 and {MAX_PREFETCH}")
         self._check_sid(conn, sid)
@@ -563,6 +640,9 @@ class BrokerCore:
     def _on_reply(self, conn: Conn, frame: list[Any], now: float) -> None:
         check_frame(frame)
         _, rid, tag, body, kind, headers = frame
+        lease = self.queues.leases.get(tag)
+        if lease is not None and lease.consumer.conn == conn.id:  # else reply() says why
+            self._check_access(conn, "consume", lease.consumer.queue.name)
         requester, token = self.queues.reply(conn.id, tag, now)
         if requester in self._conns:  # a requester that left gets nothing, as it asked
             self._sink.send(requester, [Op.RESPONSE, token, body, kind, headers or None])
@@ -571,20 +651,25 @@ class BrokerCore:
     def _on_declare(self, conn: Conn, frame: list[Any], now: float) -> None:
         check_frame(frame)
         _, rid, name, options = frame
-        self._check_queue_name(name)
+        # Dead letters go where the queue's declaration says: whoever declares the route
+        # must be allowed to send there (its own "<name>.dlq" is part of the queue).
+        # (Without a policy there is nothing to check; a bad name is the settings' to name.)
+        target = options.get("dead_letter")
+        if (self.policy is not None and type(target) is str
+                and target != name + DLQ_SUFFIX and not is_reserved(target)):
+            with contextlib.suppress(InvalidName):
+                self._check_access(conn, "send", target)
         queue = self.queues.declare(name, options)
         self.reply_ok(conn.id, rid, queue.settings.as_dict())
 
     def _on_purge(self, conn: Conn, frame: list[Any], now: float) -> None:
         check_frame(frame)
         _, rid, name = frame
-        self._check_queue_name(name)
         self.reply_ok(conn.id, rid, self.queues.purge(name, now))
 
     def _on_delete(self, conn: Conn, frame: list[Any], now: float) -> None:
         check_frame(frame)
         _, rid, name, if_empty = frame
-        self._check_queue_name(name)
         self.reply_ok(conn.id, rid, self.queues.delete(name, if_empty, now))
 
     def _on_stats(self, conn: Conn, frame: list[Any], now: float) -> None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -35,6 +36,7 @@ import secrets
 import socket
 import stat
 import struct
+import sys
 import time
 from typing import Any, cast
 
@@ -46,6 +48,7 @@ from ..protocol import DEFAULT_MAX_FRAME, MAX_HELLO_FRAME, FrameDecoder, Op
 from .core import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CONSUMERS, BrokerCore
 from .journal import Journal, JournalError, OsFiles, Recovered
 from .journal import repair as repair_journal
+from .policy import Policy
 from .settings import DEFAULT_DEDUP_SIZE, DEFAULT_DEDUP_WINDOW, check_dedup
 
 __all__ = ["FSYNC_POLICIES", "Broker", "BrokerAlreadyRunning", "DataDirInUse"]
@@ -55,6 +58,11 @@ FSYNC_POLICIES = ("always", "batch", "never")
 log = logging.getLogger(__name__)
 
 _CRED = struct.Struct("3i")  # struct ucred {pid_t pid; uid_t uid; gid_t gid;}
+# SO_PEERGROUPS (Linux 4.13; the socket module has no name for it): the peer's
+# supplementary groups at connect, an array of gid_t. 64 fit the first try; ERANGE asks for
+# more (NGROUPS_MAX is 65,536).
+_SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59 if sys.platform == "linux" else None)
+_GID = struct.Struct("I")
 _SHUTDOWN_GRACE = 5.0  # seconds to let closing connections drain before aborting them
 _NEVER_SYNC_EVERY = 30.0  # seconds, with fsync="never" (see Broker._sync_every)
 _EARLY_FLUSH = 256 * 1024  # bytes of output that are written before the loop turn ends
@@ -81,14 +89,17 @@ class _RateLimitedLog:
         self._suppressed = 0
 
     def warning(self, now: float, msg: str, *args: object) -> None:
+        self.log(logging.WARNING, now, msg, *args)
+
+    def log(self, level: int, now: float, msg: str, *args: object) -> None:
         if now - self._window_start >= self.period:
             if self._suppressed:
-                log.warning("%d similar messages suppressed in the last %.0f s",
-                            self._suppressed, self.period)
+                log.log(level, "%d similar messages suppressed in the last %.0f s",
+                        self._suppressed, self.period)
             self._window_start, self._count, self._suppressed = now, 0, 0
         if self._count < self.burst:
             self._count += 1
-            log.warning(msg, *args)
+            log.log(level, msg, *args)
         else:
             self._suppressed += 1
 
@@ -142,7 +153,8 @@ class _Connection(asyncio.Protocol):
             with contextlib.suppress(OSError):
                 raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size)
                 pid, uid, gid = _CRED.unpack(raw)
-        self.broker._connection_made(self, pid, uid, gid)
+        gids = _peer_groups(sock) if sock is not None else ()  # a later policy needs them
+        self.broker._connection_made(self, pid, uid, gid, gids)
 
     def data_received(self, data: bytes) -> None:
         broker = self.broker
@@ -298,6 +310,8 @@ class Broker:
         drain_timeout: float = 5.0,
         dedup_window: float = DEFAULT_DEDUP_WINDOW,
         dedup_size: int = DEFAULT_DEDUP_SIZE,
+        policy: Policy | None = None,
+        socket_group: int | None = None,
     ) -> None:
         if fsync not in FSYNC_POLICIES:
             raise ValueError(f"fsync must be one of {', '.join(FSYNC_POLICIES)}")
@@ -305,6 +319,9 @@ class Broker:
         self.path = resolve_socket_path(path) if sock is None else None
         self._default_path = sock is None and not is_explicit(path)
         self.socket_mode = socket_mode
+        self.socket_group = socket_group
+        self.policy = policy  # None: whoever can open the socket may do everything
+        self._denied_log = _RateLimitedLog()
         self.max_frame = max_frame
         self.handshake_timeout = handshake_timeout
         self.max_consumers = max_consumers
@@ -356,6 +373,8 @@ class Broker:
             journal=self.journal,
             dedup_window=self.dedup_window,
             dedup_size=self.dedup_size,
+            policy=self.policy,
+            on_denied=self._log_denied,
         )
         if recovered is not None:  # replay, then serve: no client sees a half-loaded queue
             self.core.restore(recovered, self.loop.time())
@@ -521,6 +540,8 @@ class Broker:
             raise
         finally:
             os.umask(old_umask)
+        if self.socket_group is not None:  # before the mode opens it to that group
+            os.chown(self.path, -1, self.socket_group)
         if self.socket_mode != 0o600:
             os.chmod(self.path, self.socket_mode)
         st = os.stat(self.path)
@@ -617,6 +638,17 @@ class Broker:
         """The same statistics a client gets from ``bus.stats()``."""
         return self.core.stats()
 
+    def set_policy(self, policy: Policy | None) -> None:
+        """Check requests against ``policy`` from now on (None: no checks beyond the
+        socket's mode). Open connections stay; their cached answers are dropped."""
+        self.policy = policy
+        self.core.set_policy(policy)
+
+    def _log_denied(self, conn: int, pid: int, uid: int, verb: str, name: str) -> None:
+        self._denied_log.log(logging.INFO, self.loop.time(),
+                             "connection %d (pid %d, uid %d): permission denied: %s %r",
+                             conn, pid, uid, verb, name)
+
     # -- connections ----------------------------------------------------------------
 
     def _new_connection(self) -> _Connection:
@@ -624,9 +656,10 @@ class Broker:
         self._next_conn += 1
         return conn
 
-    def _connection_made(self, conn: _Connection, pid: int, uid: int, gid: int) -> None:
+    def _connection_made(self, conn: _Connection, pid: int, uid: int, gid: int,
+                         gids: tuple[int, ...] = ()) -> None:
         self._conns[conn.id] = conn
-        self.core.connect(conn.id, pid, uid, gid, self.loop.time())
+        self.core.connect(conn.id, pid, uid, gid, self.loop.time(), gids)
         self._after_events()
 
     def _connection_lost(self, conn: _Connection) -> None:
@@ -767,6 +800,24 @@ class Broker:
             conn._resume("core")
         else:
             conn._pause("core")
+
+
+def _peer_groups(sock: socket.socket) -> tuple[int, ...]:
+    """The peer's supplementary groups, or () where SO_PEERGROUPS is missing (then a
+    policy's groups match the primary group from SO_PEERCRED only: docs/PROTOCOL.md)."""
+    if _SO_PEERGROUPS is None:
+        return ()
+    size = 64 * _GID.size
+    while size <= 65536 * _GID.size:
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, size)
+        except OSError as exc:
+            if exc.errno == errno.ERANGE:
+                size *= 16
+                continue
+            return ()
+        return tuple(gid for (gid,) in _GID.iter_unpack(raw[:len(raw) - len(raw) % 4]))
+    return ()
 
 
 def _remove_stale_socket(path: str) -> None:

@@ -3,6 +3,11 @@
 Parses options, binds the socket (or takes one from systemd socket activation), installs
 SIGINT/SIGTERM handlers that trigger a graceful shutdown, and runs the same
 :class:`aiobus.Broker` that applications embed, on uvloop when it is installed.
+
+The access policy (``--policy FILE``) is read here and injected into the broker, as
+dbus-broker's launcher does: the broker itself never opens it. SIGHUP reads it again; a
+file that does not parse is refused with its line and reason, and the policy in force
+stays.
 """
 
 from __future__ import annotations
@@ -10,8 +15,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import grp
 import logging
 import os
+import pwd
 import signal
 import socket
 import sys
@@ -20,6 +27,7 @@ from .. import __version__, systemd
 from .._paths import default_data_dir, default_socket_path
 from ..broker.core import DEFAULT_MAX_CONSUMERS
 from ..broker.journal import JournalCorrupt
+from ..broker.policy import Policy, PolicyError, parse
 from ..broker.server import FSYNC_POLICIES, Broker
 from ..broker.settings import DEFAULT_DEDUP_SIZE, DEFAULT_DEDUP_WINDOW, MAX_DEDUP_SIZE
 from ..errors import BusError
@@ -36,6 +44,47 @@ def _octal(text: str) -> int:
     if not 0 <= mode <= 0o777:
         raise argparse.ArgumentTypeError(f"{text!r} is not a permission mode (0000-0777)")
     return mode
+
+
+def _group(text: str) -> int:
+    try:
+        return int(text) if text.isdigit() else grp.getgrnam(text).gr_gid
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"no group named {text!r}") from None
+
+
+def load_policy(path: str) -> Policy:
+    """Read and parse the policy file at ``path``, resolving names with the system's user
+    and group databases.
+
+    Raises:
+        PolicyError: naming the file, the line and the reason.
+    """
+    try:
+        with open(path, encoding="utf-8") as file:
+            text = file.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PolicyError(f"{path}: cannot read the policy: {exc}") from exc
+    try:
+        return parse(text, resolve_user=lambda name: pwd.getpwnam(name).pw_uid,
+                     resolve_group=lambda name: grp.getgrnam(name).gr_gid)
+    except PolicyError as exc:
+        raise PolicyError(f"{path}: {exc.reason}" if exc.line is None
+                          else f"{path}: line {exc.line}: {exc.reason}") from exc
+
+
+def _reload_policy(broker: Broker, path: str | None) -> None:
+    """SIGHUP: use the policy file as it is now, or keep the old policy if it is bad."""
+    if path is None:
+        log.info("SIGHUP: no --policy file to reload")
+        return
+    try:
+        policy = load_policy(path)
+    except PolicyError as exc:
+        log.error("policy not reloaded, the previous one stays: %s", exc)
+        return
+    broker.set_policy(policy)
+    log.info("policy reloaded from %s: %d rules", path, policy.rules)
 
 
 def _positive_int(text: str) -> int:
@@ -73,6 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
                              f" here: {default_socket_path()})")
     parser.add_argument("--socket-mode", type=_octal, default=0o600, metavar="MODE",
                         help="permissions of the socket file, octal (default 0600)")
+    parser.add_argument("--socket-group", type=_group, default=None, metavar="GROUP",
+                        help="group owning the socket file (name or gid); with --socket-mode"
+                             " 0660, its members may connect")
+    parser.add_argument("--policy", metavar="FILE", default=None,
+                        help="access policy (TOML): which users and groups may send,"
+                             " consume, publish, subscribe, declare and administer which"
+                             " names; anything not granted is refused. Reloaded on SIGHUP."
+                             " Default: none, the socket's mode is the access control")
     parser.add_argument("--max-frame", type=_positive_int, default=DEFAULT_MAX_FRAME,
                         metavar="BYTES",
                         help=f"largest frame accepted (default {DEFAULT_MAX_FRAME})")
@@ -143,6 +200,9 @@ async def serve(args: argparse.Namespace) -> None:
     stop = asyncio.Event()
     for signo in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signo, stop.set)
+    policy = load_policy(args.policy) if args.policy is not None else None
+    if policy is not None:
+        log.info("policy loaded from %s: %d rules", args.policy, policy.rules)
     inherited = _activated_socket()
     if inherited is not None and args.socket:
         log.info("serving the socket passed by the service manager; --socket is ignored")
@@ -161,14 +221,17 @@ async def serve(args: argparse.Namespace) -> None:
             dedup_window=args.dedup_window,
             dedup_size=args.dedup_size,
             sock=inherited,
+            policy=policy,
+            socket_group=args.socket_group,
         ) as broker:
+            loop.add_signal_handler(signal.SIGHUP, _reload_policy, broker, args.policy)
             where = broker.path or "the socket passed by the service manager"
             systemd.notify(f"READY=1\nSTATUS=listening on {where}\nMAINPID={os.getpid()}")
             await stop.wait()
             log.info("signal received, shutting down")
             systemd.notify("STOPPING=1\nSTATUS=shutting down")
     finally:
-        for signo in (signal.SIGINT, signal.SIGTERM):
+        for signo in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(signo)
 
 

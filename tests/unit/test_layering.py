@@ -21,6 +21,7 @@ CORE_MODULES = [
     "broker/timers.py",
     "broker/dedup.py",
     "broker/settings.py",
+    "broker/policy.py",
     "broker/journal/records.py",
     "broker/journal/replay.py",
     "client/connection.py",
