@@ -23,8 +23,10 @@ topic router uses, so a policy of hundreds of rules answers in a few dict lookup
 * ``admin`` is asked for ``purge`` and ``delete`` of one queue, and with the name ``>``
   for ``stats`` (every queue and connection): only a rule whose pattern is ``>`` grants
   that.
-* Root (uid 0) may do everything: it can read the broker's memory anyway, and an
-  operator locked out of their own broker by a typo is worse than no rule for root.
+* Root (uid 0) may do everything unless a rule names it (``users = ["root"]`` or
+  ``[0]``): root can read the broker's memory anyway, and an operator locked out of their
+  own broker by a typo is worse than no rule for root. A policy that names root means
+  to hold it to its rules, so then root gets what it is granted, like anyone else.
 * ``$...`` names are the broker's whatever the policy says (core.py checks them before
   asking); a rule may grant ``subscribe`` on ``$sys.`` topics, spelled out (a leading
   wildcard does not match them, as in subscriptions), and nothing else there.
@@ -81,8 +83,10 @@ class Policy:
         self._index: dict[str, TopicIndex[Grant]] = {verb: TopicIndex() for verb in VERBS}
         self._patterns: dict[str, list[tuple[str, Grant]]] = {verb: [] for verb in VERBS}
         self.rules = 0
+        self._root_is_ruled = False  # some rule names uid 0: no blanket pass for root
         for verbs, patterns, grant in rules:
             self.rules += 1
+            self._root_is_ruled |= 0 in grant.uids
             for verb in verbs:
                 for pattern in patterns:
                     self._index[verb].add(pattern, grant)
@@ -93,7 +97,7 @@ class Policy:
 
         ``name`` is a checked queue name or topic, or for ``subscribe`` a checked pattern.
         """
-        if uid == 0:
+        if uid == 0 and not self._root_is_ruled:
             return True
         if verb == "subscribe" or name == ALL_QUEUES:
             grants = [grant for pattern, grant in self._patterns[verb]

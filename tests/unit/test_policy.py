@@ -78,6 +78,13 @@ def test_two_users(uid: int, gids: tuple[int, ...], verb: str, name: str,
     assert load(TWO_USERS).allow(uid, gids, verb, name) is allowed
 
 
+def test_root_named_in_a_rule_gets_only_what_it_is_granted() -> None:
+    policy = load('[[allow]]\nusers = [0]\nverbs = ["send"]\nqueues = ["a"]\n')
+    assert policy.allow(0, (), "send", "a")
+    assert not policy.allow(0, (), "send", "b")
+    assert not policy.allow(0, (), "admin", ">")
+
+
 def test_an_empty_policy_denies_everyone_but_root() -> None:
     policy = load("")
     assert policy.rules == 0
