@@ -120,11 +120,11 @@ def _stop(proc: subprocess.Popen[str]) -> None:
             proc.wait(timeout=5)
 
 
-def start_broker(path: str) -> subprocess.Popen[str]:
+def start_broker(path: str, *extra: str) -> subprocess.Popen[str]:
     # Its data directory beside the socket, never the user's default (one broker per dir).
     data_dir = os.path.join(os.path.dirname(path), "data")
     broker = subprocess.Popen([sys.executable, "-m", "aiobus.cli.broker", "--socket", path,
-                               "--data-dir", data_dir, "--log-level", "WARNING"],
+                               "--data-dir", data_dir, "--log-level", "WARNING", *extra],
                               text=True)  # fmt: skip
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
@@ -173,6 +173,9 @@ def main() -> int:
     parser.add_argument("--messages", type=int, default=100_000)
     parser.add_argument("--size", type=int, default=128, help="body bytes")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--policy-rules", type=int, default=0, metavar="N",
+                        help="also run a second broker with a policy of N rules, alternating"
+                             " runs between the two (issue 12's check)")
     parser.add_argument("--child", choices=["producer", "consumer"], help=argparse.SUPPRESS)
     parser.add_argument("--mode", choices=["queue", "topic"], help=argparse.SUPPRESS)
     parser.add_argument("--socket", help=argparse.SUPPRESS)
@@ -189,23 +192,35 @@ def main() -> int:
         return 0
 
     tmp = tempfile.mkdtemp(prefix="aiobus-bench-", dir="/tmp")  # short: AF_UNIX caps at 107
-    path = os.path.join(tmp, "bus.sock")
-    broker = start_broker(path)
-    rates: dict[str, list[float]] = {"queue": [], "topic": []}
+    setups = {"": ()}
+    if args.policy_rules:
+        from policy_file import write_policy
+
+        policy = write_policy(os.path.join(tmp, "policy.toml"), args.policy_rules)
+        setups[f" [{args.policy_rules}-rule policy]"] = ("--policy", policy)
+    brokers: dict[str, tuple[str, subprocess.Popen[str]]] = {}
+    rates: dict[tuple[str, str], list[float]] = {
+        (mode, setup): [] for mode in ("queue", "topic") for setup in setups}
     try:
+        for i, (setup, extra) in enumerate(setups.items()):
+            os.mkdir(os.path.join(tmp, str(i)))
+            path = os.path.join(tmp, str(i), "bus.sock")
+            brokers[setup] = path, start_broker(path, *extra)
         for _ in range(args.repeats):  # interleaved: queue, topic, queue, topic, ...
-            for mode in rates:
-                rates[mode].append(measure(mode, path, args.messages, args.size))
+            for mode, setup in rates:  # ... and with and without a policy
+                rates[mode, setup].append(
+                    measure(mode, brokers[setup][0], args.messages, args.size))
     finally:
-        _stop(broker)
+        for _, broker in brokers.values():
+            _stop(broker)
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"aiobus {aiobus.__version__}, {args.messages:,} messages of {args.size} B, "
           f"{args.repeats} runs each")
-    print(f"{'path':<34} {'msgs/s (median)':>16} {'min-max':>20}")
+    print(f"{'path':<52} {'msgs/s (median)':>16} {'min-max':>20}")
     labels = {"queue": "queue: send -> consume -> ack", "topic": "topic: publish -> subscribe"}
-    for mode, values in rates.items():
+    for (mode, setup), values in rates.items():
         spread = f"{min(values):,.0f}-{max(values):,.0f}"
-        print(f"{labels[mode]:<34} {statistics.median(values):>16,.0f} {spread:>20}")
+        print(f"{labels[mode] + setup:<52} {statistics.median(values):>16,.0f} {spread:>20}")
     return 0
 
 

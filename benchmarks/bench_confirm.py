@@ -56,32 +56,52 @@ async def measure(path: str, messages: int, in_flight: int) -> tuple[float, floa
     return unconfirmed, confirmed, gathered
 
 
+def start_broker(tmp: str, name: str, *extra: str) -> tuple[str, subprocess.Popen[bytes]]:
+    path = os.path.join(tmp, f"{name}.sock")
+    return path, subprocess.Popen([sys.executable, "-m", "aiobus.cli.broker", "--socket", path,
+                                   "--data-dir", os.path.join(tmp, f"{name}.data"),
+                                   "--log-level", "WARNING", *extra])
+
+
+def stop_broker(broker: subprocess.Popen[bytes]) -> None:
+    broker.terminate()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        broker.wait(10)
+    if broker.poll() is None:
+        broker.kill()
+        broker.wait(10)
+
+
 async def main(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="ab-", dir="/tmp") as tmp:
-        path = os.path.join(tmp, "b.sock")
-        broker = subprocess.Popen([sys.executable, "-m", "aiobus.cli.broker", "--socket", path,
-                                   "--data-dir", os.path.join(tmp, "data"),
-                                   "--log-level", "WARNING"])
+        setups: dict[str, tuple[str, ...]] = {"no policy": ()}
+        if args.policy_rules:
+            from policy_file import write_policy
+
+            policy = write_policy(os.path.join(tmp, "policy.toml"), args.policy_rules)
+            setups[f"{args.policy_rules}-rule policy"] = ("--policy", policy)
+        brokers = {}
         try:
+            for i, (setup, extra) in enumerate(setups.items()):
+                brokers[setup] = start_broker(tmp, f"b{i}", *extra)
             async with asyncio.timeout(10):
-                while not os.path.exists(path):
-                    await asyncio.sleep(0.02)
+                for path, _ in brokers.values():
+                    while not os.path.exists(path):
+                        await asyncio.sleep(0.02)
             print(f"aiobus {aiobus.__version__}, {args.messages:,} sends of 128 B,"
                   f" {args.in_flight:,} confirmed in flight")
-            for _ in range(args.repeats):
-                async with asyncio.timeout(300):
-                    unconfirmed, confirmed, gathered = await measure(
-                        path, args.messages, args.in_flight)
-                print(f"confirm=False {unconfirmed:>9,.0f} msgs/s   send_nowait window"
-                      f" {confirmed:>9,.0f} ({confirmed / unconfirmed:.2f})   gather(send)"
-                      f" {gathered:>9,.0f} ({gathered / unconfirmed:.2f})")
+            for _ in range(args.repeats):  # alternating between the brokers
+                for setup, (path, _) in brokers.items():
+                    async with asyncio.timeout(300):
+                        unconfirmed, confirmed, gathered = await measure(
+                            path, args.messages, args.in_flight)
+                    print(f"{setup:<16} confirm=False {unconfirmed:>9,.0f} msgs/s  "
+                          f" send_nowait window {confirmed:>9,.0f}"
+                          f" ({confirmed / unconfirmed:.2f})   gather(send)"
+                          f" {gathered:>9,.0f} ({gathered / unconfirmed:.2f})")
         finally:
-            broker.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                broker.wait(10)
-            if broker.poll() is None:
-                broker.kill()
-                broker.wait(10)
+            for _, broker in brokers.values():
+                stop_broker(broker)
 
 
 if __name__ == "__main__":
@@ -89,4 +109,7 @@ if __name__ == "__main__":
     parser.add_argument("--messages", type=int, default=100_000)
     parser.add_argument("--in-flight", type=int, default=10_000)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--policy-rules", type=int, default=0, metavar="N",
+                        help="also run a second broker with a policy of N rules, alternating"
+                             " runs between the two (issue 12's check)")
     asyncio.run(main(parser.parse_args()))
