@@ -24,6 +24,7 @@ import asyncio
 import collections
 import contextlib
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -63,6 +64,15 @@ def start_broker(tmp: str, name: str, *extra: str) -> tuple[str, subprocess.Pope
                                    "--log-level", "WARNING", *extra])
 
 
+def listening(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(path)
+        except OSError:
+            return False
+        return True
+
+
 def stop_broker(broker: subprocess.Popen[bytes]) -> None:
     broker.terminate()
     with contextlib.suppress(subprocess.TimeoutExpired):
@@ -86,7 +96,7 @@ async def main(args: argparse.Namespace) -> None:
                 brokers[setup] = start_broker(tmp, f"b{i}", *extra)
             async with asyncio.timeout(10):
                 for path, _ in brokers.values():
-                    while not os.path.exists(path):
+                    while not listening(path):  # the file exists a moment before listen()
                         await asyncio.sleep(0.02)
             print(f"aiobus {aiobus.__version__}, {args.messages:,} sends of 128 B,"
                   f" {args.in_flight:,} confirmed in flight")
