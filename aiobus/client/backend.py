@@ -13,7 +13,8 @@ handles are opaque too: ``consume`` and ``subscribe`` store one in the receiver'
 ``_handle`` before they first wait, so that the stream can cancel itself from then on.
 
 Methods that cannot block are plain ``def`` (trio's rule): those on the per-message path
-(``send_unconfirmed``, ``publish``, ``ack_nowait``, ``credit``) buffer and return, and the
+(``send_unconfirmed``, ``publish``, ``ack_nowait``, ``settle_nowait``, ``credit``) buffer
+and return, and the
 ``Bus`` awaits :meth:`Backend.wait_writable` first while the transport is congested.
 """
 
@@ -84,6 +85,10 @@ class StreamTarget(Protocol):
     def _reset(self) -> None:
         """The connection was lost and is being re-established: forget what the old one
         gave (a consumer's buffered leases died with it), and note a possible gap."""
+
+    def _answer_failed(self, error: BusError) -> None:
+        """The broker refused an unconfirmed answer to one of this consumer's leases
+        (``lease-expired``, ``lease-unknown``): count it, log the first."""
 
 
 class Backend(Protocol):
@@ -182,6 +187,12 @@ class Backend(Protocol):
 
     def ack_nowait(self, lease: Any) -> None:
         """Ack without waiting for the confirmation; acks travel in batches."""
+
+    def settle_nowait(self, lease: Any, outcome: Outcome, delay: float | None = None,
+                      reason: str | None = None) -> None:
+        """As :meth:`settle`, without waiting: a refusal is reported to the consumer
+        (``StreamTarget._answer_failed``), an answer to a lease lost with its connection
+        is dropped (its message is redelivered)."""
 
     async def extend(self, lease: Any, seconds: float) -> None: ...
 

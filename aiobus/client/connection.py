@@ -15,7 +15,12 @@ A :class:`ClientConnection` knows frames, never sockets, clocks or futures:
   ERROR, or its part of an OK_RANGE, comes back as ``sink.completed(waiter, result)``
   or ``sink.failed(waiter, error)`` with the error class from ``errors.from_code``. An
   ERROR with an unknown rid (rid 0: a fire-and-forget frame) is counted in
-  :attr:`async_errors` and reported as ``sink.failed(None, error)``.
+  :attr:`async_errors` and reported as ``sink.failed(None, error)``, except a lease
+  error for an unconfirmed answer (ACK_MANY, or ACK/NACK/REJECT with rid 0), which goes
+  to the consumer the lease came from (``sink.answer_failed``). Its message names the
+  tag (``delivery <tag>``: docs/PROTOCOL.md, ACK_MANY), and the connection remembers the
+  stream of each tag it delivered, in two generations of ``LEASE_MEMORY`` tags (a
+  dict write per DELIVER; a lease older than that is reported without its consumer).
 * DELIVER, EVENT and EVENTS go straight to the receiver registered for their stream id,
   with their fields by name: the receiver never sees frame indexes. Receivers are held
   through a callable returning the receiver or None (a ``weakref.ref`` in the asyncio
@@ -38,6 +43,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import re
 from collections.abc import Callable, Iterator
 from typing import Any, Final, Protocol
 
@@ -57,6 +63,12 @@ from .session import HOLD_BYTES, RESTORING, Session
 __all__ = ["HOLD_BYTES", "ClientConnection", "ConnectionSink", "State", "StreamReceiver"]
 
 ACK_BATCH: Final = 1024  # tags per ACK_MANY frame at most
+# Tags whose stream is remembered for attributing a late answer, per generation (two
+# generations are kept): answers come within a few reads of their DELIVER in any loop
+# that keeps up, and 64 Ki ints cost ~5 MB at most.
+LEASE_MEMORY: Final = 65536
+_LEASE_ERRORS: Final = frozenset({"lease-expired", "lease-unknown"})
+_DELIVERY_TAG: Final = re.compile(r"\bdelivery (\d+)\b")
 # Ask for a write at once, not at the end of the loop turn, when this much is waiting:
 # bounds the buffer of a producer that never yields.
 FLUSH_AT: Final = 64 * 1024
@@ -64,6 +76,7 @@ _SEND, _PUBLISH, _CREDIT = int(Op.SEND), int(Op.PUBLISH), int(Op.CREDIT)
 _OK, _OK_RANGE, _ERROR = int(Op.OK), int(Op.OK_RANGE), int(Op.ERROR)
 _DELIVER, _EVENT, _EVENTS = int(Op.DELIVER), int(Op.EVENT), int(Op.EVENTS)
 _RESPONSE, _WELCOME, _CLOSE = int(Op.RESPONSE), int(Op.WELCOME), int(Op.CLOSE)
+_NACK = int(Op.NACK)
 _SETTLE_OPS: Final = {"ack": int(Op.ACK), "nack": int(Op.NACK), "reject": int(Op.REJECT)}
 
 
@@ -95,6 +108,10 @@ class ConnectionSink(Protocol):
 
     def stream_failed(self, receiver: StreamReceiver, error: BusError) -> None:
         """A stream could not be started again on a new transport."""
+
+    def answer_failed(self, receiver: StreamReceiver, error: BusError) -> None:
+        """The broker refused an unconfirmed answer (ack, nack, reject) to a lease this
+        consumer delivered: the lease had expired, or was already answered."""
 
     def flush_wanted(self) -> None:
         """The outgoing buffer went from empty to not empty, or holds ``flush_at`` bytes
@@ -160,6 +177,9 @@ class ClientConnection(Session):
         self._hold_limit = hold_bytes
         self.dropped = 0  # frames dropped while DISCONNECTED because the hold was full
         self._tag_base = 0  # added to this transport's lease tags (see the docstring)
+        # tag -> sid of this transport's deliveries, newer and older generation.
+        self._lease_sids: dict[int, int] = {}
+        self._old_lease_sids: dict[int, int] = {}
 
     def _new_decoder(self) -> FrameDecoder:
         # The broker bounds what it sends by its own max_frame, unknown until WELCOME;
@@ -430,7 +450,30 @@ class ClientConnection(Session):
             self._flush_wanted = True
             self._sink.flush_wanted()
 
-    lost_acks = 0  # ack_nowait calls dropped because their lease was lost
+    lost_acks = 0  # unconfirmed answers (acks, nacks, rejects) dropped: lease lost
+
+    def settle_nowait(self, lease: int, outcome: str, delay: float | None = None,
+                      reason: str | None = None) -> None:
+        """Answer a lease without waiting (``outcome`` as :meth:`settle`): an ack joins
+        the next ACK_MANY, a NACK or REJECT is written with rid 0. A refusal comes back
+        as ``sink.answer_failed``. The answer to a lease from an earlier transport is
+        dropped and counted in :attr:`lost_acks`: its message is redelivered."""
+        if outcome == "ack":
+            self.ack_nowait(lease)
+            return
+        if self._blocked:
+            if self.error is not None:
+                raise self.error
+            self.lost_acks += 1
+            return
+        base = self._tag_base
+        if lease <= base:
+            self.lost_acks += 1
+            return
+        if outcome == "nack":
+            self._append([_NACK, 0, lease - base, delay, reason])
+        else:
+            self._append([_SETTLE_OPS[outcome], 0, lease - base, reason])
 
     def extend(self, lease: int, seconds: float, waiter: Any) -> int:
         return self._request([Op.EXTEND, 0, self._tag(lease), seconds], waiter)
@@ -466,6 +509,7 @@ class ClientConnection(Session):
             receiver: StreamReceiver | None = None
             base = self._tag_base
             frames_ = self._frames  # the resend buffer: answered frames leave it
+            lease_sids = self._lease_sids
             for frame in frames:
                 op = frame[0]
                 if op == _DELIVER:
@@ -475,6 +519,7 @@ class ClientConnection(Session):
                         receiver = ref() if ref is not None else None
                     if receiver is not None:
                         _, _, tag, message, attempt, reply_to = frame
+                        lease_sids[tag] = sid
                         receiver._deliver(tag + base, message, attempt, reply_to)
                 elif op == _EVENT or op == _EVENTS:
                     if frame[1] != sid:
@@ -508,6 +553,13 @@ class ClientConnection(Session):
                         raise RemoteProtocolError(f"unexpected frame type {op!r}")
         except (BusError, IndexError, TypeError, ValueError, KeyError) as exc:
             raise RemoteProtocolError(f"broker sent an invalid frame: {exc!r}") from exc
+        if len(self._lease_sids) >= LEASE_MEMORY:  # once per read, not per DELIVER
+            self._old_lease_sids, self._lease_sids = self._lease_sids, {}
+
+    def _forget_leases(self) -> None:
+        """A new transport: its tags start a new count."""
+        self._lease_sids = {}
+        self._old_lease_sids = {}
 
     def _on_ok_range(self, frame: list[Any]) -> None:
         _, first, last = frame
@@ -529,7 +581,11 @@ class ClientConnection(Session):
         self._frames.pop(rid, None)
         if waiter is _MISSING:
             self.async_errors += 1
-            self._sink.failed(None, from_code(code, message))
+            receiver = self._answered_by(code, message) if rid == 0 else None
+            if receiver is not None:
+                self._sink.answer_failed(receiver, from_code(code, message))
+            else:
+                self._sink.failed(None, from_code(code, message))
         elif waiter is RESTORING:  # a stream could not be started again
             ref = self._streams.get(self._restores.pop(rid, 0))
             receiver = ref() if ref is not None else None
@@ -537,6 +593,20 @@ class ClientConnection(Session):
                 self._sink.stream_failed(receiver, from_code(code, message))
         else:
             self._sink.failed(waiter, from_code(code, message))
+
+    def _answered_by(self, code: str, message: str) -> StreamReceiver | None:
+        """The consumer that delivered the lease a rid-0 lease ERROR names, if known."""
+        if code not in _LEASE_ERRORS:
+            return None
+        match = _DELIVERY_TAG.search(message)
+        if match is None:
+            return None
+        tag = int(match.group(1))
+        sid = self._lease_sids.get(tag)
+        if sid is None:
+            sid = self._old_lease_sids.get(tag)
+        ref = self._streams.get(sid) if sid is not None else None
+        return ref() if ref is not None else None
 
     def _on_response(self, frame: list[Any]) -> None:
         _, token, body, kind, _headers = frame

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
-import logging
-from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-from ..errors import BodyDecodeError, BusError, FrameTooLarge, LeaseError, NotARequest
+from ..errors import (
+    BodyDecodeError,
+    BusError,
+    FrameTooLarge,
+    InvalidOption,
+    LeaseError,
+    NotARequest,
+)
 from ..protocol import BodyKind, decode_body, encode_body
 
 if TYPE_CHECKING:
@@ -15,7 +19,6 @@ if TYPE_CHECKING:
 
 __all__ = ["Message"]
 
-log = logging.getLogger(__name__)
 
 _UNDECODED: Any = object()
 
@@ -163,47 +166,90 @@ class Message:
         self._answered = True
         return lease
 
-    async def ack(self) -> None:
+    async def ack(self, *, confirm: bool = False) -> None:
         """Acknowledge: the message is done and leaves the queue.
 
-        Waits for the broker's confirmation.
+        By default the ack joins the connection's next ACK_MANY batch (written at the end
+        of this event-loop iteration) and this returns at once, as nats-py's
+        ``msg.ack()`` and aio-pika's ``message.ack()`` do: a returned ``ack()`` means
+        the ack is queued on the connection, not that the broker has it. If the broker
+        refuses it (the lease expired, so the message was redelivered, or it was
+        answered already), the consumer logs the first refusal and counts each in
+        ``Consumer.failed_answers`` and ``bus.async_errors``; your loop goes on. If the
+        connection is lost before the ack is written, or the lease came on a connection
+        that was lost since, the ack is dropped: the broker redelivers the message
+        (at-least-once).
+
+        Args:
+            confirm: wait for the broker's confirmation, and raise if it refuses (one
+                round trip per message: a fifth of the default's throughput).
 
         Raises:
-            LeaseError: the lease expired (the message was redelivered) or was released;
-                or (``code == "lease-lost"``) the connection it came on was lost, and
-                the broker redelivers it.
+            LeaseError: answered already on this client (``lease-unknown``, at once);
+                with ``confirm``: the lease expired (``lease-expired``) or was released
+                (``lease-unknown``), or (``lease-lost``) the connection it came on was
+                lost, and the broker redelivers it.
             ConnectionLost: the broker went away and the bus does not reconnect.
+
+        Example::
+
+            async for msg in bus.consume("jobs"):
+                await handle(msg.body)
+                await msg.ack()
         """
-        await self._backend.settle(self._take_lease("ack"), "ack")
+        if confirm:
+            await self._backend.settle(self._take_lease("ack"), "ack")
+        else:
+            self._backend.ack_nowait(self._take_lease("ack"))
 
     def ack_nowait(self) -> None:
-        """Acknowledge without waiting for the broker's confirmation (fastest).
+        """Acknowledge without waiting: ``await msg.ack()`` as a plain call.
 
-        A failure (expired lease) is logged and counted in ``bus.async_errors`` instead of
-        raised. Acks made in the same event-loop iteration travel in one ACK_MANY frame.
+        A refusal is reported as for :meth:`ack`. Acks made in the same event-loop
+        iteration travel in one ACK_MANY frame.
         """
         self._backend.ack_nowait(self._take_lease("ack"))
 
-    async def nack(self, delay: float | None = None, reason: str | None = None) -> None:
+    async def nack(self, delay: float | None = None, reason: str | None = None, *,
+                   confirm: bool = False) -> None:
         """Give the message back for another attempt; this attempt counts as failed.
 
+        Returns once the NACK is written to the connection's buffer (no round trip),
+        with the same promise and reporting as :meth:`ack`; ``confirm=True`` waits for
+        the broker.
+
         Args:
-            delay: seconds before it can be delivered again; ``None`` follows the queue's
-                ``retry_delays`` schedule (empty schedule: at once).
+            delay: seconds before it can be delivered again, from 0 up to 1e9; ``None``
+                follows the queue's ``retry_delays`` schedule (empty schedule: at once).
             reason: kept and shown in ``x-reason-text`` if it is dead-lettered later.
+            confirm: wait for the broker's confirmation, and raise if it refuses.
 
         Raises:
-            LeaseError: the lease expired or was released.
+            InvalidOption: ``delay`` is out of range (before anything is sent).
+            LeaseError: as for :meth:`ack`.
         """
-        await self._backend.settle(self._take_lease("nack"), "nack", delay, reason)
+        if delay is not None and not (type(delay) in (int, float) and 0 <= delay < 1e9):
+            # The broker's rule (broker/settings.py MAX_SECONDS), checked here too because
+            # an unconfirmed NACK the broker refuses would leave the lease held.
+            raise InvalidOption(f"nack delay must be a number of seconds from 0 up to 1e9,"
+                                f" or None; got {delay!r}")
+        if confirm:
+            await self._backend.settle(self._take_lease("nack"), "nack", delay, reason)
+        else:
+            self._backend.settle_nowait(self._take_lease("nack"), "nack", delay, reason)
 
-    async def reject(self, reason: str | None = None) -> None:
+    async def reject(self, reason: str | None = None, *, confirm: bool = False) -> None:
         """Send the message straight to the queue's dead-letter queue.
 
+        Returns without waiting, as :meth:`ack` does; ``confirm=True`` waits.
+
         Raises:
-            LeaseError: the lease expired or was released.
+            LeaseError: as for :meth:`ack`.
         """
-        await self._backend.settle(self._take_lease("reject"), "reject", None, reason)
+        if confirm:
+            await self._backend.settle(self._take_lease("reject"), "reject", None, reason)
+        else:
+            self._backend.settle_nowait(self._take_lease("reject"), "reject", None, reason)
 
     async def extend(self, seconds: float) -> None:
         """Push the lease's deadline to ``seconds`` from now, for a long job.
@@ -234,15 +280,17 @@ class Message:
         check_size(data, self._backend.max_body)
         await self._backend.reply(self._take_lease("reply to"), data, kind, headers)
 
-    @contextlib.asynccontextmanager
-    async def process(self) -> AsyncIterator[Message]:
+    def process(self) -> _Processing:
         """Ack when the block succeeds, nack (a failed attempt) when it raises.
 
-        Cancellation neither acks nor nacks: the consumer's leases are released when its
-        ``async for`` ends, without counting an attempt. If the connection was lost
-        while the block ran (``LeaseError`` code ``lease-lost``), the broker has already
-        given the message back for redelivery: the ack or nack is skipped, and the
-        consumer's loop goes on (an exception from the block still propagates).
+        The ack or nack is written as :meth:`ack` and :meth:`nack` do by default: it
+        is queued on the connection (acks of one loop iteration in one ACK_MANY) and the
+        block exits without a round trip; a refusal by the broker is counted in
+        ``Consumer.failed_answers`` and the first one logged. Cancellation neither acks
+        nor nacks: the consumer's leases are released when its ``async for`` ends,
+        without counting an attempt. If the connection was lost while the block ran, the
+        broker has already given the message back for redelivery: the answer is dropped,
+        and the consumer's loop goes on (an exception from the block still propagates).
 
         Example::
 
@@ -250,24 +298,30 @@ class Message:
                 async with msg.process():
                     await handle(msg.body)
         """
-        try:
-            yield self
-        except Exception as exc:
-            if not self._answered:
-                try:
-                    await self.nack(reason=f"{type(exc).__name__}: {exc}"[:1000])
-                except LeaseError as lease_error:
-                    if lease_error.code != "lease-lost":
-                        raise
-            raise
-        if not self._answered:
-            try:
-                await self.ack()
-            except LeaseError as exc:
-                if exc.code != "lease-lost":
-                    raise
-                log.info("message %s was redelivered: the connection was lost while it was"
-                         " processed", self.id)
+        return _Processing(self)
+
+
+class _Processing:
+    # A class rather than @asynccontextmanager: the README's worker loop enters one per
+    # message, and a generator-based context manager costs ~3 µs more (docs/performance.md).
+    __slots__ = ("_msg",)
+
+    def __init__(self, msg: Message) -> None:
+        self._msg = msg
+
+    async def __aenter__(self) -> Message:
+        return self._msg
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: object) -> None:
+        msg = self._msg
+        if msg._answered:
+            return
+        if exc_type is None:
+            msg._backend.ack_nowait(msg._take_lease("ack"))
+        elif issubclass(exc_type, Exception):
+            msg._backend.settle_nowait(msg._take_lease("nack"), "nack", None,
+                                       f"{exc_type.__name__}: {exc}"[:1000])
 
 
 class GapMessage(Message):

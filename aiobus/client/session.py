@@ -97,6 +97,7 @@ class Session:
         def _new_decoder(self) -> FrameDecoder: ...
         def _append(self, frame: list[Any]) -> None: ...
         def receivers(self) -> list[StreamReceiver]: ...
+        def _forget_leases(self) -> None: ...
 
     def _hold(self, packed: bytes) -> None:
         """A fire-and-forget frame while DISCONNECTED: hold it (bounded) for restore."""
@@ -172,6 +173,7 @@ class Session:
         self.out_bytes = 0
         self._flush_wanted = False
         self._tag_base += TAG_SPAN
+        self._forget_leases()
         keep = self._frames.keys() | {rid for rid, sid in self._starts.items()
                                       if sid in self._streams}
         lost: list[Any] = []

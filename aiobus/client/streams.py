@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 from collections import deque
 from typing import TYPE_CHECKING, Any, Self
 
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
     from .backend import Backend
 
 __all__ = ["Consumer", "Subscription"]
+
+log = logging.getLogger(__name__)
 
 
 class BusyError(BusError, RuntimeError):
@@ -161,6 +164,9 @@ class _Stream:
     def _reset(self) -> None:
         """The bus lost its connection and is reconnecting; the stream goes on after."""
 
+    def _answer_failed(self, error: BusError) -> None:
+        """Only a consumer's leases are answered: see Consumer."""
+
 
 class Subscription(_Stream):
     """Messages published on topics matching ``pattern``; from ``bus.subscribe``.
@@ -251,7 +257,15 @@ class Subscription(_Stream):
 
 class Consumer(_Stream):
     """Leased messages from a queue; from ``bus.consume``. At most ``prefetch`` are
-    unacknowledged at a time. Stopping releases the unacked ones to other consumers."""
+    unacknowledged at a time. Stopping releases the unacked ones to other consumers.
+
+    Attributes:
+        failed_answers: answers made without ``confirm=True`` (``ack()``, ``nack()``,
+            ``reject()``, ``ack_nowait()``, ``msg.process()``) that the broker refused
+            because the lease had expired (the message was redelivered) or was already
+            answered. The first is logged at WARNING, the rest only counted (each also
+            counts in ``bus.async_errors``).
+    """
 
     _kind = "consumer"
 
@@ -259,6 +273,17 @@ class Consumer(_Stream):
         super().__init__(backend)
         self.queue = queue
         self.prefetch = prefetch
+        self.failed_answers = 0
+
+    def _answer_failed(self, error: BusError) -> None:
+        # Logged once per consumer (nats' RateLimitErrorf in spirit): a loop that is too
+        # slow for its ack_timeout would otherwise log every message.
+        self.failed_answers += 1
+        if self.failed_answers == 1:
+            log.warning("a consumer of queue %r answered a lease too late or twice (%s: %s);"
+                        " the broker redelivers such a message. Further refusals for this"
+                        " consumer are counted in Consumer.failed_answers, not logged",
+                        self.queue, error.code, error)
 
     async def _start_with(self, backend: Backend) -> None:
         await backend.consume(self.queue, self.prefetch, self)

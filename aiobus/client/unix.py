@@ -123,6 +123,7 @@ class UnixSocketBackend:
         self.send_unconfirmed = conn.send_unconfirmed
         self.publish = conn.publish
         self.ack_nowait = conn.ack_nowait
+        self.settle_nowait = conn.settle_nowait
         self.credit = conn.credit
         self.max_body = conn.max_frame
         self.writable = True  # False while congested or disconnected
@@ -165,6 +166,9 @@ class UnixSocketBackend:
         log.warning("the broker at %s refused to start a stream again after reconnecting:"
                     " %s: %s", self.path, error.code, error)
         cast(StreamTarget, receiver)._fail(error)
+
+    def answer_failed(self, receiver: StreamReceiver, error: BusError) -> None:
+        cast(StreamTarget, receiver)._answer_failed(error)
 
     def welcomed(self, info: dict[str, Any]) -> None:
         self.max_body = self._conn.max_frame  # an attribute: Bus reads it per message

@@ -4,7 +4,9 @@ extension, nack delays, retry schedules, dead letters, TTL and overflow."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import logging
 import os
 import time
 from typing import Any
@@ -44,7 +46,7 @@ async def test_ack_timeout_redelivers_and_late_ack_fails_but_frees_the_slot(
                 third = await next_msg(healthy)
                 assert third.body == "c"
                 with pytest.raises(aiobus.LeaseError) as info:
-                    await first.ack()
+                    await first.ack(confirm=True)
                 assert info.value.code == "lease-expired"
                 await third.ack()
             # The late ack freed the slot: the stalled consumer gets new work again.
@@ -288,7 +290,7 @@ async def test_expired_lease_stalls_a_consumer_even_with_free_prefetch_slots(
                 await again.ack()
                 await new.ack()
         with pytest.raises(aiobus.LeaseError):
-            await held.ack()  # the late answer frees the consumer
+            await held.ack(confirm=True)  # the late answer frees the consumer
         await bus.send("stall", "after")
         fresh = await next_msg(stalled)
         assert fresh.body == "after"
@@ -350,3 +352,87 @@ async def test_expired_requests_are_discarded_not_dead_lettered(bus: aiobus.Bus)
     stats = await bus.stats()
     assert stats["queues"]["rpc.idle"]["discarded"] == 1
     assert "rpc.idle.dlq" not in stats["queues"]
+
+
+async def test_late_answers_are_logged_once_per_consumer_counted_and_the_loop_goes_on(
+    bus: aiobus.Bus, caplog: pytest.LogCaptureFixture,
+) -> None:
+    await bus.declare_queue("late", ack_timeout=0.3)
+    for body in ("a", "b", "c"):
+        await bus.send("late", body)
+    caplog.set_level(logging.WARNING, logger="aiobus.client.streams")
+    async with bus.consume("late", prefetch=3) as consumer:
+        held = [await next_msg(consumer) for _ in range(3)]
+
+        async def all_expired() -> bool:
+            stats = await queue_stats(bus, "late")
+            return bool(stats["ready"] == 3 and stats["unacked"] == 0)
+
+        await wait_until(all_expired, timeout=3)
+        errors_before = bus.async_errors
+        # The README's worker loop, with every lease expired: no exception reaches it.
+        async with held[0].process():
+            pass
+        await held[1].ack()
+        with pytest.raises(ZeroDivisionError):
+            async with held[2].process():
+                1 / 0  # noqa: B018
+        async def all_refused() -> bool:
+            return consumer.failed_answers == 3
+
+        await wait_until(all_refused, timeout=5)
+        assert bus.async_errors == errors_before + 3
+        warnings = [r for r in caplog.records if r.name == "aiobus.client.streams"]
+        assert len(warnings) == 1 and "'late'" in warnings[0].getMessage()
+        # The late answers freed the consumer: it gets the three again, and acks them.
+        again = [await next_msg(consumer) for _ in range(3)]
+        assert sorted(m.body for m in again) == ["a", "b", "c"]
+        for msg in again:
+            async with msg.process():
+                pass
+    await bus.ping()
+    stats = await queue_stats(bus, "late")
+    assert (stats["ready"], stats["unacked"], stats["acked"]) == (0, 0, 3)
+
+
+async def test_strict_answers_raise_what_the_broker_says(bus: aiobus.Bus) -> None:
+    await bus.declare_queue("strict", ack_timeout=0.3)
+    await bus.send("strict", "a")
+    await bus.send("strict", "b")
+    async with bus.consume("strict", prefetch=2) as consumer:
+        a, b = await next_msg(consumer), await next_msg(consumer)
+
+        async def expired() -> bool:
+            return bool((await queue_stats(bus, "strict"))["ready"] == 2)
+
+        await wait_until(expired, timeout=3)
+        with pytest.raises(aiobus.LeaseError) as info:
+            await a.nack(confirm=True)
+        assert info.value.code == "lease-expired"
+        with pytest.raises(aiobus.LeaseError) as info:
+            await b.reject(confirm=True)
+        assert info.value.code == "lease-expired"
+        assert consumer.failed_answers == 0  # raised, so not counted as well
+    with pytest.raises(aiobus.InvalidOption):
+        await a.nack(delay=-1)  # checked before anything is sent
+
+
+async def test_answers_batched_by_process_reach_the_broker(bus: aiobus.Bus) -> None:
+    n = 500
+    await bus.declare_queue("batched", retry_delays=[0])
+    for i in range(n):
+        await bus.send("batched", i, confirm=False)
+    await bus.ping()
+    seen: list[tuple[int, int]] = []
+    async with bus.consume("batched", prefetch=100) as consumer:
+        while len(seen) < n + 10:
+            msg = await next_msg(consumer)
+            seen.append((msg.body, msg.attempt))
+            with contextlib.suppress(ValueError):
+                async with msg.process():
+                    if msg.body < 10 and msg.attempt == 1:
+                        raise ValueError("fails once")  # nacked: redelivered, attempt 2
+    await bus.ping()  # after the consumer's last ACK_MANY
+    stats = await queue_stats(bus, "batched")
+    assert (stats["ready"], stats["unacked"], stats["acked"]) == (0, 0, n)
+    assert sorted(b for b, attempt in seen if attempt == 2) == list(range(10))

@@ -89,7 +89,7 @@ async def test_delete_ends_leases_and_the_consumer_carries_on(bus: aiobus.Bus) -
         (old,) = await take(consumer, 1)
         assert await bus.delete_queue("jobs") == 1
         with pytest.raises(aiobus.LeaseError) as info:
-            await old.ack()
+            await old.ack(confirm=True)
         assert info.value.code == "lease-unknown"
         stats = await queue_stats(bus, "jobs")  # in use: there again, empty, defaults
         assert (stats["consumers"], stats["unacked"], stats["sent"]) == (1, 0, 0)

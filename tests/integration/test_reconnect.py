@@ -232,7 +232,7 @@ async def test_state_changes_and_lease_lost(broker_factory: Any) -> None:
         assert isinstance(change.error, aiobus.ConnectionLost)
         assert not bus.connected
         with pytest.raises(aiobus.LeaseError) as info:
-            await msg.ack()
+            await msg.ack(confirm=True)
         assert info.value.code == "lease-lost"
         broker = await asyncio.to_thread(broker_factory, name="r")
         await asyncio.wait_for(bus.wait_connected(), 10)

@@ -51,6 +51,9 @@ class Sink:
     def flush_wanted(self) -> None:
         self.flushes += 1
 
+    def answer_failed(self, receiver: Any, error: BusError) -> None:
+        self.failed_.append((receiver, error))
+
 
 class Stream:
     """A receiver that records what it is given."""
@@ -322,3 +325,59 @@ def test_a_partial_frame_waits_for_the_rest(conn: ClientConnection, sink: Sink) 
     assert sink.completed_ == []
     conn.receive_data(data[50:])
     assert sink.completed_ == [("p", "x" * 100)]
+
+
+def test_unconfirmed_answers_batch_acks_and_write_rid_0(conn: ClientConnection) -> None:
+    base = conn._tag_base
+    conn.settle_nowait(base + 1, "ack")
+    conn.settle_nowait(base + 2, "ack")
+    conn.settle_nowait(base + 3, "nack", 1.5, "boom")
+    conn.settle_nowait(base + 4, "reject", None, "bad")
+    conn.settle_nowait(base + 5, "ack")
+    # Acks asked for before the NACK go out before it: frame order is kept.
+    assert sent(conn) == [[Op.ACK_MANY, [1, 2]], [Op.NACK, 0, 3, 1.5, "boom"],
+                          [Op.REJECT, 0, 4, "bad"], [Op.ACK_MANY, [5]]]
+    assert conn.pending == {}  # nothing waits for an answer
+
+
+def test_a_refused_unconfirmed_answer_goes_to_its_consumer(
+        conn: ClientConnection, sink: Sink, feed: Feed) -> None:
+    first, second = Stream(), Stream()
+    conn.consume("q", 4, lambda: first, "c1")
+    conn.consume("r", 4, lambda: second, "c2")
+    feed(conn, pack([Op.OK, 1, None], [Op.OK, 2, None],
+                    [Op.DELIVER, 1, 41, message("a"), 1, None],
+                    [Op.DELIVER, 2, 42, message("b"), 1, None]))
+    conn.settle_nowait(first.got[0][1], "ack")
+    conn.settle_nowait(second.got[0][1], "nack")
+    sent(conn)
+    # What the broker writes for a late ACK_MANY tag and a late rid-0 NACK.
+    feed(conn, pack([Op.ERROR, 0, "lease-expired", "cannot ack delivery 41: its lease expired"],
+                    [Op.ERROR, 0, "lease-unknown", "cannot nack delivery 42: no such lease"],
+                    [Op.ERROR, 0, "lease-unknown", "cannot ack delivery 999: no such lease"],
+                    [Op.ERROR, 0, "queue-full", "full"]))
+    assert [(w, e.code) for w, e in sink.failed_] == [
+        (first, "lease-expired"), (second, "lease-unknown"),
+        (None, "lease-unknown"), (None, "queue-full")]  # unknown tag, not a lease error
+    assert conn.async_errors == 4
+
+
+def test_unconfirmed_answers_to_a_lost_lease_are_dropped(sink: Sink) -> None:
+    conn = ClientConnection(sink, client_id="c")
+    conn.hello("t")
+    conn.receive_data(pack([Op.WELCOME, 1, {}]))
+    stream = Stream()
+    conn.consume("q", 4, lambda: stream, "c1")
+    conn.receive_data(pack([Op.OK, 1, None], [Op.DELIVER, 1, 7, message("a"), 1, None],
+                           [Op.DELIVER, 1, 8, message("b"), 1, None]))
+    old_a, old_b = stream.got[0][1], stream.got[1][1]
+    conn.data_to_send()
+    conn.connection_lost()
+    conn.settle_nowait(old_a, "ack")  # while down
+    conn.hello("t")
+    conn.receive_data(pack([Op.WELCOME, 1, {}]))
+    conn.restore()
+    conn.settle_nowait(old_b, "nack")  # on the new transport: never written there
+    conn.settle_nowait(old_b, "reject")
+    assert not any(f[0] in (Op.ACK_MANY, Op.NACK, Op.REJECT) for f in sent(conn))
+    assert conn.lost_acks == 3
