@@ -9,8 +9,11 @@ Driven the fastest way its API offers, each choice matching what the peers get:
 - Queues (W3, W5, W7): the producer sends with `confirm=False` (returns once buffered,
   like nats' `publish` or a pipelined XADD) and makes the last send confirmed, so it ends
   only when the broker has accepted everything. Consumers use `prefetch=256` (the fetch
-  and COUNT the peers get) and `msg.ack_nowait()` per message, the fire-and-forget ack that
-  matches nats' `msg.ack()`; the "await ack" row awaits each `msg.ack()` instead.
+  and COUNT the peers get) and answer each message three ways, a row each: the README's
+  worker loop `async with msg.process():`, `await msg.ack()`, and `msg.ack_nowait()`. All
+  three queue the ack for the connection's next ACK_MANY and do not wait for the broker,
+  as nats' `msg.ack()` and aio-pika's `message.ack()` do not (W5 and W7 use
+  `ack_nowait()`).
 - Confirmed and durable queues (W3's durable rows): the producer keeps `WINDOW` confirmed
   sends in flight (`send_nowait` futures in a sliding window, the oldest awaited once it
   is full), as many as the Redis pipeline and the RabbitMQ confirm window hold; the
@@ -98,19 +101,25 @@ async def confirmed_producer(ctl: Control, path: str, queue: str, n: int, size: 
     return {"first_ns": first, "sent": n}
 
 
-async def consumer(ctl: Control, path: str, queue: str, n: int, await_ack: bool,
+async def consumer(ctl: Control, path: str, queue: str, n: int, ack: str = "nowait",
                    durable: bool = False) -> dict:  # fmt: skip
+    """``ack``: "process" (the README's worker loop, ``async with msg.process()``),
+    "await" (``await msg.ack()``) or "nowait" (``msg.ack_nowait()``)."""
     async with aiobus.connect(path) as bus:
         await bus.declare_queue(queue, durable=durable)
         await ctl.ready()
 
         async def loop() -> None:
             async for msg in bus.consume(queue, prefetch=PREFETCH):
-                if await_ack:
+                if ack == "process":
+                    async with msg.process():
+                        ctl.count += 1
+                elif ack == "await":
                     await msg.ack()
+                    ctl.count += 1
                 else:
                     msg.ack_nowait()
-                ctl.count += 1
+                    ctl.count += 1
                 ctl.last_ns = time.monotonic_ns()
 
         await ctl.run_until(loop(), n, shared=True)
@@ -200,10 +209,10 @@ def topic_case(env: Any, n: int, size: int, subscribers: int = 1) -> Case:
     return Case([*subs, pub], expected=n * subscribers)
 
 
-def queue_case(env: Any, n: int, size: int, consumers: int = 1, await_ack: bool = False) -> Case:
+def queue_case(env: Any, n: int, size: int, consumers: int = 1, ack: str = "nowait") -> Case:
     queue = f"bench.q{env.next_id()}"
     path = env.aiobus_socket
-    workers = [Worker(consumer, {"path": path, "queue": queue, "n": n, "await_ack": await_ack},
+    workers = [Worker(consumer, {"path": path, "queue": queue, "n": n, "ack": ack},
                       "consumer") for _ in range(consumers)]  # fmt: skip
     workers.append(Worker(producer, {"path": path, "queue": queue, "n": n, "size": size}))
     return Case(workers)
@@ -216,7 +225,7 @@ def confirmed_queue_case(env: Any, n: int, size: int, consumers: int = 1,
     queue = f"bench.dq{env.next_id()}"
     path = env.aiobus_durable[fsync] if fsync else env.aiobus_socket
     durable = bool(fsync)
-    workers = [Worker(consumer, {"path": path, "queue": queue, "n": n, "await_ack": False,
+    workers = [Worker(consumer, {"path": path, "queue": queue, "n": n, "ack": "nowait",
                                  "durable": durable}, "consumer") for _ in range(consumers)]
     workers.append(Worker(confirmed_producer, {"path": path, "queue": queue, "n": n,
                                                "size": size, "durable": durable}))

@@ -1,0 +1,219 @@
+"""W3 as issue 13 measures it, old tree against new tree in one run: the consumer's ack
+styles side by side, with the broker's CPU per message.
+
+    python benchmarks/bench_ack.py --trees /work/wt-base,/work/wt-new [--messages 50000]
+        [--repeats 3] [--modes process,ack,ack_nowait]
+
+For each tree (its directory is put first on ``PYTHONPATH`` of the broker and both
+children, so each side runs its own code), a broker is started on a socket in a fresh
+temp dir, then per run a producer keeps ``WINDOW`` confirmed sends in flight
+(``send_nowait``) and one consumer (``prefetch=PREFETCH``) answers every message with:
+
+- ``process``: ``async with msg.process():`` (the README's worker loop);
+- ``ack``: ``await msg.ack()``;
+- ``ack_nowait``: ``msg.ack_nowait()``;
+- ``ack_confirm``: ``await msg.ack(confirm=True)`` (one ACK and one OK per loop turn: the
+  broker's fixed cost per turn; not in trees before ``confirm`` existed).
+
+Runs alternate tree by tree and mode by mode (the machine is shared and noisy), and the
+table gives medians and each tree's ratio to the first tree within this one run. Broker
+CPU is its user+system time (``/proc/<pid>/stat``) from GO to the consumer's last
+message, per message. Every wait has a timeout; processes are stopped by PID.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from bench_aiobus import _read_line, _stop
+
+TIMEOUT = 120.0
+WINDOW = 100  # confirmed sends in flight (issue 13's W3)
+PREFETCH = 100
+QUEUE = "bench.ack"
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+async def _wait_go() -> None:
+    print("READY", flush=True)
+    line = await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    if line.strip() != "GO":
+        raise SystemExit("expected GO")
+
+
+async def child(role: str, mode: str, path: str, n: int, size: int) -> str:
+    import aiobus
+
+    body = os.urandom(size)
+    async with aiobus.connect(path) as bus:
+        await bus.declare_queue(QUEUE)
+        if role == "producer":
+            await _wait_go()
+            first = time.monotonic_ns()
+            window: collections.deque[asyncio.Future[None]] = collections.deque()
+            for _ in range(n):
+                window.append(bus.send_nowait(QUEUE, body))
+                if len(window) >= WINDOW:
+                    await window.popleft()
+            for fut in window:
+                await fut
+            return f"DONE {first}"
+        count = last = 0
+        await _wait_go()
+        cpu = time.process_time()
+        async for msg in bus.consume(QUEUE, prefetch=PREFETCH):
+            if mode == "process":
+                async with msg.process():
+                    count += 1
+            elif mode == "ack":
+                await msg.ack()
+                count += 1
+            elif mode == "ack_confirm":  # one ACK and one OK per loop turn (new API only)
+                await msg.ack(confirm=True)
+                count += 1
+            else:
+                msg.ack_nowait()
+                count += 1
+            last = time.monotonic_ns()
+            if count == n:
+                break
+        cpu = time.process_time() - cpu
+        await bus.ping()  # the last acks reached the broker
+        return f"DONE {count} {last} {cpu}"
+
+
+def _spawn(tree: str, argv: list[str]) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": tree}
+    return subprocess.Popen([sys.executable, *argv], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env=env)  # fmt: skip
+
+
+def _cpu(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime
+
+
+def start_broker(tree: str, path: str) -> subprocess.Popen[str]:
+    data_dir = os.path.join(os.path.dirname(path), "data")
+    broker = subprocess.Popen([sys.executable, "-m", "aiobus.cli.broker", "--socket", path,
+                               "--data-dir", data_dir, "--log-level", "WARNING"], text=True,
+                              env={**os.environ, "PYTHONPATH": tree})  # fmt: skip
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if broker.poll() is not None:
+            raise RuntimeError(f"the broker exited with {broker.returncode}")
+        if os.path.exists(path):
+            with socket.socket(socket.AF_UNIX) as s:
+                try:
+                    s.connect(path)
+                    return broker
+                except OSError:
+                    pass
+        time.sleep(0.01)
+    _stop(broker)
+    raise RuntimeError("the broker did not come up within 10 s")
+
+
+def measure(tree: str, broker: int, mode: str, path: str, n: int,
+            size: int) -> tuple[float, float, float]:  # fmt: skip
+    """One run; returns (messages per second, broker and consumer CPU µs per message)."""
+    common = ["--mode", mode, "--socket", path, "--messages", str(n), "--size", str(size)]
+    script = os.path.abspath(__file__)
+    deadline = time.monotonic() + TIMEOUT
+    procs = [_spawn(tree, [script, "--child", "consumer", *common])]
+    try:
+        if _read_line(procs[0], deadline) != "READY":
+            raise RuntimeError("consumer not ready")
+        procs.append(_spawn(tree, [script, "--child", "producer", *common]))
+        if _read_line(procs[1], deadline) != "READY":
+            raise RuntimeError("producer not ready")
+        cpu = _cpu(broker)
+        for proc in procs:
+            assert proc.stdin is not None
+            proc.stdin.write("GO\n")
+            proc.stdin.flush()
+        _, count, last, consumer_cpu = _read_line(procs[0], deadline).split()
+        cpu = _cpu(broker) - cpu
+        _, first = _read_line(procs[1], deadline).split()
+        if int(count) != n:
+            raise RuntimeError(f"{mode}: received {count} of {n}")
+        return (n / ((int(last) - int(first)) / 1e9), cpu / n * 1e6,
+                float(consumer_cpu) / n * 1e6)
+    finally:
+        for proc in procs:
+            _stop(proc)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trees", default=os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))), help="comma-separated source trees to compare")
+    parser.add_argument("--modes", default="process,ack,ack_nowait")
+    parser.add_argument("--messages", type=int, default=50_000)
+    parser.add_argument("--size", type=int, default=128, help="body bytes")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--child", choices=["producer", "consumer"], help=argparse.SUPPRESS)
+    parser.add_argument("--mode", help=argparse.SUPPRESS)
+    parser.add_argument("--socket", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        try:
+            import uvloop
+
+            run = uvloop.run
+        except ImportError:
+            run = asyncio.run
+        print(run(child(args.child, args.mode, args.socket, args.messages, args.size)),
+              flush=True)  # fmt: skip
+        return 0
+
+    trees = args.trees.split(",")
+    modes = args.modes.split(",")
+    tmp = tempfile.mkdtemp(prefix="aiobus-ack-", dir="/tmp")  # short: AF_UNIX caps at 107
+    brokers: dict[str, tuple[subprocess.Popen[str], str]] = {}
+    results: dict[tuple[str, str], list[tuple[float, float, float]]] = collections.defaultdict(list)
+    try:
+        for i, tree in enumerate(trees):
+            os.mkdir(os.path.join(tmp, str(i)))
+            path = os.path.join(tmp, str(i), "bus.sock")
+            brokers[tree] = start_broker(tree, path), path
+        for _ in range(args.repeats):
+            for mode in modes:
+                for tree in trees:
+                    broker, path = brokers[tree]
+                    results[tree, mode].append(
+                        measure(tree, broker.pid, mode, path, args.messages, args.size))
+    finally:
+        for broker, _ in brokers.values():
+            _stop(broker)
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"{args.messages:,} messages of {args.size} B, {WINDOW} confirmed sends in flight,"
+          f" prefetch {PREFETCH}, median of {args.repeats}")
+    print(f"{'tree':<24} {'mode':<11} {'msgs/s':>9} {'min-max':>15} {'vs tree 1':>10}"
+          f" {'broker µs/msg':>14} {'consumer µs/msg':>16}")
+    for mode in modes:
+        base = statistics.median(r[0] for r in results[trees[0], mode])
+        for tree in trees:
+            rates = [r[0] for r in results[tree, mode]]
+            broker_cpu = statistics.median(r[1] for r in results[tree, mode])
+            consumer_cpu = statistics.median(r[2] for r in results[tree, mode])
+            rate = statistics.median(rates)
+            spread = f"{min(rates) / 1000:.1f}k-{max(rates) / 1000:.1f}k"
+            print(f"{os.path.basename(tree):<24} {mode:<11} {rate:>9,.0f} {spread:>15}"
+                  f" {rate / base:>9.2f}x {broker_cpu:>14.1f} {consumer_cpu:>16.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
