@@ -63,7 +63,9 @@ async def serve_tasks(bus: aiobus.Bus, name: str, *,
             await bus.send(RESPONSES, {"task": msg.body["task"], "result": result,
                                        "worker": name})
             try:
-                await msg.ack()  # after the result is sent: a worker dying mid-task loses nothing
+                # After the result is sent: a worker dying mid-task loses nothing. confirm:
+                # wait for the broker, to hear of a restart (a plain ack() would be dropped).
+                await msg.ack(confirm=True)
             except aiobus.LeaseError as exc:  # the broker restarted: the task comes again
                 print(f"worker {name}: {exc}", file=sys.stderr)
 
@@ -95,7 +97,7 @@ async def host(socket: str | None, tasks: int) -> None:
             done: Counter[str] = Counter()
             async for msg in responses:
                 try:
-                    await msg.ack()
+                    await msg.ack(confirm=True)  # counted once: only if the broker has it
                 except aiobus.LeaseError:
                     continue  # the broker restarted: this response comes again
                 body = msg.body
