@@ -295,8 +295,12 @@ async def test_aclose_fails_exactly_the_sends_the_broker_did_not_accept(
         outcome = ["ok" if f.exception() is None else type(f.exception()).__name__
                    for f in futures]
         assert outcome == ["ok"] * 5 + ["ConnectionClosed"] * 5
-        stats = await queue_stats(admin, "small")
-        assert (stats["ready"], stats["parked"]) == (5, 0)
+
+        async def parked_dropped() -> bool:  # once the broker has read the EOF
+            return bool((await queue_stats(admin, "small"))["parked"] == 0)
+
+        await wait_until(parked_dropped)
+        assert (await queue_stats(admin, "small"))["ready"] == 5
         got = []
         async with admin.consume("small") as consumer:
             for _ in range(5):
