@@ -13,6 +13,8 @@ BrokenResourceError): :class:`ConnectionClosed` means this side closed the bus,
 from __future__ import annotations
 
 import ast
+import reprlib
+from typing import Any
 
 __all__ = [
     "BodyDecodeError",
@@ -40,6 +42,7 @@ __all__ = [
     "SendTimeout",
     "SubscriptionError",
     "from_code",
+    "shown",
 ]
 
 
@@ -282,3 +285,27 @@ def from_code(code: str, message: str) -> BusError:
     """Build the exception for a broker error ``code`` (unknown codes give BusError)."""
     cls = _BY_CODE.get(code, BusError)
     return cls(message, code=code)
+
+
+# Error messages quote what a client sent, and a client can send 16 MiB where a name
+# belongs: a value is quoted cut short (reprlib, as the debugger and asyncio do), with
+# its length when it was cut, so an ERROR is never bigger than its cause's first bytes.
+MAX_QUOTED = 64
+_repr = reprlib.Repr()
+_repr.maxlevel = 2
+_repr.maxlist = _repr.maxtuple = _repr.maxdict = _repr.maxset = 4
+_repr.maxstring = _repr.maxother = _repr.maxlong = MAX_QUOTED
+
+
+def shown(value: Any) -> str:
+    """``repr(value)`` for an error message, at most about 64 characters: a longer str,
+    bytes or container is cut and its length added (``'aaaa...aaa' (15000000 chars)``)."""
+    text = _repr.repr(value)
+    kind = type(value)
+    if kind is str and len(value) > MAX_QUOTED:
+        return f"{text} ({len(value)} chars)"
+    if kind is bytes and len(value) > MAX_QUOTED:
+        return f"{text} ({len(value)} bytes)"
+    if kind in (list, tuple, dict) and len(value) > _repr.maxlist:
+        return f"{text} ({len(value)} items)"
+    return text

@@ -142,9 +142,9 @@ class ConnState(Enum):
 
 
 class Conn:
-    __slots__ = ("allowed", "client_id", "consumers", "gid", "gids", "handlers", "id",
-                 "id_prefix", "name", "parked", "parked_queues", "pid", "reading", "state",
-                 "subs", "uid")
+    __slots__ = ("allowed", "client_id", "congested", "consumers", "gid", "gids", "handlers",
+                 "id", "id_prefix", "name", "parked", "parked_queues", "pid", "reading",
+                 "state", "subs", "uid")
 
     def __init__(self, conn_id: int, pid: int, uid: int, gid: int,
                  gids: Iterable[int] = ()) -> None:
@@ -165,6 +165,7 @@ class Conn:
         self.parked = 0  # sends waiting for room in full queues
         self.parked_queues: set[str] = set()  # the queues they wait in
         self.reading = True
+        self.congested = False  # unread output above max_pending_output (set_congested)
 
     def describe(self) -> dict[str, Any]:
         return {"conn": self.id, "name": self.name, "pid": self.pid, "uid": self.uid,
@@ -349,6 +350,7 @@ class BrokerCore:
             self.queues.remove_consumers(list(conn.consumers.values()), now, failed=True)
         for sub in conn.subs.values():
             self.topics.remove(sub)
+        self.topics.congested.discard(conn_id)
         conn.consumers.clear()
         conn.subs.clear()
         if conn.state is ConnState.OPEN:
@@ -414,6 +416,22 @@ class BrokerCore:
         elif not conn.reading and conn.parked <= PARK_LIMIT // 2:
             conn.reading = True
             self._sink.set_reading(conn_id, True)
+
+    def set_congested(self, conn_id: int, congested: bool, now: float) -> None:
+        """The shell says whether ``conn_id``'s unread output is above the broker's
+        ``max_pending_output``. While it is, events for its subscriptions are dropped
+        (topics.py, "Output bound") and its consumers get no new deliveries; afterwards
+        they take messages again. Called from within a fan-out, so it only flips flags
+        (and pumps the queues on the way back down)."""
+        conn = self._conns.get(conn_id)
+        if conn is None or conn.congested is congested:
+            return
+        conn.congested = congested
+        if congested:
+            self.topics.congested.add(conn_id)
+        else:
+            self.topics.congested.discard(conn_id)
+        self.queues.set_consumers_held(list(conn.consumers.values()), congested, now)
 
     def slow_consumer(self, conn: int, message: str) -> None:
         self.close(conn, "slow-consumer", message)
@@ -566,6 +584,7 @@ class BrokerCore:
                 " cancel one first, or raise prefetch instead of adding consumers"
             )
         consumer = Consumer(conn.id, sid, self.queues.get(name), prefetch, conn.pid, conn.uid)
+        consumer.held = conn.congested
         conn.consumers[sid] = consumer
         self.reply_ok(conn.id, rid)  # before the first DELIVER, so the client is ready
         self.queues.add_consumer(consumer, now)

@@ -147,8 +147,8 @@ class Lease:
 
 
 class Consumer:
-    __slots__ = ("active", "conn", "in_available", "leases", "pid", "prefetch", "prefix",
-                 "queue", "queued", "sid", "uid", "zombies")
+    __slots__ = ("active", "conn", "held", "in_available", "leases", "pid", "prefetch",
+                 "prefix", "queue", "queued", "sid", "uid", "zombies")
 
     def __init__(
         self, conn: int, sid: int, queue: Queue, prefetch: int, pid: int, uid: int
@@ -167,6 +167,7 @@ class Consumer:
         self.in_available = False
         self.queued = False
         self.zombies = 0  # expired leases not yet answered: while > 0, nothing new is sent
+        self.held = False  # its connection has too much unread output: nothing new is sent
         # DELIVER [30, sid, tag, message, attempt, reply_to]: its first two elements.
         self.prefix: bytes = b"\x96" + packb(int(Op.DELIVER)) + packb(sid)
 

@@ -725,8 +725,22 @@ class QueueRouter:
         if self.paused:
             consumer.active = False  # registered, but given nothing (see pause)
             return
+        if consumer.held:
+            return
         queue.make_available(consumer)
         self.pump(queue, now)
+
+    def set_consumers_held(self, consumers: list[Consumer], held: bool, now: float) -> None:
+        """Hold (no new deliveries) or release consumers whose connection has too much
+        unread output. Holding only marks them, since it may come from inside a pump: a
+        held consumer is skipped when its turn comes, as a stale entry is."""
+        for consumer in consumers:
+            consumer.held = held
+            if held:
+                if consumer.in_available:
+                    consumer.queue.make_unavailable(consumer)
+            elif consumer.active:
+                self._free_slot(consumer, now)
 
     def remove_consumers(self, consumers: list[Consumer], now: float, *, failed: bool) -> None:
         """Stop consumers: one on CANCEL, all of a connection's when it is lost. Their
@@ -783,7 +797,8 @@ class QueueRouter:
     @staticmethod
     def _make_available(consumer: Consumer) -> None:
         """A prefetch slot of ``consumer`` was freed: it may take a message again."""
-        if consumer.active and not consumer.in_available and not consumer.zombies:
+        if (consumer.active and not consumer.in_available and not consumer.zombies
+                and not consumer.held):
             consumer.queue.make_available(consumer)
 
     # -- answers to a lease ---------------------------------------------------------

@@ -49,7 +49,12 @@ from .core import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CONSUMERS, BrokerCore
 from .journal import Journal, JournalError, OsFiles, Recovered
 from .journal import repair as repair_journal
 from .policy import Policy
-from .settings import DEFAULT_DEDUP_SIZE, DEFAULT_DEDUP_WINDOW, check_dedup
+from .settings import (
+    DEFAULT_DEDUP_SIZE,
+    DEFAULT_DEDUP_WINDOW,
+    DEFAULT_MAX_PENDING_OUTPUT,
+    check_dedup,
+)
 
 __all__ = ["FSYNC_POLICIES", "Broker", "BrokerAlreadyRunning", "DataDirInUse"]
 
@@ -117,7 +122,8 @@ class DataDirInUse(BusError):
 
 
 class _Connection(asyncio.Protocol):
-    __slots__ = ("backlog", "broker", "closing", "decoder", "events", "events_dropped",
+    __slots__ = ("backlog", "broker", "closing", "congested", "decoder", "events",
+                 "events_dropped",
                  "events_sid", "id", "ok_first", "ok_last", "out", "out_bytes", "paused_by",
                  "transport")
 
@@ -142,6 +148,7 @@ class _Connection(asyncio.Protocol):
         self.backlog: list[Any] = []  # decoded frames not yet fed while reading is paused
         self.paused_by: set[str] = set()  # "core" (parked sends), "write" (client not reading)
         self.closing = False
+        self.congested = False  # unread output above max_pending_output (Broker._check_output)
 
     # -- asyncio callbacks ----------------------------------------------------------
 
@@ -189,6 +196,11 @@ class _Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._resume("write")
+        if self.congested:  # drained to the low-water mark: deliver again
+            self.congested = False
+            broker = self.broker
+            broker.core.set_congested(self.id, False, broker.loop.time())
+            broker._after_events()
 
     # -- flow control ---------------------------------------------------------------
 
@@ -265,6 +277,10 @@ class Broker:
         handshake_timeout: seconds a new connection has to send HELLO.
         max_consumers: consumers one connection may hold (default 4,096); one more is
             refused with ``QuotaExceeded``.
+        max_pending_output: bytes written to a connection and not yet read by it, over
+            all its subscriptions and consumers, above which its events are dropped
+            (counted as drops of their subscriptions) and its consumers get nothing new
+            until it has read its backlog (default 4 MiB).
         data_dir: where durable queues are journaled (created 0700; one broker at a
             time, guarded by a lock file); None (default): no journal, and declaring a
             queue ``durable=True`` is refused. The ``aiobus-broker`` daemon always has
@@ -302,6 +318,7 @@ class Broker:
         max_frame: int = DEFAULT_MAX_FRAME,
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
         max_consumers: int = DEFAULT_MAX_CONSUMERS,
+        max_pending_output: int = DEFAULT_MAX_PENDING_OUTPUT,
         sock: socket.socket | None = None,
         data_dir: str | os.PathLike[str] | None = None,
         fsync: str = "always",
@@ -325,6 +342,7 @@ class Broker:
         self.max_frame = max_frame
         self.handshake_timeout = handshake_timeout
         self.max_consumers = max_consumers
+        self.max_pending_output = max_pending_output
         self.data_dir = os.fspath(data_dir) if data_dir is not None else None
         self.fsync = fsync
         self.fsync_interval = fsync_interval
@@ -743,6 +761,20 @@ class Broker:
         conn.out_bytes += len(message)
         if conn.out_bytes >= _EARLY_FLUSH:
             self._flush_one(conn)
+            self._check_output(conn)
+
+    def _check_output(self, conn: _Connection) -> None:
+        """Past ``max_pending_output`` bytes unread (in the transport's buffer; this is
+        called right after a flush), tell the core: it drops the connection's events and
+        holds its consumers until ``resume_writing`` says the buffer drained. Called in
+        the middle of a fan-out too, so the next subscription of a 100 that match sees
+        it (issue 12: one 3.1 MB publish had cost +314 MB)."""
+        transport = conn.transport
+        if (conn.congested or transport is None
+                or transport.get_write_buffer_size() <= self.max_pending_output):
+            return
+        conn.congested = True
+        self.core.set_congested(conn.id, True, self.loop.time())
 
     def _make_room(self, conn: _Connection) -> None:
         """Before a new frame or run: write the open run as its frame (the connection is
@@ -776,6 +808,8 @@ class Broker:
         dirty, self._dirty = self._dirty, []
         for conn in dirty:
             self._flush_one(conn)
+            if "write" in conn.paused_by:  # over the high-water mark: maybe over the bound
+                self._check_output(conn)
 
     def close(self, conn_id: int, code: str, message: str) -> None:
         conn = self._conns.get(conn_id)

@@ -9,7 +9,8 @@ from typing import Any
 from ..errors import InvalidName, InvalidOption
 from ..names import check_name, is_reserved
 
-__all__ = ["DEFAULT_DEDUP_SIZE", "DEFAULT_DEDUP_WINDOW", "DLQ_SUFFIX", "MAX_DEDUP_SIZE",
+__all__ = ["DEFAULT_DEDUP_SIZE", "DEFAULT_DEDUP_WINDOW", "DEFAULT_MAX_PENDING_OUTPUT",
+           "DLQ_SUFFIX", "MAX_DEDUP_SIZE",
            "MAX_RETRY_DELAYS", "MAX_SECONDS", "OVERFLOW_POLICIES", "BadOption", "QueueSettings",
            "check_dedup"]
 
@@ -29,6 +30,14 @@ MAX_RETRY_DELAYS = 64
 DEFAULT_DEDUP_WINDOW = 120.0
 DEFAULT_DEDUP_SIZE = 100_000
 MAX_DEDUP_SIZE = 10_000_000
+
+
+# Per-connection memory bounds (broker-wide settings, README "Defaults"). Output: bytes
+# written to a connection and not read by it yet, over all its subscriptions and
+# consumers; above it events are dropped and deliveries wait (redis'
+# client-output-buffer-limit for pubsub is 32 MiB hard, 8 MiB soft; a few MiB is plenty
+# for a client that reads).
+DEFAULT_MAX_PENDING_OUTPUT = 4 * 1024 * 1024
 
 
 BadOption = InvalidOption  # the broker's name for it

@@ -20,6 +20,14 @@ keep up. The broker never buffers without bound for it:
   grows at the tail and goes with the next event queued or sent.
 
 So a subscription costs the broker at most ``2 * max_pending`` events of memory.
+
+Output bound. Credit is per subscription, but the bytes written for a connection add up
+over all of its subscriptions (100 subscriptions matching one topic make 100 copies of
+an event in the socket's buffer). While a connection's unread output is above the
+broker's ``max_pending_output`` the shell puts it in ``congested``: an event for any of
+its subscriptions is then dropped at once, whatever the credit, and counted as a drop of
+that subscription (so the next EVENT's ``dropped`` shows the gap); with policy
+``disconnect`` the connection is closed as a slow consumer instead.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from ..errors import InvalidOption
+from ..errors import InvalidOption, shown
 from ..names import TopicIndex
 
 __all__ = ["POLICIES", "Subscription", "TopicRouter"]
@@ -86,6 +94,8 @@ class TopicRouter:
         self.index: TopicIndex[Subscription] = TopicIndex()
         self.published = 0
         self.unrouted = 0  # publishes that matched no subscription
+        # Connections whose unread output is above the bound (see above), set by the shell.
+        self.congested: set[int] = set()
         self._sink = sink
         self._send_event = send_event if send_event is not None else sink.event
 
@@ -115,8 +125,11 @@ class TopicRouter:
                 self.unrouted += 1
             return 0
         send_event = self._send_event
+        congested = self.congested
         for sub in subs:
-            if sub.credit and not sub.pending:
+            if congested and sub.conn in congested:
+                self._drop(sub)
+            elif sub.credit and not sub.pending:
                 sub.credit -= 1
                 sub.delivered += 1
                 gap = sub.dropped_since
@@ -126,6 +139,17 @@ class TopicRouter:
             else:
                 self._hold(sub, event)
         return len(subs)
+
+    def _drop(self, sub: Subscription) -> None:
+        """An event for a congested connection: dropped (or, policy ``disconnect``, the
+        connection closed)."""
+        if sub.policy == "disconnect":
+            self._sink.slow_consumer(
+                sub.conn, f"subscription {sub.sid} ({shown(sub.pattern)}): the connection"
+                " has too much unread output, with policy 'disconnect'")
+            return
+        sub.dropped_since += 1
+        sub.dropped += 1
 
     def _hold(self, sub: Subscription, event: Event) -> None:
         pending = sub.pending

@@ -29,7 +29,12 @@ from ..broker.core import DEFAULT_MAX_CONSUMERS
 from ..broker.journal import JournalCorrupt
 from ..broker.policy import Policy, PolicyError, parse
 from ..broker.server import FSYNC_POLICIES, Broker
-from ..broker.settings import DEFAULT_DEDUP_SIZE, DEFAULT_DEDUP_WINDOW, MAX_DEDUP_SIZE
+from ..broker.settings import (
+    DEFAULT_DEDUP_SIZE,
+    DEFAULT_DEDUP_WINDOW,
+    DEFAULT_MAX_PENDING_OUTPUT,
+    MAX_DEDUP_SIZE,
+)
 from ..errors import BusError
 from ..protocol import DEFAULT_MAX_FRAME
 
@@ -139,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
                         metavar="N",
                         help="consumers one connection may hold (default"
                              f" {DEFAULT_MAX_CONSUMERS}); one more gets QuotaExceeded")
+    parser.add_argument("--max-pending-output", type=_positive_int,
+                        default=DEFAULT_MAX_PENDING_OUTPUT, metavar="BYTES",
+                        help="unread bytes a connection may have waiting, over all its"
+                             " subscriptions and consumers; above it its events are dropped"
+                             " (counted per subscription) and its consumers get nothing new"
+                             f" until it reads (default {DEFAULT_MAX_PENDING_OUTPUT})")
     parser.add_argument("--dedup-window", type=_dedup_window, default=DEFAULT_DEDUP_WINDOW,
                         metavar="SECONDS",
                         help="a resent SEND (same client_id and seq) within this many seconds"
@@ -213,6 +224,7 @@ async def serve(args: argparse.Namespace) -> None:
             max_frame=args.max_frame,
             handshake_timeout=args.handshake_timeout,
             max_consumers=args.max_consumers,
+            max_pending_output=args.max_pending_output,
             data_dir=args.data_dir or default_data_dir(),
             fsync=args.fsync,
             fsync_interval=args.fsync_interval / 1000,

@@ -1,0 +1,105 @@
+"""Memory bounds of issue 12, against the real broker process: what one misbehaving
+client (one that never reads, parks huge sends, sends huge options) costs the broker is
+bounded, measured as the growth of the broker's RSS."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+from typing import Any
+
+import msgpack
+import pytest
+
+import aiobus
+from aiobus.protocol import PROTOCOL_VERSION, Op
+
+from .conftest import BrokerProcess
+
+pytestmark = pytest.mark.asyncio
+
+HELLO = msgpack.packb([Op.HELLO, PROTOCOL_VERSION, {}])
+MiB = 1024 * 1024
+
+
+def rss(pid: int) -> int:
+    """Resident set size of ``pid`` in bytes."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+class RawClient:
+    """A raw connection that says HELLO and reads only when asked to."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.unpacker = msgpack.Unpacker(raw=False, max_buffer_size=64 * MiB)
+
+    @classmethod
+    async def open(cls, path: str, *, limit: int = 64 * 1024) -> RawClient:
+        reader, writer = await asyncio.open_unix_connection(path, limit=limit)
+        writer.write(HELLO)
+        client = cls(reader, writer)
+        assert (await client.frame())[0] == Op.WELCOME
+        return client
+
+    async def frame(self, timeout: float = 10.0) -> Any:
+        for frame in self.unpacker:
+            return frame
+        while True:
+            data = await asyncio.wait_for(self.reader.read(1 << 16), timeout)
+            if not data:
+                raise EOFError("the broker closed the connection")
+            self.unpacker.feed(data)
+            for frame in self.unpacker:
+                return frame
+
+    async def confirmed(self, last_rid: int, timeout: float = 10.0) -> list[Any]:
+        """Read until request ``last_rid`` is answered; the answers (OK, OK_RANGE, ERROR)."""
+        answers = []
+        while True:
+            frame = await self.frame(timeout)
+            if frame[0] in (Op.OK, Op.ERROR):
+                answers.append(frame)
+                if frame[1] == last_rid:
+                    return answers
+            elif frame[0] == Op.OK_RANGE:
+                answers.append(frame)
+                if frame[2] == last_rid:
+                    return answers
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(ConnectionError):
+            await self.writer.wait_closed()
+
+
+def frames_of(data: bytes) -> list[Any]:
+    return list(msgpack.Unpacker(io.BytesIO(data), raw=False))
+
+
+async def test_unread_output_is_bounded_over_all_subscriptions(broker: BrokerProcess) -> None:
+    # 100 subscriptions matching one topic on a connection that never reads: one 3.1 MB
+    # publish cost +314 MB of broker RSS (one copy per subscription in the transport).
+    sink = await RawClient.open(broker.path)
+    try:
+        sink.writer.write(b"".join(
+            msgpack.packb([Op.SUBSCRIBE, sid, sid, "big.>", 1024, "drop-newest"])
+            for sid in range(1, 101)))
+        await sink.confirmed(100)
+        async with aiobus.connect(broker.path) as bus:
+            before = rss(broker.pid)
+            await bus.publish("big.one", b"x" * 3_100_000)
+            stats = await bus.stats()  # after the publish: the fan-out is done
+            grown = rss(broker.pid) - before
+        subs = [s for s in stats["topics"]["subscriptions"] if s["pattern"] == "big.>"]
+        assert grown < 40 * MiB, f"broker RSS grew {grown / MiB:.0f} MiB"
+        assert len(subs) == 100
+        assert sum(s["delivered"] for s in subs) <= 3  # the bound is 4 MiB: two fit
+        assert sum(s["dropped"] for s in subs) >= 97  # the rest counted as drops
+    finally:
+        await sink.close()
