@@ -64,6 +64,7 @@ from .queues import MAX_PREFETCH, PARK_LIMIT, JournalSink, QueueRouter
 from .settings import (
     DEFAULT_DEDUP_SIZE,
     DEFAULT_DEDUP_WINDOW,
+    DEFAULT_MAX_PARKED_BYTES,
     DLQ_SUFFIX,
     MAX_SECONDS,
     BadOption,
@@ -143,8 +144,8 @@ class ConnState(Enum):
 
 class Conn:
     __slots__ = ("allowed", "client_id", "congested", "consumers", "gid", "gids", "handlers",
-                 "id", "id_prefix", "name", "parked", "parked_queues", "pid", "reading",
-                 "state", "subs", "uid")
+                 "id", "id_prefix", "name", "parked", "parked_bytes", "parked_queues", "pid",
+                 "reading", "state", "subs", "uid")
 
     def __init__(self, conn_id: int, pid: int, uid: int, gid: int,
                  gids: Iterable[int] = ()) -> None:
@@ -163,6 +164,7 @@ class Conn:
         self.consumers: dict[int, Consumer] = {}
         self.subs: dict[int, Subscription] = {}
         self.parked = 0  # sends waiting for room in full queues
+        self.parked_bytes = 0  # and the bytes of their messages
         self.parked_queues: set[str] = set()  # the queues they wait in
         self.reading = True
         self.congested = False  # unread output above max_pending_output (set_congested)
@@ -187,6 +189,7 @@ class BrokerCore:
         max_frame: int = DEFAULT_MAX_FRAME,
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
         max_consumers: int = DEFAULT_MAX_CONSUMERS,
+        max_parked_bytes: int = DEFAULT_MAX_PARKED_BYTES,
         journal: JournalSink | None = None,
         dedup_window: float = DEFAULT_DEDUP_WINDOW,
         dedup_size: int = DEFAULT_DEDUP_SIZE,
@@ -212,6 +215,7 @@ class BrokerCore:
         self.max_frame = max_frame
         self.handshake_timeout = handshake_timeout
         self.max_consumers = max_consumers
+        self.max_parked_bytes = max_parked_bytes
         self._now = 0.0
         self._handshake_handlers: dict[int, Handler] = {Op.HELLO: self._on_hello}
         self._handlers: dict[int, Handler] = {
@@ -405,15 +409,22 @@ class BrokerCore:
         """ERROR for request ``rid`` (0 included: failures are always reported)."""
         self._sink.send(conn, [Op.ERROR, rid, error.code or "error", str(error)])
 
-    def set_parked(self, conn_id: int, delta: int, queue: str | None = None) -> None:
+    def set_parked(self, conn_id: int, delta: int, size: int, queue: str | None = None) -> None:
+        """A connection's parked sends changed by ``delta`` sends and ``size`` bytes.
+        At PARK_LIMIT sends or ``max_parked_bytes`` bytes it is no longer read
+        (backpressure, not an error: its producer waits, as RabbitMQ blocks a publishing
+        connection); at half of both it is read again. Counting bytes matters: 100 parked
+        8 MiB sends had cost 832 MB, and the count alone allowed 4 GiB (issue 12)."""
         conn = self._conns[conn_id]
         conn.parked += delta
+        conn.parked_bytes += size
         if queue is not None:
             conn.parked_queues.add(queue)
-        if conn.reading and conn.parked >= PARK_LIMIT:
-            conn.reading = False
-            self._sink.set_reading(conn_id, False)
-        elif not conn.reading and conn.parked <= PARK_LIMIT // 2:
+        if conn.reading:
+            if conn.parked >= PARK_LIMIT or conn.parked_bytes >= self.max_parked_bytes:
+                conn.reading = False
+                self._sink.set_reading(conn_id, False)
+        elif conn.parked <= PARK_LIMIT // 2 and conn.parked_bytes <= self.max_parked_bytes // 2:
             conn.reading = True
             self._sink.set_reading(conn_id, True)
 
@@ -712,7 +723,7 @@ class BrokerCore:
             },
             "connections": [
                 {**c.describe(), "consumers": len(c.consumers), "subscriptions": len(c.subs),
-                 "parked": c.parked}
+                 "parked": c.parked, "parked_bytes": c.parked_bytes}
                 for c in self._conns.values()
             ],
             "journal": self.journal.statistics() if self.journal is not None else None,

@@ -106,6 +106,11 @@ MAX_PREFETCH = 65535
 PARK_LIMIT = 256
 
 
+def _size(item: Item) -> int:
+    """Bytes a parked message holds: its encoded form (a QMsg adds ~100 bytes, ignored)."""
+    return len(item) if type(item) is bytes else len(item.packed)  # type: ignore[union-attr]
+
+
 class QueueSink(Protocol):
     """What the router needs from its owner (the broker core)."""
 
@@ -113,7 +118,8 @@ class QueueSink(Protocol):
 
     def reply_ok(self, conn: int, rid: int) -> None: ...
 
-    def set_parked(self, conn: int, delta: int, queue: str | None = None) -> None: ...
+    def set_parked(self, conn: int, delta: int, size: int, queue: str | None = None) -> None:
+        """``delta`` sends of ``size`` bytes in all were parked (or, negative, left)."""
 
     def reply_error(self, conn: int, rid: int, error: BusError) -> None: ...
 
@@ -328,7 +334,7 @@ class QueueRouter:
         for conn, rid, item, _ in queue.parked:
             if type(item) is QMsg:
                 self._forget(item)
-            self._sink.set_parked(conn, -1)
+            self._sink.set_parked(conn, -1, -_size(item))
             self._sink.reply_error(conn, rid, NoSuchQueue(
                 f"queue {name!r} was deleted while this send waited for room in it;"
                 " the message was not accepted"))
@@ -536,7 +542,7 @@ class QueueRouter:
         if type(msg) is QMsg:
             msg.state = MsgState.PARKED
         queue.parked.append((conn, rid, msg, mid))
-        self._sink.set_parked(conn, +1, queue.name)
+        self._sink.set_parked(conn, +1, _size(msg), queue.name)
 
     def _drop_oldest(self, queue: Queue, now: float) -> bool:
         while queue.ready or queue.tail:
@@ -594,7 +600,7 @@ class QueueRouter:
         admitted = False
         while queue.parked and not queue.is_full():
             conn, rid, msg, mid = queue.parked.popleft()
-            self._sink.set_parked(conn, -1)
+            self._sink.set_parked(conn, -1, -_size(msg))
             if mid is not None and queue.dedup is not None and queue.dedup.seen(mid, now):
                 # The same id was accepted while this one waited (a resend that came
                 # another way): a duplicate after all.

@@ -52,6 +52,7 @@ from .policy import Policy
 from .settings import (
     DEFAULT_DEDUP_SIZE,
     DEFAULT_DEDUP_WINDOW,
+    DEFAULT_MAX_PARKED_BYTES,
     DEFAULT_MAX_PENDING_OUTPUT,
     check_dedup,
 )
@@ -281,6 +282,9 @@ class Broker:
             all its subscriptions and consumers, above which its events are dropped
             (counted as drops of their subscriptions) and its consumers get nothing new
             until it has read its backlog (default 4 MiB).
+        max_parked_bytes: bytes of a connection's SENDs parked on full ``block`` queues
+            at which the broker stops reading it until half are admitted (default
+            32 MiB; 256 parked SENDs do the same).
         data_dir: where durable queues are journaled (created 0700; one broker at a
             time, guarded by a lock file); None (default): no journal, and declaring a
             queue ``durable=True`` is refused. The ``aiobus-broker`` daemon always has
@@ -319,6 +323,7 @@ class Broker:
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
         max_consumers: int = DEFAULT_MAX_CONSUMERS,
         max_pending_output: int = DEFAULT_MAX_PENDING_OUTPUT,
+        max_parked_bytes: int = DEFAULT_MAX_PARKED_BYTES,
         sock: socket.socket | None = None,
         data_dir: str | os.PathLike[str] | None = None,
         fsync: str = "always",
@@ -343,6 +348,7 @@ class Broker:
         self.handshake_timeout = handshake_timeout
         self.max_consumers = max_consumers
         self.max_pending_output = max_pending_output
+        self.max_parked_bytes = max_parked_bytes
         self.data_dir = os.fspath(data_dir) if data_dir is not None else None
         self.fsync = fsync
         self.fsync_interval = fsync_interval
@@ -388,6 +394,7 @@ class Broker:
             max_frame=self.max_frame,
             handshake_timeout=self.handshake_timeout,
             max_consumers=self.max_consumers,
+            max_parked_bytes=self.max_parked_bytes,
             journal=self.journal,
             dedup_window=self.dedup_window,
             dedup_size=self.dedup_size,

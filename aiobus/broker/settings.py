@@ -9,7 +9,8 @@ from typing import Any
 from ..errors import InvalidName, InvalidOption
 from ..names import check_name, is_reserved
 
-__all__ = ["DEFAULT_DEDUP_SIZE", "DEFAULT_DEDUP_WINDOW", "DEFAULT_MAX_PENDING_OUTPUT",
+__all__ = ["DEFAULT_DEDUP_SIZE", "DEFAULT_DEDUP_WINDOW", "DEFAULT_MAX_PARKED_BYTES",
+           "DEFAULT_MAX_PENDING_OUTPUT",
            "DLQ_SUFFIX", "MAX_DEDUP_SIZE",
            "MAX_RETRY_DELAYS", "MAX_SECONDS", "OVERFLOW_POLICIES", "BadOption", "QueueSettings",
            "check_dedup"]
@@ -38,6 +39,10 @@ MAX_DEDUP_SIZE = 10_000_000
 # client-output-buffer-limit for pubsub is 32 MiB hard, 8 MiB soft; a few MiB is plenty
 # for a client that reads).
 DEFAULT_MAX_PENDING_OUTPUT = 4 * 1024 * 1024
+# Parked sends (SENDs to a full "block" queue): bytes of their messages per connection,
+# at which it is no longer read. Two maximal frames: one big producer still gets one send
+# parked while the next is read.
+DEFAULT_MAX_PARKED_BYTES = 32 * 1024 * 1024
 
 
 BadOption = InvalidOption  # the broker's name for it

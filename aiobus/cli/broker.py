@@ -32,6 +32,7 @@ from ..broker.server import FSYNC_POLICIES, Broker
 from ..broker.settings import (
     DEFAULT_DEDUP_SIZE,
     DEFAULT_DEDUP_WINDOW,
+    DEFAULT_MAX_PARKED_BYTES,
     DEFAULT_MAX_PENDING_OUTPUT,
     MAX_DEDUP_SIZE,
 )
@@ -150,6 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
                              " subscriptions and consumers; above it its events are dropped"
                              " (counted per subscription) and its consumers get nothing new"
                              f" until it reads (default {DEFAULT_MAX_PENDING_OUTPUT})")
+    parser.add_argument("--max-parked-bytes", type=_positive_int,
+                        default=DEFAULT_MAX_PARKED_BYTES, metavar="BYTES",
+                        help="bytes of a connection's sends waiting for room in full"
+                             " 'block' queues at which it is no longer read, until half are"
+                             f" admitted (default {DEFAULT_MAX_PARKED_BYTES})")
     parser.add_argument("--dedup-window", type=_dedup_window, default=DEFAULT_DEDUP_WINDOW,
                         metavar="SECONDS",
                         help="a resent SEND (same client_id and seq) within this many seconds"
@@ -225,6 +231,7 @@ async def serve(args: argparse.Namespace) -> None:
             handshake_timeout=args.handshake_timeout,
             max_consumers=args.max_consumers,
             max_pending_output=args.max_pending_output,
+            max_parked_bytes=args.max_parked_bytes,
             data_dir=args.data_dir or default_data_dir(),
             fsync=args.fsync,
             fsync_interval=args.fsync_interval / 1000,

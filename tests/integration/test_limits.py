@@ -103,3 +103,47 @@ async def test_unread_output_is_bounded_over_all_subscriptions(broker: BrokerPro
         assert sum(s["dropped"] for s in subs) >= 97  # the rest counted as drops
     finally:
         await sink.close()
+
+
+async def test_parked_sends_are_bounded_in_bytes(broker: BrokerProcess) -> None:
+    # A full "block" queue parks SENDs; 100 parked 8 MiB sends had cost 832 MB. Now the
+    # producer is no longer read once 32 MiB are parked: its writes back up instead.
+    body = b"p" * (8 * MiB)
+    async with aiobus.connect(broker.path) as bus:
+        await bus.declare_queue("parked", max_length=1, overflow="block")
+        await bus.send("parked", b"fills it")
+        before = rss(broker.pid)
+        producer = await RawClient.open(broker.path)
+        written = 0
+        last_progress = asyncio.get_running_loop().time()
+
+        async def produce() -> None:
+            nonlocal written, last_progress
+            for rid in range(1, 101):
+                producer.writer.write(msgpack.packb(
+                    [Op.SEND, rid, "parked", body, 0, None, None, None]))
+                await producer.writer.drain()
+                written, last_progress = rid, asyncio.get_running_loop().time()
+
+        task = asyncio.create_task(produce())
+        try:
+            # Until the producer is done (the broker read it all) or is blocked: no
+            # progress for a second while the broker holds some of its sends parked.
+            deadline = asyncio.get_running_loop().time() + 60
+            while True:
+                stats = await bus.stats()
+                parked = max(c["parked"] for c in stats["connections"])
+                now = asyncio.get_running_loop().time()
+                if task.done() or (parked and now - last_progress > 1.0):
+                    break
+                assert now < deadline, "the producer neither finished nor blocked"
+                await asyncio.sleep(0.05)
+            grown = rss(broker.pid) - before
+            assert grown < 100 * MiB, f"broker RSS grew {grown / MiB:.0f} MiB ({parked} parked)"
+            assert parked <= 5  # 32 MiB: four 8 MiB sends, then it is not read
+            assert not task.done() and written < 100
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+                await task
+            producer.writer.transport.abort()
