@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Hashable
 from typing import Generic, TypeVar
 
-from .errors import InvalidName
+from .errors import InvalidName, shown
 
 __all__ = [
     "MAX_NAME_LENGTH",
@@ -48,11 +48,11 @@ def _tokens(name: object, what: str) -> list[str]:
     if not name:
         raise InvalidName(f"{what} must not be empty")
     if len(name) > MAX_NAME_LENGTH:
-        raise InvalidName(f"{what} {name[:40]!r}... is longer than {MAX_NAME_LENGTH} characters")
+        raise InvalidName(f"{what} {shown(name)} is longer than {MAX_NAME_LENGTH} characters")
     tokens = name.split(".")
     if "" in tokens:
         raise InvalidName(
-            f"{what} {name!r} has an empty token: use dot-separated non-empty tokens"
+            f"{what} {shown(name)} has an empty token: use dot-separated non-empty tokens"
             " like 'orders.eu'"
         )
     return tokens
@@ -68,7 +68,7 @@ def check_name(name: object, what: str = "name") -> str:
     for token in tokens:
         if not _FORBIDDEN_CHARS.isdisjoint(token):
             raise InvalidName(
-                f"{what} {name!r} contains whitespace, NUL or a wildcard ('*', '>');"
+                f"{what} {shown(name)} contains whitespace, NUL or a wildcard ('*', '>');"
                 " wildcards are only allowed in subscription patterns"
             )
     assert isinstance(name, str)
@@ -88,11 +88,11 @@ def check_pattern(pattern: object) -> str:
             continue
         if token == TAIL_WILDCARD:
             if i != last:
-                raise InvalidName(f"pattern {pattern!r}: '>' may only be the last token")
+                raise InvalidName(f"pattern {shown(pattern)}: '>' may only be the last token")
             continue
         if not _FORBIDDEN_CHARS.isdisjoint(token):
             raise InvalidName(
-                f"pattern {pattern!r}: wildcards must be whole tokens ('a.*.c', 'a.>');"
+                f"pattern {shown(pattern)}: wildcards must be whole tokens ('a.*.c', 'a.>');"
                 " whitespace and NUL are not allowed"
             )
     assert isinstance(pattern, str)

@@ -22,7 +22,7 @@ from typing import Any, Final
 import msgpack
 
 from ._frame_scan import FrameScanner
-from .errors import FrameTooLarge, LocalProtocolError, ProtocolError, RemoteProtocolError
+from .errors import FrameTooLarge, LocalProtocolError, ProtocolError, RemoteProtocolError, shown
 
 __all__ = [
     "DEFAULT_MAX_FRAME",
@@ -235,8 +235,8 @@ def _check_frame_slow(frame: object) -> int:
     op = frame[0]
     spec = SPECS.get(op) if type(op) is int else None
     if spec is None:
-        shown = repr(op)[:40] if type(op) in (int, str) else type(op).__name__
-        raise RemoteProtocolError(f"unknown frame type {shown}", code="unknown-frame")
+        what = shown(op) if type(op) in (int, str) else type(op).__name__
+        raise RemoteProtocolError(f"unknown frame type {what}", code="unknown-frame")
     name = _OP_NAMES[op]
     fewest = len(spec) - OPTIONAL_TAIL.get(op, 0)
     if not fewest <= len(frame) - 1 <= len(spec):
@@ -270,7 +270,7 @@ def check_headers(headers: dict[Any, Any], where: str = "headers") -> None:
     for key, value in headers.items():
         if type(key) is not str or type(value) is not str:
             raise RemoteProtocolError(
-                f"{where} must map str to str; got {key!r}: {type(value).__name__}",
+                f"{where} must map str to str; got {shown(key)}: {type(value).__name__}",
                 code="bad-field",
             )
 

@@ -54,6 +54,7 @@ from ..errors import (
     QuotaExceeded,
     RemoteProtocolError,
     SubscriptionError,
+    shown,
 )
 from ..names import check_name, check_pattern, is_reserved
 from ..protocol import DEFAULT_MAX_FRAME, PROTOCOL_VERSION, BodyKind, Op, check_frame
@@ -309,13 +310,13 @@ class BrokerCore:
                 check_pattern(name)  # subscribing to $sys. topics is how presence works
             elif verb == "publish":
                 if is_reserved(name):  # forbidden, whatever else is wrong with the name
-                    raise Forbidden(f"topic {name!r}: topics starting with '$' are the"
+                    raise Forbidden(f"topic {shown(name)}: topics starting with '$' are the"
                                     " broker's")
                 check_name(name, "topic")
             elif not checked:
                 check_name(name, "queue name")
                 if is_reserved(name):
-                    raise Forbidden(f"queue name {name!r}: names starting with '$' are"
+                    raise Forbidden(f"queue name {shown(name)}: names starting with '$' are"
                                     " reserved")
             policy = self.policy
             ok = policy is None or policy.allow(conn.uid, conn.gids, verb, name)
@@ -454,7 +455,7 @@ class BrokerCore:
         version, options = frame[1], frame[2]
         if version != PROTOCOL_VERSION:
             raise RemoteProtocolError(
-                f"protocol version {version} is not supported; this broker speaks"
+                f"protocol version {shown(version)} is not supported; this broker speaks"
                 f" {PROTOCOL_VERSION}",
                 code="unsupported-version",
             )

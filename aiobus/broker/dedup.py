@@ -40,7 +40,7 @@ import re
 from collections import deque
 from collections.abc import Iterable
 
-from ..errors import RemoteProtocolError
+from ..errors import RemoteProtocolError, shown
 from .settings import BadOption
 
 __all__ = ["MAX_CLIENT_ID", "MAX_SEQ", "DedupWindow", "check_client_id", "check_seq"]
@@ -59,10 +59,10 @@ def check_client_id(value: object) -> str | None:
     if value is None:
         return None
     if type(value) is not str or _CLIENT_ID.fullmatch(value) is None:
-        shown = repr(value)[:80] if type(value) is str else type(value).__name__
+        what = shown(value) if type(value) is str else type(value).__name__
         raise RemoteProtocolError(
             "HELLO.options.client_id must be a str of 1 to 64 characters from"
-            f" [A-Za-z0-9_.-]; got {shown}", code="bad-field")
+            f" [A-Za-z0-9_.-]; got {what}", code="bad-field")
     return value
 
 

@@ -72,6 +72,7 @@ from ..errors import (
     QueueFull,
     QueueMismatch,
     QueueNotEmpty,
+    shown,
 )
 from .dedup import DedupWindow
 from .queue_state import (
@@ -226,7 +227,7 @@ class QueueRouter:
         elif not queue.explicit:
             if settings.durable != queue.settings.durable and not queue.is_empty():
                 raise BadOption(
-                    f"queue {name!r} already holds messages in memory: declare it"
+                    f"queue {shown(name)} already holds messages in memory: declare it"
                     f" durable={settings.durable} before it is first used"
                 )
             if queue.leases and settings.ack_timeout != queue.settings.ack_timeout:
@@ -242,9 +243,10 @@ class QueueRouter:
             queue.explicit = True
         elif queue.settings != settings:
             old, new = queue.settings.as_dict(), settings.as_dict()
-            diff = ", ".join(f"{k}: {old[k]!r} != {new[k]!r}" for k in old if old[k] != new[k])
+            diff = ", ".join(f"{k}: {shown(old[k])} != {shown(new[k])}"
+                             for k in old if old[k] != new[k])
             raise QueueMismatch(
-                f"queue {name!r} is already declared with other settings ({diff});"
+                f"queue {shown(name)} is already declared with other settings ({diff});"
                 " use the same settings or another queue name"
             )
         return queue
@@ -274,7 +276,7 @@ class QueueRouter:
     def _existing(self, name: str) -> Queue:
         queue = self.queues.get(name)
         if queue is None:
-            raise NoSuchQueue(f"there is no queue {name!r}: it was never used since the"
+            raise NoSuchQueue(f"there is no queue {shown(name)}: it was never used since the"
                               " broker started, or it was deleted")
         return queue
 
@@ -312,7 +314,7 @@ class QueueRouter:
         count = queue.ready_len + len(queue.delayed_msgs) + unacked
         if if_empty and (count or queue.parked):
             raise QueueNotEmpty(
-                f"queue {name!r} is not empty: {queue.ready_len} ready, {queue.delayed}"
+                f"queue {shown(name)} is not empty: {queue.ready_len} ready, {queue.delayed}"
                 f" delayed, {unacked} unacked, {len(queue.parked)} sends waiting for room;"
                 " purge it first, or delete it without if_empty"
             )
@@ -336,7 +338,7 @@ class QueueRouter:
                 self._forget(item)
             self._sink.set_parked(conn, -1, -_size(item))
             self._sink.reply_error(conn, rid, NoSuchQueue(
-                f"queue {name!r} was deleted while this send waited for room in it;"
+                f"queue {shown(name)} was deleted while this send waited for room in it;"
                 " the message was not accepted"))
         queue.parked.clear()
         if consumers:  # they use the name: it exists again, as a new queue
@@ -460,7 +462,7 @@ class QueueRouter:
     def _check_journal(self, queue: Queue) -> None:
         if self.journal_error is not None:
             raise JournalError(
-                f"queue {queue.name!r} is durable and the journal cannot be written"
+                f"queue {shown(queue.name)} is durable and the journal cannot be written"
                 f" ({self.journal_error}); the message was not accepted, retry later",
                 cause=self.journal_error)
 
@@ -520,7 +522,7 @@ class QueueRouter:
                 return
             if policy == "reject":
                 raise QueueFull(
-                    f"queue {queue.name!r} is full (max_length={queue.settings.max_length},"
+                    f"queue {shown(queue.name)} is full (max_length={queue.settings.max_length},"
                     " overflow='reject'); retry later or consume faster"
                 )
             if not self._drop_oldest(queue, now):

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import InvalidName, InvalidOption
+from ..errors import InvalidName, InvalidOption, shown
 from ..names import check_name, is_reserved
 
 __all__ = ["DEFAULT_DEDUP_SIZE", "DEFAULT_DEDUP_WINDOW", "DEFAULT_MAX_PARKED_BYTES",
@@ -57,10 +57,10 @@ def check_dedup(window: float, size: int) -> tuple[float, int]:
     """
     if type(window) not in (int, float) or not 0 <= window < MAX_SECONDS:
         raise BadOption(f"dedup_window must be a number of seconds from 0 up to 1e9 (0: off);"
-                        f" got {window!r:.40}")
+                        f" got {shown(window)}")
     if type(size) is not int or not 0 <= size <= MAX_DEDUP_SIZE:
         raise BadOption(f"dedup_size must be an int from 0 to {MAX_DEDUP_SIZE} (0: off);"
-                        f" got {size!r:.40}")
+                        f" got {shown(size)}")
     return float(window), size
 
 
@@ -94,10 +94,11 @@ class QueueSettings:
         }
         for key, value in (options or {}).items():
             if key not in _OPTION_CHECKS:
-                raise BadOption(f"unknown queue option {key!r}; known: {sorted(_OPTION_CHECKS)}")
+                raise BadOption(f"unknown queue option {shown(key)};"
+                                f" known: {sorted(_OPTION_CHECKS)}")
             values[key] = _OPTION_CHECKS[key](value)
         if values.get("dead_letter") == name:
-            raise BadOption(f"queue {name!r} cannot be its own dead-letter queue")
+            raise BadOption(f"queue {shown(name)} cannot be its own dead-letter queue")
         return cls(**values)
 
     def as_dict(self) -> dict[str, Any]:
@@ -119,7 +120,7 @@ def _positive_number(key: str, allow_none: bool) -> Callable[[Any], float | None
             return None
         if type(value) not in (int, float) or not 0 < value < MAX_SECONDS:
             raise BadOption(f"{key} must be a positive number of seconds below 1e9"
-                            f"{' or None' if allow_none else ''}; got {value!r:.40}")
+                            f"{' or None' if allow_none else ''}; got {shown(value)}")
         return float(value)
 
     return check
@@ -155,7 +156,7 @@ def _dead_letter(value: Any) -> str | None:
     except InvalidName as exc:
         raise BadOption(str(exc)) from None
     if is_reserved(name):
-        raise BadOption(f"dead_letter {name!r}: names starting with '$' are reserved")
+        raise BadOption(f"dead_letter {shown(name)}: names starting with '$' are reserved")
     return name
 
 
@@ -170,7 +171,8 @@ def _bool(key: str) -> Callable[[Any], bool]:
 
 def _overflow(value: Any) -> str:
     if value not in OVERFLOW_POLICIES:
-        raise BadOption(f"overflow must be one of {', '.join(OVERFLOW_POLICIES)}; got {value!r}")
+        raise BadOption(f"overflow must be one of {', '.join(OVERFLOW_POLICIES)};"
+                        f" got {shown(value)}")
     return str(value)
 
 

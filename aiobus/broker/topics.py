@@ -104,7 +104,8 @@ class TopicRouter:
         if not 1 <= max_pending <= MAX_PENDING_LIMIT:
             raise BadSubscription(f"max_pending must be between 1 and {MAX_PENDING_LIMIT}")
         if policy not in POLICIES:
-            raise BadSubscription(f"policy must be one of {', '.join(POLICIES)}; got {policy!r}")
+            raise BadSubscription(f"policy must be one of {', '.join(POLICIES)};"
+                                  f" got {shown(policy)}")
 
     def add(self, sub: Subscription) -> None:
         self.index.add(sub.pattern, sub)
@@ -173,7 +174,7 @@ class TopicRouter:
         else:
             self._sink.slow_consumer(
                 sub.conn,
-                f"subscription {sub.sid} ({sub.pattern!r}) fell {2 * sub.max_pending} events"
+                f"subscription {sub.sid} ({shown(sub.pattern)}) fell {2 * sub.max_pending} events"
                 " behind with policy 'disconnect'",
             )
             return

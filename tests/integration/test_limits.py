@@ -147,3 +147,34 @@ async def test_parked_sends_are_bounded_in_bytes(broker: BrokerProcess) -> None:
             with contextlib.suppress(asyncio.CancelledError, ConnectionError):
                 await task
             producer.writer.transport.abort()
+
+
+BIG = "v" * 15_000_000  # one 15 MB value where a short one belongs
+BIG_VALUES = [
+    ("declare-overflow", [Op.DECLARE, 1, "q", {"overflow": BIG}]),
+    ("declare-unknown-option", [Op.DECLARE, 1, "q", {BIG: 1}]),
+    ("declare-dead-letter", [Op.DECLARE, 1, "q", {"dead_letter": "$" + BIG}]),
+    ("subscribe-policy", [Op.SUBSCRIBE, 1, 1, "t", 10, BIG]),
+    ("publish-reserved-topic", [Op.PUBLISH, "$" + BIG, b"", 0, None]),
+    ("send-long-name", [Op.SEND, 1, BIG, b"", 0, None, None, None]),
+    ("header-not-str", [Op.SEND, 1, "q", b"", 0, {BIG: 1}, None, None]),
+    ("unknown-frame-str", [BIG, 1]),
+]
+
+
+@pytest.mark.parametrize("frame", [v[1] for v in BIG_VALUES], ids=[v[0] for v in BIG_VALUES])
+async def test_errors_quote_client_values_cut_short(broker: BrokerProcess, frame: Any) -> None:
+    # A 15 MB option value had produced a 63 MB ERROR (issue 12): quoted values are cut to
+    # about 64 characters, with their length.
+    client = await RawClient.open(broker.path)
+    try:
+        client.writer.write(msgpack.packb(frame))
+        answer = await client.frame()
+        while answer[0] not in (Op.ERROR, Op.CLOSE):
+            answer = await client.frame()
+        text = answer[-1]
+        assert len(text) < 400, f"{len(text)} chars: {text[:200]}"
+        if BIG[:20] in text:
+            assert "15000001 chars" in text or "15000000 chars" in text
+    finally:
+        await client.close()
