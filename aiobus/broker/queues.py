@@ -217,6 +217,7 @@ class QueueRouter:
             QueueMismatch: the queue was declared before with different settings.
         """
         settings = QueueSettings.for_queue(name, options)
+        self._check_dead_letter_chain(name, settings)
         if settings.durable and self.journal is None:
             raise BadOption("durable=True needs a broker with a journal: this one was"
                             " started without a data directory")
@@ -250,6 +251,32 @@ class QueueRouter:
                 " use the same settings or another queue name"
             )
         return queue
+
+    def _check_dead_letter_chain(self, name: str, settings: QueueSettings) -> None:
+        """Refuse a declaration whose dead letters would come back to ``name``: two
+        queues with a TTL dead-lettering into each other passed a message back and forth
+        forever, its ``x-attempts`` starting again each time (issue 12). The chain is
+        followed through the queues as they are, and queues not yet created with the
+        defaults they would get (``<name>.dlq``, which has none).
+
+        Raises:
+            BadOption: naming the cycle.
+        """
+        chain = [name]
+        seen = {name}
+        target = settings.dead_letter
+        while target is not None:
+            chain.append(target)
+            if target in seen:
+                shown_chain = " -> ".join(shown(q) for q in chain[:8])
+                raise BadOption(f"dead_letter would make a cycle ({shown_chain}"
+                                f"{' -> ...' if len(chain) > 8 else ''}): a dead letter"
+                                " would never leave it; end the chain in a queue whose"
+                                " dead_letter is None")
+            seen.add(target)
+            queue = self.queues.get(target)
+            target = (queue.settings if queue is not None
+                      else QueueSettings.for_queue(target)).dead_letter
 
     def _journal_settings(self, queue: Queue, settings: QueueSettings) -> None:
         """Apply ``settings`` to ``queue``, journaling them if it is durable (or dropping

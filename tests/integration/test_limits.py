@@ -178,3 +178,21 @@ async def test_errors_quote_client_values_cut_short(broker: BrokerProcess, frame
             assert "15000001 chars" in text or "15000000 chars" in text
     finally:
         await client.close()
+
+
+async def test_dead_letter_cycles_are_refused_at_declare(broker: BrokerProcess) -> None:
+    # Two queues with a TTL dead-lettering into each other had passed one message back and
+    # forth forever (issue 12). The declaration that closes a cycle is refused.
+    async with aiobus.connect(broker.path) as bus:
+        await bus.declare_queue("cy.a", ttl=0.05, dead_letter="cy.b")
+        with pytest.raises(aiobus.InvalidOption, match="cycle"):
+            await bus.declare_queue("cy.b", ttl=0.05, dead_letter="cy.a")
+        await bus.declare_queue("cy.b", ttl=0.05, dead_letter="cy.c")  # a chain is fine
+        with pytest.raises(aiobus.InvalidOption, match="cycle"):
+            await bus.declare_queue("cy.c", dead_letter="cy.a")  # a -> b -> c -> a
+        with pytest.raises(aiobus.InvalidOption, match="cycle"):
+            await bus.declare_queue("z.dlq", dead_letter="z")  # z's default dead_letter
+        await bus.send("cy.a", b"once")
+        await bus.declare_queue("cy.c", dead_letter=None)  # where the chain ends
+        stats = await bus.stats()
+        assert "cy.a" in stats["queues"] and "z.dlq" not in stats["queues"]
