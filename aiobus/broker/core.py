@@ -65,9 +65,13 @@ from .queues import MAX_PREFETCH, PARK_LIMIT, JournalSink, QueueRouter
 from .settings import (
     DEFAULT_DEDUP_SIZE,
     DEFAULT_DEDUP_WINDOW,
+    DEFAULT_MAX_CONNECTIONS_PER_UID,
     DEFAULT_MAX_PARKED_BYTES,
+    DEFAULT_MAX_QUEUES_PER_UID,
+    DEFAULT_MAX_SUBSCRIPTIONS_PER_UID,
     DLQ_SUFFIX,
     MAX_SECONDS,
+    SWEEP_INTERVAL,
     BadOption,
 )
 from .timers import Timers
@@ -191,6 +195,9 @@ class BrokerCore:
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
         max_consumers: int = DEFAULT_MAX_CONSUMERS,
         max_parked_bytes: int = DEFAULT_MAX_PARKED_BYTES,
+        max_connections_per_uid: int = DEFAULT_MAX_CONNECTIONS_PER_UID,
+        max_queues_per_uid: int = DEFAULT_MAX_QUEUES_PER_UID,
+        max_subscriptions_per_uid: int = DEFAULT_MAX_SUBSCRIPTIONS_PER_UID,
         journal: JournalSink | None = None,
         dedup_window: float = DEFAULT_DEDUP_WINDOW,
         dedup_size: int = DEFAULT_DEDUP_SIZE,
@@ -207,7 +214,8 @@ class BrokerCore:
         # per message than going through this class.
         self.queues = QueueRouter(self, self.timers, wall_offset, send_raw=sink.send_raw,
                                   journal=journal, dedup_window=dedup_window,
-                                  dedup_size=dedup_size)
+                                  dedup_size=dedup_size,
+                                  max_queues_per_uid=max_queues_per_uid)
         self.journal = journal
         self.topics = TopicRouter(self, send_event=sink.event)
         self._id_prefix = id_prefix + "-"
@@ -217,6 +225,13 @@ class BrokerCore:
         self.handshake_timeout = handshake_timeout
         self.max_consumers = max_consumers
         self.max_parked_bytes = max_parked_bytes
+        # Per-uid quotas (settings.py): connections and subscriptions counted here, queues
+        # by the QueueRouter. Entries go when they reach 0.
+        self.max_connections_per_uid = max_connections_per_uid
+        self.max_subscriptions_per_uid = max_subscriptions_per_uid
+        self._uid_conns: dict[int, int] = {}
+        self._uid_subs: dict[int, int] = {}
+        self._sweep_armed = False
         self._now = 0.0
         self._handshake_handlers: dict[int, Handler] = {Op.HELLO: self._on_hello}
         self._handlers: dict[int, Handler] = {
@@ -248,6 +263,15 @@ class BrokerCore:
         self._now = now
         conn = self._conns[conn_id] = Conn(conn_id, pid, uid, gid, gids)
         conn.handlers = self._handshake_handlers
+        count = self._uid_conns[uid] = self._uid_conns.get(uid, 0) + 1
+        if not self._sweep_armed:
+            self._sweep_armed = True
+            self.timers.call_at(now + SWEEP_INTERVAL, self._on_sweep, None)
+        if count > self.max_connections_per_uid:
+            self.close(conn_id, "quota-exceeded",
+                       f"uid {uid} already has max_connections_per_uid="
+                       f"{self.max_connections_per_uid} connections")
+            return
         self.timers.call_at(now + self.handshake_timeout, self._on_handshake_deadline, conn_id)
 
     def receive(self, conn_id: int, frame: Any, now: float) -> None:
@@ -355,11 +379,26 @@ class BrokerCore:
             self.queues.remove_consumers(list(conn.consumers.values()), now, failed=True)
         for sub in conn.subs.values():
             self.topics.remove(sub)
+        if conn.subs:
+            self._uncount(self._uid_subs, conn.uid, len(conn.subs))
+        self._uncount(self._uid_conns, conn.uid, 1)
         self.topics.congested.discard(conn_id)
         conn.consumers.clear()
         conn.subs.clear()
         if conn.state is ConnState.OPEN:
             self._presence(TOPIC_DISCONNECTED, conn, now)
+
+    @staticmethod
+    def _uncount(counts: dict[int, int], uid: int, n: int) -> None:
+        left = counts[uid] - n
+        if left:
+            counts[uid] = left
+        else:
+            del counts[uid]
+
+    def _on_sweep(self, _: None, now: float) -> None:
+        self.queues.sweep(now)
+        self.timers.call_at(now + SWEEP_INTERVAL, self._on_sweep, None)
 
     def close(self, conn_id: int, code: str, message: str) -> None:
         """Close a connection from the broker's side, releasing its state now."""
@@ -534,7 +573,7 @@ class BrokerCore:
                 mid = check_seq(seq, conn.client_id, token)
         queue = self.queues.queues.get(name)
         if queue is None:  # the name passed _check_access in receive()
-            queue = self.queues.get(name)
+            queue = self.queues.get_for(name, conn.uid)
         packed = pack_message(self._new_id() if mid is None else mid, name, body, kind,
                               headers or None, now + self.wall_offset)
         if ttl is None and token is None and due is None:
@@ -579,6 +618,13 @@ class BrokerCore:
         _, rid, sid, pattern, max_pending, policy = frame
         self.topics.check_options(max_pending, policy)
         self._check_sid(conn, sid)
+        count = self._uid_subs.get(conn.uid, 0)
+        if count >= self.max_subscriptions_per_uid:
+            raise QuotaExceeded(
+                f"uid {conn.uid} already has max_subscriptions_per_uid="
+                f"{self.max_subscriptions_per_uid} subscriptions; cancel some, or use"
+                " wildcards ('orders.*') instead of one subscription per name")
+        self._uid_subs[conn.uid] = count + 1
         sub = Subscription(conn.id, sid, pattern, max_pending, policy)
         conn.subs[sid] = sub
         self.topics.add(sub)
@@ -595,7 +641,8 @@ class BrokerCore:
                 f"this connection already has max_consumers={self.max_consumers} consumers;"
                 " cancel one first, or raise prefetch instead of adding consumers"
             )
-        consumer = Consumer(conn.id, sid, self.queues.get(name), prefetch, conn.pid, conn.uid)
+        queue = self.queues.get_for(name, conn.uid)
+        consumer = Consumer(conn.id, sid, queue, prefetch, conn.pid, conn.uid)
         consumer.held = conn.congested
         conn.consumers[sid] = consumer
         self.reply_ok(conn.id, rid)  # before the first DELIVER, so the client is ready
@@ -612,6 +659,7 @@ class BrokerCore:
             if sub is None:
                 raise SubscriptionError(f"no subscription or consumer {sid} on this connection")
             self.topics.remove(sub)
+            self._uncount(self._uid_subs, conn.uid, 1)
         self.reply_ok(conn.id, rid)
 
     def _on_credit(self, conn: Conn, frame: list[Any], now: float) -> None:
@@ -690,7 +738,7 @@ class BrokerCore:
                 and target != name + DLQ_SUFFIX and not is_reserved(target)):
             with contextlib.suppress(InvalidName):
                 self._check_access(conn, "send", target)
-        queue = self.queues.declare(name, options)
+        queue = self.queues.declare(name, options, conn.uid)
         self.reply_ok(conn.id, rid, queue.settings.as_dict())
 
     def _on_purge(self, conn: Conn, frame: list[Any], now: float) -> None:

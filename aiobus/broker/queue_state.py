@@ -191,6 +191,7 @@ class Queue:
         "leases",
         "name",
         "next_seq",
+        "owner",
         "parked",
         "plain",
         "ready",
@@ -205,6 +206,7 @@ class Queue:
     def __init__(self, name: str, settings: QueueSettings, explicit: bool) -> None:
         self.name = name
         self.explicit = explicit  # declared (True) or created by first use (False)
+        self.owner: int | None = None  # the uid whose client created it (its quota)
         self.settings = settings
         # The journal of a durable queue (see queues.py), else None; the next message's
         # sequence number in it.

@@ -72,6 +72,7 @@ from ..errors import (
     QueueFull,
     QueueMismatch,
     QueueNotEmpty,
+    QuotaExceeded,
     shown,
 )
 from .dedup import DedupWindow
@@ -91,6 +92,7 @@ from .queue_state import (
 from .settings import (
     DEFAULT_DEDUP_SIZE,
     DEFAULT_DEDUP_WINDOW,
+    DEFAULT_MAX_QUEUES_PER_UID,
     MAX_SECONDS,
     BadOption,
     QueueSettings,
@@ -173,8 +175,15 @@ class QueueRouter:
                  send_raw: Callable[[int, bytes], None] | None = None,
                  journal: JournalSink | None = None,
                  dedup_window: float = DEFAULT_DEDUP_WINDOW,
-                 dedup_size: int = DEFAULT_DEDUP_SIZE) -> None:
+                 dedup_size: int = DEFAULT_DEDUP_SIZE,
+                 max_queues_per_uid: int = DEFAULT_MAX_QUEUES_PER_UID) -> None:
         self.queues: dict[str, Queue] = {}
+        # Queues each uid's clients created (SEND, CONSUME, DECLARE of a new name), at
+        # most max_queues_per_uid; queues the broker creates itself (dead-letter targets,
+        # re-created after DELETE for their consumers, restored) belong to nobody.
+        self.max_queues_per_uid = max_queues_per_uid
+        self.owned: dict[int, int] = {}
+        self._idle: dict[str, int] = {}  # sweep: idle queues seen, and their activity
         self.leases: dict[int, Lease] = {}  # every lease a consumer holds, zombies too
         self._sink = sink
         self._send_raw = send_raw if send_raw is not None else sink.send_raw
@@ -207,7 +216,62 @@ class QueueRouter:
             queue = self.queues[name] = Queue(name, QueueSettings.for_queue(name), False)
         return queue
 
-    def declare(self, name: str, options: dict[str, Any]) -> Queue:
+    def get_for(self, name: str, uid: int) -> Queue:
+        """The queue ``name``, created with defaults for a client of ``uid`` (which it
+        counts against) if it does not exist.
+
+        Raises:
+            QuotaExceeded: ``uid`` already created max_queues_per_uid queues.
+        """
+        queue = self.queues.get(name)
+        if queue is None:
+            self._charge(uid)
+            queue = self.queues[name] = Queue(name, QueueSettings.for_queue(name), False)
+            queue.owner = uid
+        return queue
+
+    def _charge(self, uid: int) -> None:
+        count = self.owned.get(uid, 0)
+        if count >= self.max_queues_per_uid:
+            raise QuotaExceeded(
+                f"uid {uid} already has max_queues_per_uid={self.max_queues_per_uid} queues;"
+                " delete some (empty queues created by use go by themselves)")
+        self.owned[uid] = count + 1
+
+    def _remove(self, queue: Queue) -> None:
+        """``queue`` leaves the broker's table (DELETE, or the sweep)."""
+        del self.queues[queue.name]
+        owner = queue.owner
+        if owner is not None:
+            left = self.owned[owner] - 1
+            if left:
+                self.owned[owner] = left
+            else:
+                del self.owned[owner]
+
+    def sweep(self, now: float) -> int:
+        """Remove queues created by use that stayed empty and unused since the last sweep
+        (settings.SWEEP_INTERVAL); returns how many. Declared and durable queues stay."""
+        idle, self._idle = self._idle, {}
+        removed = 0
+        for queue in list(self.queues.values()):
+            if (queue.explicit or queue.journal is not None or queue.consumers
+                    or not queue.is_empty()):
+                continue
+            dedup = queue.dedup
+            if dedup is not None:
+                dedup.seen("", now)  # drops the ids that expired
+                if len(dedup):
+                    continue
+            activity = queue.sent + queue.delivered + queue.acked + queue.duplicates
+            if idle.get(queue.name) == activity:
+                self._remove(queue)
+                removed += 1
+            else:
+                self._idle[queue.name] = activity
+        return removed
+
+    def declare(self, name: str, options: dict[str, Any], uid: int | None = None) -> Queue:
         """Create ``name`` with ``options``, or check them against an existing declaration.
 
         A queue created implicitly by use adopts the settings of its first declaration.
@@ -215,6 +279,7 @@ class QueueRouter:
         Raises:
             BadOption: an option is invalid.
             QueueMismatch: the queue was declared before with different settings.
+            QuotaExceeded: it would be a new queue of ``uid``, which has its quota.
         """
         settings = QueueSettings.for_queue(name, options)
         self._check_dead_letter_chain(name, settings)
@@ -223,7 +288,10 @@ class QueueRouter:
                             " started without a data directory")
         queue = self.queues.get(name)
         if queue is None:
+            if uid is not None:
+                self._charge(uid)
             queue = self.queues[name] = Queue(name, settings, True)
+            queue.owner = uid
             self._journal_settings(queue, settings)
         elif not queue.explicit:
             if settings.durable != queue.settings.durable and not queue.is_empty():
@@ -347,7 +415,7 @@ class QueueRouter:
             )
         if queue.journal is not None:
             queue.journal.deleted(name)  # one record: all of it, settings too
-        del self.queues[name]
+        self._remove(queue)
         self._forget_waiting(queue)
         consumers = list(queue.consumers)
         for consumer in consumers:

@@ -52,8 +52,11 @@ from .policy import Policy
 from .settings import (
     DEFAULT_DEDUP_SIZE,
     DEFAULT_DEDUP_WINDOW,
+    DEFAULT_MAX_CONNECTIONS_PER_UID,
     DEFAULT_MAX_PARKED_BYTES,
     DEFAULT_MAX_PENDING_OUTPUT,
+    DEFAULT_MAX_QUEUES_PER_UID,
+    DEFAULT_MAX_SUBSCRIPTIONS_PER_UID,
     check_dedup,
 )
 
@@ -71,6 +74,11 @@ _SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59 if sys.platform == "linux" 
 _GID = struct.Struct("I")
 _SHUTDOWN_GRACE = 5.0  # seconds to let closing connections drain before aborting them
 _NEVER_SYNC_EVERY = 30.0  # seconds, with fsync="never" (see Broker._sync_every)
+# The listen backlog: a burst of clients connecting at once (1,000 in a test) queues here
+# while the loop accepts; nginx and redis default to 511, the Linux cap
+# (net.core.somaxconn) is 4,096 since 5.4. A full backlog makes a Unix-socket connect
+# fail with EAGAIN, which the client retries until its connect timeout.
+DEFAULT_BACKLOG = 1024
 _EARLY_FLUSH = 256 * 1024  # bytes of output that are written before the loop turn ends
 _EVENTS_MAX = 1024  # EVENTs merged into one EVENTS frame at most
 _EVENT_HEAD = b"\x94" + msgpack.packb(int(Op.EVENT))  # [31, sid, message, dropped]
@@ -285,6 +293,14 @@ class Broker:
         max_parked_bytes: bytes of a connection's SENDs parked on full ``block`` queues
             at which the broker stops reading it until half are admitted (default
             32 MiB; 256 parked SENDs do the same).
+        max_connections_per_uid, max_queues_per_uid, max_subscriptions_per_uid: what the
+            clients of one uid (their peer credentials) may hold at once (defaults 1,024,
+            10,000 and 10,000): one more connection is closed with CLOSE
+            ``quota-exceeded``, one more queue or subscription is refused with
+            ``QuotaExceeded``. Queues created by use that stay empty and unused are
+            removed by a sweep every 60 s (README "Defaults").
+        backlog: the listening socket's backlog (default 1,024; Linux caps it at
+            ``net.core.somaxconn``).
         data_dir: where durable queues are journaled (created 0700; one broker at a
             time, guarded by a lock file); None (default): no journal, and declaring a
             queue ``durable=True`` is refused. The ``aiobus-broker`` daemon always has
@@ -324,6 +340,10 @@ class Broker:
         max_consumers: int = DEFAULT_MAX_CONSUMERS,
         max_pending_output: int = DEFAULT_MAX_PENDING_OUTPUT,
         max_parked_bytes: int = DEFAULT_MAX_PARKED_BYTES,
+        max_connections_per_uid: int = DEFAULT_MAX_CONNECTIONS_PER_UID,
+        max_queues_per_uid: int = DEFAULT_MAX_QUEUES_PER_UID,
+        max_subscriptions_per_uid: int = DEFAULT_MAX_SUBSCRIPTIONS_PER_UID,
+        backlog: int = DEFAULT_BACKLOG,
         sock: socket.socket | None = None,
         data_dir: str | os.PathLike[str] | None = None,
         fsync: str = "always",
@@ -349,6 +369,10 @@ class Broker:
         self.max_consumers = max_consumers
         self.max_pending_output = max_pending_output
         self.max_parked_bytes = max_parked_bytes
+        self.max_connections_per_uid = max_connections_per_uid
+        self.max_queues_per_uid = max_queues_per_uid
+        self.max_subscriptions_per_uid = max_subscriptions_per_uid
+        self.backlog = backlog
         self.data_dir = os.fspath(data_dir) if data_dir is not None else None
         self.fsync = fsync
         self.fsync_interval = fsync_interval
@@ -395,6 +419,9 @@ class Broker:
             handshake_timeout=self.handshake_timeout,
             max_consumers=self.max_consumers,
             max_parked_bytes=self.max_parked_bytes,
+            max_connections_per_uid=self.max_connections_per_uid,
+            max_queues_per_uid=self.max_queues_per_uid,
+            max_subscriptions_per_uid=self.max_subscriptions_per_uid,
             journal=self.journal,
             dedup_window=self.dedup_window,
             dedup_size=self.dedup_size,
@@ -412,7 +439,7 @@ class Broker:
             self._close_journal()
             raise
         self._server = await self.loop.create_unix_server(self._new_connection, sock=sock,
-                                                          backlog=1024)
+                                                          backlog=self.backlog)
         log.info("aiobus broker listening on %s (pid %d)", self.path or "inherited socket",
                  os.getpid())
 

@@ -9,10 +9,13 @@ from typing import Any
 from ..errors import InvalidName, InvalidOption, shown
 from ..names import check_name, is_reserved
 
-__all__ = ["DEFAULT_DEDUP_SIZE", "DEFAULT_DEDUP_WINDOW", "DEFAULT_MAX_PARKED_BYTES",
-           "DEFAULT_MAX_PENDING_OUTPUT",
+__all__ = ["DEFAULT_DEDUP_SIZE", "DEFAULT_DEDUP_WINDOW", "DEFAULT_MAX_CONNECTIONS_PER_UID",
+           "DEFAULT_MAX_PARKED_BYTES",
+           "DEFAULT_MAX_PENDING_OUTPUT", "DEFAULT_MAX_QUEUES_PER_UID",
+           "DEFAULT_MAX_SUBSCRIPTIONS_PER_UID",
            "DLQ_SUFFIX", "MAX_DEDUP_SIZE",
-           "MAX_RETRY_DELAYS", "MAX_SECONDS", "OVERFLOW_POLICIES", "BadOption", "QueueSettings",
+           "MAX_RETRY_DELAYS", "MAX_SECONDS", "OVERFLOW_POLICIES", "SWEEP_INTERVAL",
+           "BadOption", "QueueSettings",
            "check_dedup"]
 
 DLQ_SUFFIX = ".dlq"
@@ -43,6 +46,19 @@ DEFAULT_MAX_PENDING_OUTPUT = 4 * 1024 * 1024
 # at which it is no longer read. Two maximal frames: one big producer still gets one send
 # parked while the next is read.
 DEFAULT_MAX_PARKED_BYTES = 32 * 1024 * 1024
+# Per uid (the peer credentials of its connections): what one user's clients may hold
+# at once, so that one misbehaving client cannot exhaust the broker. A queue costs ~3 KB
+# (1.05M DECLAREs had left 3 GB), a short pattern subscription ~1 KB: 10,000 of each is
+# ~30 MB and ~10 MB. 1,024 connections: a burst of 1,000 clients connecting at once (as a
+# test does) fits. One more of anything is refused with QuotaExceeded naming the quota.
+DEFAULT_MAX_CONNECTIONS_PER_UID = 1024
+DEFAULT_MAX_QUEUES_PER_UID = 10_000
+DEFAULT_MAX_SUBSCRIPTIONS_PER_UID = 10_000
+# Queues created by use (SEND, CONSUME) and never declared are removed once they are
+# empty, unused (no consumer, no parked send, no message sent, delivered or acked) and
+# have no id left in their deduplication window, for a whole sweep interval: a sweep
+# every SWEEP_INTERVAL seconds marks them, the next removes those still untouched.
+SWEEP_INTERVAL = 60.0
 
 
 BadOption = InvalidOption  # the broker's name for it

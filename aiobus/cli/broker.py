@@ -28,12 +28,15 @@ from .._paths import default_data_dir, default_socket_path
 from ..broker.core import DEFAULT_MAX_CONSUMERS
 from ..broker.journal import JournalCorrupt
 from ..broker.policy import Policy, PolicyError, parse
-from ..broker.server import FSYNC_POLICIES, Broker
+from ..broker.server import DEFAULT_BACKLOG, FSYNC_POLICIES, Broker
 from ..broker.settings import (
     DEFAULT_DEDUP_SIZE,
     DEFAULT_DEDUP_WINDOW,
+    DEFAULT_MAX_CONNECTIONS_PER_UID,
     DEFAULT_MAX_PARKED_BYTES,
     DEFAULT_MAX_PENDING_OUTPUT,
+    DEFAULT_MAX_QUEUES_PER_UID,
+    DEFAULT_MAX_SUBSCRIPTIONS_PER_UID,
     MAX_DEDUP_SIZE,
 )
 from ..errors import BusError
@@ -156,6 +159,24 @@ def build_parser() -> argparse.ArgumentParser:
                         help="bytes of a connection's sends waiting for room in full"
                              " 'block' queues at which it is no longer read, until half are"
                              f" admitted (default {DEFAULT_MAX_PARKED_BYTES})")
+    parser.add_argument("--max-connections-per-uid", type=_positive_int,
+                        default=DEFAULT_MAX_CONNECTIONS_PER_UID, metavar="N",
+                        help="connections the clients of one uid may have open; one more is"
+                             " closed with quota-exceeded (default"
+                             f" {DEFAULT_MAX_CONNECTIONS_PER_UID})")
+    parser.add_argument("--max-queues-per-uid", type=_positive_int,
+                        default=DEFAULT_MAX_QUEUES_PER_UID, metavar="N",
+                        help="queues the clients of one uid may create (by use or DECLARE);"
+                             " one more is refused with QuotaExceeded (default"
+                             f" {DEFAULT_MAX_QUEUES_PER_UID})")
+    parser.add_argument("--max-subscriptions-per-uid", type=_positive_int,
+                        default=DEFAULT_MAX_SUBSCRIPTIONS_PER_UID, metavar="N",
+                        help="topic subscriptions the clients of one uid may hold; one more"
+                             " is refused with QuotaExceeded (default"
+                             f" {DEFAULT_MAX_SUBSCRIPTIONS_PER_UID})")
+    parser.add_argument("--backlog", type=_positive_int, default=DEFAULT_BACKLOG, metavar="N",
+                        help="listen backlog: connections waiting to be accepted (default"
+                             f" {DEFAULT_BACKLOG}; capped by net.core.somaxconn)")
     parser.add_argument("--dedup-window", type=_dedup_window, default=DEFAULT_DEDUP_WINDOW,
                         metavar="SECONDS",
                         help="a resent SEND (same client_id and seq) within this many seconds"
@@ -232,6 +253,10 @@ async def serve(args: argparse.Namespace) -> None:
             max_consumers=args.max_consumers,
             max_pending_output=args.max_pending_output,
             max_parked_bytes=args.max_parked_bytes,
+            max_connections_per_uid=args.max_connections_per_uid,
+            max_queues_per_uid=args.max_queues_per_uid,
+            max_subscriptions_per_uid=args.max_subscriptions_per_uid,
+            backlog=args.backlog,
             data_dir=args.data_dir or default_data_dir(),
             fsync=args.fsync,
             fsync_interval=args.fsync_interval / 1000,
