@@ -42,6 +42,7 @@ from ..errors import (
     ConnectionClosed,
     ConnectionLost,
     LeaseError,
+    QuotaExceeded,
     RemoteProtocolError,
     RequestTimeout,
     SendTimeout,
@@ -56,6 +57,10 @@ log = logging.getLogger(__name__)
 
 _CRED = struct.Struct("3i")  # struct ucred {pid_t pid; uid_t uid; gid_t gid;}
 _HANDSHAKE_TIMEOUT = 5.0
+# A Unix-socket connect fails at once with EAGAIN when the broker's listen backlog is
+# full (a burst of clients, a broker busy for a moment): retried with a short jittered
+# backoff, 2 ms doubling up to 100 ms, for up to this long before BrokerUnavailable.
+_CONNECT_TIMEOUT = 5.0
 _CLOSE_TIMEOUT = 5.0
 # CLOSE codes after which the client does not dial again: it broke the protocol (dialling
 # again would repeat it), or a subscription it made with policy "disconnect" fell behind
@@ -195,7 +200,12 @@ class UnixSocketBackend:
         self._welcome = self._loop.create_future()
         self._lost = asyncio.Event()
         try:
-            await self._loop.create_unix_connection(lambda: _Protocol(self), self.path)
+            sock = await self._connect_socket()
+            try:
+                await self._loop.create_unix_connection(lambda: _Protocol(self), sock=sock)
+            except BaseException:
+                sock.close()
+                raise
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             raise BrokerUnavailable(
                 f"no aiobus broker is listening on {self.path} ({exc.strerror}); start one with"
@@ -206,7 +216,7 @@ class UnixSocketBackend:
                 f"permission denied connecting to {self.path} ({_describe_file(self.path)});"
                 " the broker's --socket-mode/--socket-group decide who may connect"
             ) from exc
-        except OSError as exc:  # EAGAIN (a full backlog), ENOTSOCK, ...
+        except OSError as exc:  # ENOTSOCK, ...
             raise BrokerUnavailable(f"cannot connect to {self.path}: {exc}") from exc
         if not self._explicit:
             self._check_broker_owner()
@@ -218,6 +228,37 @@ class UnixSocketBackend:
             self._abort()
             raise BrokerUnavailable(f"the broker at {self.path} did not answer HELLO") from None
         self.server_info = info
+
+    async def _connect_socket(self) -> socket.socket:
+        """A socket connected to the broker. connect() on a Unix socket never is "in
+        progress": it succeeds or fails at once, with EAGAIN when the listen backlog is
+        full, which is retried until _CONNECT_TIMEOUT (asyncio's sock_connect would take
+        EAGAIN for "in progress" and hand back a socket that is not connected).
+
+        Raises:
+            BrokerUnavailable: the backlog stayed full.
+            OSError: any other failure of connect().
+        """
+        deadline = self._loop.time() + _CONNECT_TIMEOUT
+        delay = 0.002
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            try:
+                sock.connect(self.path)
+                return sock
+            except BlockingIOError:
+                sock.close()
+                if self._loop.time() >= deadline:
+                    raise BrokerUnavailable(
+                        f"cannot connect to {self.path}: its listen backlog stayed full for"
+                        f" {_CONNECT_TIMEOUT:g} s (EAGAIN); the broker is overloaded or"
+                        " stopped accepting") from None
+            except BaseException:
+                sock.close()
+                raise
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(2 * delay, 0.1)
 
     def _check_broker_owner(self) -> None:
         assert self._transport is not None
@@ -292,8 +333,14 @@ class UnixSocketBackend:
         self._lost.set()
         conn = self._conn
         if not self._welcome.done():
-            self._welcome.set_exception(BrokerUnavailable(
-                f"the broker at {self.path} closed the connection during the handshake"))
+            if conn.close_reason is not None and conn.close_reason[0] == "quota-exceeded":
+                # Refused for its uid's connection quota: say so, typed.
+                self._welcome.set_exception(QuotaExceeded(
+                    f"the broker refused the connection: {conn.close_reason[1]}",
+                    code="quota-exceeded"))
+            else:
+                self._welcome.set_exception(BrokerUnavailable(
+                    f"the broker at {self.path} closed the connection during the handshake"))
         if conn.error is not None and not self._closing:
             return  # failed or closed before: nothing left to tell anyone
         if conn.close_reason is not None:
@@ -332,7 +379,7 @@ class UnixSocketBackend:
                 return
             try:
                 await self._dial()
-            except BrokerUnavailable as exc:
+            except (BrokerUnavailable, QuotaExceeded) as exc:  # the quota may free up
                 last = exc
                 self._abort()
             else:

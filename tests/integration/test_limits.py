@@ -196,3 +196,92 @@ async def test_dead_letter_cycles_are_refused_at_declare(broker: BrokerProcess) 
         await bus.declare_queue("cy.c", dead_letter=None)  # where the chain ends
         stats = await bus.stats()
         assert "cy.a" in stats["queues"] and "z.dlq" not in stats["queues"]
+
+
+async def test_a_million_subscriptions_stop_at_the_quota(broker: BrokerProcess) -> None:
+    # 1,000,000 pattern subscriptions from one client: refused at the per-uid quota
+    # (10,000 by default), broker RSS growth under 50 MiB.
+    total = 1_000_000
+    client = await RawClient.open(broker.path)
+    before = rss(broker.pid)
+    answers = {"ok": 0, "error": 0}
+    first_error: list[Any] = []
+
+    async def read() -> None:
+        while True:
+            frame = await client.frame(timeout=60)
+            if frame[0] == Op.OK:
+                answers["ok"] += 1
+            elif frame[0] == Op.OK_RANGE:
+                answers["ok"] += frame[2] - frame[1] + 1
+            elif frame[0] == Op.ERROR:
+                answers["error"] += 1
+                if not first_error:
+                    first_error.append(frame)
+            if max(frame[1:3] if frame[0] == Op.OK_RANGE else frame[1:2]) == total:
+                return
+
+    reader = asyncio.create_task(read())
+    try:
+        for start in range(1, total + 1, 10_000):
+            client.writer.write(b"".join(
+                msgpack.packb([Op.SUBSCRIBE, rid, rid, f"s.{rid}.*", 1, "drop-newest"])
+                for rid in range(start, start + 10_000)))
+            await client.writer.drain()
+        await asyncio.wait_for(reader, 120)
+    finally:
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError, EOFError):
+            await reader
+    grown = rss(broker.pid) - before
+    await client.close()
+    assert answers == {"ok": 10_000, "error": total - 10_000}
+    _, rid, code, message = first_error[0]
+    assert (rid, code) == (10_001, "quota-exceeded")
+    assert "max_subscriptions_per_uid=10000" in message
+    assert grown < 50 * MiB, f"broker RSS grew {grown / MiB:.0f} MiB"
+
+
+async def test_queues_per_uid_are_a_quota(broker_factory: Any) -> None:
+    broker = broker_factory("--max-queues-per-uid", "100")
+    async with aiobus.connect(broker.path) as bus:
+        for i in range(60):
+            await bus.declare_queue(f"d.{i}")
+        for i in range(40):
+            await bus.send(f"u.{i}", b"m")  # created by use: counted too
+        with pytest.raises(aiobus.QuotaExceeded, match="max_queues_per_uid=100"):
+            await bus.declare_queue("one.more")
+        with pytest.raises(aiobus.QuotaExceeded, match="max_queues_per_uid=100"):
+            await bus.send("one.more", b"m")
+        await bus.send("d.1", b"m")  # queues that exist still take messages
+        await bus.delete_queue("d.0")
+        await bus.declare_queue("one.more")  # room again
+        stats = await bus.stats()
+        assert "one.more" in stats["queues"] and "d.0" not in stats["queues"]
+
+
+async def test_connections_per_uid_are_a_quota(broker_factory: Any) -> None:
+    broker = broker_factory("--max-connections-per-uid", "3")
+    async with contextlib.AsyncExitStack() as stack:
+        for _ in range(3):
+            await stack.enter_async_context(aiobus.connect(broker.path, reconnect=False))
+        with pytest.raises(aiobus.QuotaExceeded, match="max_connections_per_uid=3"):
+            async with aiobus.connect(broker.path, reconnect=False):
+                pass
+    async with aiobus.connect(broker.path, reconnect=False) as bus:  # the others left
+        await bus.ping()
+
+
+@pytest.mark.parametrize("backlog", [None, "8"])
+async def test_a_thousand_clients_connecting_at_once(broker_factory: Any,
+                                                     backlog: str | None) -> None:
+    # The listen backlog is 1,024 by default; a client whose connect finds it full
+    # (EAGAIN) retries with a short backoff instead of failing. With --backlog 8, most
+    # of the 1,000 connects meet a full backlog at first.
+    broker = broker_factory(*(["--backlog", backlog] if backlog else []))
+    async with contextlib.AsyncExitStack() as stack:
+        buses = await asyncio.wait_for(asyncio.gather(*(
+            stack.enter_async_context(aiobus.connect(broker.path, reconnect=False))
+            for _ in range(1000))), 60)
+        assert len(buses) == 1000
+        await asyncio.wait_for(asyncio.gather(*(bus.ping() for bus in buses)), 60)
