@@ -31,6 +31,7 @@ __all__ = [
     "check_name",
     "check_pattern",
     "is_reserved",
+    "matches",
 ]
 
 MAX_NAME_LENGTH = 255
@@ -97,6 +98,18 @@ def check_pattern(pattern: object) -> str:
             )
     assert isinstance(pattern, str)
     return pattern
+
+
+def matches(pattern: str, name: str) -> bool:
+    """Whether ``name`` matches ``pattern`` (a checked pattern: ``*`` one token, a last
+    ``>`` one or more), as a subscription would; for filtering a list of names."""
+    want, have = pattern.split("."), name.split(".")
+    for i, token in enumerate(want):
+        if token == TAIL_WILDCARD:
+            return len(have) > i
+        if i >= len(have) or (token != SINGLE_WILDCARD and token != have[i]):
+            return False
+    return len(have) == len(want)
 
 
 def is_reserved(name: str) -> bool:

@@ -137,7 +137,7 @@ SPECS: Final[dict[int, tuple[tuple[str, tuple[type, ...]], ...]]] = {
         ("rid", _INT), ("tag", _INT), ("body", _BIN), ("kind", _INT), ("headers", _OPT_MAP),
     ),
     Op.DECLARE: (("rid", _INT), ("queue", _STR), ("options", _MAP)),
-    Op.STATS: (("rid", _INT),),
+    Op.STATS: (("rid", _INT), ("options", _OPT_MAP)),
     Op.ACK_MANY: (("tags", (list,)),),
     Op.PURGE: (("rid", _INT), ("queue", _STR)),
     Op.DELETE: (("rid", _INT), ("queue", _STR), ("if_empty", _BOOL)),
@@ -153,8 +153,9 @@ SPECS: Final[dict[int, tuple[tuple[str, tuple[type, ...]], ...]]] = {
 
 # Trailing fields a frame may leave out, per op: fields added after the frame first
 # shipped, so that older clients' shorter frames stay valid. A left-out field means nil.
-# SEND's ``delay`` (scheduled delivery) and ``seq`` (resendable SENDs) are the only ones.
-OPTIONAL_TAIL: Final[dict[int, int]] = {Op.SEND: 2}
+# SEND's ``delay`` (scheduled delivery) and ``seq`` (resendable SENDs), and STATS's
+# ``options`` (which queues, how many).
+OPTIONAL_TAIL: Final[dict[int, int]] = {Op.SEND: 2, Op.STATS: 1}
 
 # The message array inside DELIVER and EVENT: the broker stores a queued message in
 # exactly this encoding and sends it as is.

@@ -53,14 +53,16 @@ async def dead_letter_queue(bus: Bus, queue: str) -> tuple[str, int]:
     Raises:
         CliError: the queue discards instead (declared with ``dead_letter=None``).
     """
-    stats = await bus.stats()
-    queues = stats.get("queues", {})
-    settings = queues.get(queue, {}).get("settings", {})
+    # Just the queues asked about (their names as patterns: no wildcard in a name), so
+    # this works whatever the number of queues.
+    stats = await bus.stats(queues=queue)
+    settings = stats.get("queues", {}).get(queue, {}).get("settings", {})
     target = settings.get("dead_letter", f"{queue}.dlq")
     if target is None:
         raise CliError(f"queue {queue!r} has no dead-letter queue: it discards failed"
                        " messages (declared with dead_letter=None)")
-    return target, int(queues.get(target, {}).get("ready", 0))
+    stats = await bus.stats(queues=target)
+    return target, int(stats.get("queues", {}).get(target, {}).get("ready", 0))
 
 
 async def _each(bus: Bus, dlq: str, count: int,

@@ -35,8 +35,18 @@ def rows(stats: dict[str, Any]) -> list[dict[str, Any]]:
     return result
 
 
+async def all_queues(bus: Bus, pattern: str | None = None) -> dict[str, Any]:
+    """Every queue's statistics (matching ``pattern``), a page of STATS at a time."""
+    stats = await bus.stats(queues=pattern)
+    queues: dict[str, Any] = dict(stats.get("queues", {}))
+    while stats.get("queues_next") is not None:
+        stats = await bus.stats(queues=pattern, after=stats["queues_next"])
+        queues.update(stats.get("queues", {}))
+    return queues
+
+
 async def _list(bus: Bus, args: argparse.Namespace) -> int:
-    queues = rows(await bus.stats())
+    queues = rows({"queues": await all_queues(bus)})
     if args.json:
         for queue in queues:
             print(json.dumps(queue, ensure_ascii=False))

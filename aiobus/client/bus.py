@@ -440,11 +440,40 @@ class Bus:
         self._check_name(queue, "queue name")
         return await self._backend.delete(queue, bool(if_empty))
 
-    async def stats(self) -> dict[str, Any]:
+    async def stats(self, *, queues: str | None = None, limit: int | None = None,
+                    after: str | None = None) -> dict[str, Any]:
         """Broker statistics: per queue ``ready``, ``unacked``, ``delayed``,
         ``consumers``, ``dead_lettered`` and counters; topic subscriptions with their
-        drops; connections with name, pid and uid."""
-        return await self._backend.stats()
+        drops; connections with name, pid and uid.
+
+        At most ``limit`` queues (and subscriptions, and connections) are listed, 10,000
+        by default and at most; ``queues_total`` says how many queues matched.
+
+        Args:
+            queues: only queues whose names match this pattern (``*`` one token, a last
+                ``>`` the rest), e.g. ``"orders.>"``.
+            limit: list at most this many queues, subscriptions and connections.
+            after: only queues whose names sort after this one: the next page is
+                ``after=result["queues_next"]`` (None once there is no more).
+
+        Raises:
+            InvalidOption, InvalidName: a bad option (from the broker).
+
+        Example::
+
+            page = await bus.stats(queues="orders.>", limit=100)
+            while page["queues_next"] is not None:
+                page = await bus.stats(queues="orders.>", limit=100,
+                                       after=page["queues_next"])
+        """
+        options: dict[str, Any] = {}
+        if queues is not None:
+            options["queues"] = queues
+        if limit is not None:
+            options["limit"] = limit
+        if after is not None:
+            options["after"] = after
+        return await self._backend.stats(options)
 
     async def ping(self) -> None:
         """Round trip to the broker; returns once every earlier frame was processed."""

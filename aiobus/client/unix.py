@@ -628,8 +628,10 @@ class UnixSocketBackend:
         self._conn.deleted(queue)
         return result
 
-    async def stats(self) -> dict[str, Any]:
-        result: dict[str, Any] = await self._call([Op.STATS, 0], resend=True)
+    async def stats(self, options: dict[str, Any] | None = None) -> dict[str, Any]:
+        # Options only when asked for: a broker from before them refuses a 3-field STATS.
+        frame: list[Any] = [Op.STATS, 0] if not options else [Op.STATS, 0, options]
+        result: dict[str, Any] = await self._call(frame, resend=True)
         return result
 
     async def ping(self) -> None:

@@ -285,3 +285,41 @@ async def test_a_thousand_clients_connecting_at_once(broker_factory: Any,
             for _ in range(1000))), 60)
         assert len(buses) == 1000
         await asyncio.wait_for(asyncio.gather(*(bus.ping() for bus in buses)), 60)
+
+
+async def test_stats_is_bounded_paged_and_filtered(broker_factory: Any) -> None:
+    # STATS listed every queue: with a million it broke the client's 2^20 map limit
+    # and took 8 s. Now it lists at most 10,000, says how many there are, pages with
+    # `after` and filters with a pattern; the CLI pages through.
+    from .test_cli import run
+
+    broker = broker_factory("--max-queues-per-uid", "30000")
+    total = 25_000
+    client = await RawClient.open(broker.path)
+    client.writer.write(b"".join(msgpack.packb([Op.DECLARE, i, f"q.{i % 5}.{i}", {}])
+                                 for i in range(1, total + 1)))
+    answers = await client.confirmed(total, timeout=60)
+    assert all(a[0] != Op.ERROR for a in answers)
+    await client.close()
+    async with aiobus.connect(broker.path) as bus:
+        stats = await bus.stats()
+        assert len(stats["queues"]) == 10_000 and stats["queues_total"] == total
+        seen: dict[str, Any] = {}
+        page = await bus.stats(limit=7_000)
+        while True:
+            assert not seen.keys() & page["queues"].keys()
+            seen.update(page["queues"])
+            if page["queues_next"] is None:
+                break
+            page = await bus.stats(limit=7_000, after=page["queues_next"])
+        assert len(seen) == total and list(seen) == sorted(seen)
+        three = await bus.stats(queues="q.3.*")
+        assert three["queues_total"] == total // 5
+        assert all(name.startswith("q.3.") for name in three["queues"])
+        with pytest.raises(aiobus.InvalidOption, match="limit"):
+            await bus.stats(limit=10**6)
+    listed = await run("queue", "list", "--json", "--socket", broker.path)
+    assert listed.code == 0, listed.err
+    assert len(listed.lines) == total
+    dlq = await run("dlq", "list", "q.1.1", "--socket", broker.path)
+    assert dlq.code == 0, dlq.err

@@ -5,6 +5,7 @@ its consumers get nothing new until it has read."""
 from __future__ import annotations
 
 from aiobus.broker.settings import SWEEP_INTERVAL
+from aiobus.names import matches
 from aiobus.protocol import Op
 
 from .helpers import Driver
@@ -108,3 +109,26 @@ def test_subscription_and_connection_quotas() -> None:
     d.core.disconnect(b.conn, d.now)  # its subscription and connection are freed
     a.subscribe("z")
     assert d.open() not in d.sink.closed
+
+
+def test_names_match_patterns_as_subscriptions_do() -> None:
+    assert matches("a.*", "a.b") and not matches("a.*", "a.b.c") and not matches("a.*", "a")
+    assert matches("a.>", "a.b.c") and not matches("a.>", "a")
+    assert matches("a.b", "a.b") and not matches("a.b", "a.c")
+    assert matches("*.b.>", "x.b.y") and not matches("*.b.>", "x.c.y")
+
+
+def test_stats_pages_filters_and_refuses_bad_options() -> None:
+    d = Driver()
+    c = d.client("c")
+    for name in ("b.1", "a.2", "a.1", "c.1"):
+        c.declare(name)
+    first = c.ok(Op.STATS, {"limit": 2})
+    assert list(first["queues"]) == ["a.1", "a.2"] and first["queues_total"] == 4
+    second = c.ok(Op.STATS, {"limit": 2, "after": first["queues_next"]})
+    assert list(second["queues"]) == ["b.1", "c.1"] and second["queues_next"] is None
+    assert list(c.ok(Op.STATS, {"queues": "a.*"})["queues"]) == ["a.1", "a.2"]
+    assert c.ok(Op.STATS)["queues_total"] == 4  # the 2-field frame: no options
+    assert c.error(Op.STATS, {"limit": 0})[0] == "bad-option"
+    assert c.error(Op.STATS, {"color": 1})[0] == "bad-option"
+    assert c.error(Op.STATS, {"queues": "a..b"})[0] == "invalid-name"
