@@ -501,10 +501,10 @@ class BrokerCore:
 
     def set_congested(self, conn_id: int, congested: bool, now: float) -> None:
         """The shell says whether ``conn_id``'s unread output is above the broker's
-        ``max_pending_output``. While it is, events for its subscriptions are dropped
-        (topics.py, "Output bound") and its consumers get no new deliveries; afterwards
-        they take messages again. Called from within a fan-out, so it only flips flags
-        (and pumps the queues on the way back down)."""
+        ``max_pending_output``. While it is, events for its subscriptions wait as if
+        they had no credit (topics.py, "Output bound") and its consumers get no new
+        deliveries; afterwards both flow again. Called from within a fan-out, so
+        congesting only flips flags (resuming sends and pumps)."""
         conn = self._conns.get(conn_id)
         if conn is None or conn.congested is congested:
             return
@@ -513,6 +513,7 @@ class BrokerCore:
             self.topics.congested.add(conn_id)
         else:
             self.topics.congested.discard(conn_id)
+            self.topics.resume(list(conn.subs.values()))
         self.queues.set_consumers_held(list(conn.consumers.values()), congested, now)
 
     def slow_consumer(self, conn: int, message: str) -> None:

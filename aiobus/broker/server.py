@@ -287,9 +287,9 @@ class Broker:
         max_consumers: consumers one connection may hold (default 4,096); one more is
             refused with ``QuotaExceeded``.
         max_pending_output: bytes written to a connection and not yet read by it, over
-            all its subscriptions and consumers, above which its events are dropped
-            (counted as drops of their subscriptions) and its consumers get nothing new
-            until it has read its backlog (default 4 MiB).
+            all its subscriptions and consumers, above which its subscriptions act as if
+            out of credit (events wait, then their policy applies) and its consumers get
+            nothing new, until it has read its backlog (default 4 MiB).
         max_parked_bytes: bytes of a connection's SENDs parked on full ``block`` queues
             at which the broker stops reading it until half are admitted (default
             32 MiB; 256 parked SENDs do the same).
@@ -799,8 +799,8 @@ class Broker:
 
     def _check_output(self, conn: _Connection) -> None:
         """Past ``max_pending_output`` bytes unread (in the transport's buffer; this is
-        called right after a flush), tell the core: it drops the connection's events and
-        holds its consumers until ``resume_writing`` says the buffer drained. Called in
+        called right after a flush), tell the core: it holds the connection's events
+        and consumers until ``resume_writing`` says the buffer drained. Called in
         the middle of a fan-out too, so the next subscription of a 100 that match sees
         it (issue 12: one 3.1 MB publish had cost +314 MB)."""
         transport = conn.transport

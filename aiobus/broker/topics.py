@@ -22,12 +22,13 @@ keep up. The broker never buffers without bound for it:
 So a subscription costs the broker at most ``2 * max_pending`` events of memory.
 
 Output bound. Credit is per subscription, but the bytes written for a connection add up
-over all of its subscriptions (100 subscriptions matching one topic make 100 copies of
-an event in the socket's buffer). While a connection's unread output is above the
-broker's ``max_pending_output`` the shell puts it in ``congested``: an event for any of
-its subscriptions is then dropped at once, whatever the credit, and counted as a drop of
-that subscription (so the next EVENT's ``dropped`` shows the gap); with policy
-``disconnect`` the connection is closed as a slow consumer instead.
+over all of its subscriptions (100 subscriptions matching one topic made 100 copies of a
+3.1 MB event in the socket's buffer). While a connection's unread output is above the
+broker's ``max_pending_output`` the shell puts it in ``congested``, and its
+subscriptions then behave as if they had no credit: new events wait in ``pending``
+(references to the one shared event, not copies), and the policy decides when that is
+full. When the connection has read its backlog (``resume``), pending events go out as
+credit allows, until it is congested again.
 """
 
 from __future__ import annotations
@@ -128,9 +129,7 @@ class TopicRouter:
         send_event = self._send_event
         congested = self.congested
         for sub in subs:
-            if congested and sub.conn in congested:
-                self._drop(sub)
-            elif sub.credit and not sub.pending:
+            if sub.credit and not sub.pending and not (congested and sub.conn in congested):
                 sub.credit -= 1
                 sub.delivered += 1
                 gap = sub.dropped_since
@@ -140,17 +139,6 @@ class TopicRouter:
             else:
                 self._hold(sub, event)
         return len(subs)
-
-    def _drop(self, sub: Subscription) -> None:
-        """An event for a congested connection: dropped (or, policy ``disconnect``, the
-        connection closed)."""
-        if sub.policy == "disconnect":
-            self._sink.slow_consumer(
-                sub.conn, f"subscription {sub.sid} ({shown(sub.pattern)}): the connection"
-                " has too much unread output, with policy 'disconnect'")
-            return
-        sub.dropped_since += 1
-        sub.dropped += 1
 
     def _hold(self, sub: Subscription, event: Event) -> None:
         pending = sub.pending
@@ -185,8 +173,16 @@ class TopicRouter:
         sub.credit = min(sub.credit + n, sub.max_pending)
         pending = sub.pending
         send_event = self._send_event
-        while sub.credit and pending:
+        congested = self.congested
+        while sub.credit and pending and sub.conn not in congested:
             gap, event = pending.popleft()
             sub.credit -= 1
             sub.delivered += 1
             send_event(sub.conn, sub.sid, event, gap)
+
+    def resume(self, subs: list[Subscription]) -> None:
+        """Their connection is no longer congested: send what waits, as credit allows
+        (stopping where it becomes congested again)."""
+        for sub in subs:
+            if sub.pending:
+                self.credit(sub, 0)

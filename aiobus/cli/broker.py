@@ -151,9 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-pending-output", type=_positive_int,
                         default=DEFAULT_MAX_PENDING_OUTPUT, metavar="BYTES",
                         help="unread bytes a connection may have waiting, over all its"
-                             " subscriptions and consumers; above it its events are dropped"
-                             " (counted per subscription) and its consumers get nothing new"
-                             f" until it reads (default {DEFAULT_MAX_PENDING_OUTPUT})")
+                             " subscriptions and consumers; above it its subscriptions act as"
+                             " if out of credit and its consumers get nothing new, until it"
+                             f" reads (default {DEFAULT_MAX_PENDING_OUTPUT})")
     parser.add_argument("--max-parked-bytes", type=_positive_int,
                         default=DEFAULT_MAX_PARKED_BYTES, metavar="BYTES",
                         help="bytes of a connection's sends waiting for room in full"

@@ -11,28 +11,30 @@ from aiobus.protocol import Op
 from .helpers import Driver
 
 
-def test_congested_connection_drops_events_and_counts_them() -> None:
+def test_congested_connection_holds_events_as_if_out_of_credit() -> None:
     d = Driver()
     pub, sub = d.client("pub"), d.client("sub")
-    sid = sub.subscribe("t.>")
+    sid = sub.subscribe("t.>", max_pending=2, policy="drop-oldest")
     d.core.set_congested(sub.conn, True, d.now)
-    pub.publish("t.a")
-    pub.publish("t.b")
+    for topic in ("t.a", "t.b", "t.c"):
+        pub.publish(topic)
+    sub.credit(sid, 1)  # credit while congested: nothing goes out yet
     assert sub.events() == []
     (stats,) = d.core.stats()["topics"]["subscriptions"]
-    assert stats["dropped"] == 2
+    assert (stats["pending"], stats["dropped"]) == (2, 1)  # the policy decides, as always
     d.core.set_congested(sub.conn, False, d.now)
-    pub.publish("t.c")
-    (event,) = sub.events()
-    assert (event.sid, event.topic, event.dropped) == (sid, "t.c", 2)
+    events = sub.events()
+    assert [(e.topic, e.dropped) for e in events] == [("t.b", 1), ("t.c", 0)]
 
 
-def test_congested_disconnect_policy_closes_as_slow_consumer() -> None:
+def test_congested_disconnect_policy_closes_once_pending_is_full() -> None:
     d = Driver()
     pub, sub = d.client("pub"), d.client("sub")
-    sub.subscribe("t.>", policy="disconnect")
+    sub.subscribe("t.>", max_pending=1, policy="disconnect")
     d.core.set_congested(sub.conn, True, d.now)
     pub.publish("t.a")
+    assert sub.closed is None
+    pub.publish("t.b")
     assert sub.closed is not None and sub.closed[0] == "slow-consumer"
 
 

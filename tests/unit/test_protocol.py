@@ -46,7 +46,7 @@ EXAMPLES: dict[Op, list[Any]] = {
     Op.EXTEND: [Op.EXTEND, 9, 123, 60],
     Op.REPLY: [Op.REPLY, 10, 123, b"\x07", 1, {}],
     Op.DECLARE: [Op.DECLARE, 11, "jobs", {"max_deliveries": 5, "retry_delays": [1, 2.5]}],
-    Op.STATS: [Op.STATS, 12],
+    Op.STATS: [Op.STATS, 12, {"queues": "orders.>", "limit": 100}],
     Op.ACK_MANY: [Op.ACK_MANY, [5, 6, 7]],
     Op.PURGE: [Op.PURGE, 13, "jobs"],
     Op.DELETE: [Op.DELETE, 14, "jobs", False],
