@@ -14,6 +14,7 @@ from .fifo import (
     FifoReader,
     FifoWriter,
     FifoWriterStatistics,
+    ForeignFifoError,
     NotAFifoError,
     ensure_fifo,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "FifoReader",
     "FifoWriter",
     "FifoWriterStatistics",
+    "ForeignFifoError",
     "ForwardStatistics",
     "FramingError",
     "MalformedRecordError",

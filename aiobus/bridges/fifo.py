@@ -77,6 +77,7 @@ __all__ = [
     "FifoReader",
     "FifoWriter",
     "FifoWriterStatistics",
+    "ForeignFifoError",
     "NotAFifoError",
     "ensure_fifo",
 ]
@@ -98,6 +99,12 @@ class NotAFifoError(FifoError):
     """The path exists and is not a FIFO."""
 
 
+class ForeignFifoError(FifoError):
+    """The FIFO belongs to another user, or other users may read or write it (beyond the
+    bridge's ``mode``): what passes through it would not be private. Pass
+    ``allow_foreign=True`` (``--allow-foreign-fifo``) to use it anyway."""
+
+
 class FifoClosedError(FifoError):
     """The reader or writer was closed by its owner (possibly while a call waited)."""
 
@@ -106,18 +113,25 @@ class FifoBusyError(FifoError):
     """Another task is already receiving from (or iterating over) this reader."""
 
 
-def ensure_fifo(path: str | os.PathLike[str], mode: int = 0o600) -> Path:
+def ensure_fifo(path: str | os.PathLike[str], mode: int = 0o600, *,
+                allow_foreign: bool = False) -> Path:
     """Create a FIFO at ``path`` unless one is already there.
+
+    An existing FIFO must belong to this process's user and grant other users no read
+    or write permission that ``mode`` does not: another user who pre-created
+    ``out.fifo`` with mode 0666 had read root's queue messages from it.
 
     Args:
         path: where the FIFO lives.
         mode: permission bits for a new FIFO (the umask applies, as for ``mkfifo(1)``).
+        allow_foreign: use an existing FIFO whatever its owner and mode.
 
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
 
     Raises:
         NotAFifoError: ``path`` exists and is something else (file, directory, socket).
+        ForeignFifoError: it is another user's FIFO, or others may read or write it.
         OSError: the FIFO cannot be created (missing directory, permissions).
 
     Example:
@@ -128,8 +142,32 @@ def ensure_fifo(path: str | os.PathLike[str], mode: int = 0o600) -> Path:
         os.mkfifo(fifo, mode)
     except FileExistsError:
         pass
-    _check_fifo(os.stat(fifo).st_mode, fifo)
+    st = os.stat(fifo)
+    _check_fifo(st.st_mode, fifo)
+    if not allow_foreign:
+        _check_private(st, fifo, mode)
     return fifo
+
+
+def _check_private(st: os.stat_result, path: Path, mode: int) -> None:
+    """Owned by this user, and no group or other read/write bit beyond ``mode``."""
+    me = os.geteuid()
+    if st.st_uid != me:
+        raise ForeignFifoError(
+            f"{path} belongs to uid {st.st_uid}, not to this bridge's user (uid {me}):"
+            " whoever owns it can read or write what passes through it; remove it, or"
+            " pass --allow-foreign-fifo (allow_foreign=True) to use it anyway")
+    extra = stat.S_IMODE(st.st_mode) & 0o066 & ~mode
+    if extra:
+        raise ForeignFifoError(
+            f"{path} has mode {stat.S_IMODE(st.st_mode):04o}: other users may"
+            f" {_access(extra)} it; chmod go-rw it, or pass --allow-foreign-fifo"
+            " (allow_foreign=True)")
+
+
+def _access(bits: int) -> str:
+    readable, writable = bits & 0o044, bits & 0o022
+    return "read and write" if readable and writable else "read" if readable else "write"
 
 
 def _check_fifo(st_mode: int, path: Path) -> None:
@@ -177,6 +215,8 @@ class FifoReader:
         framing: a framing name (see :data:`~aiobus.bridges.framing.FRAMINGS`) or a codec.
         max_record: largest record when ``framing`` is a name (default 1 MiB).
         mode: permission bits for a FIFO this reader creates.
+        allow_foreign: use an existing FIFO whatever its owner and mode (see
+            :func:`ensure_fifo`).
 
     Raises:
         ValueError: unknown framing name.
@@ -197,12 +237,14 @@ class FifoReader:
         framing: str | Codec = "lines",
         max_record: int = DEFAULT_MAX_RECORD,
         mode: int = 0o600,
+        allow_foreign: bool = False,
     ) -> None:
         self.path = Path(path)
         self.codec = (
             framing if isinstance(framing, Codec) else make_codec(framing, max_record=max_record)
         )
         self._mode = mode
+        self._allow_foreign = allow_foreign
         self._fd = -1
         self._dummy = -1  # our own write end: keeps the read end from ever seeing EOF
         self._closed = False
@@ -223,7 +265,7 @@ class FifoReader:
             raise FifoClosedError(f"FIFO reader for {self.path} is closed")
         if self._fd >= 0:
             return
-        ensure_fifo(self.path, self._mode)
+        ensure_fifo(self.path, self._mode, allow_foreign=self._allow_foreign)
         fd = _open_fifo(self.path, os.O_RDONLY)
         try:
             self._dummy = _open_fifo(self.path, os.O_WRONLY)  # cannot ENXIO: we are a reader
@@ -349,6 +391,8 @@ class FifoWriter:
         framing: a framing name (see :data:`~aiobus.bridges.framing.FRAMINGS`) or a codec.
         max_record: largest record when ``framing`` is a name (default 1 MiB).
         mode: permission bits for a FIFO this writer creates.
+        allow_foreign: use an existing FIFO whatever its owner and mode (see
+            :func:`ensure_fifo`).
 
     Raises:
         ValueError: unknown framing name.
@@ -365,12 +409,14 @@ class FifoWriter:
         framing: str | Codec = "lines",
         max_record: int = DEFAULT_MAX_RECORD,
         mode: int = 0o600,
+        allow_foreign: bool = False,
     ) -> None:
         self.path = Path(path)
         self.codec = (
             framing if isinstance(framing, Codec) else make_codec(framing, max_record=max_record)
         )
         self._mode = mode
+        self._allow_foreign = allow_foreign
         self._fd = -1
         self._closed = False
         self._lock = asyncio.Lock()
@@ -422,7 +468,7 @@ class FifoWriter:
     async def __aenter__(self) -> Self:
         if self._closed:
             raise FifoClosedError(f"FIFO writer for {self.path} is closed")
-        ensure_fifo(self.path, self._mode)
+        ensure_fifo(self.path, self._mode, allow_foreign=self._allow_foreign)
         return self
 
     async def __aexit__(

@@ -150,6 +150,7 @@ async def fifo_to_bus(
     window: int = DEFAULT_WINDOW,
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
     stats: BridgeStatistics | None = None,
+    allow_foreign: bool = False,
     task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Send each record written to the FIFO at ``path`` to a queue, or publish it on a topic.
@@ -186,6 +187,8 @@ async def fifo_to_bus(
         window: most records sent to a queue and not yet confirmed (default 256).
         drain_timeout: seconds to wait for confirmations when cancelled (default 5).
         stats: counters to update; a fresh :class:`BridgeStatistics` if omitted.
+        allow_foreign: use an existing FIFO at ``path`` even if it belongs to another
+            user or others may read or write it (refused by default: ForeignFifoError).
         task_status: for ``TaskGroup.start``.
 
     Raises:
@@ -268,7 +271,8 @@ async def fifo_to_bus(
                 "dead-lettered" if queue is not None else "dropped", stats.oversize,
             )  # fmt: skip
 
-    reader = FifoReader(path, framing=framing, max_record=max_record)
+    reader = FifoReader(path, framing=framing, max_record=max_record,
+                        allow_foreign=allow_foreign)
     async with reader:
         logger.info("forwarding FIFO %s to %s", path, target)
         task_status.started()
@@ -356,6 +360,7 @@ async def bus_to_fifo(
     prefetch: int = 16,
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
     stats: BridgeStatistics | None = None,
+    allow_foreign: bool = False,
     task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> BridgeStatistics:
     """Write each message from a queue or topic to the FIFO at ``path``, one record each.
@@ -397,6 +402,8 @@ async def bus_to_fifo(
         prefetch: unacked queue messages in flight while a reader is there.
         drain_timeout: seconds to finish a record when cancelled mid-record (default 5).
         stats: counters to update; a fresh :class:`BridgeStatistics` if omitted.
+        allow_foreign: use an existing FIFO at ``path`` even if it belongs to another
+            user or others may read or write it (refused by default: ForeignFifoError).
         task_status: for ``TaskGroup.start``; started once the FIFO exists.
 
     Returns:
@@ -413,7 +420,7 @@ async def bus_to_fifo(
     """
     target = _check_target(queue, topic)
     stats = BridgeStatistics() if stats is None else stats
-    async with FifoWriter(path, framing=framing) as writer:
+    async with FifoWriter(path, framing=framing, allow_foreign=allow_foreign) as writer:
         logger.info("forwarding %s to FIFO %s", target, path)
         task_status.started()
         if queue is not None:

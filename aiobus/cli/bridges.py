@@ -49,14 +49,16 @@ async def _fifo_in(bus: Bus, args: argparse.Namespace) -> int:
     await fifo_to_bus(bus, args.path, queue=args.queue, topic=args.topic,
                       framing=args.framing, max_record=args.max_record,
                       dead_letter=args.dead_letter, window=args.window,
-                      drain_timeout=args.drain_timeout)
+                      drain_timeout=args.drain_timeout,
+                      allow_foreign=args.allow_foreign_fifo)
     return 0
 
 
 async def _fifo_out(bus: Bus, args: argparse.Namespace) -> int:
     await bus_to_fifo(bus, args.path, queue=args.queue, topic=args.topic,
                       framing=args.framing, prefetch=args.prefetch,
-                      drain_timeout=args.drain_timeout)
+                      drain_timeout=args.drain_timeout,
+                      allow_foreign=args.allow_foreign_fifo)
     return 0
 
 
@@ -69,6 +71,10 @@ async def _signal_out(bus: Bus, args: argparse.Namespace) -> int:
 def _framing_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--framing", choices=sorted(FRAMINGS), default="lines",
                         help="how records are delimited in the FIFO (default: lines)")
+    parser.add_argument("--allow-foreign-fifo", action="store_true",
+                        help="use an existing FIFO even if another user owns it or other"
+                             " users may read or write it (refused by default: they could"
+                             " read or inject the messages)")
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser],

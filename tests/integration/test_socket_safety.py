@@ -11,6 +11,7 @@ so, where the test cannot switch uid) and runs brokers and clients as that user 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import pwd
 import subprocess
@@ -22,8 +23,9 @@ from typing import Any
 import pytest
 
 import aiobus
+from aiobus.bridges import ForeignFifoError, ensure_fifo
 
-from .conftest import REAP_TIMEOUT, wait_for_socket
+from .conftest import REAP_TIMEOUT, BrokerProcess, wait_for_socket
 
 OTHER = "aiobus-test"
 
@@ -152,3 +154,36 @@ asyncio.run(main())
     assert proc.returncode == 0, err
     assert out.startswith("unavailable: permission denied connecting to"), out
     assert f"owner {OTHER}" in out and "mode srwx" not in out and "srw-------" in out
+
+
+def test_fifo_bridges_refuse_another_users_fifo(shared_dir: Path) -> None:
+    # Another user pre-created out.fifo with mode 0666 and read root's queue messages.
+    user = other_user()
+    shared_dir.chmod(0o1777)  # /tmp-like: anyone may create files in it
+    fifo = shared_dir / "out.fifo"
+    child = run_as(user, f"os.umask(0); os.mkfifo({str(fifo)!r}, 0o666)")
+    assert child.wait(REAP_TIMEOUT) == 0
+    with pytest.raises(ForeignFifoError, match=f"uid {user.pw_uid}"):
+        ensure_fifo(fifo)
+    assert ensure_fifo(fifo, allow_foreign=True) == fifo
+    os.chown(fifo, 0, 0)  # ours now, but still open to everyone
+    with pytest.raises(ForeignFifoError, match="read and write"):
+        ensure_fifo(fifo)
+    os.chmod(fifo, 0o600)
+    assert ensure_fifo(fifo) == fifo
+
+
+@pytest.mark.asyncio
+async def test_fifo_out_exits_naming_a_foreign_fifo(shared_dir: Path,
+                                                    broker: BrokerProcess) -> None:
+    from .test_cli import run
+
+    user = other_user()
+    shared_dir.chmod(0o1777)  # /tmp-like: anyone may create files in it
+    fifo = shared_dir / "out.fifo"
+    child = run_as(user, f"os.umask(0); os.mkfifo({str(fifo)!r}, 0o666)")
+    assert child.wait(REAP_TIMEOUT) == 0
+    result = await asyncio.wait_for(
+        run("fifo-out", str(fifo), "--queue", "secrets", "--socket", broker.path), 20)
+    assert result.code != 0
+    assert f"belongs to uid {user.pw_uid}" in result.err
