@@ -511,10 +511,12 @@ class BrokerCore:
         conn.congested = congested
         if congested:
             self.topics.congested.add(conn_id)
-        else:
-            self.topics.congested.discard(conn_id)
-            self.topics.resume(list(conn.subs.values()))
-        self.queues.set_consumers_held(list(conn.consumers.values()), congested, now)
+            self.queues.set_consumers_held(list(conn.consumers.values()), True, now)
+            return
+        self.topics.congested.discard(conn_id)
+        self.topics.resume(list(conn.subs.values()))
+        if not conn.congested:  # sending what waited may have congested it again
+            self.queues.set_consumers_held(list(conn.consumers.values()), False, now)
 
     def slow_consumer(self, conn: int, message: str) -> None:
         self.close(conn, "slow-consumer", message)

@@ -134,3 +134,23 @@ def test_stats_pages_filters_and_refuses_bad_options() -> None:
     assert c.error(Op.STATS, {"limit": 0})[0] == "bad-option"
     assert c.error(Op.STATS, {"color": 1})[0] == "bad-option"
     assert c.error(Op.STATS, {"queues": "a..b"})[0] == "invalid-name"
+
+
+def test_resuming_that_congests_again_keeps_consumers_held() -> None:
+    d = Driver()
+    pub, sub = d.client("pub"), d.client("sub")
+    sub.subscribe("t.>")
+    sub.consume("jobs")
+    d.core.set_congested(sub.conn, True, d.now)
+    pub.publish("t.a")
+    pub.send("jobs")
+    congest_again = d.sink.event
+
+    def event(conn: int, sid: int, message: bytes, dropped: int) -> None:
+        congest_again(conn, sid, message, dropped)
+        d.core.set_congested(conn, True, d.now)  # as the shell does past the bound
+
+    d.core.topics._send_event = event  # the router calls the sink's event directly
+    d.core.set_congested(sub.conn, False, d.now)
+    assert len(sub.events()) == 1
+    assert sub.deliveries() == []  # still held: the event filled the output again
