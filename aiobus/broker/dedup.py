@@ -129,11 +129,22 @@ class DedupWindow:
             self.trim_at = now + self.span
 
     def load(self, entries: Iterable[tuple[str, float]], now: float) -> None:
-        """Add ``(id, accepted-at)`` pairs in acceptance order (a restart's window).
-        A time after ``now`` (the wall clock went back) counts as ``now``, so that the
-        order stays the expiry order."""
+        """Add ``(id, accepted-at)`` pairs (a restart's window, from the journal).
+
+        An id may come more than once: a resend accepted again after its first
+        acceptance left the window is the same id with a later time, and that later time
+        is the one that counts (keeping the first would drop the id as expired, and a
+        resend within the window would then be queued twice). The ids are added oldest
+        first, whatever order the journal gave them in, because trimming pops from the
+        front. A time after ``now`` (the wall clock went back) counts as ``now``.
+        """
+        latest: dict[str, float] = {}
         for mid, at in entries:
-            self.add(mid, min(at, now))
+            at = min(at, now)
+            if at >= latest.get(mid, -math.inf):
+                latest[mid] = at
+        for mid, at in sorted(latest.items(), key=lambda entry: entry[1]):
+            self.add(mid, at)
         self.seen("", now)  # drop what expired while the broker was down
 
     def entries(self) -> list[tuple[str, float]]:

@@ -402,3 +402,32 @@ def test_a_duplicate_of_a_durable_send_waits_for_the_journal() -> None:
     code, _ = p.error(Op.SEND, "jobs", b"m", 0, None, None, None, None, 1)
     assert code == "journal"
 
+
+
+# -- an id accepted twice (its first acceptance had left the window) ----------------------
+
+
+def test_a_window_loaded_from_a_journal_keeps_an_ids_latest_acceptance() -> None:
+    from aiobus.broker.dedup import DedupWindow
+
+    window = DedupWindow(10.0, 100)
+    # The journal's order is not time order (a compaction copy of the first acceptance
+    # comes after the second), and the first acceptance alone has expired by now=25.
+    window.load([("c-2", 20.0), ("c-1", 18.0), ("c-2", 5.0)], now=25.0)
+    assert window.entries() == [("c-1", 18.0), ("c-2", 20.0)]  # oldest first
+    assert window.seen("c-2", 29.0) and not window.seen("c-1", 29.0)
+
+
+def test_replay_keeps_the_latest_acceptance_of_an_id() -> None:
+    from aiobus.broker.journal import records as r
+    from aiobus.broker.journal.replay import Replay
+    from aiobus.broker.queue_state import pack_message
+
+    replay = Replay()
+    replay.apply(r.QueueDeclared(1, "q", {}, 0))
+    again = pack_message("c-2", "q", b"again", 0, None, 1020.0)
+    first = pack_message("c-2", "q", b"first", 0, None, 1005.0)
+    replay.apply(r.Sent(1, 7, again, 0, None, None, None, None, 1020.0))
+    replay.apply(r.Sent(1, 3, first, 0, None, None, None, None, 1005.0))  # copied forward
+    replay.apply(r.DedupIds(1, [("c-2", 1001.0)]))
+    assert replay.queues[1].dedup == {"c-2": 1020.0}

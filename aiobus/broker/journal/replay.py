@@ -105,8 +105,8 @@ class Replay:
                 if queue is not None:
                     if accepted is not None:
                         mid = r.message_id(message)
-                        if mid is not None:
-                            queue.dedup[mid] = accepted
+                        if mid is not None and accepted > queue.dedup.get(mid, -1.0):
+                            queue.dedup[mid] = accepted  # the latest acceptance counts
                     if seq >= queue.next_seq:
                         queue.next_seq = seq + 1
                     elif seq not in queue.messages:
@@ -143,7 +143,10 @@ class Replay:
             case r.DedupIds(qid, entries):
                 queue = self.queues.get(qid)
                 if queue is not None:
-                    queue.dedup.update(entries)
+                    dedup = queue.dedup
+                    for mid, at in entries:
+                        if at > dedup.get(mid, -1.0):
+                            dedup[mid] = at
 
     def _message(self, qid: int, seq: int) -> LiveMessage | None:
         queue = self.queues.get(qid)
@@ -206,7 +209,7 @@ class Replay:
                     message = data[start:end]
                     if accepted is not None:
                         mid = message_id(message)
-                        if mid is not None:
+                        if mid is not None and accepted > queue.dedup.get(mid, -1.0):
                             queue.dedup[mid] = accepted
                     messages = queue.messages
                     if seq >= queue.next_seq:
