@@ -141,7 +141,8 @@ class DedupWindow:
         latest: dict[str, float] = {}
         for mid, at in entries:
             at = min(at, now)
-            if at >= latest.get(mid, -math.inf):
+            if at > latest.get(mid, -math.inf):
+                latest.pop(mid, None)  # in its latest place: ties keep the journal's order
                 latest[mid] = at
         for mid, at in sorted(latest.items(), key=lambda entry: entry[1]):
             self.add(mid, at)

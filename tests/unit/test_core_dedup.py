@@ -431,3 +431,14 @@ def test_replay_keeps_the_latest_acceptance_of_an_id() -> None:
     replay.apply(r.Sent(1, 3, first, 0, None, None, None, None, 1005.0))  # copied forward
     replay.apply(r.DedupIds(1, [("c-2", 1001.0)]))
     assert replay.queues[1].dedup == {"c-2": 1020.0}
+
+
+def test_an_id_accepted_again_takes_its_later_place_in_the_order() -> None:
+    from aiobus.broker.dedup import DedupWindow
+
+    # c-1 went first, expired, and was accepted again after c-2 and c-3, in the same
+    # loop turn: by count, c-2 leaves first, as it did in the broker before the restart.
+    window = DedupWindow(100.0, 3)
+    window.load([("c-1", 5.0), ("c-2", 20.0), ("c-3", 20.0), ("c-1", 20.0), ("c-4", 20.0)],
+                now=21.0)
+    assert [mid for mid, _ in window.entries()] == ["c-3", "c-1", "c-4"]

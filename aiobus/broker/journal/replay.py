@@ -106,7 +106,10 @@ class Replay:
                     if accepted is not None:
                         mid = r.message_id(message)
                         if mid is not None and accepted > queue.dedup.get(mid, -1.0):
-                            queue.dedup[mid] = accepted  # the latest acceptance counts
+                            # The latest acceptance counts, in its place in the order
+                            # (which decides what leaves first by count).
+                            queue.dedup.pop(mid, None)
+                            queue.dedup[mid] = accepted
                     if seq >= queue.next_seq:
                         queue.next_seq = seq + 1
                     elif seq not in queue.messages:
@@ -146,6 +149,7 @@ class Replay:
                     dedup = queue.dedup
                     for mid, at in entries:
                         if at > dedup.get(mid, -1.0):
+                            dedup.pop(mid, None)
                             dedup[mid] = at
 
     def _message(self, qid: int, seq: int) -> LiveMessage | None:
@@ -210,6 +214,7 @@ class Replay:
                     if accepted is not None:
                         mid = message_id(message)
                         if mid is not None and accepted > queue.dedup.get(mid, -1.0):
+                            queue.dedup.pop(mid, None)
                             queue.dedup[mid] = accepted
                     messages = queue.messages
                     if seq >= queue.next_seq:
