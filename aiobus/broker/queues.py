@@ -529,21 +529,11 @@ class QueueRouter:
         self.send(conn, rid, queue, msg, now, mid)
 
     def _remember(self, queue: Queue, mid: str, now: float) -> None:
-        """``mid`` was accepted into ``queue``: it enters the deduplication window
-        (:meth:`DedupWindow.add` inline: this runs once per resendable SEND)."""
+        """``mid`` was accepted into ``queue``: it enters the deduplication window."""
         window = queue.dedup
         if window is None:
             window = queue.dedup = DedupWindow(self.dedup_window, self.dedup_size)
-        ids = window.ids
-        if mid in ids:
-            return
-        ids[mid] = now
-        order = window.order
-        order.append(mid)
-        if len(order) > window.size:
-            del ids[order.popleft()]
-        elif len(order) == 1:
-            window.trim_at = now + window.span
+        window.add(mid, now)
 
     def dedup_entries(self, name: str) -> list[tuple[str, float]]:
         """The deduplication window of queue ``name`` as (id, accepted-at in epoch
