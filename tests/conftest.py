@@ -13,8 +13,11 @@ bug here (pytest-timeout still bounds each test).
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Iterator
 
+import pytest
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(
@@ -33,3 +36,32 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.load_profile(os.environ.get("AIOBUS_HYPOTHESIS_PROFILE", "default"))
+
+
+class _NeverRetrieved(logging.Handler):
+    """Collects asyncio's "exception was never retrieved" reports: a future that failed
+    and that nobody awaited is a bug (an error lost), not noise."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if "never retrieved" in message:
+            self.messages.append(message)
+
+
+@pytest.fixture(autouse=True)
+def no_lost_exceptions() -> Iterator[None]:
+    """Fail a test during which asyncio reported a future's or task's exception as never
+    retrieved (reported when the future is freed, so usually within the test)."""
+    handler = _NeverRetrieved()
+    logger = logging.getLogger("asyncio")
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+    if handler.messages:
+        pytest.fail("asyncio: " + "\n".join(handler.messages), pytrace=False)

@@ -219,7 +219,11 @@ class UnixSocketBackend:
         except OSError as exc:  # ENOTSOCK, ...
             raise BrokerUnavailable(f"cannot connect to {self.path}: {exc}") from exc
         if not self._explicit:
-            self._check_broker_owner()
+            try:
+                self._check_broker_owner()
+            except BrokerUnavailable:
+                self._welcome.cancel()  # never awaited now: no "exception never retrieved"
+                raise
         self._conn.hello(self.name)
         try:
             async with asyncio.timeout(_HANDSHAKE_TIMEOUT):
