@@ -2,7 +2,7 @@
 styles side by side, with the broker's CPU per message.
 
     python benchmarks/bench_ack.py --trees /work/wt-base,/work/wt-new [--messages 50000]
-        [--repeats 3] [--modes process,ack,ack_nowait]
+        [--repeats 3] [--modes process,ack,ack_nowait] [--profile DIR]
 
 For each tree (its directory is put first on ``PYTHONPATH`` of the broker and both
 children, so each side runs its own code), a broker is started on a socket in a fresh
@@ -19,6 +19,12 @@ Runs alternate tree by tree and mode by mode (the machine is shared and noisy), 
 table gives medians and each tree's ratio to the first tree within this one run. Broker
 CPU is its user+system time (``/proc/<pid>/stat``) from GO to the consumer's last
 message, per message. Every wait has a timeout; processes are stopped by PID.
+
+With ``--profile DIR`` the broker and the clients run under cProfile and write
+``DIR/broker-<i>.prof`` (all of tree i's runs), ``DIR/consumer-<i>-<mode>.prof`` and
+``DIR/producer-<i>-<mode>.prof`` (the last run); the timings are then the profiled
+ones: compare the profiles, call counts per message are exact where the machine is too
+noisy for times.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import os
 import shutil
 import socket
@@ -92,9 +99,13 @@ async def child(role: str, mode: str, path: str, n: int, size: int) -> str:
         return f"DONE {count} {last} {cpu}"
 
 
-def _spawn(tree: str, argv: list[str]) -> subprocess.Popen[str]:
+def _profiled(profile: str | None) -> list[str]:
+    return [] if profile is None else ["-m", "cProfile", "-o", profile]
+
+
+def _spawn(tree: str, argv: list[str], profile: str | None = None) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONPATH": tree}
-    return subprocess.Popen([sys.executable, *argv], stdin=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, *_profiled(profile), *argv], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True, env=env)  # fmt: skip
 
 
@@ -104,10 +115,11 @@ def _cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime
 
 
-def start_broker(tree: str, path: str) -> subprocess.Popen[str]:
+def start_broker(tree: str, path: str, profile: str | None = None) -> subprocess.Popen[str]:
     data_dir = os.path.join(os.path.dirname(path), "data")
-    broker = subprocess.Popen([sys.executable, "-m", "aiobus.cli.broker", "--socket", path,
-                               "--data-dir", data_dir, "--log-level", "WARNING"], text=True,
+    broker = subprocess.Popen([sys.executable, *_profiled(profile), "-m", "aiobus.cli.broker",
+                               "--socket", path, "--data-dir", data_dir, "--log-level",
+                               "WARNING", "--drain-timeout", "0"], text=True,
                               env={**os.environ, "PYTHONPATH": tree})  # fmt: skip
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
@@ -125,17 +137,18 @@ def start_broker(tree: str, path: str) -> subprocess.Popen[str]:
     raise RuntimeError("the broker did not come up within 10 s")
 
 
-def measure(tree: str, broker: int, mode: str, path: str, n: int,
-            size: int) -> tuple[float, float, float]:  # fmt: skip
+def measure(tree: str, broker: int, mode: str, path: str, n: int, size: int,
+            profile: str | None = None) -> tuple[float, float, float]:  # fmt: skip
     """One run; returns (messages per second, broker and consumer CPU µs per message)."""
     common = ["--mode", mode, "--socket", path, "--messages", str(n), "--size", str(size)]
     script = os.path.abspath(__file__)
     deadline = time.monotonic() + TIMEOUT
-    procs = [_spawn(tree, [script, "--child", "consumer", *common])]
+    procs = [_spawn(tree, [script, "--child", "consumer", *common], profile)]
     try:
         if _read_line(procs[0], deadline) != "READY":
             raise RuntimeError("consumer not ready")
-        procs.append(_spawn(tree, [script, "--child", "producer", *common]))
+        procs.append(_spawn(tree, [script, "--child", "producer", *common],
+                            profile and profile.replace("consumer-", "producer-")))
         if _read_line(procs[1], deadline) != "READY":
             raise RuntimeError("producer not ready")
         cpu = _cpu(broker)
@@ -152,6 +165,9 @@ def measure(tree: str, broker: int, mode: str, path: str, n: int,
                 float(consumer_cpu) / n * 1e6)
     finally:
         for proc in procs:
+            if profile is not None:  # let it exit by itself: cProfile writes at exit
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=10)
             _stop(proc)
 
 
@@ -163,6 +179,8 @@ def main() -> int:
     parser.add_argument("--messages", type=int, default=50_000)
     parser.add_argument("--size", type=int, default=128, help="body bytes")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--profile", metavar="DIR",
+                        help="run the broker and the consumer under cProfile, into DIR")
     parser.add_argument("--child", choices=["producer", "consumer"], help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     parser.add_argument("--socket", help=argparse.SUPPRESS)
@@ -184,16 +202,23 @@ def main() -> int:
     brokers: dict[str, tuple[subprocess.Popen[str], str]] = {}
     results: dict[tuple[str, str], list[tuple[float, float, float]]] = collections.defaultdict(list)
     try:
+        profiles = {}
         for i, tree in enumerate(trees):
             os.mkdir(os.path.join(tmp, str(i)))
             path = os.path.join(tmp, str(i), "bus.sock")
-            brokers[tree] = start_broker(tree, path), path
+            if args.profile:
+                os.makedirs(args.profile, exist_ok=True)
+                profiles[tree] = os.path.join(os.path.abspath(args.profile), f"{{}}-{i}")
+            brokers[tree] = start_broker(
+                tree, path, profiles[tree].format("broker") + ".prof" if profiles else None), path
         for _ in range(args.repeats):
             for mode in modes:
                 for tree in trees:
                     broker, path = brokers[tree]
-                    results[tree, mode].append(
-                        measure(tree, broker.pid, mode, path, args.messages, args.size))
+                    profile = (profiles[tree].format("consumer") + f"-{mode}.prof"
+                               if profiles else None)
+                    results[tree, mode].append(measure(
+                        tree, broker.pid, mode, path, args.messages, args.size, profile))
     finally:
         for broker, _ in brokers.values():
             _stop(broker)

@@ -611,19 +611,12 @@ class BrokerCore:
         packed = pack_message(self._new_id() if mid is None else mid, name, body, kind,
                               headers or None, now + self.wall_offset)
         if ttl is None and token is None and due is None:
-            if mid is None:
-                self.queues.send(conn.id, rid, queue, packed, now)
-            else:
-                self.queues.send_once(conn.id, rid, queue, packed, mid, now)
+            self.queues.send(conn.id, rid, queue, packed, now, mid)
         else:
             # A scheduled message's TTL counts from its due time (PROTOCOL.md, TTL).
             expires = None if ttl is None else (now if due is None else due) + ttl
             reply = (conn.id, token) if token is not None else None
-            msg = QMsg(packed, expires, reply, due)
-            if mid is None:
-                self.queues.send(conn.id, rid, queue, msg, now)
-            else:
-                self.queues.send_once(conn.id, rid, queue, msg, mid, now)
+            self.queues.send(conn.id, rid, queue, QMsg(packed, expires, reply, due), now, mid)
 
     def _on_publish(self, conn: Conn, frame: list[Any], now: float) -> None:
         if len(frame) != 5:

@@ -123,9 +123,10 @@ class DedupWindow:
         ids[mid] = now
         order = self.order
         order.append(mid)
-        if len(order) > self.size:
+        count = len(order)
+        if count > self.size:
             del ids[order.popleft()]
-        elif len(order) == 1:
+        elif count == 1:
             self.trim_at = now + self.span
 
     def load(self, entries: Iterable[tuple[str, float]], now: float) -> None:

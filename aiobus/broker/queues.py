@@ -499,35 +499,6 @@ class QueueRouter:
 
     # -- producing ------------------------------------------------------------------
 
-    def send_once(self, conn: int, rid: int, queue: Queue, msg: Item, mid: str,
-                  now: float) -> None:
-        """A resendable SEND (one with a seq; ``mid`` is its message id): as
-        :meth:`send`, unless ``mid`` is in the queue's deduplication window. Then it was
-        accepted before: it is confirmed, counted in ``duplicates``, and not enqueued
-        again (PROTOCOL.md §8 "Resends and deduplication").
-
-        Raises:
-            JournalError, QueueFull: as :meth:`send` (the id does not enter the window).
-        """
-        if not self.dedup_size:  # deduplication is off: a SEND like any other
-            self.send(conn, rid, queue, msg, now)
-            return
-        if queue.journal is not None:
-            self._check_journal(queue)
-        window = queue.dedup
-        if window is None:
-            window = queue.dedup = DedupWindow(self.dedup_window, self.dedup_size)
-        if now >= window.trim_at:
-            window.seen(mid, now)  # trims what expired
-        if mid in window.ids:
-            queue.duplicates += 1
-            if rid:
-                if queue.journal is not None:  # the original may still wait to be written
-                    self.journaled_confirms.add(conn)
-                self._sink.reply_ok(conn, rid)
-            return
-        self.send(conn, rid, queue, msg, now, mid)
-
     def _remember(self, queue: Queue, mid: str, now: float) -> None:
         """``mid`` was accepted into ``queue``: it enters the deduplication window."""
         window = queue.dedup
@@ -554,8 +525,35 @@ class QueueRouter:
     def send(self, conn: int, rid: int, queue: Queue, msg: Item, now: float,
              mid: str | None = None) -> None:
         """A message from ``conn``; confirms with OK to ``rid`` (0: no confirmation).
-        ``mid``: a resendable SEND's id, which enters the queue's deduplication window
-        when the message is accepted (see :meth:`send_once`)."""
+
+        ``mid``: the id of a resendable SEND (one with a seq). If it is in the queue's
+        deduplication window, the message was accepted before: it is confirmed, counted
+        in ``duplicates``, and not enqueued again (PROTOCOL.md §8 "Resends and
+        deduplication"); else it enters the window when the message is accepted.
+
+        Raises:
+            JournalError: the queue is durable and the journal cannot be written.
+            QueueFull: the queue is full and its overflow policy is ``reject``.
+            (In either case the id does not enter the window.)
+        """
+        if mid is not None:
+            if not self.dedup_size:  # deduplication is off: a SEND like any other
+                mid = None
+            else:
+                if queue.journal is not None:  # a duplicate is refused as the original
+                    self._check_journal(queue)
+                window = queue.dedup
+                if window is None:
+                    window = queue.dedup = DedupWindow(self.dedup_window, self.dedup_size)
+                elif now >= window.trim_at:
+                    window.seen(mid, now)  # trims what expired
+                if mid in window.ids:
+                    queue.duplicates += 1
+                    if rid:
+                        if queue.journal is not None:  # the original may wait to be written
+                            self.journaled_confirms.add(conn)
+                        self._sink.reply_ok(conn, rid)
+                    return
         available = queue.available
         if (available and not queue.ready_len and not queue.delayed_msgs and not queue.parked
                 and type(msg) is bytes
@@ -567,7 +565,7 @@ class QueueRouter:
             if consumer.in_available:
                 queue.sent += 1
                 if mid is not None:
-                    self._remember(queue, mid, now)
+                    queue.dedup.add(mid, now)  # type: ignore[union-attr]  # made above
                 if queue.plain:
                     self._deliver(queue, consumer, msg, now)
                 else:
@@ -648,7 +646,10 @@ class QueueRouter:
         the queue's TTL). ``mid``: a resendable SEND's id, which enters the window."""
         queue.sent += 1
         if mid is not None:
-            self._remember(queue, mid, now)
+            window = queue.dedup
+            if window is None:
+                window = queue.dedup = DedupWindow(self.dedup_window, self.dedup_size)
+            window.add(mid, now)
         due = None
         if type(msg) is QMsg and msg.due is not None:
             if msg.due > now:
