@@ -70,6 +70,7 @@ from .settings import (
     DEFAULT_MAX_PARKED_BYTES,
     DEFAULT_MAX_QUEUES_PER_UID,
     DEFAULT_MAX_SUBSCRIPTIONS_PER_UID,
+    DEFAULT_MAX_UNACKED_PER_UID,
     DLQ_SUFFIX,
     MAX_SECONDS,
     SWEEP_INTERVAL,
@@ -229,6 +230,7 @@ class BrokerCore:
         max_connections_per_uid: int = DEFAULT_MAX_CONNECTIONS_PER_UID,
         max_queues_per_uid: int = DEFAULT_MAX_QUEUES_PER_UID,
         max_subscriptions_per_uid: int = DEFAULT_MAX_SUBSCRIPTIONS_PER_UID,
+        max_unacked_per_uid: int = DEFAULT_MAX_UNACKED_PER_UID,
         journal: JournalSink | None = None,
         dedup_window: float = DEFAULT_DEDUP_WINDOW,
         dedup_size: int = DEFAULT_DEDUP_SIZE,
@@ -256,12 +258,15 @@ class BrokerCore:
         self.handshake_timeout = handshake_timeout
         self.max_consumers = max_consumers
         self.max_parked_bytes = max_parked_bytes
-        # Per-uid quotas (settings.py): connections and subscriptions counted here, queues
-        # by the QueueRouter. Entries go when they reach 0.
+        # Per-uid quotas (settings.py): connections, subscriptions and the prefetch of
+        # consumers (their unacked messages) counted here, queues by the QueueRouter.
+        # Entries go when they reach 0.
         self.max_connections_per_uid = max_connections_per_uid
         self.max_subscriptions_per_uid = max_subscriptions_per_uid
+        self.max_unacked_per_uid = max_unacked_per_uid
         self._uid_conns: dict[int, int] = {}
         self._uid_subs: dict[int, int] = {}
+        self._uid_prefetch: dict[int, int] = {}
         self._sweep_armed = False
         self._now = 0.0
         self._handshake_handlers: dict[int, Handler] = {Op.HELLO: self._on_hello}
@@ -408,6 +413,8 @@ class BrokerCore:
             self.queues.drop_parked(conn_id, conn.parked_queues)
         if conn.consumers:
             self.queues.remove_consumers(list(conn.consumers.values()), now, failed=True)
+            self._uncount(self._uid_prefetch, conn.uid,
+                          sum(consumer.prefetch for consumer in conn.consumers.values()))
         for sub in conn.subs.values():
             self.topics.remove(sub)
         if conn.subs:
@@ -668,7 +675,15 @@ class BrokerCore:
                 f"this connection already has max_consumers={self.max_consumers} consumers;"
                 " cancel one first, or raise prefetch instead of adding consumers"
             )
+        held = self._uid_prefetch.get(conn.uid, 0)
+        if held + prefetch > self.max_unacked_per_uid:
+            raise QuotaExceeded(
+                f"uid {conn.uid} would hold more than max_unacked_per_uid="
+                f"{self.max_unacked_per_uid} unacked messages (its consumers' prefetch adds"
+                f" up to {held}, this one asks for {prefetch}); cancel a consumer or lower"
+                " prefetch")
         queue = self.queues.get_for(name, conn.uid)
+        self._uid_prefetch[conn.uid] = held + prefetch
         consumer = Consumer(conn.id, sid, queue, prefetch, conn.pid, conn.uid)
         consumer.held = conn.congested
         conn.consumers[sid] = consumer
@@ -681,6 +696,7 @@ class BrokerCore:
         consumer = conn.consumers.pop(sid, None)
         if consumer is not None:
             self.queues.remove_consumers([consumer], now, failed=False)
+            self._uncount(self._uid_prefetch, conn.uid, consumer.prefetch)
         else:
             sub = conn.subs.pop(sid, None)
             if sub is None:

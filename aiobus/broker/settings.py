@@ -12,7 +12,7 @@ from ..names import check_name, is_reserved
 __all__ = ["DEFAULT_DEDUP_SIZE", "DEFAULT_DEDUP_WINDOW", "DEFAULT_MAX_CONNECTIONS_PER_UID",
            "DEFAULT_MAX_PARKED_BYTES",
            "DEFAULT_MAX_PENDING_OUTPUT", "DEFAULT_MAX_QUEUES_PER_UID",
-           "DEFAULT_MAX_SUBSCRIPTIONS_PER_UID",
+           "DEFAULT_MAX_SUBSCRIPTIONS_PER_UID", "DEFAULT_MAX_UNACKED_PER_UID",
            "DLQ_SUFFIX", "MAX_DEDUP_SIZE",
            "MAX_RETRY_DELAYS", "MAX_SECONDS", "OVERFLOW_POLICIES", "SWEEP_INTERVAL",
            "BadOption", "QueueSettings",
@@ -54,6 +54,12 @@ DEFAULT_MAX_PARKED_BYTES = 32 * 1024 * 1024
 DEFAULT_MAX_CONNECTIONS_PER_UID = 1024
 DEFAULT_MAX_QUEUES_PER_UID = 10_000
 DEFAULT_MAX_SUBSCRIPTIONS_PER_UID = 10_000
+# Unacked messages: what the consumers of one uid may hold, counted as the sum of their
+# prefetch (a consumer never holds more than its prefetch, so the bound is exact and
+# checked once, at CONSUME, not per delivery). A lease costs ~300 bytes besides its
+# message: a uid at 1,000,000 holds ~300 MB of them. 1,000 workers with prefetch 1,000
+# fit.
+DEFAULT_MAX_UNACKED_PER_UID = 1_000_000
 # Queues created by use (SEND, CONSUME) and never declared are removed once they are
 # empty, unused (no consumer, no parked send, no message sent, delivered or acked) and
 # have no id left in their deduplication window, for a whole sweep interval: a sweep

@@ -99,6 +99,10 @@ class TopicRouter:
         self.congested: set[int] = set()
         self._sink = sink
         self._send_event = send_event if send_event is not None else sink.event
+        # Subscribers that fell too far behind with policy 'disconnect' during a fan-out:
+        # closed once it is over, so that the presence event of their disconnect comes
+        # after the event that caused it for every subscriber.
+        self._slow: list[tuple[int, str]] = []
 
     @staticmethod
     def check_options(max_pending: int, policy: str) -> None:
@@ -138,7 +142,14 @@ class TopicRouter:
                 send_event(sub.conn, sub.sid, event, gap)
             else:
                 self._hold(sub, event)
+        if self._slow:
+            self._close_slow()
         return len(subs)
+
+    def _close_slow(self) -> None:
+        slow, self._slow = self._slow, []
+        for conn, message in slow:
+            self._sink.slow_consumer(conn, message)  # publishes its presence event
 
     def _hold(self, sub: Subscription, event: Event) -> None:
         pending = sub.pending
@@ -160,11 +171,11 @@ class TopicRouter:
             sub.dropped += 1
             return
         else:
-            self._sink.slow_consumer(
+            self._slow.append((
                 sub.conn,
                 f"subscription {sub.sid} ({shown(sub.pattern)}) fell {2 * sub.max_pending} events"
                 " behind with policy 'disconnect'",
-            )
+            ))
             return
         sub.dropped += 1
 

@@ -37,6 +37,7 @@ from ..broker.settings import (
     DEFAULT_MAX_PENDING_OUTPUT,
     DEFAULT_MAX_QUEUES_PER_UID,
     DEFAULT_MAX_SUBSCRIPTIONS_PER_UID,
+    DEFAULT_MAX_UNACKED_PER_UID,
     MAX_DEDUP_SIZE,
 )
 from ..errors import BusError
@@ -174,6 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="topic subscriptions the clients of one uid may hold; one more"
                              " is refused with QuotaExceeded (default"
                              f" {DEFAULT_MAX_SUBSCRIPTIONS_PER_UID})")
+    parser.add_argument("--max-unacked-per-uid", type=_positive_int,
+                        default=DEFAULT_MAX_UNACKED_PER_UID, metavar="N",
+                        help="unacked messages the consumers of one uid may hold, counted as"
+                             " the sum of their prefetch; a CONSUME past it is refused with"
+                             f" QuotaExceeded (default {DEFAULT_MAX_UNACKED_PER_UID})")
     parser.add_argument("--backlog", type=_positive_int, default=DEFAULT_BACKLOG, metavar="N",
                         help="listen backlog: connections waiting to be accepted (default"
                              f" {DEFAULT_BACKLOG}; capped by net.core.somaxconn)")
@@ -256,6 +262,7 @@ async def serve(args: argparse.Namespace) -> None:
             max_connections_per_uid=args.max_connections_per_uid,
             max_queues_per_uid=args.max_queues_per_uid,
             max_subscriptions_per_uid=args.max_subscriptions_per_uid,
+            max_unacked_per_uid=args.max_unacked_per_uid,
             backlog=args.backlog,
             data_dir=args.data_dir or default_data_dir(),
             fsync=args.fsync,

@@ -261,6 +261,28 @@ async def test_queues_per_uid_are_a_quota(broker_factory: Any) -> None:
         assert "one.more" in stats["queues"] and "d.0" not in stats["queues"]
 
 
+async def test_unacked_messages_per_uid_are_a_quota(broker_factory: Any) -> None:
+    broker = broker_factory("--max-unacked-per-uid", "100")
+    async with aiobus.connect(broker.path) as bus, aiobus.connect(broker.path) as other:
+        for i in range(300):
+            await bus.send("jobs", b"%d" % i)
+        first = bus.consume("jobs", prefetch=60)
+        async with asyncio.timeout(10):
+            await first.__anext__()
+            with pytest.raises(aiobus.QuotaExceeded, match="max_unacked_per_uid=100"):
+                await other.consume("jobs", prefetch=50).__anext__()  # same uid, 60 + 50
+            second = other.consume("jobs", prefetch=40)  # 60 + 40 fits
+            await second.__anext__()
+            while (await bus.stats())["queues"]["jobs"]["unacked"] < 100:
+                await asyncio.sleep(0.01)
+            assert (await bus.stats())["queues"]["jobs"]["unacked"] == 100  # never more
+            second.close()  # its prefetch is free again (CANCEL goes first)
+            third = other.consume("jobs", prefetch=40)
+            await third.__anext__()
+            third.close()
+            first.close()
+
+
 async def test_connections_per_uid_are_a_quota(broker_factory: Any) -> None:
     broker = broker_factory("--max-connections-per-uid", "3")
     async with contextlib.AsyncExitStack() as stack:

@@ -113,6 +113,30 @@ def test_subscription_and_connection_quotas() -> None:
     assert d.open() not in d.sink.closed
 
 
+def test_unacked_quota_is_the_prefetch_a_uids_consumers_hold() -> None:
+    d = Driver(max_unacked_per_uid=10)
+    a, b = d.client("a"), d.client("b")  # the same uid
+    first = a.consume("q", prefetch=6)
+    b.consume("q", prefetch=4)
+    code, message = a.error(Op.CONSUME, 99, "q", 1)
+    assert code == "quota-exceeded" and "max_unacked_per_uid=10" in message
+    assert "adds up to 10" in message
+    other = d.client("other", uid=2000)
+    other.consume("q", prefetch=10)  # another uid has its own quota
+    for i in range(30):  # held unacked: never more than the prefetch, so the quota
+        other.send("q", f"m{i}".encode())
+    held = len(a.deliveries()) + len(b.deliveries()) + len(other.deliveries())
+    assert held == 20
+    a.cancel(first)  # frees 6
+    a.consume("q", prefetch=6)
+    assert a.error(Op.CONSUME, 98, "q", 1)[0] == "quota-exceeded"
+    d.core.disconnect(b.conn, d.now)  # frees 4
+    a.consume("q", prefetch=4)
+    assert d.core._uid_prefetch == {1000: 10, 2000: 10}
+    d.core.disconnect(a.conn, d.now)
+    assert d.core._uid_prefetch == {2000: 10}
+
+
 def test_names_match_patterns_as_subscriptions_do() -> None:
     assert matches("a.*", "a.b") and not matches("a.*", "a.b.c") and not matches("a.*", "a")
     assert matches("a.>", "a.b.c") and not matches("a.>", "a")

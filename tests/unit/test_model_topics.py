@@ -163,6 +163,7 @@ class TopicMachine(RuleBasedStateMachine):
         subs = [s for s in self.subs.values() if matches(s.pattern, topic)]
         if count and not subs:
             self.unrouted += 1
+        slow: list[int] = []
         for sub in subs:
             if sub.conn in self.closed:
                 continue
@@ -179,9 +180,12 @@ class TopicMachine(RuleBasedStateMachine):
             elif sub.policy == "drop-newest":
                 entry[1] = "dropped"
                 sub.dropped += 1
-            else:  # disconnect: CLOSE slow-consumer, then as if the connection was lost
-                self.closed.add(sub.conn)
-                self._lose(sub.conn)
+            else:  # disconnect: once the fan-out is over, CLOSE slow-consumer, then as
+                slow.append(sub.conn)  # if the connection was lost (its presence event)
+        for conn in slow:
+            if conn in self.conns:  # not twice for two of its subscriptions
+                self.closed.add(conn)
+                self._lose(conn)
 
     def _lose(self, conn: int) -> None:
         """The connection is gone: its subscriptions end, then the presence event."""
