@@ -68,6 +68,7 @@ from .settings import (
     DEFAULT_DEDUP_WINDOW,
     DEFAULT_MAX_CONNECTIONS_PER_UID,
     DEFAULT_MAX_PARKED_BYTES,
+    DEFAULT_MAX_QUEUED_BYTES_PER_UID,
     DEFAULT_MAX_QUEUES_PER_UID,
     DEFAULT_MAX_SUBSCRIPTIONS_PER_UID,
     DEFAULT_MAX_UNACKED_PER_UID,
@@ -229,6 +230,7 @@ class BrokerCore:
         max_parked_bytes: int = DEFAULT_MAX_PARKED_BYTES,
         max_connections_per_uid: int = DEFAULT_MAX_CONNECTIONS_PER_UID,
         max_queues_per_uid: int = DEFAULT_MAX_QUEUES_PER_UID,
+        max_queued_bytes_per_uid: int = DEFAULT_MAX_QUEUED_BYTES_PER_UID,
         max_subscriptions_per_uid: int = DEFAULT_MAX_SUBSCRIPTIONS_PER_UID,
         max_unacked_per_uid: int = DEFAULT_MAX_UNACKED_PER_UID,
         journal: JournalSink | None = None,
@@ -248,7 +250,8 @@ class BrokerCore:
         self.queues = QueueRouter(self, self.timers, wall_offset, send_raw=sink.send_raw,
                                   journal=journal, dedup_window=dedup_window,
                                   dedup_size=dedup_size,
-                                  max_queues_per_uid=max_queues_per_uid)
+                                  max_queues_per_uid=max_queues_per_uid,
+                                  max_queued_bytes_per_uid=max_queued_bytes_per_uid)
         self.journal = journal
         self.topics = TopicRouter(self, send_event=sink.event)
         self._id_prefix = id_prefix + "-"

@@ -7,6 +7,7 @@ module only holds them. A stateless message is its packed wire form (``bytes``);
 
 from __future__ import annotations
 
+import math
 from array import array
 from collections import deque
 from enum import IntEnum
@@ -22,8 +23,10 @@ from .timers import TimerEntry
 
 __all__ = [
     "FIRST_ATTEMPT_TAIL",
+    "MESSAGE_OVERHEAD",
     "RUN",
     "SMALL",
+    "Account",
     "Consumer",
     "Entry",
     "Item",
@@ -90,6 +93,28 @@ Item = bytes | QMsg  # a stateless message is just its packed form
 def promote(item: Item) -> QMsg:
     """The message as a QMsg (wrapping a stateless one), to give it state."""
     return QMsg(item) if type(item) is bytes else item  # type: ignore[return-value]
+
+
+class Account:
+    """The bytes of queued messages charged to one uid: those in the queues its clients
+    created (and in the dead-letter queues the broker made for them), each message
+    counted as its encoded size plus ``MESSAGE_OVERHEAD``; ``limit`` is the uid's
+    ``max_queued_bytes_per_uid``. Queues share their payer's Account, so charging one
+    is a single attribute update. A queue the broker made for nobody (restored from the
+    journal, re-created for consumers after a DELETE) has an Account of its own, without
+    a uid or a limit."""
+
+    __slots__ = ("bytes", "limit", "uid")
+
+    def __init__(self, uid: int | None, limit: float) -> None:
+        self.uid = uid
+        self.limit = limit
+        self.bytes = 0
+
+
+# What the broker holds per queued message besides its encoded form (a bytes object's
+# header, its deque slot, allocator rounding: docs/performance.md measured 47 bytes).
+MESSAGE_OVERHEAD = 64
 
 
 class Run:
@@ -174,8 +199,10 @@ class Consumer:
 
 class Queue:
     __slots__ = (
+        "account",
         "acked",
         "available",
+        "bytes",
         "consumers",
         "dead_lettered",
         "dedup",
@@ -207,6 +234,10 @@ class Queue:
         self.name = name
         self.explicit = explicit  # declared (True) or created by first use (False)
         self.owner: int | None = None  # the uid whose client created it (its quota)
+        # Who pays for its messages' bytes (max_queued_bytes_per_uid), and how many it
+        # holds now: ready, delayed and leased, each its encoded size + MESSAGE_OVERHEAD.
+        self.account = Account(None, math.inf)
+        self.bytes = 0
         self.settings = settings
         # The journal of a durable queue (see queues.py), else None; the next message's
         # sequence number in it.

@@ -78,6 +78,8 @@ from ..errors import (
 from .dedup import DedupWindow
 from .queue_state import (
     FIRST_ATTEMPT_TAIL,
+    MESSAGE_OVERHEAD,
+    Account,
     Consumer,
     Item,
     Lease,
@@ -92,6 +94,7 @@ from .queue_state import (
 from .settings import (
     DEFAULT_DEDUP_SIZE,
     DEFAULT_DEDUP_WINDOW,
+    DEFAULT_MAX_QUEUED_BYTES_PER_UID,
     DEFAULT_MAX_QUEUES_PER_UID,
     MAX_SECONDS,
     BadOption,
@@ -112,6 +115,11 @@ PARK_LIMIT = 256
 def _size(item: Item) -> int:
     """Bytes a parked message holds: its encoded form (a QMsg adds ~100 bytes, ignored)."""
     return len(item) if type(item) is bytes else len(item.packed)  # type: ignore[union-attr]
+
+
+def _held(item: Item) -> int:
+    """What a message in a queue is charged to its payer's Account."""
+    return (len(item) if type(item) is bytes else len(item.packed)) + MESSAGE_OVERHEAD  # type: ignore[union-attr]
 
 
 class QueueSink(Protocol):
@@ -176,13 +184,18 @@ class QueueRouter:
                  journal: JournalSink | None = None,
                  dedup_window: float = DEFAULT_DEDUP_WINDOW,
                  dedup_size: int = DEFAULT_DEDUP_SIZE,
-                 max_queues_per_uid: int = DEFAULT_MAX_QUEUES_PER_UID) -> None:
+                 max_queues_per_uid: int = DEFAULT_MAX_QUEUES_PER_UID,
+                 max_queued_bytes_per_uid: int = DEFAULT_MAX_QUEUED_BYTES_PER_UID) -> None:
         self.queues: dict[str, Queue] = {}
         # Queues each uid's clients created (SEND, CONSUME, DECLARE of a new name), at
         # most max_queues_per_uid; queues the broker creates itself (dead-letter targets,
         # re-created after DELETE for their consumers, restored) belong to nobody.
         self.max_queues_per_uid = max_queues_per_uid
         self.owned: dict[int, int] = {}
+        # The bytes each uid's queues hold (queue_state.Account), at most
+        # max_queued_bytes_per_uid before a SEND is refused.
+        self.max_queued_bytes_per_uid = max_queued_bytes_per_uid
+        self.accounts: dict[int, Account] = {}
         self._idle: dict[str, int] = {}  # sweep: idle queues seen, and their activity
         self.leases: dict[int, Lease] = {}  # every lease a consumer holds, zombies too
         self._sink = sink
@@ -228,7 +241,15 @@ class QueueRouter:
             self._charge(uid)
             queue = self.queues[name] = Queue(name, QueueSettings.for_queue(name), False)
             queue.owner = uid
+            queue.account = self.account(uid)
         return queue
+
+    def account(self, uid: int) -> Account:
+        """The Account of ``uid``'s queued bytes (made on first use, kept: one per uid)."""
+        account = self.accounts.get(uid)
+        if account is None:
+            account = self.accounts[uid] = Account(uid, self.max_queued_bytes_per_uid)
+        return account
 
     def _charge(self, uid: int) -> None:
         count = self.owned.get(uid, 0)
@@ -292,6 +313,8 @@ class QueueRouter:
                 self._charge(uid)
             queue = self.queues[name] = Queue(name, settings, True)
             queue.owner = uid
+            if uid is not None:
+                queue.account = self.account(uid)
             self._journal_settings(queue, settings)
         elif not queue.explicit:
             if settings.durable != queue.settings.durable and not queue.is_empty():
@@ -364,6 +387,7 @@ class QueueRouter:
         dlq = self.queues.get(target)
         if dlq is None:
             dlq = self.queues[target] = Queue(target, QueueSettings.for_queue(target), False)
+            dlq.account = queue.account  # made for this queue: its payer pays for it
         if not dlq.explicit and dlq.journal is None and dlq.is_empty():
             # Undeclared, so it has the defaults: the same, made durable.
             self._journal_settings(dlq, QueueSettings.for_queue(target, {"durable": True}))
@@ -387,6 +411,10 @@ class QueueRouter:
         count = queue.ready_len + len(queue.delayed_msgs)
         if queue.journal is not None:
             queue.journal.purged(name)  # one record, for what is not out for delivery
+        leased = sum(_held(lease.msg) for consumer in queue.consumers
+                     for lease in consumer.leases.values() if not lease.expired)
+        queue.account.bytes -= queue.bytes - leased
+        queue.bytes = leased
         self._forget_waiting(queue)
         self.pump(queue, now)
         return count
@@ -415,6 +443,8 @@ class QueueRouter:
             )
         if queue.journal is not None:
             queue.journal.deleted(name)  # one record: all of it, settings too
+        queue.account.bytes -= queue.bytes
+        queue.bytes = 0
         self._remove(queue)
         self._forget_waiting(queue)
         consumers = list(queue.consumers)
@@ -483,6 +513,9 @@ class QueueRouter:
                 msg.seq, msg.failures = m.seq, m.failures
                 msg.last_reason, msg.last_consumer = m.last_reason, m.last_consumer
                 queue.sent += 1
+                size = _held(msg)  # a restored queue belongs to nobody: no limit
+                queue.bytes += size
+                queue.account.bytes += size
                 if limit is not None and msg.failures >= limit:
                     self.dead_letter(queue, msg, "max-deliveries", None, now)
                 elif m.due is not None and m.due - wall > now:
@@ -534,7 +567,8 @@ class QueueRouter:
         Raises:
             JournalError: the queue is durable and the journal cannot be written.
             QueueFull: the queue is full and its overflow policy is ``reject``.
-            (In either case the id does not enter the window.)
+            QuotaExceeded: the queue's payer holds max_queued_bytes_per_uid.
+            (In any case the id does not enter the window.)
         """
         if mid is not None:
             if not self.dedup_size:  # deduplication is off: a SEND like any other
@@ -554,6 +588,13 @@ class QueueRouter:
                             self.journaled_confirms.add(conn)
                         self._sink.reply_ok(conn, rid)
                     return
+        size = (len(msg) if type(msg) is bytes else len(msg.packed)) + MESSAGE_OVERHEAD  # type: ignore[union-attr]
+        account = queue.account
+        if account.bytes + size > account.limit:
+            raise QuotaExceeded(
+                f"uid {account.uid} already has {account.bytes} bytes queued, and"
+                f" max_queued_bytes_per_uid={self.max_queued_bytes_per_uid}: queue"
+                f" {shown(queue.name)} takes no more until its messages are consumed")
         available = queue.available
         if (available and not queue.ready_len and not queue.delayed_msgs and not queue.parked
                 and type(msg) is bytes
@@ -564,6 +605,8 @@ class QueueRouter:
             consumer = available.popleft()
             if consumer.in_available:
                 queue.sent += 1
+                queue.bytes += size
+                account.bytes += size
                 if mid is not None:
                     queue.dedup.add(mid, now)  # type: ignore[union-attr]  # made above
                 if queue.plain:
@@ -611,6 +654,8 @@ class QueueRouter:
             if not self._drop_oldest(queue, now):
                 # Only delayed messages fill the queue: the new one is the one to go.
                 queue.sent += 1
+                queue.bytes += size  # accepted, then dead-lettered
+                account.bytes += size
                 if mid is not None:  # accepted (and confirmed) before it goes
                     self._remember(queue, mid, now)
                     if queue.journal is not None:  # no Sent of its own here to say so
@@ -645,6 +690,9 @@ class QueueRouter:
         until its due time (then it joins the back: it counts as sent then, and so does
         the queue's TTL). ``mid``: a resendable SEND's id, which enters the window."""
         queue.sent += 1
+        size = _held(msg)
+        queue.bytes += size
+        queue.account.bytes += size
         if mid is not None:
             window = queue.dedup
             if window is None:
@@ -934,6 +982,9 @@ class QueueRouter:
         consumer = lease.consumer
         queue = consumer.queue
         msg = lease.msg
+        size = _held(msg)
+        queue.bytes -= size
+        queue.account.bytes -= size
         if type(msg) is QMsg:  # _gone, inline: every durable message ends here
             journal = queue.journal
             if journal is not None and msg.seq >= 0:
@@ -986,6 +1037,7 @@ class QueueRouter:
         lease = self._take(conn, tag, "reply to", now)
         msg = lease.msg
         assert type(msg) is QMsg and msg.reply is not None
+        self._release(lease.consumer.queue, msg)
         self._gone(lease.consumer.queue, msg, ACKED)
         lease.consumer.queue.acked += 1
         self._free_slot(lease.consumer, now)
@@ -1056,6 +1108,7 @@ class QueueRouter:
         if msg.reply is not None:
             # A request expires when its caller's timeout passed: the caller has given up
             # and nobody could use an answer, so it is discarded (counted), not kept.
+            self._release(queue, msg)
             self._gone(queue, msg, EXPIRED)
             queue.discarded += 1
         else:
@@ -1069,6 +1122,7 @@ class QueueRouter:
         The dead-letter queue accepts it even above its own max_length: a dead letter is
         never dropped for lack of room.
         """
+        self._release(queue, msg)
         self._gone(queue, msg, _REMOVAL.get(reason, DEAD_LETTERED))
         target = queue.settings.dead_letter
         if target is None:
@@ -1087,8 +1141,11 @@ class QueueRouter:
         if msg.last_consumer is not None:
             headers["x-consumer-pid"] = str(msg.last_consumer[0])
             headers["x-consumer-uid"] = str(msg.last_consumer[1])
-        self._accept(self.get(target), pack_message(mid, target, body, kind, headers, timestamp),
-                     now)
+        dlq = self.queues.get(target)
+        if dlq is None:  # made for this queue: its payer pays for its dead letters too
+            dlq = self.get(target)
+            dlq.account = queue.account
+        self._accept(dlq, pack_message(mid, target, body, kind, headers, timestamp), now)
 
     # -- timers ---------------------------------------------------------------------
 
@@ -1155,6 +1212,13 @@ class QueueRouter:
         if msg.ttl_timer is None:
             msg.ttl_timer = self._timers.call_at(msg.expires, self._on_ttl,  # type: ignore[arg-type]
                                                  (queue, msg))
+
+    @staticmethod
+    def _release(queue: Queue, msg: Item) -> None:
+        """``msg`` leaves ``queue``: its bytes are no longer charged."""
+        size = _held(msg)
+        queue.bytes -= size
+        queue.account.bytes -= size
 
     def _gone(self, queue: Queue, msg: QMsg, reason: int) -> None:
         """``msg`` left ``queue`` for good (``reason``: ACKED, ...): journaled if the

@@ -55,6 +55,7 @@ from .settings import (
     DEFAULT_MAX_CONNECTIONS_PER_UID,
     DEFAULT_MAX_PARKED_BYTES,
     DEFAULT_MAX_PENDING_OUTPUT,
+    DEFAULT_MAX_QUEUED_BYTES_PER_UID,
     DEFAULT_MAX_QUEUES_PER_UID,
     DEFAULT_MAX_SUBSCRIPTIONS_PER_UID,
     DEFAULT_MAX_UNACKED_PER_UID,
@@ -303,6 +304,9 @@ class Broker:
         max_unacked_per_uid: unacked messages the consumers of one uid may hold, counted
             as the sum of their prefetch (default 1,000,000): a CONSUME past it is refused
             with ``QuotaExceeded``.
+        max_queued_bytes_per_uid: bytes the messages in the queues one uid's clients
+            created may hold (ready, delayed and leased; each its encoded size plus 64),
+            default 4 GiB: a SEND past it is refused with ``QuotaExceeded``.
         backlog: the listening socket's backlog (default 1,024; Linux caps it at
             ``net.core.somaxconn``).
         data_dir: where durable queues are journaled (created 0700; one broker at a
@@ -348,6 +352,7 @@ class Broker:
         max_queues_per_uid: int = DEFAULT_MAX_QUEUES_PER_UID,
         max_subscriptions_per_uid: int = DEFAULT_MAX_SUBSCRIPTIONS_PER_UID,
         max_unacked_per_uid: int = DEFAULT_MAX_UNACKED_PER_UID,
+        max_queued_bytes_per_uid: int = DEFAULT_MAX_QUEUED_BYTES_PER_UID,
         backlog: int = DEFAULT_BACKLOG,
         sock: socket.socket | None = None,
         data_dir: str | os.PathLike[str] | None = None,
@@ -378,6 +383,7 @@ class Broker:
         self.max_queues_per_uid = max_queues_per_uid
         self.max_subscriptions_per_uid = max_subscriptions_per_uid
         self.max_unacked_per_uid = max_unacked_per_uid
+        self.max_queued_bytes_per_uid = max_queued_bytes_per_uid
         self.backlog = backlog
         self.data_dir = os.fspath(data_dir) if data_dir is not None else None
         self.fsync = fsync
@@ -429,6 +435,7 @@ class Broker:
             max_queues_per_uid=self.max_queues_per_uid,
             max_subscriptions_per_uid=self.max_subscriptions_per_uid,
             max_unacked_per_uid=self.max_unacked_per_uid,
+            max_queued_bytes_per_uid=self.max_queued_bytes_per_uid,
             journal=self.journal,
             dedup_window=self.dedup_window,
             dedup_size=self.dedup_size,

@@ -9,14 +9,26 @@ from typing import Any
 from ..errors import InvalidName, InvalidOption, shown
 from ..names import check_name, is_reserved
 
-__all__ = ["DEFAULT_DEDUP_SIZE", "DEFAULT_DEDUP_WINDOW", "DEFAULT_MAX_CONNECTIONS_PER_UID",
-           "DEFAULT_MAX_PARKED_BYTES",
-           "DEFAULT_MAX_PENDING_OUTPUT", "DEFAULT_MAX_QUEUES_PER_UID",
-           "DEFAULT_MAX_SUBSCRIPTIONS_PER_UID", "DEFAULT_MAX_UNACKED_PER_UID",
-           "DLQ_SUFFIX", "MAX_DEDUP_SIZE",
-           "MAX_RETRY_DELAYS", "MAX_SECONDS", "OVERFLOW_POLICIES", "SWEEP_INTERVAL",
-           "BadOption", "QueueSettings",
-           "check_dedup"]
+__all__ = [
+    "DEFAULT_DEDUP_SIZE",
+    "DEFAULT_DEDUP_WINDOW",
+    "DEFAULT_MAX_CONNECTIONS_PER_UID",
+    "DEFAULT_MAX_PARKED_BYTES",
+    "DEFAULT_MAX_PENDING_OUTPUT",
+    "DEFAULT_MAX_QUEUED_BYTES_PER_UID",
+    "DEFAULT_MAX_QUEUES_PER_UID",
+    "DEFAULT_MAX_SUBSCRIPTIONS_PER_UID",
+    "DEFAULT_MAX_UNACKED_PER_UID",
+    "DLQ_SUFFIX",
+    "MAX_DEDUP_SIZE",
+    "MAX_RETRY_DELAYS",
+    "MAX_SECONDS",
+    "OVERFLOW_POLICIES",
+    "SWEEP_INTERVAL",
+    "BadOption",
+    "QueueSettings",
+    "check_dedup",
+]
 
 DLQ_SUFFIX = ".dlq"
 OVERFLOW_POLICIES = ("block", "reject", "dead-letter")
@@ -60,6 +72,12 @@ DEFAULT_MAX_SUBSCRIPTIONS_PER_UID = 10_000
 # message: a uid at 1,000,000 holds ~300 MB of them. 1,000 workers with prefetch 1,000
 # fit.
 DEFAULT_MAX_UNACKED_PER_UID = 1_000_000
+# Queued bytes: what the messages in the queues one uid's clients created may hold,
+# ready, delayed and leased, each counted as its encoded size plus ~64 bytes of the
+# broker's own (queue_state.MESSAGE_OVERHEAD). A SEND past it is refused with
+# QuotaExceeded (a dead letter never is: it was accepted once). 4 GiB: one user's
+# backlog cannot take a 24 GiB machine's broker down.
+DEFAULT_MAX_QUEUED_BYTES_PER_UID = 4 * 1024**3
 # Queues created by use (SEND, CONSUME) and never declared are removed once they are
 # empty, unused (no consumer, no parked send, no message sent, delivered or acked) and
 # have no id left in their deduplication window, for a whole sweep interval: a sweep

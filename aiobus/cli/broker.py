@@ -35,6 +35,7 @@ from ..broker.settings import (
     DEFAULT_MAX_CONNECTIONS_PER_UID,
     DEFAULT_MAX_PARKED_BYTES,
     DEFAULT_MAX_PENDING_OUTPUT,
+    DEFAULT_MAX_QUEUED_BYTES_PER_UID,
     DEFAULT_MAX_QUEUES_PER_UID,
     DEFAULT_MAX_SUBSCRIPTIONS_PER_UID,
     DEFAULT_MAX_UNACKED_PER_UID,
@@ -180,6 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="unacked messages the consumers of one uid may hold, counted as"
                              " the sum of their prefetch; a CONSUME past it is refused with"
                              f" QuotaExceeded (default {DEFAULT_MAX_UNACKED_PER_UID})")
+    parser.add_argument("--max-queued-bytes-per-uid", type=_positive_int,
+                        default=DEFAULT_MAX_QUEUED_BYTES_PER_UID, metavar="BYTES",
+                        help="bytes the messages in the queues one uid's clients created"
+                             " may hold (each its encoded size plus 64); a SEND past it is"
+                             " refused with QuotaExceeded (default"
+                             f" {DEFAULT_MAX_QUEUED_BYTES_PER_UID})")
     parser.add_argument("--backlog", type=_positive_int, default=DEFAULT_BACKLOG, metavar="N",
                         help="listen backlog: connections waiting to be accepted (default"
                              f" {DEFAULT_BACKLOG}; capped by net.core.somaxconn)")
@@ -263,6 +270,7 @@ async def serve(args: argparse.Namespace) -> None:
             max_queues_per_uid=args.max_queues_per_uid,
             max_subscriptions_per_uid=args.max_subscriptions_per_uid,
             max_unacked_per_uid=args.max_unacked_per_uid,
+            max_queued_bytes_per_uid=args.max_queued_bytes_per_uid,
             backlog=args.backlog,
             data_dir=args.data_dir or default_data_dir(),
             fsync=args.fsync,

@@ -283,6 +283,29 @@ async def test_unacked_messages_per_uid_are_a_quota(broker_factory: Any) -> None
             first.close()
 
 
+async def test_queued_bytes_per_uid_are_a_quota(broker_factory: Any) -> None:
+    """A producer with nobody consuming stops at its uid's byte quota, with the broker's
+    memory bounded accordingly, and may send again once its messages are consumed."""
+    broker = broker_factory("--max-queued-bytes-per-uid", str(64 * MiB))
+    body = b"x" * 64 * 1024
+    before = rss(broker.pid)
+    async with aiobus.connect(broker.path) as bus:
+        sent = 0
+        with pytest.raises(aiobus.QuotaExceeded, match="max_queued_bytes_per_uid=67108864"):
+            async with asyncio.timeout(30):
+                while True:
+                    await bus.send("backlog", body)
+                    sent += 1
+        assert 64 * MiB // (len(body) + 200) <= sent <= 64 * MiB // len(body)
+        grown = rss(broker.pid) - before
+        assert grown < 100 * MiB, f"broker RSS grew {grown / MiB:.0f} MiB"
+        async with asyncio.timeout(10):
+            async for msg in bus.consume("backlog", prefetch=10):
+                await msg.ack(confirm=True)
+                break
+        await bus.send("backlog", body)  # room for one again
+
+
 async def test_connections_per_uid_are_a_quota(broker_factory: Any) -> None:
     broker = broker_factory("--max-connections-per-uid", "3")
     async with contextlib.AsyncExitStack() as stack:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import precondition, rule
@@ -196,3 +197,6 @@ BrokerQueueMachine.TestCase.settings = settings(
     stateful_step_count=settings.default.stateful_step_count,
 )
 TestBrokerQueueModel = BrokerQueueMachine.TestCase
+# 30 examples, each with a broker process of its own: ~25 s on a quiet machine with
+# `make test`'s 4 workers, over 60 s on a loaded one. The limit is for hangs.
+TestBrokerQueueModel.pytestmark = [pytest.mark.timeout(240)]

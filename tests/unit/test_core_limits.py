@@ -4,6 +4,8 @@ its consumers get nothing new until it has read."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from aiobus.broker.settings import SWEEP_INTERVAL
 from aiobus.names import matches
 from aiobus.protocol import Op
@@ -178,3 +180,64 @@ def test_resuming_that_congests_again_keeps_consumers_held() -> None:
     d.core.set_congested(sub.conn, False, d.now)
     assert len(sub.events()) == 1
     assert sub.deliveries() == []  # still held: the event filled the output again
+
+
+def charged(d: Driver) -> dict[int | None, int]:
+    """Bytes charged per payer, after checking every queue's count against what it
+    holds (the queue model's invariant)."""
+    from .test_model_queues import held_bytes
+
+    totals: dict[int, tuple[Any, int]] = {}
+    for queue in d.core.queues.queues.values():
+        assert queue.bytes == held_bytes(queue), queue.name
+        account, total = totals.get(id(queue.account), (queue.account, 0))
+        totals[id(account)] = (account, total + queue.bytes)
+    for account, total in totals.values():
+        assert account.bytes == total, (account.uid, account.bytes, total)
+    return {account.uid: account.bytes for account, _ in totals.values() if account.bytes}
+
+
+def test_queued_bytes_quota_counts_what_a_uids_queues_hold() -> None:
+    d = Driver(max_queued_bytes_per_uid=2_000)
+    a, b = d.client("a"), d.client("b", uid=2000)
+    accepted = 0
+    while (reply := a.send("q", b"x" * 100))[0] == Op.OK:
+        accepted += 1
+    assert reply[2] == "quota-exceeded" and "max_queued_bytes_per_uid=2000" in reply[3]
+    assert 10 <= accepted <= 12  # 100 bytes of body + envelope + 64 each
+    assert 2_000 - 250 < charged(d)[1000] <= 2_000
+    refused = b.send("q", b"y" * 100)  # the queue's payer is its creator, uid 1000
+    assert refused is not None and refused[2] == "quota-exceeded" and "uid 1000" in refused[3]
+    assert b.send("b.own")[0] == Op.OK  # b's own queue: b's own quota
+    worker = d.client("worker")
+    sid = worker.consume("q", prefetch=3)
+    first, second, third = worker.deliveries()
+    assert first.sid == sid
+    held = charged(d)[1000]  # leased messages are still held
+    worker.ack(first.tag)
+    assert charged(d)[1000] < held
+    worker.reject(second.tag, "bad")  # into q.dlq, which the broker made for q: same payer
+    assert d.core.queues.queues["q.dlq"].account is d.core.queues.queues["q"].account
+    assert d.core.queues.queues["q.dlq"].bytes > 0
+    assert a.ok(Op.PURGE, "q") > 0  # the ready ones go; the leased one stays charged
+    after_purge = charged(d)[1000]
+    worker.nack(third.tag)  # back into q, then to the worker again
+    assert charged(d)[1000] == after_purge
+    assert a.ok(Op.DELETE, "q", False) >= 1
+    assert a.ok(Op.DELETE, "q.dlq", False) == 1
+    assert charged(d) == {2000: charged(d)[2000]}  # uid 1000 holds nothing now
+    assert a.send("q", b"x" * 100)[0] == Op.OK
+
+
+def test_queued_bytes_of_expired_requests_and_overflow_are_released() -> None:
+    d = Driver(max_queued_bytes_per_uid=100_000)
+    a = d.client("a")
+    a.declare("full", max_length=1, overflow="dead-letter", ttl=5.0)
+    for _ in range(3):
+        a.send("full", b"z" * 50)  # each new one pushes the oldest out to full.dlq
+    a.send("rpc", b"ask", ttl=1.0, token=7)  # a request nobody takes: discarded at expiry
+    charged(d)
+    d.advance(6)  # the TTLs pass
+    assert set(charged(d)) == {1000}
+    assert d.queue_stats("full")["ready"] == 0 and d.queue_stats("rpc")["ready"] == 0
+    assert d.core.queues.queues["rpc"].bytes == 0

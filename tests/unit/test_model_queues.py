@@ -44,6 +44,7 @@ from hypothesis.stateful import (
 )
 
 from aiobus.broker.core import BrokerCore
+from aiobus.broker.queue_state import MESSAGE_OVERHEAD, MsgState, QMsg, Queue, Run
 from aiobus.protocol import Op
 
 from .helpers import Driver, RecordingSink
@@ -761,6 +762,36 @@ class QueueMachine(RuleBasedStateMachine):
         self._tidy()
 
 
+    @invariant()
+    def bytes_are_charged_as_held(self) -> None:
+        """Each queue's ``bytes`` is what it holds (ready, delayed, leased), and each
+        payer's Account the sum of its queues'."""
+        accounts: dict[int, tuple[Any, int]] = {}
+        for queue in self.d.core.queues.queues.values():
+            assert queue.bytes == held_bytes(queue), queue.name
+            account, total = accounts.get(id(queue.account), (queue.account, 0))
+            accounts[id(account)] = (account, total + queue.bytes)
+        for account, total in accounts.values():
+            assert account.bytes == total, (account.uid, account.bytes, total)
+
+
+def held_bytes(queue: Queue) -> int:
+    """The bytes ``queue`` holds, counted from its messages (queue_state.Account)."""
+    def size(item: Any) -> int:
+        return (len(item) if type(item) is bytes else len(item.packed)) + MESSAGE_OVERHEAD
+
+    total = sum(size(m) for m in queue.tail) + sum(size(m) for m in queue.delayed_msgs)
+    for entry in queue.ready:
+        if type(entry) is Run:
+            start = entry.ends[entry.next - 1] if entry.next else 0
+            total += (entry.ends[-1] - start
+                      + MESSAGE_OVERHEAD * (len(entry.ends) - entry.next))
+        elif type(entry) is not QMsg or entry.state is MsgState.READY:
+            total += size(entry)
+    return total + sum(size(lease.msg) for consumer in queue.consumers
+                       for lease in consumer.leases.values() if not lease.expired)
+
+
 TestQueueModel = QueueMachine.TestCase
 
 
@@ -772,7 +803,8 @@ def run_steps(*steps: tuple[str, dict[str, Any]]) -> None:
     machine = QueueMachine()
     checks = [machine.nobody_is_closed, machine.stats_match_the_model,
               machine.each_message_is_in_one_place,
-              machine.prefetch_is_respected_and_no_consumer_idles]
+              machine.prefetch_is_respected_and_no_consumer_idles,
+              machine.bytes_are_charged_as_held]
     for name, arguments in steps:
         getattr(machine, name)(**arguments)
         for check in checks:
