@@ -104,6 +104,7 @@ _MAP = (dict,)
 _OPT_MAP = (dict, type(None))
 _OPT_INT = (int, type(None))
 _BOOL = (bool,)
+_OPT_BOOL = (bool, type(None))
 _ANY = (object,)
 
 # Field names and accepted Python types per frame (after msgpack decoding). Field names
@@ -126,7 +127,9 @@ SPECS: Final[dict[int, tuple[tuple[str, tuple[type, ...]], ...]]] = {
         ("rid", _INT), ("sid", _INT), ("pattern", _STR), ("max_pending", _INT),
         ("policy", _STR),
     ),
-    Op.CONSUME: (("rid", _INT), ("sid", _INT), ("queue", _STR), ("prefetch", _INT)),
+    Op.CONSUME: (
+        ("rid", _INT), ("sid", _INT), ("queue", _STR), ("prefetch", _INT), ("passive", _OPT_BOOL),
+    ),
     Op.CANCEL: (("rid", _INT), ("sid", _INT)),
     Op.CREDIT: (("sid", _INT), ("n", _INT)),
     Op.ACK: (("rid", _INT), ("tag", _INT)),
@@ -153,9 +156,9 @@ SPECS: Final[dict[int, tuple[tuple[str, tuple[type, ...]], ...]]] = {
 
 # Trailing fields a frame may leave out, per op: fields added after the frame first
 # shipped, so that older clients' shorter frames stay valid. A left-out field means nil.
-# SEND's ``delay`` (scheduled delivery) and ``seq`` (resendable SENDs), and STATS's
-# ``options`` (which queues, how many).
-OPTIONAL_TAIL: Final[dict[int, int]] = {Op.SEND: 2, Op.STATS: 1}
+# SEND's ``delay`` (scheduled delivery) and ``seq`` (resendable SENDs), STATS's
+# ``options`` (which queues, how many) and CONSUME's ``passive`` (do not create).
+OPTIONAL_TAIL: Final[dict[int, int]] = {Op.SEND: 2, Op.STATS: 1, Op.CONSUME: 1}
 
 # The message array inside DELIVER and EVENT: the broker stores a queued message in
 # exactly this encoding and sends it as is.

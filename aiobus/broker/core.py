@@ -669,7 +669,7 @@ class BrokerCore:
 
     def _on_consume(self, conn: Conn, frame: list[Any], now: float) -> None:
         check_frame(frame)
-        _, rid, sid, name, prefetch = frame
+        rid, sid, name, prefetch = frame[1:5]
         if not 1 <= prefetch <= MAX_PREFETCH:
             raise BadOption(f"prefetch must be between 1 and {MAX_PREFETCH}")
         self._check_sid(conn, sid)
@@ -685,7 +685,10 @@ class BrokerCore:
                 f"{self.max_unacked_per_uid} unacked messages (its consumers' prefetch adds"
                 f" up to {held}, this one asks for {prefetch}); cancel a consumer or lower"
                 " prefetch")
-        queue = self.queues.get_for(name, conn.uid)
+        # passive (AMQP's queue.declare passive): consume only a queue that exists, so
+        # reading a mistyped name says so instead of creating it.
+        passive = len(frame) > 5 and frame[5]
+        queue = self.queues.existing(name) if passive else self.queues.get_for(name, conn.uid)
         self._uid_prefetch[conn.uid] = held + prefetch
         consumer = Consumer(conn.id, sid, queue, prefetch, conn.pid, conn.uid)
         consumer.held = conn.congested

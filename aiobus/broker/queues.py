@@ -392,7 +392,12 @@ class QueueRouter:
             # Undeclared, so it has the defaults: the same, made durable.
             self._journal_settings(dlq, QueueSettings.for_queue(target, {"durable": True}))
 
-    def _existing(self, name: str) -> Queue:
+    def existing(self, name: str) -> Queue:
+        """The queue ``name``, which must exist (PURGE, DELETE, a passive CONSUME).
+
+        Raises:
+            NoSuchQueue: it does not.
+        """
         queue = self.queues.get(name)
         if queue is None:
             raise NoSuchQueue(f"there is no queue {shown(name)}: it was never used since the"
@@ -407,7 +412,7 @@ class QueueRouter:
         Raises:
             NoSuchQueue: the queue does not exist.
         """
-        queue = self._existing(name)
+        queue = self.existing(name)
         count = queue.ready_len + len(queue.delayed_msgs)
         if queue.journal is not None:
             queue.journal.purged(name)  # one record, for what is not out for delivery
@@ -432,7 +437,7 @@ class QueueRouter:
             NoSuchQueue: the queue does not exist.
             QueueNotEmpty: ``if_empty`` and the queue holds any message or parked send.
         """
-        queue = self._existing(name)
+        queue = self.existing(name)
         unacked = queue.unacked()
         count = queue.ready_len + len(queue.delayed_msgs) + unacked
         if if_empty and (count or queue.parked):

@@ -158,7 +158,7 @@ async def _listen(bus: Bus, args: argparse.Namespace) -> int:
 async def _consume(bus: Bus, args: argparse.Namespace) -> int:
     handled = 0
     prefetch = min(args.count or args.prefetch, args.prefetch)
-    async with bus.consume(args.queue, prefetch=prefetch) as consumer:
+    async with bus.consume(args.queue, prefetch=prefetch, create=args.create) as consumer:
         while args.count is None or handled < args.count:
             msg = await next_message(consumer, args.timeout)
             if msg is None:
@@ -266,8 +266,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
                                 " (control characters escaped), or as a JSON object with"
                                 " --json, then acknowledge it (or reject it to the"
                                 " dead-letter queue with --reject). A message is printed"
-                                " before it is acknowledged, never after.")
+                                " before it is acknowledged, never after. A QUEUE that"
+                                " does not exist is an error (status 1), not created,"
+                                " unless --create is given.")
     p.add_argument("queue", metavar="QUEUE", type=queue_name)
+    p.add_argument("--create", action="store_true",
+                   help="create QUEUE if it does not exist yet (with the broker's defaults)"
+                        " and wait for messages, as a worker started before its producers")
     p.add_argument("--count", "-n", type=positive_int, metavar="N",
                    help="exit after N messages")
     p.add_argument("--timeout", type=positive_float, metavar="SECONDS",

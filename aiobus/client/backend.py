@@ -164,9 +164,11 @@ class Backend(Protocol):
 
     # -- receiving ------------------------------------------------------------------------
 
-    async def consume(self, queue: str, prefetch: int, target: StreamTarget) -> None:
+    async def consume(self, queue: str, prefetch: int, target: StreamTarget,
+                      create: bool = True) -> None:
         """Start delivering ``queue``'s messages to ``target``; on failure nothing is
-        registered (and nothing is to be cancelled)."""
+        registered (and nothing is to be cancelled). With ``create`` False, a queue that
+        does not exist is not created: ``NoSuchQueue``."""
 
     async def subscribe(self, pattern: str, max_pending: int, policy: str,
                         target: StreamTarget) -> None:

@@ -295,12 +295,24 @@ class Bus:
         check_pattern(pattern)
         return Subscription(self._backend, pattern, max_pending, policy)
 
-    def consume(self, queue: str, *, prefetch: int = 16) -> Consumer:
+    def consume(self, queue: str, *, prefetch: int = 16, create: bool = True) -> Consumer:
         """Receive messages from a queue, competing with its other consumers.
 
         At most ``prefetch`` messages are unacknowledged at a time. Leaving the
         ``async for`` (break, exception, cancellation) stops the consumer and returns its
         unacked messages to the queue at once, without counting an attempt.
+
+        Args:
+            prefetch: most messages held unacknowledged at a time.
+            create: create the queue (with the broker's defaults) if it does not exist.
+                False: the queue must exist when the consumer starts, else starting it
+                (the first ``async for`` step, or ``async with``) raises
+                ``NoSuchQueue`` (a reader of a mistyped name learns so, and leaves no
+                queue behind). Once started, the consumer keeps its queue as any does:
+                after a broker restart or a DELETE it exists again.
+
+        Raises:
+            NoSuchQueue: on start, with ``create=False``, the queue does not exist.
 
         Example::
 
@@ -309,7 +321,7 @@ class Bus:
                     await handle(msg.body)
         """
         self._check_name(queue, "queue name")
-        return Consumer(self._backend, queue, prefetch)
+        return Consumer(self._backend, queue, prefetch, create)
 
     async def request(self, queue: str, body: Any, *, timeout: float = 5.0,
                       headers: Mapping[str, str] | None = None) -> Any:

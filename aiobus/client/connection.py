@@ -349,12 +349,15 @@ class ClientConnection(Session):
         self.replies.pop(token, None)
 
     def consume(self, queue: str, prefetch: int, receiver: Callable[[], StreamReceiver | None],
-                waiter: Any) -> int:
-        """Register a consumer and write CONSUME (while DISCONNECTED: at restore).
-        Returns its stream id."""
+                waiter: Any, *, create: bool = True) -> int:
+        """Register a consumer and write CONSUME (while DISCONNECTED: at restore); with
+        ``create`` False it is passive (the queue must exist). Returns its stream id."""
         sid = self._register(receiver)
         self._consumers.add(sid)
-        self._start_stream([Op.CONSUME, 0, sid, queue, prefetch], sid, waiter)
+        frame = [Op.CONSUME, 0, sid, queue, prefetch]
+        if not create:
+            frame.append(True)
+        self._start_stream(frame, sid, waiter)
         return sid
 
     def subscribe(self, pattern: str, max_pending: int, policy: str,

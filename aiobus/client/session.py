@@ -209,8 +209,12 @@ class Session:
                 continue
             rid = next(self._rids)
             frame[1] = rid
-            self._append(frame)
             old = waiting.get(sid)
+            if old is None and frame[0] == Op.CONSUME:
+                # A started consumer keeps its queue, as any consumer does (after a
+                # restart the broker may not have it): no longer passive.
+                del frame[5:]
+            self._append(frame)
             if old is not None:  # its consume()/subscribe() still waits for the answer
                 self.pending[rid] = self.pending.pop(old)
                 self._starts[rid] = sid

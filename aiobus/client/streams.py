@@ -269,10 +269,12 @@ class Consumer(_Stream):
 
     _kind = "consumer"
 
-    def __init__(self, backend: Backend, queue: str, prefetch: int) -> None:
+    def __init__(self, backend: Backend, queue: str, prefetch: int,
+                 create: bool = True) -> None:
         super().__init__(backend)
         self.queue = queue
         self.prefetch = prefetch
+        self.create = create
         self.failed_answers = 0
 
     def _answer_failed(self, error: BusError) -> None:
@@ -286,7 +288,7 @@ class Consumer(_Stream):
                         self.queue, error.code, error)
 
     async def _start_with(self, backend: Backend) -> None:
-        await backend.consume(self.queue, self.prefetch, self)
+        await backend.consume(self.queue, self.prefetch, self, self.create)
 
     def _fail(self, error: BaseException) -> None:
         # Leases died with the connection; their messages will be redelivered.

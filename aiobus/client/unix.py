@@ -541,12 +541,14 @@ class UnixSocketBackend:
 
     # -- receiving ------------------------------------------------------------------------
 
-    async def consume(self, queue: str, prefetch: int, target: StreamTarget) -> None:
+    async def consume(self, queue: str, prefetch: int, target: StreamTarget,
+                      create: bool = True) -> None:
         fut: asyncio.Future[Any] = self._loop.create_future()
         conn = self._conn
         if not self._writable.is_set() and self.connected:
             await self._writable.wait()
-        target._handle = sid = conn.consume(queue, prefetch, weakref.ref(target), fut)
+        target._handle = sid = conn.consume(queue, prefetch, weakref.ref(target), fut,
+                                            create=create)
         await self._started(sid, fut)
 
     async def subscribe(self, pattern: str, max_pending: int, policy: str,

@@ -307,6 +307,19 @@ async def test_consume_prints_then_acks(bus: aiobus.Bus, cli: Any) -> None:
     assert (await queue_stats(bus, "jobs"))["acked"] == 3
 
 
+async def test_consume_of_a_missing_queue_says_so_and_creates_nothing(
+    bus: aiobus.Bus, cli: Any
+) -> None:
+    out = await cli("consume", "nosuch", "--timeout", "1")
+    assert (out.code, out.out) == (1, "")
+    assert out.err.startswith("aiobus: there is no queue 'nosuch'"), out.err
+    assert "nosuch" not in (await bus.stats())["queues"]
+    # --create: a worker started before its producers waits on a new queue.
+    out = await cli("consume", "later", "--create", "--timeout", "0.3")
+    assert (out.code, out.out, out.err) == (0, "", "")
+    assert "later" in (await bus.stats())["queues"]
+
+
 async def test_reject_and_the_dead_letter_commands(bus: aiobus.Bus, cli: Any) -> None:
     await bus.send("jobs", "first", headers={"trace": "t1"})
     await bus.send("jobs", {"n": 2})
@@ -446,7 +459,7 @@ async def test_long_running_commands_end_cleanly_on_signals(
     bus: aiobus.Bus, broker: BrokerProcess
 ) -> None:
     watch = await start("stat", "--watch", "0.2", "--socket", broker.path)
-    consume = await start("consume", "idle", "--socket", broker.path)
+    consume = await start("consume", "idle", "--create", "--socket", broker.path)
     assert watch.stdout is not None
     seen = b""
     async with asyncio.timeout(TIMEOUT):

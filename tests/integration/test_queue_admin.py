@@ -210,3 +210,24 @@ async def test_a_durable_delayed_send_survives_a_kill(broker_factory: Any) -> No
             await msg.ack()
             assert await nothing_for(consumer, 0.3)
         assert (await queue_stats(bus, "jobs"))["delayed"] == 1
+
+
+async def test_consume_with_create_false_reads_only_an_existing_queue(
+        broker_factory: Any) -> None:
+    broker = broker_factory()
+    async with aiobus.connect(broker.path) as bus:
+        with pytest.raises(aiobus.NoSuchQueue, match="there is no queue 'nosuch'"):
+            async with bus.consume("nosuch", create=False):
+                pass
+        assert "nosuch" not in (await bus.stats())["queues"]
+        await bus.send("jobs", "one")
+        async with bus.consume("jobs", create=False) as consumer:
+            (msg,) = await take(consumer, 1)
+            await msg.ack()
+            # Started, the consumer keeps its queue as any does: across a restart of the
+            # broker (in memory: "jobs" is gone) it is resumed, and the queue is there.
+            broker = kill_and_restart(broker_factory, broker)
+            await bus.send("jobs", "two")
+            (msg,) = await take(consumer, 1)
+            assert msg.body == "two"
+            await msg.ack()

@@ -169,6 +169,22 @@ def test_streams_start_again_under_their_stream_id(sink: SessionSink, feed: Feed
     assert subscription.got == [("event", "e1", 0)]
 
 
+def test_a_passive_consumer_is_passive_until_it_started(sink: SessionSink,
+                                                       feed: Feed) -> None:
+    conn = open_session(sink)
+    started, waiting = Stream(), Stream()
+    sid_a = conn.consume("a", 8, lambda: started, "a-started", create=False)
+    sid_b = conn.consume("b", 8, lambda: waiting, "b-started", create=False)
+    assert sent(conn) == [[Op.CONSUME, 1, sid_a, "a", 8, True],
+                          [Op.CONSUME, 2, sid_b, "b", 8, True]]
+    feed(conn, pack([Op.OK, 1, None]))  # "a" existed; "b" not answered yet
+    conn.connection_lost()
+    # After a broker restart "a" may be gone: its consumer keeps it, as any consumer
+    # does. "b" still waits to hear whether its queue exists: still passive.
+    assert reconnect(conn, feed) == [[Op.CONSUME, 3, sid_a, "a", 8],
+                                     [Op.CONSUME, 4, sid_b, "b", 8, True]]
+
+
 def test_a_stream_the_broker_refuses_again_is_failed(sink: SessionSink, feed: Feed) -> None:
     conn = open_session(sink)
     consumer = Stream()

@@ -123,6 +123,21 @@ def test_purge_and_delete_refuse_unknown_reserved_and_invalid_names(d: Driver, o
     assert "nothing" not in d.core.stats()["queues"]  # no queue created by the attempt
 
 
+def test_a_passive_consume_needs_the_queue_and_creates_nothing(d: Driver) -> None:
+    c = d.client("c")
+    code, message = c.error(Op.CONSUME, 1, "nothing", 4, True)
+    assert code == "no-such-queue" and "'nothing'" in message
+    assert "nothing" not in d.core.stats()["queues"]
+    assert c.error(Op.CONSUME, 1, "$sys.x", 4, True)[0] == "forbidden"
+    # The sid was not taken by the refused CONSUME; passive nil or false creates.
+    assert c.ok(Op.CONSUME, 1, "made", 4, None) is None
+    assert c.ok(Op.CONSUME, 2, "also", 4, False) is None
+    assert {"made", "also"} <= d.core.stats()["queues"].keys()
+    d.client("p").send("jobs", b"x")
+    assert c.ok(Op.CONSUME, 3, "jobs", 4, True) is None
+    assert c.delivery().body == b"x"
+
+
 # -- delete ---------------------------------------------------------------------------
 
 
