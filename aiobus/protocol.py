@@ -144,7 +144,8 @@ SPECS: Final[dict[int, tuple[tuple[str, tuple[type, ...]], ...]]] = {
     Op.ACK_MANY: (("tags", (list,)),),
     Op.PURGE: (("rid", _INT), ("queue", _STR)),
     Op.DELETE: (("rid", _INT), ("queue", _STR), ("if_empty", _BOOL)),
-    # message: [id, queue or topic, body, kind, headers, timestamp], as MESSAGE_FIELDS.
+    # message: the message array [id, queue or topic, body, kind, headers, timestamp]
+    # (PROTOCOL.md §4); the broker stores a queued message in exactly this encoding.
     Op.DELIVER: (
         ("sid", _INT), ("tag", _INT), ("message", (list,)), ("attempt", _INT),
         ("reply_to", _OPT_STR),
@@ -159,10 +160,6 @@ SPECS: Final[dict[int, tuple[tuple[str, tuple[type, ...]], ...]]] = {
 # SEND's ``delay`` (scheduled delivery) and ``seq`` (resendable SENDs), STATS's
 # ``options`` (which queues, how many) and CONSUME's ``passive`` (do not create).
 OPTIONAL_TAIL: Final[dict[int, int]] = {Op.SEND: 2, Op.STATS: 1, Op.CONSUME: 1}
-
-# The message array inside DELIVER and EVENT: the broker stores a queued message in
-# exactly this encoding and sends it as is.
-MESSAGE_FIELDS: Final = ("id", "queue_or_topic", "body", "kind", "headers", "timestamp")
 
 _OP_NAMES: Final = {int(op): op.name for op in Op}
 _BODY_KINDS: Final = frozenset(int(k) for k in BodyKind)

@@ -471,12 +471,6 @@ class BrokerCore:
 
     # -- sink side of the routers ---------------------------------------------------
 
-    def send_raw(self, conn: int, data: bytes) -> None:
-        self._sink.send_raw(conn, data)
-
-    def event(self, conn: int, sid: int, message: bytes, dropped: int) -> None:
-        self._sink.event(conn, sid, message, dropped)
-
     def reply_ok(self, conn: int, rid: int, result: Any = None) -> None:
         """OK for request ``rid`` (with ``result``, unless None); rid 0 asked for no
         reply."""

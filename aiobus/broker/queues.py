@@ -123,9 +123,8 @@ def _held(item: Item) -> int:
 
 
 class QueueSink(Protocol):
-    """What the router needs from its owner (the broker core)."""
-
-    def send_raw(self, conn: int, data: bytes) -> None: ...
+    """What the router needs from its owner (the broker core); DELIVERs go straight to
+    the shell's ``send_raw``, given to the router apart."""
 
     def reply_ok(self, conn: int, rid: int) -> None: ...
 
@@ -180,7 +179,7 @@ class QueueRouter:
     """All queues of a broker and every transition of their messages."""
 
     def __init__(self, sink: QueueSink, timers: Timers, wall_offset: float, *,
-                 send_raw: Callable[[int, bytes], None] | None = None,
+                 send_raw: Callable[[int, bytes], None],
                  journal: JournalSink | None = None,
                  dedup_window: float = DEFAULT_DEDUP_WINDOW,
                  dedup_size: int = DEFAULT_DEDUP_SIZE,
@@ -199,7 +198,7 @@ class QueueRouter:
         self._idle: dict[str, int] = {}  # sweep: idle queues seen, and their activity
         self.leases: dict[int, Lease] = {}  # every lease a consumer holds, zombies too
         self._sink = sink
-        self._send_raw = send_raw if send_raw is not None else sink.send_raw
+        self._send_raw = send_raw
         self._timers = timers
         self._next_tag = 1
         self.wall_offset = wall_offset  # wall clock = now + wall_offset (for headers)

@@ -54,7 +54,8 @@ Event = bytes
 
 
 class TopicSink(Protocol):
-    def event(self, conn: int, sid: int, message: Event, dropped: int) -> None: ...
+    """What the router needs from its owner (the broker core); EVENTs go straight to the
+    shell's ``event``, given to the router apart."""
 
     def slow_consumer(self, conn: int, message: str) -> None: ...
 
@@ -91,14 +92,14 @@ class Subscription:
 
 class TopicRouter:
     def __init__(self, sink: TopicSink, *,
-                 send_event: Callable[[int, int, Event, int], None] | None = None) -> None:
+                 send_event: Callable[[int, int, Event, int], None]) -> None:
         self.index: TopicIndex[Subscription] = TopicIndex()
         self.published = 0
         self.unrouted = 0  # publishes that matched no subscription
         # Connections whose unread output is above the bound (see above), set by the shell.
         self.congested: set[int] = set()
         self._sink = sink
-        self._send_event = send_event if send_event is not None else sink.event
+        self._send_event = send_event
         # Subscribers that fell too far behind with policy 'disconnect' during a fan-out:
         # closed once it is over, so that the presence event of their disconnect comes
         # after the event that caused it for every subscriber.

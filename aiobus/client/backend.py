@@ -68,7 +68,7 @@ class StreamTarget(Protocol):
     def _deliver(self, lease: Any, message: list[Any], attempt: int,
                  reply_to: str | None) -> None:
         """A queue message; ``message`` is ``[id, queue, body, kind, headers,
-        timestamp]`` (protocol.MESSAGE_FIELDS)."""
+        timestamp]`` (PROTOCOL.md's message array)."""
 
     def _event(self, message: list[Any], dropped: int) -> None:
         """A topic message, after ``dropped`` that this subscription missed."""

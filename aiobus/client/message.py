@@ -62,7 +62,7 @@ class Message:
     """
 
     # A message keeps the message array it came in ([id, queue or topic, body, kind,
-    # headers, timestamp]: protocol.MESSAGE_FIELDS) and reads its fields from it on
+    # headers, timestamp]: PROTOCOL.md's message array) and reads its fields from it on
     # access: building a dozen attributes per message cost more than the rest of the
     # client's receive path (see docs/performance.md). Its lease is the backend's opaque
     # handle (None for a topic message), settled through the backend.
