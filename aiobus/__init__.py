@@ -42,6 +42,7 @@ from .errors import (
     SendTimeout,
     SubscriptionError,
 )
+from .protocol import Overflow, SubscriptionPolicy
 
 __version__ = "0.1.0"
 
@@ -67,6 +68,7 @@ __all__ = [
     "Message",
     "NoSuchQueue",
     "NotARequest",
+    "Overflow",
     "PermissionDenied",
     "ProtocolError",
     "QueueFull",
@@ -79,6 +81,7 @@ __all__ = [
     "StateChange",
     "Subscription",
     "SubscriptionError",
+    "SubscriptionPolicy",
     "__version__",
     "connect",
 ]

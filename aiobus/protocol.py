@@ -17,7 +17,7 @@ receiving client only. The broker never decodes or re-encodes a body.
 from __future__ import annotations
 
 from enum import IntEnum
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import msgpack
 
@@ -33,6 +33,8 @@ __all__ = [
     "BodyKind",
     "FrameDecoder",
     "Op",
+    "Overflow",
+    "SubscriptionPolicy",
     "check_frame",
     "decode_body",
     "encode_body",
@@ -160,6 +162,12 @@ SPECS: Final[dict[int, tuple[tuple[str, tuple[type, ...]], ...]]] = {
 # SEND's ``delay`` (scheduled delivery) and ``seq`` (resendable SENDs), STATS's
 # ``options`` (which queues, how many) and CONSUME's ``passive`` (do not create).
 OPTIONAL_TAIL: Final[dict[int, int]] = {Op.SEND: 2, Op.STATS: 1, Op.CONSUME: 1}
+
+# The option strings the broker accepts, as types: mypy then refuses
+# ``overflow="blok"`` before the broker would (ERROR bad-option). The broker's checks take
+# their lists from here (typing.get_args).
+Overflow = Literal["block", "reject", "dead-letter"]  # DECLARE ``overflow``
+SubscriptionPolicy = Literal["drop-oldest", "drop-newest", "disconnect"]  # SUBSCRIBE ``policy``
 
 _OP_NAMES: Final = {int(op): op.name for op in Op}
 _BODY_KINDS: Final = frozenset(int(k) for k in BodyKind)

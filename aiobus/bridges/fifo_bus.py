@@ -47,7 +47,13 @@ import msgpack
 
 from ..errors import ConnectionLost, LeaseError
 from .fifo import FifoClosedError, FifoReader, FifoWriter
-from .framing import DEFAULT_MAX_RECORD, Oversize, RecordTooLargeError, UnencodableRecordError
+from .framing import (
+    DEFAULT_MAX_RECORD,
+    Framing,
+    Oversize,
+    RecordTooLargeError,
+    UnencodableRecordError,
+)
 
 __all__ = [
     "DEFAULT_DRAIN_TIMEOUT",
@@ -144,7 +150,7 @@ async def fifo_to_bus(
     *,
     queue: str | None = None,
     topic: str | None = None,
-    framing: str = "lines",
+    framing: Framing = "lines",
     max_record: int = DEFAULT_MAX_RECORD,
     dead_letter: str | None = None,
     window: int = DEFAULT_WINDOW,
@@ -356,7 +362,7 @@ async def bus_to_fifo(
     *,
     queue: str | None = None,
     topic: str | None = None,
-    framing: str = "lines",
+    framing: Framing = "lines",
     prefetch: int = 16,
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
     stats: BridgeStatistics | None = None,

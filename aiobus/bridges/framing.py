@@ -37,7 +37,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Final, TypeAlias
+from typing import Final, Literal, TypeAlias
 
 import msgpack
 
@@ -49,6 +49,7 @@ __all__ = [
     "FRAMINGS",
     "Codec",
     "Decoded",
+    "Framing",
     "FramingError",
     "LengthPrefixedCodec",
     "LinesCodec",
@@ -463,6 +464,9 @@ class MsgpackCodec(Codec):
             )
         return bytes(record)
 
+
+# The framing names as a type, so mypy refuses ``framing="line"``.
+Framing = Literal["lines", "netstring", "length-prefixed", "msgpack"]
 
 FRAMINGS: Final[dict[str, type[Codec]]] = {
     "lines": LinesCodec,

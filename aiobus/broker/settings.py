@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 
 from ..errors import InvalidName, InvalidOption, shown
 from ..names import check_name, is_reserved
+from ..protocol import Overflow
 
 __all__ = [
     "DEFAULT_DEDUP_SIZE",
@@ -31,7 +32,7 @@ __all__ = [
 ]
 
 DLQ_SUFFIX = ".dlq"
-OVERFLOW_POLICIES = ("block", "reject", "dead-letter")
+OVERFLOW_POLICIES: tuple[str, ...] = get_args(Overflow)
 # Upper bounds, one home for all: every number of seconds a client gives (SEND ttl and
 # delay, queue ttl and ack_timeout, retry delays, NACK delay, EXTEND) is below MAX_SECONDS
 # (~31 years: longer is a mistake, and would overflow a deadline's use as a timer), and a

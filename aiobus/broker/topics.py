@@ -35,14 +35,15 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, get_args
 
 from ..errors import InvalidOption, shown
 from ..names import TopicIndex
+from ..protocol import SubscriptionPolicy
 
 __all__ = ["POLICIES", "Subscription", "TopicRouter"]
 
-POLICIES = ("drop-oldest", "drop-newest", "disconnect")
+POLICIES: tuple[str, ...] = get_args(SubscriptionPolicy)
 MAX_PENDING_LIMIT = 1_000_000
 
 

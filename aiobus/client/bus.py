@@ -17,7 +17,7 @@ from typing import Any, Final
 from .._paths import is_explicit, resolve_socket_path
 from ..errors import Forbidden, RemoteProtocolError
 from ..names import check_name, check_pattern, is_reserved
-from ..protocol import check_headers, encode_body
+from ..protocol import Overflow, SubscriptionPolicy, check_headers, encode_body
 from .backend import Backend, StateChange
 from .connection import HOLD_BYTES
 from .message import check_size
@@ -276,7 +276,7 @@ class Bus:
         backend.publish(topic, data, kind, _headers(headers) if headers else None)
 
     def subscribe(self, pattern: str, *, max_pending: int = 1024,
-                  policy: str = "drop-oldest") -> Subscription:
+                  policy: SubscriptionPolicy = "drop-oldest") -> Subscription:
         """Receive messages published on topics matching ``pattern``.
 
         ``*`` matches one token, ``>`` one or more trailing tokens. The broker holds at
@@ -355,7 +355,7 @@ class Bus:
         dead_letter: str | _Default | None = DEFAULT,
         ttl: float | _Default | None = DEFAULT,
         max_length: int | _Default | None = DEFAULT,
-        overflow: str | _Default = DEFAULT,
+        overflow: Overflow | _Default = DEFAULT,
         durable: bool | _Default = DEFAULT,
     ) -> dict[str, Any]:
         """Create a queue with settings, or check that it has them.

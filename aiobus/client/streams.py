@@ -26,6 +26,7 @@ from ..errors import BusError, RemoteProtocolError
 from .message import GapMessage, Message
 
 if TYPE_CHECKING:
+    from ..protocol import SubscriptionPolicy
     from .backend import Backend
 
 __all__ = ["Consumer", "Subscription"]
@@ -177,7 +178,8 @@ class Subscription(_Stream):
 
     _kind = "subscription"
 
-    def __init__(self, backend: Backend, pattern: str, max_pending: int, policy: str) -> None:
+    def __init__(self, backend: Backend, pattern: str, max_pending: int,
+                 policy: SubscriptionPolicy) -> None:
         super().__init__(backend)
         self.pattern = pattern
         self.max_pending = max_pending

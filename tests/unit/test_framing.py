@@ -4,6 +4,7 @@ property test of the decoder invariant."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import get_args
 
 import msgpack
 import pytest
@@ -14,6 +15,7 @@ from aiobus.bridges.framing import (
     FRAMINGS,
     Codec,
     Decoded,
+    Framing,
     FramingError,
     LinesCodec,
     MalformedRecordError,
@@ -184,6 +186,10 @@ def test_encode_refuses_what_decode_would_not_return(
 ) -> None:
     with pytest.raises(UnencodableRecordError, match=fragment):
         make_codec(framing, max_record=10).encode(record)
+
+
+def test_the_framing_type_names_every_framing() -> None:
+    assert list(get_args(Framing)) == list(FRAMINGS)
 
 
 def test_make_codec_rejects_unknown_names_and_limits() -> None:
