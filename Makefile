@@ -14,12 +14,17 @@ $(BIN)/python:
 # Stamp files so an unchanged pyproject.toml does not reinstall every time.
 # editable_mode=compat: a path entry in a .pth file, which type checkers follow (mypy run
 # outside the checkout finds aiobus); the default import hook is invisible to them.
+# The distribution was called "aiobus" before "aiobus-ipc": an old install of it goes
+# first (both would own bin/aiobus).
 EDITABLE := --config-settings editable_mode=compat
+OLD_DIST := $(BIN)/python -m pip uninstall --quiet --yes aiobus 2>/dev/null || true
 $(VENV)/.installed: pyproject.toml Makefile | $(BIN)/python
+	$(OLD_DIST)
 	$(BIN)/python -m pip install --quiet $(EDITABLE) -e .
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml Makefile | $(BIN)/python
+	$(OLD_DIST)
 	$(BIN)/python -m pip install --quiet $(EDITABLE) -e '.[test]'
 	touch $@ $(VENV)/.installed
 
