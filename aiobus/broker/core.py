@@ -848,3 +848,7 @@ class BrokerCore:
 
     def connection_ids(self) -> list[int]:
         return list(self._conns)
+
+    def connection(self, conn_id: int) -> Conn | None:
+        """The live connection ``conn_id`` (its name, pid, uid), if there is one."""
+        return self._conns.get(conn_id)

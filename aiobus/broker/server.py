@@ -107,7 +107,8 @@ class _RateLimitedLog:
     def warning(self, now: float, msg: str, *args: object) -> None:
         self.log(logging.WARNING, now, msg, *args)
 
-    def log(self, level: int, now: float, msg: str, *args: object) -> None:
+    def log(self, level: int, now: float, msg: str, *args: object,
+            extra: dict[str, Any] | None = None) -> None:
         if now - self._window_start >= self.period:
             if self._suppressed:
                 log.log(level, "%d similar messages suppressed in the last %.0f s",
@@ -115,7 +116,7 @@ class _RateLimitedLog:
             self._window_start, self._count, self._suppressed = now, 0, 0
         if self._count < self.burst:
             self._count += 1
-            log.log(level, msg, *args)
+            log.log(level, msg, *args, extra=extra)
         else:
             self._suppressed += 1
 
@@ -133,10 +134,10 @@ class DataDirInUse(BusError):
 
 
 class _Connection(asyncio.Protocol):
-    __slots__ = ("backlog", "broker", "closing", "congested", "decoder", "events",
-                 "events_dropped",
-                 "events_sid", "id", "ok_first", "ok_last", "out", "out_bytes", "paused_by",
-                 "transport")
+    __slots__ = ("backlog", "broker", "client_name", "close_reason", "closing", "congested",
+                 "decoder", "events", "events_dropped", "events_sid", "id", "ok_first",
+                 "ok_last", "opened", "out", "out_bytes", "paused_by", "pid", "transport",
+                 "uid")
 
     def __init__(self, broker: Broker, conn_id: int) -> None:
         self.broker = broker
@@ -160,6 +161,11 @@ class _Connection(asyncio.Protocol):
         self.paused_by: set[str] = set()  # "core" (parked sends), "write" (client not reading)
         self.closing = False
         self.congested = False  # unread output above max_pending_output (Broker._check_output)
+        # For the lifecycle log lines: who the peer is, and why the connection ended.
+        self.pid = self.uid = -1
+        self.client_name: str | None = None  # HELLO's name, once the handshake is done
+        self.opened = broker.loop.time()
+        self.close_reason: str | None = None
 
     # -- asyncio callbacks ----------------------------------------------------------
 
@@ -200,6 +206,8 @@ class _Connection(asyncio.Protocol):
                 return
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None and self.close_reason is None:
+            self.close_reason = " ".join(str(exc).split()) or type(exc).__name__
         self.broker._connection_lost(self)
 
     def pause_writing(self) -> None:
@@ -725,10 +733,31 @@ class Broker:
     def _connection_made(self, conn: _Connection, pid: int, uid: int, gid: int,
                          gids: tuple[int, ...] = ()) -> None:
         self._conns[conn.id] = conn
+        conn.pid, conn.uid = pid, uid
+        log.debug("connection %d opened by pid %d, uid %d", conn.id, pid, uid,
+                  extra={"conn": conn.id, "pid": pid, "uid": uid})
         self.core.connect(conn.id, pid, uid, gid, self.loop.time(), gids)
         self._after_events()
 
+    def _connected(self, conn_id: int) -> None:
+        """The handshake is done (the core sends WELCOME): the client's name is known."""
+        conn, peer = self._conns.get(conn_id), self.core.connection(conn_id)
+        if conn is None or peer is None:
+            return
+        conn.client_name = peer.name
+        log.debug("connection %d: client %r connected (pid %d, uid %d)", conn_id, peer.name,
+                  conn.pid, conn.uid, extra=self._about(conn))
+
+    @staticmethod
+    def _about(conn: _Connection) -> dict[str, Any]:
+        """A connection's fields for a log record (``--log-format json`` shows them)."""
+        return {"conn": conn.id, "client": conn.client_name, "pid": conn.pid, "uid": conn.uid}
+
     def _connection_lost(self, conn: _Connection) -> None:
+        log.debug("connection %d: client %r disconnected (pid %d, uid %d) after %.1f s: %s",
+                  conn.id, conn.client_name, conn.pid, conn.uid,
+                  self.loop.time() - conn.opened, conn.close_reason or "closed by the client",
+                  extra=self._about(conn))
         self._conns.pop(conn.id, None)
         self.core.disconnect(conn.id, self.loop.time())
         self._after_events()
@@ -762,6 +791,8 @@ class Broker:
     # -- Sink: what the core asks for -----------------------------------------------
 
     def send(self, conn_id: int, frame: list[Any]) -> None:
+        if frame[0] == Op.WELCOME:  # (not the hot path: DELIVERs and OKs go elsewhere)
+            self._connected(conn_id)
         self.send_raw(conn_id, self._packb(frame))
 
     def send_raw(self, conn_id: int, data: bytes) -> None:
@@ -863,9 +894,14 @@ class Broker:
         conn = self._conns.get(conn_id)
         if conn is None or conn.closing:
             return
+        conn.close_reason = f"closed by the broker: {code}: {message}"
         if code != "shutdown":
-            self._close_log.warning(self.loop.time(), "closing connection %d: %s: %s",
-                                    conn_id, code, message)
+            # A misbehaving client, not a broker fault: INFO, and rate-limited (a client
+            # reconnecting in a loop with bad frames must not flood the log).
+            self._close_log.log(logging.INFO, self.loop.time(),
+                                "closing connection %d (client %r, pid %d, uid %d): %s: %s",
+                                conn_id, conn.client_name, conn.pid, conn.uid, code, message,
+                                extra=self._about(conn))
         self._make_room(conn)
         conn.out.append(self._packb([Op.CLOSE, code, message]))
         self._flush_one(conn)

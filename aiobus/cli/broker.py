@@ -43,6 +43,7 @@ from ..broker.settings import (
 )
 from ..errors import BusError
 from ..protocol import DEFAULT_MAX_FRAME
+from .logs import LOG_FORMATS, setup_logging
 
 log = logging.getLogger("aiobus.broker")
 
@@ -221,7 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="event loop: uvloop when installed (auto, the default), or the"
                              " standard library's; both behave the same, uvloop is faster")
     parser.add_argument("--log-level", default="INFO",
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="least severe records logged (default INFO; DEBUG adds each"
+                             " connection opened, connected and closed: name, pid, uid)")
+    parser.add_argument("--log-format", choices=LOG_FORMATS, default="text",
+                        help="text (default), or json: one object per line with time,"
+                             " level, logger, message and the record's fields (conn,"
+                             " client, pid, uid), for journald or Loki")
     parser.add_argument("--version", action="version", version=f"aiobus-broker {__version__}")
     return parser
 
@@ -308,8 +315,7 @@ def _tune_gc() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _tune_gc()
-    logging.basicConfig(level=args.log_level,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(args.log_level, args.log_format)
     runner = asyncio.run  # stdlib loop: slower, same behaviour
     if args.loop != "asyncio":
         try:
