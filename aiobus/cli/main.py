@@ -39,7 +39,7 @@ import anyio
 from .. import ConnectionState, __version__
 from ..client.bus import Bus, connect
 from ..errors import BusError
-from . import bridges, commands, dlq, queues, stat
+from . import bridges, commands, completion, dlq, queues, stat
 from .bodies import CliError
 from .options import EXIT_CODES, HelpFormatter, add_socket_option
 from .parsing import parse
@@ -63,7 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in (commands, stat, queues, dlq, bridges):
         module.register(subparsers, common)
+    completion.register(subparsers, _completed)
     return parser
+
+
+def _completed() -> dict[str, argparse.ArgumentParser]:
+    """The programs ``aiobus completion`` covers, by name."""
+    from .broker import build_parser as broker_parser
+
+    return {"aiobus": build_parser(), "aiobus-broker": broker_parser()}
 
 
 async def _run(args: argparse.Namespace) -> int:
@@ -130,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     # The bridges report what they skip (a vanished signal target, an oversize record)
     # through logging: one line each on stderr.
     logging.basicConfig(level=logging.WARNING, format="aiobus: %(message)s")
+    if hasattr(args, "offline"):  # needs no broker (completion)
+        return int(args.offline(args))
     if hasattr(args, "check"):  # option checks argparse cannot express
         try:
             args.check(args)
