@@ -43,6 +43,7 @@ from ..broker.settings import (
 )
 from ..errors import BusError
 from ..protocol import DEFAULT_MAX_FRAME
+from ..units import UNITS, unit_file
 from .logs import LOG_FORMATS, setup_logging
 
 log = logging.getLogger("aiobus.broker")
@@ -230,6 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
                              " level, logger, message and the record's fields (conn,"
                              " client, pid, uid), for journald or Loki")
     parser.add_argument("--version", action="version", version=f"aiobus-broker {__version__}")
+    parser.add_argument("--print-unit", choices=UNITS, metavar="service|socket",
+                        help="print the systemd unit aiobus.service (ExecStart= this"
+                             " installation's aiobus-broker, by absolute path) or"
+                             " aiobus.socket, and exit; see contrib/systemd/README.md")
     return parser
 
 
@@ -314,6 +319,9 @@ def _tune_gc() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.print_unit is not None:
+        print(unit_file(args.print_unit), end="")
+        return 0
     _tune_gc()
     setup_logging(args.log_level, args.log_format)
     runner = asyncio.run  # stdlib loop: slower, same behaviour

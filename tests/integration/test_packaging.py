@@ -51,6 +51,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_the_wheel_carries_the_package_license_and_metadata(wheel: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     assert "aiobus/__init__.py" in names and "aiobus/py.typed" in names
+    assert {"aiobus/units/aiobus.service", "aiobus/units/aiobus.socket"} <= set(names)
     assert not [n for n in names if n.startswith(("tests/", "examples/", "benchmarks/"))]
     info = next(n for n in names if n.endswith(".dist-info/METADATA")).rsplit("/", 1)[0]
     assert f"{info}/licenses/LICENSE" in names
@@ -83,3 +84,8 @@ def test_the_wheel_installs_into_a_fresh_venv_and_runs(wheel: Path, tmp_path: Pa
                                 timeout=TIMEOUT)
         assert helped.returncode == 0, helped.stderr
         assert helped.stdout.startswith(f"usage: {command}"), helped.stdout[:200]
+    # The systemd unit names the venv's broker, not /usr/bin's.
+    unit = subprocess.run([str(venv / "bin" / "aiobus-broker"), "--print-unit", "service"],
+                          cwd=tmp_path, env=clean_env(), capture_output=True, text=True,
+                          timeout=TIMEOUT)
+    assert f"\nExecStart={venv / 'bin' / 'aiobus-broker'}\n" in unit.stdout, unit
