@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test lint typecheck unit integration soak bench bench-quick clean fuzz
+.PHONY: run test lint typecheck unit integration soak bench bench-quick clean fuzz example
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ $(VENV)/.installed-test: pyproject.toml Makefile | $(BIN)/python
 
 run: $(VENV)/.installed
 	$(BIN)/aiobus-broker $(ARGS)
+
+# An example with the venv's Python (the system's lacks anyio): make example NAME=weather ARGS=demo
+example: $(VENV)/.installed
+	@test -n "$(NAME)" || { echo "usage: make example NAME=weather ARGS=demo"; exit 2; }
+	$(BIN)/python examples/$(NAME).py $(ARGS)
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check $(wildcard aiobus tests examples benchmarks)

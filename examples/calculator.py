@@ -1,9 +1,9 @@
 """A calculator service and its client over request/reply, with typed errors.
 
-    python examples/calculator.py service             # terminal 1: answers until Ctrl-C
-    python examples/calculator.py client add 2 3      # terminal 2: prints 5
-    python examples/calculator.py client              # a tour, errors included
-    python examples/calculator.py demo                # both in one process, then exit
+    .venv/bin/python examples/calculator.py service             # terminal 1: answers until Ctrl-C
+    .venv/bin/python examples/calculator.py client add 2 3      # terminal 2: prints 5
+    .venv/bin/python examples/calculator.py client              # a tour, errors included
+    .venv/bin/python examples/calculator.py demo                # both in one process, then exit
 
 The service consumes the queue ``calc.requests``. A request is ``{"op": "add", "args":
 [2, 3]}``; the reply is ``{"result": 5}`` or ``{"error": {"type": "DivisionByZero",
@@ -171,7 +171,7 @@ async def main() -> int:
     parser.add_argument("--socket", help="broker socket (default: the library's default)")
     parser.add_argument("role", choices=["service", "client", "demo"])
     parser.add_argument("call", nargs="*", help="client: OP A B, e.g. add 2 3")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # --socket anywhere, as the aiobus command
     async with aiobus.connect(args.socket, name=f"calculator-{args.role}") as bus:
         if args.role == "service":
             await run_service(bus)
@@ -189,8 +189,8 @@ async def main() -> int:
             op, *operands = args.call
             return 0 if await show(bus, op, *map(number, operands)) else 1
         except aiobus.RequestTimeout:
-            print("no answer: start the service with `python examples/calculator.py service`",
-                  file=sys.stderr)
+            print("no answer: start the service with"
+                  " `.venv/bin/python examples/calculator.py service`", file=sys.stderr)
             return 2
 
 

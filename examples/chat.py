@@ -1,7 +1,7 @@
 """A chat room: each line you type goes to everyone else in the room.
 
-    python examples/chat.py --nick alice      # in one terminal
-    python examples/chat.py --nick bob        # in another; type, and end with Ctrl-D
+    .venv/bin/python examples/chat.py --nick alice      # in one terminal
+    .venv/bin/python examples/chat.py --nick bob        # in another; type, and end with Ctrl-D
 
 Lines are published on the topic ``chat.room.<room>``, and each client subscribes to it.
 Joins and leaves come from the broker's presence events: it publishes on

@@ -1,12 +1,12 @@
 """A host hands out tasks to N workers: tasks on a request queue, results on a response queue.
 
-    python examples/host_workers.py demo --workers 3 --tasks 12    # all in one process
+    .venv/bin/python examples/host_workers.py demo --workers 3 --tasks 12    # all in one process
 
 or in separate terminals, as many workers as you like:
 
-    python examples/host_workers.py worker --name w1
-    python examples/host_workers.py worker --name w2
-    python examples/host_workers.py host --tasks 12
+    .venv/bin/python examples/host_workers.py worker --name w1
+    .venv/bin/python examples/host_workers.py worker --name w2
+    .venv/bin/python examples/host_workers.py host --tasks 12
 
 The host sends each task to ``work.requests`` and collects results from ``work.responses``.
 Workers compete for requests: the broker gives each request to one worker, round-robin
@@ -113,12 +113,20 @@ async def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--socket", help="broker socket (default: the library's default)")
+    # --socket after the role too, as the aiobus command takes it (SUPPRESS: a role that
+    # is not given it keeps the one given before the role).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--socket", default=argparse.SUPPRESS,
+                        help="broker socket (default: the library's default)")
     sub = parser.add_subparsers(dest="role", required=True)
-    p = sub.add_parser("host", help="send tasks and collect the results")
+    p = sub.add_parser("host", parents=[common],
+                       help="send tasks and collect the results")
     p.add_argument("--tasks", type=int, default=12)
-    p = sub.add_parser("worker", help="do tasks until the host is done")
+    p = sub.add_parser("worker", parents=[common],
+                       help="do tasks until the host is done")
     p.add_argument("--name", default="w1")
-    p = sub.add_parser("demo", help="a host and N workers as tasks in one process")
+    p = sub.add_parser("demo", parents=[common],
+                       help="a host and N workers as tasks in one process")
     p.add_argument("--tasks", type=int, default=12)
     p.add_argument("--workers", type=int, default=3)
     args = parser.parse_args()

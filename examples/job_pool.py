@@ -1,6 +1,6 @@
 """A pool of job workers fed through a FIFO, with delayed retries and a dead-letter queue.
 
-    python examples/job_pool.py --fifo /tmp/jobs.fifo
+    .venv/bin/python examples/job_pool.py --fifo /tmp/jobs.fifo
     echo https://example.org/report >> /tmp/jobs.fifo     # from any shell, as often as you like
     echo https://flaky.example/page >> /tmp/jobs.fifo     # fails twice, then works
     echo https://down.example/      >> /tmp/jobs.fifo     # never works: dead-lettered in the end

@@ -2,14 +2,14 @@
 
     numbers --> [divisible by 2] --> [divisible by 5] --> sink
 
-    python examples/pipeline.py all --count 50       # every stage a task in one process
+    .venv/bin/python examples/pipeline.py all --count 50       # every stage a task in one process
 
 or each stage its own process, started in any order (queues hold the messages meanwhile):
 
-    python examples/pipeline.py sink     # reads pipeline.by10
-    python examples/pipeline.py by5      # pipeline.by2 -> pipeline.by10
-    python examples/pipeline.py by2      # pipeline.numbers -> pipeline.by2
-    python examples/pipeline.py source --count 50    # -> pipeline.numbers
+    .venv/bin/python examples/pipeline.py sink     # reads pipeline.by10
+    .venv/bin/python examples/pipeline.py by5      # pipeline.by2 -> pipeline.by10
+    .venv/bin/python examples/pipeline.py by2      # pipeline.numbers -> pipeline.by2
+    .venv/bin/python examples/pipeline.py source --count 50    # -> pipeline.numbers
 
 A queue has no "closed" state, so the source ends the stream with a marker message (header
 ``end-of-stream``). Each stage forwards what passes its filter, and when it reads the

@@ -1,7 +1,7 @@
 """Service up/down notification from presence events, and state reports on a signal.
 
-    python examples/presence.py monitor               # terminal 1: prints UP, STATE, DOWN
-    python examples/presence.py service --name alice  # terminal 2: prints its pid
+    .venv/bin/python examples/presence.py monitor               # terminal 1: prints UP, STATE, DOWN
+    .venv/bin/python examples/presence.py service --name alice  # terminal 2: prints its pid
     kill -USR1 <pid>                                  # alice reports its state
     kill <pid>  (or kill -9 <pid>)                    # alice goes down either way
 
@@ -116,10 +116,17 @@ async def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--socket", help="broker socket (default: the library's default)")
+    # --socket after the role too, as the aiobus command takes it (SUPPRESS: a role that
+    # is not given it keeps the one given before the role).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--socket", default=argparse.SUPPRESS,
+                        help="broker socket (default: the library's default)")
     sub = parser.add_subparsers(dest="role", required=True)
-    p = sub.add_parser("service", help="a service that reports its state on SIGUSR1")
+    p = sub.add_parser("service", parents=[common],
+                       help="a service that reports its state on SIGUSR1")
     p.add_argument("--name", default="alice")
-    p = sub.add_parser("monitor", help="print services going up and down")
+    p = sub.add_parser("monitor", parents=[common],
+                       help="print services going up and down")
     p.add_argument("--downs", type=int, help="exit after this many services went down")
     args = parser.parse_args()
     if args.role == "service":

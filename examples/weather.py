@@ -1,9 +1,9 @@
 """Weather stations publish readings on topics; subscribers pick them with wildcards.
 
-    python examples/weather.py listen 'weather.*.temp'     # every city's temperature
-    python examples/weather.py listen 'weather.hk.>'       # everything from Hong Kong
-    python examples/weather.py station hk --count 5        # publish five rounds of readings
-    python examples/weather.py demo                        # three stations, two listeners
+    .venv/bin/python examples/weather.py listen 'weather.*.temp'     # every city's temperature
+    .venv/bin/python examples/weather.py listen 'weather.hk.>'       # everything from Hong Kong
+    .venv/bin/python examples/weather.py station hk --count 5        # five rounds of readings
+    .venv/bin/python examples/weather.py demo                        # three stations, two listeners
 
 Topics look like ``weather.<city>.<metric>``. In a pattern ``*`` stands for exactly one
 token and ``>`` (last only) for one or more, so ``weather.*.temp`` matches
@@ -88,15 +88,23 @@ async def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--socket", help="broker socket (default: the library's default)")
+    # --socket after the role too, as the aiobus command takes it (SUPPRESS: a role that
+    # is not given it keeps the one given before the role).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--socket", default=argparse.SUPPRESS,
+                        help="broker socket (default: the library's default)")
     sub = parser.add_subparsers(dest="role", required=True)
-    p = sub.add_parser("station", help="publish readings for one city")
+    p = sub.add_parser("station", parents=[common],
+                       help="publish readings for one city")
     p.add_argument("city")
     p.add_argument("--count", type=int, default=10, help="rounds of readings (default 10)")
     p.add_argument("--interval", type=float, default=1.0, help="seconds between rounds")
-    p = sub.add_parser("listen", help="print readings matching a pattern")
+    p = sub.add_parser("listen", parents=[common],
+                       help="print readings matching a pattern")
     p.add_argument("pattern")
     p.add_argument("--count", type=int, help="stop after this many readings")
-    p = sub.add_parser("demo", help="three stations and two listeners in one process")
+    p = sub.add_parser("demo", parents=[common],
+                       help="three stations and two listeners in one process")
     p.add_argument("--count", type=int, default=2, help="rounds of readings (default 2)")
     args = parser.parse_args()
 

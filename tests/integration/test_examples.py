@@ -385,18 +385,36 @@ async def test_presence_up_state_on_sigusr1_and_down(run: Run) -> None:
         assert (await watcher.succeeds())[-1] == "monitor: 2 service(s) went down, exiting"
 
 
-async def test_an_example_without_a_broker_says_how_to_start_one(short_tmp: Path) -> None:
+# --socket where the aiobus command takes it too: after the role, between arguments.
+PLACEMENTS = [
+    ["pipeline.py", "--socket", "{path}", "all"],
+    ["pipeline.py", "all", "--socket", "{path}"],
+    ["weather.py", "demo", "--socket", "{path}"],
+    ["weather.py", "station", "--socket", "{path}", "hk", "--count", "1"],
+    ["host_workers.py", "demo", "--socket", "{path}"],
+    ["presence.py", "monitor", "--socket", "{path}"],
+    ["calculator.py", "client", "--socket", "{path}", "add", "2", "3"],
+    ["chat.py", "--nick", "a", "--socket", "{path}"],
+    ["job_pool.py", "--jobs", "1", "--socket", "{path}"],
+]
+
+
+@pytest.mark.parametrize("command", PLACEMENTS, ids=lambda c: " ".join(c[:2]))
+async def test_an_example_without_a_broker_says_how_to_start_one(
+        short_tmp: Path, command: list[str]) -> None:
+    path = str(short_tmp / "no.sock")
+    script, *args = (word.format(path=path) for word in command)
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(EXAMPLES / "pipeline.py"), "--socket", str(short_tmp / "no.sock"),
-        "all", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        sys.executable, str(EXAMPLES / script), *args,
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         _, err = await asyncio.wait_for(proc.communicate(), TIMEOUT)
     finally:
         if proc.returncode is None:
             proc.kill()
             await asyncio.wait_for(proc.wait(), REAP_TIMEOUT)
-    assert proc.returncode == 1
-    assert err.decode().startswith("error: no aiobus broker is listening on "), err.decode()
+    assert proc.returncode == 1, err.decode()  # not 2: the options parsed
+    assert err.decode().startswith(f"error: no aiobus broker is listening on {path}"), err.decode()
     assert "start one with `aiobus-broker`" in err.decode()
 
 
