@@ -231,7 +231,7 @@ async def test_long_running_commands_keep_running_across_a_restart(
     with open(watch_out, "wb") as watch_file:
         async with (
             cli(path, "listen", "news") as listen,
-            cli(path, "consume", "jobs") as consume,
+            cli(path, "consume", "jobs", "--create") as consume,
             cli(path, "stat", "--watch", "0.2", stdout=watch_file) as watch,
             cli(path, "fifo-out", str(fifo), "--queue", "piped") as bridge,
         ):

@@ -67,7 +67,7 @@ def test_the_wheel_installs_into_a_fresh_venv_and_runs(wheel: Path, tmp_path: Pa
     python = venv / "bin" / "python"
     subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install",
                     "--quiet", "--no-deps", "--no-index", str(wheel)],
-                   check=True, timeout=TIMEOUT, env=clean_env())
+                   check=True, timeout=TIMEOUT, cwd=tmp_path, env=clean_env())
     # The dependencies (msgpack, anyio, uvloop) from this test run's environment, after
     # the venv's own site-packages: a .pth line appends a directory to sys.path (its own
     # .pth files, such as this checkout's editable install, are not read).

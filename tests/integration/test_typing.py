@@ -68,20 +68,28 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
                    check=True, timeout=TIMEOUT)
     python = where / "venv" / "bin" / "python"
     (wheel,) = (where / "dist").glob("*.whl")
+    # Without this checkout on the path (PYTHONPATH, the current directory): pip would
+    # take an aiobus_ipc.egg-info left there by a build for an installed aiobus-ipc.
     subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install",
                     "--quiet", "--no-deps", "--no-index", str(wheel)],
-                   check=True, timeout=TIMEOUT)
+                   check=True, timeout=TIMEOUT, cwd=where, env=clean_env())
+    (site,) = (python.parent.parent / "lib").glob("python3*/site-packages")
+    assert list(site.glob("*.pth")), "the editable install wrote no .pth file"
     return python
+
+
+def clean_env() -> dict[str, str]:
+    """The environment without this checkout on any path."""
+    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MYPYPATH")}
 
 
 def mypy(cwd: Path, python: Path, *args: str) -> tuple[int, list[str]]:
     """Run mypy as a user would: from ``cwd``, for the environment of ``python``,
     without this checkout on any path."""
-    clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MYPYPATH")}
     result = subprocess.run(
         [sys.executable, "-m", "mypy", "--strict", "--no-incremental", "--no-error-summary",
          "--python-executable", str(python), *args],
-        cwd=cwd, env=clean, capture_output=True, text=True, timeout=TIMEOUT,
+        cwd=cwd, env=clean_env(), capture_output=True, text=True, timeout=TIMEOUT,
     )
     return result.returncode, result.stdout.splitlines()
 
