@@ -68,6 +68,7 @@ from .settings import (
     DEFAULT_DEDUP_WINDOW,
     DEFAULT_MAX_CONNECTIONS_PER_UID,
     DEFAULT_MAX_PARKED_BYTES,
+    DEFAULT_MAX_PARKED_BYTES_PER_UID,
     DEFAULT_MAX_QUEUED_BYTES_PER_UID,
     DEFAULT_MAX_QUEUES_PER_UID,
     DEFAULT_MAX_SUBSCRIPTIONS_PER_UID,
@@ -233,6 +234,7 @@ class BrokerCore:
         max_queued_bytes_per_uid: int = DEFAULT_MAX_QUEUED_BYTES_PER_UID,
         max_subscriptions_per_uid: int = DEFAULT_MAX_SUBSCRIPTIONS_PER_UID,
         max_unacked_per_uid: int = DEFAULT_MAX_UNACKED_PER_UID,
+        max_parked_bytes_per_uid: int = DEFAULT_MAX_PARKED_BYTES_PER_UID,
         journal: JournalSink | None = None,
         dedup_window: float = DEFAULT_DEDUP_WINDOW,
         dedup_size: int = DEFAULT_DEDUP_SIZE,
@@ -270,6 +272,8 @@ class BrokerCore:
         self._uid_conns: dict[int, int] = {}
         self._uid_subs: dict[int, int] = {}
         self._uid_prefetch: dict[int, int] = {}
+        self.max_parked_bytes_per_uid = max_parked_bytes_per_uid
+        self._uid_parked: dict[int, int] = {}  # bytes of parked SENDs
         self._sweep_armed = False
         self._now = 0.0
         self._handshake_handlers: dict[int, Handler] = {Op.HELLO: self._on_hello}
@@ -414,6 +418,7 @@ class BrokerCore:
         # them. Then every consumer at once, so each held lease counts one attempt.
         if conn.parked:
             self.queues.drop_parked(conn_id, conn.parked_queues)
+            self._uncount(self._uid_parked, conn.uid, conn.parked_bytes)
         if conn.consumers:
             self.queues.remove_consumers(list(conn.consumers.values()), now, failed=True)
             self._uncount(self._uid_prefetch, conn.uid,
@@ -491,6 +496,16 @@ class BrokerCore:
         connection); at half of both it is read again. Counting bytes matters: 100 parked
         8 MiB sends had cost 832 MB, and the count alone allowed 4 GiB (issue 12)."""
         conn = self._conns[conn_id]
+        parked = self._uid_parked.get(conn.uid, 0)
+        if size > 0 and parked + size > self.max_parked_bytes_per_uid:
+            raise QuotaExceeded(
+                f"uid {conn.uid} already has {parked} bytes of sends waiting for room in"
+                f" full queues, and max_parked_bytes_per_uid={self.max_parked_bytes_per_uid};"
+                f" queue {shown(queue)} is full: retry later")
+        if parked + size:
+            self._uid_parked[conn.uid] = parked + size
+        else:
+            del self._uid_parked[conn.uid]
         conn.parked += delta
         conn.parked_bytes += size
         if queue is not None:

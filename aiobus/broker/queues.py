@@ -673,10 +673,10 @@ class QueueRouter:
             self._sink.reply_ok(conn, rid)
 
     def _park(self, conn: int, rid: int, queue: Queue, msg: Item, mid: str | None) -> None:
+        self._sink.set_parked(conn, +1, _size(msg), queue.name)  # may raise QuotaExceeded
         if type(msg) is QMsg:
             msg.state = MsgState.PARKED
         queue.parked.append((conn, rid, msg, mid))
-        self._sink.set_parked(conn, +1, _size(msg), queue.name)
 
     def _drop_oldest(self, queue: Queue, now: float) -> bool:
         while queue.ready or queue.tail:

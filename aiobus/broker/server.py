@@ -54,6 +54,7 @@ from .settings import (
     DEFAULT_DEDUP_WINDOW,
     DEFAULT_MAX_CONNECTIONS_PER_UID,
     DEFAULT_MAX_PARKED_BYTES,
+    DEFAULT_MAX_PARKED_BYTES_PER_UID,
     DEFAULT_MAX_PENDING_OUTPUT,
     DEFAULT_MAX_QUEUED_BYTES_PER_UID,
     DEFAULT_MAX_QUEUES_PER_UID,
@@ -315,6 +316,9 @@ class Broker:
         max_queued_bytes_per_uid: bytes the messages in the queues one uid's clients
             created may hold (ready, delayed and leased; each its encoded size plus 64),
             default 4 GiB: a SEND past it is refused with ``QuotaExceeded``.
+        max_parked_bytes_per_uid: ``max_parked_bytes`` over all the connections of one
+            uid (default 256 MiB): a SEND that would park past it is refused with
+            ``QuotaExceeded``.
         backlog: the listening socket's backlog (default 1,024; Linux caps it at
             ``net.core.somaxconn``).
         data_dir: where durable queues are journaled (created 0700; one broker at a
@@ -361,6 +365,7 @@ class Broker:
         max_subscriptions_per_uid: int = DEFAULT_MAX_SUBSCRIPTIONS_PER_UID,
         max_unacked_per_uid: int = DEFAULT_MAX_UNACKED_PER_UID,
         max_queued_bytes_per_uid: int = DEFAULT_MAX_QUEUED_BYTES_PER_UID,
+        max_parked_bytes_per_uid: int = DEFAULT_MAX_PARKED_BYTES_PER_UID,
         backlog: int = DEFAULT_BACKLOG,
         sock: socket.socket | None = None,
         data_dir: str | os.PathLike[str] | None = None,
@@ -392,6 +397,7 @@ class Broker:
         self.max_subscriptions_per_uid = max_subscriptions_per_uid
         self.max_unacked_per_uid = max_unacked_per_uid
         self.max_queued_bytes_per_uid = max_queued_bytes_per_uid
+        self.max_parked_bytes_per_uid = max_parked_bytes_per_uid
         self.backlog = backlog
         self.data_dir = os.fspath(data_dir) if data_dir is not None else None
         self.fsync = fsync
@@ -444,6 +450,7 @@ class Broker:
             max_subscriptions_per_uid=self.max_subscriptions_per_uid,
             max_unacked_per_uid=self.max_unacked_per_uid,
             max_queued_bytes_per_uid=self.max_queued_bytes_per_uid,
+            max_parked_bytes_per_uid=self.max_parked_bytes_per_uid,
             journal=self.journal,
             dedup_window=self.dedup_window,
             dedup_size=self.dedup_size,

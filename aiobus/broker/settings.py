@@ -15,6 +15,7 @@ __all__ = [
     "DEFAULT_DEDUP_WINDOW",
     "DEFAULT_MAX_CONNECTIONS_PER_UID",
     "DEFAULT_MAX_PARKED_BYTES",
+    "DEFAULT_MAX_PARKED_BYTES_PER_UID",
     "DEFAULT_MAX_PENDING_OUTPUT",
     "DEFAULT_MAX_QUEUED_BYTES_PER_UID",
     "DEFAULT_MAX_QUEUES_PER_UID",
@@ -59,6 +60,9 @@ DEFAULT_MAX_PENDING_OUTPUT = 4 * 1024 * 1024
 # at which it is no longer read. Two maximal frames: one big producer still gets one send
 # parked while the next is read.
 DEFAULT_MAX_PARKED_BYTES = 32 * 1024 * 1024
+# The same over all connections of one uid: a SEND that would park past it is refused
+# with QuotaExceeded instead (1,024 connections at 32 MiB each would be 32 GiB).
+DEFAULT_MAX_PARKED_BYTES_PER_UID = 256 * 1024 * 1024
 # Per uid (the peer credentials of its connections): what one user's clients may hold
 # at once, so that one misbehaving client cannot exhaust the broker. A queue costs ~3 KB
 # (1.05M DECLAREs had left 3 GB), a short pattern subscription ~1 KB: 10,000 of each is

@@ -34,6 +34,7 @@ from ..broker.settings import (
     DEFAULT_DEDUP_WINDOW,
     DEFAULT_MAX_CONNECTIONS_PER_UID,
     DEFAULT_MAX_PARKED_BYTES,
+    DEFAULT_MAX_PARKED_BYTES_PER_UID,
     DEFAULT_MAX_PENDING_OUTPUT,
     DEFAULT_MAX_QUEUED_BYTES_PER_UID,
     DEFAULT_MAX_QUEUES_PER_UID,
@@ -189,6 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
                              " may hold (each its encoded size plus 64); a SEND past it is"
                              " refused with QuotaExceeded (default"
                              f" {DEFAULT_MAX_QUEUED_BYTES_PER_UID})")
+    parser.add_argument("--max-parked-bytes-per-uid", type=_positive_int,
+                        default=DEFAULT_MAX_PARKED_BYTES_PER_UID, metavar="BYTES",
+                        help="bytes of SENDs waiting for room in full 'block' queues over all"
+                             " the connections of one uid; a SEND that would park past it is"
+                             " refused with QuotaExceeded (default"
+                             f" {DEFAULT_MAX_PARKED_BYTES_PER_UID})")
     parser.add_argument("--backlog", type=_positive_int, default=DEFAULT_BACKLOG, metavar="N",
                         help="listen backlog: connections waiting to be accepted (default"
                              f" {DEFAULT_BACKLOG}; capped by net.core.somaxconn)")
@@ -283,6 +290,7 @@ async def serve(args: argparse.Namespace) -> None:
             max_subscriptions_per_uid=args.max_subscriptions_per_uid,
             max_unacked_per_uid=args.max_unacked_per_uid,
             max_queued_bytes_per_uid=args.max_queued_bytes_per_uid,
+            max_parked_bytes_per_uid=args.max_parked_bytes_per_uid,
             backlog=args.backlog,
             data_dir=args.data_dir or default_data_dir(),
             fsync=args.fsync,

@@ -241,3 +241,24 @@ def test_queued_bytes_of_expired_requests_and_overflow_are_released() -> None:
     assert set(charged(d)) == {1000}
     assert d.queue_stats("full")["ready"] == 0 and d.queue_stats("rpc")["ready"] == 0
     assert d.core.queues.queues["rpc"].bytes == 0
+
+
+def test_parked_bytes_quota_spans_a_uids_connections() -> None:
+    d = Driver(max_parked_bytes_per_uid=1_000)
+    a, b, other = d.client("a"), d.client("b"), d.client("other", uid=2000)
+    a.declare("full", max_length=1)  # overflow "block": sends past it park
+    assert a.send("full", b"x" * 100)[0] == Op.OK
+    assert a.send("full", b"p" * 400) is None  # parked: no answer yet
+    assert b.send("full", b"q" * 400) is None  # another connection of the same uid
+    code, message = b.error(Op.SEND, "full", b"r" * 400, 0, None, None, None)
+    assert code == "quota-exceeded" and "max_parked_bytes_per_uid=1000" in message
+    assert other.send("full", b"s" * 400) is None  # another uid parks on its own quota
+    parked = d.core._uid_parked
+    assert set(parked) == {1000, 2000} and 800 < parked[1000] < 1_000 and parked[2000] > 400
+    d.core.disconnect(b.conn, d.now)  # its parked send is dropped, and uncounted
+    assert 400 < parked[1000] < 500
+    worker = d.client("worker", uid=3000)
+    worker.consume("full", prefetch=10)  # takes what is there: a's and other's sends in
+    assert [x.body[:1] for x in worker.deliveries()] == [b"x", b"p", b"s"]
+    assert parked == {}
+    assert a.send("full", b"t" * 400)[0] == Op.OK  # room again
