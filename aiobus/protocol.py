@@ -350,6 +350,11 @@ class FrameDecoder:
             strict_map_key=True,
         )
 
+    @property
+    def buffered(self) -> int:
+        """Bytes held for the frame not yet complete (0 when every frame was)."""
+        return 0 if self._unpacker is None else self._fed - self._start
+
     def feed(self, data: bytes) -> list[Any]:
         """Add bytes; return the frames they completed.
 

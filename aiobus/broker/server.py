@@ -52,6 +52,7 @@ from .policy import Policy
 from .settings import (
     DEFAULT_DEDUP_SIZE,
     DEFAULT_DEDUP_WINDOW,
+    DEFAULT_MAX_BUFFERED_BYTES_PER_UID,
     DEFAULT_MAX_CONNECTIONS_PER_UID,
     DEFAULT_MAX_PARKED_BYTES,
     DEFAULT_MAX_PARKED_BYTES_PER_UID,
@@ -135,7 +136,8 @@ class DataDirInUse(BusError):
 
 
 class _Connection(asyncio.Protocol):
-    __slots__ = ("backlog", "broker", "client_name", "close_reason", "closing", "congested",
+    __slots__ = ("backlog", "broker", "buffered", "client_name", "close_reason", "closing",
+                 "congested",
                  "decoder", "events", "events_dropped", "events_sid", "id", "ok_first",
                  "ok_last", "opened", "out", "out_bytes", "paused_by", "pid", "transport",
                  "uid")
@@ -147,6 +149,7 @@ class _Connection(asyncio.Protocol):
         # what they announce, and hold at most MAX_HELLO_FRAME bytes before the HELLO.
         self.decoder = FrameDecoder(broker.max_frame, first_frame_limit=MAX_HELLO_FRAME,
                                     refuse_early=True)
+        self.buffered = 0  # bytes of its incomplete frame, counted in Broker._uid_buffered
         self.transport: asyncio.Transport | None = None
         self.out: list[bytes] = []
         self.out_bytes = 0
@@ -195,7 +198,28 @@ class _Connection(asyncio.Protocol):
             self.backlog.extend(frames)
         else:
             self._feed(frames)
+        if self.decoder.buffered != self.buffered:  # once per read, not per frame
+            self._hold_input(self.decoder.buffered)
         broker._after_events()
+
+    def _hold_input(self, held: int) -> None:
+        """This connection now holds ``held`` bytes of an incomplete frame: count them
+        for its uid, and close it if that takes the uid over max_buffered_bytes_per_uid
+        (1,024 connections with a 16 MiB frame each half sent would hold 16 GiB)."""
+        broker = self.broker
+        totals = broker._uid_buffered
+        total = totals.get(self.uid, 0) + held - self.buffered
+        self.buffered = held
+        if total:
+            totals[self.uid] = total
+        else:
+            totals.pop(self.uid, None)
+        if held and total > broker.max_buffered_bytes_per_uid:
+            broker.core.protocol_error(
+                self.id, "quota-exceeded",
+                f"uid {self.uid} has {total} bytes of frames still arriving over its"
+                f" connections, above max_buffered_bytes_per_uid="
+                f"{broker.max_buffered_bytes_per_uid}; send large messages one at a time")
 
     def _feed(self, frames: list[Any]) -> None:
         core = self.broker.core
@@ -207,6 +231,8 @@ class _Connection(asyncio.Protocol):
                 return
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.buffered:
+            self._hold_input(0)
         if exc is not None and self.close_reason is None:
             self.close_reason = " ".join(str(exc).split()) or type(exc).__name__
         self.broker._connection_lost(self)
@@ -319,6 +345,9 @@ class Broker:
         max_parked_bytes_per_uid: ``max_parked_bytes`` over all the connections of one
             uid (default 256 MiB): a SEND that would park past it is refused with
             ``QuotaExceeded``.
+        max_buffered_bytes_per_uid: bytes of incomplete frames (still arriving) the
+            broker holds for the connections of one uid (default 1 GiB); a read past it
+            closes that connection with CLOSE ``quota-exceeded``.
         backlog: the listening socket's backlog (default 1,024; Linux caps it at
             ``net.core.somaxconn``).
         data_dir: where durable queues are journaled (created 0700; one broker at a
@@ -366,6 +395,7 @@ class Broker:
         max_unacked_per_uid: int = DEFAULT_MAX_UNACKED_PER_UID,
         max_queued_bytes_per_uid: int = DEFAULT_MAX_QUEUED_BYTES_PER_UID,
         max_parked_bytes_per_uid: int = DEFAULT_MAX_PARKED_BYTES_PER_UID,
+        max_buffered_bytes_per_uid: int = DEFAULT_MAX_BUFFERED_BYTES_PER_UID,
         backlog: int = DEFAULT_BACKLOG,
         sock: socket.socket | None = None,
         data_dir: str | os.PathLike[str] | None = None,
@@ -398,6 +428,8 @@ class Broker:
         self.max_unacked_per_uid = max_unacked_per_uid
         self.max_queued_bytes_per_uid = max_queued_bytes_per_uid
         self.max_parked_bytes_per_uid = max_parked_bytes_per_uid
+        self.max_buffered_bytes_per_uid = max_buffered_bytes_per_uid
+        self._uid_buffered: dict[int, int] = {}  # bytes of incomplete frames, per uid
         self.backlog = backlog
         self.data_dir = os.fspath(data_dir) if data_dir is not None else None
         self.fsync = fsync

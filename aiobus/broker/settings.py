@@ -13,6 +13,7 @@ from ..protocol import Overflow
 __all__ = [
     "DEFAULT_DEDUP_SIZE",
     "DEFAULT_DEDUP_WINDOW",
+    "DEFAULT_MAX_BUFFERED_BYTES_PER_UID",
     "DEFAULT_MAX_CONNECTIONS_PER_UID",
     "DEFAULT_MAX_PARKED_BYTES",
     "DEFAULT_MAX_PARKED_BYTES_PER_UID",
@@ -63,6 +64,11 @@ DEFAULT_MAX_PARKED_BYTES = 32 * 1024 * 1024
 # The same over all connections of one uid: a SEND that would park past it is refused
 # with QuotaExceeded instead (1,024 connections at 32 MiB each would be 32 GiB).
 DEFAULT_MAX_PARKED_BYTES_PER_UID = 256 * 1024 * 1024
+# Frames still arriving: the bytes the broker buffers for the incomplete frame of each
+# connection, over all connections of one uid. A read that takes the uid past it closes
+# that connection with quota-exceeded (the shell counts; the core never sees a partial
+# frame). 1 GiB: 64 frames of the largest size arriving at once.
+DEFAULT_MAX_BUFFERED_BYTES_PER_UID = 1024**3
 # Per uid (the peer credentials of its connections): what one user's clients may hold
 # at once, so that one misbehaving client cannot exhaust the broker. A queue costs ~3 KB
 # (1.05M DECLAREs had left 3 GB), a short pattern subscription ~1 KB: 10,000 of each is

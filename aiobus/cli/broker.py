@@ -32,6 +32,7 @@ from ..broker.server import DEFAULT_BACKLOG, FSYNC_POLICIES, Broker
 from ..broker.settings import (
     DEFAULT_DEDUP_SIZE,
     DEFAULT_DEDUP_WINDOW,
+    DEFAULT_MAX_BUFFERED_BYTES_PER_UID,
     DEFAULT_MAX_CONNECTIONS_PER_UID,
     DEFAULT_MAX_PARKED_BYTES,
     DEFAULT_MAX_PARKED_BYTES_PER_UID,
@@ -196,6 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
                              " the connections of one uid; a SEND that would park past it is"
                              " refused with QuotaExceeded (default"
                              f" {DEFAULT_MAX_PARKED_BYTES_PER_UID})")
+    parser.add_argument("--max-buffered-bytes-per-uid", type=_positive_int,
+                        default=DEFAULT_MAX_BUFFERED_BYTES_PER_UID, metavar="BYTES",
+                        help="bytes of frames still arriving (incomplete) over all the"
+                             " connections of one uid; a read past it closes that connection"
+                             " with quota-exceeded (default"
+                             f" {DEFAULT_MAX_BUFFERED_BYTES_PER_UID})")
     parser.add_argument("--backlog", type=_positive_int, default=DEFAULT_BACKLOG, metavar="N",
                         help="listen backlog: connections waiting to be accepted (default"
                              f" {DEFAULT_BACKLOG}; capped by net.core.somaxconn)")
@@ -291,6 +298,7 @@ async def serve(args: argparse.Namespace) -> None:
             max_unacked_per_uid=args.max_unacked_per_uid,
             max_queued_bytes_per_uid=args.max_queued_bytes_per_uid,
             max_parked_bytes_per_uid=args.max_parked_bytes_per_uid,
+            max_buffered_bytes_per_uid=args.max_buffered_bytes_per_uid,
             backlog=args.backlog,
             data_dir=args.data_dir or default_data_dir(),
             fsync=args.fsync,

@@ -214,3 +214,41 @@ async def test_more_than_the_hello_budget_before_hello(broker: BrokerProcess) ->
                              hello=False)
     assert frames[0][0] == Op.WELCOME
     assert close_of(frames)[0] == "unknown-frame"  # and it goes on to read the next frame
+
+
+async def test_frames_still_arriving_are_bounded_per_uid(broker_factory: Any) -> None:
+    """Connections of one uid that each send most of a large frame and wait: the one
+    whose bytes take the uid past --max-buffered-bytes-per-uid is closed with
+    quota-exceeded, and the others finish their frames."""
+    broker = broker_factory("--max-buffered-bytes-per-uid", str(4 * 2**20))
+    loop = asyncio.get_running_loop()
+    body = 2**20 * 3 // 2  # 1.5 MiB bodies: two fit in 4 MiB, three do not
+    frame = SEND_HEAD + b"\xc6" + be(body, 4) + b"x" * body + msgpack.packb(0) + b"\xc0" * 3
+    socks = []
+    try:
+        for _ in range(3):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            await asyncio.wait_for(loop.sock_connect(sock, broker.path), 5)
+            socks.append(sock)
+            await asyncio.wait_for(loop.sock_sendall(sock, HELLO), 5)
+            welcome = await asyncio.wait_for(loop.sock_recv(sock, 65536), 5)
+            assert msgpack.unpackb(welcome)[0] == Op.WELCOME
+        for sock in socks[:2]:  # all but the last 10 bytes of each frame
+            await asyncio.wait_for(loop.sock_sendall(sock, frame[:-10]), 10)
+        with contextlib.suppress(ConnectionError):  # closed before it read everything
+            await asyncio.wait_for(loop.sock_sendall(socks[2], frame[:-10]), 10)
+        received = bytearray()
+        async with asyncio.timeout(10):
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := await loop.sock_recv(socks[2], 65536):
+                    received += chunk
+        code, message = close_of(list(msgpack.Unpacker(io.BytesIO(received), raw=False)))
+        assert code == "quota-exceeded" and "max_buffered_bytes_per_uid=4194304" in message
+        for sock in socks[:2]:  # the others were not touched: their frames complete
+            await asyncio.wait_for(loop.sock_sendall(sock, frame[-10:]), 5)
+            reply = msgpack.unpackb(await asyncio.wait_for(loop.sock_recv(sock, 65536), 5))
+            assert reply[:2] == [Op.OK, 1], reply
+    finally:
+        for sock in socks:
+            sock.close()
