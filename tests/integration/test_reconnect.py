@@ -128,6 +128,7 @@ def restart(broker: BrokerProcess, broker_factory: Any, signo: int) -> tuple[Any
 
 
 @pytest.mark.parametrize("signo", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "kill9"])
+@pytest.mark.timeout(180)  # 20 broker starts: ~25 s here, over 60 s on a loaded machine
 async def test_twenty_restarts_lose_nothing_and_loops_go_on(
         broker_factory: Any, spawn_client: Any, signo: int) -> None:
     broker = broker_factory(name="r")  # not "b": spawn_client brings a broker of its own
