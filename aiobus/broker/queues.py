@@ -517,8 +517,8 @@ class QueueRouter:
                 msg.seq, msg.failures = m.seq, m.failures
                 msg.last_reason, msg.last_consumer = m.last_reason, m.last_consumer
                 queue.sent += 1
-                size = _held(msg)  # a restored queue belongs to nobody: no limit
-                queue.bytes += size
+                size = len(m.message) + MESSAGE_OVERHEAD  # _held, inline: 1M of them
+                queue.bytes += size  # (a restored queue belongs to nobody: no limit)
                 queue.account.bytes += size
                 if limit is not None and msg.failures >= limit:
                     self.dead_letter(queue, msg, "max-deliveries", None, now)
