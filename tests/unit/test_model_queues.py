@@ -254,6 +254,10 @@ class QueueMachine(RuleBasedStateMachine):
     def _queue_stats(self) -> dict[str, Any]:
         return dict(self.d.core.stats()["queues"])
 
+    def _core_queues(self) -> list[Queue]:
+        """The core's own queues, for invariants on its internals."""
+        return list(self.d.core.queues.queues.values())
+
     def _tidy(self) -> None:
         self.sink.inbox.clear()  # the model reads the log; the inboxes only grow
 
@@ -767,7 +771,7 @@ class QueueMachine(RuleBasedStateMachine):
         """Each queue's ``bytes`` is what it holds (ready, delayed, leased), and each
         payer's Account the sum of its queues'."""
         accounts: dict[int, tuple[Any, int]] = {}
-        for queue in self.d.core.queues.queues.values():
+        for queue in self._core_queues():
             assert queue.bytes == held_bytes(queue), queue.name
             account, total = accounts.get(id(queue.account), (queue.account, 0))
             accounts[id(account)] = (account, total + queue.bytes)
