@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any, Final
 
 from .._paths import is_explicit, resolve_socket_path
-from ..errors import Forbidden, RemoteProtocolError
+from ..errors import BrokerUnavailable, Forbidden, RemoteProtocolError
 from ..names import check_name, check_pattern, is_reserved
 from ..protocol import Overflow, SubscriptionPolicy, check_headers, encode_body
 from .backend import Backend, StateChange
@@ -509,7 +509,9 @@ class connect:
     Args:
         path: the broker's socket; default as the broker's (``$AIOBUS_SOCKET``, else
             ``$XDG_RUNTIME_DIR/aiobus.sock``, else ``/tmp/aiobus-<uid>/aiobus.sock``). A
-            broker found at a default path must run as this user or root.
+            broker found at a default path must run as this user or root. A
+            ``nats://host:port[/namespace]`` URL connects to NATS instead (the NATS
+            backend: ``pip install 'aiobus[nats]'``, docs/nats.md).
         name: a name for this client, shown in stats and presence events.
         reconnect: when the connection is lost (broker restart, crash, socket replaced),
             connect again, declare the queues declared so far, restart consumers and
@@ -538,7 +540,9 @@ class connect:
                  publish_buffer: int = HOLD_BYTES) -> None:
         if not 0 < reconnect_delay <= max_reconnect_delay:
             raise ValueError("need 0 < reconnect_delay <= max_reconnect_delay")
+        # A nats:// URL: the NATS backend (client/nats.py, docs/nats.md).
         self._path = resolve_socket_path(path)
+        self._nats = self._path.startswith("nats://")
         self._explicit = is_explicit(path)
         self._name = name
         self._options: dict[str, Any] = {
@@ -548,8 +552,12 @@ class connect:
         self._bus: Bus | None = None
 
     async def __aenter__(self) -> Bus:
-        backend = UnixSocketBackend(self._path, self._name, **self._options)
-        await backend.open(explicit=self._explicit)
+        backend: Backend
+        if self._nats:
+            backend = await _open_nats(self._path, self._name, self._options)
+        else:
+            backend = unix = UnixSocketBackend(self._path, self._name, **self._options)
+            await unix.open(explicit=self._explicit)
         self._bus = bus = Bus(backend)
         return bus
 
@@ -560,3 +568,15 @@ class connect:
     def __await__(self) -> Any:
         """``bus = await aiobus.connect()`` also works; then ``await bus.aclose()``."""
         return self.__aenter__().__await__()
+
+
+async def _open_nats(url: str, name: str | None, options: dict[str, Any]) -> Backend:
+    """The NATS backend, or BrokerUnavailable naming the extra it needs."""
+    try:
+        from .nats import NatsBackend
+    except ImportError as exc:
+        raise BrokerUnavailable(
+            f"{url}: the NATS backend needs nats-py: pip install 'aiobus[nats]'") from exc
+    backend = NatsBackend(url, name, **options)
+    await backend.open()
+    return backend

@@ -28,6 +28,9 @@ import pytest_asyncio
 
 import aiobus
 
+from . import nats_cases
+from .nats_server import NatsServer, delete_namespace, nats_server  # noqa: F401
+
 # A deadline, not a wait: a broker is up in ~0.3 s, but on a loaded 2-core machine running
 # `make test`'s 4 workers its interpreter start alone has taken over 10 s.
 READY_TIMEOUT = 30.0
@@ -137,19 +140,48 @@ def broker(broker_factory: Any) -> BrokerProcess:
 
 
 # The client's behaviour suite (every test taking ``bus``) runs once per backend here: the
-# same tests, written against ``aiobus.Bus``, for each transport below it. The NATS
-# backend (planned) joins this list with a fixture that starts nats-server.
-BACKENDS = ["unix"]
+# same tests, written against ``aiobus.Bus``, for each transport below it. Cases the NATS
+# backend cannot support are listed, with the reason, in nats_cases.py (README table).
+BACKENDS = ["unix", "nats"]
 
 
 @pytest_asyncio.fixture(params=BACKENDS)
-async def bus(request: pytest.FixtureRequest, broker: BrokerProcess) -> AsyncIterator[aiobus.Bus]:
-    """A client connection (in the test's process) to the ``broker`` fixture, over each
-    backend in BACKENDS."""
-    if request.param != "unix":
+async def bus(request: pytest.FixtureRequest) -> AsyncIterator[aiobus.Bus]:
+    """A client connection (in the test's process): to the ``broker`` fixture's
+    aiobus-broker, or to the session's nats-server under a namespace of its own, so that
+    no test sees another's queues."""
+    if request.param == "unix":
+        broker: BrokerProcess = request.getfixturevalue("broker")
+        async with aiobus.connect(broker.path, name="test") as bus:
+            yield bus
+        return
+    if request.param != "nats":
         raise AssertionError(f"no fixture for backend {request.param!r}")
-    async with aiobus.connect(broker.path, name="test") as bus:
-        yield bus
+    server: NatsServer = request.getfixturevalue("nats_server")
+    url = server.namespace_url()
+    try:
+        async with aiobus.connect(url, name="test") as bus:
+            yield bus
+    finally:
+        await delete_namespace(url)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark the ``[nats]`` cases listed in nats_cases.py."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is None or callspec.params.get("bus") != "nats":
+            continue
+        name = getattr(item, "originalname", item.name)
+        if name in nats_cases.SKIP:
+            item.add_marker(pytest.mark.skip(reason="NATS: " + nats_cases.SKIP[name]))
+        elif name in nats_cases.XFAIL:
+            item.add_marker(pytest.mark.xfail(strict=True,
+                                              reason="NATS: " + nats_cases.XFAIL[name]))
+
+
+def backend_of(bus: aiobus.Bus) -> str:
+    return "nats" if bus.path.startswith("nats://") else "unix"
 
 
 # -- client processes ---------------------------------------------------------------
@@ -202,17 +234,23 @@ class ClientProcess:
 
 
 @pytest_asyncio.fixture
-async def spawn_client(broker: BrokerProcess) -> AsyncIterator[Any]:
+async def spawn_client(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
     """Start client processes: ``await spawn_client(body, name=...)`` where ``body`` is
     the code of an async function with ``bus`` and ``emit`` in scope. ``reconnect``:
-    as ``aiobus.connect``'s."""
+    as ``aiobus.connect``'s. They connect where the test's ``bus`` does (the ``broker``
+    fixture's socket for a test without one)."""
     clients: list[ClientProcess] = []
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and callspec.params.get("bus") == "nats":
+        default_path = request.getfixturevalue("bus").path
+    else:
+        default_path = request.getfixturevalue("broker").path
 
     async def spawn(body: str, name: str = "client", path: str | None = None,
                     reconnect: bool = True) -> ClientProcess:
         code = _PRELUDE.format(body=textwrap.indent(textwrap.dedent(body), " " * 8))
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", code, path or broker.path, limit=2**24,  # long JSON lines
+            sys.executable, "-c", code, path or default_path, limit=2**24,  # long JSON lines
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             env={**os.environ, "CLIENT_NAME": name, "CLIENT_RECONNECT": str(int(reconnect))},

@@ -14,7 +14,7 @@ import pytest
 import aiobus
 from aiobus.protocol import Op
 
-from .conftest import wait_until
+from .conftest import backend_of, wait_until
 from .test_bad_input import HELLO
 
 pytestmark = pytest.mark.asyncio
@@ -55,7 +55,10 @@ async with bus.subscribe("weather.>") as sub:
             {"topic": "weather.sg", "body": 32},
         ]
     stats = await bus.stats()
-    assert stats["topics"]["unrouted"] >= 1
+    if backend_of(bus) == "nats":  # a NATS publisher cannot know (docs/nats.md)
+        assert stats["topics"]["unrouted"] is None
+    else:
+        assert stats["topics"]["unrouted"] >= 1
 
 
 @pytest.mark.parametrize("bad", ["a..b", "", "a.*b", "a.>.b", "a b", ">x"])

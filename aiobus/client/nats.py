@@ -1,0 +1,936 @@
+"""The NATS :class:`~aiobus.client.backend.Backend`: the same ``Bus`` on core NATS and
+JetStream (``aiobus.connect("nats://host:4222")``; docs/nats.md).
+
+Theory of operation
+-------------------
+One nats-py connection carries everything. The mapping itself (names, settings,
+headers, dead letters, statistics) is sans-IO in ``nats_map.py``; this shell moves
+messages:
+
+* Writes on the per-message path (publish, unconfirmed and confirmed sends, acks) are
+  appended to nats-py's outgoing buffer by :meth:`NatsBackend._write`, a plain call
+  that kicks nats-py's flusher once per loop turn, as its own ``publish`` does, but
+  without a coroutine per message (the Backend protocol's rule: what cannot block is a
+  plain ``def``). Confirmed sends carry a reply subject under this client's inbox; the
+  PubAcks come back to one subscription and complete futures by token.
+* A queue is a JetStream stream with one durable pull consumer shared by every aiobus
+  consumer. Each aiobus consumer is a :class:`_Pull`: a private inbox and pull requests
+  for at most ``prefetch - unacked - outstanding`` messages, re-issued as leases are
+  answered and when a request expires (the 408 status): per-client prefetch lives here
+  because MaxAckPending is consumer-wide.
+* A lease is a :class:`_Lease` (the message's ack subject). Answers go to that subject:
+  ``+ACK`` (a request when confirmed: the double ack), ``-NAK`` with the delay the
+  queue's schedule gives, ``+WPI`` to extend, ``+TERM`` after a dead letter was
+  stored. The client knows each lease's deadline and refuses a late answer as the
+  local broker does (``lease-expired``), leaving the message to its redelivery.
+* Topics are core subjects; a subscription's window (``max_pending`` in flight to the
+  application plus ``max_pending`` waiting, the policy beyond) is kept here, credited by
+  the stream as the local broker credits its subscriptions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import functools
+import itertools
+import json
+import logging
+import os
+import secrets
+import time
+import weakref
+from collections.abc import AsyncIterator
+from typing import Any, Final
+
+import nats
+import nats.errors
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.protocol import command as prot
+
+from ..broker.settings import QueueSettings
+from ..errors import (
+    BrokerUnavailable,
+    BusError,
+    ConnectionClosed,
+    ConnectionLost,
+    InvalidOption,
+    LeaseError,
+    NoSuchQueue,
+    QueueFull,
+    QueueNotEmpty,
+    RequestTimeout,
+    SendTimeout,
+    shown,
+)
+from ..protocol import decode_body
+from . import nats_map as nm
+from .backend import ConnectionState, Outcome, StateChange, StreamTarget
+from .nats_topics import TopicWindow
+
+__all__ = ["NatsBackend"]
+
+log = logging.getLogger(__name__)
+
+_API: Final = "$JS.API."
+_PULL_EXPIRES: Final = 10.0  # seconds a pull request waits on the server (408 after)
+_API_TIMEOUT: Final = 5.0
+_HIGH_WATER: Final = 1024 * 1024  # nats-py buffer bytes above which writers wait
+_ERR_MAX_MSGS: Final = 10077  # JSStreamStoreFailedF "maximum messages exceeded"
+_ERR_STREAM_NOT_FOUND: Final = 10059
+_ERR_STREAM_IN_USE: Final = 10058
+
+
+class _Lease:
+    """One delivered queue message, as the application answers it."""
+
+    __slots__ = ("ack", "attempt", "data", "deadline", "headers", "kind", "mid", "pull",
+                 "reply", "seq", "settled")
+
+    def __init__(self, pull: _Pull, ack: str, seq: int, attempt: int, deadline: float,
+                 mid: str, data: bytes, kind: int, headers: dict[str, str] | None,
+                 reply: str | None) -> None:
+        self.pull = pull
+        self.ack = ack
+        self.seq = seq
+        self.attempt = attempt
+        self.deadline = deadline
+        self.mid = mid
+        self.data = data
+        self.kind = kind
+        self.headers = headers
+        self.reply = reply
+        self.settled = False
+
+
+class _Pull:
+    """One aiobus consumer: its inbox, its count of unacked and requested messages."""
+
+    def __init__(self, queue: str, stream: str, settings: QueueSettings, prefetch: int,
+                 target: weakref.ref[Any]) -> None:
+        self.queue = queue
+        self.stream = stream
+        self.settings = settings
+        self.prefetch = prefetch
+        self.target = target
+        self.inbox = ""
+        self.sid = 0
+        self.unacked = 0
+        self.outstanding = 0
+        self.leases: set[_Lease] = set()
+        self.stopped = False
+
+
+class NatsBackend:
+    """A connection to NATS. Open with :meth:`open`."""
+
+    def __init__(self, url: str, name: str | None, *, reconnect: bool = True,
+                 reconnect_delay: float = 0.05, max_reconnect_delay: float = 2.0,
+                 max_reconnect_time: float | None = None,
+                 publish_buffer: int = 1024 * 1024) -> None:
+        self.path = url
+        self._server, namespace = nm.parse_url(url)
+        self.ns = nm.Namespace(namespace)
+        self.name = name
+        self.server_info: dict[str, Any] = {}
+        self._loop = asyncio.get_running_loop()
+        self._nc: NatsClient = NatsClient()
+        self._reconnect = reconnect
+        self._reconnect_delay = max(reconnect_delay, 0.05)
+        self._max_reconnect_time = max_reconnect_time
+        self._publish_buffer = publish_buffer
+        self.max_body = 1024 * 1024
+        self.writable = True
+        self.connected = False
+        self.reconnects = 0
+        self._dropped = 0
+        self._async_errors = 0
+        self._error: BusError | None = None
+        self._client_id = secrets.token_hex(8)
+        self._seq = itertools.count(1)
+        self._inbox = ""
+        self._waiters: dict[str, asyncio.Future[Any]] = {}  # inbox token -> PubAck/reply
+        self._queues: dict[str, QueueSettings] = {}  # queues known to exist
+        self._looking: dict[str, asyncio.Future[QueueSettings]] = {}
+        self._pulls: dict[int, _Pull] = {}
+        self._subs: dict[int, TopicWindow] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._published = 0
+        self._unconfirmed = 0  # unconfirmed sends whose PubAck has not come back
+        self._drained: asyncio.Event | None = None
+        self._unconfirmed_inbox = ""
+        # stream -> the ack subject of its last plainly acked lease, while plain answers
+        # to it were written since the last ping(): see ping().
+        self._answered: dict[str, str | None] = {}
+        self._last_acked: dict[str, str] = {}
+        self._stream_info_cache: dict[str, Any] = {}  # for nats_stats
+        self._changed = asyncio.Event()
+        self._listeners: list[collections.deque[StateChange]] = []
+        self._pid_uid = (os.getpid(), os.getuid())
+        self._schedules = False  # the server has message schedules (2.12+)
+
+    # -- connection lifecycle -------------------------------------------------------------
+
+    async def open(self) -> None:
+        attempts = -1 if self._reconnect else 0
+        if self._reconnect and self._max_reconnect_time is not None:
+            attempts = max(1, int(self._max_reconnect_time / self._reconnect_delay))
+        try:
+            await self._nc.connect(
+                servers=[self._server], name=self.name or "aiobus",
+                allow_reconnect=self._reconnect, max_reconnect_attempts=attempts,
+                # nats-py annotates seconds as int; it takes a float.
+                reconnect_time_wait=self._reconnect_delay,  # type: ignore[arg-type]
+                connect_timeout=5,
+                pending_size=self._publish_buffer,
+                disconnected_cb=self._on_disconnected, reconnected_cb=self._on_reconnected,
+                closed_cb=self._on_closed, error_cb=self._on_error)
+        except (OSError, nats.errors.Error, TimeoutError) as exc:
+            raise BrokerUnavailable(f"cannot connect to NATS at {self._server}: {exc}") from exc
+        info = self._nc._server_info
+        self.server_info = {"server": f"nats-server/{info.get('version')}", **info}
+        self.max_body = int(info.get("max_payload", self.max_body))
+        version = tuple(int(p) for p in str(info.get("version", "0.0")).split("-")[0]
+                        .split(".")[:2])
+        self._schedules = version >= (2, 12)
+        self._inbox = f"_INBOX.{secrets.token_hex(11)}"
+        self._unconfirmed_inbox = self._inbox + ".u"
+        await self._nc.subscribe(self._inbox + ".*", cb=self._on_inbox)
+        self.connected = True
+
+    async def _on_disconnected(self) -> None:
+        if self._error is not None or not self.connected:
+            return
+        self.connected = False
+        error = ConnectionLost(f"connection to NATS at {self._server} was lost")
+        for pull in self._pulls.values():
+            pull.outstanding = 0
+        self._emit(StateChange(ConnectionState.DISCONNECTED, error))
+
+    async def _on_reconnected(self) -> None:
+        self.connected = True
+        self.reconnects += 1
+        self._emit(StateChange(ConnectionState.RECONNECTED, None, None, 1))
+        for pull in list(self._pulls.values()):
+            pull.outstanding = 0
+            self._pull(pull)
+
+    async def _on_closed(self) -> None:
+        if self._error is None:
+            self._fail_all(ConnectionLost(f"connection to NATS at {self._server} closed"))
+
+    async def _on_error(self, exc: Exception) -> None:
+        log.debug("nats error: %s", exc)
+
+    def _fail_all(self, error: BusError) -> None:
+        self._error = error
+        self.connected = False
+        self.writable = True
+        for fut in self._waiters.values():
+            if not fut.done():
+                fut.set_exception(error)
+        self._waiters.clear()
+        for pull in list(self._pulls.values()):
+            target = pull.target()
+            if target is not None:
+                target._fail(error)
+        for window in list(self._subs.values()):
+            target = window.target()
+            if target is not None:
+                target._fail(error)
+        self._emit(StateChange(ConnectionState.CLOSED, error))
+
+    async def aclose(self) -> None:
+        if self._error is not None:
+            return
+        for pull in list(self._pulls.values()):
+            target = pull.target()
+            if target is not None:
+                target._stop()
+            else:
+                self._stop_pull(pull)
+        pending = [fut for fut in self._waiters.values() if not fut.done()]
+        if pending:
+            with_timeout = asyncio.wait(pending, timeout=5.0)
+            await with_timeout
+        error = ConnectionClosed("the bus was closed")
+        self._fail_all(error)
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        try:
+            await self._nc.close()
+        except Exception:  # closing anyway
+            pass
+
+    @property
+    def closed(self) -> bool:
+        return self._error is not None
+
+    @property
+    def async_errors(self) -> int:
+        return self._async_errors
+
+    @property
+    def dropped(self) -> int:
+        return self._dropped
+
+    def _emit(self, change: StateChange) -> None:
+        for backlog in self._listeners:
+            backlog.append(change)
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def wait_connected(self) -> None:
+        while not self.connected:
+            if self._error is not None:
+                raise self._error
+            await self._changed.wait()
+
+    async def state_changes(self) -> AsyncIterator[StateChange]:
+        backlog: collections.deque[StateChange] = collections.deque(maxlen=64)
+        if self._error is not None:
+            backlog.append(StateChange(ConnectionState.CLOSED, self._error))
+        self._listeners.append(backlog)
+        try:
+            while True:
+                while not backlog:
+                    await self._changed.wait()
+                change = backlog.popleft()
+                yield change
+                if change.state is ConnectionState.CLOSED:
+                    return
+        finally:
+            self._listeners.remove(backlog)
+
+    def _spawn(self, coro: Any) -> None:
+        task = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self._async_errors += 1
+            exc = task.exception()
+            log.warning("a background NATS operation failed: %s: %s",
+                        type(exc).__name__, exc)
+
+    # -- writing --------------------------------------------------------------------------
+
+    def _write(self, subject: str, payload: bytes, reply: str = "",
+               headers: dict[str, str] | None = None) -> None:
+        """Append one PUB/HPUB to nats-py's buffer and kick its flusher (see above)."""
+        if self._error is not None:
+            raise self._error
+        nc = self._nc
+        if headers is None:
+            cmd = prot.pub_cmd(subject, reply, payload)
+        else:
+            hdr = bytearray(b"NATS/1.0\r\n")
+            for key, value in headers.items():
+                hdr += f"{key}: {value}\r\n".replace("\n", " ").replace("\r", " ")[:-2].encode()
+                hdr += b"\r\n"
+            hdr += b"\r\n"
+            cmd = prot.hpub_cmd(subject, reply, hdr, payload)
+        if not nc.is_connected:
+            if nc._pending_data_size + len(cmd) > self._publish_buffer:
+                self._dropped += 1
+                return
+            nc._pending.append(cmd)
+            nc._pending_data_size += len(cmd)
+            return
+        nc._pending.append(cmd)
+        nc._pending_data_size += len(cmd)
+        queue = nc._flush_queue
+        if queue is not None and queue.empty():
+            queue.put_nowait(self._loop.create_future())
+        if nc._pending_data_size > _HIGH_WATER:
+            self.writable = False
+
+    async def wait_writable(self) -> None:
+        if self._error is not None:
+            return
+        try:
+            await self._nc.flush(timeout=30)
+        except Exception:
+            pass
+        self.writable = True
+
+    async def _api(self, subject: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A JetStream API request; returns the decoded response (with ``error``)."""
+        if self._error is not None:
+            raise self._error
+        payload = json.dumps(body).encode() if body is not None else b""
+        try:
+            msg = await self._nc.request(_API + subject, payload, timeout=_API_TIMEOUT)
+        except nats.errors.NoRespondersError as exc:
+            raise BrokerUnavailable("JetStream is not enabled on this NATS server") from exc
+        except nats.errors.TimeoutError as exc:
+            raise BrokerUnavailable(f"JetStream did not answer {subject}") from exc
+        result: dict[str, Any] = json.loads(msg.data)
+        return result
+
+    # -- the inbox: PubAcks and replies ---------------------------------------------------
+
+    def _token(self) -> tuple[str, asyncio.Future[Any]]:
+        token = f"{next(self._seq)}"
+        fut: asyncio.Future[Any] = self._loop.create_future()
+        self._waiters[token] = fut
+        return f"{self._inbox}.{token}", fut
+
+    async def _on_inbox(self, msg: Msg) -> None:
+        token = msg.subject[len(self._inbox) + 1:]
+        if token == "u":
+            self._unconfirmed -= 1
+            if msg.data.startswith(b'{"error"') or (msg.headers or {}).get("Status"):
+                self._async_errors += 1
+                log.warning("NATS refused an unconfirmed send: %s",
+                            msg.data[:200] or msg.headers)
+            if self._unconfirmed <= 0 and self._drained is not None:
+                self._drained.set()
+            return
+        fut = self._waiters.pop(token, None)
+        if fut is None or fut.done():
+            return
+        headers = msg.headers
+        if headers and headers.get("Status") == "503":
+            fut.set_exception(nats.errors.NoRespondersError())
+            return
+        fut.set_result(msg)
+
+    def _puback(self, queue: str, msg: Msg) -> None:
+        """Raise what a PubAck's error means."""
+        if not msg.data.startswith(b'{"error"'):
+            return
+        error = json.loads(msg.data)["error"]
+        if error.get("err_code") == _ERR_MAX_MSGS:
+            raise QueueFull(f"queue {shown(queue)} is full (max_length); the send was"
+                            " refused (overflow 'reject')")
+        raise BusError(f"NATS refused a send to queue {shown(queue)}:"
+                       f" {error.get('description')}")
+
+    # -- queues: existence and settings ---------------------------------------------------
+
+    async def _queue(self, name: str) -> QueueSettings:
+        """The settings of queue ``name``, creating its stream with the defaults if it
+        does not exist (a queue created by use, as on the local broker)."""
+        settings = self._queues.get(name)
+        if settings is not None:
+            return settings
+        # Concurrent first sends wait for one lookup, and keep their order.
+        looking = self._looking.get(name)
+        if looking is None:
+            looking = self._looking[name] = asyncio.ensure_future(self._look_up(name))
+            looking.add_done_callback(lambda _: self._looking.pop(name, None))
+        return await asyncio.shield(looking)
+
+    async def _look_up(self, name: str) -> QueueSettings:
+        info = await self._api("STREAM.INFO." + self.ns.stream(name))
+        if "error" not in info:
+            settings, _ = nm.settings_from_metadata(name, info["config"].get("metadata"))
+        else:
+            settings = QueueSettings.for_queue(name)
+            await self._create(name, settings, explicit=False)
+        self._queues[name] = settings
+        return settings
+
+    async def _create(self, name: str, settings: QueueSettings, *, explicit: bool) -> None:
+        config = nm.stream_config(self.ns, name, settings, explicit=explicit)
+        result = await self._api("STREAM.CREATE." + config["name"], config)
+        error = result.get("error")
+        if error is not None and error.get("err_code") != _ERR_STREAM_IN_USE:
+            raise InvalidOption(f"NATS refused queue {shown(name)}: {error.get('description')}")
+        if error is None:  # its consumer from the start: stats count ready from it
+            await self._ensure_consumer(name, config["name"], settings)
+
+    async def declare(self, queue: str, options: dict[str, Any]) -> dict[str, Any]:
+        settings = QueueSettings.for_queue(queue, options)
+        nm.check_supported(queue, settings)
+        stream = self.ns.stream(queue)
+        info = await self._api("STREAM.INFO." + stream)
+        if "error" in info:
+            await self._create(queue, settings, explicit=True)
+            info = await self._api("STREAM.INFO." + stream)
+        old, explicit = nm.settings_from_metadata(queue, info["config"].get("metadata"))
+        if explicit:
+            nm.check_mismatch(queue, old, settings)
+        else:  # created by use: adopts its first declaration's settings
+            config = nm.stream_config(self.ns, queue, settings, explicit=True)
+            result = await self._api("STREAM.UPDATE." + stream, config)
+            if "error" in result:
+                raise InvalidOption(f"queue {shown(queue)} cannot take these settings on"
+                                    f" NATS: {result['error'].get('description')}")
+            consumer = await self._api(f"CONSUMER.INFO.{stream}.{nm.CONSUMER}")
+            if "error" not in consumer:
+                await self._api(f"CONSUMER.CREATE.{stream}.{nm.CONSUMER}", {
+                    "stream_name": stream, "action": "update",
+                    "config": nm.consumer_config(self.ns, queue, settings)})
+        self._queues[queue] = settings
+        return settings.as_dict()
+
+    async def purge(self, queue: str) -> int:
+        stream = self.ns.stream(queue)
+        result = await self._api("STREAM.PURGE." + stream)
+        if "error" in result:
+            raise NoSuchQueue(f"no such queue: {shown(queue)}")
+        return int(result.get("purged", 0))
+
+    async def delete(self, queue: str, if_empty: bool) -> int:
+        stream = self.ns.stream(queue)
+        info = await self._api("STREAM.INFO." + stream)
+        if "error" in info:
+            raise NoSuchQueue(f"no such queue: {shown(queue)}")
+        count = int(info["state"].get("messages", 0))
+        if if_empty and count:
+            raise QueueNotEmpty(f"queue {shown(queue)} is not empty: {count} ready or"
+                                " unacked; nothing was deleted")
+        await self._api("STREAM.DELETE." + stream)
+        self._queues.pop(queue, None)
+        for pull in list(self._pulls.values()):
+            if pull.queue == queue:  # in use: there again at once, empty, with defaults
+                await self._recreate(pull)
+        return count
+
+    # -- producing ------------------------------------------------------------------------
+
+    def _check_send(self, ttl: float | None, delay: float | None) -> None:
+        nm.check_seconds("ttl", ttl)
+        if delay is not None:
+            if type(delay) not in (int, float) or not 0 <= delay < 1e9:
+                raise InvalidOption(f"delay must be a number of seconds from 0 up to 1e9;"
+                                    f" got {shown(delay)}")
+            if delay > 0 and not self._schedules:
+                raise InvalidOption("send(delay=...) needs nats-server 2.12 or later"
+                                    " (message schedules); this server is"
+                                    f" {self.server_info.get('version')}")
+
+    async def send(self, queue: str, data: bytes, kind: int, headers: dict[str, str] | None,
+                   ttl: float | None, delay: float | None,
+                   timeout: float | None = None) -> None:
+        try:
+            async with asyncio.timeout(timeout):
+                await self._send(queue, data, kind, headers, ttl, delay)
+        except TimeoutError:
+            raise SendTimeout(f"a send to queue {queue!r} was not confirmed within"
+                              f" {timeout} s") from None
+
+    async def _send(self, queue: str, data: bytes, kind: int,
+                    headers: dict[str, str] | None, ttl: float | None, delay: float | None,
+                    reply: str | None = None) -> None:
+        self._check_send(ttl, delay)
+        settings = self._queues.get(queue) or await self._queue(queue)
+        if ttl is None:
+            ttl = settings.ttl
+        if delay and settings.max_length is not None:
+            raise InvalidOption(f"send(delay=...) to queue {shown(queue)}: on NATS a queue"
+                                " with max_length cannot hold delayed sends (JetStream"
+                                " schedules cannot use DiscardNew)")
+        mid = f"{self._client_id}-{next(self._seq)}"
+        subject = self.ns.queue_subject(queue)
+        nats_headers: dict[str, str] | None
+        if delay:
+            nats_headers = nm.schedule_headers(headers, kind, mid, ttl, time.time() + delay,
+                                               subject)
+            subject = self.ns.schedule_prefix(queue) + mid
+        else:
+            nats_headers = nm.encode_headers(headers, kind, mid, ttl, reply)
+        inbox, fut = self._token()
+        self._write(subject, data, inbox, nats_headers)
+        try:
+            ack = await fut
+        except nats.errors.NoRespondersError:
+            self._queues.pop(queue, None)  # deleted meanwhile: create it again, once
+            await self._queue(queue)
+            inbox, fut = self._token()
+            self._write(subject, data, inbox, nats_headers)
+            ack = await fut
+        self._puback(queue, ack)
+
+    def send_nowait(self, queue: str, data: bytes, kind: int,
+                    headers: dict[str, str] | None, ttl: float | None,
+                    delay: float | None) -> asyncio.Future[None]:
+        self._check_send(ttl, delay)
+        if self._error is not None:
+            raise self._error
+        settings = self._queues.get(queue)
+        if settings is None or delay:
+            return asyncio.ensure_future(self._send(queue, data, kind, headers, ttl, delay))
+        mid = f"{self._client_id}-{next(self._seq)}"
+        inbox, fut = self._token()
+        self._write(self.ns.queue_subject(queue), data, inbox,
+                    nm.encode_headers(headers, kind, mid, ttl if ttl else settings.ttl))
+        result: asyncio.Future[None] = self._loop.create_future()
+
+        def done(f: asyncio.Future[Any]) -> None:
+            if result.done():
+                return
+            if f.exception() is not None:
+                result.set_exception(f.exception())  # type: ignore[arg-type]
+                return
+            try:
+                self._puback(queue, f.result())
+            except BusError as exc:
+                result.set_exception(exc)
+            else:
+                result.set_result(None)
+
+        fut.add_done_callback(done)
+        return result
+
+    def send_unconfirmed(self, queue: str, data: bytes, kind: int,
+                         headers: dict[str, str] | None, ttl: float | None,
+                         delay: float | None) -> None:
+        self._check_send(ttl, delay)
+        settings = self._queues.get(queue)
+        if settings is None or delay:
+            self._spawn(self._send(queue, data, kind, headers, ttl, delay))
+            return
+        mid = f"{self._client_id}-{next(self._seq)}"
+        # The PubAck comes back to one shared token: counted, so that ping() can wait
+        # for all of them, and a refusal counts in async_errors.
+        self._unconfirmed += 1
+        self._write(self.ns.queue_subject(queue), data, self._unconfirmed_inbox,
+                    nm.encode_headers(headers, kind, mid, ttl if ttl else settings.ttl))
+
+    def publish(self, topic: str, data: bytes, kind: int,
+                headers: dict[str, str] | None) -> None:
+        self._published += 1
+        self._write(self.ns.topic_prefix + topic, data, "",
+                    nm.encode_headers(headers, kind, None, None) if headers or kind else None)
+
+    async def request(self, queue: str, data: bytes, kind: int,
+                      headers: dict[str, str] | None, timeout: float) -> Any:
+        inbox, reply = self._token()
+        token = inbox[len(self._inbox) + 1:]
+        try:
+            async with asyncio.timeout(timeout):
+                await self._send(queue, data, kind, headers, timeout, None, reply=inbox)
+                msg: Msg = await reply
+        except TimeoutError:
+            raise RequestTimeout(
+                f"no reply from queue {queue!r} within {timeout} s; is a consumer running?"
+            ) from None
+        finally:
+            self._waiters.pop(token, None)
+        _, body_kind, _, _ = nm.decode_headers(msg.headers)
+        return decode_body(msg.data, body_kind)
+
+    # -- receiving: queues ----------------------------------------------------------------
+
+    async def consume(self, queue: str, prefetch: int, target: StreamTarget) -> None:
+        settings = await self._queue(queue)
+        stream = self.ns.stream(queue)
+        await self._ensure_consumer(queue, stream, settings)
+        pull = _Pull(queue, stream, settings, prefetch, weakref.ref(target))
+        pull.inbox = self._nc.new_inbox()  # not under self._inbox: its .* would keep
+        # interest in the pull requests of a stopped consumer, which the server honours
+        sub = await self._nc.subscribe(pull.inbox, cb=functools.partial(self._on_delivery, pull))
+        pull.sid = sub._id
+        self._pulls[pull.sid] = pull
+        target._handle = pull
+        self._pull(pull)
+
+    async def _ensure_consumer(self, queue: str, stream: str, settings: QueueSettings) -> None:
+        config = nm.consumer_config(self.ns, queue, settings)
+        result = await self._api(f"CONSUMER.CREATE.{stream}.{nm.CONSUMER}",
+                                 {"stream_name": stream, "config": config})
+        error = result.get("error")
+        if error is not None and error.get("err_code") == _ERR_STREAM_NOT_FOUND:
+            self._queues.pop(queue, None)
+            await self._queue(queue)
+            result = await self._api(f"CONSUMER.CREATE.{stream}.{nm.CONSUMER}",
+                                     {"stream_name": stream, "config": config})
+            error = result.get("error")
+        if error is not None and "already exists" not in str(error.get("description")):
+            raise BusError(f"NATS refused a consumer of queue {shown(queue)}:"
+                           f" {error.get('description')}")
+
+    def _pull(self, pull: _Pull) -> None:
+        """Ask for as many messages as the consumer has room for."""
+        want = pull.prefetch - pull.unacked - pull.outstanding
+        if want <= 0 or pull.stopped or not self.connected:
+            return
+        # Ask in batches of at least half the room, so acks one by one do not each
+        # cost a request (the local broker's credit works the same way).
+        if pull.outstanding and want < max(1, pull.prefetch // 2):
+            return
+        pull.outstanding += want
+        self._write(f"{_API}CONSUMER.MSG.NEXT.{pull.stream}.{nm.CONSUMER}",
+                    b'{"batch":%d,"expires":%d}' % (want, int(_PULL_EXPIRES * 1e9)),
+                    pull.inbox)
+
+    async def _on_delivery(self, pull: _Pull, msg: Msg) -> None:
+        headers = msg.headers
+        if not msg.reply:
+            status = headers.get("Status") if headers else None
+            if status in ("408", "409", "404"):
+                pending = headers.get("Nats-Pending-Messages") if headers else None
+                pull.outstanding = (max(0, pull.outstanding - int(pending))
+                                    if pending is not None else 0)
+                if status == "409" and "Deleted" in (headers or {}).get("Description", ""):
+                    self._spawn(self._recreate(pull))
+                    return
+                self._pull(pull)
+            return
+        pull.outstanding = max(0, pull.outstanding - 1)
+        seq, attempt, timestamp = nm.parse_ack_subject(msg.reply)
+        user, kind, mid, reply = nm.decode_headers(headers)
+        target = pull.target()
+        if pull.stopped or target is None:
+            self._write(msg.reply, b"-NAK")
+            return
+        lease = _Lease(pull, msg.reply, seq, attempt,
+                       time.monotonic() + pull.settings.ack_timeout,
+                       mid or f"{pull.stream}:{seq}", msg.data, kind, user, reply)
+        pull.unacked += 1
+        pull.leases.add(lease)
+        limit = pull.settings.max_deliveries
+        if limit is not None and attempt > limit:
+            # Its last attempt timed out: dead-letter it on this, its final arrival.
+            lease.settled = True
+            self._spawn(self._dead_letter(lease, "max-deliveries", limit, None))
+            return
+        target._deliver(lease, [lease.mid, pull.queue, msg.data, kind, user, timestamp],
+                        attempt, reply)
+
+    async def _recreate(self, pull: _Pull) -> None:
+        """The queue was deleted under this consumer: as with any use, it is there again."""
+        self._queues.pop(pull.queue, None)
+        pull.settings = await self._queue(pull.queue)
+        await self._ensure_consumer(pull.queue, pull.stream, pull.settings)
+        pull.outstanding = 0
+        self._pull(pull)
+
+    def cancel(self, handle: Any) -> None:
+        if isinstance(handle, _Pull):
+            self._stop_pull(handle)
+        elif isinstance(handle, TopicWindow):
+            self._subs.pop(handle.sid, None)
+            self._unsubscribe(handle.sid)
+
+    def _stop_pull(self, pull: _Pull) -> None:
+        if pull.stopped:
+            return
+        pull.stopped = True
+        self._pulls.pop(pull.sid, None)
+        self._unsubscribe(pull.sid)
+        if self._error is None:
+            for lease in pull.leases:  # released: another consumer gets them now
+                if not lease.settled:
+                    lease.settled = True
+                    self._write(lease.ack, b"-NAK")
+        pull.leases.clear()
+
+    def _unsubscribe(self, sid: int) -> None:
+        nc = self._nc
+        if sid in nc._subs and self._error is None and not nc.is_closed:
+            sub = nc._subs.pop(sid)
+            sub._stop_processing()
+            self._nc._pending.append(prot.unsub_cmd(sid, 0))
+            self._nc._pending_data_size += 10
+            queue = nc._flush_queue
+            if nc.is_connected and queue is not None and queue.empty():
+                queue.put_nowait(self._loop.create_future())
+
+    # -- leases ---------------------------------------------------------------------------
+
+    def _take(self, lease: _Lease) -> None:
+        """The lease is answered: free its slot, refill."""
+        lease.settled = True
+        pull = lease.pull
+        pull.leases.discard(lease)
+        pull.unacked -= 1
+        self._pull(pull)
+
+    def _expired(self, lease: _Lease) -> LeaseError | None:
+        if lease.settled and lease not in lease.pull.leases:
+            return LeaseError("the lease is no longer held (answered, or the consumer"
+                              " stopped)", code="lease-unknown")
+        if time.monotonic() > lease.deadline:
+            return LeaseError(f"the lease of message {lease.mid} expired (ack_timeout): the"
+                              " message is redelivered", code="lease-expired")
+        return None
+
+    def _refused(self, lease: _Lease, error: LeaseError) -> None:
+        self._async_errors += 1
+        target = lease.pull.target()
+        if target is not None:
+            target._answer_failed(error)
+
+    def ack_nowait(self, lease: Any) -> None:
+        error = self._expired(lease)
+        self._take(lease)
+        if error is not None:
+            self._refused(lease, error)
+            return
+        self._write(lease.ack, b"+ACK")
+        self._last_acked[lease.pull.stream] = lease.ack
+        self._answered[lease.pull.stream] = lease.ack
+
+    def settle_nowait(self, lease: Any, outcome: Outcome, delay: float | None = None,
+                      reason: str | None = None) -> None:
+        error = self._expired(lease)
+        if error is not None:
+            self._take(lease)
+            self._refused(lease, error)
+            return
+        if outcome == "ack":
+            self.ack_nowait(lease)
+        elif self._to_dead_letter(lease, outcome):
+            self._take(lease)
+            self._spawn(self._dead_letter(lease, _dead_reason(outcome), lease.attempt, reason))
+        else:
+            self._take(lease)
+            self._write(lease.ack, self._nak(lease, delay))
+            self._answered[lease.pull.stream] = self._last_acked.get(lease.pull.stream)
+
+    async def settle(self, lease: Any, outcome: Outcome, delay: float | None = None,
+                     reason: str | None = None) -> None:
+        error = self._expired(lease)
+        if error is not None:
+            self._take(lease)
+            raise error
+        self._take(lease)
+        if outcome == "ack":
+            await self._lease_request(lease, b"+ACK")
+        elif self._to_dead_letter(lease, outcome):
+            await self._dead_letter(lease, _dead_reason(outcome), lease.attempt, reason)
+        else:
+            await self._lease_request(lease, self._nak(lease, delay))
+
+    def _to_dead_letter(self, lease: _Lease, outcome: Outcome) -> bool:
+        if outcome == "reject":
+            return True
+        limit = lease.pull.settings.max_deliveries
+        return limit is not None and lease.attempt >= limit
+
+    def _nak(self, lease: _Lease, delay: float | None) -> bytes:
+        seconds = nm.nak_delay(lease.pull.settings, lease.attempt, delay)
+        if seconds <= 0:
+            return b"-NAK"
+        return b'-NAK {"delay":%d}' % int(seconds * 1e9)
+
+    async def _lease_request(self, lease: _Lease, payload: bytes) -> None:
+        """A confirmed answer: the server replies once it has it (the double ack)."""
+        inbox, fut = self._token()
+        self._write(lease.ack, payload, inbox)
+        try:
+            async with asyncio.timeout(_API_TIMEOUT):
+                await fut
+        except (nats.errors.NoRespondersError, TimeoutError):
+            raise LeaseError(f"message {lease.mid} is not held any more (its queue was"
+                             " deleted or purged)", code="lease-unknown") from None
+
+    async def _dead_letter(self, lease: _Lease, reason: str, attempts: int,
+                           text: str | None) -> None:
+        """Store the message in its dead-letter queue (deduplicated by <stream>:<seq>),
+        then terminate the original."""
+        pull = lease.pull
+        target = pull.settings.dead_letter
+        if target is not None:
+            await self._queue(target)
+            headers = nm.dead_letter_headers(
+                lease.headers, queue=pull.queue, reason=reason, attempts=attempts,
+                now=time.time(), text=text, consumer=self._pid_uid)
+            out = nm.encode_headers(headers, lease.kind, f"{pull.stream}:{lease.seq}", None)
+            assert out is not None
+            out[nm.H_ID] = lease.mid
+            inbox, fut = self._token()
+            self._write(self.ns.queue_subject(target), lease.data, inbox, out)
+            self._puback(target, await fut)
+        await self._lease_request(lease, b"+TERM")
+
+    async def extend(self, lease: Any, seconds: float) -> None:
+        nm.check_seconds("extend", seconds)
+        error = self._expired(lease)
+        if error is not None:
+            raise error
+        lease.deadline = time.monotonic() + max(seconds, lease.pull.settings.ack_timeout)
+        await self._lease_request(lease, b"+WPI")
+        if seconds > lease.pull.settings.ack_timeout:
+            self._spawn(self._keep_alive(lease, time.monotonic() + seconds))
+
+    async def _keep_alive(self, lease: _Lease, until: float) -> None:
+        """In-progress acks every half ack_timeout until ``until`` or an answer."""
+        interval = lease.pull.settings.ack_timeout / 2
+        while not lease.settled and time.monotonic() + interval < until:
+            await asyncio.sleep(interval)
+            if not lease.settled:
+                self._write(lease.ack, b"+WPI")
+
+    async def reply(self, lease: Any, data: bytes, kind: int,
+                    headers: dict[str, str] | None) -> None:
+        error = self._expired(lease)
+        if error is not None:
+            self._take(lease)
+            raise error
+        self._take(lease)
+        if lease.reply:
+            self._write(lease.reply, data, "", nm.encode_headers(headers, kind, None, None))
+        self._write(lease.ack, b"+ACK")
+
+    # -- receiving: topics ----------------------------------------------------------------
+
+    async def subscribe(self, pattern: str, max_pending: int, policy: str,
+                        target: StreamTarget) -> None:
+        window = TopicWindow(pattern, max_pending, policy, weakref.ref(target))
+        prefix_len = len(self.ns.topic_prefix)
+
+        async def on_message(msg: Msg) -> None:
+            user, kind, _, _ = nm.decode_headers(msg.headers)
+            window.offer([None, msg.subject[prefix_len:], msg.data, kind, user, time.time()])
+
+        sub = await self._nc.subscribe(self.ns.topic_prefix + pattern, cb=on_message,
+                                       pending_msgs_limit=-1, pending_bytes_limit=-1)
+        window.sid = sub._id
+        self._subs[window.sid] = window
+        target._handle = window
+        window.on_disconnect = lambda: self.cancel(window)
+
+    def credit(self, handle: Any, n: int) -> None:
+        handle.credit(n)
+
+    # -- administration -------------------------------------------------------------------
+
+    async def stats(self, options: dict[str, Any] | None = None) -> dict[str, Any]:
+        from .nats_stats import collect
+
+        await self.ping()  # this client's writes first, as on the local broker's socket
+        return await collect(self, options or {})
+
+    async def ping(self) -> None:
+        """A round trip to the server, after which what this client wrote before has
+        taken effect: unconfirmed sends are stored (their PubAcks are back), and plain
+        acks and naks are processed (a double ack of an already acked message of the
+        same consumer answers after them: the server handles a consumer's acks in
+        order)."""
+        if self._error is not None:
+            raise self._error
+        await self._nc.flush(timeout=_API_TIMEOUT)  # type: ignore[arg-type]
+        if self._unconfirmed > 0:
+            self._drained = asyncio.Event()
+            try:
+                async with asyncio.timeout(_API_TIMEOUT):
+                    await self._drained.wait()
+            except TimeoutError:
+                pass  # counted: some never came back
+            finally:
+                self._drained = None
+        answered, self._answered = self._answered, {}
+        for subject in answered.values():
+            if subject is not None:
+                inbox, fut = self._token()
+                self._write(subject, b"+ACK", inbox)
+                try:
+                    async with asyncio.timeout(_API_TIMEOUT):
+                        await fut
+                except (TimeoutError, nats.errors.NoRespondersError):
+                    pass  # the queue was deleted: nothing to wait for
+
+
+def _dead_reason(outcome: Outcome) -> str:
+    return "rejected" if outcome == "reject" else "max-deliveries"
+

@@ -1,0 +1,350 @@
+"""How aiobus's model maps onto NATS and JetStream, without I/O (docs/nats.md).
+
+The NATS backend (``client/nats.py``) is the asyncio shell; everything it decides that
+does not need a socket or a clock is here, so that unit tests check it with no server:
+
+* names: a queue ``q`` is the JetStream stream ``<ns>_q_<q escaped>`` on the subject
+  ``<ns>.q.<q>`` with one durable pull consumer ``aiobus``; a topic ``t`` is the core
+  subject ``<ns>.t.<t>``. ``<ns>`` is the namespace, ``aiobus`` unless the URL's path
+  names another (``nats://host:4222/staging``), so deployments can share a cluster.
+* settings: ``declare_queue`` options, checked and defaulted by the broker's own table
+  (``broker/settings.py``: one home for defaults), become stream and consumer config;
+  the settings themselves ride in the stream's metadata so a second declare is checked.
+* headers: aiobus's body kind, message id and reply inbox travel as NATS headers next
+  to the application's; dead letters get the ``x-dead-*`` headers the local broker
+  writes.
+* the retry schedule (nak delays), the ack subject's metadata, and the statistics.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+from ..broker.settings import MAX_SECONDS, QueueSettings
+from ..errors import InvalidName, InvalidOption, QueueMismatch, shown
+
+__all__ = [
+    "CONSUMER", "DEFAULT_NAMESPACE", "H_ID", "H_KIND", "H_REPLY", "Namespace",
+    "check_mismatch", "consumer_config", "dead_letter_headers", "decode_headers",
+    "encode_headers", "nak_delay", "parse_ack_subject", "parse_url", "queue_stats",
+    "settings_from_metadata", "stream_config", "ttl_header",
+]
+
+DEFAULT_NAMESPACE: Final = "aiobus"
+CONSUMER: Final = "aiobus"  # the one durable pull consumer of each queue's stream
+META_SETTINGS: Final = "aiobus.settings"  # stream metadata: the declared settings, JSON
+META_EXPLICIT: Final = "aiobus.declared"  # "1": declared; "0": created by use
+# aiobus's own fields as NATS headers; the application's headers travel beside them.
+H_KIND: Final = "Aiobus-Kind"  # protocol.BodyKind when not raw bytes
+H_ID: Final = "Aiobus-Id"  # a dead letter's original id (its Nats-Msg-Id is <stream>:<seq>)
+H_REPLY: Final = "Aiobus-Reply"  # a request's reply inbox
+H_MSG_ID: Final = "Nats-Msg-Id"
+H_TTL: Final = "Nats-TTL"
+_OURS: Final = frozenset({H_KIND, H_ID, H_REPLY, H_MSG_ID, H_TTL})
+# Per-message TTL is whole seconds on the server (ADR-43: at least 1 s).
+MIN_TTL: Final = 1
+_SAFE: Final = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-")
+
+
+def parse_url(url: str) -> tuple[str, str]:
+    """``nats://host:port[/namespace]`` -> (server URL for nats-py, namespace).
+
+    Raises:
+        InvalidOption: not a nats:// URL, or a bad namespace.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("nats", "tls"):
+        raise InvalidOption(f"not a NATS URL: {shown(url)}; expected nats://host:port")
+    namespace = parts.path.strip("/") or DEFAULT_NAMESPACE
+    if not namespace.replace("-", "").replace("_", "").isalnum():
+        raise InvalidOption(f"NATS namespace {shown(namespace)} (the URL's path) must be"
+                            " letters, digits, '-' or '_'")
+    server = f"{parts.scheme}://{parts.netloc}"
+    return server, namespace
+
+
+def _escape(name: str) -> str:
+    """A stream-name-safe, one-to-one spelling of a queue name: letters, digits and '-'
+    stay, '.' becomes '_', anything else (including '_') ``~<hex>~``."""
+    out = []
+    for ch in name:
+        if ch in _SAFE:
+            out.append(ch)
+        elif ch == ".":
+            out.append("_")
+        else:
+            out.append(f"~{ord(ch):x}~")
+    return "".join(out)
+
+
+class Namespace:
+    """Subjects and stream names of one namespace."""
+
+    __slots__ = ("name", "queue_prefix", "stream_prefix", "topic_prefix")
+
+    def __init__(self, name: str = DEFAULT_NAMESPACE) -> None:
+        self.name = name
+        self.queue_prefix = f"{name}.q."
+        self.topic_prefix = f"{name}.t."
+        self.stream_prefix = f"{_escape(name)}_q_"
+
+    def queue_subject(self, queue: str) -> str:
+        return self.queue_prefix + queue
+
+    def stream(self, queue: str) -> str:
+        return self.stream_prefix + _escape(queue)
+
+    def schedule_prefix(self, queue: str) -> str:
+        """Where delayed sends of ``queue`` wait: ``<ns>.s.<queue escaped>.<message id>``
+        (the queue as one token, so that ``a``'s never overlap ``a.dlq``'s)."""
+        return f"{self.name}.s.{_escape(queue)}."
+
+    def topic_subject(self, topic: str) -> str:
+        return self.topic_prefix + topic
+
+    def topic_of(self, subject: str) -> str:
+        return subject[len(self.topic_prefix):]
+
+    def queue_of(self, subject: str) -> str:
+        return subject[len(self.queue_prefix):]
+
+
+# -- settings ----------------------------------------------------------------------------
+
+
+def check_supported(name: str, settings: QueueSettings) -> None:
+    """Refuse settings NATS cannot honour, naming them (docs/nats.md).
+
+    Raises:
+        InvalidOption: ``max_length`` with ``overflow`` "block" or "dead-letter" (a
+            JetStream stream can refuse new messages, DiscardNew, or drop the oldest
+            silently; it cannot park a sender or dead-letter the oldest).
+    """
+    if settings.max_length is not None and settings.overflow != "reject":
+        raise InvalidOption(
+            f"queue {shown(name)}: overflow {settings.overflow!r} is not supported on NATS"
+            " (a JetStream stream cannot park a sender or dead-letter its oldest message);"
+            " use overflow='reject' with max_length")
+
+
+def stream_config(ns: Namespace, name: str, settings: QueueSettings, *, explicit: bool,
+                  replicas: int = 1) -> dict[str, Any]:
+    """The JetStream stream of queue ``name`` (``$JS.API.STREAM.CREATE`` body)."""
+    config: dict[str, Any] = {
+        "name": ns.stream(name),
+        "subjects": [ns.queue_subject(name), ns.schedule_prefix(name) + ">"],
+        "retention": "workqueue",
+        "storage": "file" if settings.durable else "memory",
+        "discard": "new" if settings.max_length is not None else "old",
+        "max_msgs": settings.max_length if settings.max_length is not None else -1,
+        "num_replicas": replicas,
+        "allow_msg_ttl": True,
+        # send(delay=...): server 2.12+; a stream with DiscardNew cannot have them.
+        "allow_msg_schedules": settings.max_length is None,
+        "duplicate_window": 120 * 10**9,  # as the local broker's dedup window
+        "metadata": {META_SETTINGS: json.dumps(settings.as_dict(), sort_keys=True),
+                     META_EXPLICIT: "1" if explicit else "0"},
+    }
+    return config
+
+
+def consumer_config(ns: Namespace, name: str, settings: QueueSettings) -> dict[str, Any]:
+    """The durable pull consumer shared by all of the queue's aiobus consumers. MaxDeliver
+    is ``max_deliveries + 1``: the client dead-letters a message on the arrival after
+    its last allowed attempt (the last attempt's ack timeout has no other hook)."""
+    return {
+        "durable_name": CONSUMER,
+        "ack_policy": "explicit",
+        "deliver_policy": "all",
+        "filter_subject": ns.queue_subject(name),
+        "ack_wait": int(settings.ack_timeout * 1e9),
+        "max_deliver": (settings.max_deliveries + 1
+                        if settings.max_deliveries is not None else -1),
+        "max_ack_pending": -1,  # prefetch is per client, counted by the client
+        "max_waiting": 4096,
+    }
+
+
+def settings_from_metadata(name: str, metadata: dict[str, str] | None
+                           ) -> tuple[QueueSettings, bool]:
+    """The settings a stream's metadata records, and whether they were declared.
+    A stream without them (made by something else) gets the defaults."""
+    raw = (metadata or {}).get(META_SETTINGS)
+    if raw is None:
+        return QueueSettings.for_queue(name), False
+    values = json.loads(raw)
+    return (QueueSettings.for_queue(name, values),
+            (metadata or {}).get(META_EXPLICIT) == "1")
+
+
+def check_mismatch(name: str, old: QueueSettings, new: QueueSettings) -> None:
+    """As the local broker: QueueMismatch naming each differing setting."""
+    if old == new:
+        return
+    a, b = old.as_dict(), new.as_dict()
+    diff = ", ".join(f"{k}: {shown(a[k])} != {shown(b[k])}" for k in a if a[k] != b[k])
+    raise QueueMismatch(f"queue {shown(name)} is already declared with other settings"
+                        f" ({diff}); use the same settings or another queue name")
+
+
+# -- headers -----------------------------------------------------------------------------
+
+
+def ttl_header(ttl: float) -> str:
+    """``Nats-TTL`` for ``ttl`` seconds: whole seconds, rounded up, at least 1."""
+    seconds = int(-(-ttl // 1))
+    return str(max(MIN_TTL, seconds))
+
+
+def check_seconds(what: str, value: float | None) -> None:
+    if value is not None and (type(value) not in (int, float) or not 0 < value < MAX_SECONDS):
+        raise InvalidOption(f"{what} must be a positive number of seconds below 1e9;"
+                            f" got {shown(value)}")
+
+
+def encode_headers(headers: dict[str, str] | None, kind: int, msg_id: str | None,
+                   ttl: float | None, reply: str | None = None) -> dict[str, str] | None:
+    """NATS headers for a message: the application's, then aiobus's."""
+    if not (headers or kind or msg_id or ttl or reply):
+        return None
+    out: dict[str, str] = {}
+    if headers:
+        for key in headers:
+            if key in _OURS or key.lower().startswith("nats-"):
+                raise InvalidName(f"header {shown(key)} is reserved on NATS")
+        out.update(headers)
+    if kind:
+        out[H_KIND] = str(kind)
+    if msg_id is not None:
+        out[H_MSG_ID] = msg_id
+    if ttl is not None:
+        out[H_TTL] = ttl_header(ttl)
+    if reply is not None:
+        out[H_REPLY] = reply
+    return out
+
+
+def schedule_headers(headers: dict[str, str] | None, kind: int, msg_id: str,
+                     ttl: float | None, due: float, target: str) -> dict[str, str]:
+    """Headers of a delayed send: a NATS 2.12 schedule (ADR-51) that stores the message
+    on ``target`` at ``due`` (epoch seconds), its TTL counted from then. The stored
+    message does not keep ``Nats-Msg-Id``, so the id also travels as ``Aiobus-Id``."""
+    out = encode_headers(headers, kind, msg_id, None) or {}
+    out[H_ID] = msg_id
+    when = datetime.datetime.fromtimestamp(due, datetime.UTC)
+    out["Nats-Schedule"] = "@at " + when.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    out["Nats-Schedule-Target"] = target
+    if ttl is not None:
+        out["Nats-Schedule-TTL"] = ttl_header(ttl) + "s"
+    return out
+
+
+def decode_headers(headers: dict[str, str] | None
+                   ) -> tuple[dict[str, str] | None, int, str | None, str | None]:
+    """(application headers or None, body kind, message id, reply inbox)."""
+    if not headers:
+        return None, 0, None, None
+    user = {k: v for k, v in headers.items()
+            if k not in _OURS and not k.startswith("Nats-")}
+    kind = int(headers.get(H_KIND, 0))
+    msg_id = headers.get(H_ID) or headers.get(H_MSG_ID)
+    return user or None, kind, msg_id, headers.get(H_REPLY)
+
+
+def dead_letter_headers(headers: dict[str, str] | None, *, queue: str, reason: str,
+                        attempts: int, now: float, text: str | None,
+                        consumer: tuple[int, int] | None) -> dict[str, str]:
+    """The ``x-dead-*`` headers, as the local broker's ``QueueManager.dead_letter``."""
+    out = dict(headers) if headers else {}
+    out["x-original-queue"] = queue
+    out["x-dead-reason"] = reason
+    out["x-attempts"] = str(attempts)
+    out["x-dead-time"] = f"{now:.6f}"
+    if text is not None:
+        out["x-reason-text"] = text
+    if consumer is not None:
+        out["x-consumer-pid"] = str(consumer[0])
+        out["x-consumer-uid"] = str(consumer[1])
+    return out
+
+
+# -- consuming ---------------------------------------------------------------------------
+
+
+def nak_delay(settings: QueueSettings, attempt: int, delay: float | None) -> float:
+    """Seconds before a nacked message's next attempt: ``delay`` if given, else the
+    queue's ``retry_delays`` schedule (the n-th retry waits ``retry_delays[min(n,
+    len)-1]``), else 0. Computed by the client: server-side BackOff would also stretch
+    explicit nak delays."""
+    if delay is not None:
+        return float(delay)
+    schedule = settings.retry_delays
+    if not schedule:
+        return 0.0
+    return float(schedule[min(attempt, len(schedule)) - 1])
+
+
+def parse_ack_subject(reply: str) -> tuple[int, int, float]:
+    """(stream sequence, delivery count, timestamp in epoch seconds) from a JetStream
+    ack subject: ``$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ns>.<pending>``
+    (v1) or with ``<domain>.<account hash>`` after ``ACK`` and a token at the end (v2).
+
+    Raises:
+        ValueError: not an ack subject.
+    """
+    tokens = reply.split(".")
+    if len(tokens) == 9:
+        base = 2
+    elif len(tokens) >= 11:
+        base = 4
+    else:
+        raise ValueError(f"not a JetStream ack subject: {reply!r}")
+    delivered = int(tokens[base + 2])
+    stream_seq = int(tokens[base + 3])
+    timestamp = int(tokens[base + 5]) / 1e9
+    return stream_seq, delivered, timestamp
+
+
+# -- statistics --------------------------------------------------------------------------
+
+
+def queue_stats(stream: dict[str, Any], consumer: dict[str, Any] | None,
+                settings: QueueSettings) -> dict[str, Any]:
+    """A queue's entry in ``bus.stats()["queues"]``, in the local broker's shape, from
+    JetStream stream and consumer info. ``delayed`` counts delayed sends (schedules);
+    a message given back (nack, release, expired lease) stays ``unacked`` until it is
+    delivered again, as JetStream keeps it ack-pending. What JetStream does not count
+    is None: the lifetime counters ``dead_lettered``, ``expired``, ``discarded`` and ``duplicates``.
+    ``consumers`` counts pull requests waiting (one per idle aiobus consumer), and
+    ``acked`` every message that left the stream (acked, dead-lettered or expired)."""
+    state = stream.get("state", {})
+    msgs = int(state.get("messages", 0))
+    if consumer is None:
+        ready, unacked, delivered, waiting = msgs - int(state.get("delayed", 0)), 0, 0, 0
+    else:
+        ready = int(consumer.get("num_pending", 0))
+        unacked = int(consumer.get("num_ack_pending", 0))
+        delivered = int(consumer.get("delivered", {}).get("consumer_seq", 0))
+        waiting = int(consumer.get("num_waiting", 0))
+    last_seq = int(state.get("last_seq", 0))
+    first_seq = int(state.get("first_seq", 0))
+    # Sequences below first_seq left by ack or purge; num_deleted are interior gaps.
+    gone = max(0, first_seq - 1) + int(state.get("num_deleted", 0)) if last_seq else 0
+    return {
+        "ready": ready,
+        "unacked": unacked,
+        "delayed": max(0, msgs - ready - unacked),
+        "parked": 0,
+        "consumers": waiting,
+        "sent": last_seq,
+        "delivered": delivered,
+        "acked": gone,
+        "dead_lettered": None,
+        "expired": None,
+        "discarded": None,
+        "duplicates": None,
+        "settings": settings.as_dict(),
+    }

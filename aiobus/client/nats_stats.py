@@ -1,0 +1,79 @@
+"""``bus.stats()`` on NATS: the local broker's shape (``broker/core.py`` ``stats``) from
+JetStream stream and consumer info; the mapping of each field is ``nats_map.queue_stats``.
+
+Kept apart from the backend so that it can follow the typed statistics model when that
+replaces the dict.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from ..errors import InvalidOption
+from ..names import check_pattern, matches
+from . import nats_map as nm
+
+if TYPE_CHECKING:
+    from .nats import NatsBackend
+
+__all__ = ["collect"]
+
+_DEFAULT_LIMIT = 10_000
+
+
+async def collect(backend: NatsBackend, options: dict[str, Any]) -> dict[str, Any]:
+    """Statistics of the namespace's queues and of this client's subscriptions."""
+    pattern = options.get("queues")
+    limit = options.get("limit", _DEFAULT_LIMIT)
+    after = options.get("after")
+    if pattern is not None:
+        check_pattern(pattern)
+    if type(limit) is not int or not 1 <= limit <= _DEFAULT_LIMIT:
+        raise InvalidOption(f"limit must be an int from 1 to {_DEFAULT_LIMIT}")
+    ns = backend.ns
+    names: list[str] = []
+    offset = 0
+    while True:
+        page = await backend._api("STREAM.LIST", {"offset": offset,
+                                                  "subject": ns.queue_prefix + ">"})
+        streams = page.get("streams") or []
+        for info in streams:
+            subjects = info["config"].get("subjects") or []
+            if not subjects or not subjects[0].startswith(ns.queue_prefix):
+                continue
+            names.append(ns.queue_of(subjects[0]))
+            backend._stream_info_cache[names[-1]] = info
+        offset += len(streams)
+        if not streams or offset >= int(page.get("total", 0)):
+            break
+    selected = sorted(n for n in names if (after is None or n > after)
+                      and (pattern is None or matches(pattern, n)))
+    total = len(selected) + (sum(1 for n in names if after is not None and n <= after
+                                 and (pattern is None or matches(pattern, n))))
+    page_names = selected[:limit]
+    queues: dict[str, Any] = {}
+    for name in page_names:
+        info = backend._stream_info_cache.pop(name)
+        settings, _ = nm.settings_from_metadata(name, info["config"].get("metadata"))
+        consumer = await backend._api(f"CONSUMER.INFO.{ns.stream(name)}.{nm.CONSUMER}")
+        queues[name] = nm.queue_stats(info, None if "error" in consumer else consumer,
+                                      settings)
+    backend._stream_info_cache.clear()
+    subs = [window.stats() for window in list(backend._subs.values())[:limit]]
+    return {
+        "server": backend.server_info.get("server", "nats-server"),
+        "time": time.time(),
+        "queues": queues,
+        "queues_total": total,
+        "queues_next": page_names[-1] if len(selected) > limit else None,
+        "topics": {
+            "published": backend._published,  # by this client: NATS does not count
+            "unrouted": None,  # NATS does not tell a publisher who received a message
+            "subscriptions": subs,  # this client's only
+            "subscriptions_total": len(backend._subs),
+        },
+        "connections": [],  # NATS's are in its monitoring endpoint (/connz), not here
+        "connections_total": None,
+        "journal": None,
+    }
