@@ -76,6 +76,7 @@ log = logging.getLogger(__name__)
 _API: Final = "$JS.API."
 _PULL_EXPIRES: Final = 10.0  # seconds a pull request waits on the server (408 after)
 _API_TIMEOUT: Final = 5.0
+_CLOSE_TIMEOUT: Final = 5.0  # aclose() waits this long for answers still due
 _HIGH_WATER: Final = 1024 * 1024  # nats-py buffer bytes above which writers wait
 _ERR_MAX_MSGS: Final = 10077  # JSStreamStoreFailedF "maximum messages exceeded"
 _ERR_STREAM_NOT_FOUND: Final = 10059
@@ -244,6 +245,8 @@ class NatsBackend:
     async def aclose(self) -> None:
         if self._error is not None:
             return
+        if self._tasks:  # dead letters being stored: let them finish (bounded)
+            await asyncio.wait(list(self._tasks), timeout=_CLOSE_TIMEOUT)
         for pull in list(self._pulls.values()):
             target = pull.target()
             if target is not None:
@@ -252,8 +255,7 @@ class NatsBackend:
                 self._stop_pull(pull)
         pending = [fut for fut in self._waiters.values() if not fut.done()]
         if pending:
-            with_timeout = asyncio.wait(pending, timeout=5.0)
-            await with_timeout
+            await asyncio.wait(pending, timeout=_CLOSE_TIMEOUT)
         error = ConnectionClosed("the bus was closed")
         self._fail_all(error)
         for task in list(self._tasks):

@@ -7,6 +7,7 @@ replaces the dict.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -73,7 +74,11 @@ async def collect(backend: NatsBackend, options: dict[str, Any]) -> dict[str, An
             "subscriptions": subs,  # this client's only
             "subscriptions_total": len(backend._subs),
         },
-        "connections": [],  # NATS's are in its monitoring endpoint (/connz), not here
+        # This client's own: NATS lists connections in its monitoring endpoint (/connz).
+        "connections": [{
+            "conn": None, "name": backend.name, "pid": os.getpid(), "uid": os.getuid(),
+            "gid": os.getgid(), "consumers": len(backend._pulls),
+            "subscriptions": len(backend._subs), "parked": 0, "parked_bytes": 0}],
         "connections_total": None,
         "journal": None,
     }

@@ -67,12 +67,18 @@ async def run(*args: str, stdin: bytes | None = None) -> Result:
 
 
 @pytest.fixture
-def cli(broker: BrokerProcess) -> Any:
+def cli(request: pytest.FixtureRequest) -> Any:
     """``await cli("send", "q", "x")``: the command against the ``broker`` fixture (with
-    ``--socket`` after the subcommand; tests also pass it before)."""
+    ``--socket`` after the subcommand; tests also pass it before), or for a ``[nats]``
+    test against its ``bus``'s nats:// URL."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and callspec.params.get("bus") == "nats":
+        path = request.getfixturevalue("bus").path
+    else:
+        path = request.getfixturevalue("broker").path
 
     async def call(*args: str, stdin: bytes | None = None) -> Result:
-        return await run(*args, "--socket", broker.path, stdin=stdin)
+        return await run(*args, "--socket", path, stdin=stdin)
 
     return call
 

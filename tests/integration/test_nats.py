@@ -1,0 +1,266 @@
+"""What only the NATS backend has, against a real nats-server (tests/integration/
+nats_server.py): its mapping of settings, the behaviours docs/nats.md documents where NATS
+differs from the local broker, and the ``aiobus`` command line on a nats:// URL."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from typing import Any
+
+import nats
+import pytest
+import pytest_asyncio
+
+import aiobus
+from aiobus.client.nats_map import Namespace, parse_url
+
+from .conftest import queue_stats
+from .nats_server import NatsServer, delete_namespace
+
+pytestmark = pytest.mark.asyncio
+
+AIOBUS = shutil.which("aiobus", path=os.path.dirname(sys.executable))
+TIMEOUT = 10.0
+
+
+@pytest_asyncio.fixture
+async def url(nats_server: NatsServer) -> Any:
+    """A namespace of its own on the session's nats-server."""
+    url = nats_server.namespace_url()
+    try:
+        yield url
+    finally:
+        await delete_namespace(url)
+
+
+async def next_msg(consumer: aiobus.Consumer, timeout: float = TIMEOUT) -> aiobus.Message:
+    return await asyncio.wait_for(anext(consumer), timeout)
+
+
+async def stream_info(url: str, queue: str) -> dict[str, Any]:
+    server, name = parse_url(url)
+    nc = await nats.connect(server)
+    try:
+        reply = await nc.request(f"$JS.API.STREAM.INFO.{Namespace(name).stream(queue)}", b"",
+                                 timeout=5)
+        consumer = await nc.request(
+            f"$JS.API.CONSUMER.INFO.{Namespace(name).stream(queue)}.aiobus", b"", timeout=5)
+    finally:
+        await nc.close()
+    info: dict[str, Any] = json.loads(reply.data)
+    info["consumer"] = json.loads(consumer.data)
+    return info
+
+
+async def test_settings_map_to_the_stream_and_a_second_declare_is_checked(url: str) -> None:
+    async with aiobus.connect(url) as bus, aiobus.connect(url) as other:
+        settings = await bus.declare_queue("jobs", max_length=10, overflow="reject",
+                                           ack_timeout=7, max_deliveries=3, durable=True)
+        info = await stream_info(url, "jobs")
+        config, consumer = info["config"], info["consumer"]["config"]
+        assert (config["retention"], config["discard"], config["max_msgs"]) == (
+            "workqueue", "new", 10)
+        assert config["storage"] == "file" and config["allow_msg_ttl"] is True
+        assert config["subjects"][0].endswith(".q.jobs")
+        assert consumer["ack_wait"] == 7 * 10**9 and consumer["max_deliver"] == 4
+        assert json.loads(config["metadata"]["aiobus.settings"]) == settings
+        # Another client's declare is checked against the metadata.
+        assert await other.declare_queue("jobs", max_length=10, overflow="reject",
+                                         ack_timeout=7, max_deliveries=3,
+                                         durable=True) == settings
+        with pytest.raises(aiobus.QueueMismatch, match="max_length"):
+            await other.declare_queue("jobs", max_length=11, overflow="reject",
+                                      ack_timeout=7, max_deliveries=3, durable=True)
+
+
+async def test_a_queue_created_by_use_adopts_its_first_declaration(url: str) -> None:
+    async with aiobus.connect(url) as bus:
+        await bus.send("jobs", 1)
+        assert (await queue_stats(bus, "jobs"))["settings"]["ack_timeout"] == 30.0
+        settings = await bus.declare_queue("jobs", ack_timeout=2)
+        assert settings["ack_timeout"] == 2.0
+        info = await stream_info(url, "jobs")
+        assert info["consumer"]["config"]["ack_wait"] == 2 * 10**9
+        with pytest.raises(aiobus.QueueMismatch):
+            await bus.declare_queue("jobs", ack_timeout=3)
+
+
+async def test_unsupported_settings_are_typed_errors(url: str) -> None:
+    async with aiobus.connect(url) as bus:
+        for overflow in ("block", "dead-letter"):
+            with pytest.raises(aiobus.InvalidOption, match=f"overflow '{overflow}'"):
+                await bus.declare_queue("bounded", max_length=2, overflow=overflow)
+        await bus.declare_queue("bounded", max_length=2, overflow="reject")
+        with pytest.raises(aiobus.InvalidOption, match="delay"):
+            await bus.send("bounded", 1, delay=1)  # schedules cannot use DiscardNew
+
+
+async def test_ttl_removes_the_message_without_dead_lettering_it(url: str) -> None:
+    """Documented: JetStream deletes an expired message (whole seconds, at least 1 s);
+    nothing reaches the dead-letter queue."""
+    async with aiobus.connect(url) as bus:
+        await bus.send("ttl", "stale", ttl=0.3)  # rounded up to 1 s
+        await bus.send("ttl", "fresh")
+        assert (await queue_stats(bus, "ttl"))["ready"] == 2
+        deadline = time.monotonic() + TIMEOUT
+        while (await queue_stats(bus, "ttl"))["ready"] != 1:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.1)
+        assert "ttl.dlq" not in (await bus.stats())["queues"]
+        async with bus.consume("ttl") as consumer:
+            assert (await next_msg(consumer)).body == "fresh"
+
+
+async def test_a_release_counts_an_attempt(url: str) -> None:
+    """Documented: a consumer that stops gives its messages back with a NAK."""
+    async with aiobus.connect(url) as bus:
+        await bus.send("jobs", "x")
+        async with bus.consume("jobs") as consumer:
+            assert (await next_msg(consumer)).attempt == 1
+        async with bus.consume("jobs") as consumer:
+            again = await next_msg(consumer)
+            assert (again.body, again.attempt) == ("x", 2)
+            await again.ack()
+
+
+async def test_an_exhausted_message_is_dead_lettered_on_its_final_arrival(url: str) -> None:
+    """A lease that times out on the last attempt: MaxDeliver is max_deliveries + 1, so
+    the message arrives once more and the client dead-letters it instead of delivering."""
+    async with aiobus.connect(url) as bus:
+        await bus.declare_queue("poison", max_deliveries=2, ack_timeout=0.5)
+        await bus.send("poison", "p", headers={"trace": "t"})
+        async with bus.consume("poison") as consumer:
+            first = await next_msg(consumer)
+            await first.nack(reason="first")
+            second = await next_msg(consumer)
+            assert second.attempt == 2  # held past its ack timeout: nobody answers it
+            async with bus.consume("poison.dlq") as dlq:
+                dead = await next_msg(dlq)
+        assert dead.id == first.id and dead.body == "p"
+        assert dead.headers["x-dead-reason"] == "max-deliveries"
+        assert dead.headers["x-attempts"] == "2" and dead.headers["trace"] == "t"
+        assert dead.headers["x-original-queue"] == "poison"
+        assert (await queue_stats(bus, "poison"))["ready"] == 0
+
+
+async def test_no_responders_is_a_request_timeout(url: str) -> None:
+    async with aiobus.connect(url) as bus:
+        started = time.monotonic()
+        with pytest.raises(aiobus.RequestTimeout):
+            await bus.request("rpc.nobody", 1, timeout=0.3)
+        assert time.monotonic() - started < 5
+
+
+async def test_a_delayed_send_is_a_schedule(url: str) -> None:
+    async with aiobus.connect(url) as bus:
+        sent = time.monotonic()
+        await bus.send("later", "x", delay=0.5, headers={"k": "v"})
+        stats = await queue_stats(bus, "later")
+        assert (stats["ready"], stats["delayed"]) == (0, 1)
+        async with bus.consume("later") as consumer:
+            msg = await next_msg(consumer)
+        assert time.monotonic() - sent >= 0.45
+        assert (msg.body, msg.headers, msg.attempt) == ("x", {"k": "v"}, 1)
+
+
+async def test_lifetime_counters_are_none_not_wrong(url: str) -> None:
+    async with aiobus.connect(url) as bus:
+        await bus.send("jobs", 1)
+        stats = await bus.stats()
+        queue = stats["queues"]["jobs"]
+        assert [queue[k] for k in ("dead_lettered", "expired", "discarded", "duplicates")] \
+            == [None] * 4
+        assert stats["topics"]["unrouted"] is None and stats["journal"] is None
+
+
+async def test_the_nats_extra_is_named_when_nats_py_is_missing(tmp_path: Any) -> None:
+    code = textwrap.dedent("""
+        import asyncio, sys
+        sys.modules["nats"] = None  # as if nats-py were not installed
+        import aiobus
+        async def main():
+            try:
+                await aiobus.connect("nats://127.0.0.1:1")
+            except aiobus.BrokerUnavailable as exc:
+                print(exc)
+        asyncio.run(main())
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=TIMEOUT, check=True)
+    assert "pip install 'aiobus[nats]'" in out.stdout, out
+
+
+# -- the command line on a nats:// URL ------------------------------------------------
+
+
+async def cli(url: str, *args: str, stdin: bytes | None = None) -> tuple[int, str, str]:
+    assert AIOBUS is not None
+    proc = await asyncio.create_subprocess_exec(
+        AIOBUS, *args, "--socket", url,
+        stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(stdin), 20)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_cli_send_consume_request_and_stat(url: str, spawn_client: Any) -> None:
+    assert await cli(url, "send", "jobs", "one", "-H", "k=v") == (0, "", "")
+    assert (await cli(url, "send", "jobs", "--lines", stdin=b"two\nthree\n"))[0] == 0
+    code, out, err = await cli(url, "consume", "jobs", "--count", "3")
+    assert (code, out.splitlines()) == (0, ["one", "two", "three"]), err
+    code, out, err = await cli(url, "stat", "--json")
+    assert code == 0, err
+    stats = json.loads(out)
+    assert stats["queues"]["jobs"]["ready"] == 0 and stats["queues"]["jobs"]["acked"] == 3
+    code, out, err = await cli(url, "stat")
+    assert code == 0 and any(line.split()[:3] == ["jobs", "0", "0"]
+                             for line in out.splitlines()), (out, err)
+    adder = await spawn_client("""
+        emit(ready=True)
+        async for msg in bus.consume("rpc.add"):
+            await msg.reply(sum(msg.body))
+    """, path=url)
+    assert await adder.line() == {"ready": True}
+    code, out, err = await cli(url, "request", "rpc.add", "[2, 5]", "--json")
+    assert (code, out) == (0, "7\n"), err
+    code, out, err = await cli(url, "request", "rpc.nobody", "x", "--timeout", "0.3")
+    assert code == 1 and err.startswith("aiobus: no reply")
+
+
+async def test_cli_publish_and_listen(url: str) -> None:
+    assert AIOBUS is not None
+    listen = await asyncio.create_subprocess_exec(
+        AIOBUS, "listen", "w.>", "--count", "2", "--socket", url,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        async with aiobus.connect(url) as bus:
+            # Publish until the listener has subscribed (pub/sub is at-most-once).
+            async with asyncio.timeout(20):
+                while listen.returncode is None:
+                    assert (await cli(url, "publish", "w.hk", "31 °C"))[0] == 0
+                    await bus.publish("w.x.y", {"c": [1]})
+                    try:
+                        await asyncio.wait_for(asyncio.shield(listen.wait()), 0.2)
+                    except TimeoutError:
+                        pass
+        out = (await listen.stdout.read()).decode() if listen.stdout else ""
+    finally:
+        if listen.returncode is None:
+            listen.kill()
+        await listen.wait()
+    assert listen.returncode == 0
+    lines = out.splitlines()
+    assert len(lines) == 2 and all(line.startswith("w.") for line in lines), lines
