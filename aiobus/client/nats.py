@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import functools
 import itertools
 import json
 import logging
@@ -56,7 +55,6 @@ from ..errors import (
     ConnectionClosed,
     ConnectionLost,
     InvalidOption,
-    LeaseError,
     NoSuchQueue,
     QueueFull,
     QueueNotEmpty,
@@ -66,7 +64,8 @@ from ..errors import (
 )
 from ..protocol import decode_body
 from . import nats_map as nm
-from .backend import ConnectionState, Outcome, StateChange, StreamTarget
+from .backend import ConnectionState, StateChange, StreamTarget
+from .nats_consume import Consuming, _Pull
 from .nats_topics import TopicWindow
 
 __all__ = ["NatsBackend"]
@@ -83,47 +82,7 @@ _ERR_STREAM_NOT_FOUND: Final = 10059
 _ERR_STREAM_IN_USE: Final = 10058
 
 
-class _Lease:
-    """One delivered queue message, as the application answers it."""
-
-    __slots__ = ("ack", "attempt", "data", "deadline", "headers", "kind", "mid", "pull",
-                 "reply", "seq", "settled")
-
-    def __init__(self, pull: _Pull, ack: str, seq: int, attempt: int, deadline: float,
-                 mid: str, data: bytes, kind: int, headers: dict[str, str] | None,
-                 reply: str | None) -> None:
-        self.pull = pull
-        self.ack = ack
-        self.seq = seq
-        self.attempt = attempt
-        self.deadline = deadline
-        self.mid = mid
-        self.data = data
-        self.kind = kind
-        self.headers = headers
-        self.reply = reply
-        self.settled = False
-
-
-class _Pull:
-    """One aiobus consumer: its inbox, its count of unacked and requested messages."""
-
-    def __init__(self, queue: str, stream: str, settings: QueueSettings, prefetch: int,
-                 target: weakref.ref[Any]) -> None:
-        self.queue = queue
-        self.stream = stream
-        self.settings = settings
-        self.prefetch = prefetch
-        self.target = target
-        self.inbox = ""
-        self.sid = 0
-        self.unacked = 0
-        self.outstanding = 0
-        self.leases: set[_Lease] = set()
-        self.stopped = False
-
-
-class NatsBackend:
+class NatsBackend(Consuming):
     """A connection to NATS. Open with :meth:`open`."""
 
     def __init__(self, url: str, name: str | None, *, reconnect: bool = True,
@@ -170,6 +129,7 @@ class NatsBackend:
         self._listeners: list[collections.deque[StateChange]] = []
         self._pid_uid = (os.getpid(), os.getuid())
         self._schedules = False  # the server has message schedules (2.12+)
+        self._swept: set[str] = set()  # streams whose MAX_DELIVERIES advisories we sweep
 
     # -- connection lifecycle -------------------------------------------------------------
 
@@ -375,6 +335,18 @@ class NatsBackend:
         result: dict[str, Any] = json.loads(msg.data)
         return result
 
+    def _unsubscribe(self, sid: int) -> None:
+        nc = self._nc
+        if sid in nc._subs and self._error is None and not nc.is_closed:
+            sub = nc._subs.pop(sid)
+            sub._stop_processing()
+            cmd = prot.unsub_cmd(sid, 0)
+            nc._pending.append(cmd)
+            nc._pending_data_size += len(cmd)
+            queue = nc._flush_queue
+            if nc.is_connected and queue is not None and queue.empty():
+                queue.put_nowait(self._loop.create_future())
+
     # -- the inbox: PubAcks and replies ---------------------------------------------------
 
     def _token(self) -> tuple[str, asyncio.Future[Any]]:
@@ -471,6 +443,7 @@ class NatsBackend:
                     "stream_name": stream, "action": "update",
                     "config": nm.consumer_config(self.ns, queue, settings)})
         self._queues[queue] = settings
+        await self._sweep(queue)
         return settings.as_dict()
 
     async def purge(self, queue: str) -> int:
@@ -620,260 +593,6 @@ class NatsBackend:
         _, body_kind, _, _ = nm.decode_headers(msg.headers)
         return decode_body(msg.data, body_kind)
 
-    # -- receiving: queues ----------------------------------------------------------------
-
-    async def consume(self, queue: str, prefetch: int, target: StreamTarget) -> None:
-        settings = await self._queue(queue)
-        stream = self.ns.stream(queue)
-        await self._ensure_consumer(queue, stream, settings)
-        pull = _Pull(queue, stream, settings, prefetch, weakref.ref(target))
-        pull.inbox = self._nc.new_inbox()  # not under self._inbox: its .* would keep
-        # interest in the pull requests of a stopped consumer, which the server honours
-        sub = await self._nc.subscribe(pull.inbox, cb=functools.partial(self._on_delivery, pull))
-        pull.sid = sub._id
-        self._pulls[pull.sid] = pull
-        target._handle = pull
-        self._pull(pull)
-
-    async def _ensure_consumer(self, queue: str, stream: str, settings: QueueSettings) -> None:
-        config = nm.consumer_config(self.ns, queue, settings)
-        result = await self._api(f"CONSUMER.CREATE.{stream}.{nm.CONSUMER}",
-                                 {"stream_name": stream, "config": config})
-        error = result.get("error")
-        if error is not None and error.get("err_code") == _ERR_STREAM_NOT_FOUND:
-            self._queues.pop(queue, None)
-            await self._queue(queue)
-            result = await self._api(f"CONSUMER.CREATE.{stream}.{nm.CONSUMER}",
-                                     {"stream_name": stream, "config": config})
-            error = result.get("error")
-        if error is not None and "already exists" not in str(error.get("description")):
-            raise BusError(f"NATS refused a consumer of queue {shown(queue)}:"
-                           f" {error.get('description')}")
-
-    def _pull(self, pull: _Pull) -> None:
-        """Ask for as many messages as the consumer has room for."""
-        want = pull.prefetch - pull.unacked - pull.outstanding
-        if want <= 0 or pull.stopped or not self.connected:
-            return
-        # Ask in batches of at least half the room, so acks one by one do not each
-        # cost a request (the local broker's credit works the same way).
-        if pull.outstanding and want < max(1, pull.prefetch // 2):
-            return
-        pull.outstanding += want
-        self._write(f"{_API}CONSUMER.MSG.NEXT.{pull.stream}.{nm.CONSUMER}",
-                    b'{"batch":%d,"expires":%d}' % (want, int(_PULL_EXPIRES * 1e9)),
-                    pull.inbox)
-
-    async def _on_delivery(self, pull: _Pull, msg: Msg) -> None:
-        headers = msg.headers
-        if not msg.reply:
-            status = headers.get("Status") if headers else None
-            if status in ("408", "409", "404"):
-                pending = headers.get("Nats-Pending-Messages") if headers else None
-                pull.outstanding = (max(0, pull.outstanding - int(pending))
-                                    if pending is not None else 0)
-                if status == "409" and "Deleted" in (headers or {}).get("Description", ""):
-                    self._spawn(self._recreate(pull))
-                    return
-                self._pull(pull)
-            return
-        pull.outstanding = max(0, pull.outstanding - 1)
-        seq, attempt, timestamp = nm.parse_ack_subject(msg.reply)
-        user, kind, mid, reply = nm.decode_headers(headers)
-        target = pull.target()
-        if pull.stopped or target is None:
-            self._write(msg.reply, b"-NAK")
-            return
-        lease = _Lease(pull, msg.reply, seq, attempt,
-                       time.monotonic() + pull.settings.ack_timeout,
-                       mid or f"{pull.stream}:{seq}", msg.data, kind, user, reply)
-        pull.unacked += 1
-        pull.leases.add(lease)
-        limit = pull.settings.max_deliveries
-        if limit is not None and attempt > limit:
-            # Its last attempt timed out: dead-letter it on this, its final arrival.
-            lease.settled = True
-            self._spawn(self._dead_letter(lease, "max-deliveries", limit, None))
-            return
-        target._deliver(lease, [lease.mid, pull.queue, msg.data, kind, user, timestamp],
-                        attempt, reply)
-
-    async def _recreate(self, pull: _Pull) -> None:
-        """The queue was deleted under this consumer: as with any use, it is there again."""
-        self._queues.pop(pull.queue, None)
-        pull.settings = await self._queue(pull.queue)
-        await self._ensure_consumer(pull.queue, pull.stream, pull.settings)
-        pull.outstanding = 0
-        self._pull(pull)
-
-    def cancel(self, handle: Any) -> None:
-        if isinstance(handle, _Pull):
-            self._stop_pull(handle)
-        elif isinstance(handle, TopicWindow):
-            self._subs.pop(handle.sid, None)
-            self._unsubscribe(handle.sid)
-
-    def _stop_pull(self, pull: _Pull) -> None:
-        if pull.stopped:
-            return
-        pull.stopped = True
-        self._pulls.pop(pull.sid, None)
-        self._unsubscribe(pull.sid)
-        if self._error is None:
-            for lease in pull.leases:  # released: another consumer gets them now
-                if not lease.settled:
-                    lease.settled = True
-                    self._write(lease.ack, b"-NAK")
-        pull.leases.clear()
-
-    def _unsubscribe(self, sid: int) -> None:
-        nc = self._nc
-        if sid in nc._subs and self._error is None and not nc.is_closed:
-            sub = nc._subs.pop(sid)
-            sub._stop_processing()
-            self._nc._pending.append(prot.unsub_cmd(sid, 0))
-            self._nc._pending_data_size += 10
-            queue = nc._flush_queue
-            if nc.is_connected and queue is not None and queue.empty():
-                queue.put_nowait(self._loop.create_future())
-
-    # -- leases ---------------------------------------------------------------------------
-
-    def _take(self, lease: _Lease) -> None:
-        """The lease is answered: free its slot, refill."""
-        lease.settled = True
-        pull = lease.pull
-        pull.leases.discard(lease)
-        pull.unacked -= 1
-        self._pull(pull)
-
-    def _expired(self, lease: _Lease) -> LeaseError | None:
-        if lease.settled and lease not in lease.pull.leases:
-            return LeaseError("the lease is no longer held (answered, or the consumer"
-                              " stopped)", code="lease-unknown")
-        if time.monotonic() > lease.deadline:
-            return LeaseError(f"the lease of message {lease.mid} expired (ack_timeout): the"
-                              " message is redelivered", code="lease-expired")
-        return None
-
-    def _refused(self, lease: _Lease, error: LeaseError) -> None:
-        self._async_errors += 1
-        target = lease.pull.target()
-        if target is not None:
-            target._answer_failed(error)
-
-    def ack_nowait(self, lease: Any) -> None:
-        error = self._expired(lease)
-        self._take(lease)
-        if error is not None:
-            self._refused(lease, error)
-            return
-        self._write(lease.ack, b"+ACK")
-        self._last_acked[lease.pull.stream] = lease.ack
-        self._answered[lease.pull.stream] = lease.ack
-
-    def settle_nowait(self, lease: Any, outcome: Outcome, delay: float | None = None,
-                      reason: str | None = None) -> None:
-        error = self._expired(lease)
-        if error is not None:
-            self._take(lease)
-            self._refused(lease, error)
-            return
-        if outcome == "ack":
-            self.ack_nowait(lease)
-        elif self._to_dead_letter(lease, outcome):
-            self._take(lease)
-            self._spawn(self._dead_letter(lease, _dead_reason(outcome), lease.attempt, reason))
-        else:
-            self._take(lease)
-            self._write(lease.ack, self._nak(lease, delay))
-            self._answered[lease.pull.stream] = self._last_acked.get(lease.pull.stream)
-
-    async def settle(self, lease: Any, outcome: Outcome, delay: float | None = None,
-                     reason: str | None = None) -> None:
-        error = self._expired(lease)
-        if error is not None:
-            self._take(lease)
-            raise error
-        self._take(lease)
-        if outcome == "ack":
-            await self._lease_request(lease, b"+ACK")
-        elif self._to_dead_letter(lease, outcome):
-            await self._dead_letter(lease, _dead_reason(outcome), lease.attempt, reason)
-        else:
-            await self._lease_request(lease, self._nak(lease, delay))
-
-    def _to_dead_letter(self, lease: _Lease, outcome: Outcome) -> bool:
-        if outcome == "reject":
-            return True
-        limit = lease.pull.settings.max_deliveries
-        return limit is not None and lease.attempt >= limit
-
-    def _nak(self, lease: _Lease, delay: float | None) -> bytes:
-        seconds = nm.nak_delay(lease.pull.settings, lease.attempt, delay)
-        if seconds <= 0:
-            return b"-NAK"
-        return b'-NAK {"delay":%d}' % int(seconds * 1e9)
-
-    async def _lease_request(self, lease: _Lease, payload: bytes) -> None:
-        """A confirmed answer: the server replies once it has it (the double ack)."""
-        inbox, fut = self._token()
-        self._write(lease.ack, payload, inbox)
-        try:
-            async with asyncio.timeout(_API_TIMEOUT):
-                await fut
-        except (nats.errors.NoRespondersError, TimeoutError):
-            raise LeaseError(f"message {lease.mid} is not held any more (its queue was"
-                             " deleted or purged)", code="lease-unknown") from None
-
-    async def _dead_letter(self, lease: _Lease, reason: str, attempts: int,
-                           text: str | None) -> None:
-        """Store the message in its dead-letter queue (deduplicated by <stream>:<seq>),
-        then terminate the original."""
-        pull = lease.pull
-        target = pull.settings.dead_letter
-        if target is not None:
-            await self._queue(target)
-            headers = nm.dead_letter_headers(
-                lease.headers, queue=pull.queue, reason=reason, attempts=attempts,
-                now=time.time(), text=text, consumer=self._pid_uid)
-            out = nm.encode_headers(headers, lease.kind, f"{pull.stream}:{lease.seq}", None)
-            assert out is not None
-            out[nm.H_ID] = lease.mid
-            inbox, fut = self._token()
-            self._write(self.ns.queue_subject(target), lease.data, inbox, out)
-            self._puback(target, await fut)
-        await self._lease_request(lease, b"+TERM")
-
-    async def extend(self, lease: Any, seconds: float) -> None:
-        nm.check_seconds("extend", seconds)
-        error = self._expired(lease)
-        if error is not None:
-            raise error
-        lease.deadline = time.monotonic() + max(seconds, lease.pull.settings.ack_timeout)
-        await self._lease_request(lease, b"+WPI")
-        if seconds > lease.pull.settings.ack_timeout:
-            self._spawn(self._keep_alive(lease, time.monotonic() + seconds))
-
-    async def _keep_alive(self, lease: _Lease, until: float) -> None:
-        """In-progress acks every half ack_timeout until ``until`` or an answer."""
-        interval = lease.pull.settings.ack_timeout / 2
-        while not lease.settled and time.monotonic() + interval < until:
-            await asyncio.sleep(interval)
-            if not lease.settled:
-                self._write(lease.ack, b"+WPI")
-
-    async def reply(self, lease: Any, data: bytes, kind: int,
-                    headers: dict[str, str] | None) -> None:
-        error = self._expired(lease)
-        if error is not None:
-            self._take(lease)
-            raise error
-        self._take(lease)
-        if lease.reply:
-            self._write(lease.reply, data, "", nm.encode_headers(headers, kind, None, None))
-        self._write(lease.ack, b"+ACK")
-
     # -- receiving: topics ----------------------------------------------------------------
 
     async def subscribe(self, pattern: str, max_pending: int, policy: str,
@@ -931,8 +650,3 @@ class NatsBackend:
                         await fut
                 except (TimeoutError, nats.errors.NoRespondersError):
                     pass  # the queue was deleted: nothing to wait for
-
-
-def _dead_reason(outcome: Outcome) -> str:
-    return "rejected" if outcome == "reject" else "max-deliveries"
-

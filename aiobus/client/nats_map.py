@@ -29,7 +29,8 @@ from ..errors import InvalidName, InvalidOption, QueueMismatch, shown
 __all__ = [
     "CONSUMER", "DEFAULT_NAMESPACE", "H_ID", "H_KIND", "H_REPLY", "Namespace",
     "check_mismatch", "consumer_config", "dead_letter_headers", "decode_headers",
-    "encode_headers", "nak_delay", "parse_ack_subject", "parse_url", "queue_stats",
+    "encode_headers", "nak_delay", "parse_ack_subject", "parse_raw_headers", "parse_url",
+    "queue_stats",
     "settings_from_metadata", "stream_config", "ttl_header",
 ]
 
@@ -240,6 +241,20 @@ def schedule_headers(headers: dict[str, str] | None, kind: int, msg_id: str,
     if ttl is not None:
         out["Nats-Schedule-TTL"] = ttl_header(ttl) + "s"
     return out
+
+
+def parse_raw_headers(raw: bytes) -> dict[str, str] | None:
+    """A NATS header block (``NATS/1.0\\r\\nKey: value\\r\\n...``), as a stored message
+    from ``STREAM.MSG.GET`` has it, as a dict (the last value of a repeated key)."""
+    if not raw:
+        return None
+    lines = raw.decode(errors="replace").split("\r\n")
+    out: dict[str, str] = {}
+    for line in lines[1:]:
+        key, sep, value = line.partition(":")
+        if sep and key:
+            out[key.strip()] = value.strip()
+    return out or None
 
 
 def decode_headers(headers: dict[str, str] | None

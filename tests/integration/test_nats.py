@@ -264,3 +264,35 @@ async def test_cli_publish_and_listen(url: str) -> None:
     assert listen.returncode == 0
     lines = out.splitlines()
     assert len(lines) == 2 and all(line.startswith("w.") for line in lines), lines
+
+
+async def test_the_sweeper_dead_letters_what_a_dead_consumer_left(url: str) -> None:
+    """A consumer that dies holding the final arrival (here a raw nats-py client that
+    never answers): when the next pull comes (a live consumer's), the server gives up
+    on the message (MAX_DELIVERIES advisory), and a client that declared or consumes the
+    queue moves it to the dead-letter queue and out of the stream."""
+    server, name = parse_url(url)
+    stream = Namespace(name).stream("fragile")
+    async with aiobus.connect(url) as bus:
+        await bus.declare_queue("fragile", max_deliveries=1, ack_timeout=0.3)
+        await bus.send("fragile", "doomed", headers={"trace": "t"})
+        nc = await nats.connect(server)
+        try:
+            inbox = nc.new_inbox()
+            sub = await nc.subscribe(inbox)
+            for attempt in (1, 2):  # MaxDeliver is max_deliveries + 1
+                await nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{stream}.aiobus",
+                                 b'{"batch": 1, "expires": 5000000000}', reply=inbox)
+                got = await sub.next_msg(timeout=5)
+                assert got.data.endswith(b"doomed") and got.reply, attempt
+        finally:
+            await nc.close()
+        async with bus.consume("fragile") as live, bus.consume("fragile.dlq") as dlq:
+            dead = await next_msg(dlq)
+            with pytest.raises(TimeoutError):
+                await next_msg(live, timeout=0.5)  # never delivered again
+        assert dead.body == "doomed" and dead.headers["trace"] == "t"
+        assert (dead.headers["x-dead-reason"], dead.headers["x-attempts"]) == (
+            "max-deliveries", "1")
+        stats = await queue_stats(bus, "fragile")
+        assert (stats["ready"], stats["unacked"]) == (0, 0)

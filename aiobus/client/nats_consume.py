@@ -1,0 +1,423 @@
+"""Queue consumers, leases and dead letters of the NATS backend (``client/nats.py``).
+
+Theory of operation
+-------------------
+Every aiobus consumer of a queue pulls from the queue's one durable JetStream consumer
+(``aiobus``) through an inbox of its own (a :class:`_Pull`): it asks for at most
+``prefetch - unacked - outstanding`` messages (``$JS.API.CONSUMER.MSG.NEXT``), with an
+expiry; the server answers each request with messages, then a 408 status once it
+expires, and the pull asks again. An inbox is not under the backend's ``_INBOX.<id>.*``:
+that wildcard would keep a stopped consumer's pull requests alive (the server drops
+requests whose reply subject has no interest).
+
+A delivered message is a :class:`_Lease` on its ack subject, whose tokens give the
+stream sequence, the delivery count (``attempt``) and the time stored. Answers:
+
+* ack: ``+ACK``; confirmed, as a request (the server answers: the double ack);
+* nack: ``-NAK {"delay": ns}`` with the delay the queue's ``retry_delays`` give
+  (``nats_map.nak_delay``), computed here because server-side BackOff would also
+  stretch explicit delays;
+* reject, and a nack of the last allowed attempt: the client stores the message in the
+  dead-letter queue with the local broker's ``x-dead-*`` headers, deduplicated by
+  ``<stream>:<seq>``, and then terminates it (``+TERM``: a work queue drops it);
+* extend: ``+WPI`` (in progress), repeated every half ``ack_timeout`` up to the time asked.
+
+The lease's deadline is kept here, so a late answer is refused as the local broker
+refuses it (``lease-expired``) and the message left to its redelivery. MaxDeliver is
+``max_deliveries + 1``: when the last attempt's ack timeout runs out, the message
+arrives once more and is dead-lettered on arrival. If its consumer died on that
+arrival, the server gives up on it and says so in a MAX_DELIVERIES advisory: every
+client that consumes or declares the queue sweeps such messages to the dead-letter
+queue (the same dedup id keeps it to one copy) and deletes them from the stream.
+A consumer that stops gives its unacked messages back with ``-NAK``: on NATS that
+counts an attempt (docs/nats.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import functools
+import json
+import logging
+import time
+import weakref
+from typing import TYPE_CHECKING, Any, Final
+
+import nats.errors
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+
+from ..broker.settings import QueueSettings
+from ..errors import BusError, LeaseError, shown
+from . import nats_map as nm
+from .backend import Outcome, StreamTarget
+from .nats_topics import TopicWindow
+
+__all__ = ["Consuming"]
+
+log = logging.getLogger(__name__)
+
+_API: Final = "$JS.API."
+_PULL_EXPIRES: Final = 10.0  # seconds a pull request waits on the server (408 after)
+_ANSWER_TIMEOUT: Final = 5.0
+_ERR_STREAM_NOT_FOUND: Final = 10059
+_ADVISORY: Final = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES."
+
+
+class _Lease:
+    """One delivered queue message, as the application answers it."""
+
+    __slots__ = ("ack", "attempt", "data", "deadline", "headers", "kind", "mid", "pull",
+                 "reply", "seq", "settled")
+
+    def __init__(self, pull: _Pull, ack: str, seq: int, attempt: int, deadline: float,
+                 mid: str, data: bytes, kind: int, headers: dict[str, str] | None,
+                 reply: str | None) -> None:
+        self.pull = pull
+        self.ack = ack
+        self.seq = seq
+        self.attempt = attempt
+        self.deadline = deadline
+        self.mid = mid
+        self.data = data
+        self.kind = kind
+        self.headers = headers
+        self.reply = reply
+        self.settled = False
+
+
+class _Pull:
+    """One aiobus consumer: its inbox, its count of unacked and requested messages."""
+
+    def __init__(self, queue: str, stream: str, settings: QueueSettings, prefetch: int,
+                 target: weakref.ref[Any]) -> None:
+        self.queue = queue
+        self.stream = stream
+        self.settings = settings
+        self.prefetch = prefetch
+        self.target = target
+        self.inbox = ""
+        self.sid = 0
+        self.unacked = 0
+        self.outstanding = 0
+        self.leases: set[_Lease] = set()
+        self.stopped = False
+
+
+class Consuming:
+    """The consuming half of :class:`~aiobus.client.nats.NatsBackend` (see the module
+    docstring); the backend's ``__init__`` sets these attributes."""
+
+    ns: nm.Namespace
+    connected: bool
+    _nc: NatsClient
+    _error: BusError | None
+    _async_errors: int
+    _pulls: dict[int, _Pull]
+    _subs: dict[int, TopicWindow]
+    _queues: dict[str, QueueSettings]
+    _answered: dict[str, str | None]
+    _last_acked: dict[str, str]
+    _swept: set[str]
+    _pid_uid: tuple[int, int]
+
+    if TYPE_CHECKING:
+        async def _api(self, subject: str,
+                       body: dict[str, Any] | None = None) -> dict[str, Any]: ...
+        async def _queue(self, name: str) -> QueueSettings: ...
+        def _write(self, subject: str, payload: bytes, reply: str = "",
+                   headers: dict[str, str] | None = None) -> None: ...
+        def _token(self) -> tuple[str, asyncio.Future[Any]]: ...
+        def _puback(self, queue: str, msg: Msg) -> None: ...
+        def _spawn(self, coro: Any) -> None: ...
+        def _unsubscribe(self, sid: int) -> None: ...
+
+    async def consume(self, queue: str, prefetch: int, target: StreamTarget) -> None:
+        settings = await self._queue(queue)
+        stream = self.ns.stream(queue)
+        await self._ensure_consumer(queue, stream, settings)
+        await self._sweep(queue)
+        pull = _Pull(queue, stream, settings, prefetch, weakref.ref(target))
+        pull.inbox = self._nc.new_inbox()  # not under self._inbox: its .* would keep
+        # interest in the pull requests of a stopped consumer, which the server honours
+        sub = await self._nc.subscribe(pull.inbox, cb=functools.partial(self._on_delivery, pull))
+        pull.sid = sub._id
+        self._pulls[pull.sid] = pull
+        target._handle = pull
+        self._pull(pull)
+
+    async def _ensure_consumer(self, queue: str, stream: str, settings: QueueSettings) -> None:
+        config = nm.consumer_config(self.ns, queue, settings)
+        result = await self._api(f"CONSUMER.CREATE.{stream}.{nm.CONSUMER}",
+                                 {"stream_name": stream, "config": config})
+        error = result.get("error")
+        if error is not None and error.get("err_code") == _ERR_STREAM_NOT_FOUND:
+            self._queues.pop(queue, None)
+            await self._queue(queue)
+            result = await self._api(f"CONSUMER.CREATE.{stream}.{nm.CONSUMER}",
+                                     {"stream_name": stream, "config": config})
+            error = result.get("error")
+        if error is not None and "already exists" not in str(error.get("description")):
+            raise BusError(f"NATS refused a consumer of queue {shown(queue)}:"
+                           f" {error.get('description')}")
+
+    def _pull(self, pull: _Pull) -> None:
+        """Ask for as many messages as the consumer has room for."""
+        want = pull.prefetch - pull.unacked - pull.outstanding
+        if want <= 0 or pull.stopped or not self.connected:
+            return
+        # Ask in batches of at least half the room, so acks one by one do not each
+        # cost a request (the local broker's credit works the same way).
+        if pull.outstanding and want < max(1, pull.prefetch // 2):
+            return
+        pull.outstanding += want
+        self._write(f"{_API}CONSUMER.MSG.NEXT.{pull.stream}.{nm.CONSUMER}",
+                    b'{"batch":%d,"expires":%d}' % (want, int(_PULL_EXPIRES * 1e9)),
+                    pull.inbox)
+
+    async def _on_delivery(self, pull: _Pull, msg: Msg) -> None:
+        headers = msg.headers
+        if not msg.reply:
+            status = headers.get("Status") if headers else None
+            if status in ("408", "409", "404"):
+                pending = headers.get("Nats-Pending-Messages") if headers else None
+                pull.outstanding = (max(0, pull.outstanding - int(pending))
+                                    if pending is not None else 0)
+                if status == "409" and "Deleted" in (headers or {}).get("Description", ""):
+                    self._spawn(self._recreate(pull))
+                    return
+                self._pull(pull)
+            return
+        pull.outstanding = max(0, pull.outstanding - 1)
+        seq, attempt, timestamp = nm.parse_ack_subject(msg.reply)
+        user, kind, mid, reply = nm.decode_headers(headers)
+        target = pull.target()
+        if pull.stopped or target is None:
+            self._write(msg.reply, b"-NAK")
+            return
+        lease = _Lease(pull, msg.reply, seq, attempt,
+                       time.monotonic() + pull.settings.ack_timeout,
+                       mid or f"{pull.stream}:{seq}", msg.data, kind, user, reply)
+        pull.unacked += 1
+        pull.leases.add(lease)
+        limit = pull.settings.max_deliveries
+        if limit is not None and attempt > limit:
+            # Its last attempt timed out: dead-letter it on this, its final arrival.
+            lease.settled = True
+            self._spawn(self._dead_letter(lease, "max-deliveries", limit, None))
+            return
+        target._deliver(lease, [lease.mid, pull.queue, msg.data, kind, user, timestamp],
+                        attempt, reply)
+
+    async def _sweep(self, queue: str) -> None:
+        """Dead-letter what the server gave up on (the module docstring): listen to the
+        queue's MAX_DELIVERIES advisories, once per client."""
+        stream = self.ns.stream(queue)
+        if stream in self._swept:
+            return
+        self._swept.add(stream)
+        await self._nc.subscribe(f"{_ADVISORY}{stream}.{nm.CONSUMER}",
+                                 cb=functools.partial(self._on_exhausted, queue))
+
+    async def _on_exhausted(self, queue: str, msg: Msg) -> None:
+        try:
+            seq = int(json.loads(msg.data)["stream_seq"])
+        except (ValueError, KeyError, TypeError):
+            log.warning("unreadable MAX_DELIVERIES advisory for queue %r", queue)
+            return
+        self._spawn(self._sweep_one(queue, seq))
+
+    async def _sweep_one(self, queue: str, seq: int) -> None:
+        stream = self.ns.stream(queue)
+        got = await self._api(f"STREAM.MSG.GET.{stream}", {"seq": seq})
+        stored = got.get("message")
+        if stored is None:
+            return  # dead-lettered by its consumer meanwhile, or deleted
+        settings = self._queues.get(queue) or await self._queue(queue)
+        headers = nm.parse_raw_headers(base64.b64decode(stored.get("hdrs") or ""))
+        user, kind, mid, _ = nm.decode_headers(headers)
+        target = settings.dead_letter
+        if target is not None:
+            await self._queue(target)
+            dead = nm.dead_letter_headers(
+                user, queue=queue, reason="max-deliveries",
+                attempts=settings.max_deliveries or 0, now=time.time(), text=None,
+                consumer=None)
+            out = nm.encode_headers(dead, kind, f"{stream}:{seq}", None) or {}
+            out[nm.H_ID] = mid or f"{stream}:{seq}"
+            inbox, fut = self._token()
+            data = base64.b64decode(stored.get("data") or "")
+            self._write(self.ns.queue_subject(target), data, inbox, out)
+            self._puback(target, await fut)
+        await self._api(f"STREAM.MSG.DELETE.{stream}", {"seq": seq, "no_erase": True})
+
+    async def _recreate(self, pull: _Pull) -> None:
+        """The queue was deleted under this consumer: as with any use, it is there again."""
+        self._queues.pop(pull.queue, None)
+        pull.settings = await self._queue(pull.queue)
+        await self._ensure_consumer(pull.queue, pull.stream, pull.settings)
+        pull.outstanding = 0
+        self._pull(pull)
+
+    def cancel(self, handle: Any) -> None:
+        if isinstance(handle, _Pull):
+            self._stop_pull(handle)
+        elif isinstance(handle, TopicWindow):
+            self._subs.pop(handle.sid, None)
+            self._unsubscribe(handle.sid)
+
+    def _stop_pull(self, pull: _Pull) -> None:
+        if pull.stopped:
+            return
+        pull.stopped = True
+        self._pulls.pop(pull.sid, None)
+        self._unsubscribe(pull.sid)
+        if self._error is None:
+            for lease in pull.leases:  # released: another consumer gets them now
+                if not lease.settled:
+                    lease.settled = True
+                    self._write(lease.ack, b"-NAK")
+        pull.leases.clear()
+
+    # -- leases ---------------------------------------------------------------------------
+
+    def _take(self, lease: _Lease) -> None:
+        """The lease is answered: free its slot, refill."""
+        lease.settled = True
+        pull = lease.pull
+        pull.leases.discard(lease)
+        pull.unacked -= 1
+        self._pull(pull)
+
+    def _expired(self, lease: _Lease) -> LeaseError | None:
+        if lease.settled and lease not in lease.pull.leases:
+            return LeaseError("the lease is no longer held (answered, or the consumer"
+                              " stopped)", code="lease-unknown")
+        if time.monotonic() > lease.deadline:
+            return LeaseError(f"the lease of message {lease.mid} expired (ack_timeout): the"
+                              " message is redelivered", code="lease-expired")
+        return None
+
+    def _refused(self, lease: _Lease, error: LeaseError) -> None:
+        self._async_errors += 1
+        target = lease.pull.target()
+        if target is not None:
+            target._answer_failed(error)
+
+    def ack_nowait(self, lease: Any) -> None:
+        error = self._expired(lease)
+        self._take(lease)
+        if error is not None:
+            self._refused(lease, error)
+            return
+        self._write(lease.ack, b"+ACK")
+        self._last_acked[lease.pull.stream] = lease.ack
+        self._answered[lease.pull.stream] = lease.ack
+
+    def settle_nowait(self, lease: Any, outcome: Outcome, delay: float | None = None,
+                      reason: str | None = None) -> None:
+        error = self._expired(lease)
+        if error is not None:
+            self._take(lease)
+            self._refused(lease, error)
+            return
+        if outcome == "ack":
+            self.ack_nowait(lease)
+        elif self._to_dead_letter(lease, outcome):
+            self._take(lease)
+            self._spawn(self._dead_letter(lease, _dead_reason(outcome), lease.attempt, reason))
+        else:
+            self._take(lease)
+            self._write(lease.ack, self._nak(lease, delay))
+            self._answered[lease.pull.stream] = self._last_acked.get(lease.pull.stream)
+
+    async def settle(self, lease: Any, outcome: Outcome, delay: float | None = None,
+                     reason: str | None = None) -> None:
+        error = self._expired(lease)
+        if error is not None:
+            self._take(lease)
+            raise error
+        self._take(lease)
+        if outcome == "ack":
+            await self._lease_request(lease, b"+ACK")
+        elif self._to_dead_letter(lease, outcome):
+            await self._dead_letter(lease, _dead_reason(outcome), lease.attempt, reason)
+        else:
+            await self._lease_request(lease, self._nak(lease, delay))
+
+    def _to_dead_letter(self, lease: _Lease, outcome: Outcome) -> bool:
+        if outcome == "reject":
+            return True
+        limit = lease.pull.settings.max_deliveries
+        return limit is not None and lease.attempt >= limit
+
+    def _nak(self, lease: _Lease, delay: float | None) -> bytes:
+        seconds = nm.nak_delay(lease.pull.settings, lease.attempt, delay)
+        if seconds <= 0:
+            return b"-NAK"
+        return b'-NAK {"delay":%d}' % int(seconds * 1e9)
+
+    async def _lease_request(self, lease: _Lease, payload: bytes) -> None:
+        """A confirmed answer: the server replies once it has it (the double ack)."""
+        inbox, fut = self._token()
+        self._write(lease.ack, payload, inbox)
+        try:
+            async with asyncio.timeout(_ANSWER_TIMEOUT):
+                await fut
+        except (nats.errors.NoRespondersError, TimeoutError):
+            raise LeaseError(f"message {lease.mid} is not held any more (its queue was"
+                             " deleted or purged)", code="lease-unknown") from None
+
+    async def _dead_letter(self, lease: _Lease, reason: str, attempts: int,
+                           text: str | None) -> None:
+        """Store the message in its dead-letter queue (deduplicated by <stream>:<seq>),
+        then terminate the original."""
+        pull = lease.pull
+        target = pull.settings.dead_letter
+        if target is not None:
+            await self._queue(target)
+            headers = nm.dead_letter_headers(
+                lease.headers, queue=pull.queue, reason=reason, attempts=attempts,
+                now=time.time(), text=text, consumer=self._pid_uid)
+            out = nm.encode_headers(headers, lease.kind, f"{pull.stream}:{lease.seq}", None)
+            assert out is not None
+            out[nm.H_ID] = lease.mid
+            inbox, fut = self._token()
+            self._write(self.ns.queue_subject(target), lease.data, inbox, out)
+            self._puback(target, await fut)
+        await self._lease_request(lease, b"+TERM")
+
+    async def extend(self, lease: Any, seconds: float) -> None:
+        nm.check_seconds("extend", seconds)
+        error = self._expired(lease)
+        if error is not None:
+            raise error
+        lease.deadline = time.monotonic() + max(seconds, lease.pull.settings.ack_timeout)
+        await self._lease_request(lease, b"+WPI")
+        if seconds > lease.pull.settings.ack_timeout:
+            self._spawn(self._keep_alive(lease, time.monotonic() + seconds))
+
+    async def _keep_alive(self, lease: _Lease, until: float) -> None:
+        """In-progress acks every half ack_timeout until ``until`` or an answer."""
+        interval = lease.pull.settings.ack_timeout / 2
+        while not lease.settled and time.monotonic() + interval < until:
+            await asyncio.sleep(interval)
+            if not lease.settled:
+                self._write(lease.ack, b"+WPI")
+
+    async def reply(self, lease: Any, data: bytes, kind: int,
+                    headers: dict[str, str] | None) -> None:
+        error = self._expired(lease)
+        if error is not None:
+            self._take(lease)
+            raise error
+        self._take(lease)
+        if lease.reply:
+            self._write(lease.reply, data, "", nm.encode_headers(headers, kind, None, None))
+        self._write(lease.ack, b"+ACK")
+
+
+def _dead_reason(outcome: Outcome) -> str:
+    return "rejected" if outcome == "reject" else "max-deliveries"
+
