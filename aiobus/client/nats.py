@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import datetime
 import itertools
 import json
 import logging
@@ -507,8 +508,9 @@ class NatsBackend(Consuming):
         subject = self.ns.queue_subject(queue)
         nats_headers: dict[str, str] | None
         if delay:
-            nats_headers = nm.schedule_headers(headers, kind, mid, ttl, time.time() + delay,
-                                               subject)
+            due = datetime.datetime.fromtimestamp(time.time() + delay, datetime.UTC)
+            nats_headers = nm.schedule_headers(
+                headers, kind, mid, ttl, due.strftime("%Y-%m-%dT%H:%M:%S.%fZ"), subject)
             subject = self.ns.schedule_prefix(queue) + mid
         else:
             nats_headers = nm.encode_headers(headers, kind, mid, ttl, reply)

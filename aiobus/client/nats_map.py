@@ -18,7 +18,6 @@ does not need a socket or a clock is here, so that unit tests check it with no s
 
 from __future__ import annotations
 
-import datetime
 import json
 from typing import Any, Final
 from urllib.parse import urlsplit
@@ -28,10 +27,10 @@ from ..errors import InvalidName, InvalidOption, QueueMismatch, shown
 
 __all__ = [
     "CONSUMER", "DEFAULT_NAMESPACE", "H_ID", "H_KIND", "H_REPLY", "Namespace",
-    "check_mismatch", "consumer_config", "dead_letter_headers", "decode_headers",
-    "encode_headers", "nak_delay", "parse_ack_subject", "parse_raw_headers", "parse_url",
-    "queue_stats",
-    "settings_from_metadata", "stream_config", "ttl_header",
+    "check_mismatch", "check_seconds", "check_supported", "consumer_config",
+    "dead_letter_headers", "decode_headers", "encode_headers", "nak_delay",
+    "parse_ack_subject", "parse_raw_headers", "parse_url", "queue_stats",
+    "schedule_headers", "settings_from_metadata", "stream_config", "ttl_header",
 ]
 
 DEFAULT_NAMESPACE: Final = "aiobus"
@@ -229,14 +228,13 @@ def encode_headers(headers: dict[str, str] | None, kind: int, msg_id: str | None
 
 
 def schedule_headers(headers: dict[str, str] | None, kind: int, msg_id: str,
-                     ttl: float | None, due: float, target: str) -> dict[str, str]:
+                     ttl: float | None, due: str, target: str) -> dict[str, str]:
     """Headers of a delayed send: a NATS 2.12 schedule (ADR-51) that stores the message
-    on ``target`` at ``due`` (epoch seconds), its TTL counted from then. The stored
+    on ``target`` at ``due`` (RFC 3339, UTC), its TTL counted from then. The stored
     message does not keep ``Nats-Msg-Id``, so the id also travels as ``Aiobus-Id``."""
     out = encode_headers(headers, kind, msg_id, None) or {}
     out[H_ID] = msg_id
-    when = datetime.datetime.fromtimestamp(due, datetime.UTC)
-    out["Nats-Schedule"] = "@at " + when.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    out["Nats-Schedule"] = "@at " + due
     out["Nats-Schedule-Target"] = target
     if ttl is not None:
         out["Nats-Schedule-TTL"] = ttl_header(ttl) + "s"

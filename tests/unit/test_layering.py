@@ -26,6 +26,8 @@ CORE_MODULES = [
     "broker/journal/replay.py",
     "client/connection.py",
     "client/session.py",
+    "client/nats_map.py",
+    "client/nats_topics.py",
     "protocol.py",
     "_frame_scan.py",
     "names.py",
