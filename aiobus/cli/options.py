@@ -48,7 +48,8 @@ class HelpFormatter(argparse.HelpFormatter):
 def add_socket_option(parser: argparse.ArgumentParser, default: Any) -> None:
     parser.add_argument(
         "--socket", metavar="PATH", default=default,
-        help="the broker's socket (default: $AIOBUS_SOCKET, else"
+        help="the broker's socket, or a nats://host:port URL (docs/nats.md) (default:"
+             " $AIOBUS_SOCKET, else"
              " $XDG_RUNTIME_DIR/aiobus.sock, else /tmp/aiobus-<uid>/aiobus.sock;"
              f" here: {default_socket_path()})",
     )
