@@ -74,13 +74,13 @@ __all__ = ["NatsBackend"]
 log = logging.getLogger(__name__)
 
 _API: Final = "$JS.API."
-_PULL_EXPIRES: Final = 10.0  # seconds a pull request waits on the server (408 after)
 _API_TIMEOUT: Final = 5.0
 _CLOSE_TIMEOUT: Final = 5.0  # aclose() waits this long for answers still due
+_PUBACK_TIMEOUT: Final = 2.0  # then the publish is sent again (deduplicated by its id)
 _HIGH_WATER: Final = 1024 * 1024  # nats-py buffer bytes above which writers wait
 _ERR_MAX_MSGS: Final = 10077  # JSStreamStoreFailedF "maximum messages exceeded"
-_ERR_STREAM_NOT_FOUND: Final = 10059
 _ERR_STREAM_IN_USE: Final = 10058
+_ERR_STREAM_NOT_FOUND: Final = 10059
 
 
 class NatsBackend(Consuming):
@@ -91,7 +91,7 @@ class NatsBackend(Consuming):
                  max_reconnect_time: float | None = None,
                  publish_buffer: int = 1024 * 1024) -> None:
         self.path = url
-        self._server, namespace = nm.parse_url(url)
+        self._server, namespace, self._replicas = nm.parse_url(url)
         self.ns = nm.Namespace(namespace)
         self.name = name
         self.server_info: dict[str, Any] = {}
@@ -130,6 +130,7 @@ class NatsBackend(Consuming):
         self._listeners: list[collections.deque[StateChange]] = []
         self._pid_uid = (os.getpid(), os.getuid())
         self._schedules = False  # the server has message schedules (2.12+)
+        self._watchdog: asyncio.Task[None] | None = None
         self._swept: set[str] = set()  # streams whose MAX_DELIVERIES advisories we sweep
 
     # -- connection lifecycle -------------------------------------------------------------
@@ -160,6 +161,7 @@ class NatsBackend(Consuming):
         self._unconfirmed_inbox = self._inbox + ".u"
         await self._nc.subscribe(self._inbox + ".*", cb=self._on_inbox)
         self.connected = True
+        self._watchdog = self._loop.create_task(self._watch_pulls())
 
     async def _on_disconnected(self) -> None:
         if self._error is not None or not self.connected:
@@ -187,6 +189,8 @@ class NatsBackend(Consuming):
 
     def _fail_all(self, error: BusError) -> None:
         self._error = error
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         self.connected = False
         self.writable = True
         for fut in self._waiters.values():
@@ -219,6 +223,8 @@ class NatsBackend(Consuming):
             await asyncio.wait(pending, timeout=_CLOSE_TIMEOUT)
         error = ConnectionClosed("the bus was closed")
         self._fail_all(error)
+        if self._watchdog is not None:
+            await asyncio.gather(self._watchdog, return_exceptions=True)
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -413,7 +419,8 @@ class NatsBackend(Consuming):
         return settings
 
     async def _create(self, name: str, settings: QueueSettings, *, explicit: bool) -> None:
-        config = nm.stream_config(self.ns, name, settings, explicit=explicit)
+        config = nm.stream_config(self.ns, name, settings, explicit=explicit,
+                                  replicas=self._replicas)
         result = await self._api("STREAM.CREATE." + config["name"], config)
         error = result.get("error")
         if error is not None and error.get("err_code") != _ERR_STREAM_IN_USE:
@@ -433,7 +440,8 @@ class NatsBackend(Consuming):
         if explicit:
             nm.check_mismatch(queue, old, settings)
         else:  # created by use: adopts its first declaration's settings
-            config = nm.stream_config(self.ns, queue, settings, explicit=True)
+            config = nm.stream_config(self.ns, queue, settings, explicit=True,
+                                      replicas=self._replicas)
             result = await self._api("STREAM.UPDATE." + stream, config)
             if "error" in result:
                 raise InvalidOption(f"queue {shown(queue)} cannot take these settings on"
@@ -514,17 +522,44 @@ class NatsBackend(Consuming):
             subject = self.ns.schedule_prefix(queue) + mid
         else:
             nats_headers = nm.encode_headers(headers, kind, mid, ttl, reply)
-        inbox, fut = self._token()
-        self._write(subject, data, inbox, nats_headers)
-        try:
-            ack = await fut
-        except nats.errors.NoRespondersError:
-            self._queues.pop(queue, None)  # deleted meanwhile: create it again, once
-            await self._queue(queue)
+        await self._publish(queue, subject, data, nats_headers)
+
+    async def _publish(self, queue: str, subject: str, data: bytes,
+                       headers: dict[str, str] | None) -> None:
+        """Publish to JetStream until a PubAck says yes or no. A PubAck that does not come
+        (a cluster electing a stream leader, a lost connection) is asked for again with
+        the same ``Nats-Msg-Id``: the stream keeps one copy (as the local broker's session
+        resends with the same id). Bounded by the caller's timeout, or the bus closing."""
+        delay = 0.05
+        while True:
             inbox, fut = self._token()
-            self._write(subject, data, inbox, nats_headers)
-            ack = await fut
-        self._puback(queue, ack)
+            self._write(subject, data, inbox, headers)
+            try:
+                async with asyncio.timeout(_PUBACK_TIMEOUT):
+                    ack = await fut
+            except TimeoutError:
+                self._waiters.pop(inbox[len(self._inbox) + 1:], None)
+                continue
+            except nats.errors.NoRespondersError:
+                # Nobody stores the subject: the stream was deleted (create it again, as
+                # any use does), or a cluster has no leader for it yet (wait).
+                try:
+                    info = await self._api("STREAM.INFO." + self.ns.stream(queue))
+                except BrokerUnavailable:
+                    info = {}  # JetStream itself is busy: wait as for a leader
+                if info.get("error", {}).get("err_code") == _ERR_STREAM_NOT_FOUND:
+                    self._queues.pop(queue, None)
+                    await self._queue(queue)
+                else:
+                    await asyncio.sleep(delay)
+                    delay = min(2 * delay, 1.0)
+                continue
+            if nm.is_temporary(ack.data):
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 1.0)
+                continue
+            self._puback(queue, ack)
+            return
 
     def send_nowait(self, queue: str, data: bytes, kind: int,
                     headers: dict[str, str] | None, ttl: float | None,

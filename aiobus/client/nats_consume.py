@@ -101,6 +101,7 @@ class _Pull:
         self.sid = 0
         self.unacked = 0
         self.outstanding = 0
+        self.heard = 0.0  # monotonic time of the last request, message or status
         self.leases: set[_Lease] = set()
         self.stopped = False
 
@@ -172,6 +173,7 @@ class Consuming:
         if pull.outstanding and want < max(1, pull.prefetch // 2):
             return
         pull.outstanding += want
+        pull.heard = time.monotonic()
         self._write(f"{_API}CONSUMER.MSG.NEXT.{pull.stream}.{nm.CONSUMER}",
                     b'{"batch":%d,"expires":%d}' % (want, int(_PULL_EXPIRES * 1e9)),
                     pull.inbox)
@@ -179,6 +181,7 @@ class Consuming:
     async def _on_delivery(self, pull: _Pull, msg: Msg) -> None:
         headers = msg.headers
         if not msg.reply:
+            pull.heard = time.monotonic()
             status = headers.get("Status") if headers else None
             if status in ("408", "409", "404"):
                 pending = headers.get("Nats-Pending-Messages") if headers else None
@@ -196,8 +199,8 @@ class Consuming:
         if pull.stopped or target is None:
             self._write(msg.reply, b"-NAK")
             return
-        lease = _Lease(pull, msg.reply, seq, attempt,
-                       time.monotonic() + pull.settings.ack_timeout,
+        pull.heard = now = time.monotonic()
+        lease = _Lease(pull, msg.reply, seq, attempt, now + pull.settings.ack_timeout,
                        mid or f"{pull.stream}:{seq}", msg.data, kind, user, reply)
         pull.unacked += 1
         pull.leases.add(lease)
@@ -209,6 +212,18 @@ class Consuming:
             return
         target._deliver(lease, [lease.mid, pull.queue, msg.data, kind, user, timestamp],
                         attempt, reply)
+
+    async def _watch_pulls(self) -> None:
+        """Ask again for a consumer whose pull request went unanswered past its expiry:
+        the server that held it died (a cluster node), so no 408 will come. One task per
+        backend, a look every second."""
+        while True:
+            await asyncio.sleep(1.0)
+            limit = time.monotonic() - _PULL_EXPIRES - 2.0
+            for pull in list(self._pulls.values()):
+                if pull.outstanding and pull.heard < limit:
+                    pull.outstanding = 0
+                    self._pull(pull)
 
     async def _sweep(self, queue: str) -> None:
         """Dead-letter what the server gave up on (the module docstring): listen to the

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 from typing import Any, Final
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from ..broker.settings import MAX_SECONDS, QueueSettings
 from ..errors import InvalidName, InvalidOption, QueueMismatch, shown
@@ -28,7 +28,7 @@ from ..errors import InvalidName, InvalidOption, QueueMismatch, shown
 __all__ = [
     "CONSUMER", "DEFAULT_NAMESPACE", "H_ID", "H_KIND", "H_REPLY", "Namespace",
     "check_mismatch", "check_seconds", "check_supported", "consumer_config",
-    "dead_letter_headers", "decode_headers", "encode_headers", "nak_delay",
+    "dead_letter_headers", "decode_headers", "encode_headers", "is_temporary", "nak_delay",
     "parse_ack_subject", "parse_raw_headers", "parse_url", "queue_stats",
     "schedule_headers", "settings_from_metadata", "stream_config", "ttl_header",
 ]
@@ -49,13 +49,22 @@ MIN_TTL: Final = 1
 _SAFE: Final = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-")
 
 
-def parse_url(url: str) -> tuple[str, str]:
-    """``nats://host:port[/namespace]`` -> (server URL for nats-py, namespace).
+def parse_url(url: str) -> tuple[str, str, int]:
+    """``nats://host:port[/namespace][?replicas=N]`` -> (server URL for nats-py,
+    namespace, replicas of the queues' streams this client creates: 1 by default, 3 or 5
+    in a cluster).
 
     Raises:
-        InvalidOption: not a nats:// URL, or a bad namespace.
+        InvalidOption: not a nats:// URL, a bad namespace or replicas.
     """
     parts = urlsplit(url)
+    query = parse_qs(parts.query)
+    try:
+        replicas = int(query.pop("replicas", ["1"])[-1])
+    except ValueError:
+        replicas = 0
+    if not 1 <= replicas <= 5 or query:
+        raise InvalidOption(f"NATS URL {shown(url)}: the only option is replicas=1..5")
     if parts.scheme not in ("nats", "tls"):
         raise InvalidOption(f"not a NATS URL: {shown(url)}; expected nats://host:port")
     namespace = parts.path.strip("/") or DEFAULT_NAMESPACE
@@ -63,7 +72,7 @@ def parse_url(url: str) -> tuple[str, str]:
         raise InvalidOption(f"NATS namespace {shown(namespace)} (the URL's path) must be"
                             " letters, digits, '-' or '_'")
     server = f"{parts.scheme}://{parts.netloc}"
-    return server, namespace
+    return server, namespace, replicas
 
 
 def _escape(name: str) -> str:
@@ -282,6 +291,16 @@ def dead_letter_headers(headers: dict[str, str] | None, *, queue: str, reason: s
         out["x-consumer-pid"] = str(consumer[0])
         out["x-consumer-uid"] = str(consumer[1])
     return out
+
+
+def is_temporary(puback: bytes) -> bool:
+    """A PubAck error worth retrying: JetStream is electing a leader or catching up (503,
+    "temporarily unavailable"), not a refusal of the message."""
+    if not puback.startswith(b'{"error"'):
+        return False
+    error = json.loads(puback)["error"]
+    return bool(error.get("code") == 503 or "temporarily unavailable"
+                in str(error.get("description", "")).lower())
 
 
 # -- consuming ---------------------------------------------------------------------------

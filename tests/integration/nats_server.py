@@ -46,12 +46,13 @@ def nats_server_binary() -> str:
 class NatsServer:
     """One nats-server process with JetStream; ``extra`` are more command-line options."""
 
-    def __init__(self, workdir: Path, *extra: str, name: str = "n") -> None:
+    def __init__(self, workdir: Path, *extra: str, name: str = "n", wait: bool = True
+                 ) -> None:
         self.workdir = workdir
         self.name = name
         self.store = workdir / f"{name}-js"
         self.log_path = workdir / f"{name}.log"
-        ports_dir = workdir / f"{name}-ports"
+        self._ports_dir = ports_dir = workdir / f"{name}-ports"
         ports_dir.mkdir(exist_ok=True)
         self._log = open(self.log_path, "wb")  # closed in stop()
         self.proc = subprocess.Popen(
@@ -59,14 +60,21 @@ class NatsServer:
              "-sd", str(self.store), "--ports_file_dir", str(ports_dir),
              "-n", name, *extra],
             stdout=self._log, stderr=subprocess.STDOUT)
+        self.url = self.monitor = ""
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
+        """Return once ``/healthz`` answers 200 (for a cluster node: once JetStream has a
+        meta leader, so start all nodes first); stop the server if it does not."""
         try:
-            self.url, self.monitor = self._wait_ready(ports_dir)
+            self.url, self.monitor = self._wait_ready(self._ports_dir, timeout)
         except BaseException:
             self.stop()
             raise
 
-    def _wait_ready(self, ports_dir: Path) -> tuple[str, str]:
-        deadline = time.monotonic() + READY_TIMEOUT
+    def _wait_ready(self, ports_dir: Path, timeout: float) -> tuple[str, str]:
+        deadline = time.monotonic() + timeout
         ports = ports_dir / f"{Path(nats_server_binary()).name}_{self.proc.pid}.ports"
         while True:
             if self.proc.poll() is not None:
@@ -82,7 +90,7 @@ class NatsServer:
                 except (ValueError, KeyError, OSError, urllib.error.URLError):
                     pass  # written in part, or not healthy yet
             if time.monotonic() > deadline:
-                raise TimeoutError(f"nats-server not ready after {READY_TIMEOUT} s:\n"
+                raise TimeoutError(f"nats-server not ready after {timeout} s:\n"
                                    + self.log_path.read_text(errors="replace"))
             time.sleep(0.02)
 
@@ -95,9 +103,11 @@ class NatsServer:
         return f"{self.url}/t{os.getpid()}x{next(_namespaces)}"
 
     def kill(self) -> None:
+        """SIGKILL and reap (a node that crashes)."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(REAP_TIMEOUT)
+        self._log.close()
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -128,7 +138,7 @@ async def delete_namespace(url: str) -> None:
 
     from aiobus.client.nats_map import Namespace, parse_url
 
-    server, name = parse_url(url)
+    server, name, _ = parse_url(url)
     ns = Namespace(name)
     nc = await nats.connect(server, allow_reconnect=False, connect_timeout=5)
     try:

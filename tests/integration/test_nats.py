@@ -45,7 +45,7 @@ async def next_msg(consumer: aiobus.Consumer, timeout: float = TIMEOUT) -> aiobu
 
 
 async def stream_info(url: str, queue: str) -> dict[str, Any]:
-    server, name = parse_url(url)
+    server, name, _ = parse_url(url)
     nc = await nats.connect(server)
     try:
         reply = await nc.request(f"$JS.API.STREAM.INFO.{Namespace(name).stream(queue)}", b"",
@@ -271,7 +271,7 @@ async def test_the_sweeper_dead_letters_what_a_dead_consumer_left(url: str) -> N
     never answers): when the next pull comes (a live consumer's), the server gives up
     on the message (MAX_DELIVERIES advisory), and a client that declared or consumes the
     queue moves it to the dead-letter queue and out of the stream."""
-    server, name = parse_url(url)
+    server, name, _ = parse_url(url)
     stream = Namespace(name).stream("fragile")
     async with aiobus.connect(url) as bus:
         await bus.declare_queue("fragile", max_deliveries=1, ack_timeout=0.3)

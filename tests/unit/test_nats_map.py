@@ -19,9 +19,10 @@ NS = nm.Namespace("aiobus")
 
 
 def test_urls_and_namespaces() -> None:
-    assert nm.parse_url("nats://127.0.0.1:4222") == ("nats://127.0.0.1:4222", "aiobus")
-    assert nm.parse_url("nats://h:1/staging") == ("nats://h:1", "staging")
-    for bad in ("http://h:1", "nats://h:1/a.b", "nats://h:1/a b"):
+    assert nm.parse_url("nats://127.0.0.1:4222") == ("nats://127.0.0.1:4222", "aiobus", 1)
+    assert nm.parse_url("nats://h:1/staging?replicas=3") == ("nats://h:1", "staging", 3)
+    for bad in ("http://h:1", "nats://h:1/a.b", "nats://h:1/a b", "nats://h:1?replicas=9",
+                "nats://h:1?replicas=x", "nats://h:1?other=1"):
         with pytest.raises(InvalidOption):
             nm.parse_url(bad)
 
