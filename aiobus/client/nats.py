@@ -475,6 +475,8 @@ class NatsBackend(Consuming):
         self._queues.pop(queue, None)
         for pull in list(self._pulls.values()):
             if pull.queue == queue:  # in use: there again at once, empty, with defaults
+                for lease in pull.leases:
+                    lease.gone = True  # its message went with the stream
                 await self._recreate(pull)
         return count
 
@@ -647,6 +649,8 @@ class NatsBackend(Consuming):
         self._subs[window.sid] = window
         target._handle = window
         window.on_disconnect = lambda: self.cancel(window)
+        # Registered once the server has the SUB (as the local broker's OK): a round trip.
+        await self._nc.flush(timeout=_API_TIMEOUT)  # type: ignore[arg-type]
 
     def credit(self, handle: Any, n: int) -> None:
         handle.credit(n)

@@ -68,8 +68,8 @@ _ADVISORY: Final = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES."
 class _Lease:
     """One delivered queue message, as the application answers it."""
 
-    __slots__ = ("ack", "attempt", "data", "deadline", "headers", "kind", "mid", "pull",
-                 "reply", "seq", "settled")
+    __slots__ = ("ack", "attempt", "data", "deadline", "gone", "headers", "kind", "mid",
+                 "pull", "reply", "seq", "settled")
 
     def __init__(self, pull: _Pull, ack: str, seq: int, attempt: int, deadline: float,
                  mid: str, data: bytes, kind: int, headers: dict[str, str] | None,
@@ -85,6 +85,7 @@ class _Lease:
         self.headers = headers
         self.reply = reply
         self.settled = False
+        self.gone = False  # its queue was deleted by this client
 
 
 class _Pull:
@@ -306,6 +307,9 @@ class Consuming:
         self._pull(pull)
 
     def _expired(self, lease: _Lease) -> LeaseError | None:
+        if lease.gone:
+            return LeaseError(f"message {lease.mid} was deleted with its queue",
+                              code="lease-unknown")
         if lease.settled and lease not in lease.pull.leases:
             return LeaseError("the lease is no longer held (answered, or the consumer"
                               " stopped)", code="lease-unknown")

@@ -294,12 +294,13 @@ def dead_letter_headers(headers: dict[str, str] | None, *, queue: str, reason: s
 
 
 def is_temporary(puback: bytes) -> bool:
-    """A PubAck error worth retrying: JetStream is electing a leader or catching up (503,
-    "temporarily unavailable"), not a refusal of the message."""
+    """A PubAck error worth retrying: JetStream is electing a leader or catching up
+    (10008, "temporarily unavailable"), not a refusal of the message (a full stream's
+    10077 is a 503 too)."""
     if not puback.startswith(b'{"error"'):
         return False
     error = json.loads(puback)["error"]
-    return bool(error.get("code") == 503 or "temporarily unavailable"
+    return bool(error.get("err_code") == 10008 or "temporarily unavailable"
                 in str(error.get("description", "")).lower())
 
 

@@ -1,8 +1,9 @@
 """The behaviour-suite cases the NATS backend does not support, each with its reason
-(README "On NATS" and docs/nats.md list the same). ``conftest.py`` marks the ``[nats]``
-case of each: XFAIL ones ``xfail(strict=True)`` (they run, and must fail: a fix shows up
-as XPASS), SKIP ones are skipped, because they speak the aiobus wire protocol to the
-broker's socket or would wait out JetStream's default 30 s AckWait.
+(docs/nats.md lists the same). ``conftest.py`` marks the ``[nats]`` case of each: XFAIL
+ones ``xfail(strict=True)`` (they run, and must fail: a fix shows up as XPASS); SKIP ones
+are skipped because they speak the aiobus wire protocol to the broker's socket, would
+wait out JetStream's 30 s AckWait, or would spend seconds waiting for what NATS does not
+do (those are SLOW: a quick test in test_nats.py pins the documented behaviour instead).
 """
 
 from __future__ import annotations
@@ -25,37 +26,46 @@ WIRE = "speaks the aiobus wire protocol to the broker's Unix socket"
 ACKWAIT = ("a killed consumer's messages come back after AckWait (30 s by default), beyond"
            " the test's timeout")
 
+# Not run as xfail because they would spend seconds waiting for what never happens; the
+# documented behaviour each stands for is pinned by a quick test in test_nats.py.
+SLOW = "(pinned by test_nats.py) "
+FLAKY = "(unit-tested in test_nats_map.py) "
+
 XFAIL: dict[str, str] = {
     "test_cancelling_a_consuming_task_releases_without_counting_an_attempt": RELEASE,
     "test_leaving_async_for_early_releases_and_unsubscribes": RELEASE,
     "test_closing_the_bus_releases_without_counting_an_attempt": RELEASE,
     "test_nack_with_delay_is_not_redelivered_before_the_delay": UNACKED,
-    "test_late_answers_are_logged_once_per_consumer_counted_and_the_loop_goes_on": UNACKED,
-    "test_strict_answers_raise_what_the_broker_says": UNACKED,
-    "test_expired_lease_stalls_a_consumer_even_with_free_prefetch_slots": (
-        "the stalled consumer's own pending pull request receives the redelivered message"),
     "test_parked_sends_of_a_producer_that_left_are_not_accepted": BLOCK,
     "test_overflow_block_makes_send_wait_for_room": BLOCK,
     "test_overflow_dead_letter_moves_the_oldest": BLOCK,
     "test_redeclare_with_other_settings_is_an_error": (
         BLOCK + "; test_nats.py checks a redeclare's QueueMismatch with overflow 'reject'"),
-    "test_ttl_expiry_is_eager": TTL,
-    "test_ttl_still_expires_a_message_released_after_its_deadline": TTL,
     "test_ttl_that_runs_out_after_release": TTL,
-    "test_ttl_of_a_delayed_send_counts_from_its_due_time": TTL,
-    "test_expired_requests_are_discarded_not_dead_lettered": COUNTERS,
     "test_purge_removes_waiting_messages_and_keeps_leased_ones": (
         "a JetStream purge also removes the messages consumers hold"),
-    "test_send_from_argument_stdin_lines_and_json": TTL,
     "test_reject_and_the_dead_letter_commands": (
         RELEASE + "; `aiobus dlq list` looks at dead letters by leasing and releasing them"),
     "test_stat_table_and_json": COUNTERS + "; NATS has no journal",
     "test_queue_list_purge_and_delete": CONSUMERS,
-    "test_presence_events_with_peer_credentials": (
-        "NATS has no presence events ($sys.client.*) and no peer credentials"),
 }
 
 SKIP: dict[str, str] = {
+    "test_slow_subscriber_disconnect_policy_closes_only_that_connection": FLAKY + (
+        "whether a reader falls behind a burst depends on how NATS delivers it, in one"
+        " read or several"),
+    "test_late_answers_are_logged_once_per_consumer_counted_and_the_loop_goes_on": (
+        SLOW + UNACKED),
+    "test_strict_answers_raise_what_the_broker_says": SLOW + UNACKED,
+    "test_expired_lease_stalls_a_consumer_even_with_free_prefetch_slots": SLOW + (
+        "the stalled consumer's own pending pull request receives the redelivered message"),
+    "test_ttl_expiry_is_eager": SLOW + TTL,
+    "test_ttl_still_expires_a_message_released_after_its_deadline": SLOW + TTL,
+    "test_ttl_of_a_delayed_send_counts_from_its_due_time": SLOW + TTL,
+    "test_expired_requests_are_discarded_not_dead_lettered": SLOW + COUNTERS,
+    "test_send_from_argument_stdin_lines_and_json": SLOW + TTL,
+    "test_presence_events_with_peer_credentials": SLOW + (
+        "NATS has no presence events ($sys.client.*) and no peer credentials"),
     "test_ack_nowait_batches_and_reports_late_acks": (
         UNACKED + "; whether the consumer's own pull request took it again before the"
         " check varies from run to run"),

@@ -296,3 +296,34 @@ async def test_the_sweeper_dead_letters_what_a_dead_consumer_left(url: str) -> N
             "max-deliveries", "1")
         stats = await queue_stats(bus, "fragile")
         assert (stats["ready"], stats["unacked"]) == (0, 0)
+
+
+async def test_a_given_back_message_counts_as_unacked_until_delivered_again(url: str) -> None:
+    """Documented: JetStream keeps a nacked message, or one whose lease expired,
+    ack-pending; and the consumer's own pull request may take it again at once."""
+    async with aiobus.connect(url) as bus:
+        await bus.declare_queue("jobs", ack_timeout=0.3)
+        await bus.send("jobs", "n")
+        async with bus.consume("jobs", prefetch=2) as consumer:
+            msg = await next_msg(consumer)
+            await msg.nack(delay=30)
+            stats = await queue_stats(bus, "jobs")
+            assert (stats["ready"], stats["unacked"], stats["delayed"]) == (0, 1, 0)
+        await bus.send("jobs", "held")
+        async with bus.consume("jobs", prefetch=2) as stalled:
+            held = await next_msg(stalled)
+            again = await next_msg(stalled)  # its lease expired: back to the same consumer
+            assert (again.body, again.attempt) == (held.body, 2)
+            with pytest.raises(aiobus.LeaseError) as info:
+                await held.ack(confirm=True)
+            assert info.value.code == "lease-expired"
+            await again.ack()
+
+
+async def test_there_are_no_presence_events(url: str) -> None:
+    async with aiobus.connect(url) as bus:
+        async with bus.subscribe("$sys.client.>") as presence:
+            async with aiobus.connect(url, name="alice"):
+                pass
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(anext(presence), 0.3)

@@ -217,3 +217,13 @@ def test_stream_config_metadata_is_json_of_the_settings() -> None:
     meta = nm.stream_config(NS, "x", settings, explicit=False)["metadata"]
     assert json.loads(meta["aiobus.settings"])["retry_delays"] == [1.0, 2.0]
     assert meta["aiobus.declared"] == "0"
+
+
+def test_temporary_puback_errors_are_retried_refusals_are_not() -> None:
+    def err(code: int, err_code: int, text: str) -> bytes:
+        return json.dumps({"error": {"code": code, "err_code": err_code,
+                                     "description": text}}).encode()
+
+    assert nm.is_temporary(err(503, 10008, "JetStream system temporarily unavailable"))
+    assert not nm.is_temporary(err(503, 10077, "maximum messages exceeded"))
+    assert not nm.is_temporary(b'{"stream":"s","seq":1}')
