@@ -11,21 +11,19 @@ messages:
   appended to nats-py's outgoing buffer by :meth:`NatsBackend._write`, a plain call
   that kicks nats-py's flusher once per loop turn, as its own ``publish`` does, but
   without a coroutine per message (the Backend protocol's rule: what cannot block is a
-  plain ``def``). Confirmed sends carry a reply subject under this client's inbox; the
-  PubAcks come back to one subscription and complete futures by token.
-* A queue is a JetStream stream with one durable pull consumer shared by every aiobus
-  consumer. Each aiobus consumer is a :class:`_Pull`: a private inbox and pull requests
-  for at most ``prefetch - unacked - outstanding`` messages, re-issued as leases are
-  answered and when a request expires (the 408 status): per-client prefetch lives here
-  because MaxAckPending is consumer-wide.
-* A lease is a :class:`_Lease` (the message's ack subject). Answers go to that subject:
-  ``+ACK`` (a request when confirmed: the double ack), ``-NAK`` with the delay the
-  queue's schedule gives, ``+WPI`` to extend, ``+TERM`` after a dead letter was
-  stored. The client knows each lease's deadline and refuses a late answer as the
-  local broker does (``lease-expired``), leaving the message to its redelivery.
+  plain ``def``). It reaches into nats-py's private buffer (``_pending``,
+  ``_flush_queue``), as the version range in pyproject pins. Confirmed sends carry a
+  reply subject under this client's inbox; the PubAcks come back to one subscription
+  and complete futures by token.
+* A queue is a JetStream stream (``nats_queues.py``) with one durable pull consumer
+  shared by every aiobus consumer; pulls, leases and dead letters are in
+  ``nats_consume.py``.
+* A confirmed send whose PubAck does not come (a cluster electing a leader) is sent
+  again with the same ``Nats-Msg-Id``, which the stream deduplicates.
 * Topics are core subjects; a subscription's window (``max_pending`` in flight to the
-  application plus ``max_pending`` waiting, the policy beyond) is kept here, credited by
-  the stream as the local broker credits its subscriptions.
+  application plus ``max_pending`` waiting, the policy beyond) is kept in the client
+  (``nats_topics.py``), credited by the stream as the local broker credits its
+  subscriptions.
 """
 
 from __future__ import annotations
@@ -56,9 +54,7 @@ from ..errors import (
     ConnectionClosed,
     ConnectionLost,
     InvalidOption,
-    NoSuchQueue,
     QueueFull,
-    QueueNotEmpty,
     RequestTimeout,
     SendTimeout,
     shown,
@@ -67,6 +63,7 @@ from ..protocol import decode_body
 from . import nats_map as nm
 from .backend import ConnectionState, StateChange, StreamTarget
 from .nats_consume import Consuming, _Pull
+from .nats_queues import Queues
 from .nats_topics import TopicWindow
 
 __all__ = ["NatsBackend"]
@@ -77,13 +74,13 @@ _API: Final = "$JS.API."
 _API_TIMEOUT: Final = 5.0
 _CLOSE_TIMEOUT: Final = 5.0  # aclose() waits this long for answers still due
 _PUBACK_TIMEOUT: Final = 2.0  # then the publish is sent again (deduplicated by its id)
+_NO_NEWLINES: Final = str.maketrans("\r\n", "  ")
 _HIGH_WATER: Final = 1024 * 1024  # nats-py buffer bytes above which writers wait
 _ERR_MAX_MSGS: Final = 10077  # JSStreamStoreFailedF "maximum messages exceeded"
-_ERR_STREAM_IN_USE: Final = 10058
 _ERR_STREAM_NOT_FOUND: Final = 10059
 
 
-class NatsBackend(Consuming):
+class NatsBackend(Queues, Consuming):
     """A connection to NATS. Open with :meth:`open`."""
 
     def __init__(self, url: str, name: str | None, *, reconnect: bool = True,
@@ -298,12 +295,10 @@ class NatsBackend(Consuming):
         if headers is None:
             cmd = prot.pub_cmd(subject, reply, payload)
         else:
-            hdr = bytearray(b"NATS/1.0\r\n")
-            for key, value in headers.items():
-                hdr += f"{key}: {value}\r\n".replace("\n", " ").replace("\r", " ")[:-2].encode()
-                hdr += b"\r\n"
-            hdr += b"\r\n"
-            cmd = prot.hpub_cmd(subject, reply, hdr, payload)
+            # NATS header values end at a line break: one inside a value becomes a space.
+            hdr = "NATS/1.0\r\n" + "".join(
+                f"{key}: {value.translate(_NO_NEWLINES)}\r\n" for key, value in headers.items())
+            cmd = prot.hpub_cmd(subject, reply, (hdr + "\r\n").encode(), payload)
         if not nc.is_connected:
             if nc._pending_data_size + len(cmd) > self._publish_buffer:
                 self._dropped += 1
@@ -392,93 +387,6 @@ class NatsBackend(Consuming):
                             " refused (overflow 'reject')")
         raise BusError(f"NATS refused a send to queue {shown(queue)}:"
                        f" {error.get('description')}")
-
-    # -- queues: existence and settings ---------------------------------------------------
-
-    async def _queue(self, name: str) -> QueueSettings:
-        """The settings of queue ``name``, creating its stream with the defaults if it
-        does not exist (a queue created by use, as on the local broker)."""
-        settings = self._queues.get(name)
-        if settings is not None:
-            return settings
-        # Concurrent first sends wait for one lookup, and keep their order.
-        looking = self._looking.get(name)
-        if looking is None:
-            looking = self._looking[name] = asyncio.ensure_future(self._look_up(name))
-            looking.add_done_callback(lambda _: self._looking.pop(name, None))
-        return await asyncio.shield(looking)
-
-    async def _look_up(self, name: str) -> QueueSettings:
-        info = await self._api("STREAM.INFO." + self.ns.stream(name))
-        if "error" not in info:
-            settings, _ = nm.settings_from_metadata(name, info["config"].get("metadata"))
-        else:
-            settings = QueueSettings.for_queue(name)
-            await self._create(name, settings, explicit=False)
-        self._queues[name] = settings
-        return settings
-
-    async def _create(self, name: str, settings: QueueSettings, *, explicit: bool) -> None:
-        config = nm.stream_config(self.ns, name, settings, explicit=explicit,
-                                  replicas=self._replicas)
-        result = await self._api("STREAM.CREATE." + config["name"], config)
-        error = result.get("error")
-        if error is not None and error.get("err_code") != _ERR_STREAM_IN_USE:
-            raise InvalidOption(f"NATS refused queue {shown(name)}: {error.get('description')}")
-        if error is None:  # its consumer from the start: stats count ready from it
-            await self._ensure_consumer(name, config["name"], settings)
-
-    async def declare(self, queue: str, options: dict[str, Any]) -> dict[str, Any]:
-        settings = QueueSettings.for_queue(queue, options)
-        nm.check_supported(queue, settings)
-        stream = self.ns.stream(queue)
-        info = await self._api("STREAM.INFO." + stream)
-        if "error" in info:
-            await self._create(queue, settings, explicit=True)
-            info = await self._api("STREAM.INFO." + stream)
-        old, explicit = nm.settings_from_metadata(queue, info["config"].get("metadata"))
-        if explicit:
-            nm.check_mismatch(queue, old, settings)
-        else:  # created by use: adopts its first declaration's settings
-            config = nm.stream_config(self.ns, queue, settings, explicit=True,
-                                      replicas=self._replicas)
-            result = await self._api("STREAM.UPDATE." + stream, config)
-            if "error" in result:
-                raise InvalidOption(f"queue {shown(queue)} cannot take these settings on"
-                                    f" NATS: {result['error'].get('description')}")
-            consumer = await self._api(f"CONSUMER.INFO.{stream}.{nm.CONSUMER}")
-            if "error" not in consumer:
-                await self._api(f"CONSUMER.CREATE.{stream}.{nm.CONSUMER}", {
-                    "stream_name": stream, "action": "update",
-                    "config": nm.consumer_config(self.ns, queue, settings)})
-        self._queues[queue] = settings
-        await self._sweep(queue)
-        return settings.as_dict()
-
-    async def purge(self, queue: str) -> int:
-        stream = self.ns.stream(queue)
-        result = await self._api("STREAM.PURGE." + stream)
-        if "error" in result:
-            raise NoSuchQueue(f"no such queue: {shown(queue)}")
-        return int(result.get("purged", 0))
-
-    async def delete(self, queue: str, if_empty: bool) -> int:
-        stream = self.ns.stream(queue)
-        info = await self._api("STREAM.INFO." + stream)
-        if "error" in info:
-            raise NoSuchQueue(f"no such queue: {shown(queue)}")
-        count = int(info["state"].get("messages", 0))
-        if if_empty and count:
-            raise QueueNotEmpty(f"queue {shown(queue)} is not empty: {count} ready or"
-                                " unacked; nothing was deleted")
-        await self._api("STREAM.DELETE." + stream)
-        self._queues.pop(queue, None)
-        for pull in list(self._pulls.values()):
-            if pull.queue == queue:  # in use: there again at once, empty, with defaults
-                for lease in pull.leases:
-                    lease.gone = True  # its message went with the stream
-                await self._recreate(pull)
-        return count
 
     # -- producing ------------------------------------------------------------------------
 
@@ -641,7 +549,8 @@ class NatsBackend(Consuming):
 
         async def on_message(msg: Msg) -> None:
             user, kind, _, _ = nm.decode_headers(msg.headers)
-            window.offer([None, msg.subject[prefix_len:], msg.data, kind, user, time.time()])
+            # No id on core NATS, and no broker clock: the receiving client's time.
+            window.offer(["", msg.subject[prefix_len:], msg.data, kind, user, time.time()])
 
         sub = await self._nc.subscribe(self.ns.topic_prefix + pattern, cb=on_message,
                                        pending_msgs_limit=-1, pending_bytes_limit=-1)

@@ -46,6 +46,7 @@ H_TTL: Final = "Nats-TTL"
 _OURS: Final = frozenset({H_KIND, H_ID, H_REPLY, H_MSG_ID, H_TTL})
 # Per-message TTL is whole seconds on the server (ADR-43: at least 1 s).
 MIN_TTL: Final = 1
+_BAD_KEY: Final = frozenset(": \t\r\n")
 _SAFE: Final = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-")
 
 
@@ -224,6 +225,9 @@ def encode_headers(headers: dict[str, str] | None, kind: int, msg_id: str | None
         for key in headers:
             if key in _OURS or key.lower().startswith("nats-"):
                 raise InvalidName(f"header {shown(key)} is reserved on NATS")
+            if not key or not _BAD_KEY.isdisjoint(key):
+                raise InvalidName(f"header {shown(key)}: NATS header names cannot be empty"
+                                  " or contain ':' or whitespace")
         out.update(headers)
     if kind:
         out[H_KIND] = str(kind)

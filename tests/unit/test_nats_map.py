@@ -90,7 +90,7 @@ def test_headers_round_trip_and_reserved_names() -> None:
     assert nm.decode_headers(out) == ({"trace": "t"}, 1, "id-1", "_INBOX.x.7")
     assert nm.encode_headers(None, 0, None, None) is None
     assert nm.decode_headers(None) == (None, 0, None, None)
-    for reserved in ("Nats-TTL", "nats-expected-stream", "Aiobus-Kind"):
+    for reserved in ("Nats-TTL", "nats-expected-stream", "Aiobus-Kind", "a:b", "a b", ""):
         with pytest.raises(InvalidName):
             nm.encode_headers({reserved: "x"}, 0, None, None)
     # A dead letter's Nats-Msg-Id is <stream>:<seq>; its id is the original's.

@@ -1,0 +1,131 @@
+"""Queues as JetStream streams: their existence, settings and administration, for the
+NATS backend (``client/nats.py``).
+
+A queue exists once its stream does. Any use (send, consume) of an unknown queue
+creates its stream with the broker's defaults for that name (``QueueSettings.for_queue``:
+one table of defaults) and marks it created by use; ``declare_queue`` creates it with the
+settings given, or checks them against those in the stream's metadata (``QueueMismatch``),
+or, for a queue created by use, updates the stream and its consumer to them (the local
+broker's rule: such a queue adopts its first declaration). Each stream gets its durable
+consumer when it is created, so statistics always have one to read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any, Final
+
+from ..broker.settings import QueueSettings
+from ..errors import InvalidOption, NoSuchQueue, QueueNotEmpty, shown
+from . import nats_map as nm
+
+if TYPE_CHECKING:
+    from .nats_consume import _Pull
+
+__all__ = ["Queues"]
+
+_ERR_STREAM_IN_USE: Final = 10058
+
+
+class Queues:
+    """The queue half of :class:`~aiobus.client.nats.NatsBackend` (see the module
+    docstring); the backend's ``__init__`` sets these attributes."""
+
+    ns: nm.Namespace
+    _replicas: int
+    _queues: dict[str, QueueSettings]
+    _looking: dict[str, asyncio.Future[QueueSettings]]
+    _pulls: dict[int, _Pull]
+
+    if TYPE_CHECKING:
+        async def _api(self, subject: str,
+                       body: dict[str, Any] | None = None) -> dict[str, Any]: ...
+        async def _ensure_consumer(self, queue: str, stream: str,
+                                   settings: QueueSettings) -> None: ...
+        async def _sweep(self, queue: str) -> None: ...
+        async def _recreate(self, pull: _Pull) -> None: ...
+
+    async def _queue(self, name: str) -> QueueSettings:
+        """The settings of queue ``name``, creating its stream with the defaults if it
+        does not exist (a queue created by use, as on the local broker)."""
+        settings = self._queues.get(name)
+        if settings is not None:
+            return settings
+        # Concurrent first sends wait for one lookup, and keep their order.
+        looking = self._looking.get(name)
+        if looking is None:
+            looking = self._looking[name] = asyncio.ensure_future(self._look_up(name))
+            looking.add_done_callback(lambda _: self._looking.pop(name, None))
+        return await asyncio.shield(looking)
+
+    async def _look_up(self, name: str) -> QueueSettings:
+        info = await self._api("STREAM.INFO." + self.ns.stream(name))
+        if "error" not in info:
+            settings, _ = nm.settings_from_metadata(name, info["config"].get("metadata"))
+        else:
+            settings = QueueSettings.for_queue(name)
+            await self._create(name, settings, explicit=False)
+        self._queues[name] = settings
+        return settings
+
+    async def _create(self, name: str, settings: QueueSettings, *, explicit: bool) -> None:
+        config = nm.stream_config(self.ns, name, settings, explicit=explicit,
+                                  replicas=self._replicas)
+        result = await self._api("STREAM.CREATE." + config["name"], config)
+        error = result.get("error")
+        if error is not None and error.get("err_code") != _ERR_STREAM_IN_USE:
+            raise InvalidOption(f"NATS refused queue {shown(name)}: {error.get('description')}")
+        if error is None:  # its consumer from the start: stats count ready from it
+            await self._ensure_consumer(name, config["name"], settings)
+
+    async def declare(self, queue: str, options: dict[str, Any]) -> dict[str, Any]:
+        settings = QueueSettings.for_queue(queue, options)
+        nm.check_supported(queue, settings)
+        stream = self.ns.stream(queue)
+        info = await self._api("STREAM.INFO." + stream)
+        if "error" in info:
+            await self._create(queue, settings, explicit=True)
+            info = await self._api("STREAM.INFO." + stream)
+        old, explicit = nm.settings_from_metadata(queue, info["config"].get("metadata"))
+        if explicit:
+            nm.check_mismatch(queue, old, settings)
+        else:  # created by use: adopts its first declaration's settings
+            config = nm.stream_config(self.ns, queue, settings, explicit=True,
+                                      replicas=self._replicas)
+            result = await self._api("STREAM.UPDATE." + stream, config)
+            if "error" in result:
+                raise InvalidOption(f"queue {shown(queue)} cannot take these settings on"
+                                    f" NATS: {result['error'].get('description')}")
+            consumer = await self._api(f"CONSUMER.INFO.{stream}.{nm.CONSUMER}")
+            if "error" not in consumer:
+                await self._api(f"CONSUMER.CREATE.{stream}.{nm.CONSUMER}", {
+                    "stream_name": stream, "action": "update",
+                    "config": nm.consumer_config(self.ns, queue, settings)})
+        self._queues[queue] = settings
+        await self._sweep(queue)
+        return settings.as_dict()
+
+    async def purge(self, queue: str) -> int:
+        stream = self.ns.stream(queue)
+        result = await self._api("STREAM.PURGE." + stream)
+        if "error" in result:
+            raise NoSuchQueue(f"no such queue: {shown(queue)}")
+        return int(result.get("purged", 0))
+
+    async def delete(self, queue: str, if_empty: bool) -> int:
+        stream = self.ns.stream(queue)
+        info = await self._api("STREAM.INFO." + stream)
+        if "error" in info:
+            raise NoSuchQueue(f"no such queue: {shown(queue)}")
+        count = int(info["state"].get("messages", 0))
+        if if_empty and count:
+            raise QueueNotEmpty(f"queue {shown(queue)} is not empty: {count} ready or"
+                                " unacked; nothing was deleted")
+        await self._api("STREAM.DELETE." + stream)
+        self._queues.pop(queue, None)
+        for pull in list(self._pulls.values()):
+            if pull.queue == queue:  # in use: there again at once, empty, with defaults
+                for lease in pull.leases:
+                    lease.gone = True  # its message went with the stream
+                await self._recreate(pull)
+        return count
