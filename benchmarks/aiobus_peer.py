@@ -200,18 +200,21 @@ async def many_consumer(ctl: Control, path: str, queue: str, conns: int, n: int)
     return ctl.received(latencies=latencies)
 
 
-def topic_case(env: Any, n: int, size: int, subscribers: int = 1) -> Case:
+def topic_case(env: Any, n: int, size: int, subscribers: int = 1,
+               path: str | None = None) -> Case:
+    """``path``: another place to connect, e.g. a nats:// URL (the NATS backend's rows)."""
     topic = f"bench.t{env.next_id()}"
-    path = env.aiobus_socket
+    path = path or env.aiobus_socket
     subs = [Worker(subscriber, {"path": path, "topic": topic, "n": n}, "consumer")
             for _ in range(subscribers)]  # fmt: skip
     pub = Worker(publisher, {"path": path, "topic": topic, "n": n, "size": size})
     return Case([*subs, pub], expected=n * subscribers)
 
 
-def queue_case(env: Any, n: int, size: int, consumers: int = 1, ack: str = "nowait") -> Case:
+def queue_case(env: Any, n: int, size: int, consumers: int = 1, ack: str = "nowait",
+               path: str | None = None) -> Case:
     queue = f"bench.q{env.next_id()}"
-    path = env.aiobus_socket
+    path = path or env.aiobus_socket
     workers = [Worker(consumer, {"path": path, "queue": queue, "n": n, "ack": ack},
                       "consumer") for _ in range(consumers)]  # fmt: skip
     workers.append(Worker(producer, {"path": path, "queue": queue, "n": n, "size": size}))
@@ -240,9 +243,9 @@ async def delete_queue(ctl: Control, path: str, queue: str) -> dict:
     return {}
 
 
-def rpc_case(env: Any, n: int, size: int, warmup: int) -> Case:
+def rpc_case(env: Any, n: int, size: int, warmup: int, path: str | None = None) -> Case:
     queue = f"bench.rpc{env.next_id()}"
-    path = env.aiobus_socket
+    path = path or env.aiobus_socket
     return Case([
         Worker(responder, {"path": path, "queue": queue}, "server"),
         Worker(requester, {"path": path, "queue": queue, "n": n, "size": size,

@@ -138,8 +138,15 @@ def interleave(table: Table, makers: dict[tuple[str, str], Maker],
                 f"({time.monotonic() - started:.1f} s)")  # fmt: skip
 
 
+def _on_nats(env: Any) -> str:
+    """The NATS backend's rows: aiobus's own peer code on a nats:// URL (issue 15)."""
+    return f"{env.nats_url}/bench"
+
+
 TOPIC_PEERS = {
     "aiobus": aiobus_peer.topic_case,
+    "aiobus on NATS": lambda env, n, size, subs=1: aiobus_peer.topic_case(
+        env, n, size, subs, path=_on_nats(env)),
     "NATS core": nats_peer.topic_case,
     "Redis pub/sub": redis_peer.topic_case,
     "ZeroMQ PUB/SUB": zmq_peer.topic_case,
@@ -158,6 +165,8 @@ QUEUE_PEERS = {
     "aiobus, await msg.ack()": lambda env, n, size, consumers: aiobus_peer.queue_case(
         env, n, size, consumers, ack="await"),
     "aiobus, ack_nowait()": aiobus_peer.queue_case,
+    "aiobus on NATS, msg.process()": lambda env, n, size, consumers: aiobus_peer.queue_case(
+        env, n, size, consumers, ack="process", path=_on_nats(env)),
     "Redis Streams group": redis_peer.queue_case,
     "NATS JetStream": nats_peer.queue_case,
 }
@@ -184,6 +193,8 @@ DURABLE_PEERS = {
 }
 RPC_PEERS = {
     "aiobus": aiobus_peer.rpc_case,
+    "aiobus on NATS": lambda env, n, size, warmup: aiobus_peer.rpc_case(
+        env, n, size, warmup, path=_on_nats(env)),
     "NATS request": nats_peer.rpc_case,
     "ZeroMQ REQ/REP": zmq_peer.rpc_case,
     "relay (minimal uvloop)": lambda env, n, size, warmup: local_peer.rpc_case(

@@ -38,7 +38,7 @@ import os
 import secrets
 import time
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Final
 
 import nats
@@ -78,6 +78,39 @@ _NO_NEWLINES: Final = str.maketrans("\r\n", "  ")
 _HIGH_WATER: Final = 1024 * 1024  # nats-py buffer bytes above which writers wait
 _ERR_MAX_MSGS: Final = 10077  # JSStreamStoreFailedF "maximum messages exceeded"
 _ERR_STREAM_NOT_FOUND: Final = 10059
+
+
+class _Direct:
+    """Stands in for a nats-py subscription's pending queue: ``put_nowait`` hands the
+    message to ``handler`` at once, in nats-py's reader. A callback subscription would
+    queue each message for a task of its own to await the callback: a task switch per
+    message on every path here (deliveries, PubAcks, topic messages), none of whose
+    handlers awaits anything."""
+
+    __slots__ = ("handler",)
+
+    def __init__(self, handler: Callable[[Msg], None]) -> None:
+        self.handler = handler
+
+    def put_nowait(self, msg: Msg) -> None:
+        try:
+            self.handler(msg)
+        except Exception:
+            # As nats-py does for a callback (its error_cb): reported, and the connection
+            # goes on; raised here it would take nats-py's reader down.
+            log.exception("handling a message on %s failed", msg.subject)
+
+    def qsize(self) -> int:
+        return 0
+
+    def empty(self) -> bool:
+        return True
+
+    def task_done(self) -> None:
+        pass
+
+    async def join(self) -> None:
+        pass
 
 
 class NatsBackend(Queues, Consuming):
@@ -156,7 +189,7 @@ class NatsBackend(Queues, Consuming):
         self._schedules = version >= (2, 12)
         self._inbox = f"_INBOX.{secrets.token_hex(11)}"
         self._unconfirmed_inbox = self._inbox + ".u"
-        await self._nc.subscribe(self._inbox + ".*", cb=self._on_inbox)
+        await self._subscribe(self._inbox + ".*", self._on_inbox)
         self.connected = True
         self._watchdog = self._loop.create_task(self._watch_pulls())
 
@@ -337,6 +370,13 @@ class NatsBackend(Queues, Consuming):
         result: dict[str, Any] = json.loads(msg.data)
         return result
 
+    async def _subscribe(self, subject: str, handler: Callable[[Msg], None]) -> int:
+        """Subscribe with ``handler`` called in nats-py's reader (see :class:`_Direct`);
+        returns the subscription id."""
+        sub = await self._nc.subscribe(subject, pending_bytes_limit=0)
+        sub._pending_queue = _Direct(handler)  # type: ignore[assignment]
+        return int(sub._id)
+
     def _unsubscribe(self, sid: int) -> None:
         nc = self._nc
         if sid in nc._subs and self._error is None and not nc.is_closed:
@@ -357,7 +397,7 @@ class NatsBackend(Queues, Consuming):
         self._waiters[token] = fut
         return f"{self._inbox}.{token}", fut
 
-    async def _on_inbox(self, msg: Msg) -> None:
+    def _on_inbox(self, msg: Msg) -> None:
         token = msg.subject[len(self._inbox) + 1:]
         if token == "u":
             self._unconfirmed -= 1
@@ -547,14 +587,18 @@ class NatsBackend(Queues, Consuming):
         window = TopicWindow(pattern, max_pending, policy, weakref.ref(target))
         prefix_len = len(self.ns.topic_prefix)
 
-        async def on_message(msg: Msg) -> None:
-            user, kind, _, _ = nm.decode_headers(msg.headers)
-            # No id on core NATS, and no broker clock: the receiving client's time.
-            window.offer(["", msg.subject[prefix_len:], msg.data, kind, user, time.time()])
+        offer, now = window.offer, time.time
 
-        sub = await self._nc.subscribe(self.ns.topic_prefix + pattern, cb=on_message,
-                                       pending_msgs_limit=-1, pending_bytes_limit=-1)
-        window.sid = sub._id
+        def on_message(msg: Msg) -> None:
+            headers = msg.headers
+            if headers:
+                user, kind, _, _ = nm.decode_headers(headers)
+            else:
+                user, kind = None, 0
+            # No id on core NATS, and no broker clock: the receiving client's time.
+            offer(["", msg.subject[prefix_len:], msg.data, kind, user, now()])
+
+        window.sid = await self._subscribe(self.ns.topic_prefix + pattern, on_message)
         self._subs[window.sid] = window
         target._handle = window
         window.on_disconnect = lambda: self.cancel(window)

@@ -42,6 +42,7 @@ import json
 import logging
 import time
 import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 import nats.errors
@@ -134,6 +135,7 @@ class Consuming:
         def _puback(self, queue: str, msg: Msg) -> None: ...
         def _spawn(self, coro: Any) -> None: ...
         def _unsubscribe(self, sid: int) -> None: ...
+        async def _subscribe(self, subject: str, handler: Callable[[Msg], None]) -> int: ...
 
     async def consume(self, queue: str, prefetch: int, target: StreamTarget) -> None:
         settings = await self._queue(queue)
@@ -143,8 +145,7 @@ class Consuming:
         pull = _Pull(queue, stream, settings, prefetch, weakref.ref(target))
         pull.inbox = self._nc.new_inbox()  # not under self._inbox: its .* would keep
         # interest in the pull requests of a stopped consumer, which the server honours
-        sub = await self._nc.subscribe(pull.inbox, cb=functools.partial(self._on_delivery, pull))
-        pull.sid = sub._id
+        pull.sid = await self._subscribe(pull.inbox, functools.partial(self._on_delivery, pull))
         self._pulls[pull.sid] = pull
         target._handle = pull
         self._pull(pull)
@@ -179,7 +180,7 @@ class Consuming:
                     b'{"batch":%d,"expires":%d}' % (want, int(_PULL_EXPIRES * 1e9)),
                     pull.inbox)
 
-    async def _on_delivery(self, pull: _Pull, msg: Msg) -> None:
+    def _on_delivery(self, pull: _Pull, msg: Msg) -> None:
         headers = msg.headers
         if not msg.reply:
             pull.heard = time.monotonic()
@@ -233,10 +234,10 @@ class Consuming:
         if stream in self._swept:
             return
         self._swept.add(stream)
-        await self._nc.subscribe(f"{_ADVISORY}{stream}.{nm.CONSUMER}",
-                                 cb=functools.partial(self._on_exhausted, queue))
+        await self._subscribe(f"{_ADVISORY}{stream}.{nm.CONSUMER}",
+                              functools.partial(self._on_exhausted, queue))
 
-    async def _on_exhausted(self, queue: str, msg: Msg) -> None:
+    def _on_exhausted(self, queue: str, msg: Msg) -> None:
         try:
             seq = int(json.loads(msg.data)["stream_seq"])
         except (ValueError, KeyError, TypeError):
