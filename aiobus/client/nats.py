@@ -199,7 +199,15 @@ class NatsBackend(Queues, Consuming):
         self.connected = False
         error = ConnectionLost(f"connection to NATS at {self._server} was lost")
         for pull in self._pulls.values():
-            pull.outstanding = 0
+            pull.outstanding = 0  # their pull requests died with the connection
+        # Leases survive on NATS (an ack subject is answered from any connection), so
+        # consumers keep theirs. Subscriptions miss what is published meanwhile: marked
+        # as a gap, with a fresh window (as the local broker's new subscription).
+        for window in self._subs.values():
+            target = window.target()
+            if target is not None:
+                target._reset()
+            window.in_flight = 0
         self._emit(StateChange(ConnectionState.DISCONNECTED, error))
 
     async def _on_reconnected(self) -> None:

@@ -10,8 +10,10 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
+from pathlib import Path
 from typing import Any
 
 import nats
@@ -40,8 +42,8 @@ async def url(nats_server: NatsServer) -> Any:
         await delete_namespace(url)
 
 
-async def next_msg(consumer: aiobus.Consumer, timeout: float = TIMEOUT) -> aiobus.Message:
-    return await asyncio.wait_for(anext(consumer), timeout)
+async def next_msg(stream: Any, timeout: float = TIMEOUT) -> aiobus.Message:
+    return await asyncio.wait_for(anext(stream), timeout)
 
 
 async def stream_info(url: str, queue: str) -> dict[str, Any]:
@@ -327,3 +329,53 @@ async def test_there_are_no_presence_events(url: str) -> None:
                 pass
             with pytest.raises(TimeoutError):
                 await asyncio.wait_for(anext(presence), 0.3)
+
+
+async def test_a_server_restart_loses_no_durable_message_and_streams_go_on(
+        tmp_path: Any) -> None:
+    """nats-server killed and started again (same port, same store): the bus reconnects,
+    a durable queue keeps its messages, its consumer carries on, and a subscription marks
+    the first message after the gap."""
+    from .test_nats_cluster import free_ports
+
+    (port,) = free_ports(1)
+    workdir = Path(tempfile.mkdtemp(prefix="natsr-", dir="/tmp"))
+    server = NatsServer(workdir, "-p", str(port), name="r")
+    got: list[int] = []
+    try:
+        async with aiobus.connect(f"nats://127.0.0.1:{port}/r") as bus:
+            await bus.declare_queue("jobs", durable=True)
+            changes = bus.state_changes()
+
+            async def consume() -> None:
+                async for msg in bus.consume("jobs"):
+                    got.append(msg.body)
+                    await msg.ack()
+
+            consuming = asyncio.create_task(consume())
+            async with bus.subscribe("news") as news:
+                for i in range(5):
+                    await bus.send("jobs", i)
+                await bus.publish("news", "before")
+                assert (await next_msg(news)).gap is False
+                server.kill()
+                assert (await asyncio.wait_for(anext(changes), TIMEOUT)).state.value == \
+                    "disconnected"
+                server = NatsServer(workdir, "-p", str(port), name="r")
+                assert (await asyncio.wait_for(anext(changes), TIMEOUT)).state.value == \
+                    "reconnected"
+                for i in range(5, 10):
+                    await asyncio.wait_for(bus.send("jobs", i), TIMEOUT)
+                await bus.publish("news", "after")
+                after = await next_msg(news)
+                assert (after.body, after.gap) == ("after", True)
+                deadline = time.monotonic() + TIMEOUT
+                while len(set(got)) < 10:
+                    assert time.monotonic() < deadline, got
+                    await asyncio.sleep(0.05)
+            consuming.cancel()
+            await asyncio.gather(consuming, return_exceptions=True)
+        assert set(got) == set(range(10))
+    finally:
+        server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
