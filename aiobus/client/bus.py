@@ -540,9 +540,8 @@ class connect:
                  publish_buffer: int = HOLD_BYTES) -> None:
         if not 0 < reconnect_delay <= max_reconnect_delay:
             raise ValueError("need 0 < reconnect_delay <= max_reconnect_delay")
-        # A nats:// URL: the NATS backend (client/nats.py, docs/nats.md).
         self._path = resolve_socket_path(path)
-        self._nats = self._path.startswith("nats://")
+        self._nats = self._path.startswith("nats://")  # the NATS backend (docs/nats.md)
         self._explicit = is_explicit(path)
         self._name = name
         self._options: dict[str, Any] = {
