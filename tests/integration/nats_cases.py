@@ -69,6 +69,10 @@ SKIP: dict[str, str] = {
     "test_ack_nowait_batches_and_reports_late_acks": (
         UNACKED + "; whether the consumer's own pull request took it again before the"
         " check varies from run to run"),
+    "test_ack_timeout_redelivers_and_late_ack_fails_but_frees_the_slot": (
+        "timing: the client times a lease from its receipt of the message, so on a"
+        " loaded machine the server may redeliver before the client's deadline and a"
+        " late ack is then taken (test_nats.py pins lease-expired with a margin)"),
     "test_kill_9_of_consumer_redelivers_all_unacked_with_next_attempt": ACKWAIT,
     "test_nothing_is_lost_when_consumers_are_killed": ACKWAIT,
     "test_worker_killed_with_five_consumers_counts_one_attempt": ACKWAIT,
