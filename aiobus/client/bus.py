@@ -511,7 +511,7 @@ class connect:
             ``$XDG_RUNTIME_DIR/aiobus.sock``, else ``/tmp/aiobus-<uid>/aiobus.sock``). A
             broker found at a default path must run as this user or root. A
             ``nats://host:port[/namespace]`` URL connects to NATS instead (the NATS
-            backend: ``pip install 'aiobus[nats]'``, docs/nats.md).
+            backend: ``pip install 'aiobus-ipc[nats]'``, docs/nats.md).
         name: a name for this client, shown in stats and presence events.
         reconnect: when the connection is lost (broker restart, crash, socket replaced),
             connect again, declare the queues declared so far, restart consumers and
@@ -575,7 +575,7 @@ async def _open_nats(url: str, name: str | None, options: dict[str, Any]) -> Bac
         from .nats import NatsBackend
     except ImportError as exc:
         raise BrokerUnavailable(
-            f"{url}: the NATS backend needs nats-py: pip install 'aiobus[nats]'") from exc
+            f"{url}: the NATS backend needs nats-py: pip install 'aiobus-ipc[nats]'") from exc
     backend = NatsBackend(url, name, **options)
     await backend.open()
     return backend

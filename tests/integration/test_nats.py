@@ -196,7 +196,7 @@ async def test_the_nats_extra_is_named_when_nats_py_is_missing(tmp_path: Any) ->
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=TIMEOUT, check=True)
-    assert "pip install 'aiobus[nats]'" in out.stdout, out
+    assert "pip install 'aiobus-ipc[nats]'" in out.stdout, out
 
 
 # -- the command line on a nats:// URL ------------------------------------------------
