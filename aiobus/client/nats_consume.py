@@ -50,7 +50,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
 from ..broker.settings import QueueSettings
-from ..errors import BusError, LeaseError, NoSuchQueue, shown
+from ..errors import BusError, LeaseError, shown
 from . import nats_map as nm
 from .backend import Outcome, StreamTarget
 from .nats_topics import TopicWindow
@@ -142,7 +142,7 @@ class Consuming:
         if not create and queue not in self._queues:
             info = await self._api("STREAM.INFO." + self.ns.stream(queue))
             if "error" in info:
-                raise NoSuchQueue(f"no such queue: {shown(queue)}")
+                raise nm.no_such_queue(queue)
         settings = await self._queue(queue)
         stream = self.ns.stream(queue)
         await self._ensure_consumer(queue, stream, settings)

@@ -23,12 +23,13 @@ from typing import Any, Final
 from urllib.parse import parse_qs, urlsplit
 
 from ..broker.settings import MAX_SECONDS, QueueSettings
-from ..errors import InvalidName, InvalidOption, QueueMismatch, shown
+from ..errors import InvalidName, InvalidOption, NoSuchQueue, QueueMismatch, shown
 
 __all__ = [
     "CONSUMER", "DEFAULT_NAMESPACE", "H_ID", "H_KIND", "H_REPLY", "Namespace",
     "check_mismatch", "check_seconds", "check_supported", "consumer_config",
     "dead_letter_headers", "decode_headers", "encode_headers", "is_temporary", "nak_delay",
+    "no_such_queue",
     "parse_ack_subject", "parse_raw_headers", "parse_url", "queue_stats",
     "schedule_headers", "settings_from_metadata", "stream_config", "ttl_header",
 ]
@@ -188,6 +189,12 @@ def settings_from_metadata(name: str, metadata: dict[str, str] | None
     values = json.loads(raw)
     return (QueueSettings.for_queue(name, values),
             (metadata or {}).get(META_EXPLICIT) == "1")
+
+
+def no_such_queue(name: str) -> NoSuchQueue:
+    """The local broker's error for a queue that does not exist (its stream does not)."""
+    return NoSuchQueue(f"there is no queue {shown(name)}: it was never used, or it was"
+                       " deleted")
 
 
 def check_mismatch(name: str, old: QueueSettings, new: QueueSettings) -> None:

@@ -16,7 +16,7 @@ import asyncio
 from typing import TYPE_CHECKING, Any, Final
 
 from ..broker.settings import QueueSettings
-from ..errors import InvalidOption, NoSuchQueue, QueueNotEmpty, shown
+from ..errors import InvalidOption, QueueNotEmpty, shown
 from . import nats_map as nm
 
 if TYPE_CHECKING:
@@ -109,14 +109,14 @@ class Queues:
         stream = self.ns.stream(queue)
         result = await self._api("STREAM.PURGE." + stream)
         if "error" in result:
-            raise NoSuchQueue(f"no such queue: {shown(queue)}")
+            raise nm.no_such_queue(queue)
         return int(result.get("purged", 0))
 
     async def delete(self, queue: str, if_empty: bool) -> int:
         stream = self.ns.stream(queue)
         info = await self._api("STREAM.INFO." + stream)
         if "error" in info:
-            raise NoSuchQueue(f"no such queue: {shown(queue)}")
+            raise nm.no_such_queue(queue)
         count = int(info["state"].get("messages", 0))
         if if_empty and count:
             raise QueueNotEmpty(f"queue {shown(queue)} is not empty: {count} ready or"
