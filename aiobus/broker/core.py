@@ -59,6 +59,7 @@ from ..errors import (
 )
 from ..names import check_name, check_pattern, is_reserved, matches
 from ..protocol import DEFAULT_MAX_FRAME, PROTOCOL_VERSION, BodyKind, Op, check_frame
+from ..stats import STATS_VERSION, BrokerStats, ConnectionStats, ProcessStats
 from .dedup import MAX_SEQ, check_client_id, check_seq
 from .policy import ALL_QUEUES, VERBS, Policy
 from .queue_state import Consumer, QMsg, Queue, pack_message
@@ -110,6 +111,8 @@ ACCESS: dict[int, tuple[str, int | None]] = {
 }
 # Called with (conn, pid, uid, verb, name) for each denied request (the shell logs it).
 DeniedHook = Callable[[int, int, int, str, str], None]
+# Asked for the process part of STATS (memory, loop lag): what only the shell can measure.
+ProcessHook = Callable[[], ProcessStats]
 # STATS lists at most this many queues, subscriptions and connections each (by default,
 # and at most when asked): a result stays far below a client's 2^20 map limit and a few
 # MB, and costs the broker milliseconds. More: page with ``after``, filter with ``queues``.
@@ -212,6 +215,12 @@ class Conn:
         return {"conn": self.id, "name": self.name, "pid": self.pid, "uid": self.uid,
                 "gid": self.gid}
 
+    def stats(self) -> ConnectionStats:
+        return {"conn": self.id, "name": self.name, "pid": self.pid, "uid": self.uid,
+                "gid": self.gid, "consumers": len(self.consumers),
+                "subscriptions": len(self.subs), "parked": self.parked,
+                "parked_bytes": self.parked_bytes}
+
 
 Handler = Callable[[Conn, list[Any], float], None]
 
@@ -240,8 +249,10 @@ class BrokerCore:
         dedup_size: int = DEFAULT_DEDUP_SIZE,
         policy: Policy | None = None,
         on_denied: DeniedHook | None = None,
+        process_stats: ProcessHook | None = None,
     ) -> None:
         self._sink = sink
+        self._process_stats = process_stats
         self.policy = policy
         self._on_denied = on_denied
         self._packb = msgpack.Packer().pack
@@ -819,7 +830,7 @@ class BrokerCore:
     # -- introspection --------------------------------------------------------------
 
     def stats(self, queues: str | None = None, limit: int = DEFAULT_STATS_LIMIT,
-              after: str | None = None) -> dict[str, Any]:
+              after: str | None = None) -> BrokerStats:
         """Counters and gauges of queues, subscriptions and connections: at most
         ``limit`` of each (STATS used to list everything: with a million queues it took
         8 s and broke every client's 2^20 map limit). Queues are those whose names match
@@ -841,6 +852,7 @@ class BrokerCore:
         subs = list(itertools.islice(
             (sub for conn in self._conns.values() for sub in conn.subs.values()), limit))
         return {
+            "stats_version": STATS_VERSION,
             "server": f"aiobus/{VERSION}",
             "time": self._now + self.wall_offset,
             "queues": {name: names[name].stats() for name in page},
@@ -852,13 +864,10 @@ class BrokerCore:
                 "subscriptions": [sub.stats() for sub in subs],
                 "subscriptions_total": sum(self._uid_subs.values()),
             },
-            "connections": [
-                {**c.describe(), "consumers": len(c.consumers), "subscriptions": len(c.subs),
-                 "parked": c.parked, "parked_bytes": c.parked_bytes}
-                for c in itertools.islice(self._conns.values(), limit)
-            ],
+            "connections": [c.stats() for c in itertools.islice(self._conns.values(), limit)],
             "connections_total": len(self._conns),
             "journal": self.journal.statistics() if self.journal is not None else None,
+            "process": self._process_stats() if self._process_stats is not None else None,
         }
 
     def connection_ids(self) -> list[int]:

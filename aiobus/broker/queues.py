@@ -75,6 +75,7 @@ from ..errors import (
     QuotaExceeded,
     shown,
 )
+from ..stats import JournalStats
 from .dedup import DedupWindow
 from .queue_state import (
     FIRST_ATTEMPT_TAIL,
@@ -166,7 +167,7 @@ class JournalSink(Protocol):
 
     def deleted(self, queue: str) -> None: ...
 
-    def statistics(self) -> dict[str, int]: ...
+    def statistics(self) -> JournalStats: ...
 
 
 # journal.RemovalReason, by value (the core does not import the journal's I/O side).
@@ -437,7 +438,7 @@ class QueueRouter:
             QueueNotEmpty: ``if_empty`` and the queue holds any message or parked send.
         """
         queue = self.existing(name)
-        unacked = queue.unacked()
+        unacked = queue.unacked
         count = queue.ready_len + len(queue.delayed_msgs) + unacked
         if if_empty and (count or queue.parked):
             raise QueueNotEmpty(
@@ -834,6 +835,8 @@ class QueueRouter:
             packed = msg.packed  # type: ignore[union-attr]
             reply = msg.reply  # type: ignore[union-attr]
             failures = msg.failures  # type: ignore[union-attr]
+            if failures:
+                queue.redelivered += 1
             if not failures and reply is None:
                 tail = FIRST_ATTEMPT_TAIL
             else:
@@ -843,6 +846,7 @@ class QueueRouter:
         consumer.leases[tag] = lease
         self.leases[tag] = lease
         queue.delivered += 1
+        queue.unacked += 1
         if queue.lease_timer is None:
             queue.lease_timer = deadline
             self._timers.call_at(deadline, self._on_lease_timer, queue)
@@ -918,6 +922,7 @@ class QueueRouter:
             if lease.expired:
                 continue
             self._unlease(queue, lease)
+            queue.unacked -= 1
             if failed:
                 msg = self._record_consumer(lease)
                 self._fail(queue, msg, None, "connection-lost", now, front=front)
@@ -974,6 +979,7 @@ class QueueRouter:
                 code="lease-expired",
             )
         self._unlease(consumer.queue, lease)
+        consumer.queue.unacked -= 1
         return lease
 
     def ack(self, conn: int, tag: int, now: float) -> None:
@@ -1133,6 +1139,10 @@ class QueueRouter:
             queue.discarded += 1
             return
         queue.dead_lettered += 1
+        reasons = queue.dead_reasons
+        if reasons is None:
+            reasons = queue.dead_reasons = {}
+        reasons[reason] = reasons.get(reason, 0) + 1
         mid, _, body, kind, old_headers, timestamp = msg.fields()
         headers = dict(old_headers) if old_headers else {}
         headers["x-original-queue"] = queue.name
@@ -1179,6 +1189,7 @@ class QueueRouter:
     def _expire_lease(self, queue: Queue, lease: Lease, now: float, *,
                       front: list[Item] | None = None) -> None:
         lease.expired = True  # stays in the consumer's window until answered
+        queue.unacked -= 1
         consumer = lease.consumer
         consumer.zombies += 1
         if consumer.in_available:  # stalled: no new work until it answers the zombie

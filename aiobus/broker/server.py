@@ -45,6 +45,7 @@ import msgpack
 from .._paths import check_private_directory, is_explicit, resolve_socket_path
 from ..errors import BusError, ProtocolError
 from ..protocol import DEFAULT_MAX_FRAME, MAX_HELLO_FRAME, FrameDecoder, Op
+from ..stats import BrokerStats
 from .core import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CONSUMERS, BrokerCore
 from .journal import Journal, JournalError, OsFiles, Recovered
 from .journal import repair as repair_journal
@@ -747,7 +748,7 @@ class Broker:
         if (st.st_dev, st.st_ino) == self._socket_inode:  # still ours, not a successor's
             os.unlink(self.path)
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> BrokerStats:
         """The same statistics a client gets from ``bus.stats()``."""
         return self.core.stats()
 

@@ -40,6 +40,7 @@ from typing import Any, Protocol, get_args
 from ..errors import InvalidOption, shown
 from ..names import TopicIndex
 from ..protocol import SubscriptionPolicy
+from ..stats import SubscriptionStats
 
 __all__ = ["POLICIES", "Subscription", "TopicRouter"]
 
@@ -77,7 +78,7 @@ class Subscription:
         self.dropped_since = 0  # drops since the last event queued or sent
         self.delivered = 0
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> SubscriptionStats:
         return {
             "conn": self.conn,
             "sid": self.sid,

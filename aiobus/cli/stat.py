@@ -1,9 +1,10 @@
 """``aiobus stat``: the broker's statistics as a table, once or redrawn like ``top``.
 
 The broker reports counters (``sent``, ``delivered``, ``acked``, ``dead_lettered``,
-``published``) and gauges (``ready``, ``unacked``, ...), not rates. Rates are computed
-here from two samples: the previous redraw in ``--watch`` mode, otherwise a second sample
-taken ``--sample`` seconds after the first. The interval is measured with the local
+``published``) and gauges (``ready``, ``unacked``, ...), not rates. Rates come from two
+samples (:func:`aiobus.stats.compute_rates`, the one place rates are computed): the
+previous redraw in ``--watch`` mode, otherwise a second sample taken ``--sample`` seconds
+after the first. The interval is measured with the local
 monotonic clock when each answer arrives. A counter that went down (the broker was
 restarted between samples) has no rate rather than a negative one. ``--watch`` keeps
 running across a broker restart: while the client reconnects it shows the outage above
@@ -17,59 +18,25 @@ import asyncio
 import json
 import sys
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from ..client.bus import Bus
 from ..errors import ConnectionLost
+from ..metrics import render as render_prometheus
+from ..stats import JournalStats, Rates, Sample, compute_rates
 from .bodies import table, to_jsonable
 from .options import add_command, non_negative_float, positive_float
 
 __all__ = ["register"]
 
-# Home the cursor and clear the screen: each redraw replaces the last, as top does.
+# Home the cursor and clear the screen: each redraw replaces the last, as top does. Only
+# to a terminal: into a pipe or a file each redraw follows the last, after its header.
 CLEAR = "\x1b[H\x1b[2J"
-RATE_COUNTERS = ("sent", "delivered", "acked", "dead_lettered")
-
-
-@dataclass(frozen=True, slots=True)
-class Sample:
-    at: float  # time.monotonic() when the stats arrived
-    stats: dict[str, Any]
 
 
 async def take_sample(bus: Bus) -> Sample:
     stats = await bus.stats()
     return Sample(time.monotonic(), stats)
-
-
-def _per_second(new: Any, old: Any, interval: float) -> float | None:
-    delta = (new or 0) - (old or 0)
-    return None if delta < 0 else delta / interval
-
-
-def compute_rates(previous: Sample | None, current: Sample) -> dict[str, Any] | None:
-    """Messages per second between two samples, or None without a usable interval.
-
-    Returns:
-        ``{"interval": s, "published": r, "queues": {name: {"sent": r, "delivered": r,
-        "acked": r, "dead_lettered": r}}}``; a queue absent from ``previous`` counts
-        from zero (it was created in between).
-    """
-    if previous is None:
-        return None
-    interval = current.at - previous.at
-    if interval <= 0:
-        return None
-    queues: dict[str, dict[str, float | None]] = {}
-    old_queues = previous.stats.get("queues", {})
-    for name, queue in current.stats.get("queues", {}).items():
-        old = old_queues.get(name, {})
-        queues[name] = {key: _per_second(queue.get(key), old.get(key), interval)
-                        for key in RATE_COUNTERS}
-    published = _per_second(current.stats.get("topics", {}).get("published"),
-                            previous.stats.get("topics", {}).get("published"), interval)
-    return {"interval": interval, "published": published, "queues": queues}
 
 
 # -- the table ------------------------------------------------------------------------
@@ -83,7 +50,7 @@ def _cell(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
-def _journal_line(journal: dict[str, Any] | None) -> str:
+def _journal_line(journal: JournalStats | None) -> str:
     """What the durable queues' journal holds, or that the broker has none."""
     if journal is None:
         return "journal: none (started without a data directory: no durable queues)"
@@ -92,15 +59,15 @@ def _journal_line(journal: dict[str, Any] | None) -> str:
             f" ({journal.get('live_bytes', 0):,} bytes)")
 
 
-def rendertable(current: Sample, rates: dict[str, Any] | None, where: str) -> str:
+def rendertable(current: Sample, rates: Rates | None, where: str) -> str:
     stats = current.stats
-    queue_rates = rates["queues"] if rates else {}
+    queue_rates: dict[str, Any] = dict(rates.queues) if rates else {}
     topics = stats.get("topics", {})
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stats.get("time", time.time())))
     lines = [
         f"{stats.get('server', 'aiobus')} at {where}   {when}",
         f"topics: {topics.get('published', 0)} published"
-        f" ({_rate(rates['published'] if rates else None)}/s),"
+        f" ({_rate(rates.published if rates else None)}/s),"
         f" {topics.get('unrouted', 0)} with no subscriber",
         _journal_line(stats.get("journal")),
         "",
@@ -140,8 +107,10 @@ def rendertable(current: Sample, rates: dict[str, Any] | None, where: str) -> st
     return "\n".join(lines) + "\n"
 
 
-def render_json(current: Sample, rates: dict[str, Any] | None) -> str:
-    return json.dumps(to_jsonable({**current.stats, "rates": rates}), ensure_ascii=False)
+def render_json(current: Sample, rates: Rates | None) -> str:
+    return json.dumps(to_jsonable({**current.stats,
+                                   "rates": rates.as_dict() if rates else None}),
+                      ensure_ascii=False)
 
 
 # -- the command ----------------------------------------------------------------------
@@ -152,7 +121,15 @@ def _write(text: str) -> None:
     sys.stdout.flush()
 
 
+def _redraw(header: str) -> str:
+    """What starts a redraw: the screen cleared on a terminal, else only the header."""
+    return (CLEAR + header) if sys.stdout.isatty() else header
+
+
 async def _stat(bus: Bus, args: argparse.Namespace) -> int:
+    if args.prometheus:
+        _write(render_prometheus(await bus.stats()))
+        return 0
     if args.watch is None:
         first = await take_sample(bus)
         previous: Sample | None = None
@@ -176,8 +153,8 @@ async def _watch(bus: Bus, args: argparse.Namespace) -> int:
         if not bus.connected:
             if not args.json:  # JSON lines stay samples; stderr tells of the outage
                 since = time.strftime("%H:%M:%S")
-                _write(CLEAR + f"every {args.watch:g} s; Ctrl-C to quit\n"
-                       f"broker at {bus.path} unreachable since {since}; reconnecting"
+                _write(_redraw(f"every {args.watch:g} s; Ctrl-C to quit\n")
+                       + f"broker at {bus.path} unreachable since {since}; reconnecting"
                        f"{' (the last sample below)' if shown else ''}\n\n" + shown)
             await bus.wait_connected()  # raises if the client gives up
             previous = None  # a rate across the outage would mean nothing
@@ -190,7 +167,7 @@ async def _watch(bus: Bus, args: argparse.Namespace) -> int:
             _write(render_json(current, rates) + "\n")
         else:
             shown = rendertable(current, rates, bus.path)
-            _write(CLEAR + f"every {args.watch:g} s; Ctrl-C to quit\n" + shown)
+            _write(_redraw(f"every {args.watch:g} s; Ctrl-C to quit\n") + shown)
         previous = current
         await asyncio.sleep(args.watch)
 
@@ -218,6 +195,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
     p.add_argument("--sample", type=non_negative_float, default=1.0, metavar="SECONDS",
                    help="without --watch: seconds between the two samples the rates come"
                         " from (default 1; 0: one sample, no rates)")
-    p.add_argument("--json", action="store_true",
-                   help="print the raw statistics plus a 'rates' object as JSON (with"
-                        " --watch: one line per sample)")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--json", action="store_true",
+                     help="print the raw statistics plus a 'rates' object as JSON (with"
+                          " --watch: one line per sample)")
+    how.add_argument("--prometheus", action="store_true",
+                     help="print the statistics once in the Prometheus text format, as the"
+                          " broker's /metrics serves them (for node_exporter's textfile"
+                          " collector: redirect into a .prom file)")

@@ -12,12 +12,13 @@ import asyncio
 import enum
 import os
 from collections.abc import AsyncIterator, Mapping
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from .._paths import is_explicit, resolve_socket_path
 from ..errors import BrokerUnavailable, Forbidden, RemoteProtocolError
 from ..names import check_name, check_pattern, is_reserved
 from ..protocol import Overflow, SubscriptionPolicy, check_headers, encode_body
+from ..stats import BrokerStats
 from .backend import Backend, StateChange
 from .connection import HOLD_BYTES
 from .message import check_size
@@ -453,10 +454,12 @@ class Bus:
         return await self._backend.delete(queue, bool(if_empty))
 
     async def stats(self, *, queues: str | None = None, limit: int | None = None,
-                    after: str | None = None) -> dict[str, Any]:
+                    after: str | None = None) -> BrokerStats:
         """Broker statistics: per queue ``ready``, ``unacked``, ``delayed``,
         ``consumers``, ``dead_lettered`` and counters; topic subscriptions with their
-        drops; connections with name, pid and uid.
+        drops; connections with name, pid and uid; the broker process's memory and
+        event-loop lag. The result is the typed model of :mod:`aiobus.stats`
+        (:class:`aiobus.BrokerStats`, a ``TypedDict``: the decoded STATS map itself).
 
         At most ``limit`` queues (and subscriptions, and connections) are listed, 10,000
         by default and at most; ``queues_total`` says how many queues matched.
@@ -485,7 +488,7 @@ class Bus:
             options["limit"] = limit
         if after is not None:
             options["after"] = after
-        return await self._backend.stats(options)
+        return cast(BrokerStats, await self._backend.stats(options))
 
     async def ping(self) -> None:
         """Round trip to the broker; returns once every earlier frame was processed."""

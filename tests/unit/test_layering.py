@@ -29,6 +29,8 @@ CORE_MODULES = [
     "client/nats_map.py",
     "client/nats_topics.py",
     "protocol.py",
+    "stats.py",
+    "metrics.py",
     "_frame_scan.py",
     "names.py",
     "errors.py",

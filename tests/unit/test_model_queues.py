@@ -744,6 +744,8 @@ class QueueMachine(RuleBasedStateMachine):
             # Conservation, from STATS alone: every message accepted is in one place.
             assert got["sent"] == (got["ready"] + got["unacked"] + got["delayed"] + got["acked"]
                                    + got["dead_lettered"] + got["discarded"]), (name, got)
+            assert sum(got["dead_lettered_reasons"].values()) == got["dead_lettered"], got
+            assert got["redelivered"] <= got["delivered"], got
 
     @invariant()
     def each_message_is_in_one_place(self) -> None:

@@ -45,6 +45,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ...stats import JournalStats
 from . import records as r
 from .errors import JournalError, os_error_name
 from .files import Files, segment_name
@@ -250,7 +251,7 @@ class Journal:
         """Bytes appended and not yet written."""
         return len(self._buffer)
 
-    def statistics(self) -> dict[str, int]:
+    def statistics(self) -> JournalStats:
         return {
             "segments": len(self._segments),
             "bytes": sum(seg.size for seg in self._segments) + len(self._buffer),
