@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test lint typecheck unit integration soak bench bench-quick clean fuzz example
+.PHONY: run test lint typecheck unit integration soak bench bench-quick clean fuzz example browser
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -50,8 +50,16 @@ integration: $(VENV)/.installed-test
 # paths: run them on $(TEST_WORKERS) pytest-xdist workers (2 cores: 4 workers take ~60% of
 # the serial time). TEST_WORKERS=0 runs them in this process, one at a time.
 TEST_WORKERS ?= 4
-test: lint
+test: lint browser
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
+
+# The dashboard's test drives Debian's chromium headless: installed here when missing,
+# where that is possible (root, with apt-get); elsewhere that test skips, naming what is
+# missing.
+browser:
+	@if ! command -v chromedriver >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 \
+	    && [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && apt-get install -y -qq chromium chromium-driver; fi
 
 # Soak tests (marked `soak`, deselected by `make test`): real time is the point, as a
 # reader that opens a FIFO 60 s after `aiobus fifo-out` started. A few minutes.

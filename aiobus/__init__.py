@@ -13,6 +13,7 @@ Example::
 
 from .broker.server import Broker, BrokerAlreadyRunning
 from .client.backend import ConnectionState, StateChange
+from .client.browse import PeekedMessage, PeekResult
 from .client.bus import Bus, connect
 from .client.message import Message
 from .client.streams import BusyError, Consumer, Subscription
@@ -43,6 +44,16 @@ from .errors import (
     SubscriptionError,
 )
 from .protocol import Overflow, SubscriptionPolicy
+from .stats import (
+    BrokerStats,
+    ConnectionStats,
+    JournalStats,
+    ProcessStats,
+    QueueStats,
+    Rates,
+    SubscriptionStats,
+    TopicStats,
+)
 
 __version__ = "0.1.0"
 
@@ -50,6 +61,7 @@ __all__ = [
     "BodyDecodeError",
     "Broker",
     "BrokerAlreadyRunning",
+    "BrokerStats",
     "BrokerUnavailable",
     "Bus",
     "BusError",
@@ -57,24 +69,31 @@ __all__ = [
     "ConnectionClosed",
     "ConnectionLost",
     "ConnectionState",
+    "ConnectionStats",
     "Consumer",
     "Forbidden",
     "FrameTooLarge",
     "InvalidName",
     "InvalidOption",
     "JournalError",
+    "JournalStats",
     "LeaseError",
     "LocalProtocolError",
     "Message",
     "NoSuchQueue",
     "NotARequest",
     "Overflow",
+    "PeekResult",
+    "PeekedMessage",
     "PermissionDenied",
+    "ProcessStats",
     "ProtocolError",
     "QueueFull",
     "QueueMismatch",
     "QueueNotEmpty",
+    "QueueStats",
     "QuotaExceeded",
+    "Rates",
     "RemoteProtocolError",
     "RequestTimeout",
     "SendTimeout",
@@ -82,6 +101,8 @@ __all__ = [
     "Subscription",
     "SubscriptionError",
     "SubscriptionPolicy",
+    "SubscriptionStats",
+    "TopicStats",
     "__version__",
     "connect",
 ]

@@ -83,6 +83,7 @@ class Op(IntEnum):
     ACK_MANY = 23  # ack several leases at once, no reply (fire-and-forget acks, batched)
     PURGE = 24  # remove a queue's waiting messages (ready and delayed); result: how many
     DELETE = 25  # remove a queue, its settings and all its messages; result: how many
+    PEEK = 26  # read a queue's ready messages without leasing or changing them (browse)
     DELIVER = 30  # broker→client: a queue message under a lease
     EVENT = 31  # broker→client: a topic message
     RESPONSE = 32  # broker→client: the reply to one of this connection's requests
@@ -146,6 +147,7 @@ SPECS: Final[dict[int, tuple[tuple[str, tuple[type, ...]], ...]]] = {
     Op.ACK_MANY: (("tags", (list,)),),
     Op.PURGE: (("rid", _INT), ("queue", _STR)),
     Op.DELETE: (("rid", _INT), ("queue", _STR), ("if_empty", _BOOL)),
+    Op.PEEK: (("rid", _INT), ("queue", _STR), ("options", _OPT_MAP)),
     # message: the message array [id, queue or topic, body, kind, headers, timestamp]
     # (PROTOCOL.md §4); the broker stores a queued message in exactly this encoding.
     Op.DELIVER: (
@@ -159,9 +161,10 @@ SPECS: Final[dict[int, tuple[tuple[str, tuple[type, ...]], ...]]] = {
 
 # Trailing fields a frame may leave out, per op: fields added after the frame first
 # shipped, so that older clients' shorter frames stay valid. A left-out field means nil.
-# SEND's ``delay`` (scheduled delivery) and ``seq`` (resendable SENDs), STATS's
-# ``options`` (which queues, how many) and CONSUME's ``passive`` (do not create).
-OPTIONAL_TAIL: Final[dict[int, int]] = {Op.SEND: 2, Op.STATS: 1, Op.CONSUME: 1}
+# SEND's ``delay`` (scheduled delivery) and ``seq`` (resendable SENDs), STATS's and
+# PEEK's ``options`` (which queues or messages, how many) and CONSUME's ``passive`` (do
+# not create).
+OPTIONAL_TAIL: Final[dict[int, int]] = {Op.SEND: 2, Op.STATS: 1, Op.CONSUME: 1, Op.PEEK: 1}
 
 # The option strings the broker accepts, as types: mypy then refuses
 # ``overflow="blok"`` before the broker would (ERROR bad-option). The broker's checks take

@@ -60,6 +60,7 @@ from ..errors import (
 from ..names import check_name, check_pattern, is_reserved, matches
 from ..protocol import DEFAULT_MAX_FRAME, PROTOCOL_VERSION, BodyKind, Op, check_frame
 from ..stats import STATS_VERSION, BrokerStats, ConnectionStats, ProcessStats
+from .browse import check_peek, peek
 from .dedup import MAX_SEQ, check_client_id, check_seq
 from .policy import ALL_QUEUES, VERBS, Policy
 from .queue_state import Consumer, QMsg, Queue, pack_message
@@ -108,6 +109,7 @@ ACCESS: dict[int, tuple[str, int | None]] = {
     Op.PURGE: ("admin", 2),
     Op.DELETE: ("admin", 2),
     Op.STATS: ("admin", None),
+    Op.PEEK: ("consume", 2),  # reads messages, as consuming does; changes nothing
 }
 # Called with (conn, pid, uid, verb, name) for each denied request (the shell logs it).
 DeniedHook = Callable[[int, int, int, str, str], None]
@@ -306,6 +308,7 @@ class BrokerCore:
             Op.ACK_MANY: self._on_ack_many,
             Op.PURGE: self._on_purge,
             Op.DELETE: self._on_delete,
+            Op.PEEK: self._on_peek,
         }
 
     # -- events in ------------------------------------------------------------------
@@ -820,12 +823,48 @@ class BrokerCore:
         _, rid, name, if_empty = frame
         self.reply_ok(conn.id, rid, self.queues.delete(name, if_empty, now))
 
+    def _on_peek(self, conn: Conn, frame: list[Any], now: float) -> None:
+        check_frame(frame)
+        offset, limit, max_body, wanted = check_peek(frame[3] if len(frame) > 3 else None)
+        result = peek(self.queues.existing(frame[2]), offset, limit, max_body, wanted)
+        self.reply_ok(conn.id, frame[1], result)
+
     def _on_stats(self, conn: Conn, frame: list[Any], now: float) -> None:
         check_frame(frame)
         options = frame[2] if len(frame) > 2 and frame[2] is not None else {}
         selection = _stats_options(options)
         if frame[1]:  # rid 0: no reply, so no need to build the statistics
             self.reply_ok(conn.id, frame[1], self.stats(**selection))
+
+    # -- administration from the shell (the broker's web dashboard) ---------------------
+
+    def peek(self, name: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
+        """What PEEK answers (browse.py): READY messages of ``name``, unchanged.
+
+        Raises:
+            NoSuchQueue, BadOption.
+        """
+        offset, limit, max_body, wanted = check_peek(options)
+        return peek(self.queues.existing(name), offset, limit, max_body, wanted)
+
+    def requeue_dead_letters(self, name: str, ids: Iterable[str] | None, now: float) -> int:
+        """Send dead letters of ``name`` back to their queues (``QueueRouter.
+        requeue_dead_letters``); returns how many.
+
+        Raises:
+            NoSuchQueue.
+        """
+        self._now = now
+        return self.queues.requeue_dead_letters(name, None if ids is None else set(ids), now)
+
+    def purge(self, name: str, now: float) -> int:
+        """What PURGE does; returns how many messages were removed.
+
+        Raises:
+            NoSuchQueue.
+        """
+        self._now = now
+        return self.queues.purge(name, now)
 
     # -- introspection --------------------------------------------------------------
 

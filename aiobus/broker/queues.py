@@ -60,11 +60,14 @@ gets a timer entry of its own.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any, Protocol
+
+import msgpack
 
 from ..errors import (
     BusError,
+    InvalidName,
     JournalError,
     LeaseError,
     NoSuchQueue,
@@ -75,7 +78,9 @@ from ..errors import (
     QuotaExceeded,
     shown,
 )
+from ..names import check_name, is_reserved
 from ..stats import JournalStats
+from .browse import DEAD_LETTER_HEADERS
 from .dedup import DedupWindow
 from .queue_state import (
     FIRST_ATTEMPT_TAIL,
@@ -111,6 +116,17 @@ MAX_PREFETCH = 65535
 # A producer with this many sends parked on full queues stops being read until some are
 # admitted (RabbitMQ blocks a publishing connection the same way).
 PARK_LIMIT = 256
+
+
+def _requeueable(target: object) -> bool:
+    """A dead letter's ``x-original-queue`` names a queue it may go back to."""
+    if type(target) is not str or is_reserved(target):
+        return False
+    try:
+        check_name(target, "queue name")
+    except InvalidName:
+        return False
+    return True
 
 
 def _size(item: Item) -> int:
@@ -393,7 +409,8 @@ class QueueRouter:
             self._journal_settings(dlq, QueueSettings.for_queue(target, {"durable": True}))
 
     def existing(self, name: str) -> Queue:
-        """The queue ``name``, which must exist (PURGE, DELETE, a passive CONSUME).
+        """The queue ``name``, which must exist (PURGE, DELETE, PEEK, a passive CONSUME):
+        reading a queue never creates it.
 
         Raises:
             NoSuchQueue: it does not.
@@ -423,6 +440,51 @@ class QueueRouter:
         self._forget_waiting(queue)
         self.pump(queue, now)
         return count
+
+    def requeue_dead_letters(self, name: str, ids: Collection[str] | None,
+                             now: float) -> int:
+        """Send READY dead letters of ``name`` (those whose id is in ``ids``; every one
+        with None) back to the queue their ``x-original-queue`` header names, and return
+        how many. Each leaves ``name`` as if acked (counted in ``acked``, journaled so)
+        and enters its queue at the back as a new message (counted in ``sent``), with its
+        id, body, kind and timestamp, and its own headers: those dead-lettering added
+        (``DEAD_LETTER_HEADERS``) are dropped, so it has a fresh set of attempts. Dead
+        letters without a valid ``x-original-queue``, and the FIFO bridge's ``too-large``
+        records (only the head of a record), stay. O(n) in the queue: an admin action.
+
+        Raises:
+            NoSuchQueue: ``name`` does not exist.
+        """
+        queue = self.existing(name)
+        kept: list[Item] = []
+        moved: list[tuple[Item, list[Any]]] = []
+        while queue.ready or queue.tail:
+            item = queue.take_ready()
+            if type(item) is QMsg and item.state is not MsgState.READY:
+                continue  # a tombstone: dropped here
+            fields = msgpack.unpackb(item if type(item) is bytes else item.packed)  # type: ignore[union-attr]
+            headers = fields[4] or {}
+            target = headers.get("x-original-queue")
+            if ((ids is not None and fields[0] not in ids) or not _requeueable(target)
+                    or headers.get("x-dead-reason") == "too-large"):
+                kept.append(item)
+            else:
+                moved.append((item, fields))
+        queue.tombstones = 0
+        for item in kept:
+            queue.append_ready(item)
+        queue.ready_len = len(kept)
+        for item, (mid, _, body, kind, headers, timestamp) in moved:
+            if type(item) is QMsg:
+                self._gone(queue, item, ACKED)
+            queue.acked += 1
+            target = headers["x-original-queue"]
+            own = {k: v for k, v in headers.items() if k not in DEAD_LETTER_HEADERS}
+            self._accept(self.get(target),
+                         pack_message(mid, target, body, kind, own or None, timestamp), now)
+        if moved and queue.parked:
+            self.pump(queue, now)  # room for sends waiting on a full dead-letter queue
+        return len(moved)
 
     def delete(self, name: str, if_empty: bool, now: float) -> int:
         """Remove ``name`` with its settings and every message (ready, delayed, leased),

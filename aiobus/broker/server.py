@@ -40,7 +40,9 @@ import sys
 import time
 from typing import Any, cast
 
+import anyio
 import msgpack
+from anyio.abc import TaskStatus
 
 from .._paths import check_private_directory, is_explicit, resolve_socket_path
 from ..errors import BusError, ProtocolError
@@ -49,6 +51,7 @@ from ..stats import BrokerStats
 from .core import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CONSUMERS, BrokerCore
 from .journal import Journal, JournalError, OsFiles, Recovered
 from .journal import repair as repair_journal
+from .monitor import LoopLagMonitor
 from .policy import Policy
 from .settings import (
     DEFAULT_DEDUP_SIZE,
@@ -368,6 +371,10 @@ class Broker:
             (default 100,000); 0 for either turns it off.
         sock: an already listening Unix socket to serve instead of binding ``path``
             (systemd socket activation); the broker then does not remove any file.
+        http: ``"HOST:PORT"`` (or ``"PORT"``: on 127.0.0.1) for :meth:`serve` to serve
+            ``/metrics`` (Prometheus) and the web dashboard on, with an admin token
+            written to ``<socket>.token`` (mode 0600); None (default): no HTTP. Needs the
+            optional extra ``aiobus[web]`` (README "Metrics and dashboard").
 
     Raises (from ``start`` / ``async with``):
         BrokerAlreadyRunning: a live broker answers on ``path``.
@@ -408,6 +415,7 @@ class Broker:
         dedup_size: int = DEFAULT_DEDUP_SIZE,
         policy: Policy | None = None,
         socket_group: int | None = None,
+        http: str | None = None,
     ) -> None:
         if fsync not in FSYNC_POLICIES:
             raise ValueError(f"fsync must be one of {', '.join(FSYNC_POLICIES)}")
@@ -457,6 +465,12 @@ class Broker:
         self._close_log = _RateLimitedLog()
         self.core: BrokerCore
         self.loop: asyncio.AbstractEventLoop
+        self.monitor = LoopLagMonitor()
+        # The HTTP listener's address (metrics and dashboard, aiobus.web; run by serve())
+        # and once it listens, its URL and the file holding its admin token.
+        self.http = http
+        self.http_url: str | None = None
+        self.token_path: str | None = None
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -489,7 +503,9 @@ class Broker:
             dedup_size=self.dedup_size,
             policy=self.policy,
             on_denied=self._log_denied,
+            process_stats=self.monitor.process_stats,
         )
+        self.monitor.start(self.loop)
         if recovered is not None:  # replay, then serve: no client sees a half-loaded queue
             self.core.restore(recovered, self.loop.time())
             self._after_events()
@@ -663,6 +679,42 @@ class Broker:
         sock.setblocking(False)
         return sock
 
+    async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Start, then serve until :meth:`aclose` has finished (cancelling this closes the
+        broker too), with the broker's background services in a task group it owns: the
+        HTTP listener for ``/metrics`` and the dashboard when ``http`` is set
+        (:mod:`aiobus.web`, the optional extra ``aiobus[web]``). Reports readiness to
+        ``task_group.start`` once clients can connect and the HTTP side listens.
+
+        Raises:
+            BusError: ``http`` is set and the ``web`` extra is not installed.
+            (and what :meth:`start` raises)
+
+        Example::
+
+            broker = aiobus.Broker("/tmp/demo.sock", http="127.0.0.1:9180")
+            async with anyio.create_task_group() as tg:
+                await tg.start(broker.serve)
+                ...
+                await broker.aclose()  # serve() returns
+        """
+        serve_http = None
+        if self.http is not None:
+            from ..web import require  # fails here, naming the extra, before binding
+
+            serve_http = require()
+        await self.start()
+        try:
+            async with anyio.create_task_group() as services:
+                if serve_http is not None:
+                    await services.start(serve_http, self)
+                task_status.started()
+                await self.wait_closed()
+                services.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.aclose()
+
     async def __aenter__(self) -> Broker:
         await self.start()
         return self
@@ -704,6 +756,7 @@ class Broker:
             await asyncio.wait_for(self._server.wait_closed(), _SHUTDOWN_GRACE)
         if self._timer is not None:
             self._timer.cancel()
+        self.monitor.stop()
         self._log_what_remains()
         self._remove_socket_file()
         self._close_journal()

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Protocol, get_args
+from typing import Protocol, get_args
 
 from ..errors import InvalidOption, shown
 from ..names import TopicIndex

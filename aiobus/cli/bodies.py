@@ -27,6 +27,7 @@ import sys
 from collections.abc import AsyncIterator, Iterable
 from typing import Any, Final
 
+from ..client.browse import PeekedMessage
 from ..client.message import Message
 from ..errors import BodyDecodeError
 
@@ -204,7 +205,7 @@ def _json_key(key: Any) -> str:
     return json.dumps(to_jsonable(key))
 
 
-def body_of(msg: Message) -> Any:
+def body_of(msg: Message | PeekedMessage) -> Any:
     """``msg.body``, or its raw bytes (with a line on stderr) when its producer sent bytes
     that do not decode as the kind it claimed: showing them beats stopping on them."""
     try:

@@ -23,7 +23,9 @@ import signal
 import socket
 import sys
 
-from .. import __version__, systemd
+import anyio
+
+from .. import __version__, systemd, web
 from .._paths import default_data_dir, default_socket_path
 from ..broker.core import DEFAULT_MAX_CONSUMERS
 from ..broker.journal import JournalCorrupt
@@ -124,6 +126,14 @@ def _dedup_size(text: str) -> int:
     if not 0 <= value <= MAX_DEDUP_SIZE:
         raise argparse.ArgumentTypeError(f"must be from 0 (off) to {MAX_DEDUP_SIZE}")
     return value
+
+
+def _http_address(text: str) -> str:
+    try:
+        web.parse_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -233,6 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--drain-timeout", type=float, default=5.0, metavar="SECONDS",
                         help="on SIGTERM, seconds consumers get to answer the messages they"
                              " hold before their connections close (default 5)")
+    parser.add_argument("--http", type=_http_address, default=None, metavar="[HOST:]PORT",
+                        help="serve Prometheus /metrics and the web dashboard on this"
+                             " address (a bare PORT: 127.0.0.1; only an explicit HOST is"
+                             " served beyond loopback); admin actions need the token"
+                             " written to <socket>.token. Needs the extra aiobus[web]."
+                             " Default: off")
     parser.add_argument("--loop", choices=["auto", "uvloop", "asyncio"], default="auto",
                         help="event loop: uvloop when installed (auto, the default), or the"
                              " standard library's; both behave the same, uvloop is faster")
@@ -283,40 +299,48 @@ async def serve(args: argparse.Namespace) -> None:
     inherited = _activated_socket()
     if inherited is not None and args.socket:
         log.info("serving the socket passed by the service manager; --socket is ignored")
+    broker = Broker(
+        args.socket,
+        socket_mode=args.socket_mode,
+        max_frame=args.max_frame,
+        handshake_timeout=args.handshake_timeout,
+        max_consumers=args.max_consumers,
+        max_pending_output=args.max_pending_output,
+        max_parked_bytes=args.max_parked_bytes,
+        max_connections_per_uid=args.max_connections_per_uid,
+        max_queues_per_uid=args.max_queues_per_uid,
+        max_subscriptions_per_uid=args.max_subscriptions_per_uid,
+        max_unacked_per_uid=args.max_unacked_per_uid,
+        max_queued_bytes_per_uid=args.max_queued_bytes_per_uid,
+        max_parked_bytes_per_uid=args.max_parked_bytes_per_uid,
+        max_buffered_bytes_per_uid=args.max_buffered_bytes_per_uid,
+        backlog=args.backlog,
+        data_dir=args.data_dir or default_data_dir(),
+        fsync=args.fsync,
+        fsync_interval=args.fsync_interval / 1000,
+        repair=args.repair,
+        drain_timeout=args.drain_timeout,
+        dedup_window=args.dedup_window,
+        dedup_size=args.dedup_size,
+        sock=inherited,
+        policy=policy,
+        socket_group=args.socket_group,
+        http=args.http,
+    )
     try:
-        async with Broker(
-            args.socket,
-            socket_mode=args.socket_mode,
-            max_frame=args.max_frame,
-            handshake_timeout=args.handshake_timeout,
-            max_consumers=args.max_consumers,
-            max_pending_output=args.max_pending_output,
-            max_parked_bytes=args.max_parked_bytes,
-            max_connections_per_uid=args.max_connections_per_uid,
-            max_queues_per_uid=args.max_queues_per_uid,
-            max_subscriptions_per_uid=args.max_subscriptions_per_uid,
-            max_unacked_per_uid=args.max_unacked_per_uid,
-            max_queued_bytes_per_uid=args.max_queued_bytes_per_uid,
-            max_parked_bytes_per_uid=args.max_parked_bytes_per_uid,
-            max_buffered_bytes_per_uid=args.max_buffered_bytes_per_uid,
-            backlog=args.backlog,
-            data_dir=args.data_dir or default_data_dir(),
-            fsync=args.fsync,
-            fsync_interval=args.fsync_interval / 1000,
-            repair=args.repair,
-            drain_timeout=args.drain_timeout,
-            dedup_window=args.dedup_window,
-            dedup_size=args.dedup_size,
-            sock=inherited,
-            policy=policy,
-            socket_group=args.socket_group,
-        ) as broker:
+        async with anyio.create_task_group() as tasks:  # the broker's services run in it
+            await tasks.start(broker.serve)
             loop.add_signal_handler(signal.SIGHUP, _reload_policy, broker, args.policy)
             where = broker.path or "the socket passed by the service manager"
             systemd.notify(f"READY=1\nSTATUS=listening on {where}\nMAINPID={os.getpid()}")
             await stop.wait()
             log.info("signal received, shutting down")
             systemd.notify("STOPPING=1\nSTATUS=shutting down")
+            await broker.aclose()
+    except BaseExceptionGroup as group:  # the task group's: a start-up error, usually
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None  # as main() reports it
+        raise
     finally:
         for signo in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(signo)

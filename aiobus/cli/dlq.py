@@ -1,47 +1,49 @@
-"""``aiobus dlq list|requeue|purge QUEUE``: the dead letters of a queue.
+"""``aiobus dlq list|show|requeue|purge QUEUE``: the dead letters of a queue.
 
 QUEUE is the original queue; the commands act on its dead-letter queue, found in the
-queue's settings (``bus.stats()``), ``<QUEUE>.dlq`` for a queue the broker does not know.
+queue's settings (``bus.stats()``). A queue the broker does not know is an error, unless
+its default dead-letter queue ``<QUEUE>.dlq`` exists (a queue created by use goes away
+when it stays empty and unused, its dead letters do not). Nothing here creates a queue.
 
-Theory of operation. A queue can only be read by consuming it, so every command leases
-the dead letters that are ready at the start (their count from ``stats()``, so letters
-that arrive meanwhile, perhaps requeued ones failing again, are left for next time), with
-a prefetch that covers them all:
+Theory of operation. ``list`` and ``show`` read with PEEK (``bus.peek``): the broker
+shows the ready messages where they are, and nothing is leased, counted or changed.
+``requeue`` and ``purge`` change the queue:
 
-* ``list`` prints them and leaves without answering. Leaving a consumer releases its
-  leases at once without counting an attempt (the client's documented behaviour), so the
-  dead letters stay exactly as they were.
-* ``requeue`` sends each back to the queue named in its ``x-original-queue`` header, with
-  its body and its own headers (the ``x-`` headers of dead-lettering removed), waits for
-  the broker to accept it, and only then acks it from the dead-letter queue. Interrupted
+* ``requeue`` leases the dead letters that are ready at the start (their count from
+  ``stats()``, so letters that arrive meanwhile, perhaps requeued ones failing again,
+  are left for next time), with a prefetch that covers them all, and sends each back to
+  the queue named in its ``x-original-queue`` header, with its body and its own headers
+  (the ``x-`` headers of dead-lettering removed), waits for the broker to accept it, and
+  only then acks it from the dead-letter queue. Interrupted
   midway, nothing is lost; at worst one message is in both queues (at-least-once).
   Records the FIFO bridge dead-lettered as ``too-large`` carry only the head of the
   record, so they are left where they are rather than passed on truncated.
-* ``purge`` acks them.
+* ``purge`` removes them with one PURGE.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from collections.abc import Awaitable, Callable
 from typing import Final
 
+from ..broker.browse import DEAD_LETTER_HEADERS, MAX_PEEK_LIMIT
 from ..broker.queues import MAX_PREFETCH  # the most a consumer may lease at once
+from ..broker.settings import DLQ_SUFFIX
+from ..client.browse import PeekedMessage
 from ..client.bus import Bus
 from ..client.message import Message
-from ..errors import BodyDecodeError
-from .bodies import CliError, body_of, message_json, preview, table
+from ..errors import BodyDecodeError, NoSuchQueue
+from .bodies import CliError, body_of, preview, render, table, to_jsonable
 from .commands import next_message
 from .options import add_command, positive_int, queue_name
 
 __all__ = ["register"]
 
-# Headers the broker (and the FIFO bridge) add when dead-lettering; requeue drops them.
-DEAD_LETTER_HEADERS: Final = frozenset({
-    "x-original-queue", "x-dead-reason", "x-attempts", "x-dead-time", "x-reason-text",
-    "x-consumer-pid", "x-consumer-uid", "x-record-length",
-})
+# ``show`` prints a body up to this size (PEEK cuts it there; the full size is shown).
+SHOW_MAX_BODY: Final = 1024 * 1024
 # Ready messages are delivered at once; a pause this long means another consumer of the
 # dead-letter queue took the rest.
 IDLE_TIMEOUT: Final = 2.0
@@ -55,14 +57,18 @@ async def dead_letter_queue(bus: Bus, queue: str) -> tuple[str, int]:
     """
     # Just the queues asked about (their names as patterns: no wildcard in a name), so
     # this works whatever the number of queues.
-    stats = await bus.stats(queues=queue)
-    settings = stats.get("queues", {}).get(queue, {}).get("settings", {})
-    target = settings.get("dead_letter", f"{queue}.dlq")
-    if target is None:
-        raise CliError(f"queue {queue!r} has no dead-letter queue: it discards failed"
-                       " messages (declared with dead_letter=None)")
-    stats = await bus.stats(queues=target)
-    return target, int(stats.get("queues", {}).get(target, {}).get("ready", 0))
+    found = (await bus.stats(queues=queue))["queues"].get(queue)
+    target = f"{queue}{DLQ_SUFFIX}"
+    if found is not None:
+        target = found["settings"].get("dead_letter", target)
+        if target is None:
+            raise CliError(f"queue {queue!r} has no dead-letter queue: it discards failed"
+                           " messages (declared with dead_letter=None)")
+    dlq = (await bus.stats(queues=target))["queues"].get(target)
+    if found is None and dlq is None:
+        raise CliError(f"there is no queue {queue!r}: it was never used since the broker"
+                       " started, or it was deleted (see 'aiobus queue list')")
+    return target, 0 if dlq is None else dlq["ready"]
 
 
 async def _each(bus: Bus, dlq: str, count: int,
@@ -87,7 +93,7 @@ def _letters(count: int) -> str:
     return f"{count} dead letter" if count == 1 else f"{count} dead letters"
 
 
-def _dead_time(msg: Message) -> str:
+def _dead_time(msg: Message | PeekedMessage) -> str:
     try:
         when = float(msg.headers["x-dead-time"])
     except (KeyError, ValueError):
@@ -95,26 +101,46 @@ def _dead_time(msg: Message) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when))
 
 
-def _row(msg: Message) -> list[str]:
+def _row(msg: PeekedMessage) -> list[str]:
     headers = msg.headers
     return [msg.id, headers.get("x-dead-reason", "-"), headers.get("x-attempts", "-"),
             _dead_time(msg), preview(headers.get("x-reason-text", "-"), 30),
-            preview(body_of(msg))]
+            preview(msg.raw_body if msg.truncated else body_of(msg))]
+
+
+def _json(msg: PeekedMessage) -> str:
+    """One dead letter as a JSON line (the fields 'aiobus consume --json' prints)."""
+    return json.dumps(to_jsonable({
+        "body": body_of(msg), "queue": msg.queue, "headers": msg.headers, "id": msg.id,
+        "timestamp": msg.timestamp, "size": msg.size, "truncated": msg.truncated,
+    }), ensure_ascii=False)
+
+
+async def _peek(bus: Bus, dlq: str, **options: object) -> tuple[list[PeekedMessage], int]:
+    """The dead letters PEEK shows (none when the dead-letter queue does not exist yet:
+    it is created by the first dead letter) and how many are ready."""
+    try:
+        page = await bus.peek(dlq, **options)  # type: ignore[arg-type]
+    except NoSuchQueue:
+        return [], 0
+    return page.messages, page.ready
 
 
 async def _list(bus: Bus, args: argparse.Namespace) -> int:
-    dlq, ready = await dead_letter_queue(bus, args.queue)
-    count = min(ready, args.limit or MAX_PREFETCH, MAX_PREFETCH)  # all must be leased at once
-    letters: list[Message] = []
-
-    async def keep(msg: Message) -> None:
-        letters.append(msg)
-
-    await _each(bus, dlq, count, keep)
-    # Leaving the consumer released every lease: the dead letters are untouched.
+    dlq, _ = await dead_letter_queue(bus, args.queue)
+    letters: list[PeekedMessage] = []
+    wanted = args.limit or MAX_PREFETCH
+    ready = 0
+    while len(letters) < wanted:  # pages of PEEK, oldest first
+        page, ready = await _peek(bus, dlq, offset=len(letters),
+                                  limit=min(MAX_PEEK_LIMIT, wanted - len(letters)),
+                                  max_body=1024)
+        letters += page
+        if len(page) < MAX_PEEK_LIMIT:
+            break
     if args.json:
         for msg in letters:
-            print(message_json(msg))
+            print(_json(msg))
     elif not letters:
         print(f"{dlq}: no dead letters")
     else:
@@ -122,6 +148,27 @@ async def _list(bus: Bus, args: argparse.Namespace) -> int:
         print(f"{dlq}: {_letters(ready)}{more}")
         print("\n".join(table(["ID", "REASON", "ATTEMPTS", "DEAD SINCE", "REASON TEXT",
                                 "BODY"], [_row(msg) for msg in letters], right=(2,))))
+    return 0
+
+
+async def _show(bus: Bus, args: argparse.Namespace) -> int:
+    dlq, _ = await dead_letter_queue(bus, args.queue)
+    found, _ = await _peek(bus, dlq, id=args.id, max_body=SHOW_MAX_BODY)
+    if not found:
+        raise CliError(f"no dead letter {args.id!r} is ready in {dlq}"
+                       " (see 'aiobus dlq list')")
+    msg = found[0]
+    if args.json:
+        print(_json(msg))
+        return 0
+    print(f"id: {msg.id}")
+    print(f"queue: {msg.queue}")
+    print(f"dead since: {_dead_time(msg)}")
+    for key, value in sorted(msg.headers.items()):
+        print(f"header {key}: {value}")
+    cut = f", first {len(msg.raw_body)} shown" if msg.truncated else ""
+    print(f"body ({msg.size} bytes{cut}, {'msgpack' if msg.kind else 'raw'}):")
+    print(render(body_of(msg)))
     return 0
 
 
@@ -157,7 +204,10 @@ async def _requeue(bus: Bus, args: argparse.Namespace) -> int:
 
 async def _purge(bus: Bus, args: argparse.Namespace) -> int:
     dlq, _ = await dead_letter_queue(bus, args.queue)
-    purged = await bus.purge_queue(dlq)  # one frame: the broker drops them all at once
+    try:
+        purged = await bus.purge_queue(dlq)  # one frame: the broker drops them all at once
+    except NoSuchQueue:
+        purged = 0  # no dead letter yet: its dead-letter queue was never created
     print(f"purged {_letters(purged)} from {dlq}")
     return 0
 
@@ -173,12 +223,21 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
                     help="show the dead letters without removing them",
                     description="Show each dead letter of QUEUE: id, reason, attempts,"
                                 " when it was dead-lettered, the reason text and the start"
-                                " of its body. Nothing is removed and no attempt counted.")
+                                " of its body. Nothing is leased, removed or counted (the"
+                                " broker's PEEK).")
     p.add_argument("queue", metavar="QUEUE", type=queue_name)
     p.add_argument("--limit", type=positive_int, metavar="N",
                    help=f"show at most N (default all, up to {MAX_PREFETCH})")
     p.add_argument("--json", action="store_true",
                    help="one JSON object per line, as 'aiobus consume --json' prints")
+    p = add_command(actions, common, "show", run=_show,
+                    help="show one dead letter: its headers and whole body",
+                    description="Show the dead letter ID of QUEUE (an id from 'dlq list'):"
+                                " every header and its body, decoded when it is msgpack,"
+                                f" up to {SHOW_MAX_BODY} bytes. Nothing is changed.")
+    p.add_argument("queue", metavar="QUEUE", type=queue_name)
+    p.add_argument("id", metavar="ID")
+    p.add_argument("--json", action="store_true", help="as one JSON object")
     p = add_command(actions, common, "requeue", run=_requeue,
                     help="send the dead letters back to their queue",
                     description="Send each dead letter back to the queue it came from"

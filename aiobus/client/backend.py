@@ -212,4 +212,7 @@ class Backend(Protocol):
 
     async def stats(self, options: dict[str, Any] | None = None) -> dict[str, Any]: ...
 
+    async def peek(self, queue: str, options: dict[str, Any]) -> dict[str, Any]:
+        """PEEK: the queue's ready messages, unchanged (the wire result)."""
+
     async def ping(self) -> None: ...

@@ -20,6 +20,7 @@ from ..names import check_name, check_pattern, is_reserved
 from ..protocol import Overflow, SubscriptionPolicy, check_headers, encode_body
 from ..stats import BrokerStats
 from .backend import Backend, StateChange
+from .browse import PeekResult
 from .connection import HOLD_BYTES
 from .message import check_size
 from .streams import Consumer, Subscription
@@ -489,6 +490,37 @@ class Bus:
         if after is not None:
             options["after"] = after
         return cast(BrokerStats, await self._backend.stats(options))
+
+    async def peek(self, queue: str, *, offset: int = 0, limit: int = 100,
+                   max_body: int = 64 * 1024, id: str | None = None) -> PeekResult:
+        """Read a queue's ready messages without consuming them: nothing is leased,
+        counted or changed (``aiobus dlq list`` browses dead letters this way).
+
+        Args:
+            offset: skip this many ready messages (oldest first).
+            limit: return at most this many (1 to 1,000).
+            max_body: cut each body to this many bytes (``size`` keeps the length).
+            id: only the ready message with this id (``messages`` empty if none).
+
+        Returns:
+            A :class:`PeekResult`: ``messages`` and how many are ``ready`` in all.
+
+        Raises:
+            NoSuchQueue: the queue does not exist (peeking never creates one).
+            InvalidOption: a bad option. InvalidName, Forbidden, PermissionDenied: as
+                for consume (peeking needs the right to consume the queue).
+
+        Example::
+
+            page = await bus.peek("jobs.dlq", limit=10)
+            for msg in page.messages:
+                print(msg.id, msg.headers.get("x-dead-reason"), msg.body)
+        """
+        self._check_name(queue, "queue name")
+        options: dict[str, Any] = {"offset": offset, "limit": limit, "max_body": max_body}
+        if id is not None:
+            options["id"] = id
+        return PeekResult.from_wire(await self._backend.peek(queue, options))
 
     async def ping(self) -> None:
         """Round trip to the broker; returns once every earlier frame was processed."""

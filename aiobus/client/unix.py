@@ -640,6 +640,10 @@ class UnixSocketBackend:
         result: dict[str, Any] = await self._call(frame, resend=True)
         return result
 
+    async def peek(self, queue: str, options: dict[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = await self._call([Op.PEEK, 0, queue, options], resend=True)
+        return result
+
     async def ping(self) -> None:
         await self._call([Op.PING, 0], resend=True)
 

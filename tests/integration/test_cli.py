@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 import aiobus
-from aiobus.cli.stat import CLEAR, Sample, compute_rates
+from aiobus.cli.stat import CLEAR
 
 from .conftest import BrokerProcess, queue_stats, wait_until
 
@@ -181,24 +181,6 @@ async def test_no_broker_exits_1_with_one_line(short_tmp: Path) -> None:
         assert path in result.err and "no aiobus broker" in result.err
 
 
-async def test_rates_from_two_samples() -> None:  # async: the module is marked asyncio
-    before = Sample(10.0, {"queues": {"q": {"sent": 5, "acked": 1, "delivered": 2,
-                                            "dead_lettered": 0}},
-                           "topics": {"published": 3}})
-    after = Sample(12.0, {"queues": {"q": {"sent": 25, "acked": 11, "delivered": 12,
-                                           "dead_lettered": 0},
-                                     "new": {"sent": 4, "acked": 0, "delivered": 0,
-                                             "dead_lettered": 0}},
-                          "topics": {"published": 1}})
-    rates = compute_rates(before, after)
-    assert rates is not None and rates["interval"] == 2.0
-    assert rates["queues"]["q"] == {"sent": 10.0, "delivered": 5.0, "acked": 5.0,
-                                    "dead_lettered": 0.0}
-    assert rates["queues"]["new"]["sent"] == 2.0  # created between the samples
-    assert rates["published"] is None  # the counter went down: a restarted broker
-    assert compute_rates(None, after) is None
-
-
 # -- against a broker -----------------------------------------------------------------
 
 
@@ -341,9 +323,17 @@ async def test_reject_and_the_dead_letter_commands(bus: aiobus.Bus, cli: Any) ->
     assert "first" in listed.lines[2] and '{"n":2}' in listed.lines[3]
     as_json = [json.loads(line) for line in (await cli("dlq", "list", "jobs", "--json")).lines]
     assert [m["headers"]["x-dead-reason"] for m in as_json] == ["rejected", "rejected"]
-    # Listing removed nothing and counted no attempt.
+    # Listing (PEEK) removed nothing, leased nothing and counted no attempt.
     stats = await queue_stats(bus, "jobs.dlq")
-    assert stats["ready"] == 2 and stats["unacked"] == 0 and stats["acked"] == 0
+    assert (stats["ready"], stats["unacked"], stats["acked"], stats["delivered"]) == (2, 0, 0, 0)
+    shown = await cli("dlq", "show", "jobs", as_json[1]["id"])
+    assert shown.code == 0, shown.err
+    assert f"id: {as_json[1]['id']}" in shown.lines and "header x-reason-text: bad input" in (
+        shown.lines) and shown.lines[-1] == '{"n":2}', shown.out
+    missing = await cli("dlq", "show", "jobs", "no-such-id")
+    assert missing.code == 1 and "no dead letter 'no-such-id' is ready in jobs.dlq" in (
+        missing.err)
+    assert (await queue_stats(bus, "jobs.dlq"))["delivered"] == 0
     async with bus.consume("jobs.dlq", prefetch=2) as consumer:
         attempts = [(await asyncio.wait_for(anext(consumer), 5)).attempt for _ in range(2)]
     assert attempts == [1, 1]
@@ -372,6 +362,33 @@ async def test_reject_and_the_dead_letter_commands(bus: aiobus.Bus, cli: Any) ->
     assert (await queue_stats(bus, "graveyard"))["ready"] == 0
     empty = await run("--socket", bus.path, "dlq", "list", "orders")
     assert (empty.code, empty.lines) == (0, ["graveyard: no dead letters"])
+
+
+async def test_dlq_of_a_queue_that_does_not_exist(bus: aiobus.Bus, cli: Any) -> None:
+    for action in (["list"], ["show", "x"], ["requeue"], ["purge"]):
+        result = await cli("dlq", *action, "nosuchqueue")
+        assert result.code == 1 and result.out == "", result
+        assert "there is no queue 'nosuchqueue'" in result.err, result.err
+    queues = (await bus.stats())["queues"]
+    assert "nosuchqueue" not in queues and "nosuchqueue.dlq" not in queues
+    # A queue that exists and has had no dead letter yet: none, and still no .dlq queue.
+    await bus.send("fresh", "x")
+    result = await cli("dlq", "list", "fresh")
+    assert (result.code, result.lines) == (0, ["fresh.dlq: no dead letters"])
+    assert "fresh.dlq" not in (await bus.stats())["queues"]
+
+
+async def test_stat_prometheus(bus: aiobus.Bus, cli: Any) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    await bus.send("jobs", 1)
+    result = await cli("stat", "--prometheus")
+    assert result.code == 0, result.err
+    got = {(s.name, tuple(sorted(s.labels.items()))): s.value
+           for family in text_string_to_metric_families(result.out) for s in family.samples}
+    assert got[("aiobus_queue_messages_ready", (("queue", "jobs"),))] == 1
+    assert got[("aiobus_connections", ())] == 2  # the bus fixture and the command
+    assert got[("aiobus_process_resident_memory_bytes", ())] > 1_000_000
 
 
 async def test_request_against_a_replying_client(cli: Any, spawn_client: Any,
@@ -469,9 +486,10 @@ async def test_long_running_commands_end_cleanly_on_signals(
     assert watch.stdout is not None
     seen = b""
     async with asyncio.timeout(TIMEOUT):
-        while seen.count(CLEAR.encode()) < 2:  # drawn, then redrawn
+        while seen.count(b"Ctrl-C to quit") < 2:  # drawn, then redrawn
             seen += await watch.stdout.read(4096)
         await wait_until(lambda: _consumers(bus, "idle"), timeout=TIMEOUT)
+    assert CLEAR.encode() not in seen  # a pipe gets no screen-clearing codes
     watch.send_signal(signal.SIGINT)
     consume.send_signal(signal.SIGTERM)
     for proc in (watch, consume):

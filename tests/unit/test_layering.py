@@ -20,6 +20,7 @@ CORE_MODULES = [
     "broker/topics.py",
     "broker/timers.py",
     "broker/dedup.py",
+    "broker/browse.py",
     "broker/settings.py",
     "broker/policy.py",
     "broker/journal/records.py",
