@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test lint typecheck unit integration soak bench bench-quick clean fuzz example browser
+.PHONY: run test lint typecheck unit integration soak bench bench-quick clean fuzz example browser screenshot
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +60,10 @@ browser:
 	@if ! command -v chromedriver >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 \
 	    && [ "$$(id -u)" = 0 ]; then \
 	    apt-get update -qq && apt-get install -y -qq chromium chromium-driver; fi
+
+# Redraw docs/dashboard.png (the README's picture) from the browser test.
+screenshot: $(VENV)/.installed-test browser
+	AIOBUS_SCREENSHOT=1 $(BIN)/python -m pytest -q tests/integration/test_dashboard_browser.py
 
 # Soak tests (marked `soak`, deselected by `make test`): real time is the point, as a
 # reader that opens a FIFO 60 s after `aiobus fifo-out` started. A few minutes.

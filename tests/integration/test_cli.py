@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import errno
 import json
 import os
@@ -365,8 +366,9 @@ async def test_reject_and_the_dead_letter_commands(bus: aiobus.Bus, cli: Any) ->
 
 
 async def test_dlq_of_a_queue_that_does_not_exist(bus: aiobus.Bus, cli: Any) -> None:
-    for action in (["list"], ["show", "x"], ["requeue"], ["purge"]):
-        result = await cli("dlq", *action, "nosuchqueue")
+    for action in (["list"], ["show", "nosuchqueue", "x"], ["requeue"], ["purge"]):
+        args = action if len(action) > 1 else [*action, "nosuchqueue"]
+        result = await cli("dlq", *args)
         assert result.code == 1 and result.out == "", result
         assert "there is no queue 'nosuchqueue'" in result.err, result.err
     queues = (await bus.stats())["queues"]
@@ -496,6 +498,36 @@ async def test_long_running_commands_end_cleanly_on_signals(
         result = await finish(proc)
         assert (result.code, result.err) == (0, ""), result
     assert (await queue_stats(bus, "idle"))["consumers"] == 0
+
+
+async def test_stat_watch_clears_the_screen_on_a_terminal(broker: BrokerProcess) -> None:
+    import pty
+
+    assert AIOBUS is not None
+    leader, follower = pty.openpty()
+    os.set_blocking(leader, False)
+    try:
+        watch = await asyncio.create_subprocess_exec(
+            AIOBUS, "stat", "--watch", "0.2", "--socket", broker.path,
+            stdin=asyncio.subprocess.DEVNULL, stdout=follower,
+            stderr=asyncio.subprocess.PIPE)
+        os.close(follower)
+        follower = -1
+        seen = b""
+        try:
+            async with asyncio.timeout(TIMEOUT):
+                while seen.count(CLEAR.encode()) < 2:  # drawn, then redrawn over it
+                    await asyncio.sleep(0.05)
+                    with contextlib.suppress(BlockingIOError):
+                        seen += os.read(leader, 65536)
+        finally:
+            watch.send_signal(signal.SIGINT)
+            await asyncio.wait_for(watch.wait(), TIMEOUT)
+        assert watch.returncode == 0
+    finally:
+        os.close(leader)
+        if follower >= 0:
+            os.close(follower)
 
 
 async def test_fifo_in_and_signal_out(bus: aiobus.Bus, broker: BrokerProcess,
