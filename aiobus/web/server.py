@@ -24,9 +24,11 @@ Access. A cross-site request is refused (403): one whose ``Origin`` is not this
 listener's own, or whose ``Sec-Fetch-Site`` says ``cross-site``; on loopback the
 ``Host`` must be a loopback name too (DNS rebinding). Admin requests need the token,
 random per start, that the broker writes to a 0600 file beside its socket, in the
-``X-Aiobus-Token`` header and a JSON body (which a plain HTML form cannot send). Reading
-(the page, events, metrics, PEEK) needs no token on loopback; on any other address it
-needs it too (``X-Aiobus-Token`` or ``Authorization: Bearer``).
+``X-Aiobus-Token`` header and a JSON body (which a plain HTML form cannot send). So do
+message contents (PEEK): the socket's mode keeps other local users from reading
+messages, and a loopback TCP port must not undo that. Counts (the page, its events,
+``/metrics``) need no token on loopback; on any other address they need it too
+(``X-Aiobus-Token`` or ``Authorization: Bearer``).
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ class _Access:
             given = auth[7:]
         return bool(given) and hmac.compare_digest(given.encode(), self.token.encode())
 
-    def check(self, request: web.Request, *, admin: bool) -> None:
+    def check(self, request: web.Request, *, admin: bool, contents: bool = False) -> None:
         origin = request.headers.get("Origin")
         if origin is not None and origin != f"http://{request.host}":
             raise web.HTTPForbidden(text="cross-site request refused (Origin)\n")
@@ -88,7 +90,7 @@ class _Access:
             raise web.HTTPForbidden(text="cross-site request refused (Sec-Fetch-Site)\n")
         if self.loopback and request.host.rpartition(":")[0] not in _LOOPBACK_NAMES:
             raise web.HTTPForbidden(text="this listener answers only to a loopback Host\n")
-        if (admin or not self.loopback) and not self._has_token(request):
+        if (admin or contents or not self.loopback) and not self._has_token(request):
             raise web.HTTPUnauthorized(text=f"this needs the admin token in the"
                                             f" {TOKEN_HEADER} header\n")
 
@@ -178,7 +180,7 @@ class _Handlers:
         return request.match_info["queue"]
 
     async def browse(self, request: web.Request) -> web.Response:
-        self.access.check(request, admin=False)
+        self.access.check(request, admin=False, contents=True)
         options = {"offset": _int(request, "offset", 0),
                    "limit": _int(request, "limit", 100), "max_body": 1024}
         try:
@@ -191,7 +193,7 @@ class _Handlers:
                       "messages": [_message(m, size, PREVIEW) for m, size in page["messages"]]})
 
     async def show(self, request: web.Request) -> web.Response:
-        self.access.check(request, admin=False)
+        self.access.check(request, admin=False, contents=True)
         try:
             page = self.broker.core.peek(self._queue(request),
                                          {"id": request.match_info["id"],

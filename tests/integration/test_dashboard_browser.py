@@ -1,7 +1,7 @@
 """The dashboard in a real browser: Debian's headless chromium, driven by selenium,
 against a real broker process. It sees a queue's count change live after a send (no
-reload), browses a dead letter with its headers and error text, shows its body, and
-requeues it with the token; the broker's statistics confirm the queue got it.
+reload), is refused a dead letter's contents without the token, browses it with the
+token (headers, error text), shows its body, and requeues it; the broker's statistics confirm the queue got it.
 
 ``make test`` installs chromium and its driver where it can (root with apt-get); the test
 skips, naming what is missing, only where they are not installed. With
@@ -109,6 +109,9 @@ async def test_dashboard_live_counts_dead_letters_and_requeue(
             dlq_button = 'tr[data-queue="jobs"] button.dlq-open'
             await until(lambda d: text_of(d, dlq_button) == "1 in jobs.dlq")
             click(browser, dlq_button)
+            # Message contents need the token: without it the page says so.
+            await until(lambda d: text_of(d, "#dlq-msg").startswith("401"))
+            browser.find_element(By.ID, "token").send_keys(web.token)
             row = f'#letters tr[data-id="{msg.id}"]'
             await until(lambda d: text_of(d, row + " td.reason") == "rejected")
             assert text_of(browser, row + " td.error") == "ValueError: no stock for 'book'"
@@ -122,9 +125,6 @@ async def test_dashboard_live_counts_dead_letters_and_requeue(
         dlq = await queue_stats(bus, "jobs.dlq")
         assert (dlq["ready"], dlq["delivered"]) == (1, 0)
 
-        click(browser, row + " button.requeue")  # without the token
-        await until(lambda d: text_of(d, "#dlq-msg").startswith("401"))
-        browser.find_element(By.ID, "token").send_keys(web.token)
         click(browser, row + " button.requeue")
         await until(lambda d: text_of(d, "#dlq-msg") == "requeued 1")
         assert (await queue_stats(bus, "jobs.dlq"))["ready"] == 0

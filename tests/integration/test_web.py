@@ -5,6 +5,7 @@ dead-letter API, the optional extra, and Broker.serve() embedded."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import stat
 import subprocess
@@ -127,19 +128,21 @@ async def test_dead_letter_api_browses_without_changing_then_purges(web: WebBrok
             for _ in range(2):
                 msg = await asyncio.wait_for(anext(consumer), TIMEOUT)
                 await msg.reject("boom: KeyError 'x'")
-        status, text = await get(web.url + "api/queues/jobs.dlq/messages")
+        assert (await get(web.url + "api/queues/jobs.dlq/messages"))[0] == 401  # contents
+        token = {"X-Aiobus-Token": web.token}
+        status, text = await get(web.url + "api/queues/jobs.dlq/messages", **token)
         assert status == 200
-        import json
         page = json.loads(text)
         assert page["ready"] == 2
         first, second = page["messages"]
         assert first["headers"]["x-reason-text"] == "boom: KeyError 'x'"
         assert first["headers"]["x-dead-reason"] == "rejected" and first["body"] == '{"order": 7}'
-        shown = json.loads((await get(web.url + f"api/queues/jobs.dlq/messages/{second['id']}"))[1])
+        shown = json.loads((await get(web.url + f"api/queues/jobs.dlq/messages/{second['id']}",
+                                      **token))[1])
         assert (shown["shown_as"], shown["body"]) == ("hex", "00 ff 62 69 6e 61 72 79")
         stats = await queue_stats(bus, "jobs.dlq")
         assert (stats["ready"], stats["delivered"], stats["unacked"]) == (2, 0, 0)
-        assert (await get(web.url + "api/queues/nosuch/messages"))[0] == 404
+        assert (await get(web.url + "api/queues/nosuch/messages", **token))[0] == 404
         assert "nosuch" not in (await bus.stats())["queues"]
         status, text = await post(web.url + "api/queues/jobs.dlq/purge",
                                   **{"X-Aiobus-Token": web.token})
