@@ -825,9 +825,8 @@ class BrokerCore:
 
     def _on_peek(self, conn: Conn, frame: list[Any], now: float) -> None:
         check_frame(frame)
-        offset, limit, max_body, wanted = check_peek(frame[3] if len(frame) > 3 else None)
-        result = peek(self.queues.existing(frame[2]), offset, limit, max_body, wanted)
-        self.reply_ok(conn.id, frame[1], result)
+        self.reply_ok(conn.id, frame[1], self.peek(frame[2], frame[3] if len(frame) > 3
+                                                   else None))
 
     def _on_stats(self, conn: Conn, frame: list[Any], now: float) -> None:
         check_frame(frame)
