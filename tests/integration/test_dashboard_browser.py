@@ -1,7 +1,8 @@
 """The dashboard in a real browser: Debian's headless chromium, driven by selenium,
 against a real broker process. It sees a queue's count change live after a send (no
 reload), is refused a dead letter's contents without the token, browses it with the
-token (headers, error text), shows its body, and requeues it; the broker's statistics confirm the queue got it.
+token (headers, error text), shows its body, and requeues it; the broker's statistics
+confirm the queue got it.
 
 ``make test`` installs chromium and its driver where it can (root with apt-get); the test
 skips, naming what is missing, only where they are not installed. With
