@@ -14,6 +14,11 @@ Feed it events and read what it wants done from the :class:`Sink` it was given:
   ``sink.set_reading(conn, flag)`` to stop and resume reading a producer that is
   blocked on full queues.
 
+The shell's own administration (the web dashboard, aiobus.web) calls ``peek``,
+``requeue_dead_letters`` and ``purge`` directly, then flushes as after a frame.
+``stats()`` builds the typed statistics (aiobus.stats.BrokerStats) from counters kept
+as things happen; the ``process`` part comes from the shell's ``process_stats`` hook.
+
 ``now`` is a monotonic number of seconds; ``wall_offset`` turns it into epoch time for
 timestamps and headers. The asyncio server (server.py) is a thin shell around this;
 tests drive it directly (tests/unit/helpers.py, tests/unit/test_core_*.py).

@@ -38,7 +38,14 @@ Administration. ``purge`` drops what waits (READY and DELAYED) and leaves leases
 ``delete`` drops the queue object with everything in it, ends its leases (a later
 answer is ``lease-unknown``) and moves its consumers to a fresh queue of the same name.
 A durable queue journals either as one record (``purged``, ``deleted``), not one per
-message.
+message. ``requeue_dead_letters`` (the dashboard's) takes READY dead letters out of the
+middle of a dead-letter queue, so it rebuilds that queue's ready deque: O(n), an admin
+action. Reading a queue without consuming it is browse.py's PEEK, which changes nothing.
+
+Counters and gauges live on the queue and change with the transitions above (one
+integer add each, never a scan): ``unacked`` goes up in ``_deliver`` and down when a
+lease is answered (``_take``), expires (``_expire_lease``) or is settled by a stopping
+consumer (``_settle_leases``); STATS only reads them.
 
 A lease ends in one of four ways. ``ack`` and ``reply`` remove the message. ``nack``,
 an ack timeout and a lost connection are *failures*: they count an attempt, and after

@@ -748,6 +748,14 @@ class QueueMachine(RuleBasedStateMachine):
             assert got["redelivered"] <= got["delivered"], got
 
     @invariant()
+    def peek_shows_exactly_the_ready_messages(self) -> None:
+        for name, queue in self.queues.items():
+            page = self.d.core.peek(name, {"limit": 1000})
+            shown = sorted(message[2] for message, _ in page["messages"])
+            assert shown == sorted(m.body for m, _ in queue.ready), name
+            assert page["ready"] == len(queue.ready), name
+
+    @invariant()
     def each_message_is_in_one_place(self) -> None:
         ready = [id(m) for q in self.queues.values() for m, _ in q.ready]
         leased = [id(lease.msg) for lease in self.leases.values() if not lease.zombie]
