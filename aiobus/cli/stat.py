@@ -23,7 +23,7 @@ from typing import Any
 from ..client.bus import Bus
 from ..errors import ConnectionLost
 from ..metrics import render as render_prometheus
-from ..stats import JournalStats, Rates, Sample, compute_rates
+from ..stats import JournalStats, ProcessStats, Rates, Sample, compute_rates
 from .bodies import table, to_jsonable
 from .options import add_command, non_negative_float, positive_float
 
@@ -59,6 +59,14 @@ def _journal_line(journal: JournalStats | None) -> str:
             f" ({journal.get('live_bytes', 0):,} bytes)")
 
 
+def _process_line(process: ProcessStats | None) -> list[str]:
+    """The broker process's memory and loop lag (none from a broker that does not say)."""
+    if process is None:
+        return []
+    return [f"broker: pid {process.get('pid', '?')}, {process.get('rss_bytes', 0) / 2**20:.1f}"
+            f" MiB resident, event loop lag {process.get('loop_lag', 0.0) * 1000:.1f} ms"]
+
+
 def rendertable(current: Sample, rates: Rates | None, where: str) -> str:
     stats = current.stats
     queue_rates: dict[str, Any] = dict(rates.queues) if rates else {}
@@ -70,6 +78,7 @@ def rendertable(current: Sample, rates: Rates | None, where: str) -> str:
         f" ({_rate(rates.published if rates else None)}/s),"
         f" {topics.get('unrouted', 0)} with no subscriber",
         _journal_line(stats.get("journal")),
+        *_process_line(stats.get("process")),
         "",
     ]
     queues = stats.get("queues", {})

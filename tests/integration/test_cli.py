@@ -432,6 +432,8 @@ async def test_stat_table_and_json(bus: aiobus.Bus, cli: Any) -> None:
     assert any(line.split()[1:2] == ["test"] for line in table.lines)  # the bus fixture
     journal = next(line for line in table.lines if line.startswith("journal:"))
     assert "segments" in journal and "0 live messages" in journal, journal
+    process = next(line for line in table.lines if line.startswith("broker: pid"))
+    assert "MiB resident" in process and "event loop lag" in process, process
     stats = json.loads(as_json.out)
     assert stats["journal"]["segments"] >= 1 and stats["journal"]["live_messages"] == 0
     assert stats["queues"]["jobs"]["ready"] == 2 and stats["rates"] is None
