@@ -374,7 +374,7 @@ class Broker:
         http: ``"HOST:PORT"`` (or ``"PORT"``: on 127.0.0.1) for :meth:`serve` to serve
             ``/metrics`` (Prometheus) and the web dashboard on, with an admin token
             written to ``<socket>.token`` (mode 0600); None (default): no HTTP. Needs the
-            optional extra ``aiobus[web]`` (README "Metrics and dashboard").
+            optional extra ``aiobus-ipc[web]`` (README "Metrics and dashboard").
 
     Raises (from ``start`` / ``async with``):
         BrokerAlreadyRunning: a live broker answers on ``path``.
@@ -683,7 +683,7 @@ class Broker:
         """Start, then serve until :meth:`aclose` has finished (cancelling this closes the
         broker too), with the broker's background services in a task group it owns: the
         HTTP listener for ``/metrics`` and the dashboard when ``http`` is set
-        (:mod:`aiobus.web`, the optional extra ``aiobus[web]``). Reports readiness to
+        (:mod:`aiobus.web`, the optional extra ``aiobus-ipc[web]``). Reports readiness to
         ``task_group.start`` once clients can connect and the HTTP side listens.
 
         Raises:

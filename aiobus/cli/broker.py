@@ -247,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="serve Prometheus /metrics and the web dashboard on this"
                              " address (a bare PORT: 127.0.0.1; only an explicit HOST is"
                              " served beyond loopback); admin actions need the token"
-                             " written to <socket>.token. Needs the extra aiobus[web]."
+                             " written to <socket>.token. Needs the extra aiobus-ipc[web]."
                              " Default: off")
     parser.add_argument("--loop", choices=["auto", "uvloop", "asyncio"], default="auto",
                         help="event loop: uvloop when installed (auto, the default), or the"

@@ -1,6 +1,6 @@
 """The broker's HTTP side: ``/metrics`` for Prometheus and a live web dashboard.
 
-Optional: it needs the extra ``aiobus[web]`` (aiohttp). This module imports nothing
+Optional: it needs the extra ``aiobus-ipc[web]`` (aiohttp). This module imports nothing
 from it, so that the daemon can check ``--http`` and name the missing extra before it
 binds anything; :func:`require` returns the server once aiohttp is importable.
 """
@@ -15,7 +15,7 @@ from ..errors import BusError
 
 __all__ = ["EXTRA", "TOKEN_HEADER", "is_loopback", "parse_address", "require"]
 
-EXTRA = "aiobus[web]"
+EXTRA = "aiobus-ipc[web]"
 TOKEN_HEADER = "X-Aiobus-Token"  # admin requests carry the token in this header
 
 

@@ -161,7 +161,7 @@ async def test_http_without_the_extra_names_it(short_tmp: Path) -> None:
          str(short_tmp / "data"), "--http", "127.0.0.1:0"],
         capture_output=True, text=True, timeout=TIMEOUT, env=env)
     assert result.returncode == 1
-    assert "aiobus[web]" in result.stderr and "aiohttp" in result.stderr, result.stderr
+    assert "aiobus-ipc[web]" in result.stderr and "aiohttp" in result.stderr, result.stderr
     assert not path.exists()  # it failed before binding anything
 
 
