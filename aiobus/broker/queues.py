@@ -482,6 +482,7 @@ class QueueRouter:
             queue.append_ready(item)
         queue.ready_len = len(kept)
         for item, (mid, _, body, kind, headers, timestamp) in moved:
+            self._release(queue, item)  # its bytes leave the dead-letter queue's payer
             if type(item) is QMsg:
                 self._gone(queue, item, ACKED)
             queue.acked += 1

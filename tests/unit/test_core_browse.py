@@ -76,13 +76,22 @@ def test_requeue_dead_letters_one_then_all() -> None:
     one, two, three = ids(peek(c, "jobs.dlq"))
     assert d.core.requeue_dead_letters("jobs.dlq", [two], d.now) == 1
     (back,) = c.deliveries()
+    c.ack(back.tag)
     assert (back.id, back.body, back.headers, back.attempt) == (two, b"1", {"own": "1"}, 1)
     assert ids(peek(c, "jobs.dlq")) == [one, three]
     assert d.core.requeue_dead_letters("jobs.dlq", None, d.now) == 2
-    assert [delivery.id for delivery in c.deliveries()] == [one, three]
+    again = c.deliveries()
+    assert [delivery.id for delivery in again] == [one, three]
+    for delivery in again:
+        c.ack(delivery.tag)
     dlq = d.queue_stats("jobs.dlq")
     assert (dlq["ready"], dlq["acked"], dlq["sent"]) == (0, 3, 3)
     assert d.queue_stats("jobs")["sent"] == 6
+    # The bytes charged for queued messages went with them (max_queued_bytes_per_uid):
+    # all acked now, nothing is charged anywhere.
+    queues = d.core.queues.queues
+    assert (queues["jobs.dlq"].bytes, queues["jobs"].bytes) == (0, 0)
+    assert all(account.bytes == 0 for account in d.core.queues.accounts.values())
 
 
 def test_requeue_leaves_letters_without_a_valid_origin() -> None:
