@@ -624,6 +624,12 @@ class NatsBackend(Queues, Consuming):
         await self.ping()  # this client's writes first, as on the local broker's socket
         return await collect(self, options or {})
 
+    async def peek(self, queue: str, options: dict[str, Any]) -> dict[str, Any]:
+        """Not on NATS yet (browsing a stream would be JetStream's direct get by
+        sequence): says so, rather than consuming to look."""
+        raise BusError("peek (browsing a queue without consuming it) is not available on"
+                       " the NATS backend yet; it needs the local broker", code="unsupported")
+
     async def ping(self) -> None:
         """A round trip to the server, after which what this client wrote before has
         taken effect: unconfirmed sends are stored (their PubAcks are back), and plain
