@@ -13,9 +13,11 @@ shows the ready messages where they are, and nothing is leased, counted or chang
   ``stats()``, so letters that arrive meanwhile, perhaps requeued ones failing again,
   are left for next time), with a prefetch that covers them all, and sends each back to
   the queue named in its ``x-original-queue`` header, with its body and its own headers
-  (the ``x-`` headers of dead-lettering removed), waits for the broker to accept it, and
-  only then acks it from the dead-letter queue. Interrupted
-  midway, nothing is lost; at worst one message is in both queues (at-least-once).
+  (the ``x-`` headers of dead-lettering removed), and acks it from the dead-letter queue
+  only once the broker has accepted the send. Up to SEND_WINDOW sends are in flight (one
+  round trip per letter had taken 6.6 s for 50,000), and on a terminal stderr shows the
+  count. Interrupted midway, nothing is lost; at worst the letters whose sends were
+  accepted and not yet acked are in both queues (at-least-once).
   Records the FIFO bridge dead-lettered as ``too-large`` carry only the head of the
   record, so they are left where they are rather than passed on truncated.
 * ``purge`` removes them with one PURGE.
@@ -24,9 +26,12 @@ shows the ready messages where they are, and nothing is leased, counted or chang
 from __future__ import annotations
 
 import argparse
+import asyncio
+import collections
 import json
+import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sized
 from typing import Final
 
 from ..broker.browse import DEAD_LETTER_HEADERS, MAX_PEEK_LIMIT
@@ -37,7 +42,7 @@ from ..client.bus import Bus
 from ..client.message import Message
 from ..errors import BodyDecodeError, NoSuchQueue
 from .bodies import CliError, body_of, preview, render, table, to_jsonable
-from .commands import next_message
+from .commands import SEND_WINDOW, Progress, next_message
 from .options import add_command, positive_int, queue_name
 
 __all__ = ["register"]
@@ -72,10 +77,13 @@ async def dead_letter_queue(bus: Bus, queue: str) -> tuple[str, int]:
 
 
 async def _each(bus: Bus, dlq: str, count: int,
-                handle: Callable[[Message], Awaitable[None]]) -> int:
-    """Lease ``count`` dead letters and pass each to ``handle``; leases it did not answer
-    are released when this returns. Returns how many were handled (fewer than ``count``
-    when another consumer took some)."""
+                handle: Callable[[Message], Awaitable[None]], *,
+                settle: Callable[[], Awaitable[None]] | None = None,
+                pending: Sized = ()) -> int:
+    """Lease ``count`` dead letters and pass each to ``handle``; then, while ``pending``
+    is not empty, await ``settle()`` (answers ``handle`` left in flight), all before the
+    consumer stops: leases not answered by then are released. Returns how many were
+    handled (fewer than ``count`` when another consumer took some)."""
     if count <= 0:
         return 0
     handled = 0
@@ -86,6 +94,8 @@ async def _each(bus: Bus, dlq: str, count: int,
                 break
             await handle(msg)
             handled += 1
+        while settle is not None and len(pending):
+            await settle()
     return handled
 
 
@@ -175,9 +185,20 @@ async def _show(bus: Bus, args: argparse.Namespace) -> int:
 async def _requeue(bus: Bus, args: argparse.Namespace) -> int:
     dlq, ready = await dead_letter_queue(bus, args.queue)
     requeued = skipped = undecodable = 0
+    in_flight: collections.deque[tuple[asyncio.Future[None], Message]] = collections.deque()
+    progress = Progress("requeued") if sys.stderr.isatty() else None
+
+    async def settle_oldest() -> None:
+        nonlocal requeued
+        sent, msg = in_flight.popleft()
+        await sent  # accepted by the broker...
+        msg.ack_nowait()  # ...before it leaves the dead-letter queue
+        requeued += 1
+        if progress is not None:
+            progress.show(requeued)
 
     async def send_back(msg: Message) -> None:
-        nonlocal requeued, skipped, undecodable
+        nonlocal skipped, undecodable
         if msg.headers.get("x-dead-reason") == "too-large":
             skipped += 1  # only the record's head is here; leave it for a person
             return
@@ -188,11 +209,17 @@ async def _requeue(bus: Bus, args: argparse.Namespace) -> int:
             return
         target = msg.headers.get("x-original-queue") or args.queue
         headers = {k: v for k, v in msg.headers.items() if k not in DEAD_LETTER_HEADERS}
-        await bus.send(target, body, headers)  # accepted by the broker...
-        await msg.ack()  # ...before it leaves the dead-letter queue
-        requeued += 1
+        in_flight.append((bus.send_nowait(target, body, headers), msg))
+        if len(in_flight) >= SEND_WINDOW:
+            await settle_oldest()
 
-    await _each(bus, dlq, ready, send_back)
+    try:
+        await _each(bus, dlq, ready, send_back, settle=settle_oldest, pending=in_flight)
+    finally:
+        for sent, _ in in_flight:  # failed or interrupted: nobody awaits the rest
+            sent.cancel()
+        if progress is not None:
+            progress.done(requeued)
     print(f"requeued {_letters(requeued)} from {dlq}")
     if skipped:
         print(f"left {_letters(skipped)} with reason too-large in {dlq}: each holds only"

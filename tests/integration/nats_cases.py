@@ -90,6 +90,7 @@ SKIP: dict[str, str] = {
     "test_undecodable_body_raises_on_access_and_the_consumer_carries_on": WIRE,
     "test_options_anywhere_and_python_dash_m": CLI,
     "test_send_lines_keeps_sends_in_flight_and_shows_progress_on_a_terminal": CLI,
+    "test_dlq_requeue_keeps_sends_in_flight_and_shows_progress_on_a_terminal": CLI,
     "test_publish_and_listen": CLI,
     "test_long_running_commands_end_cleanly_on_signals": CLI,
     "test_fifo_in_and_signal_out": CLI,

@@ -229,21 +229,29 @@ async def test_send_lines_keeps_sends_in_flight_and_shows_progress_on_a_terminal
             got.append(msg.body)
     assert got == [str(n) for n in range(1, 20_001)]  # all of them, in order
     # On a terminal, stderr counts what was confirmed (ending on the total).
+    out, shown = await on_a_terminal(["send", "load", "--lines", "--socket", broker.path],
+                                     lines)
+    assert out == b""
+    assert shown.rstrip().endswith(b"aiobus: sent 20,000"), shown[-200:]
+
+
+async def on_a_terminal(args: list[str], stdin: bytes = b"") -> tuple[bytes, bytes]:
+    """Run ``aiobus ARGS`` with its stderr on a pseudo-terminal; returns its stdout and
+    what the terminal showed. It must exit 0."""
     controller, terminal = os.openpty()
     try:
         assert AIOBUS is not None
         proc = await asyncio.create_subprocess_exec(
-            AIOBUS, "send", "load", "--lines", "--socket", broker.path,
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=terminal)
+            AIOBUS, *args, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=terminal)
         os.close(terminal)
         terminal = -1
         try:
-            out, _ = await asyncio.wait_for(proc.communicate(lines), TIMEOUT)
+            out, _ = await asyncio.wait_for(proc.communicate(stdin), TIMEOUT)
         finally:
             if proc.returncode is None:
                 proc.kill()
                 await asyncio.wait_for(proc.wait(), TIMEOUT)
-        assert (proc.returncode, out) == (0, b"")
         shown = b""
         while True:
             try:
@@ -257,7 +265,28 @@ async def test_send_lines_keeps_sends_in_flight_and_shows_progress_on_a_terminal
         os.close(controller)
         if terminal >= 0:
             os.close(terminal)
-    assert shown.rstrip().endswith(b"aiobus: sent 20,000"), shown[-200:]
+    assert proc.returncode == 0, shown
+    return out, shown
+
+
+async def test_dlq_requeue_keeps_sends_in_flight_and_shows_progress_on_a_terminal(
+        bus: aiobus.Bus, broker: BrokerProcess) -> None:
+    total = 20_000
+    dead = {"x-dead-reason": "rejected", "x-original-queue": "bulk", "x-attempts": "1"}
+    sends = [bus.send_nowait("bulk.dlq", b"%d" % n, {**dead, "n": str(n)})
+             for n in range(total)]
+    await asyncio.wait_for(asyncio.gather(*sends), TIMEOUT)
+    out, shown = await on_a_terminal(["dlq", "requeue", "bulk", "--socket", broker.path])
+    assert out.decode().splitlines() == [f"requeued {total} dead letters from bulk.dlq"]
+    assert shown.rstrip().endswith(f"aiobus: requeued {total:,}".encode()), shown[-200:]
+    assert (await queue_stats(bus, "bulk.dlq"))["ready"] == 0
+    got = []
+    async with bus.consume("bulk", prefetch=100) as consumer:
+        for _ in range(total):
+            msg = await asyncio.wait_for(anext(consumer), 5)
+            msg.ack_nowait()
+            got.append((msg.body, msg.headers))
+    assert got == [(b"%d" % n, {"n": str(n)}) for n in range(total)]  # in order, undressed
 
 
 async def test_publish_and_listen(bus: aiobus.Bus, cli: Any, broker: BrokerProcess) -> None:
