@@ -40,7 +40,7 @@ from ..broker.settings import DLQ_SUFFIX
 from ..client.browse import PeekedMessage
 from ..client.bus import Bus
 from ..client.message import Message
-from ..errors import BodyDecodeError, NoSuchQueue
+from ..errors import BodyDecodeError, NoSuchQueue, PermissionDenied
 from .bodies import CliError, body_of, preview, render, table, to_jsonable
 from .commands import SEND_WINDOW, Progress, next_message
 from .options import add_command, positive_int, queue_name
@@ -57,23 +57,36 @@ IDLE_TIMEOUT: Final = 2.0
 async def dead_letter_queue(bus: Bus, queue: str) -> tuple[str, int]:
     """The dead-letter queue of ``queue`` and how many messages are ready in it.
 
+    The queue's settings name its dead-letter queue; they come from STATS, which a policy
+    grants only with ``admin``: without it the default ``<queue>.dlq`` is taken. The
+    count comes from PEEK, which needs ``consume`` on the dead-letter queue, as the
+    commands themselves do.
+
     Raises:
-        CliError: the queue discards instead (declared with ``dead_letter=None``).
+        CliError: the queue discards instead (declared with ``dead_letter=None``), or
+            neither it nor its dead-letter queue exists.
     """
-    # Just the queues asked about (their names as patterns: no wildcard in a name), so
-    # this works whatever the number of queues.
-    found = (await bus.stats(queues=queue))["queues"].get(queue)
-    target = f"{queue}{DLQ_SUFFIX}"
-    if found is not None:
-        target = found["settings"].get("dead_letter", target)
-        if target is None:
-            raise CliError(f"queue {queue!r} has no dead-letter queue: it discards failed"
-                           " messages (declared with dead_letter=None)")
-    dlq = (await bus.stats(queues=target))["queues"].get(target)
-    if found is None and dlq is None:
-        raise CliError(f"there is no queue {queue!r}: it was never used since the broker"
-                       " started, or it was deleted (see 'aiobus queue list')")
-    return target, 0 if dlq is None else dlq["ready"]
+    target: str | None = f"{queue}{DLQ_SUFFIX}"
+    try:
+        # Just the queue asked about (a name is a pattern without wildcards).
+        found = (await bus.stats(queues=queue))["queues"].get(queue)
+    except PermissionDenied:
+        found = None  # no admin right: the default dead-letter queue
+    else:
+        if found is not None:
+            target = found["settings"].get("dead_letter", target)
+    if target is None:
+        raise CliError(f"queue {queue!r} has no dead-letter queue: it discards failed"
+                       " messages (declared with dead_letter=None)")
+    try:
+        ready = (await bus.peek(target, limit=1, max_body=0)).ready
+    except NoSuchQueue:
+        if found is None:
+            raise CliError(f"there is no queue {queue!r}: it was never used since the"
+                           " broker started, or it was deleted (see 'aiobus queue list')"
+                           ) from None
+        ready = 0
+    return target, ready
 
 
 async def _each(bus: Bus, dlq: str, count: int,

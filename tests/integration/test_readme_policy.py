@@ -9,9 +9,12 @@ the rules for those groups grant them nothing, as the table says).
 
 from __future__ import annotations
 
+import asyncio
 import re
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from .test_policy import NUMERIC_UID, results, run_client
 from .test_socket_safety import other_user
@@ -84,3 +87,35 @@ await attempt("send-other", bus.send("other", "x"))
     assert got["purge"]["denied"] == ["admin", "jobs.resize"]
     assert got["stat"]["denied"] == ["admin", ">"]
     assert got["send-other"]["denied"] == ["send", "other"]
+
+
+@pytest.mark.asyncio
+async def test_dlq_commands_need_consume_not_admin(short_tmp: Path,
+                                                   broker_factory: Any) -> None:
+    """`aiobus dlq list|show|requeue` under a policy that grants the dead-letter queue's
+    `consume` (and `send` to the original) but no `admin`: STATS is refused, so the
+    default dead-letter queue is taken, and PEEK counts and shows it."""
+    import aiobus
+
+    from .test_cli import run
+
+    path = short_tmp / "policy.toml"
+    path.write_text('[[allow]]\nusers = ["root"]\nverbs = ["send", "consume"]\n'
+                    'queues = ["jobs.>"]\n')
+    broker = broker_factory("--policy", str(path))
+    async with aiobus.connect(broker.path) as bus:
+        with pytest.raises(aiobus.PermissionDenied):
+            await bus.stats()
+        await bus.send("jobs.x", "poison")
+        async with bus.consume("jobs.x", prefetch=1) as consumer:
+            msg = await asyncio.wait_for(anext(consumer), 10)
+            await msg.reject("bad input", confirm=True)
+        listed = await run("--socket", broker.path, "dlq", "list", "jobs.x")
+        assert listed.code == 0, listed.err
+        assert "rejected" in listed.out and "bad input" in listed.out
+        requeued = await run("--socket", broker.path, "dlq", "requeue", "jobs.x")
+        assert (requeued.code, requeued.lines) == (0, ["requeued 1 dead letter from jobs.x.dlq"])
+        async with bus.consume("jobs.x", prefetch=1) as consumer:
+            back = await asyncio.wait_for(anext(consumer), 10)
+            assert back.body == "poison"
+            await back.ack(confirm=True)
