@@ -268,8 +268,10 @@ async def spawn_client(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
                 await asyncio.wait_for(client.proc.wait(), REAP_TIMEOUT)
 
 
-async def wait_until(predicate: Any, timeout: float = 5.0, interval: float = 0.01) -> None:
-    """Poll an async predicate until it is true, failing after ``timeout`` seconds."""
+async def wait_until(predicate: Any, timeout: float = 20.0, interval: float = 0.01) -> None:
+    """Poll an async predicate until it is true, failing after ``timeout`` seconds (a
+    deadline for what is usually there in milliseconds: client processes take seconds to
+    start on a loaded 2-core machine running the suite on 4 workers)."""
     deadline = time.monotonic() + timeout
     while not await predicate():
         if time.monotonic() > deadline:
