@@ -17,7 +17,7 @@ receiving client only. The broker never decodes or re-encodes a body.
 from __future__ import annotations
 
 from enum import IntEnum
-from typing import Any, Final, Literal
+from typing import Any, ClassVar, Final, Literal
 
 import msgpack
 
@@ -108,7 +108,9 @@ _OPT_MAP = (dict, type(None))
 _OPT_INT = (int, type(None))
 _BOOL = (bool,)
 _OPT_BOOL = (bool, type(None))
-_ANY = (object,)
+# Compared by identity (``is _ANY``): typed as a variable-length tuple so that a mypyc
+# build keeps it one boxed object rather than a value copied at each use.
+_ANY: tuple[type, ...] = (object,)
 
 # Field names and accepted Python types per frame (after msgpack decoding). Field names
 # here are the ones docs/PROTOCOL.md uses and the ones error messages name.
@@ -319,7 +321,9 @@ class FrameDecoder:
     __slots__ = ("_fed", "_limit", "_limits", "_pool", "_refuse_early", "_scanner", "_start",
                  "_unpacker", "max_frame")
 
-    _pools: dict[tuple[int, int, int], list[Any]] = {}  # idle, empty unpackers by limits
+    # Idle, empty unpackers by limits. ClassVar: mypyc refuses a class attribute that
+    # looks like an instance one.
+    _pools: ClassVar[dict[tuple[int, int, int], list[Any]]] = {}
 
     def __init__(
         self,
