@@ -120,7 +120,11 @@ def start_broker(tree: str, path: str, profile: str | None = None) -> subprocess
     broker = subprocess.Popen([sys.executable, *_profiled(profile), "-m", "aiobus.cli.broker",
                                "--socket", path, "--data-dir", data_dir, "--log-level",
                                "WARNING", "--drain-timeout", "0"], text=True,
-                              env={**os.environ, "PYTHONPATH": tree})  # fmt: skip
+                              env={**os.environ, "PYTHONPATH": tree},
+                              # `-m` puts the working directory first on sys.path, ahead
+                              # of PYTHONPATH: run in the tree, or a broker started from
+                              # another checkout would import that checkout's aiobus.
+                              cwd=tree)  # fmt: skip
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         if broker.poll() is not None:
