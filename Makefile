@@ -93,3 +93,28 @@ bench-quick: $(VENV)/.installed
 FUZZ_SECONDS ?= 600
 fuzz: $(VENV)/.installed-test
 	FUZZ_SECONDS=$(FUZZ_SECONDS) PYTHON=$(BIN)/python sh tests/fuzz.sh
+
+# Optional compiled build (docs/performance.md, "A compiled build"): mypyc compiles the
+# broker's hot modules (setup.py's list) into a wheel, from a copy of the sources in
+# $(COMPILED_DIR), never in this tree (a .so beside a .py is what Python imports: a stale
+# one would run old code), and installs it in its own venv:
+#   make compiled && $(COMPILED_DIR)/venv/bin/aiobus-broker
+# Needs a C compiler and Python headers; where compiling fails the wheel is pure Python.
+# `make run`, `make test` and the editable install never compile.
+.PHONY: compiled compiled-test
+COMPILED_DIR ?= /tmp/aiobus-compiled
+compiled: $(VENV)/.installed-test
+	rm -rf $(COMPILED_DIR)/src $(COMPILED_DIR)/dist $(COMPILED_DIR)/venv
+	mkdir -p $(COMPILED_DIR)/src
+	tar -c --exclude=__pycache__ --exclude='*.so' pyproject.toml setup.py README.md aiobus \
+		| tar -x -C $(COMPILED_DIR)/src
+	cd $(COMPILED_DIR)/src && AIOBUS_COMPILE=1 $(abspath $(BIN))/python -m pip wheel --quiet \
+		--no-build-isolation --no-deps --wheel-dir $(COMPILED_DIR)/dist .
+	$(BIN)/python -m venv $(COMPILED_DIR)/venv
+	$(COMPILED_DIR)/venv/bin/python -m pip install --quiet $(COMPILED_DIR)/dist/aiobus-*.whl
+	cd / && $(COMPILED_DIR)/venv/bin/python -c "import aiobus.broker.core as m; print(m.__file__)"
+
+# The unit suite and the broker process tests of queues and topics against a compiled
+# build made in a temp dir (tests/integration/test_compiled.py; a few minutes).
+compiled-test: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -m compiled -q tests/integration/test_compiled.py

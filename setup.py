@@ -1,0 +1,78 @@
+"""The optional compiled build: mypyc compiles the broker's hot modules when asked.
+
+Everything about the package is in pyproject.toml; this file only adds extension modules,
+and only when ``AIOBUS_COMPILE=1`` is set (``make compiled``, docs/performance.md,
+"A compiled build"). Without it, or when mypyc or a C compiler is missing or fails, the
+pure-Python package is built as before: the compiled modules are an optional speed-up,
+never a requirement. Build it out of tree (``make compiled`` copies the sources to a
+temporary directory): an extension module next to its ``.py`` is what Python imports, so a
+stale one in a working tree would silently run old code.
+
+mypyc needs mypy importable in the building interpreter, so build without isolation:
+``AIOBUS_COMPILE=1 pip wheel --no-build-isolation --no-deps .``
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from setuptools import setup
+from setuptools.command.build_ext import build_ext
+
+# The broker's per-message path: the sans-IO core and codec, and the asyncio shell that
+# feeds them. Left out: aiobus/broker/policy.py (asked once per connection and name, and
+# tests subclass Policy, which a compiled class forbids), the journal (its record
+# constructors are not yet typed exactly enough for mypyc's checks on entry), errors.py
+# (exceptions get attributes added at run time), and the client (a mixin mypyc refuses).
+COMPILED = [
+    "aiobus/_frame_scan.py",
+    "aiobus/names.py",
+    "aiobus/protocol.py",
+    "aiobus/broker/core.py",
+    "aiobus/broker/dedup.py",
+    "aiobus/broker/queue_state.py",
+    "aiobus/broker/queues.py",
+    "aiobus/broker/server.py",
+    "aiobus/broker/settings.py",
+    "aiobus/broker/timers.py",
+    "aiobus/broker/topics.py",
+]
+
+
+def _warn(message: str) -> None:
+    print(f"aiobus: {message}; building pure Python", file=sys.stderr)
+
+
+class OptionalBuildExt(build_ext):
+    """build_ext that falls back to no extensions at all if any of them fails to build
+    (mypyc's modules share one library: a partial set would not import)."""
+
+    def run(self) -> None:
+        try:
+            super().run()
+        except Exception as exc:  # CompileError, LinkError, a missing compiler or header
+            _warn(f"compiling failed ({type(exc).__name__}: {exc})")
+            for path in self.get_outputs():
+                if os.path.exists(path):
+                    os.remove(path)
+            self.extensions = []
+
+
+def _ext_modules() -> list[Any]:
+    if os.environ.get("AIOBUS_COMPILE") != "1":
+        return []
+    try:
+        from mypyc.build import mypycify
+    except ImportError as exc:
+        _warn(f"mypyc is not importable ({exc})")
+        return []
+    try:
+        return list(mypycify(COMPILED, opt_level="3"))
+    except (Exception, SystemExit) as exc:  # mypy reports type errors with SystemExit
+        _warn(f"mypyc refused the sources ({type(exc).__name__}: {exc})")
+        return []
+
+
+setup(ext_modules=_ext_modules(), cmdclass={"build_ext": OptionalBuildExt})
