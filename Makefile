@@ -106,12 +106,12 @@ COMPILED_DIR ?= /tmp/aiobus-compiled
 compiled: $(VENV)/.installed-test
 	rm -rf $(COMPILED_DIR)/src $(COMPILED_DIR)/dist $(COMPILED_DIR)/venv
 	mkdir -p $(COMPILED_DIR)/src
-	tar -c --exclude=__pycache__ --exclude='*.so' pyproject.toml setup.py README.md aiobus \
+	tar -c --exclude=__pycache__ --exclude='*.so' pyproject.toml setup.py README.md LICENSE aiobus \
 		| tar -x -C $(COMPILED_DIR)/src
 	cd $(COMPILED_DIR)/src && AIOBUS_COMPILE=1 $(abspath $(BIN))/python -m pip wheel --quiet \
 		--no-build-isolation --no-deps --wheel-dir $(COMPILED_DIR)/dist .
 	$(BIN)/python -m venv $(COMPILED_DIR)/venv
-	$(COMPILED_DIR)/venv/bin/python -m pip install --quiet $(COMPILED_DIR)/dist/aiobus-*.whl
+	$(COMPILED_DIR)/venv/bin/python -m pip install --quiet $(COMPILED_DIR)/dist/*.whl
 	cd / && $(COMPILED_DIR)/venv/bin/python -c "import aiobus.broker.core as m; print(m.__file__)"
 
 # The unit suite and the broker process tests of queues and topics against a compiled

@@ -56,7 +56,7 @@ def test_the_compiled_build_passes_the_suite(tmp_path: Path) -> None:
                     ignore=shutil.ignore_patterns("__pycache__", "*.so"))
     shutil.copytree(ROOT / "tests", tree / "tests",
                     ignore=shutil.ignore_patterns("__pycache__", ".hypothesis"))
-    for name in ("setup.py", "pyproject.toml", "README.md"):
+    for name in ("setup.py", "pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(ROOT / name, tree / name)
     env = {**os.environ, "AIOBUS_COMPILE": "1", "PYTHONPATH": str(tree)}
     build = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"],
