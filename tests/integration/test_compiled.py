@@ -51,13 +51,11 @@ def test_the_compiled_build_passes_the_suite(tmp_path: Path) -> None:
     missing = _missing()
     if missing is not None:
         pytest.skip(f"cannot build the compiled modules here: no {missing}")
+    # A copy of the checkout (the tests read its docs and examples too), never built in.
     tree = tmp_path / "tree"
-    shutil.copytree(ROOT / "aiobus", tree / "aiobus",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.so"))
-    shutil.copytree(ROOT / "tests", tree / "tests",
-                    ignore=shutil.ignore_patterns("__pycache__", ".hypothesis"))
-    for name in ("setup.py", "pyproject.toml", "README.md", "LICENSE"):
-        shutil.copy(ROOT / name, tree / name)
+    shutil.copytree(ROOT, tree, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "*_cache", ".hypothesis", "build", "dist", "*.egg-info",
+        "__pycache__", "*.so"))
     env = {**os.environ, "AIOBUS_COMPILE": "1", "PYTHONPATH": str(tree)}
     build = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"],
                            cwd=tree, env=env, capture_output=True, text=True,
