@@ -50,6 +50,13 @@ class OptionalBuildExt(build_ext):
     (mypyc's modules share one library: a partial set would not import)."""
 
     def run(self) -> None:
+        here = os.path.dirname(os.path.abspath(__file__))
+        if (self.inplace or self.editable_mode) and os.path.exists(os.path.join(here, ".git")):
+            # An editable install or --inplace in a checkout would put the .so files next
+            # to the sources they would then shadow, edited or not.
+            _warn("not compiling into a git checkout (build from a copy: make compiled)")
+            self.extensions = []
+            return
         try:
             super().run()
         except Exception as exc:  # CompileError, LinkError, a missing compiler or header
