@@ -488,8 +488,10 @@ class QueueRouter:
             queue.acked += 1
             target = headers["x-original-queue"]
             own = {k: v for k, v in headers.items() if k not in DEAD_LETTER_HEADERS}
-            self._accept(self.get(target),
-                         pack_message(mid, target, body, kind, own or None, timestamp), now)
+            back = pack_message(mid, target, body, kind, own or None, timestamp)
+            home = self.get(target)
+            self._charge_bytes(home, back)
+            self._accept(home, back, now)
         if moved and queue.parked:
             self.pump(queue, now)  # room for sends waiting on a full dead-letter queue
         return len(moved)
@@ -739,6 +741,8 @@ class QueueRouter:
                 if rid:
                     self._sink.reply_ok(conn, rid)
                 return
+        queue.bytes += size
+        account.bytes += size
         self._accept(queue, msg, now, mid=mid)
         if rid:
             self._sink.reply_ok(conn, rid)
@@ -763,11 +767,9 @@ class QueueRouter:
                 mid: str | None = None) -> None:
         """``msg`` enters ``queue``: READY at the back, or, a scheduled message, DELAYED
         until its due time (then it joins the back: it counts as sent then, and so does
-        the queue's TTL). ``mid``: a resendable SEND's id, which enters the window."""
+        the queue's TTL). ``mid``: a resendable SEND's id, which enters the window. The
+        caller has charged its bytes (``_charge_bytes``; send has the size at hand)."""
         queue.sent += 1
-        size = _held(msg)
-        queue.bytes += size
-        queue.account.bytes += size
         if mid is not None:
             window = queue.dedup
             if window is None:
@@ -819,6 +821,7 @@ class QueueRouter:
                     self._forget(msg)
                 queue.duplicates += 1
             else:
+                self._charge_bytes(queue, msg)
                 self._accept(queue, msg, now, pump=False, mid=mid)
             admitted = True
             if rid:
@@ -1062,7 +1065,7 @@ class QueueRouter:
         consumer = lease.consumer
         queue = consumer.queue
         msg = lease.msg
-        size = _held(msg)
+        size = (len(msg) if type(msg) is bytes else len(msg.packed)) + MESSAGE_OVERHEAD  # type: ignore[union-attr]  # _held, inline
         queue.bytes -= size
         queue.account.bytes -= size
         if type(msg) is QMsg:  # _gone, inline: every durable message ends here
@@ -1229,7 +1232,9 @@ class QueueRouter:
         if dlq is None:  # made for this queue: its payer pays for its dead letters too
             dlq = self.get(target)
             dlq.account = queue.account
-        self._accept(dlq, pack_message(mid, target, body, kind, headers, timestamp), now)
+        dead = pack_message(mid, target, body, kind, headers, timestamp)
+        self._charge_bytes(dlq, dead)
+        self._accept(dlq, dead, now)
 
     # -- timers ---------------------------------------------------------------------
 
@@ -1297,6 +1302,13 @@ class QueueRouter:
         if msg.ttl_timer is None:
             msg.ttl_timer = self._timers.call_at(msg.expires, self._on_ttl,  # type: ignore[arg-type]
                                                  (queue, msg))
+
+    @staticmethod
+    def _charge_bytes(queue: Queue, msg: Item) -> None:
+        """``msg`` enters ``queue``: its bytes are charged (send does this inline)."""
+        size = _held(msg)
+        queue.bytes += size
+        queue.account.bytes += size
 
     @staticmethod
     def _release(queue: Queue, msg: Item) -> None:
