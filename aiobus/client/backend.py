@@ -21,15 +21,17 @@ and return, and the
 from __future__ import annotations
 
 import asyncio
+import collections
 import enum
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 if TYPE_CHECKING:
     from ..errors import BusError
 
-__all__ = ["Backend", "ConnectionState", "Outcome", "StateChange", "StreamTarget"]
+__all__ = ["Backend", "ConnectionState", "Outcome", "StateChange", "StreamTarget",
+           "state_change_stream"]
 
 Outcome = Literal["ack", "nack", "reject"]
 
@@ -58,6 +60,34 @@ class StateChange:
     error: BusError | None = None
     downtime: float | None = None
     attempts: int = 0
+
+
+STATE_BACKLOG = 64  # state changes kept for a state_changes() reader that lags
+
+
+async def state_change_stream(listeners: list[collections.deque[StateChange]],
+                              changed: Callable[[], asyncio.Event],
+                              error: Callable[[], BusError | None]
+                              ) -> AsyncIterator[StateChange]:
+    """A backend's ``state_changes()``: each change its ``_emit`` appends to every deque
+    in ``listeners`` (then sets the event ``changed()`` returns and replaces it), up to
+    and including CLOSED; CLOSED at once if ``error()`` says the backend is closed. A
+    reader that lags keeps the last STATE_BACKLOG changes."""
+    backlog: collections.deque[StateChange] = collections.deque(maxlen=STATE_BACKLOG)
+    closed = error()
+    if closed is not None:
+        backlog.append(StateChange(ConnectionState.CLOSED, closed))
+    listeners.append(backlog)
+    try:
+        while True:
+            while not backlog:
+                await changed().wait()
+            change = backlog.popleft()
+            yield change
+            if change.state is ConnectionState.CLOSED:
+                return
+    finally:
+        listeners.remove(backlog)
 
 
 class StreamTarget(Protocol):

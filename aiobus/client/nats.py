@@ -61,7 +61,7 @@ from ..errors import (
 )
 from ..protocol import decode_body
 from . import nats_map as nm
-from .backend import ConnectionState, StateChange, StreamTarget
+from .backend import ConnectionState, StateChange, StreamTarget, state_change_stream
 from .nats_consume import Consuming, _Pull
 from .nats_queues import Queues
 from .nats_topics import TopicWindow
@@ -296,21 +296,9 @@ class NatsBackend(Queues, Consuming):
                 raise self._error
             await self._changed.wait()
 
-    async def state_changes(self) -> AsyncIterator[StateChange]:
-        backlog: collections.deque[StateChange] = collections.deque(maxlen=64)
-        if self._error is not None:
-            backlog.append(StateChange(ConnectionState.CLOSED, self._error))
-        self._listeners.append(backlog)
-        try:
-            while True:
-                while not backlog:
-                    await self._changed.wait()
-                change = backlog.popleft()
-                yield change
-                if change.state is ConnectionState.CLOSED:
-                    return
-        finally:
-            self._listeners.remove(backlog)
+    def state_changes(self) -> AsyncIterator[StateChange]:
+        return state_change_stream(self._listeners, lambda: self._changed,
+                                   lambda: self._error)
 
     def _spawn(self, coro: Any) -> None:
         task = self._loop.create_task(coro)

@@ -48,7 +48,13 @@ from ..errors import (
     SendTimeout,
 )
 from ..protocol import Op
-from .backend import ConnectionState, Outcome, StateChange, StreamTarget
+from .backend import (
+    ConnectionState,
+    Outcome,
+    StateChange,
+    StreamTarget,
+    state_change_stream,
+)
 from .connection import FLUSH_AT, HOLD_BYTES, ClientConnection, StreamReceiver
 
 __all__ = ["UnixSocketBackend"]
@@ -67,7 +73,6 @@ _CLOSE_TIMEOUT = 5.0
 # (it asked to be disconnected, so its loop must hear about it).
 _FATAL_CLOSES: Final = frozenset({"protocol", "bad-field", "unknown-frame",
                                   "unsupported-version", "frame-too-large", "slow-consumer"})
-_STATE_BACKLOG: Final = 64  # state changes kept for a state_changes() reader that lags
 
 
 class _Protocol(asyncio.Protocol):
@@ -452,21 +457,9 @@ class UnixSocketBackend:
                 raise self._conn.error
             await self._changed.wait()
 
-    async def state_changes(self) -> AsyncIterator[StateChange]:
-        backlog: collections.deque[StateChange] = collections.deque(maxlen=_STATE_BACKLOG)
-        if self._conn.error is not None:
-            backlog.append(StateChange(ConnectionState.CLOSED, self._conn.error))
-        self._listeners.append(backlog)
-        try:
-            while True:
-                while not backlog:
-                    await self._changed.wait()
-                change = backlog.popleft()
-                yield change
-                if change.state is ConnectionState.CLOSED:
-                    return
-        finally:
-            self._listeners.remove(backlog)
+    def state_changes(self) -> AsyncIterator[StateChange]:
+        return state_change_stream(self._listeners, lambda: self._changed,
+                                   lambda: self._conn.error)
 
     # -- writing --------------------------------------------------------------------------
 
