@@ -34,6 +34,7 @@ import asyncio, os, sys
 # Everything imported while still root: the interpreter's own files may be unreadable
 # to the user this drops to (here: under /root).
 import aiobus, aiobus.cli.broker, uvloop
+import anyio._backends._asyncio  # anyio imports its backend when the broker's task group starts
 import argparse, gettext, logging, shutil, socket, fcntl, secrets, struct, traceback
 argparse.ArgumentParser(prog="warm-up").format_help()  # argparse's lazy imports
 uid, gid = int(sys.argv[1]), int(sys.argv[2])
