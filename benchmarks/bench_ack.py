@@ -5,9 +5,11 @@ styles side by side, with the broker's CPU per message.
         [--repeats 3] [--modes process,ack,ack_nowait] [--profile DIR]
 
 For each tree (its directory is put first on ``PYTHONPATH`` of the broker and both
-children, so each side runs its own code), a broker is started on a socket in a fresh
-temp dir, then per run a producer keeps ``WINDOW`` confirmed sends in flight
-(``send_nowait``) and one consumer (``prefetch=PREFETCH``) answers every message with:
+children, so each side runs its own code; ``BROKER_TREE+CLIENT_TREE`` runs the broker of
+one and the clients of the other, to tell which side a difference is on), a broker is
+started on a socket in a fresh temp dir, then per run a producer keeps ``WINDOW``
+confirmed sends in flight (``send_nowait``) and one consumer (``prefetch=PREFETCH``)
+answers every message with:
 
 - ``process``: ``async with msg.process():`` (the README's worker loop);
 - ``ack``: ``await msg.ack()``;
@@ -115,11 +117,12 @@ def _cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime
 
 
-def start_broker(tree: str, path: str, profile: str | None = None) -> subprocess.Popen[str]:
+def start_broker(tree: str, path: str, profile: str | None = None,
+                 extra: list[str] | None = None) -> subprocess.Popen[str]:
     data_dir = os.path.join(os.path.dirname(path), "data")
     broker = subprocess.Popen([sys.executable, *_profiled(profile), "-m", "aiobus.cli.broker",
                                "--socket", path, "--data-dir", data_dir, "--log-level",
-                               "WARNING", "--drain-timeout", "0"], text=True,
+                               "WARNING", "--drain-timeout", "0", *(extra or [])], text=True,
                               env={**os.environ, "PYTHONPATH": tree},
                               # `-m` puts the working directory first on sys.path, ahead
                               # of PYTHONPATH: run in the tree, or a broker started from
@@ -183,6 +186,9 @@ def main() -> int:
     parser.add_argument("--messages", type=int, default=50_000)
     parser.add_argument("--size", type=int, default=128, help="body bytes")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--broker-args", default="", metavar="ARGS",
+                        help="more aiobus-broker options for the broker of each tree after"
+                             " the first, e.g. '--dedup-size 0'")
     parser.add_argument("--profile", metavar="DIR",
                         help="run the broker and the consumer under cProfile, into DIR")
     parser.add_argument("--child", choices=["producer", "consumer"], help=argparse.SUPPRESS)
@@ -201,6 +207,8 @@ def main() -> int:
         return 0
 
     trees = args.trees.split(",")
+    if len(set(trees)) != len(trees):
+        parser.error("name each tree once (a symlink gives the same tree a second name)")
     modes = args.modes.split(",")
     tmp = tempfile.mkdtemp(prefix="aiobus-ack-", dir="/tmp")  # short: AF_UNIX caps at 107
     brokers: dict[str, tuple[subprocess.Popen[str], str]] = {}
@@ -213,16 +221,19 @@ def main() -> int:
             if args.profile:
                 os.makedirs(args.profile, exist_ok=True)
                 profiles[tree] = os.path.join(os.path.abspath(args.profile), f"{{}}-{i}")
+            broker_tree = tree.split("+")[0]
             brokers[tree] = start_broker(
-                tree, path, profiles[tree].format("broker") + ".prof" if profiles else None), path
+                broker_tree, path,
+                profiles[tree].format("broker") + ".prof" if profiles else None,
+                args.broker_args.split() if i else None), path
         for _ in range(args.repeats):
             for mode in modes:
                 for tree in trees:
                     broker, path = brokers[tree]
                     profile = (profiles[tree].format("consumer") + f"-{mode}.prof"
                                if profiles else None)
-                    results[tree, mode].append(measure(
-                        tree, broker.pid, mode, path, args.messages, args.size, profile))
+                    results[tree, mode].append(measure(tree.split("+")[-1], broker.pid, mode,
+                                                       path, args.messages, args.size, profile))
     finally:
         for broker, _ in brokers.values():
             _stop(broker)
@@ -243,7 +254,8 @@ def main() -> int:
             consumer_cpu = statistics.median(r[2] for r in results[tree, mode])
             rate = statistics.median(rates)
             spread = f"{min(rates) / 1000:.1f}k-{max(rates) / 1000:.1f}k"
-            print(f"{os.path.basename(tree):<24} {mode:<11} {rate:>9,.0f} {spread:>15}"
+            label = "+".join(os.path.basename(t) for t in tree.split("+"))
+            print(f"{label:<24} {mode:<11} {rate:>9,.0f} {spread:>15}"
                   f" {rate / base:>9.2f}x {broker_cpu:>14.1f} {broker_spread:>11}"
                   f" {consumer_cpu:>16.1f}")
     return 0
