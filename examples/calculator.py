@@ -25,6 +25,7 @@ from typing import Any
 
 import anyio
 import anyio.abc
+from _common import report_connection
 
 import aiobus
 
@@ -79,18 +80,6 @@ def compute(request: Any) -> float:
             and all(isinstance(a, int | float) and not isinstance(a, bool) for a in args)):
         raise BadArguments(f"{op} takes two numbers, got {args!r}")
     return OPERATIONS[op](args[0], args[1])
-
-
-async def report_connection(bus: aiobus.Bus) -> None:
-    """Say on stderr when the broker goes away and when it is back. The client reconnects
-    by itself (``aiobus.connect(reconnect=True)``, the default); consumers and
-    subscriptions carry on where they were."""
-    async for change in bus.state_changes():
-        if change.state is aiobus.ConnectionState.DISCONNECTED:
-            print(f"connection to {bus.path} lost ({change.error}); reconnecting",
-                  file=sys.stderr)
-        elif change.state is aiobus.ConnectionState.RECONNECTED:
-            print(f"reconnected to {bus.path}", file=sys.stderr)
 
 
 async def serve(bus: aiobus.Bus, *,

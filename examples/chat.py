@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
+from _common import report_connection
 
 import aiobus
 
@@ -49,18 +50,6 @@ async def stdin_lines() -> AsyncIterator[str]:
             yield line.decode(errors="replace").rstrip("\r\n")
     finally:
         transport.close()
-
-
-async def report_connection(bus: aiobus.Bus) -> None:
-    """Say on stderr when the broker goes away and when it is back. The client reconnects
-    by itself (``aiobus.connect(reconnect=True)``, the default); consumers and
-    subscriptions carry on where they were."""
-    async for change in bus.state_changes():
-        if change.state is aiobus.ConnectionState.DISCONNECTED:
-            print(f"connection to {bus.path} lost ({change.error}); reconnecting",
-                  file=sys.stderr)
-        elif change.state is aiobus.ConnectionState.RECONNECTED:
-            print(f"reconnected to {bus.path}", file=sys.stderr)
 
 
 async def show_lines(lines: AsyncIterator[aiobus.Message], me: dict[str, Any]) -> None:

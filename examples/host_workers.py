@@ -26,6 +26,7 @@ from collections import Counter
 
 import anyio
 import anyio.abc
+from _common import report_connection
 
 import aiobus
 
@@ -38,18 +39,6 @@ async def work(n: int) -> int:
     """The job: square a number, taking a while to do it."""
     await anyio.sleep(random.uniform(0.02, 0.08))
     return n * n
-
-
-async def report_connection(bus: aiobus.Bus) -> None:
-    """Say on stderr when the broker goes away and when it is back. The client reconnects
-    by itself (``aiobus.connect(reconnect=True)``, the default); consumers and
-    subscriptions carry on where they were."""
-    async for change in bus.state_changes():
-        if change.state is aiobus.ConnectionState.DISCONNECTED:
-            print(f"connection to {bus.path} lost ({change.error}); reconnecting",
-                  file=sys.stderr)
-        elif change.state is aiobus.ConnectionState.RECONNECTED:
-            print(f"reconnected to {bus.path}", file=sys.stderr)
 
 
 async def serve_tasks(bus: aiobus.Bus, name: str, *,

@@ -35,6 +35,7 @@ from functools import partial
 from urllib.parse import urlsplit
 
 import anyio
+from _common import report_connection
 from anyio.streams.memory import MemoryObjectSendStream
 
 import aiobus
@@ -69,18 +70,6 @@ async def fetch(url: str, attempt: int) -> int:
 def text(body: object) -> str:
     # FIFO records arrive as str when they are UTF-8 (as `aiobus send` sends them), else bytes.
     return body.decode(errors="replace") if isinstance(body, bytes) else str(body)
-
-
-async def report_connection(bus: aiobus.Bus) -> None:
-    """Say on stderr when the broker goes away and when it is back. The client reconnects
-    by itself (``aiobus.connect(reconnect=True)``, the default); consumers and
-    subscriptions carry on where they were."""
-    async for change in bus.state_changes():
-        if change.state is aiobus.ConnectionState.DISCONNECTED:
-            print(f"connection to {bus.path} lost ({change.error}); reconnecting",
-                  file=sys.stderr)
-        elif change.state is aiobus.ConnectionState.RECONNECTED:
-            print(f"reconnected to {bus.path}", file=sys.stderr)
 
 
 async def worker(socket: str | None, name: str, retry_delays: list[float],

@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable
 from functools import partial
 
 import anyio
+from _common import report_connection
 
 import aiobus
 
@@ -35,18 +36,6 @@ END = {"end-of-stream": "true"}
 
 def is_end(msg: aiobus.Message) -> bool:
     return msg.headers.get("end-of-stream") == "true"
-
-
-async def report_connection(bus: aiobus.Bus) -> None:
-    """Say on stderr when the broker goes away and when it is back. The client reconnects
-    by itself (``aiobus.connect(reconnect=True)``, the default); consumers and
-    subscriptions carry on where they were."""
-    async for change in bus.state_changes():
-        if change.state is aiobus.ConnectionState.DISCONNECTED:
-            print(f"connection to {bus.path} lost ({change.error}); reconnecting",
-                  file=sys.stderr)
-        elif change.state is aiobus.ConnectionState.RECONNECTED:
-            print(f"reconnected to {bus.path}", file=sys.stderr)
 
 
 async def source(bus: aiobus.Bus, output: str, count: int) -> None:

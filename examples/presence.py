@@ -30,23 +30,12 @@ import sys
 from typing import Any
 
 import anyio
+from _common import report_connection
 
 import aiobus
 from aiobus.bridges import signals_to_bus
 
 PREFIX = "svc:"  # client names of services, as the monitor recognises them
-
-
-async def report_connection(bus: aiobus.Bus) -> None:
-    """Say on stderr when the broker goes away and when it is back. The client reconnects
-    by itself (``aiobus.connect(reconnect=True)``, the default); consumers and
-    subscriptions carry on where they were."""
-    async for change in bus.state_changes():
-        if change.state is aiobus.ConnectionState.DISCONNECTED:
-            print(f"connection to {bus.path} lost ({change.error}); reconnecting",
-                  file=sys.stderr)
-        elif change.state is aiobus.ConnectionState.RECONNECTED:
-            print(f"reconnected to {bus.path}", file=sys.stderr)
 
 
 async def wait_for_stop() -> signal.Signals:

@@ -21,6 +21,7 @@ import sys
 
 import anyio
 import anyio.abc
+from _common import report_connection
 
 import aiobus
 
@@ -31,18 +32,6 @@ METRICS = ("temp", "humidity", "wind")
 def reading(city: str, metric: str, rng: random.Random) -> float:
     base = {"temp": CITIES.get(city, 20.0), "humidity": 70.0, "wind": 12.0}[metric]
     return round(base + rng.uniform(-3, 3), 1)
-
-
-async def report_connection(bus: aiobus.Bus) -> None:
-    """Say on stderr when the broker goes away and when it is back. The client reconnects
-    by itself (``aiobus.connect(reconnect=True)``, the default); consumers and
-    subscriptions carry on where they were."""
-    async for change in bus.state_changes():
-        if change.state is aiobus.ConnectionState.DISCONNECTED:
-            print(f"connection to {bus.path} lost ({change.error}); reconnecting",
-                  file=sys.stderr)
-        elif change.state is aiobus.ConnectionState.RECONNECTED:
-            print(f"reconnected to {bus.path}", file=sys.stderr)
 
 
 async def station(bus: aiobus.Bus, city: str, count: int, interval: float) -> None:

@@ -32,7 +32,7 @@ __all__ = ["restarts"]  # the fixture, imported for this module's tests
 pytestmark = pytest.mark.asyncio
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-SCRIPTS = sorted(p.name for p in EXAMPLES.glob("*.py"))
+SCRIPTS = sorted(p.name for p in EXAMPLES.glob("*.py") if not p.name.startswith("_"))
 TIMEOUT = 10.0
 
 
