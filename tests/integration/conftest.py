@@ -54,6 +54,15 @@ def short_tmp() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def rss(pid: int) -> int:
+    """Resident set size of process ``pid``, in bytes (VmRSS in /proc/PID/status)."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
 def wait_for_socket(path: str, proc: subprocess.Popen[bytes] | None = None,
                     timeout: float = READY_TIMEOUT) -> None:
     """Poll until something accepts connections on ``path`` (or the process died)."""

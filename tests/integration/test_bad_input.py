@@ -15,7 +15,7 @@ import pytest
 import aiobus
 from aiobus.protocol import PROTOCOL_VERSION, Op
 
-from .conftest import BrokerProcess, queue_stats, wait_until
+from .conftest import BrokerProcess, queue_stats, rss, wait_until
 
 pytestmark = pytest.mark.asyncio
 
@@ -227,14 +227,6 @@ async def test_undecodable_body_raises_on_access_and_the_consumer_carries_on(
         await msg.ack()
     stats = await queue_stats(bus, "fragile.dlq")
     assert stats["ready"] == 1
-
-
-def rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
 
 
 async def test_a_client_that_never_reads_its_answers_is_not_buffered_for(

@@ -10,7 +10,6 @@ import os
 import signal
 import socket
 import time
-from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -19,7 +18,7 @@ import pytest
 import aiobus
 from aiobus.protocol import PROTOCOL_VERSION, Op
 
-from .conftest import BrokerProcess, queue_stats, wait_until
+from .conftest import BrokerProcess, queue_stats, rss, wait_until
 
 
 class RawClient:
@@ -63,13 +62,6 @@ class RawClient:
 
     def close(self) -> None:
         self.sock.close()
-
-
-def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
 
 
 # -- 1. a crash counts one attempt per held lease --------------------------------------
@@ -207,7 +199,7 @@ def test_acked_messages_with_a_ttl_are_freed(broker: BrokerProcess, how: str) ->
             assert client.reply(1)[0] == Op.OK
         client.write([Op.CONSUME, 2, 1, "kept", 1000])
         assert client.reply(2)[0] == Op.OK
-        rss = []
+        sizes = []
         for _ in range(4):
             # 8,000 messages a round, in batches small enough that the deliveries coming
             # back fit the socket buffers while this thread is busy writing.
@@ -222,12 +214,12 @@ def test_acked_messages_with_a_ttl_are_freed(broker: BrokerProcess, how: str) ->
                 client.write([Op.ACK_MANY, tags])
             client.write([Op.PING, 3])
             assert client.reply(3)[0] == Op.OK
-            rss.append(rss_bytes(broker.pid))
+            sizes.append(rss(broker.pid))
         client.write([Op.STATS, 4])
         stats = client.reply(4)[2]["queues"]["kept"]
         assert (stats["ready"], stats["unacked"], stats["acked"]) == (0, 0, 32_000)
         # Each round held 80 MB of acked bodies before (+245 MB RSS per round).
-        assert rss[-1] - rss[0] < 40 * 2**20, rss
+        assert sizes[-1] - sizes[0] < 40 * 2**20, sizes
     finally:
         client.close()
 
@@ -241,13 +233,13 @@ def test_a_million_extends_of_one_lease_do_not_grow_the_broker(broker: BrokerPro
         while deliver[0] != Op.DELIVER:
             deliver = client.frame()
         tag = deliver[2]
-        before = rss_bytes(broker.pid)
+        before = rss(broker.pid)
         frame = msgpack.packb([Op.EXTEND, 0, tag, 3600.0])
         for _ in range(10):
             client.sock.sendall(frame * 100_000)
         client.write([Op.PING, 3])
         assert client.reply(3) == [Op.OK, 3, None]
-        grown = rss_bytes(broker.pid) - before
+        grown = rss(broker.pid) - before
         assert grown < 30 * 2**20, grown  # it was +210 MB
         client.write([Op.ACK, 4, tag])
         assert client.reply(4) == [Op.OK, 4, None]

@@ -11,7 +11,6 @@ import io
 import random
 import socket
 import time
-from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -20,7 +19,7 @@ import pytest
 import aiobus
 from aiobus.protocol import DEFAULT_MAX_FRAME, MAX_HELLO_FRAME, PROTOCOL_VERSION, Op
 
-from .conftest import BrokerProcess
+from .conftest import BrokerProcess, rss
 
 pytestmark = pytest.mark.asyncio
 
@@ -36,14 +35,6 @@ DECODING_CODES = {"protocol", "frame-too-large", "unknown-frame", "bad-field",
 
 def be(n: int, width: int) -> bytes:
     return n.to_bytes(width, "big")
-
-
-def rss(pid: int) -> int:
-    """Resident set size of ``pid``, in bytes (VmRSS in /proc/PID/status)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmRSS for {pid}")
 
 
 async def offend(path: str, payload: bytes, *, hello: bool) -> tuple[list[Any], float]:

@@ -15,21 +15,12 @@ import pytest
 import aiobus
 from aiobus.protocol import PROTOCOL_VERSION, Op
 
-from .conftest import BrokerProcess
+from .conftest import BrokerProcess, rss
 
 pytestmark = pytest.mark.asyncio
 
 HELLO = msgpack.packb([Op.HELLO, PROTOCOL_VERSION, {}])
 MiB = 1024 * 1024
-
-
-def rss(pid: int) -> int:
-    """Resident set size of ``pid`` in bytes."""
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
 
 
 class RawClient:
