@@ -636,25 +636,26 @@ class BrokerCore:
                 raise BadOption("delay must be a number of seconds from 0 up to 1e9")
             if delay > 0:
                 due = now + delay
-        mid = None
+        mid = prefix = None
         if seq is not None:  # checked before the queue is created, as ttl and delay
             prefix = conn.id_prefix
-            if prefix is not None and token is None and 0 < seq <= MAX_SEQ:
-                mid = prefix + str(seq)
-            else:
-                mid = check_seq(seq, conn.client_id, token)
+            if prefix is None or token is not None or not 0 < seq <= MAX_SEQ:
+                check_seq(seq, conn.client_id, token)  # raises: says which
+                raise AssertionError("a client_id without an id prefix")
+            mid = prefix + str(seq)
         queue = self.queues.queues.get(name)
         if queue is None:  # the name passed _check_access in receive()
             queue = self.queues.get_for(name, conn.uid)
         packed = pack_message(self._new_id() if mid is None else mid, name, body, kind,
                               headers or None, now + self.wall_offset)
         if ttl is None and token is None and due is None:
-            self.queues.send(conn.id, rid, queue, packed, now, mid)
+            self.queues.send(conn.id, rid, queue, packed, now, prefix, seq or 0)
         else:
             # A scheduled message's TTL counts from its due time (PROTOCOL.md, TTL).
             expires = None if ttl is None else (now if due is None else due) + ttl
             reply = (conn.id, token) if token is not None else None
-            self.queues.send(conn.id, rid, queue, QMsg(packed, expires, reply, due), now, mid)
+            self.queues.send(conn.id, rid, queue, QMsg(packed, expires, reply, due), now,
+                             prefix, seq or 0)
 
     def _on_publish(self, conn: Conn, frame: list[Any], now: float) -> None:
         if len(frame) != 5:

@@ -16,34 +16,41 @@ JetStream, whose ``Nats-Msg-Id`` deduplication this follows), and at most ``size
 them (``--dedup-size``, default 100,000), the oldest going first. A resend later than
 that is a new message: the window is there to cover a reconnect, not to be a history.
 
-Storage: ``ids`` maps id -> accepted-at (the core's monotonic ``now``); ``order`` holds
-the same ids in the same order. ``now`` never decreases, so the ids in acceptance order
-are also in expiry order and every expired one is at the front: trimming pops from the
-front, O(1) each and once per id. The deque is what makes that O(1): a dict alone keeps
-insertion order, but finding its first key (``next(iter(d))``) walks over the holes
-its deletions left at the front until it is next resized, which made the trim cost
-33 µs per id in steady state at 100,000 ids (measured; with the deque: under 1 µs).
-An id is never in the dict twice, and both structures only lose ids at the front, so
-they hold the same ids in the same order at all times. No timer per id: the window is
-trimmed when it is used, and a queue that gets no more resendable SENDs keeps its last
-ids until then (bounded by ``size``).
+Storage: runs, not ids. A client numbers its resendable SENDs 1, 2, 3, ... and (the
+Python client does) sends them in that order, so what a queue accepts from one client
+in one loop turn is almost always a run of consecutive seqs with one accepted-at time.
+The window keeps those runs: ``runs``, every run in acceptance order (which is also
+expiry order, since ``now`` never decreases), and per client id (the id's
+``<client_id>-`` prefix) its runs sorted by seq and the highest seq it had accepted
+(``top``). A new in-order SEND is then one compare (``seq > top``: not seen) and, when
+it continues the newest run, one attribute update: no string hashed, no entry
+allocated, no 100,000-entry table whose inserts and deletes miss the cache (the id
+dict this replaced cost ~1.6 µs per resendable SEND in the real broker,
+docs/performance.md). Anything else is still exact: a resend or an out-of-order seq
+is looked up by bisection among its client's runs, and starts a run of its own.
+Trimming takes whole runs from the front when they expire and single ids from the
+front run (its lowest seq, its oldest id) when there are more than ``size``; a client
+whose runs are all gone is forgotten. No timer per id: the window is trimmed when it
+is used, and a queue that gets no more resendable SENDs keeps its last ids until then
+(bounded by ``size``).
 
-Memory: a dict entry, a deque slot and the accepted-at float (shared by the ids of one
-loop turn), about 70 bytes, plus the id string itself, which outlives the message only
-here (docs/performance.md, "Resends and deduplication").
+Memory: one small object per run (a loop turn's in-order SENDs of one client share
+one), instead of a dict entry, a deque slot and an id string per id
+(docs/performance.md, "Resends and deduplication").
 """
 
 from __future__ import annotations
 
 import math
 import re
+from bisect import bisect_right
 from collections import deque
 from collections.abc import Iterable
 
 from ..errors import RemoteProtocolError, shown
 from .settings import BadOption
 
-__all__ = ["MAX_CLIENT_ID", "MAX_SEQ", "DedupWindow", "check_client_id", "check_seq"]
+__all__ = ["MAX_CLIENT_ID", "MAX_SEQ", "DedupWindow", "check_client_id", "check_seq", "split_id"]
 
 MAX_CLIENT_ID = 64
 MAX_SEQ = 2**63 - 1  # a signed 64-bit counter, as the clients that keep one have
@@ -84,50 +91,154 @@ def check_seq(seq: int, client_id: str | None, token: int | None) -> str:
     return f"{client_id}-{seq}"
 
 
-class DedupWindow:
-    """The ids a queue accepted recently (module docstring)."""
+def split_id(mid: str) -> tuple[str, int] | None:
+    """``(prefix, seq)`` of a resendable SEND's id ``<client_id>-<seq>`` (the prefix ends
+    with its ``-``), or None for an id not of that form (no broker makes one)."""
+    head, dash, digits = mid.rpartition("-")
+    if not dash or not head or not digits.isascii() or not digits.isdigit():
+        return None
+    seq = int(digits)
+    if not 0 < seq <= MAX_SEQ or str(seq) != digits:  # the id of that seq, exactly
+        return None
+    return head + dash, seq
 
-    __slots__ = ("ids", "order", "size", "span", "trim_at")
+
+class _Client:
+    """One client id's runs in a window, sorted by seq, and its highest accepted seq."""
+
+    __slots__ = ("prefix", "runs", "top")
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.runs: list[_Run] = []
+        self.top = 0  # no run holds a higher seq (it may be gone: an upper bound)
+
+    def holds(self, seq: int) -> bool:
+        runs = self.runs
+        i = bisect_right(runs, seq, key=_first) - 1
+        return i >= 0 and runs[i].last >= seq
+
+
+class _Run:
+    """The seqs ``first``..``last`` of one client, accepted at ``at``."""
+
+    __slots__ = ("at", "client", "first", "last")
+
+    def __init__(self, client: _Client, seq: int, at: float) -> None:
+        self.client = client
+        self.first = self.last = seq
+        self.at = at
+
+
+def _first(run: _Run) -> int:
+    return run.first
+
+
+class DedupWindow:
+    """The ids a queue accepted recently (module docstring).
+
+    The hot path takes an id as its parts, ``prefix`` (``<client_id>-``) and ``seq``
+    (:meth:`seen_seq`, :meth:`add_seq`), as the core has them; :meth:`seen` and
+    :meth:`add` take the id string.
+    """
+
+    __slots__ = ("clients", "count", "runs", "size", "span", "tail", "trim_at")
 
     def __init__(self, span: float, size: int) -> None:
         self.span = span
         self.size = size
-        self.ids: dict[str, float] = {}
-        self.order: deque[str] = deque()
+        self.clients: dict[str, _Client] = {}
+        self.runs: deque[_Run] = deque()
+        self.tail: _Run | None = None  # the newest run (runs[-1]): the one a SEND extends
+        self.count = 0
         # No id expires before this time: the oldest's accepted-at plus span, or earlier
         # (ids leaving by count only make it earlier than it could be, which is safe: a
         # check at an early trim_at finds nothing to trim and moves it on). One compare
-        # per resendable SEND instead of a lookup of the oldest id.
+        # per resendable SEND instead of a look at the oldest run.
         self.trim_at = math.inf
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return self.count
+
+    def trim(self, now: float) -> None:
+        """Drop the ids accepted ``span`` seconds or more before ``now``."""
+        if now < self.trim_at:
+            return
+        runs = self.runs
+        oldest = now - self.span
+        while runs and runs[0].at <= oldest:
+            run = runs.popleft()
+            self.count -= run.last - run.first + 1
+            self._forget(run)
+        self.trim_at = runs[0].at + self.span if runs else math.inf
+
+    def seen_seq(self, prefix: str, seq: int, now: float) -> bool:
+        """Whether the id ``prefix + str(seq)`` was accepted less than ``span`` seconds
+        before ``now`` (and is among the ``size`` newest)."""
+        if now >= self.trim_at:
+            self.trim(now)
+        client = self.clients.get(prefix)
+        return client is not None and seq <= client.top and client.holds(seq)
 
     def seen(self, mid: str, now: float) -> bool:
-        """Whether ``mid`` was accepted less than ``span`` seconds before ``now`` (and is
-        among the ``size`` newest)."""
-        ids, order = self.ids, self.order
-        if now >= self.trim_at:
-            oldest = now - self.span
-            while order and ids[order[0]] <= oldest:
-                del ids[order.popleft()]
-            self.trim_at = ids[order[0]] + self.span if order else math.inf
-        return mid in ids
+        """:meth:`seen_seq` of an id string."""
+        parts = split_id(mid)
+        return parts is not None and self.seen_seq(parts[0], parts[1], now)
+
+    def add_seq(self, prefix: str, seq: int, now: float) -> None:
+        """The id ``prefix + str(seq)`` was accepted at ``now`` (callers check
+        :meth:`seen_seq` first; an id already there keeps its place, so that each id is
+        in the window once)."""
+        tail = self.tail
+        if (tail is not None and tail.last + 1 == seq and tail.at == now
+                and tail.client.prefix == prefix):
+            client = tail.client
+            if seq > client.top:
+                client.top = seq
+            elif client.holds(seq):
+                return
+            tail.last = seq
+        else:
+            client = self.clients.get(prefix)  # type: ignore[assignment]
+            if client is None:
+                client = self.clients[prefix] = _Client(prefix)
+            run = _Run(client, seq, now)
+            if seq > client.top:
+                client.runs.append(run)
+                client.top = seq
+            elif client.holds(seq):
+                return
+            else:
+                client.runs.insert(bisect_right(client.runs, seq, key=_first), run)
+            self.runs.append(run)
+            self.tail = run
+            if len(self.runs) == 1:
+                self.trim_at = now + self.span
+        self.count += 1
+        if self.count > self.size:
+            run = self.runs[0]
+            self.count -= 1
+            if run.first < run.last:
+                run.first += 1
+            else:
+                self.runs.popleft()
+                self._forget(run)
 
     def add(self, mid: str, now: float) -> None:
-        """``mid`` was accepted at ``now`` (callers check :meth:`seen` first; an id
-        already there keeps its place, so that each id is in ``order`` once)."""
-        ids = self.ids
-        if mid in ids:
-            return
-        ids[mid] = now
-        order = self.order
-        order.append(mid)
-        count = len(order)
-        if count > self.size:
-            del ids[order.popleft()]
-        elif count == 1:
-            self.trim_at = now + self.span
+        """:meth:`add_seq` of an id string (one not of the ``<client_id>-<seq>`` form
+        is not kept: no broker makes one)."""
+        parts = split_id(mid)
+        if parts is not None:
+            self.add_seq(parts[0], parts[1], now)
+
+    def _forget(self, run: _Run) -> None:
+        """``run`` left ``runs``: it leaves its client too."""
+        client = run.client
+        client.runs.remove(run)
+        if not client.runs:
+            del self.clients[client.prefix]
+        if run is self.tail:
+            self.tail = None
 
     def load(self, entries: Iterable[tuple[str, float]], now: float) -> None:
         """Add ``(id, accepted-at)`` pairs (a restart's window, from the journal).
@@ -136,7 +247,7 @@ class DedupWindow:
         acceptance left the window is the same id with a later time, and that later time
         is the one that counts (keeping the first would drop the id as expired, and a
         resend within the window would then be queued twice). The ids are added oldest
-        first, whatever order the journal gave them in, because trimming pops from the
+        first, whatever order the journal gave them in, because trimming takes from the
         front. A time after ``now`` (the wall clock went back) counts as ``now``.
         """
         latest: dict[str, float] = {}
@@ -147,8 +258,12 @@ class DedupWindow:
                 latest[mid] = at
         for mid, at in sorted(latest.items(), key=lambda entry: entry[1]):
             self.add(mid, at)
-        self.seen("", now)  # drop what expired while the broker was down
+        self.trim(now)  # drop what expired while the broker was down
 
     def entries(self) -> list[tuple[str, float]]:
         """``(id, accepted-at)``, oldest first."""
-        return list(self.ids.items())
+        out: list[tuple[str, float]] = []
+        for run in self.runs:
+            prefix, at = run.client.prefix, run.at
+            out.extend((prefix + str(seq), at) for seq in range(run.first, run.last + 1))
+        return out

@@ -88,7 +88,7 @@ from ..errors import (
 from ..names import check_name, is_reserved
 from ..stats import JournalStats
 from .browse import DEAD_LETTER_HEADERS
-from .dedup import DedupWindow
+from .dedup import DedupWindow, split_id
 from .queue_state import (
     FIRST_ATTEMPT_TAIL,
     MESSAGE_OVERHEAD,
@@ -304,7 +304,7 @@ class QueueRouter:
                 continue
             dedup = queue.dedup
             if dedup is not None:
-                dedup.seen("", now)  # drops the ids that expired
+                dedup.trim(now)
                 if len(dedup):
                     continue
             activity = queue.sent + queue.delivered + queue.acked + queue.duplicates
@@ -609,12 +609,12 @@ class QueueRouter:
 
     # -- producing ------------------------------------------------------------------
 
-    def _remember(self, queue: Queue, mid: str, now: float) -> None:
-        """``mid`` was accepted into ``queue``: it enters the deduplication window."""
+    def _window(self, queue: Queue) -> DedupWindow:
+        """``queue``'s deduplication window, made on first use."""
         window = queue.dedup
         if window is None:
             window = queue.dedup = DedupWindow(self.dedup_window, self.dedup_size)
-        window.add(mid, now)
+        return window
 
     def dedup_entries(self, name: str) -> list[tuple[str, float]]:
         """The deduplication window of queue ``name`` as (id, accepted-at in epoch
@@ -633,10 +633,11 @@ class QueueRouter:
                 cause=self.journal_error)
 
     def send(self, conn: int, rid: int, queue: Queue, msg: Item, now: float,
-             mid: str | None = None) -> None:
+             prefix: str | None = None, seq: int = 0) -> None:
         """A message from ``conn``; confirms with OK to ``rid`` (0: no confirmation).
 
-        ``mid``: the id of a resendable SEND (one with a seq). If it is in the queue's
+        ``prefix`` and ``seq``: a resendable SEND's (one with a seq) id is
+        ``prefix + str(seq)`` (``prefix``: ``<client_id>-``). If it is in the queue's
         deduplication window, the message was accepted before: it is confirmed, counted
         in ``duplicates``, and not enqueued again (PROTOCOL.md §8 "Resends and
         deduplication"); else it enters the window when the message is accepted.
@@ -647,18 +648,16 @@ class QueueRouter:
             QuotaExceeded: the queue's payer holds max_queued_bytes_per_uid.
             (In any case the id does not enter the window.)
         """
-        if mid is not None:
+        if prefix is not None:
             if not self.dedup_size:  # deduplication is off: a SEND like any other
-                mid = None
+                prefix = None
             else:
                 if queue.journal is not None:  # a duplicate is refused as the original
                     self._check_journal(queue)
                 window = queue.dedup
                 if window is None:
                     window = queue.dedup = DedupWindow(self.dedup_window, self.dedup_size)
-                elif now >= window.trim_at:
-                    window.seen(mid, now)  # trims what expired
-                if mid in window.ids:
+                if window.seen_seq(prefix, seq, now):
                     queue.duplicates += 1
                     if rid:
                         if queue.journal is not None:  # the original may wait to be written
@@ -684,18 +683,18 @@ class QueueRouter:
                 queue.sent += 1
                 queue.bytes += size
                 account.bytes += size
-                if mid is not None:
-                    queue.dedup.add(mid, now)  # type: ignore[union-attr]  # made above
+                if prefix is not None:
+                    queue.dedup.add_seq(prefix, seq, now)  # type: ignore[union-attr]  # made above
                 if queue.plain:
                     self._deliver(queue, consumer, msg, now)
                 else:
                     durable = QMsg(msg)
-                    durable.seq = seq = queue.next_seq
-                    queue.next_seq = seq + 1
-                    if mid is None:
-                        queue.journal.sent(queue.name, seq, msg)
+                    durable.seq = qseq = queue.next_seq
+                    queue.next_seq = qseq + 1
+                    if prefix is None:
+                        queue.journal.sent(queue.name, qseq, msg)
                     else:
-                        queue.journal.sent(queue.name, seq, msg, 0, None, None,
+                        queue.journal.sent(queue.name, qseq, msg, 0, None, None,
                                            now + self.wall_offset)
                     self._deliver(queue, consumer, durable, now)
                     if rid:  # confirmed only if this turn's records reach the journal
@@ -713,6 +712,7 @@ class QueueRouter:
             self._check_journal(queue)
             if rid:  # confirmed only if this turn's records reach the journal
                 self.journaled_confirms.add(conn)
+        mid = None if prefix is None else prefix + str(seq)
         if queue.parked:
             if any(parked[0] == conn for parked in queue.parked):
                 # Keep this producer's order: it already waits for room in this queue.
@@ -733,8 +733,8 @@ class QueueRouter:
                 queue.sent += 1
                 queue.bytes += size  # accepted, then dead-lettered
                 account.bytes += size
-                if mid is not None:  # accepted (and confirmed) before it goes
-                    self._remember(queue, mid, now)
+                if prefix is not None and mid is not None:  # accepted (confirmed) before it goes
+                    self._window(queue).add_seq(prefix, seq, now)
                     if queue.journal is not None:  # no Sent of its own here to say so
                         queue.journal.remembered(queue.name, [(mid, now + self.wall_offset)])
                 self.dead_letter(queue, promote(msg), "overflow", None, now)
@@ -743,7 +743,7 @@ class QueueRouter:
                 return
         queue.bytes += size
         account.bytes += size
-        self._accept(queue, msg, now, mid=mid)
+        self._accept(queue, msg, now, prefix=prefix, seq=seq)
         if rid:
             self._sink.reply_ok(conn, rid)
 
@@ -764,17 +764,17 @@ class QueueRouter:
         return False
 
     def _accept(self, queue: Queue, msg: Item, now: float, *, pump: bool = True,
-                mid: str | None = None) -> None:
+                prefix: str | None = None, seq: int = 0) -> None:
         """``msg`` enters ``queue``: READY at the back, or, a scheduled message, DELAYED
         until its due time (then it joins the back: it counts as sent then, and so does
-        the queue's TTL). ``mid``: a resendable SEND's id, which enters the window. The
+        the queue's TTL). ``prefix``, ``seq``: a resendable SEND's id, which enters the window. The
         caller has charged its bytes (``_charge_bytes``; send has the size at hand)."""
         queue.sent += 1
-        if mid is not None:
+        if prefix is not None:
             window = queue.dedup
             if window is None:
                 window = queue.dedup = DedupWindow(self.dedup_window, self.dedup_size)
-            window.add(mid, now)
+            window.add_seq(prefix, seq, now)
         due = None
         if type(msg) is QMsg and msg.due is not None:
             if msg.due > now:
@@ -795,7 +795,7 @@ class QueueRouter:
             journal.sent(queue.name, msg.seq, msg.packed, msg.failures,
                          None if msg.expires is None else msg.expires + wall,
                          None if due is None else due + wall,
-                         None if mid is None else now + wall)
+                         None if prefix is None else now + wall)
         if due is not None:
             self._delay(queue, msg, due)  # type: ignore[arg-type]  # a QMsg
             return  # its TTL timer is armed when it is due (its TTL counts from then)
@@ -814,7 +814,9 @@ class QueueRouter:
         while queue.parked and not queue.is_full():
             conn, rid, msg, mid = queue.parked.popleft()
             self._sink.set_parked(conn, -1, -_size(msg))
-            if mid is not None and queue.dedup is not None and queue.dedup.seen(mid, now):
+            parts = None if mid is None else split_id(mid)
+            if parts is not None and queue.dedup is not None and queue.dedup.seen_seq(
+                    parts[0], parts[1], now):
                 # The same id was accepted while this one waited (a resend that came
                 # another way): a duplicate after all.
                 if type(msg) is QMsg:
@@ -822,7 +824,9 @@ class QueueRouter:
                 queue.duplicates += 1
             else:
                 self._charge_bytes(queue, msg)
-                self._accept(queue, msg, now, pump=False, mid=mid)
+                self._accept(queue, msg, now, pump=False,
+                             prefix=None if parts is None else parts[0],
+                             seq=0 if parts is None else parts[1])
             admitted = True
             if rid:
                 if queue.journal is not None:
