@@ -244,17 +244,18 @@ class DedupWindow:
         """Add ``(id, accepted-at)`` pairs (a restart's window, from the journal).
 
         An id may come more than once: a resend accepted again after its first
-        acceptance left the window is the same id with a later time, and that later time
-        is the one that counts (keeping the first would drop the id as expired, and a
-        resend within the window would then be queued twice). The ids are added oldest
+        acceptance left the window is the same id with a later (or, in the same loop
+        turn, the same) time, and its last mention is the one that counts, in its place
+        (keeping the first would drop the id as expired or first by count, and a resend
+        within the window would then be queued twice). The ids are added oldest
         first, whatever order the journal gave them in, because trimming takes from the
         front. A time after ``now`` (the wall clock went back) counts as ``now``.
         """
         latest: dict[str, float] = {}
         for mid, at in entries:
             at = min(at, now)
-            if at > latest.get(mid, -math.inf):
-                latest.pop(mid, None)  # in its latest place: ties keep the journal's order
+            if at >= latest.get(mid, -math.inf):
+                latest.pop(mid, None)  # in its latest place: the journal's last mention
                 latest[mid] = at
         for mid, at in sorted(latest.items(), key=lambda entry: entry[1]):
             self.add(mid, at)

@@ -450,3 +450,15 @@ def test_an_id_accepted_again_takes_its_later_place_in_the_order() -> None:
     window.load([("c-1", 5.0), ("c-2", 20.0), ("c-3", 20.0), ("c-1", 20.0), ("c-4", 20.0)],
                 now=21.0)
     assert [mid for mid, _ in window.entries()] == ["c-3", "c-1", "c-4"]
+
+
+def test_an_id_accepted_again_in_the_same_turn_is_newer_than_those_between() -> None:
+    from aiobus.broker.dedup import DedupWindow
+
+    # c-3 was accepted, left by count, and was accepted again in the same loop turn
+    # (one time for all): its last mention is its place, so c-4 leaves first by count.
+    # (The durable model found a restart that had kept c-3 in its first place.)
+    window = DedupWindow(100.0, 4)
+    window.load([("c-3", 20.0), ("c-4", 20.0), ("c-1", 20.0), ("c-5", 20.0), ("c-6", 20.0),
+                 ("c-3", 20.0)], now=21.0)
+    assert [mid for mid, _ in window.entries()] == ["c-1", "c-5", "c-6", "c-3"]

@@ -105,9 +105,11 @@ class Replay:
                 if queue is not None:
                     if accepted is not None:
                         mid = r.message_id(message)
-                        if mid is not None and accepted > queue.dedup.get(mid, -1.0):
+                        if mid is not None and accepted >= queue.dedup.get(mid, -1.0):
                             # The latest acceptance counts, in its place in the order
-                            # (which decides what leaves first by count).
+                            # (which decides what leaves first by count): a later record
+                            # of the same time is a later acceptance in the same turn
+                            # (compaction's copies carry no accepted time).
                             queue.dedup.pop(mid, None)
                             queue.dedup[mid] = accepted
                     if seq >= queue.next_seq:
@@ -148,7 +150,7 @@ class Replay:
                 if queue is not None:
                     dedup = queue.dedup
                     for mid, at in entries:
-                        if at > dedup.get(mid, -1.0):
+                        if at >= dedup.get(mid, -1.0):
                             dedup.pop(mid, None)
                             dedup[mid] = at
 
@@ -213,7 +215,7 @@ class Replay:
                     message = data[start:end]
                     if accepted is not None:
                         mid = message_id(message)
-                        if mid is not None and accepted > queue.dedup.get(mid, -1.0):
+                        if mid is not None and accepted >= queue.dedup.get(mid, -1.0):
                             queue.dedup.pop(mid, None)
                             queue.dedup[mid] = accepted
                     messages = queue.messages

@@ -352,8 +352,11 @@ class Journal:
             key = (record.qid, record.seq)
             failures, due, reason, consumer = s.failed.get(
                 key, (record.failures, record.due, record.last_reason, record.last_consumer))
+            # No accepted time: a copy is not an acceptance, and the window it was in
+            # is in the head of every segment since (a copy read as one would move
+            # its id after ids accepted later in the same turn).
             data = r.encode_sent(record.qid, record.seq, record.message, failures,
-                                 record.expires, due, reason, consumer, record.accepted)
+                                 record.expires, due, reason, consumer, None)
             self._own(record.qid, record.seq, len(data))
             self._append(data)
             if key in s.in_flight:
