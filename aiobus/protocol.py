@@ -118,7 +118,7 @@ SPECS: Final[dict[int, tuple[tuple[str, tuple[type, ...]], ...]]] = {
     Op.HELLO: (("version", _INT), ("options", _MAP)),
     Op.WELCOME: (("version", _INT), ("info", _MAP)),
     Op.OK: (("rid", _INT), ("result", _ANY)),
-    Op.ERROR: (("rid", _INT), ("code", _STR), ("message", _STR)),
+    Op.ERROR: (("rid", _INT), ("code", _STR), ("message", _STR), ("token", _INT)),
     Op.OK_RANGE: (("first", _INT), ("last", _INT)),
     Op.CLOSE: (("code", _STR), ("message", _STR)),
     Op.PING: (("rid", _INT),),
@@ -164,9 +164,10 @@ SPECS: Final[dict[int, tuple[tuple[str, tuple[type, ...]], ...]]] = {
 # Trailing fields a frame may leave out, per op: fields added after the frame first
 # shipped, so that older clients' shorter frames stay valid. A left-out field means nil.
 # SEND's ``delay`` (scheduled delivery) and ``seq`` (resendable SENDs), STATS's and
-# PEEK's ``options`` (which queues or messages, how many) and CONSUME's ``passive`` (do
-# not create).
-OPTIONAL_TAIL: Final[dict[int, int]] = {Op.SEND: 2, Op.STATS: 1, Op.CONSUME: 1, Op.PEEK: 1}
+# PEEK's ``options`` (which queues or messages, how many), CONSUME's ``passive`` (do
+# not create) and ERROR's ``token`` (the request an unconfirmed SEND's ERROR is for).
+OPTIONAL_TAIL: Final[dict[int, int]] = {Op.SEND: 2, Op.STATS: 1, Op.CONSUME: 1, Op.PEEK: 1,
+                                        Op.ERROR: 1}
 
 # The option strings the broker accepts, as types: mypy then refuses
 # ``overflow="blok"`` before the broker would (ERROR bad-option). The broker's checks take

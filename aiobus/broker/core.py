@@ -364,8 +364,12 @@ class BrokerCore:
         except RemoteProtocolError as exc:
             self.close(conn_id, exc.code or "protocol", str(exc))
         except BusError as exc:
-            rid = frame[1] if frame[0] not in (Op.PUBLISH, Op.CREDIT) else 0
-            self._sink.send(conn_id, [Op.ERROR, rid, exc.code or "error", str(exc)])
+            op = frame[0]
+            rid = frame[1] if op not in (Op.PUBLISH, Op.CREDIT) else 0
+            error = [Op.ERROR, rid, exc.code or "error", str(exc)]
+            if rid == 0 and op == Op.SEND and len(frame) > 7 and type(frame[7]) is int:
+                error.append(frame[7])  # an unconfirmed request: its token says which
+            self._sink.send(conn_id, error)
 
     @staticmethod
     def _refuse(conn: Conn, frame: Any) -> None:

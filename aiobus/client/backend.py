@@ -232,6 +232,11 @@ class Backend(Protocol):
                     headers: dict[str, str] | None) -> None:
         """Answer a request (acks its lease)."""
 
+    def reply_nowait(self, lease: Any, data: bytes, kind: int,
+                     headers: dict[str, str] | None) -> None:
+        """As :meth:`reply`, without waiting; a refusal is reported as for
+        :meth:`settle_nowait`."""
+
     # -- administration -------------------------------------------------------------------
 
     async def declare(self, queue: str, options: dict[str, Any]) -> dict[str, Any]: ...

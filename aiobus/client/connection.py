@@ -336,11 +336,16 @@ class ClientConnection(Session):
             self._sink.flush_wanted()
 
     def request(self, queue: str, data: bytes, kind: int, headers: dict[str, str] | None,
-                timeout: float, waiter: Any, reply_waiter: Any) -> int:
-        """A SEND awaiting a RESPONSE: ``reply_waiter`` gets the reply's decoded body.
-        Returns the reply token (for :meth:`forget_reply`). Never resent."""
+                timeout: float, reply_waiter: Any) -> int:
+        """A SEND awaiting a RESPONSE: ``reply_waiter`` gets the reply's decoded body, or
+        the error if the broker refuses the SEND. Returns the reply token (for
+        :meth:`forget_reply`). Never resent.
+
+        The SEND goes with rid 0, so the broker writes nothing back until the RESPONSE
+        (an OK would wake this process once more per request); a refusal is an ERROR
+        with rid 0 that names the token (PROTOCOL.md, request/reply)."""
         token = next(self._tokens)
-        self._request([_SEND, 0, queue, data, kind, headers, timeout, token], waiter)
+        self._write([_SEND, 0, queue, data, kind, headers, timeout, token])
         self.replies[token] = reply_waiter
         return token
 
@@ -453,7 +458,7 @@ class ClientConnection(Session):
             self._flush_wanted = True
             self._sink.flush_wanted()
 
-    lost_acks = 0  # unconfirmed answers (acks, nacks, rejects) dropped: lease lost
+    lost_acks = 0  # unconfirmed answers (acks, nacks, rejects, replies) dropped: lease lost
 
     def settle_nowait(self, lease: int, outcome: str, delay: float | None = None,
                       reason: str | None = None) -> None:
@@ -464,19 +469,28 @@ class ClientConnection(Session):
         if outcome == "ack":
             self.ack_nowait(lease)
             return
+        tag = self._nowait_tag(lease)
+        if not tag:
+            return
+        if outcome == "nack":
+            self._append([_NACK, 0, tag, delay, reason])
+        else:
+            self._append([_SETTLE_OPS[outcome], 0, tag, reason])
+
+    def _nowait_tag(self, lease: int) -> int:
+        """The broker's tag for an unconfirmed answer to ``lease``, or 0: the lease came
+        on an earlier transport (or this one is down), so the answer is dropped and
+        counted in :attr:`lost_acks` (the broker redelivers the message)."""
         if self._blocked:
             if self.error is not None:
                 raise self.error
             self.lost_acks += 1
-            return
+            return 0
         base = self._tag_base
         if lease <= base:
             self.lost_acks += 1
-            return
-        if outcome == "nack":
-            self._append([_NACK, 0, lease - base, delay, reason])
-        else:
-            self._append([_SETTLE_OPS[outcome], 0, lease - base, reason])
+            return 0
+        return lease - base
 
     def extend(self, lease: int, seconds: float, waiter: Any) -> int:
         return self._request([Op.EXTEND, 0, self._tag(lease), seconds], waiter)
@@ -484,6 +498,15 @@ class ClientConnection(Session):
     def reply(self, lease: int, data: bytes, kind: int, headers: dict[str, str] | None,
               waiter: Any) -> int:
         return self._request([Op.REPLY, 0, self._tag(lease), data, kind, headers], waiter)
+
+    def reply_nowait(self, lease: int, data: bytes, kind: int,
+                     headers: dict[str, str] | None) -> None:
+        """REPLY with rid 0: a refusal comes back as ``sink.answer_failed`` (its ERROR
+        names the tag), a reply to a lease from an earlier transport is dropped and
+        counted in :attr:`lost_acks` (the request is redelivered)."""
+        tag = self._nowait_tag(lease)
+        if tag:
+            self._append([Op.REPLY, 0, tag, data, kind, headers])
 
     def call(self, frame: list[Any], waiter: Any, *, resend: bool = False) -> int:
         """Any request frame with its rid at index 1 (DECLARE, PURGE, DELETE, STATS, PING,
@@ -579,7 +602,14 @@ class ClientConnection(Session):
         self._sink.completed_all(waiters)
 
     def _on_error(self, frame: list[Any]) -> None:
-        _, rid, code, message = frame
+        if len(frame) == 5:  # a request's SEND refused: [4, 0, code, message, token]
+            _, rid, code, message, token = frame
+            waiter = self.replies.pop(token, _MISSING) if rid == 0 else _MISSING
+            if waiter is not _MISSING:
+                self._sink.failed(waiter, from_code(code, message))
+                return
+        else:
+            _, rid, code, message = frame
         waiter = self.pending.pop(rid, _MISSING)
         self._frames.pop(rid, None)
         if waiter is _MISSING:

@@ -263,13 +263,31 @@ class Message:
             raise LeaseError(f"message {self.id} was already answered", code="lease-unknown")
         await self._backend.extend(self._lease, seconds)
 
-    async def reply(self, body: Any, headers: dict[str, str] | None = None) -> None:
+    async def reply(self, body: Any, headers: dict[str, str] | None = None, *,
+                    confirm: bool = False) -> None:
         """Answer a request: the reply goes to the requester, and the message is acked.
+
+        Like :meth:`ack`, it returns without waiting for the broker: the reply is
+        written at the end of this event-loop iteration, and a refusal (the lease
+        expired, so the request went back to the queue; or it was answered already) is
+        logged once per consumer and counted in ``Consumer.failed_answers`` and
+        ``bus.async_errors``. If the connection is lost before it is written, the reply
+        is dropped and the request redelivered (its requester's ``request()`` raises
+        ``ConnectionLost`` if it was on the same broker and lost its connection too).
+
+        Args:
+            confirm: wait for the broker's confirmation, and raise if it refuses.
 
         Raises:
             NotARequest: the message was sent with ``send``, not ``request``.
-            LeaseError: the lease expired or was released.
+            LeaseError: answered already on this client (at once); with ``confirm``:
+                the lease expired or was released, or the connection was lost.
             TypeError: ``body`` is not msgpack-serialisable.
+
+        Example::
+
+            async for msg in bus.consume("rpc.add"):
+                await msg.reply(sum(msg.body))
         """
         if self.reply_to is None and self.queue is not None:
             raise NotARequest(
@@ -278,7 +296,10 @@ class Message:
             )
         data, kind = encode_body(body)
         check_size(data, self._backend.max_body)
-        await self._backend.reply(self._take_lease("reply to"), data, kind, headers)
+        if confirm:
+            await self._backend.reply(self._take_lease("reply to"), data, kind, headers)
+        else:
+            self._backend.reply_nowait(self._take_lease("reply to"), data, kind, headers)
 
     def process(self) -> _Processing:
         """Ack when the block succeeds, nack (a failed attempt) when it raises.

@@ -433,6 +433,10 @@ class Consuming:
 
     async def reply(self, lease: Any, data: bytes, kind: int,
                     headers: dict[str, str] | None) -> None:
+        self.reply_nowait(lease, data, kind, headers)
+
+    def reply_nowait(self, lease: Any, data: bytes, kind: int,
+                     headers: dict[str, str] | None) -> None:
         error = self._expired(lease)
         if error is not None:
             self._take(lease)

@@ -519,10 +519,7 @@ class UnixSocketBackend:
             async with asyncio.timeout(timeout):
                 if not self._writable.is_set():
                     await self._writable.wait()
-                confirmed: asyncio.Future[Any] = self._loop.create_future()
-                token = self._conn.request(queue, data, kind, headers, timeout, confirmed,
-                                           reply)
-                await confirmed
+                token = self._conn.request(queue, data, kind, headers, timeout, reply)
                 return await reply
         except TimeoutError:
             raise RequestTimeout(
@@ -596,6 +593,10 @@ class UnixSocketBackend:
                     headers: dict[str, str] | None) -> None:
         await self._lease_call(lease,
                                lambda fut: self._conn.reply(lease, data, kind, headers, fut))
+
+    def reply_nowait(self, lease: Any, data: bytes, kind: int,
+                     headers: dict[str, str] | None) -> None:
+        self._conn.reply_nowait(lease, data, kind, headers)
 
     async def _lease_call(self, lease: Any, write: Callable[[asyncio.Future[Any]], object]
                           ) -> None:

@@ -397,6 +397,41 @@ async def test_late_answers_are_logged_once_per_consumer_counted_and_the_loop_go
     assert (stats["ready"], stats["unacked"], stats["acked"]) == (0, 0, 3)
 
 
+async def test_a_late_reply_is_counted_and_a_confirmed_one_raises(
+    broker: Any, spawn_client: Any,
+) -> None:
+    """``msg.reply()`` returns without waiting, as ``ack()`` does: a reply to an expired
+    lease is refused by the broker and counted on the consumer, not raised into the
+    loop; ``reply(confirm=True)`` raises what the broker says. The requester gets the
+    reply of the attempt that answered in time. (Unix socket only: on NATS an expired
+    lease stays 'unacked', nats_cases.UNACKED.)"""
+    async with aiobus.connect(broker.path) as bus:
+        await bus.declare_queue("rpc.late", ack_timeout=0.3)
+        requester = await spawn_client("""
+        emit(reply=await bus.request("rpc.late", "x", timeout=20))
+        """, name="requester")
+        async with bus.consume("rpc.late", prefetch=1) as consumer:
+            first = await next_msg(consumer)
+
+            async def expired() -> bool:
+                return bool((await queue_stats(bus, "rpc.late"))["ready"] == 1)
+
+            await wait_until(expired, timeout=5)
+            await first.reply("too late")  # returns; the broker refuses it
+            second = await next_msg(consumer)  # the refusal freed the slot
+            assert second.attempt == 2
+
+            async def refused() -> bool:
+                return consumer.failed_answers == 1
+
+            await wait_until(refused, timeout=5)
+            with pytest.raises(aiobus.LeaseError):
+                await first.reply("again")  # answered already on this client: at once
+            await second.reply("in time", confirm=True)
+        assert await requester.line(timeout=20) == {"reply": "in time"}
+        assert await requester.wait(timeout=20) == 0
+
+
 async def test_strict_answers_raise_what_the_broker_says(bus: aiobus.Bus) -> None:
     await bus.declare_queue("strict", ack_timeout=0.3)
     await bus.send("strict", "a")

@@ -212,19 +212,40 @@ def test_frames_for_a_cancelled_or_collected_stream_are_dropped(
 
 def test_response_goes_to_the_reply_waiter(conn: ClientConnection, sink: Sink,
                                            feed: Feed) -> None:
-    t1 = conn.request("rpc", b"\x01", 1, None, 5.0, "confirm1", "reply1")
-    t2 = conn.request("rpc", b"\x02", 1, None, 5.0, "confirm2", "reply2")
+    t1 = conn.request("rpc", b"\x01", 1, None, 5.0, "reply1")
+    t2 = conn.request("rpc", b"\x02", 1, None, 5.0, "reply2")
     assert (t1, t2) == (1, 2)
-    assert sent(conn)[1] == [Op.SEND, 2, "rpc", b"\x02", 1, None, 5.0, 2]
+    # rid 0: the broker answers a request with its RESPONSE only (no OK to wake us).
+    assert sent(conn)[1] == [Op.SEND, 0, "rpc", b"\x02", 1, None, 5.0, 2]
+    assert conn.pending == {}
     conn.forget_reply(t2)  # the requester gave up: a late reply is dropped
-    feed(conn, pack([Op.OK_RANGE, 1, 2], [Op.RESPONSE, t1, msgpack.packb(42), 1, None],
+    feed(conn, pack([Op.RESPONSE, t1, msgpack.packb(42), 1, None],
                     [Op.RESPONSE, t2, b"", 0, None]))
-    assert sink.completed_ == [("confirm1", None), ("confirm2", None), ("reply1", 42)]
+    assert sink.completed_ == [("reply1", 42)]
+
+
+def test_a_refused_request_fails_its_reply_waiter(conn: ClientConnection, sink: Sink,
+                                                  feed: Feed) -> None:
+    t1 = conn.request("rpc", b"", 0, None, 5.0, "reply1")
+    t2 = conn.request("full", b"", 0, None, 5.0, "reply2")
+    feed(conn, pack([Op.ERROR, 0, "queue-full", "queue 'full' is full", t2],
+                    [Op.ERROR, 0, "queue-full", "a request given up on", 99]))
+    [(waiter, error)] = sink.failed_[:1]
+    assert waiter == "reply2" and isinstance(error, QueueFull)
+    assert conn.replies.keys() == {t1}
+    # An ERROR for a token nobody waits for (given up on) is an asynchronous error.
+    assert [w for w, _ in sink.failed_[1:]] == [None] and conn.async_errors == 1
+
+
+def test_an_unconfirmed_reply_is_a_rid_0_reply(conn: ClientConnection) -> None:
+    sent(conn)
+    conn.reply_nowait(7, b"\x2a", 1, None)
+    assert sent(conn) == [[Op.REPLY, 0, 7, b"\x2a", 1, None]]
 
 
 def test_an_undecodable_reply_fails_only_its_request(conn: ClientConnection, sink: Sink,
                                                      feed: Feed) -> None:
-    token = conn.request("rpc", b"", 0, None, 5.0, "c", "r")
+    token = conn.request("rpc", b"", 0, None, 5.0, "r")
     feed(conn, pack([Op.RESPONSE, token, b"\xc1", 1, None]))
     [(waiter, error)] = sink.failed_
     assert waiter == "r" and isinstance(error, BodyDecodeError)
@@ -280,10 +301,10 @@ def test_fail_returns_everything_to_fail_and_then_refuses_writes(
         conn: ClientConnection) -> None:
     stream = Stream()
     conn.consume("q", 1, lambda: stream, "consume")
-    token = conn.request("rpc", b"", 0, None, 1.0, "confirm", "reply")
+    token = conn.request("rpc", b"", 0, None, 1.0, "reply")
     closed = ConnectionClosed("closed")
     waiters, receivers = conn.fail(closed)
-    assert sorted(waiters) == ["confirm", "consume", "reply"] and receivers == [stream]
+    assert sorted(waiters) == ["consume", "reply"] and receivers == [stream]
     assert conn.state is State.DONE and token == 1
     with pytest.raises(ConnectionClosed):
         conn.publish("t", b"", 0, None)

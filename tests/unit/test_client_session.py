@@ -121,7 +121,7 @@ def test_without_broker_dedup_sends_carry_no_seq_and_are_not_resent(sink: Sessio
 
 def test_what_cannot_be_repeated_is_given_back(sink: SessionSink, feed: Feed) -> None:
     conn = open_session(sink)
-    conn.request("rpc", b"?", 0, None, 5.0, "confirmed", "reply")
+    conn.request("rpc", b"?", 0, None, 5.0, "reply")
     conn.call([Op.PURGE, 0, "q"], "purge")
     conn.call([Op.DELETE, 0, "q", False], "delete")
     conn.settle(7, "ack", None, None, "ack")
@@ -130,7 +130,7 @@ def test_what_cannot_be_repeated_is_given_back(sink: SessionSink, feed: Feed) ->
     conn.call([Op.PING, 0], "ping", resend=True)
     sent(conn)
     lost = conn.connection_lost()
-    assert sorted(lost) == ["ack", "confirmed", "delete", "extend", "purge", "reply"]
+    assert sorted(lost) == ["ack", "delete", "extend", "purge", "reply"]
     again = reconnect(conn, feed)
     assert [f[0] for f in again] == [Op.STATS, Op.PING]
     assert conn.replies == {}

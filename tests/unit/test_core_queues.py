@@ -989,6 +989,25 @@ def test_request_reply(d: Driver) -> None:
     assert server.ack(m.tag)[2] == "lease-unknown"
 
 
+def test_an_unconfirmed_request_is_answered_only_by_its_response_or_error(d: Driver) -> None:
+    """rid 0 (what the Python client sends): no OK to wake the requester; a refusal is an
+    ERROR with rid 0 that names the request's token (PROTOCOL.md, ERROR)."""
+    requester, server = d.client("req"), d.client("srv")
+    d.client("admin").declare("rpc.full", max_length=1, overflow="reject")
+    server.consume("rpc")
+    requester.receive(Op.SEND, 0, "rpc", b"?", 0, None, 5.0, 3)
+    assert requester.take() == []
+    server.ok(Op.REPLY, server.delivery().tag, b"!", 0, None)
+    assert requester.take() == [[Op.RESPONSE, 3, b"!", 0, None]]
+    requester.receive(Op.SEND, 0, "rpc.full", b"1", 0, None, 5.0, 4)
+    requester.receive(Op.SEND, 0, "rpc.full", b"2", 0, None, 5.0, 5)
+    [error] = requester.take()
+    assert error[:3] == [Op.ERROR, 0, "queue-full"] and error[4] == 5
+    requester.receive(Op.SEND, 0, "rpc.full", b"3", 0, None, None, None)  # not a request
+    [error] = requester.take()
+    assert len(error) == 4 and error[:3] == [Op.ERROR, 0, "queue-full"]
+
+
 def test_reply_to_a_requester_that_left_is_dropped(d: Driver) -> None:
     requester, server = d.client("req"), d.client("srv")
     server.consume("rpc")

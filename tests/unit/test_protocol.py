@@ -31,7 +31,7 @@ EXAMPLES: dict[Op, list[Any]] = {
     Op.WELCOME: [Op.WELCOME, 1, {"server": "aiobus/0.1.0", "conn": 3, "max_frame": 1024}],
     Op.OK: [Op.OK, 7, {"queues": {"jobs": {"ready": 1}}, "list": [1, 2.5, None, True]}],
     Op.OK_RANGE: [Op.OK_RANGE, 3, 9],
-    Op.ERROR: [Op.ERROR, 7, "queue-full", "queue 'jobs' is full"],
+    Op.ERROR: [Op.ERROR, 0, "queue-full", "queue 'jobs' is full", 7],
     Op.CLOSE: [Op.CLOSE, "shutdown", "the broker is shutting down"],
     Op.PING: [Op.PING, 9],
     Op.SEND: [Op.SEND, 2, "jobs", b"\x00\xff body", 0, {"trace": "x"}, 1.5, None, 30, 7],
