@@ -237,6 +237,36 @@ async for msg in bus.consume("rpc.add"):
         await bus.request("rpc.nobody", 1, timeout=0.2)
 
 
+async def test_each_request_times_out_at_its_own_deadline(broker: Any) -> None:
+    """The Unix client keeps request timeouts on one loop timer (client/unix.py
+    _Deadlines): requests with different timeouts, in any order, each raise
+    RequestTimeout once their own timeout has passed, and one answered in between
+    is not disturbed."""
+    async with aiobus.connect(broker.path) as bus:
+        loop = asyncio.get_running_loop()
+
+        async def timed(timeout: float) -> float:
+            start = loop.time()
+            with pytest.raises(aiobus.RequestTimeout, match=f"within {timeout} s"):
+                await bus.request("rpc.nobody", 1, timeout=timeout)
+            return loop.time() - start
+
+        async def answered() -> Any:
+            async with bus.consume("rpc.echo") as consumer:
+                msg = await next_msg(consumer)
+                await msg.reply(msg.body)
+            return None
+
+        server = asyncio.ensure_future(answered())
+        results = await asyncio.gather(timed(0.6), timed(0.2), bus.request("rpc.echo", 7),
+                                       timed(0.4), timed(0.2))
+        await server
+        elapsed, reply = results[:2] + results[3:], results[2]
+        assert reply == 7
+        for took, timeout in zip(elapsed, (0.6, 0.2, 0.4, 0.2), strict=True):
+            assert timeout <= took < timeout + 10, (took, timeout)  # a deadline, not a wait
+
+
 async def test_a_refused_request_fails_at_once_with_the_reason(bus: aiobus.Bus) -> None:
     """The request's SEND is refused (full queue, overflow "reject"): the caller gets
     QueueFull straight away, not a RequestTimeout after the whole timeout."""
