@@ -35,7 +35,8 @@ is used, and a queue that gets no more resendable SENDs keeps its last ids until
 (bounded by ``size``).
 
 Memory: one small object per run (a loop turn's in-order SENDs of one client share
-one), instead of a dict entry, a deque slot and an id string per id
+one): ~2 bytes per id for a client sending in order, ~140 when every id is a run of its
+own, against ~120 for the dict entry, deque slot and id string per id this replaced
 (docs/performance.md, "Resends and deduplication").
 """
 
