@@ -200,9 +200,10 @@ class DedupWindow:
                 return
             tail.last = seq
         else:
-            client = self.clients.get(prefix)  # type: ignore[assignment]
-            if client is None:
-                client = self.clients[prefix] = _Client(prefix)
+            known = self.clients.get(prefix)  # (one name per type: mypyc types variables)
+            if known is None:
+                known = self.clients[prefix] = _Client(prefix)
+            client = known
             run = _Run(client, seq, now)
             if seq > client.top:
                 client.runs.append(run)
