@@ -229,3 +229,14 @@ def test_without_a_policy_everything_is_allowed() -> None:
     assert nobody.ok(Op.PURGE, "x") == 1
     assert "x" in nobody.ok(Op.STATS)["queues"]
     assert nobody.send("$x")[2] == "forbidden"
+
+
+def test_every_verb_is_checked_by_one_of_the_access_tables() -> None:
+    """receive() checks the frames in ACCESS; SEND and PUBLISH check themselves first
+    thing (HOT_ACCESS): together they name every verb, and no frame is in both."""
+    from aiobus.broker.core import ACCESS, HOT_ACCESS
+    from aiobus.broker.policy import VERBS
+
+    assert not ACCESS.keys() & HOT_ACCESS.keys()
+    verbs = {verb for verb, _ in ACCESS.values()} | {verb for verb, _ in HOT_ACCESS.values()}
+    assert verbs == set(VERBS)
