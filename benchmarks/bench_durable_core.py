@@ -7,8 +7,12 @@ A :class:`~aiobus.broker.core.BrokerCore` with a :class:`~aiobus.broker.journal.
 on a temp dir (``OsFiles``; written once per batch as the shell does once per loop turn,
 never synced: fsync is not what this measures), no sockets: one producer sends batches
 of 100 confirmed SENDs of ``--size`` bytes to a queue with one consumer (prefetch 100),
-which acks each batch with one ACK_MANY. Timed: the core's handling of the frames and
-the journal write; not timed: reading the delivery tags back out of the DELIVER bytes.
+which acks each batch with one ACK_MANY. With ``--queued`` the consumer acks each batch
+only after the next one was sent, so every message waits in the queue and takes the
+queued path (``_accept``, then ``pump`` on the ACK_MANY), as most do in W3 with 256
+confirmed sends in flight; without it every message goes straight to the consumer (the
+send fast path). Timed: the core's handling of the frames and the journal write; not
+timed: reading the delivery tags back out of the DELIVER bytes.
 Prints µs/message for an in-memory queue and a durable one, runs interleaved, medians,
 and with ``--profile`` a cProfile of one durable run. ``--cpu`` times with the process's
 CPU clock instead of the wall clock (for a shared, loaded machine). W3's durable rows
@@ -62,8 +66,17 @@ class Sink:
         pass
 
 
+def delivered(sink: Sink) -> list[int]:
+    """The delivery tags of the DELIVERs the core wrote since the last call."""
+    unpacker = msgpack.Unpacker(raw=False)
+    for data in sink.raw:
+        unpacker.feed(data)
+    sink.raw.clear()
+    return [frame[2] for frame in unpacker]
+
+
 def run(durable: bool, n: int, size: int, profile: bool = False,
-        clock: Any = time.perf_counter) -> float:
+        clock: Any = time.perf_counter, queued: bool = False) -> float:
     """µs per message: send, deliver, ack."""
     directory = tempfile.mkdtemp(prefix="aiobus-bench-core-")
     try:
@@ -80,6 +93,7 @@ def run(durable: bool, n: int, size: int, profile: bool = False,
         receive = core.receive
         profiler = cProfile.Profile() if profile else None
         timed = 0.0
+        held: list[int] = []  # --queued: the batch the consumer still holds
         for _ in range(n // BATCH):
             sends = [[int(Op.SEND), next(rids), "q", body, 0, None, None, None]
                      for _ in range(BATCH)]
@@ -92,11 +106,12 @@ def run(durable: bool, n: int, size: int, profile: bool = False,
             if profiler:
                 profiler.disable()
             timed += clock() - started
-            unpacker = msgpack.Unpacker(raw=False)
-            for data in sink.raw:
-                unpacker.feed(data)
-            tags = [frame[2] for frame in unpacker]
-            sink.raw.clear()
+            tags = delivered(sink)
+            if queued:  # ack what the consumer held; the batch just sent waits in the queue
+                if not held:  # the first batch went straight to the consumer
+                    held = tags
+                    continue
+                tags, held = held, tags
             if len(tags) != BATCH:
                 raise RuntimeError(f"expected {BATCH} deliveries, got {len(tags)}")
             started = clock()
@@ -107,6 +122,8 @@ def run(durable: bool, n: int, size: int, profile: bool = False,
             if profiler:
                 profiler.disable()
             timed += clock() - started
+            if queued:  # the acks let the queued batch out
+                held = delivered(sink)
         journal.close()
         if profiler:
             out = io.StringIO()
@@ -124,19 +141,24 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--cpu", action="store_true", help="time with the CPU clock")
+    parser.add_argument("--queued", action="store_true",
+                        help="every message waits in the queue (the consumer acks late)")
     args = parser.parse_args()
     times: dict[bool, list[float]] = {False: [], True: []}
     for _ in range(args.repeats):
         for durable in (False, True):
             times[durable].append(run(durable, args.messages, args.size,
-                                      clock=time.process_time if args.cpu else time.perf_counter))
+                                      clock=time.process_time if args.cpu else time.perf_counter,
+                                      queued=args.queued))
     memory, durable = statistics.median(times[False]), statistics.median(times[True])
-    print(f"{args.messages:,} messages of {args.size} B, {args.repeats} runs each, medians")
+    path = "queued path" if args.queued else "send fast path"
+    print(f"{args.messages:,} messages of {args.size} B ({path}), {args.repeats} runs each,"
+          " medians")
     print(f"memory   {memory:6.2f} µs/msg   {[round(t, 2) for t in times[False]]}")
     print(f"durable  {durable:6.2f} µs/msg   {[round(t, 2) for t in times[True]]}")
     print(f"durable / memory: {durable / memory:.2f}x the time")
     if args.profile:
-        run(True, args.messages, args.size, profile=True)
+        run(True, args.messages, args.size, profile=True, queued=args.queued)
 
 
 if __name__ == "__main__":

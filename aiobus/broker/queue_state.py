@@ -2,7 +2,10 @@
 
 :mod:`aiobus.broker.queues` explains how they move (its "theory of operation"); this
 module only holds them. A stateless message is its packed wire form (``bytes``); a
-:class:`QMsg` wraps it once it needs state.
+:class:`QMsg` wraps it once it needs state. In a durable queue a stateless message is
+bytes too, and its sequence number is held beside it: by its Run (``Run.seqs``) or the
+queue's ``tail_seqs`` while it waits, by its :class:`Lease` (``Lease.seq``) while it is
+out for delivery.
 """
 
 from __future__ import annotations
@@ -132,14 +135,19 @@ class Run:
     empty. Stateful items (:class:`QMsg`) and large messages (whose header is small
     beside them) are never sealed. Runs of 256 keep the sealing copy, and the slack of a
     partly taken run, small.
+
+    A durable queue's Run also holds each message's sequence number (``seqs``, 8 bytes
+    each; None in other queues): that is all a stateless durable message needs beyond
+    its bytes, until it fails and becomes a QMsg.
     """
 
-    __slots__ = ("data", "ends", "next")
+    __slots__ = ("data", "ends", "next", "seqs")
 
-    def __init__(self, messages: list[bytes]) -> None:
+    def __init__(self, messages: list[bytes], seqs: list[int] | None = None) -> None:
         self.data = b"".join(messages)
         self.ends = array("I", accumulate(map(len, messages)))
         self.next = 0
+        self.seqs = None if seqs is None else array("q", seqs)
 
     def take(self, ready: deque[Entry]) -> bytes:
         """The oldest message not yet taken; the Run was just popped from the front of
@@ -160,11 +168,15 @@ Entry = Item | Run  # what a ready deque holds
 
 
 class Lease:
-    __slots__ = ("consumer", "deadline", "expired", "extended", "msg", "tag", "timer")
+    __slots__ = ("consumer", "deadline", "expired", "extended", "msg", "seq", "tag", "timer")
 
-    def __init__(self, tag: int, msg: Item, consumer: Consumer, deadline: float) -> None:
+    def __init__(self, tag: int, msg: Item, consumer: Consumer, deadline: float,
+                 seq: int = -1) -> None:
         self.tag = tag
         self.msg = msg
+        # The sequence number of a durable queue's message held as bare bytes (a QMsg
+        # keeps its own); -1 otherwise.
+        self.seq = seq
         self.consumer = consumer
         self.deadline = deadline
         self.expired = False  # a zombie: the message went back to the queue
@@ -230,6 +242,7 @@ class Queue:
         "settings",
         "stale_available",
         "tail",
+        "tail_seqs",
         "tombstones",
         "unacked",
     )
@@ -252,6 +265,9 @@ class Queue:
         # READY messages, oldest first: the deque, then the tail (see Run).
         self.ready: deque[Entry] = deque()
         self.tail: list[bytes] = []  # small stateless messages not yet sealed
+        # A durable queue's: the sequence numbers of the tail's messages (every stateless
+        # message of a durable queue has one; in other queues it stays empty).
+        self.tail_seqs: list[int] = []
         self.ready_len = 0  # live READY messages (the deque may hold GONE tombstones)
         self.tombstones = 0  # GONE messages still in the deque (their bodies released)
         # DELAYED messages (only their timers reach them otherwise), so that a purge or
@@ -300,20 +316,41 @@ class Queue:
                 self.seal()
             self.ready.append(msg)
 
+    def append_durable(self, msg: bytes, seq: int) -> None:
+        """Queue a small stateless message of a durable queue, numbered ``seq``, behind
+        every READY message (``append_ready`` for those: the tail takes the number too)."""
+        tail = self.tail
+        tail.append(msg)
+        self.tail_seqs.append(seq)
+        if len(tail) == RUN:
+            self.seal()
+
     def take_ready(self) -> Item:
         """Remove and return the oldest READY item (maybe a tombstone); there must be
-        one. (``QueueRouter.pump`` does the same inline.)"""
+        one. A durable queue's stateless message comes back as a QMsg with its ``seq``
+        (the callers are the rare paths, which journal what they do with it).
+        (``QueueRouter.pump`` does the same inline.)"""
         if not self.ready:
             self.seal()
         entry = self.ready.popleft()
         if type(entry) is Run:
-            return entry.take(self.ready)
+            seqs = entry.seqs
+            if seqs is None:
+                return entry.take(self.ready)
+            seq = seqs[entry.next]
+            msg = QMsg(entry.take(self.ready))
+            msg.seq = seq
+            return msg
         return entry  # type: ignore[return-value]  # not a Run: an Item
 
     def seal(self) -> None:
-        """Move the tail to the end of the deque: as one Run, or as is if it holds one."""
+        """Move the tail to the end of the deque: as one Run, or as is if it holds one
+        (a durable queue's always as a Run: the Run holds their sequence numbers)."""
         tail, self.tail = self.tail, []
-        if len(tail) > 1:
+        if self.tail_seqs:
+            self.ready.append(Run(tail, self.tail_seqs))
+            self.tail_seqs = []
+        elif len(tail) > 1:
             self.ready.append(Run(tail))
         else:
             self.ready.extend(tail)

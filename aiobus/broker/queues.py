@@ -26,13 +26,18 @@ A message (:class:`QMsg`) is in exactly one place, recorded in ``msg.state``:
 
 (A bare ``bytes`` item is READY while in the deque and LEASED while a lease holds it.)
 Every transition goes through a method of :class:`QueueRouter`. A durable queue (one with
-``queue.journal``; every message of it is a QMsg with a per-queue ``seq``) records them
-there, without I/O: ``_accept`` (sent), ``_deliver`` (delivered), ``_fail`` (failed, with
+``queue.journal``; every message of it has a per-queue ``seq``) records them there,
+without I/O: ``_accept`` (sent), ``_deliver`` (delivered), ``_fail`` (failed, with
 its due time, reason and consumer), a CANCEL release (no attempt), and ``_gone`` (acked,
 rejected, dead-lettered, expired, dropped); the shell writes the records out once per loop
-turn before the turn's output. Leaving ``READY`` by TTL expiry marks the message ``GONE``
-where it sits in the deque (removal from the middle of a deque is O(n)); ``pump`` skips
-such tombstones and ``Queue.ready_len`` counts only live ones.
+turn before the turn's output. A small durable message without state is bytes as well,
+its ``seq`` beside it (queue_state.py: in its Run or the tail while READY, in its Lease
+while LEASED), so the common durable message costs what a plain one does plus its three
+records; it becomes a QMsg with that ``seq`` where it needs state (a failure, a release,
+the rare paths that take it out of the deque: ``Queue.take_ready``). Leaving ``READY`` by
+TTL expiry marks the message ``GONE`` where it sits in the deque (removal from the middle
+of a deque is O(n)); ``pump`` skips such tombstones and ``Queue.ready_len`` counts only
+live ones.
 
 Administration. ``purge`` drops what waits (READY and DELAYED) and leaves leases alone;
 ``delete`` drops the queue object with everything in it, ends its leases (a later
@@ -92,6 +97,7 @@ from .dedup import DedupWindow, split_id
 from .queue_state import (
     FIRST_ATTEMPT_TAIL,
     MESSAGE_OVERHEAD,
+    SMALL,
     Account,
     Consumer,
     Item,
@@ -561,6 +567,7 @@ class QueueRouter:
             self._forget(msg)
         queue.ready.clear()
         queue.tail.clear()
+        queue.tail_seqs.clear()
         queue.delayed_msgs.clear()
         queue.ready_len = queue.tombstones = 0
 
@@ -585,7 +592,18 @@ class QueueRouter:
             loaded.append((queue, rq))
         for queue, rq in loaded:  # every queue exists before a dead letter is moved
             limit = queue.settings.max_deliveries
+            append_durable = queue.append_durable
             for m in rq.messages:
+                if (not m.failures and m.expires is None and m.due is None
+                        and m.last_reason is None and m.last_consumer is None
+                        and len(m.message) <= SMALL):  # stateless: bytes and its seq
+                    queue.sent += 1
+                    size = len(m.message) + MESSAGE_OVERHEAD
+                    queue.bytes += size
+                    queue.account.bytes += size
+                    append_durable(m.message, m.seq)
+                    queue.ready_len += 1
+                    continue
                 msg = QMsg(m.message, None if m.expires is None else m.expires - wall)
                 msg.seq, msg.failures = m.seq, m.failures
                 msg.last_reason, msg.last_consumer = m.last_reason, m.last_consumer
@@ -687,16 +705,15 @@ class QueueRouter:
                     queue.dedup.add_seq(prefix, seq, now)  # type: ignore[union-attr]  # made above
                 if queue.plain:
                     self._deliver(queue, consumer, msg, now)
-                else:
-                    durable = QMsg(msg)
-                    durable.seq = qseq = queue.next_seq
+                else:  # bytes, its seq held by the lease (module docstring)
+                    qseq = queue.next_seq
                     queue.next_seq = qseq + 1
                     if prefix is None:
                         queue.journal.sent(queue.name, qseq, msg)
                     else:
                         queue.journal.sent(queue.name, qseq, msg, 0, None, None,
                                            now + self.wall_offset)
-                    self._deliver(queue, consumer, durable, now)
+                    self._deliver(queue, consumer, msg, now, qseq)
                     if rid:  # confirmed only if this turn's records reach the journal
                         self.journaled_confirms.add(conn)
                 if len(consumer.leases) < consumer.prefetch:
@@ -788,11 +805,23 @@ class QueueRouter:
                 msg.expires = (now if due is None else due) + ttl
         journal = queue.journal
         if journal is not None:
-            msg = promote(msg)
-            msg.seq = queue.next_seq
-            queue.next_seq += 1
+            qseq = queue.next_seq  # (``seq`` is the SEND's, for its id)
+            queue.next_seq = qseq + 1
             wall = self.wall_offset
-            journal.sent(queue.name, msg.seq, msg.packed, msg.failures,
+            if type(msg) is bytes and len(msg) <= SMALL:
+                # Stateless (no TTL, not scheduled): bytes in a Run, its seq beside it.
+                if prefix is None:
+                    journal.sent(queue.name, qseq, msg)
+                else:
+                    journal.sent(queue.name, qseq, msg, 0, None, None, now + wall)
+                queue.append_durable(msg, qseq)
+                queue.ready_len += 1
+                if pump and (queue.available or queue.parked):
+                    self.pump(queue, now)
+                return
+            msg = promote(msg)
+            msg.seq = qseq
+            journal.sent(queue.name, qseq, msg.packed, msg.failures,
                          None if msg.expires is None else msg.expires + wall,
                          None if due is None else due + wall,
                          None if prefix is None else now + wall)
@@ -877,6 +906,15 @@ class QueueRouter:
                     if i + 1 < len(ends):
                         ready.appendleft(entry)
                     msg = entry.data[ends[i - 1] if i else 0 : ends[i]]
+                    seqs = entry.seqs
+                    if seqs is not None:  # a durable queue's: the lease holds its seq
+                        queue.ready_len -= 1
+                        self._deliver(queue, consumer, msg, now, seqs[i])
+                        if len(consumer.leases) < consumer.prefetch:
+                            available.append(consumer)
+                        else:
+                            consumer.in_available = consumer.queued = False
+                        continue
                 else:
                     msg = entry  # type: ignore[assignment]  # not a Run: an Item
                 if type(msg) is QMsg:
@@ -898,13 +936,18 @@ class QueueRouter:
             if not (queue.parked and self._admit_parked(queue, now)):
                 return
 
-    def _deliver(self, queue: Queue, consumer: Consumer, msg: Item, now: float) -> None:
+    def _deliver(self, queue: Queue, consumer: Consumer, msg: Item, now: float,
+                 seq: int = -1) -> None:
+        """Lease ``msg`` to ``consumer`` and write its DELIVER. ``seq``: the number of a
+        durable queue's stateless message (bytes), which the lease holds."""
         tag = self._next_tag
         self._next_tag = tag + 1
         deadline = now + queue.settings.ack_timeout
-        lease = Lease(tag, msg, consumer, deadline)
+        lease = Lease(tag, msg, consumer, deadline, seq)
         if type(msg) is bytes:
             packed, tail = msg, FIRST_ATTEMPT_TAIL
+            if seq >= 0:
+                queue.journal.delivered(queue.name, seq)
         else:
             msg.state = MsgState.LEASED  # type: ignore[union-attr]
             if queue.journal is not None:
@@ -1005,7 +1048,7 @@ class QueueRouter:
                 self._fail(queue, msg, None, "connection-lost", now, front=front)
             else:
                 if queue.journal is not None:  # no longer out for delivery; no attempt
-                    released: QMsg = lease.msg  # type: ignore[assignment]
+                    released = self._leased_msg(lease)
                     queue.journal.failed(queue.name, released.seq, released.failures, None,
                                          reason=released.last_reason,
                                          consumer=released.last_consumer)
@@ -1077,6 +1120,8 @@ class QueueRouter:
             if journal is not None and msg.seq >= 0:
                 journal.removed(queue.name, msg.seq, ACKED)
             self._forget(msg)
+        elif lease.seq >= 0 and queue.journal is not None:  # a durable one held as bytes
+            queue.journal.removed(queue.name, lease.seq, ACKED)
         queue.acked += 1
         self._make_available(consumer)
         return queue
@@ -1131,9 +1176,21 @@ class QueueRouter:
         return msg.reply
 
     @staticmethod
+    def _leased_msg(lease: Lease) -> QMsg:
+        """The leased message as a QMsg, made one (with the seq its lease held, if it is
+        a durable queue's) if it was bytes: it is about to get state."""
+        msg = lease.msg
+        if type(msg) is QMsg:
+            return msg
+        promoted = lease.msg = QMsg(msg)  # type: ignore[arg-type]  # bytes
+        promoted.seq = lease.seq
+        promoted.state = MsgState.LEASED
+        return promoted
+
+    @staticmethod
     def _record_consumer(lease: Lease) -> QMsg:
         """Note who held the message last (for dead-letter headers); returns it as QMsg."""
-        msg = lease.msg = promote(lease.msg)
+        msg = QueueRouter._leased_msg(lease)
         msg.last_consumer = (lease.consumer.pid, lease.consumer.uid)
         return msg
 
