@@ -325,6 +325,15 @@ class Queue:
         if len(tail) == RUN:
             self.seal()
 
+    def extend_durable(self, messages: list[bytes], seqs: list[int]) -> None:
+        """``append_durable`` for each message and its seq, in bulk (restore): sealed
+        into Runs of ``RUN`` straight away. Each message must be at most ``SMALL``."""
+        if self.tail:
+            self.seal()
+        ready = self.ready
+        for i in range(0, len(messages), RUN):
+            ready.append(Run(messages[i:i + RUN], seqs[i:i + RUN]))
+
     def take_ready(self) -> Item:
         """Remove and return the oldest READY item (maybe a tombstone); there must be
         one. A durable queue's stateless message comes back as a QMsg with its ``seq``

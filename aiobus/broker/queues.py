@@ -591,39 +591,57 @@ class QueueRouter:
                 window.load([(mid, at - wall) for mid, at in rq.dedup], now)
             loaded.append((queue, rq))
         for queue, rq in loaded:  # every queue exists before a dead letter is moved
-            limit = queue.settings.max_deliveries
-            append_durable = queue.append_durable
-            for m in rq.messages:
-                if (not m.failures and m.expires is None and m.due is None
-                        and m.last_reason is None and m.last_consumer is None
-                        and len(m.message) <= SMALL):  # stateless: bytes and its seq
-                    queue.sent += 1
-                    size = len(m.message) + MESSAGE_OVERHEAD
-                    queue.bytes += size
-                    queue.account.bytes += size
-                    append_durable(m.message, m.seq)
-                    queue.ready_len += 1
-                    continue
-                msg = QMsg(m.message, None if m.expires is None else m.expires - wall)
-                msg.seq, msg.failures = m.seq, m.failures
-                msg.last_reason, msg.last_consumer = m.last_reason, m.last_consumer
-                queue.sent += 1
-                size = len(m.message) + MESSAGE_OVERHEAD  # _held, inline: 1M of them
-                queue.bytes += size  # (a restored queue belongs to nobody: no limit)
-                queue.account.bytes += size
-                if limit is not None and msg.failures >= limit:
-                    self.dead_letter(queue, msg, "max-deliveries", None, now)
-                elif m.due is not None and m.due - wall > now:
-                    if not msg.failures:  # never delivered: a scheduled message
-                        msg.due = m.due - wall
-                    self._delay(queue, msg, m.due - wall)
-                    if msg.expires is not None:
-                        self._arm_ttl(queue, msg)
-                else:
-                    if msg.expires is not None:
-                        self._arm_ttl(queue, msg)
-                    queue.append_ready(msg)
-                    queue.ready_len += 1
+            stateful: list[Any] = rq.stateful  # journal.RecoveredMessage, in seq order
+            stateless: dict[int, bytes] = rq.stateless  # most of them: bytes and a seq
+            n = len(stateless)
+            held = sum(map(len, stateless.values()))
+            k, count = 0, len(stateful)
+            if not stateful and (not n or max(map(len, stateless.values())) <= SMALL):
+                queue.extend_durable(list(stateless.values()), list(stateless))  # in bulk
+            else:
+                append_durable = queue.append_durable
+                for seq, message in stateless.items():
+                    while k < count and stateful[k].seq < seq:
+                        self._restore_message(queue, stateful[k], now)
+                        k += 1
+                    if len(message) <= SMALL:
+                        append_durable(message, seq)
+                    else:
+                        msg = QMsg(message)
+                        msg.seq = seq
+                        queue.append_ready(msg)
+            queue.sent += n
+            queue.ready_len += n
+            held += n * MESSAGE_OVERHEAD  # _held, summed (a restored queue belongs to
+            queue.bytes += held           # nobody: no limit)
+            queue.account.bytes += held
+            for m in stateful[k:]:
+                self._restore_message(queue, m, now)
+
+    def _restore_message(self, queue: Queue, m: Any, now: float) -> None:
+        """Load one recovered message with state (``journal.RecoveredMessage``)."""
+        wall = self.wall_offset
+        limit = queue.settings.max_deliveries
+        msg = QMsg(m.message, None if m.expires is None else m.expires - wall)
+        msg.seq, msg.failures = m.seq, m.failures
+        msg.last_reason, msg.last_consumer = m.last_reason, m.last_consumer
+        queue.sent += 1
+        size = len(m.message) + MESSAGE_OVERHEAD  # _held, inline
+        queue.bytes += size  # (a restored queue belongs to nobody: no limit)
+        queue.account.bytes += size
+        if limit is not None and msg.failures >= limit:
+            self.dead_letter(queue, msg, "max-deliveries", None, now)
+        elif m.due is not None and m.due - wall > now:
+            if not msg.failures:  # never delivered: a scheduled message
+                msg.due = m.due - wall
+            self._delay(queue, msg, m.due - wall)
+            if msg.expires is not None:
+                self._arm_ttl(queue, msg)
+        else:
+            if msg.expires is not None:
+                self._arm_ttl(queue, msg)
+            queue.append_ready(msg)
+            queue.ready_len += 1
 
     # -- producing ------------------------------------------------------------------
 

@@ -220,3 +220,49 @@ def test_a_release_keeps_the_last_failure_across_a_restart(b: Durable) -> None:
     headers = c2.delivery().headers or {}
     assert {k: headers.get(k) for k in ("x-attempts", "x-reason-text", "x-consumer-pid")} == {
         "x-attempts": "1", "x-reason-text": "why", "x-consumer-pid": "4321"}
+
+
+def test_queued_stateless_messages_keep_their_numbers_on_every_path(b: Durable) -> None:
+    """A durable message that waits in the queue without state is bytes in a Run, its
+    sequence number beside it (queue_state.py); each way out of the queue must journal
+    it under that number: an ack, a nack, a CANCEL release, a crash while leased, an
+    overflow dead-lettering the oldest, a purge. A restart then holds exactly what the
+    old core held, in order."""
+    d = b.driver
+    p, c = d.client("p"), d.client("c")
+    p.ok(Op.DECLARE, "jobs", {"durable": True, "max_length": 600, "overflow": "dead-letter"})
+    for i in range(601):  # m0 overflows into jobs.dlq; m1..m600 wait, 256 to a Run
+        p.send("jobs", f"m{i}".encode())
+    sid = c.consume("jobs", prefetch=4)
+    got = c.deliveries()
+    assert [x.body for x in got] == [b"m1", b"m2", b"m3", b"m4"]
+    c.ack(got[0].tag)
+    c.nack(got[1].tag, delay=50.0)
+    got += c.deliveries()  # m5, m6
+    c.cancel(sid)  # m3..m6 released to the front, no attempt counted
+    c2 = d.client("c2")
+    c2.consume("jobs", prefetch=2)
+    leased = c2.deliveries()  # held when the broker dies: a failed attempt each
+    assert [(x.body, x.attempt) for x in leased] == [(b"m3", 1), (b"m4", 1)]
+
+    d = b.restart(after=1.0)
+    assert stats(d, "jobs")["ready"] == 598 and stats(d, "jobs")["delayed"] == 1
+    assert [m.seq for m in b.recovered.queues["jobs.dlq"].messages] == [0]
+    c3 = d.client("c3")
+    c3.consume("jobs", prefetch=1000)
+    again = c3.deliveries()
+    assert [(x.body, x.attempt) for x in again[:5]] == [
+        (b"m3", 2), (b"m4", 2), (b"m5", 1), (b"m6", 1), (b"m7", 1)]
+    assert [x.body for x in again[5:]] == [f"m{i}".encode() for i in range(8, 601)]
+    for x in again[:300]:
+        c3.ack(x.tag)
+    assert d.client("admin").ok(Op.PURGE, "jobs") == 1  # m2, delayed; the rest are leased
+    d = b.restart()
+    assert (stats(d, "jobs")["ready"], stats(d, "jobs")["delayed"]) == (298, 0)
+    c4 = d.client("c4")
+    c4.consume("jobs", prefetch=1000)
+    assert [(x.body, x.attempt) for x in c4.deliveries()] == [
+        (f"m{i}".encode(), 2) for i in range(303, 601)]
+    c5 = d.client("c5")
+    c5.consume("jobs.dlq")
+    assert c5.delivery().body == b"m0"

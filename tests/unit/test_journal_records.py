@@ -143,8 +143,8 @@ def test_replay_folds_the_life_of_messages() -> None:
         r.Removed(1, 9, A), r.Delivered(7, 1),  # about nothing live: ignored
     )
     queue = state.queues[1]
-    assert list(queue.messages) == [0, 1]
-    m0, m1 = queue.messages[0], queue.messages[1]
+    assert list(queue.live()) == [0, 1]
+    m0, m1 = queue.live().values()
     assert (m0.failures, m0.due, m0.expires) == (1, 30.0, 50.0)
     assert (m1.failures, m1.in_flight) == (1, False)
     assert queue.next_seq == 3
@@ -158,7 +158,7 @@ def test_replay_purge_keeps_deliveries_in_flight_and_delete_forgets() -> None:
         r.QueueDeleted(2),
     )
     assert list(state.queues) == [1]
-    assert list(state.queues[1].messages) == [1]
+    assert list(state.queues[1].live()) == [1]
 
 
 def test_replay_keeps_the_last_failure_and_counts_the_crash_as_one() -> None:
@@ -174,7 +174,7 @@ def test_replay_keeps_the_last_failure_and_counts_the_crash_as_one() -> None:
                    r.Delivered(1, 2), r.Failed(1, 2, 1, 9.0, "ack-timeout", (5, 6))):
         state.apply(record)
     inferred = state.finish()
-    m0, m1, m2 = state.queues[1].messages.values()
+    m0, m1, m2 = state.queues[1].live().values()
     assert [msg for _, msg in inferred] == [m0, m1]
     assert (m0.failures, m0.last_reason, m0.last_consumer) == (2, "broker-restart", (7, 8))
     assert (m1.failures, m1.last_reason, m1.last_consumer) == (1, "broker-restart", None)
@@ -185,13 +185,13 @@ def test_replay_keeps_the_last_failure_and_counts_the_crash_as_one() -> None:
 def test_a_later_sent_for_the_same_message_replaces_it() -> None:
     state = replay(r.QueueDeclared(1, "q", {}, 0), r.Sent(1, 0, b"a", 0, None, None),
                    r.Failed(1, 0, 2, 5.0), r.Sent(1, 0, b"a", 2, None, 5.0))
-    msg = state.queues[1].messages[0]
+    msg = state.queues[1].live()[0]
     assert (msg.failures, msg.due) == (2, 5.0)
     # with the failure's details, which a copy carries as well
     state = replay(r.QueueDeclared(1, "q", {}, 0), r.Sent(1, 0, b"a", 0, None, None),
                    r.Failed(1, 0, 2, 5.0, "why", (1, 2)),
                    r.Sent(1, 0, b"a", 2, None, 5.0, "why", (1, 2)))
-    msg = state.queues[1].messages[0]
+    msg = state.queues[1].live()[0]
     assert (msg.failures, msg.due, msg.last_reason, msg.last_consumer) == (
         2, 5.0, "why", (1, 2))
 
@@ -282,8 +282,8 @@ def test_the_flat_loop_folds_a_whole_life_like_apply() -> None:
     state = Replay()
     state.read_segment(segment(*LIFE), last=False)
     state.finish()
-    assert list(state.queues[1].messages) == [0, 2, 3, 4, 5, 6, 7]  # sorted: 1 came late
-    messages = state.queues[1].messages.values()
+    assert list(state.queues[1].live()) == [0, 2, 3, 4, 5, 6, 7]  # sorted: 1 came late
+    messages = state.queues[1].live().values()
     assert [m.size for m in messages][:3] == [len(LIFE[9]), len(LIFE[13]), len(LIFE[4])]
     assert [(m.failures, m.last_reason, m.last_consumer) for m in messages][:3] == [
         (1, None, None), (1, "ack-timeout", (41, 7)), (3, "broker-restart", (42, 7))]

@@ -51,13 +51,32 @@ def recovered_messages(live: Iterable[LiveMessage]) -> list[RecoveredMessage]:
 
 @dataclass(frozen=True, slots=True)
 class RecoveredQueue:
+    """A durable queue as recovered: its live messages in two parts (replay.py's module
+    docstring), which together are every live message; :attr:`messages` merges them."""
+
     name: str
     settings: dict[str, Any]
     next_seq: int
-    messages: list[RecoveredMessage]  # in sequence order
+    # Messages without state (never failed, no expiry or due time): seq -> packed bytes,
+    # in sequence order. Most recovered messages are these, kept as the replay read them.
+    stateless: dict[int, bytes]
+    stateful: list[RecoveredMessage]  # the others, in sequence order
     # The deduplication window: (id, accepted-at in epoch seconds), oldest first; the
     # core keeps those still within its dedup_window (and at most dedup_size).
     dedup: list[tuple[str, float]] = field(default_factory=list)
+
+    @property
+    def messages(self) -> list[RecoveredMessage]:
+        """Every live message, in sequence order (built on each call)."""
+        every = [RecoveredMessage(seq, message, 0, None, None)
+                 for seq, message in self.stateless.items()]
+        every.extend(self.stateful)
+        every.sort(key=lambda m: m.seq)
+        return every
+
+    def __len__(self) -> int:
+        """How many live messages."""
+        return len(self.stateless) + len(self.stateful)
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,9 +29,19 @@ deletion does; which ids are still within ``dedup_window`` the core decides on r
 by wall time. The flat loop reads flag 8 too: the Python client gives every confirmed
 SEND a seq, so those are the common Sent.
 
+Two kinds of live message. Most are *stateless*: sent, never failed, no expiry or due
+time, not out for delivery. A queue keeps those as their packed bytes alone
+(``LiveQueue.plain``, seq -> bytes), the rest as a :class:`LiveMessage`
+(``LiveQueue.messages``); a stateless message moves to ``messages`` when a Failed names
+it, and one out for delivery is only noted (``LiveQueue.in_flight``): most Delivered
+records are followed by their Removed. ``LiveQueue.owner`` holds, for every live message,
+``segment << 32 | size`` of its Sent record, the store's owner index as is (store.py). So
+replaying a queued message costs two dict entries, not an object. :meth:`LiveQueue.live`
+gives the whole state as LiveMessages (tests, and the rare reader).
+
 Messages arrive in sequence order unless compaction copied old ones forward past newer
 ones; a queue notes when that happened (``ordered``), and :meth:`finish` sorts only
-those queues.
+those queues (``messages`` it sorts whenever it holds more than one).
 """
 
 from __future__ import annotations
@@ -70,9 +80,38 @@ class LiveQueue:
     name: str
     settings: dict[str, Any]
     next_seq: int
-    messages: dict[int, LiveMessage]
-    ordered: bool = True  # ``messages`` was filled in sequence order
+    messages: dict[int, LiveMessage]  # live messages with state (module docstring)
+    plain: dict[int, bytes] = field(default_factory=dict)  # stateless: seq -> packed
+    # Every live message (both kinds): seq -> segment << 32 | its Sent record's bytes.
+    owner: dict[int, int] = field(default_factory=dict)
+    in_flight: set[int] = field(default_factory=set)  # of ``plain``: delivered, unanswered
+    ordered: bool = True  # ``plain`` was filled in sequence order
     dedup: dict[str, float] = field(default_factory=dict)  # id -> accepted-at (epoch)
+
+    def stateful(self, seq: int) -> LiveMessage | None:
+        """The live message ``seq`` as a LiveMessage (moved out of ``plain`` if it was
+        stateless), or None if it is not live."""
+        msg = self.messages.get(seq)
+        if msg is None:
+            message = self.plain.pop(seq, None)
+            if message is None:
+                return None
+            entry = self.owner[seq]
+            in_flight = seq in self.in_flight
+            if in_flight:
+                self.in_flight.discard(seq)
+            msg = self.messages[seq] = LiveMessage(seq, message, 0, None, None, entry >> 32,
+                                                   entry & 0xFFFFFFFF, in_flight)
+        return msg
+
+    def live(self) -> dict[int, LiveMessage]:
+        """Every live message as a LiveMessage, in sequence order (a copy)."""
+        every = dict(self.messages)
+        for seq, message in self.plain.items():
+            entry = self.owner[seq]
+            every[seq] = LiveMessage(seq, message, 0, None, None, entry >> 32,
+                                     entry & 0xFFFFFFFF, seq in self.in_flight)
+        return dict(sorted(every.items()))
 
 
 _SENT = r.RecordType.SENT
@@ -112,26 +151,32 @@ class Replay:
                             # (compaction's copies carry no accepted time).
                             queue.dedup.pop(mid, None)
                             queue.dedup[mid] = accepted
-                    if seq >= queue.next_seq:
-                        queue.next_seq = seq + 1
-                    elif seq not in queue.messages:
-                        queue.ordered = False
-                    queue.messages[seq] = LiveMessage(seq, message, failures, expires, due,
-                                                      self.segment, size, False, reason,
-                                                      consumer)
+                    if not size:  # (a record applied by hand, without its size)
+                        size = len(r.encode_sent(qid, seq, message, failures, expires, due,
+                                                 reason, consumer, accepted))
+                    stateless = (not failures and expires is None and due is None
+                                 and reason is None and consumer is None)
+                    self._sent(queue, seq, message, size, None if stateless else
+                               LiveMessage(seq, message, failures, expires, due,
+                                           self.segment, size, False, reason, consumer))
             case r.Delivered(qid, seq):
-                msg = self._message(qid, seq)
-                if msg is not None:
-                    msg.in_flight = True
+                queue = self.queues.get(qid)
+                if queue is not None:
+                    msg = queue.messages.get(seq)
+                    if msg is not None:
+                        msg.in_flight = True
+                    elif seq in queue.plain:
+                        queue.in_flight.add(seq)
             case r.Failed(qid, seq, failures, due, reason, consumer):
-                msg = self._message(qid, seq)
+                queue = self.queues.get(qid)
+                msg = None if queue is None else queue.stateful(seq)
                 if msg is not None:
                     msg.failures, msg.due, msg.in_flight = failures, due, False
                     msg.last_reason, msg.last_consumer = reason, consumer
             case r.Removed(qid, seq, _):
                 queue = self.queues.get(qid)
                 if queue is not None:
-                    queue.messages.pop(seq, None)
+                    self._removed(queue, seq)
             case r.QueueDeclared(qid, name, settings, next_seq):
                 queue = self.queues.get(qid)
                 if queue is None:
@@ -142,7 +187,11 @@ class Replay:
             case r.QueuePurged(qid):
                 queue = self.queues.get(qid)
                 if queue is not None:  # as RabbitMQ: messages out for delivery stay
+                    flying = queue.in_flight
                     queue.messages = {s: m for s, m in queue.messages.items() if m.in_flight}
+                    queue.plain = {s: m for s, m in queue.plain.items() if s in flying}
+                    queue.owner = {s: e for s, e in queue.owner.items()
+                                   if s in flying or s in queue.messages}
             case r.QueueDeleted(qid):
                 self.queues.pop(qid, None)
             case r.DedupIds(qid, entries):
@@ -154,9 +203,35 @@ class Replay:
                             dedup.pop(mid, None)
                             dedup[mid] = at
 
-    def _message(self, qid: int, seq: int) -> LiveMessage | None:
-        queue = self.queues.get(qid)
-        return None if queue is None else queue.messages.get(seq)
+    def _sent(self, queue: LiveQueue, seq: int, message: bytes, size: int,
+              msg: LiveMessage | None) -> None:
+        """A Sent for ``seq`` of ``size`` bytes: a new live message, or the copy that
+        replaces it; ``msg`` its state, None if it is stateless. (The flat loop does the
+        same inline for a stateless one.)"""
+        owner = queue.owner
+        if seq >= queue.next_seq:
+            queue.next_seq = seq + 1
+        elif seq not in owner:
+            queue.ordered = False
+        owner[seq] = self.segment << 32 | size
+        if msg is None:
+            if seq in queue.messages:
+                del queue.messages[seq]
+                queue.ordered = False  # it joins ``plain`` at the end
+            queue.in_flight.discard(seq)
+            queue.plain[seq] = message
+        else:
+            if queue.plain.pop(seq, None) is not None:
+                queue.in_flight.discard(seq)
+            queue.messages[seq] = msg
+
+    @staticmethod
+    def _removed(queue: LiveQueue, seq: int) -> None:
+        if queue.owner.pop(seq, None) is not None:
+            if queue.plain.pop(seq, None) is None:
+                del queue.messages[seq]
+            elif queue.in_flight:
+                queue.in_flight.discard(seq)
 
     def read_segment(self, data: bytes, *, last: bool) -> r.Decoded:
         """Apply every good record of one segment's bytes, in one flat loop.
@@ -218,27 +293,39 @@ class Replay:
                         if mid is not None and accepted >= queue.dedup.get(mid, -1.0):
                             queue.dedup.pop(mid, None)
                             queue.dedup[mid] = accepted
-                    messages = queue.messages
-                    if seq >= queue.next_seq:
-                        queue.next_seq = seq + 1
-                    elif seq not in messages:
-                        queue.ordered = False
-                    messages[seq] = LiveMessage(seq, message, failures, expires, due,
-                                                number, end - at)
+                    owner = queue.owner
+                    if failures or expires is not None or due is not None or seq in owner:
+                        self._sent(queue, seq, message, end - at, None if not (
+                            failures or expires is not None or due is not None)
+                            else LiveMessage(seq, message, failures, expires, due, number,
+                                             end - at))
+                    else:  # a new stateless message (the common case): _sent, inline
+                        if seq >= queue.next_seq:
+                            queue.next_seq = seq + 1
+                        else:
+                            queue.ordered = False
+                        owner[seq] = number << 32 | end - at
+                        queue.plain[seq] = message
             elif kind == _DELIVERED and length >= 13:
                 _, qid, seq = qseq(data, at + 8)
                 queue = queues.get(qid)
                 if queue is not None:
-                    msg = queue.messages.get(seq)
-                    if msg is not None:
-                        msg.in_flight = True
+                    if seq in queue.plain:
+                        queue.in_flight.add(seq)
+                    else:
+                        msg = queue.messages.get(seq)
+                        if msg is not None:
+                            msg.in_flight = True
             elif kind == _REMOVED and length >= 14:
                 _, qid, seq, reason = removed_head(data, at + 8)
                 if reason not in reasons:
                     break  # decode_body refuses it (RemovalReason raises ValueError)
                 queue = queues.get(qid)
-                if queue is not None:
-                    queue.messages.pop(seq, None)
+                if queue is not None and queue.owner.pop(seq, None) is not None:
+                    if queue.plain.pop(seq, None) is None:  # _removed, inline
+                        del queue.messages[seq]
+                    elif queue.in_flight:
+                        queue.in_flight.discard(seq)
             else:
                 try:
                     record = r.decode_body(view[at + 8:end])
@@ -257,9 +344,14 @@ class Replay:
         Returns those messages, so the store can journal the failure it inferred."""
         failed = []
         for queue in self.queues.values():
+            for seq in list(queue.in_flight):  # stateless ones: now they failed once
+                msg = queue.stateful(seq)
+                assert msg is not None and msg.in_flight
             if not queue.ordered:
-                queue.messages = dict(sorted(queue.messages.items()))
+                queue.plain = dict(sorted(queue.plain.items()))
                 queue.ordered = True
+            if len(queue.messages) > 1:
+                queue.messages = dict(sorted(queue.messages.items()))
             for msg in queue.messages.values():
                 if msg.in_flight:
                     msg.failures += 1

@@ -463,14 +463,14 @@ class Journal:
         for qid, msg in inferred:  # make the inferred failure a record of its own
             journal.failed(journal._s.names[qid], msg.seq, msg.failures, msg.due,
                            reason=msg.last_reason, consumer=msg.last_consumer)
-        report = RecoveryReport(len(queues), sum(len(q.messages) for q in queues.values()),
+        report = RecoveryReport(len(queues), sum(len(q) for q in queues.values()),
                                 replay.bytes, time.perf_counter() - started, torn)
         return journal, Recovered(queues, report)
 
     def _load(self, replay: Replay) -> dict[str, RecoveredQueue]:
-        """Build the store's indexes (the owner index once, each segment's live counts
-        per run of messages it owns) from a finished replay; return what :meth:`open`
-        returns."""
+        """Build the store's indexes from a finished replay (its owner index is the
+        store's, as is; each segment's live counts are added up per run of messages it
+        owns); return what :meth:`open` returns."""
         s = self._s
         by_number = self._by_number
         queues: dict[str, RecoveredQueue] = {}
@@ -479,31 +479,27 @@ class Journal:
             s.qids[q.name], s.names[qid], s.settings[qid] = qid, q.name, q.settings
             s.next_seq[qid] = q.next_seq
             s.next_qid = max(s.next_qid, qid + 1)
-            owners: dict[int, int] = {}
-            s.owner[qid] = owners
-            failed = s.failed
+            s.owner[qid] = q.owner
             number, live, live_bytes = -1, 0, 0
             segment: _Segment | None = None
-            for seq, m in q.messages.items():
-                if m.segment != number:  # messages come in runs of one segment
+            for entry in q.owner.values():
+                if entry >> 32 != number:  # messages come in runs of one segment
                     if segment is not None:
                         segment.live += live
                         segment.live_bytes += live_bytes
-                    number, live, live_bytes = m.segment, 0, 0
+                    number, live, live_bytes = entry >> 32, 0, 0
                     segment = by_number[number]
-                size = m.size or len(r.encode_sent(qid, seq, m.message, m.failures,
-                                                   m.expires, m.due, m.last_reason,
-                                                   m.last_consumer))
-                owners[seq] = number << 32 | size
                 live += 1
-                live_bytes += size
-                if m.failures:  # (a last failure's details come with a failure)
-                    failed[qid, seq] = (m.failures, m.due, m.last_reason, m.last_consumer)
+                live_bytes += entry & 0xFFFFFFFF
             if segment is not None:
                 segment.live += live
                 segment.live_bytes += live_bytes
+            failed = s.failed
+            for seq, m in q.messages.items():
+                if m.failures:  # (a last failure's details come with a failure)
+                    failed[qid, seq] = (m.failures, m.due, m.last_reason, m.last_consumer)
             dedup = sorted(q.dedup.items(), key=lambda entry: entry[1])
-            queues[q.name] = RecoveredQueue(q.name, q.settings, q.next_seq,
+            queues[q.name] = RecoveredQueue(q.name, q.settings, q.next_seq, q.plain,
                                             recovered_messages(q.messages.values()), dedup)
             if dedup:
                 self._recovered_windows[q.name] = dedup
