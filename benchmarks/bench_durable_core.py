@@ -1,7 +1,7 @@
 """What a durable queue costs the broker per message, in process (not part of `make test`).
 
     python benchmarks/bench_durable_core.py [--messages 50000] [--size 128] [--repeats 5]
-        [--profile] [--cpu]
+        [--profile] [--cpu] [--queued] [--seq]
 
 A :class:`~aiobus.broker.core.BrokerCore` with a :class:`~aiobus.broker.journal.Journal`
 on a temp dir (``OsFiles``; written once per batch as the shell does once per loop turn,
@@ -11,7 +11,9 @@ which acks each batch with one ACK_MANY. With ``--queued`` the consumer acks eac
 only after the next one was sent, so every message waits in the queue and takes the
 queued path (``_accept``, then ``pump`` on the ACK_MANY), as most do in W3 with 256
 confirmed sends in flight; without it every message goes straight to the consumer (the
-send fast path). Timed: the core's handling of the frames and the journal write; not
+send fast path). With ``--seq`` every SEND carries a seq, as every confirmed send of the
+Python client does (deduplication; the journal's Sent then has an ``accepted`` time).
+Timed: the core's handling of the frames and the journal write; not
 timed: reading the delivery tags back out of the DELIVER bytes.
 Prints µs/message for an in-memory queue and a durable one, runs interleaved, medians,
 and with ``--profile`` a cProfile of one durable run. ``--cpu`` times with the process's
@@ -29,6 +31,7 @@ import shutil
 import statistics
 import tempfile
 import time
+from itertools import islice
 from typing import Any
 
 import msgpack
@@ -76,7 +79,7 @@ def delivered(sink: Sink) -> list[int]:
 
 
 def run(durable: bool, n: int, size: int, profile: bool = False,
-        clock: Any = time.perf_counter, queued: bool = False) -> float:
+        clock: Any = time.perf_counter, queued: bool = False, seq: bool = False) -> float:
     """µs per message: send, deliver, ack."""
     directory = tempfile.mkdtemp(prefix="aiobus-bench-core-")
     try:
@@ -85,7 +88,8 @@ def run(durable: bool, n: int, size: int, profile: bool = False,
         core = BrokerCore(sink, journal=journal, id_prefix="b")
         for conn in (1, 2):
             core.connect(conn, 1000 + conn, 1000, 1000, 0.0)
-            core.receive(conn, [int(Op.HELLO), 1, {}], 0.0)
+            core.receive(conn, [int(Op.HELLO), 1, {"client_id": f"c{conn}"} if seq else {}],
+                         0.0)
         core.receive(1, [int(Op.DECLARE), 2, "q", {"durable": durable}], 0.0)
         core.receive(2, [int(Op.CONSUME), 3, 1, "q", BATCH], 0.0)
         body = b"x" * size
@@ -95,8 +99,8 @@ def run(durable: bool, n: int, size: int, profile: bool = False,
         timed = 0.0
         held: list[int] = []  # --queued: the batch the consumer still holds
         for _ in range(n // BATCH):
-            sends = [[int(Op.SEND), next(rids), "q", body, 0, None, None, None]
-                     for _ in range(BATCH)]
+            sends = [[int(Op.SEND), rid, "q", body, 0, None, None, None, None,
+                      rid if seq else None] for rid in islice(rids, BATCH)]
             started = clock()
             if profiler:
                 profiler.enable()
@@ -143,22 +147,24 @@ def main() -> None:
     parser.add_argument("--cpu", action="store_true", help="time with the CPU clock")
     parser.add_argument("--queued", action="store_true",
                         help="every message waits in the queue (the consumer acks late)")
+    parser.add_argument("--seq", action="store_true",
+                        help="SENDs with a seq, as the Python client's confirmed sends")
     args = parser.parse_args()
     times: dict[bool, list[float]] = {False: [], True: []}
     for _ in range(args.repeats):
         for durable in (False, True):
             times[durable].append(run(durable, args.messages, args.size,
                                       clock=time.process_time if args.cpu else time.perf_counter,
-                                      queued=args.queued))
+                                      queued=args.queued, seq=args.seq))
     memory, durable = statistics.median(times[False]), statistics.median(times[True])
-    path = "queued path" if args.queued else "send fast path"
+    path = ("queued path" if args.queued else "send fast path") + (", seq" if args.seq else "")
     print(f"{args.messages:,} messages of {args.size} B ({path}), {args.repeats} runs each,"
           " medians")
     print(f"memory   {memory:6.2f} µs/msg   {[round(t, 2) for t in times[False]]}")
     print(f"durable  {durable:6.2f} µs/msg   {[round(t, 2) for t in times[True]]}")
     print(f"durable / memory: {durable / memory:.2f}x the time")
     if args.profile:
-        run(True, args.messages, args.size, profile=True, queued=args.queued)
+        run(True, args.messages, args.size, profile=True, queued=args.queued, seq=args.seq)
 
 
 if __name__ == "__main__":

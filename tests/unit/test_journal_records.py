@@ -300,14 +300,16 @@ def test_the_flat_loop_agrees_on_damage_and_garbage(garbage: bytes, flip: int,
 
 
 @given(st.integers(0, 2**32 - 1), st.integers(0, 2**64 - 1), st.binary(max_size=300),
-       st.sampled_from(list(r.RemovalReason)))
+       st.sampled_from(list(r.RemovalReason)),
+       st.none() | st.floats(allow_nan=False))
 def test_the_append_fast_paths_write_exactly_what_the_encoders_return(
-        qid: int, seq: int, message: bytes, reason: r.RemovalReason) -> None:
+        qid: int, seq: int, message: bytes, reason: r.RemovalReason,
+        accepted: float | None) -> None:
     buffer = bytearray(b"before")
-    size = r.append_sent(buffer, qid, seq, message)
+    size = r.append_sent(buffer, qid, seq, message, accepted)
     r.append_delivered(buffer, qid, seq)
     r.append_removed(buffer, qid, seq, reason)
-    sent = r.encode_sent(qid, seq, message)
+    sent = r.encode_sent(qid, seq, message, accepted=accepted)
     assert size == len(sent)
     assert bytes(buffer) == (b"before" + sent + r.encode_delivered(qid, seq)
                              + r.encode_removed(qid, seq, reason))

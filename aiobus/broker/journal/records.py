@@ -257,15 +257,23 @@ _REMOVED = int(RecordType.REMOVED)
 _FRAMED_QSEQ = struct.Struct("<IIBIQ")
 _FRAMED_REMOVED = struct.Struct("<IIBIQB")
 _LENGTH_SENT_HEAD = struct.Struct("<IBIQIB")  # the length, then SENT_HEAD
+_LENGTH_SENT_ACCEPTED = struct.Struct("<IBIQIBd")  # ... and the accepted time (flag 8)
 _CRC_QSEQ_LENGTH: Final = _crc(QSEQ.size.to_bytes(4, "little"))
 _CRC_REMOVED_LENGTH: Final = _crc(REMOVED_HEAD.size.to_bytes(4, "little"))
 
 
-def append_sent(buffer: bytearray, qid: int, seq: int, message: bytes) -> int:
-    """Append a Sent with no failures, expiry or due time (what the core sends); returns
-    its size in bytes."""
-    length = SENT_HEAD.size + len(message)
-    head = _LENGTH_SENT_HEAD.pack(length, _SENT_PLAIN, qid, seq, 0, 0)
+def append_sent(buffer: bytearray, qid: int, seq: int, message: bytes,
+                accepted: float | None = None) -> int:
+    """Append a Sent with no failures, expiry or due time (what the core sends), with
+    the time its id entered the deduplication window if ``accepted`` (a SEND with a seq:
+    every confirmed send of the Python client); returns its size in bytes."""
+    if accepted is None:
+        length = SENT_HEAD.size + len(message)
+        head = _LENGTH_SENT_HEAD.pack(length, _SENT_PLAIN, qid, seq, 0, 0)
+    else:
+        length = SENT_HEAD.size + 8 + len(message)
+        head = _LENGTH_SENT_ACCEPTED.pack(length, _SENT_PLAIN, qid, seq, 0, SENT_ACCEPTED,
+                                          accepted)
     buffer += _crc(message, _crc(head)).to_bytes(4, "little")
     buffer += head
     buffer += message

@@ -140,7 +140,7 @@ class Journal:
         ``accepted``: when its id entered the queue's deduplication window, if it did."""
         s = self._s
         qid = s.qids[queue]
-        if failures or expires is not None or due is not None or accepted is not None:
+        if failures or expires is not None or due is not None:
             record = r.encode_sent(qid, seq, message, failures, expires, due,
                                    accepted=accepted)
             size = len(record)
@@ -148,7 +148,7 @@ class Journal:
             if failures:
                 s.failed[qid, seq] = (failures, due, None, None)
         else:  # the common case, without building the record apart
-            size = r.append_sent(self._buffer, qid, seq, message)
+            size = r.append_sent(self._buffer, qid, seq, message, accepted)
         owners = s.owner[qid]
         if seq in owners:
             self._own(qid, seq, size)
