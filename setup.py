@@ -21,17 +21,24 @@ from typing import Any
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
-# The broker's per-message path: the sans-IO core and codec, and the asyncio shell that
-# feeds them. Left out: aiobus/broker/policy.py (asked once per connection and name, and
-# tests subclass Policy, which a compiled class forbids), the journal (its record
-# constructors are not yet typed exactly enough for mypyc's checks on entry), errors.py
-# (exceptions get attributes added at run time), and the client (a mixin mypyc refuses).
+# The broker's per-message path: the sans-IO core and codec, the journal's records,
+# replay and store (every durable message, and recovery's loop over every record), and
+# the asyncio shell that feeds them. Left out: aiobus/broker/policy.py (asked once per
+# connection and name, and tests subclass Policy, which a compiled class forbids), the
+# journal's files.py (one write per loop turn; and compiled, its loop over a memoryview,
+# ``view = view[os.write(handle, view):]``, wrote the data twice) and repair.py (run once,
+# by hand), errors.py (exceptions get attributes added at run time), and the client (a
+# mixin mypyc refuses).
 COMPILED = [
     "aiobus/_frame_scan.py",
     "aiobus/names.py",
     "aiobus/protocol.py",
     "aiobus/broker/core.py",
     "aiobus/broker/dedup.py",
+    "aiobus/broker/journal/records.py",
+    "aiobus/broker/journal/recovery.py",
+    "aiobus/broker/journal/replay.py",
+    "aiobus/broker/journal/store.py",
     "aiobus/broker/queue_state.py",
     "aiobus/broker/queues.py",
     "aiobus/broker/server.py",

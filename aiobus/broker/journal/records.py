@@ -396,8 +396,10 @@ def decode_body(body: bytes | memoryview) -> Record:
             reason, consumer = _unpack_details(body[FAILED_HEAD.size:])
         return Failed(qid, seq, failures, None if due != due else due, reason, consumer)
     if kind == RecordType.REMOVED:
-        _, qid, seq, reason = REMOVED_HEAD.unpack_from(body)
-        return Removed(qid, seq, RemovalReason(reason))
+        # (not ``reason``: that is the str or None above, and mypyc gives a variable one
+        # type for the whole function)
+        _, qid, seq, code = REMOVED_HEAD.unpack_from(body)
+        return Removed(qid, seq, RemovalReason(code))
     if kind == RecordType.PURGED:
         return QueuePurged(_QID.unpack_from(body)[1])
     if kind == RecordType.DELETED:
