@@ -1,6 +1,7 @@
 """Recovery time of the real broker: a durable queue of 1,000,000 messages, killed, restarted.
 
     python benchmarks/bench_recovery.py [--messages 1000000] [--size 128] [--restarts 3]
+        [--trees OLD,NEW]
 
 Starts `python -m aiobus.cli.broker` (servers.py: socket and data directory in a fresh
 temp dir), fills one durable queue through it (`send(confirm=False)`, the last send
@@ -10,6 +11,11 @@ directory, times it from the spawn until its socket accepts a connection, reads 
 log line "journal ...: recovered Q queues, M messages, B bytes in S s", checks with
 STATS that the queue holds every message, and kills it again. For scale, the same
 start-up timed once on an empty data directory (interpreter start and imports).
+
+With ``--trees``, each restart runs the broker of each tree in turn on the same journal
+(the first tree's broker fills it; the format must be one both read), each tree's
+directory first on its ``PYTHONPATH``: old code against new in one run, on a machine
+whose load changes from minute to minute; medians per tree.
 
 Every broker is stopped by its PID (servers.py); every wait has a deadline.
 """
@@ -67,10 +73,11 @@ def kill(servers: Servers, name: str) -> None:
     proc.wait(timeout=10)
 
 
-def start(servers: Servers, name: str, data_dir: str) -> tuple[str, float, float]:
+def start(servers: Servers, name: str, data_dir: str,
+          tree: str = "") -> tuple[str, float, float]:  # fmt: skip
     """Spawn a broker; (socket, wall seconds until it accepts, its CPU seconds then)."""
     started = time.monotonic()
-    path = servers.start_aiobus(name, data_dir=data_dir)  # waits (60 s at most) for accept
+    path = servers.start_aiobus(name, data_dir=data_dir, tree=tree)  # waits 60 s at most
     return path, time.monotonic() - started, cpu_seconds(servers.pid(name))
 
 
@@ -79,13 +86,16 @@ def main() -> int:
     parser.add_argument("--messages", type=int, default=1_000_000)
     parser.add_argument("--size", type=int, default=128, help="body bytes")
     parser.add_argument("--restarts", type=int, default=3)
+    parser.add_argument("--trees", default="", metavar="OLD,NEW",
+                        help="restart each tree's broker in turn (source directories)")
     args = parser.parse_args()
+    trees = [os.path.abspath(t) for t in args.trees.split(",")] if args.trees else [""]
     with Servers() as servers:
         empty = os.path.join(servers.dir, "empty-data")
-        _, baseline, baseline_cpu = start(servers, "aiobus-empty", empty)
+        _, baseline, baseline_cpu = start(servers, "aiobus-empty", empty, trees[0])
         kill(servers, "aiobus-empty")
         data = os.path.join(servers.dir, "data")
-        path, _, _ = start(servers, "aiobus-fill", data)
+        path, _, _ = start(servers, "aiobus-fill", data, trees[0])
         began = time.monotonic()
         filled = uvloop.run(fill(path, args.messages, args.size))
         fill_seconds = time.monotonic() - began
@@ -97,28 +107,33 @@ def main() -> int:
               f" {filled_rss / 2**20:.0f} MiB; killed (SIGKILL)")
         print(f"start-up with an empty data directory: {baseline:.2f} s to accept"
               f" ({baseline_cpu:.2f} s CPU)")
-        accepts, cpus, logged = [], [], []
-        for i in range(1, args.restarts + 1):
-            name = f"aiobus-restart{i}"
-            path, accept, cpu = start(servers, name, data)
+        accepts: dict[str, list[float]] = {tree: [] for tree in trees}
+        cpus: dict[str, list[float]] = {tree: [] for tree in trees}
+        logged: dict[str, list[float]] = {tree: [] for tree in trees}
+        for i, tree in ((i, tree) for i in range(1, args.restarts + 1) for tree in trees):
+            name = f"aiobus-restart{i}-{trees.index(tree)}"
+            path, accept, cpu = start(servers, name, data, tree)
             count = uvloop.run(held(path))
             rss = rss_bytes(servers.pid(name))
             kill(servers, name)
             line = RECOVERED.search(Path(servers.dir, f"{name}.log").read_bytes())
             seconds = float(line.group(4)) if line else float("nan")
-            accepts.append(accept)
-            cpus.append(cpu)
-            logged.append(seconds)
+            accepts[tree].append(accept)
+            cpus[tree].append(cpu)
+            logged[tree].append(seconds)
             got = f"{int(line.group(2)):,}" if line else "?"
-            print(f"restart {i}: socket accepts after {accept:.2f} s ({cpu:.2f} s CPU);"
+            print(f"restart {i}{f' {tree}' if tree else ''}: socket accepts after"
+                  f" {accept:.2f} s ({cpu:.2f} s CPU);"
                   f" log: recovered {got} messages in {seconds:.2f} s;"
                   f" STATS ready {count:,}; RSS {rss / 2**20:.0f} MiB")
             if count != filled["held"]:
                 print(f"MISMATCH: {count:,} recovered, {filled['held']:,} were queued")
                 return 1
-        print(f"median of {args.restarts}: {statistics.median(accepts):.2f} s to accept"
-              f" ({statistics.median(cpus):.2f} s CPU), {statistics.median(logged):.2f} s"
-              " of journal replay (log)")
+        for tree in trees:
+            print(f"{tree + ': ' if tree else ''}median of {args.restarts}:"
+                  f" {statistics.median(accepts[tree]):.2f} s to accept"
+                  f" ({statistics.median(cpus[tree]):.2f} s CPU),"
+                  f" {statistics.median(logged[tree]):.2f} s of journal replay (log)")
     return 0
 
 

@@ -103,10 +103,14 @@ class Servers:
     def pid(self, name: str) -> int:
         return self.procs[name].pid
 
-    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+    def _spawn(self, name: str, argv: list[str], tree: str = "") -> subprocess.Popen[bytes]:
+        """Start ``argv``; with ``tree``, that source tree first on its ``PYTHONPATH``
+        and as its working directory (to run another checkout's aiobus)."""
         log = open(os.path.join(self.dir, f"{name}.log"), "ab")
+        env = {**os.environ, "PYTHONPATH": tree} if tree else None
         with log:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                    env=env, cwd=tree or None)
         self.procs[name] = proc
         return proc
 
@@ -185,15 +189,16 @@ class Servers:
         raise RuntimeError(f"rabbitmq-server not ready on port {port}")
 
     def start_aiobus(self, name: str = "aiobus", *, fsync: str = "",
-                     data_dir: str = "") -> str:  # fmt: skip
+                     data_dir: str = "", tree: str = "") -> str:  # fmt: skip
         """The broker, its data directory `<temp dir>/<name>-data` unless `data_dir` is
-        given. With `fsync` (always, batch, never) it is one of W3's durable brokers."""
+        given. With `fsync` (always, batch, never) it is one of W3's durable brokers;
+        with `tree`, the aiobus of that source tree (`_spawn`)."""
         path = self.path("aiobus")
         argv = [sys.executable, "-m", "aiobus.cli.broker", "--socket", path,
                 "--data-dir", data_dir or os.path.join(self.dir, f"{name}-data")]
         if fsync:
             argv += ["--fsync", fsync]
-        proc = self._spawn(name, argv)
+        proc = self._spawn(name, argv, tree)
         _wait_unix(path, proc, time.monotonic() + 60)  # a big journal replays first
         if fsync:
             self.aiobus_durable[fsync] = path
