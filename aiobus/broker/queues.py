@@ -662,6 +662,8 @@ class QueueRouter:
         return [(mid, at + wall) for mid, at in queue.dedup.entries()]
 
     def _check_journal(self, queue: Queue) -> None:
+        """Raise while the journal cannot be written (callers test ``journal_error``
+        first: this runs per durable SEND)."""
         if self.journal_error is not None:
             raise JournalError(
                 f"queue {shown(queue.name)} is durable and the journal cannot be written"
@@ -688,8 +690,8 @@ class QueueRouter:
             if not self.dedup_size:  # deduplication is off: a SEND like any other
                 prefix = None
             else:
-                if queue.journal is not None:  # a duplicate is refused as the original
-                    self._check_journal(queue)
+                if queue.journal is not None and self.journal_error is not None:
+                    self._check_journal(queue)  # a duplicate is refused as the original
                 window = queue.dedup
                 if window is None:
                     window = queue.dedup = DedupWindow(self.dedup_window, self.dedup_size)
@@ -744,7 +746,8 @@ class QueueRouter:
             consumer.queued = False  # a stale entry (see Queue.available): the long way
             queue.stale_available -= 1
         if queue.journal is not None:
-            self._check_journal(queue)
+            if self.journal_error is not None:
+                self._check_journal(queue)
             if rid:  # confirmed only if this turn's records reach the journal
                 self.journaled_confirms.add(conn)
         mid = None if prefix is None else prefix + str(seq)
