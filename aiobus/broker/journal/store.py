@@ -26,7 +26,10 @@ retries them. If the truncate fails too, every write raises until it succeeds: t
 never holds a half record that later records follow.
 
 Compaction. Each live message is *owned* by the segment holding its Sent record;
-``_owner`` maps qid -> seq -> ``segment << 32 | record bytes``. A prefix of sealed
+``_owner`` maps qid -> seq -> ``segment << 32 | record bytes``, plus ``_FLYING`` (bit 31:
+a record is at most 256 MiB) while a delivery of it is outstanding, which is what a copy
+must repeat; one int per message, where a set of (qid, seq) tuples made two objects per
+delivery on the hot path. A prefix of sealed
 segments that owns no live message is deleted on :meth:`sync` (a later segment's
 removal records can only concern earlier segments, so only prefixes may go). While the
 journal is larger than ``2 * live bytes + 2 * segment_size`` (the bound), :meth:`compact`
@@ -89,8 +92,12 @@ class _State:
     # (qid, seq) -> what compaction must fold into a copy: failures, due, last reason and
     # consumer. Only for messages that failed (or were sent with failures, a DLQ's).
     failed: dict[tuple[int, int], _Failure] = field(default_factory=dict)
-    in_flight: set[tuple[int, int]] = field(default_factory=set)
     next_qid: int = 1
+
+
+# An owner entry: segment << 32 | _FLYING (delivered, not answered) | the Sent's size.
+_FLYING = 1 << 31
+_SIZE = _FLYING - 1
 
 
 class Journal:
@@ -162,8 +169,12 @@ class Journal:
 
     def delivered(self, queue: str, seq: int) -> None:
         """A delivery attempt started (a lease was granted)."""
-        qid = self._s.qids[queue]
-        self._s.in_flight.add((qid, seq))
+        s = self._s
+        qid = s.qids[queue]
+        owners = s.owner[qid]
+        entry = owners.get(seq)
+        if entry is not None:
+            owners[seq] = entry | _FLYING
         r.append_delivered(self._buffer, qid, seq)
 
     def failed(self, queue: str, seq: int, failures: int, due: float | None, *,
@@ -172,7 +183,10 @@ class Journal:
         and the message's last failure (its reason text, the consumer's (pid, uid)).
         Also a release (no attempt counted: the same count and details again)."""
         qid = self._s.qids[queue]
-        self._s.in_flight.discard((qid, seq))
+        owners = self._s.owner[qid]
+        entry = owners.get(seq)
+        if entry is not None:
+            owners[seq] = entry & ~_FLYING
         self._s.failed[qid, seq] = (failures, due, reason, consumer)
         self._append(r.encode_failed(qid, seq, failures, due, reason, consumer))
 
@@ -185,17 +199,16 @@ class Journal:
             segment = self._by_number.get(entry >> 32)
             if segment is not None:
                 segment.live -= 1
-                segment.live_bytes -= entry & 0xFFFFFFFF
+                segment.live_bytes -= entry & _SIZE
             if s.failed:
                 s.failed.pop((qid, seq), None)
-            s.in_flight.discard((qid, seq))
         r.append_removed(self._buffer, qid, seq, reason)
 
     def purged(self, queue: str) -> None:
         """Every message of ``queue`` not out for delivery was discarded."""
         qid = self._s.qids[queue]
-        for seq in list(self._s.owner[qid]):
-            if (qid, seq) not in self._s.in_flight:
+        for seq, entry in list(self._s.owner[qid].items()):
+            if not entry & _FLYING:
                 self._disown(qid, seq)
         self._append(r.encode_purged(qid))
 
@@ -223,10 +236,12 @@ class Journal:
 
     def _own(self, qid: int, seq: int, size: int) -> None:
         owners = self._s.owner[qid]
+        flying = 0
         if seq in owners:
+            flying = owners[seq] & _FLYING  # a copy: still out for delivery if it was
             self._disown(qid, seq, forget=False)
         segment = self._segments[-1]
-        owners[seq] = segment.number << 32 | size
+        owners[seq] = segment.number << 32 | flying | size
         segment.live += 1
         segment.live_bytes += size
 
@@ -237,10 +252,9 @@ class Journal:
         segment = self._by_number.get(entry >> 32)
         if segment is not None:
             segment.live -= 1
-            segment.live_bytes -= entry & 0xFFFFFFFF
+            segment.live_bytes -= entry & _SIZE
         if forget:
             self._s.failed.pop((qid, seq), None)
-            self._s.in_flight.discard((qid, seq))
 
     def _add_segment(self, segment: _Segment) -> None:
         self._segments.append(segment)
@@ -359,7 +373,7 @@ class Journal:
                                  record.expires, due, reason, consumer, None)
             self._own(record.qid, record.seq, len(data))
             self._append(data)
-            if key in s.in_flight:
+            if entry & _FLYING:
                 self._append(r.encode_delivered(*key))
             copied += 1
         return copied
@@ -490,7 +504,7 @@ class Journal:
                     number, live, live_bytes = entry >> 32, 0, 0
                     segment = by_number[number]
                 live += 1
-                live_bytes += entry & 0xFFFFFFFF
+                live_bytes += entry & _SIZE
             if segment is not None:
                 segment.live += live
                 segment.live_bytes += live_bytes
