@@ -17,6 +17,10 @@ answers every message with:
 - ``ack_confirm``: ``await msg.ack(confirm=True)`` (one ACK and one OK per loop turn: the
   broker's fixed cost per turn; not in trees before ``confirm`` existed).
 
+A mode with the suffix ``:durable`` (``ack_nowait:durable``) runs on a durable queue of the
+same broker instead, journaled with ``--fsync`` (default ``batch``): in-memory and durable
+rows of one run, each tree against the others, as W3's durable rows (``--window 256``).
+
 Runs alternate tree by tree and mode by mode (the machine is shared and noisy), and the
 table gives medians and each tree's ratio to the first tree within this one run. Broker
 CPU is its user+system time (``/proc/<pid>/stat``) from GO to the consumer's last
@@ -60,19 +64,22 @@ async def _wait_go() -> None:
         raise SystemExit("expected GO")
 
 
-async def child(role: str, mode: str, path: str, n: int, size: int) -> str:
+async def child(role: str, mode: str, path: str, n: int, size: int,
+                window_size: int = WINDOW) -> str:  # fmt: skip
     import aiobus
 
     body = os.urandom(size)
+    mode, durable = mode.removesuffix(":durable"), mode.endswith(":durable")
+    queue = QUEUE + ".durable" if durable else QUEUE
     async with aiobus.connect(path) as bus:
-        await bus.declare_queue(QUEUE)
+        await bus.declare_queue(queue, durable=durable)
         if role == "producer":
             await _wait_go()
             first = time.monotonic_ns()
             window: collections.deque[asyncio.Future[None]] = collections.deque()
             for _ in range(n):
-                window.append(bus.send_nowait(QUEUE, body))
-                if len(window) >= WINDOW:
+                window.append(bus.send_nowait(queue, body))
+                if len(window) >= window_size:
                     await window.popleft()
             for fut in window:
                 await fut
@@ -80,7 +87,7 @@ async def child(role: str, mode: str, path: str, n: int, size: int) -> str:
         count = last = 0
         await _wait_go()
         cpu = time.process_time()
-        async for msg in bus.consume(QUEUE, prefetch=PREFETCH):
+        async for msg in bus.consume(queue, prefetch=PREFETCH):
             if mode == "process":
                 async with msg.process():
                     count += 1
@@ -145,9 +152,10 @@ def start_broker(tree: str, path: str, profile: str | None = None,
 
 
 def measure(tree: str, broker: int, mode: str, path: str, n: int, size: int,
-            profile: str | None = None) -> tuple[float, float, float]:  # fmt: skip
+            profile: str | None = None, window: int = WINDOW) -> tuple[float, float, float]:
     """One run; returns (messages per second, broker and consumer CPU µs per message)."""
-    common = ["--mode", mode, "--socket", path, "--messages", str(n), "--size", str(size)]
+    common = ["--mode", mode, "--socket", path, "--messages", str(n), "--size", str(size),
+              "--window", str(window)]
     script = os.path.abspath(__file__)
     deadline = time.monotonic() + TIMEOUT
     procs = [_spawn(tree, [script, "--child", "consumer", *common], profile)]
@@ -186,6 +194,10 @@ def main() -> int:
     parser.add_argument("--messages", type=int, default=50_000)
     parser.add_argument("--size", type=int, default=128, help="body bytes")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--window", type=int, default=WINDOW,
+                        help="confirmed sends in flight (W3's durable rows: 256)")
+    parser.add_argument("--fsync", default="batch", choices=["always", "batch", "never"],
+                        help="the brokers' --fsync, for the ':durable' modes")
     parser.add_argument("--broker-args", default="", metavar="ARGS",
                         help="more aiobus-broker options for the broker of each tree after"
                              " the first, e.g. '--dedup-size 0'")
@@ -202,8 +214,8 @@ def main() -> int:
             run = uvloop.run
         except ImportError:
             run = asyncio.run
-        print(run(child(args.child, args.mode, args.socket, args.messages, args.size)),
-              flush=True)  # fmt: skip
+        print(run(child(args.child, args.mode, args.socket, args.messages, args.size,
+                        args.window)), flush=True)  # fmt: skip
         return 0
 
     trees = args.trees.split(",")
@@ -225,22 +237,24 @@ def main() -> int:
             brokers[tree] = start_broker(
                 broker_tree, path,
                 profiles[tree].format("broker") + ".prof" if profiles else None,
-                args.broker_args.split() if i else None), path
+                ["--fsync", args.fsync, *(args.broker_args.split() if i else [])]), path
         for _ in range(args.repeats):
             for mode in modes:
                 for tree in trees:
                     broker, path = brokers[tree]
-                    profile = (profiles[tree].format("consumer") + f"-{mode}.prof"
-                               if profiles else None)
+                    profile = (profiles[tree].format("consumer")
+                               + f"-{mode.replace(':', '-')}.prof" if profiles else None)
                     results[tree, mode].append(measure(tree.split("+")[-1], broker.pid, mode,
-                                                       path, args.messages, args.size, profile))
+                                                       path, args.messages, args.size, profile,
+                                                       args.window))
     finally:
         for broker, _ in brokers.values():
             _stop(broker)
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"{args.messages:,} messages of {args.size} B, {WINDOW} confirmed sends in flight,"
-          f" prefetch {PREFETCH}, median of {args.repeats}")
-    print(f"{'tree':<24} {'mode':<11} {'msgs/s':>9} {'min-max':>15} {'vs tree 1':>10}"
+    print(f"{args.messages:,} messages of {args.size} B, {args.window} confirmed sends in"
+          f" flight, prefetch {PREFETCH}, median of {args.repeats}; durable: --fsync"
+          f" {args.fsync}")
+    print(f"{'tree':<24} {'mode':<19} {'msgs/s':>9} {'min-max':>15} {'vs tree 1':>10}"
           f" {'broker µs/msg':>14} {'(min-max)':>11} {'consumer µs/msg':>16}")
     for mode in modes:
         base = statistics.median(r[0] for r in results[trees[0], mode])
@@ -255,7 +269,7 @@ def main() -> int:
             rate = statistics.median(rates)
             spread = f"{min(rates) / 1000:.1f}k-{max(rates) / 1000:.1f}k"
             label = "+".join(os.path.basename(t) for t in tree.split("+"))
-            print(f"{label:<24} {mode:<11} {rate:>9,.0f} {spread:>15}"
+            print(f"{label:<24} {mode:<19} {rate:>9,.0f} {spread:>15}"
                   f" {rate / base:>9.2f}x {broker_cpu:>14.1f} {broker_spread:>11}"
                   f" {consumer_cpu:>16.1f}")
     return 0
