@@ -189,8 +189,23 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
                                               reason="NATS: " + nats_cases.XFAIL[name]))
 
 
+# For a test that takes ``bus`` but speaks the aiobus wire protocol (raw frames) to the
+# broker's socket, or depends on the broker process itself: it is not a behaviour of
+# ``Bus`` that a NATS backend could have, so its ``[nats]`` case is not collected at all
+# (rather than counted as skipped). The parametrisation overrides the fixture's params.
+unix_only = pytest.mark.parametrize("bus", ["unix"], indirect=True)
+
+
 def backend_of(bus: aiobus.Bus) -> str:
     return "nats" if bus.path.startswith("nats://") else "unix"
+
+
+def crash_settings(bus: aiobus.Bus) -> dict[str, Any]:
+    """``declare_queue`` settings for a test that kills a consumer holding leases. The
+    local broker gives its messages back as soon as the connection drops; on NATS they
+    come back once AckWait, the queue's ``ack_timeout`` (30 s by default), has run out
+    (docs/nats.md), so there the test's queue gets a short one."""
+    return {"ack_timeout": 2.0} if backend_of(bus) == "nats" else {}
 
 
 # -- client processes ---------------------------------------------------------------

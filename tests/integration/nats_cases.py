@@ -77,26 +77,4 @@ SKIP: dict[str, str] = {
         "timing: the client times a lease from its receipt of the message, so on a"
         " loaded machine the server may redeliver before the client's deadline and a"
         " late ack is then taken (test_nats.py pins lease-expired with a margin)"),
-    "test_kill_9_of_consumer_redelivers_all_unacked_with_next_attempt": ACKWAIT,
-    "test_nothing_is_lost_when_consumers_are_killed": ACKWAIT,
-    "test_worker_killed_with_five_consumers_counts_one_attempt": ACKWAIT,
-    "test_a_burst_reaches_a_subscriber_in_events_frames_in_order": WIRE,
-    "test_events_keep_their_place_among_other_frames": WIRE,
-    "test_a_parked_send_is_not_covered_by_a_range": WIRE,
-    "test_a_send_parked_on_a_deleted_queue_fails": WIRE + " (and " + BLOCK + ")",
-    "test_peer_vanishing_mid_frame": WIRE,
-    "test_request_errors_do_not_close_the_connection": WIRE,
-    "test_sys_topics_cannot_be_forged_even_once_cached": WIRE,
-    "test_undecodable_body_raises_on_access_and_the_consumer_carries_on": WIRE,
-    "test_options_anywhere_and_python_dash_m": CLI,
-    "test_send_lines_keeps_sends_in_flight_and_shows_progress_on_a_terminal": CLI,
-    "test_dlq_requeue_keeps_sends_in_flight_and_shows_progress_on_a_terminal": CLI,
-    "test_publish_and_listen": CLI,
-    "test_long_running_commands_end_cleanly_on_signals": CLI,
-    "test_fifo_in_and_signal_out": CLI,
-    "test_fifo_out_acks_only_what_a_reader_got": CLI,
-    "test_fifo_in_dead_letters_oversize_records_where_told": CLI,
-    "test_sigterm_mid_record_finishes_it_and_acks": "runs aiobus fifo-out on the broker's socket",
-    "test_sigterm_with_a_stuck_reader_gives_up_and_does_not_ack": (
-        "runs aiobus fifo-out on the broker's socket"),
 }

@@ -15,7 +15,7 @@ import pytest
 import aiobus
 from aiobus.protocol import PROTOCOL_VERSION, Op
 
-from .conftest import BrokerProcess, queue_stats, rss, wait_until
+from .conftest import BrokerProcess, queue_stats, rss, unix_only, wait_until
 
 pytestmark = pytest.mark.asyncio
 
@@ -72,6 +72,7 @@ BAD_FRAMES = [
 
 @pytest.mark.parametrize("payload,code", [b[1:] for b in BAD_FRAMES],
                          ids=[b[0] for b in BAD_FRAMES])
+@unix_only  # raw frames to the broker's socket: the wire protocol, not Bus
 async def test_bad_frame_closes_only_the_offender(broker: BrokerProcess, bus: aiobus.Bus,
                                                   payload: bytes, code: str) -> None:
     # Another client is mid-work: one message ready, one leased to its consumer.
@@ -120,6 +121,7 @@ async def test_handshake_timeout(broker_factory: Any) -> None:
     assert close_code(frames) == "handshake-timeout"
 
 
+@unix_only  # raw frames to the broker's socket: the wire protocol, not Bus
 async def test_peer_vanishing_mid_frame(broker: BrokerProcess, bus: aiobus.Bus) -> None:
     await bus.send("keep", 1)
     frame = msgpack.packb([Op.SEND, 1, "keep", b"y" * 1000, 0, None, None, None])
@@ -137,6 +139,7 @@ async def test_peer_vanishing_mid_frame(broker: BrokerProcess, bus: aiobus.Bus) 
     assert stats["ready"] == 1  # the truncated sends were never accepted; the old one stays
 
 
+@unix_only  # raw frames to the broker's socket: the wire protocol, not Bus
 async def test_request_errors_do_not_close_the_connection(bus: aiobus.Bus) -> None:
     with pytest.raises(aiobus.InvalidName):
         await bus._backend._call([Op.SEND, 0, "bad..name", b"", 0, None, None, None])
@@ -169,6 +172,7 @@ async def raw_until_ok(path: str, frames: list[list[Any]], rid: int) -> list[Any
     return got
 
 
+@unix_only  # raw frames to the broker's socket: the wire protocol, not Bus
 async def test_sys_topics_cannot_be_forged_even_once_cached(broker: BrokerProcess,
                                                             bus: aiobus.Bus) -> None:
     async with bus.subscribe("$sys.>") as watcher:
@@ -207,6 +211,7 @@ async def test_max_frame_bounds_the_whole_frame(broker_factory: Any) -> None:
     assert close_code(await raw_exchange(broker.path, frame)) == "frame-too-large"
 
 
+@unix_only  # raw frames to the broker's socket: the wire protocol, not Bus
 async def test_undecodable_body_raises_on_access_and_the_consumer_carries_on(
     broker: BrokerProcess, bus: aiobus.Bus
 ) -> None:
@@ -229,6 +234,7 @@ async def test_undecodable_body_raises_on_access_and_the_consumer_carries_on(
     assert stats["ready"] == 1
 
 
+@unix_only  # raw frames to the broker's socket: the wire protocol, not Bus
 async def test_a_client_that_never_reads_its_answers_is_not_buffered_for(
     broker: BrokerProcess, bus: aiobus.Bus
 ) -> None:

@@ -13,7 +13,7 @@ import pytest
 
 import aiobus
 
-from .conftest import queue_stats, wait_until
+from .conftest import crash_settings, queue_stats, wait_until
 
 pytestmark = pytest.mark.asyncio
 
@@ -133,6 +133,7 @@ async def test_prefetch_bounds_unacked_per_consumer(bus: aiobus.Bus, spawn_clien
 async def test_kill_9_of_consumer_redelivers_all_unacked_with_next_attempt(
     bus: aiobus.Bus, spawn_client: Any
 ) -> None:
+    await bus.declare_queue("crash", **crash_settings(bus))
     for i in range(10):
         await bus.send("crash", i)
     holder = await spawn_client(HOLDER.format(queue="crash", prefetch=10, hold=10))
