@@ -613,10 +613,9 @@ class NatsBackend(Queues, Consuming):
         return await collect(self, options or {})
 
     async def peek(self, queue: str, options: dict[str, Any]) -> dict[str, Any]:
-        """Not on NATS yet (browsing a stream would be JetStream's direct get by
-        sequence): says so, rather than consuming to look."""
-        raise BusError("peek (browsing a queue without consuming it) is not available on"
-                       " the NATS backend yet; it needs the local broker", code="unsupported")
+        from .nats_stats import peek
+
+        return await peek(self, queue, options)
 
     async def ping(self) -> None:
         """A round trip to the server, after which what this client wrote before has

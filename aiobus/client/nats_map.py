@@ -18,6 +18,8 @@ does not need a socket or a clock is here, so that unit tests check it with no s
 
 from __future__ import annotations
 
+import base64
+import calendar
 import json
 from typing import Any, Final
 from urllib.parse import parse_qs, urlsplit
@@ -30,8 +32,9 @@ __all__ = [
     "check_mismatch", "check_seconds", "check_supported", "consumer_config",
     "dead_letter_headers", "decode_headers", "encode_headers", "is_temporary", "nak_delay",
     "no_such_queue",
-    "parse_ack_subject", "parse_raw_headers", "parse_url", "queue_stats",
-    "schedule_headers", "settings_from_metadata", "stream_config", "ttl_header",
+    "parse_ack_subject", "parse_raw_headers", "parse_url", "peeked_entry", "queue_stats",
+    "schedule_headers", "settings_from_metadata", "stored_time", "stream_config",
+    "ttl_header",
 ]
 
 DEFAULT_NAMESPACE: Final = "aiobus"
@@ -302,6 +305,35 @@ def dead_letter_headers(headers: dict[str, str] | None, *, queue: str, reason: s
         out["x-consumer-pid"] = str(consumer[0])
         out["x-consumer-uid"] = str(consumer[1])
     return out
+
+
+def stored_time(value: str | None) -> float:
+    """Epoch seconds of a stored message's ``time`` (RFC 3339 with nanoseconds, as
+    ``STREAM.MSG.GET`` gives it); 0.0 if absent or unreadable."""
+    if not value:
+        return 0.0
+    head, dot, rest = value.rstrip("Z").partition(".")
+    try:
+        day, _, clock = head.partition("T")
+        fields = [int(part) for part in (*day.split("-"), *clock.split(":"))]
+        whole = calendar.timegm((*fields, 0, 0, 0))
+    except (ValueError, TypeError):
+        return 0.0
+    digits = "".join(ch for ch in rest if ch.isdigit())
+    return whole + (int(digits[:9].ljust(9, "0")) / 1e9 if dot and digits else 0)
+
+
+def peeked_entry(queue: str, stream: str, stored: dict[str, Any], max_body: int
+                 ) -> list[Any]:
+    """A PEEK entry, ``[[id, queue, body cut to max_body, kind, headers, timestamp],
+    size]`` (the local broker's, ``broker/browse.py``), from a ``STREAM.MSG.GET``
+    answer's ``message`` (base64 ``data`` and ``hdrs``)."""
+    data = base64.b64decode(stored.get("data") or "")
+    headers = parse_raw_headers(base64.b64decode(stored.get("hdrs") or ""))
+    user, kind, mid, _ = decode_headers(headers)
+    message = [mid or f"{stream}:{stored.get('seq')}", queue, data[:max_body], kind,
+               user or {}, stored_time(stored.get("time"))]
+    return [message, len(data)]
 
 
 def is_temporary(puback: bytes) -> bool:

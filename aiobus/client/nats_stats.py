@@ -1,8 +1,19 @@
-"""``bus.stats()`` on NATS: the local broker's shape (``broker/core.py`` ``stats``) from
-JetStream stream and consumer info; the mapping of each field is ``nats_map.queue_stats``.
+"""Reading a queue's state on NATS without changing it: ``bus.stats()`` in the local
+broker's shape (``broker/core.py`` ``stats``) from JetStream stream and consumer info (the
+mapping of each field is ``nats_map.queue_stats``), and ``bus.peek()`` from the stream's
+stored messages.
 
 Kept apart from the backend so that it can follow the typed statistics model when that
 replaces the dict.
+
+PEEK reads stored messages with ``STREAM.MSG.GET`` (``next_by_subj``: the first message
+at or after a sequence on the queue's subject, so delayed sends, stored on their schedule
+subjects, and interior gaps are skipped), never through the consumer, so nothing is
+delivered, leased or counted. The ready messages are those after the shared consumer's
+delivered stream sequence (its ``num_pending``, which ``stats()`` calls ``ready``); a
+message given back sits before it, ack-pending until delivered again, and is ``unacked``
+on NATS (docs/nats.md). One request per message read: O(offset + limit), as the local
+broker's walk; finding an id reads the ready messages until it turns up.
 """
 
 from __future__ import annotations
@@ -11,16 +22,18 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
-from ..errors import InvalidOption
+from ..broker.browse import check_peek
+from ..errors import BusError, InvalidOption, shown
 from ..names import check_pattern, matches
 from . import nats_map as nm
 
 if TYPE_CHECKING:
     from .nats import NatsBackend
 
-__all__ = ["collect"]
+__all__ = ["collect", "peek"]
 
 _DEFAULT_LIMIT = 10_000
+_ERR_NO_MESSAGE = 10037  # STREAM.MSG.GET: no message at or after that sequence
 
 
 async def collect(backend: NatsBackend, options: dict[str, Any]) -> dict[str, Any]:
@@ -82,3 +95,45 @@ async def collect(backend: NatsBackend, options: dict[str, Any]) -> dict[str, An
         "connections_total": None,
         "journal": None,
     }
+
+
+async def peek(backend: NatsBackend, queue: str, options: dict[str, Any]) -> dict[str, Any]:
+    """PEEK's result (``broker/browse.py`` ``peek``) for ``queue``: see the module
+    docstring.
+
+    Raises:
+        NoSuchQueue: the queue's stream does not exist (none is created).
+        InvalidOption: a bad option, as the local broker names it.
+    """
+    offset, limit, max_body, wanted = check_peek(options)
+    ns = backend.ns
+    stream = ns.stream(queue)
+    info = await backend._api("STREAM.INFO." + stream)
+    if "error" in info:
+        raise nm.no_such_queue(queue)
+    found = await backend._api(f"CONSUMER.INFO.{stream}.{nm.CONSUMER}")
+    consumer = None if "error" in found else found
+    ready = nm.queue_stats(info, consumer, nm.settings_from_metadata(queue, None)[0])["ready"]
+    seq = 1 + (int(consumer["delivered"]["stream_seq"]) if consumer is not None else 0)
+    subject = ns.queue_subject(queue)
+    messages: list[list[Any]] = []
+    position = 0
+    while len(messages) < limit and position < ready:
+        got = await backend._api(f"STREAM.MSG.GET.{stream}",
+                                 {"seq": seq, "next_by_subj": subject})
+        stored = got.get("message")
+        if stored is None:
+            if got.get("error", {}).get("err_code") != _ERR_NO_MESSAGE:
+                raise BusError(f"NATS refused to read queue {shown(queue)}:"
+                               f" {got.get('error', {}).get('description')}")
+            break
+        seq = int(stored["seq"]) + 1
+        if wanted is not None:
+            entry = nm.peeked_entry(queue, stream, stored, max_body)
+            if entry[0][0] == wanted:
+                messages.append(entry)
+                break
+        elif position >= offset:
+            messages.append(nm.peeked_entry(queue, stream, stored, max_body))
+        position += 1
+    return {"messages": messages, "ready": ready, "offset": offset}

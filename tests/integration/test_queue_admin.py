@@ -232,3 +232,34 @@ async def test_consume_with_create_false_reads_only_an_existing_queue(
             (msg,) = await take(consumer, 1)
             assert msg.body == "two"
             await msg.ack()
+
+
+async def test_peek_reads_ready_messages_and_changes_nothing(bus: aiobus.Bus) -> None:
+    with pytest.raises(aiobus.NoSuchQueue):
+        await bus.peek("never-used")
+    assert "never-used" not in (await bus.stats())["queues"]  # peeking created nothing
+    for i in range(5):
+        await bus.send("browse", {"i": i} if i != 3 else b"x" * 100, headers={"n": str(i)})
+    async with bus.consume("browse", prefetch=1) as consumer:
+        (held,) = await take(consumer, 1)  # leased: not ready, so not shown
+        page = await bus.peek("browse", offset=1, limit=2, max_body=10)
+        assert page.ready == 4 and page.offset == 1
+        assert [(m.headers, m.queue) for m in page.messages] == [
+            ({"n": "2"}, "browse"), ({"n": "3"}, "browse")]
+        assert page.messages[0].body == {"i": 2} and not page.messages[0].truncated
+        cut = page.messages[1]
+        assert (cut.raw_body, cut.size, cut.truncated) == (b"x" * 10, 100, True)
+        whole = await bus.peek("browse")
+        assert [m.headers["n"] for m in whole.messages] == ["1", "2", "3", "4"]
+        wanted = whole.messages[2].id
+        assert [m.id for m in (await bus.peek("browse", id=wanted)).messages] == [wanted]
+        assert (await bus.peek("browse", id="no-such-id")).messages == []
+        stats = await queue_stats(bus, "browse")
+        assert (stats["ready"], stats["unacked"], stats["delivered"]) == (4, 1, 1)
+        await held.ack()
+        for n in range(1, 5):  # each still comes, on its first attempt
+            (msg,) = await take(consumer, 1)
+            assert (msg.headers["n"], msg.attempt) == (str(n), 1)
+            await msg.ack()
+    with pytest.raises(aiobus.InvalidOption, match="limit"):
+        await bus.peek("browse", limit=0)

@@ -3,6 +3,7 @@ of docs/nats.md's table that is decided in the client."""
 
 from __future__ import annotations
 
+import base64
 import json
 from typing import Any
 
@@ -227,3 +228,19 @@ def test_temporary_puback_errors_are_retried_refusals_are_not() -> None:
     assert nm.is_temporary(err(503, 10008, "JetStream system temporarily unavailable"))
     assert not nm.is_temporary(err(503, 10077, "maximum messages exceeded"))
     assert not nm.is_temporary(b'{"stream":"s","seq":1}')
+
+
+def test_a_stored_message_becomes_a_peek_entry() -> None:
+    assert nm.stored_time("2026-12-06T08:46:09.123456789Z") == pytest.approx(
+        1796546769.123456789)
+    assert nm.stored_time("2026-12-06T08:46:09Z") == 1796546769.0
+    assert nm.stored_time(None) == nm.stored_time("garbage") == 0.0
+    hdrs = b"NATS/1.0\r\nNats-Msg-Id: m1\r\nAiobus-Kind: 1\r\nx-dead-reason: rejected\r\n\r\n"
+    stored = {"seq": 7, "time": "2026-12-06T08:46:09Z",
+              "data": base64.b64encode(b"\x92\x01\x02").decode(),
+              "hdrs": base64.b64encode(hdrs).decode()}
+    assert nm.peeked_entry("q", "aiobus_q_q", stored, 2) == [
+        ["m1", "q", b"\x92\x01", 1, {"x-dead-reason": "rejected"}, 1796546769.0], 3]
+    bare = {"seq": 8, "data": ""}  # no headers: the id is <stream>:<seq>
+    assert nm.peeked_entry("q", "aiobus_q_q", bare, 10) == [
+        ["aiobus_q_q:8", "q", b"", 0, {}, 0.0], 0]
