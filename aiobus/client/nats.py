@@ -20,6 +20,8 @@ messages:
   ``nats_consume.py``.
 * A confirmed send whose PubAck does not come (a cluster electing a leader) is sent
   again with the same ``Nats-Msg-Id``, which the stream deduplicates.
+* Requests travel on core NATS, to the queue's consumers as a queue group
+  (``nats_requests.py``).
 * Topics are core subjects; a subscription's window (``max_pending`` in flight to the
   application plus ``max_pending`` waiting, the policy beyond) is kept in the client
   (``nats_topics.py``), credited by the stream as the local broker credits its
@@ -55,15 +57,14 @@ from ..errors import (
     ConnectionLost,
     InvalidOption,
     QueueFull,
-    RequestTimeout,
     SendTimeout,
     shown,
 )
-from ..protocol import decode_body
 from . import nats_map as nm
 from .backend import ConnectionState, StateChange, StreamTarget, state_change_stream
 from .nats_consume import Consuming, _Pull
 from .nats_queues import Queues
+from .nats_requests import Requests
 from .nats_topics import TopicWindow
 
 __all__ = ["NatsBackend"]
@@ -113,7 +114,7 @@ class _Direct:
         pass
 
 
-class NatsBackend(Queues, Consuming):
+class NatsBackend(Queues, Consuming, Requests):
     """A connection to NATS. Open with :meth:`open`."""
 
     def __init__(self, url: str, name: str | None, *, reconnect: bool = True,
@@ -366,10 +367,11 @@ class NatsBackend(Queues, Consuming):
         result: dict[str, Any] = json.loads(msg.data)
         return result
 
-    async def _subscribe(self, subject: str, handler: Callable[[Msg], None]) -> int:
-        """Subscribe with ``handler`` called in nats-py's reader (see :class:`_Direct`);
-        returns the subscription id."""
-        sub = await self._nc.subscribe(subject, pending_bytes_limit=0)
+    async def _subscribe(self, subject: str, handler: Callable[[Msg], None],
+                         group: str = "") -> int:
+        """Subscribe with ``handler`` called in nats-py's reader (see :class:`_Direct`),
+        in queue group ``group`` if given; returns the subscription id."""
+        sub = await self._nc.subscribe(subject, queue=group, pending_bytes_limit=0)
         sub._pending_queue = _Direct(handler)  # type: ignore[assignment]
         return int(sub._id)
 
@@ -386,6 +388,10 @@ class NatsBackend(Queues, Consuming):
                 queue.put_nowait(self._loop.create_future())
 
     # -- the inbox: PubAcks and replies ---------------------------------------------------
+
+    def _next_id(self) -> str:
+        """A message id unique to this client's sends and requests."""
+        return f"{self._client_id}-{next(self._seq)}"
 
     def _token(self) -> tuple[str, asyncio.Future[Any]]:
         token = f"{next(self._seq)}"
@@ -448,8 +454,8 @@ class NatsBackend(Queues, Consuming):
                               f" {timeout} s") from None
 
     async def _send(self, queue: str, data: bytes, kind: int,
-                    headers: dict[str, str] | None, ttl: float | None, delay: float | None,
-                    reply: str | None = None) -> None:
+                    headers: dict[str, str] | None, ttl: float | None, delay: float | None
+                    ) -> None:
         self._check_send(ttl, delay)
         settings = self._queues.get(queue) or await self._queue(queue)
         if ttl is None:
@@ -458,7 +464,7 @@ class NatsBackend(Queues, Consuming):
             raise InvalidOption(f"send(delay=...) to queue {shown(queue)}: on NATS a queue"
                                 " with max_length cannot hold delayed sends (JetStream"
                                 " schedules cannot use DiscardNew)")
-        mid = f"{self._client_id}-{next(self._seq)}"
+        mid = self._next_id()
         subject = self.ns.queue_subject(queue)
         nats_headers: dict[str, str] | None
         if delay:
@@ -467,7 +473,7 @@ class NatsBackend(Queues, Consuming):
                 headers, kind, mid, ttl, due.strftime("%Y-%m-%dT%H:%M:%S.%fZ"), subject)
             subject = self.ns.schedule_prefix(queue) + mid
         else:
-            nats_headers = nm.encode_headers(headers, kind, mid, ttl, reply)
+            nats_headers = nm.encode_headers(headers, kind, mid, ttl)
         await self._publish(queue, subject, data, nats_headers)
 
     async def _publish(self, queue: str, subject: str, data: bytes,
@@ -516,7 +522,7 @@ class NatsBackend(Queues, Consuming):
         settings = self._queues.get(queue)
         if settings is None or delay:
             return asyncio.ensure_future(self._send(queue, data, kind, headers, ttl, delay))
-        mid = f"{self._client_id}-{next(self._seq)}"
+        mid = self._next_id()
         inbox, fut = self._token()
         self._write(self.ns.queue_subject(queue), data, inbox,
                     nm.encode_headers(headers, kind, mid, ttl if ttl else settings.ttl))
@@ -546,7 +552,7 @@ class NatsBackend(Queues, Consuming):
         if settings is None or delay:
             self._spawn(self._send(queue, data, kind, headers, ttl, delay))
             return
-        mid = f"{self._client_id}-{next(self._seq)}"
+        mid = self._next_id()
         # The PubAck comes back to one shared token: counted, so that ping() can wait
         # for all of them, and a refusal counts in async_errors.
         self._unconfirmed += 1
@@ -558,23 +564,6 @@ class NatsBackend(Queues, Consuming):
         self._published += 1
         self._write(self.ns.topic_prefix + topic, data, "",
                     nm.encode_headers(headers, kind, None, None) if headers or kind else None)
-
-    async def request(self, queue: str, data: bytes, kind: int,
-                      headers: dict[str, str] | None, timeout: float) -> Any:
-        inbox, reply = self._token()
-        token = inbox[len(self._inbox) + 1:]
-        try:
-            async with asyncio.timeout(timeout):
-                await self._send(queue, data, kind, headers, timeout, None, reply=inbox)
-                msg: Msg = await reply
-        except TimeoutError:
-            raise RequestTimeout(
-                f"no reply from queue {queue!r} within {timeout} s; is a consumer running?"
-            ) from None
-        finally:
-            self._waiters.pop(token, None)
-        _, body_kind, _, _ = nm.decode_headers(msg.headers)
-        return decode_body(msg.data, body_kind)
 
     # -- receiving: topics ----------------------------------------------------------------
 

@@ -101,6 +101,7 @@ class _Pull:
         self.target = target
         self.inbox = ""
         self.sid = 0
+        self.request_sid = 0  # its subscription to the queue's requests (nats_requests)
         self.unacked = 0
         self.outstanding = 0
         self.heard = 0.0  # monotonic time of the last request, message or status
@@ -135,7 +136,10 @@ class Consuming:
         def _puback(self, queue: str, msg: Msg) -> None: ...
         def _spawn(self, coro: Any) -> None: ...
         def _unsubscribe(self, sid: int) -> None: ...
-        async def _subscribe(self, subject: str, handler: Callable[[Msg], None]) -> int: ...
+        async def _subscribe(self, subject: str, handler: Callable[[Msg], None],
+                             group: str = "") -> int: ...
+        async def _respond(self, pull: _Pull) -> None: ...
+        def _give_back(self, lease: _Lease, attempt: int, delay: float) -> None: ...
 
     async def consume(self, queue: str, prefetch: int, target: StreamTarget,
                       create: bool = True) -> None:
@@ -152,6 +156,7 @@ class Consuming:
         # interest in the pull requests of a stopped consumer, which the server honours
         pull.sid = await self._subscribe(pull.inbox, functools.partial(self._on_delivery, pull))
         self._pulls[pull.sid] = pull
+        await self._respond(pull)
         target._handle = pull
         self._pull(pull)
 
@@ -295,11 +300,16 @@ class Consuming:
         pull.stopped = True
         self._pulls.pop(pull.sid, None)
         self._unsubscribe(pull.sid)
+        if pull.request_sid:
+            self._unsubscribe(pull.request_sid)
         if self._error is None:
             for lease in pull.leases:  # released: another consumer gets them now
                 if not lease.settled:
                     lease.settled = True
-                    self._write(lease.ack, b"-NAK")
+                    if lease.ack:
+                        self._write(lease.ack, b"-NAK")
+                    else:  # a request: to another responder, same attempt
+                        self._give_back(lease, lease.attempt, 0.0)
         pull.leases.clear()
 
     # -- leases ---------------------------------------------------------------------------
@@ -336,6 +346,8 @@ class Consuming:
         if error is not None:
             self._refused(lease, error)
             return
+        if not lease.ack:
+            return  # a request answered without a reply: its requester times out
         self._write(lease.ack, b"+ACK")
         self._last_acked[lease.pull.stream] = lease.ack
         self._answered[lease.pull.stream] = lease.ack
@@ -349,6 +361,9 @@ class Consuming:
             return
         if outcome == "ack":
             self.ack_nowait(lease)
+        elif not lease.ack:
+            self._take(lease)
+            self._settle_request(lease, outcome, delay)
         elif self._to_dead_letter(lease, outcome):
             self._take(lease)
             self._spawn(self._dead_letter(lease, _dead_reason(outcome), lease.attempt, reason))
@@ -364,12 +379,21 @@ class Consuming:
             self._take(lease)
             raise error
         self._take(lease)
-        if outcome == "ack":
+        if not lease.ack:
+            self._settle_request(lease, outcome, delay)  # nothing to confirm: no server lease
+        elif outcome == "ack":
             await self._lease_request(lease, b"+ACK")
         elif self._to_dead_letter(lease, outcome):
             await self._dead_letter(lease, _dead_reason(outcome), lease.attempt, reason)
         else:
             await self._lease_request(lease, self._nak(lease, delay))
+
+    def _settle_request(self, lease: _Lease, outcome: Outcome, delay: float | None) -> None:
+        """A request's nack gives it to the group again; ack and reject drop it
+        (nats_requests.py)."""
+        if outcome == "nack":
+            self._give_back(lease, lease.attempt + 1,
+                            nm.nak_delay(lease.pull.settings, lease.attempt, delay))
 
     def _to_dead_letter(self, lease: _Lease, outcome: Outcome) -> bool:
         if outcome == "reject":
@@ -418,6 +442,8 @@ class Consuming:
         error = self._expired(lease)
         if error is not None:
             raise error
+        if not lease.ack:
+            return  # a request has no server lease, and no deadline (nats_requests.py)
         lease.deadline = time.monotonic() + max(seconds, lease.pull.settings.ack_timeout)
         await self._lease_request(lease, b"+WPI")
         if seconds > lease.pull.settings.ack_timeout:
@@ -444,7 +470,8 @@ class Consuming:
         self._take(lease)
         if lease.reply:
             self._write(lease.reply, data, "", nm.encode_headers(headers, kind, None, None))
-        self._write(lease.ack, b"+ACK")
+        if lease.ack:  # a request from the queue's stream (an older client's)
+            self._write(lease.ack, b"+ACK")
 
 
 def _dead_reason(outcome: Outcome) -> str:

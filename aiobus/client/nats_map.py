@@ -28,13 +28,12 @@ from ..broker.settings import MAX_SECONDS, QueueSettings
 from ..errors import InvalidName, InvalidOption, NoSuchQueue, QueueMismatch, shown
 
 __all__ = [
-    "CONSUMER", "DEFAULT_NAMESPACE", "H_ID", "H_KIND", "H_REPLY", "Namespace",
+    "CONSUMER", "DEFAULT_NAMESPACE", "H_ATTEMPT", "H_ID", "H_KIND", "H_REPLY", "Namespace",
     "check_mismatch", "check_seconds", "check_supported", "consumer_config",
     "dead_letter_headers", "decode_headers", "encode_headers", "is_temporary", "nak_delay",
-    "no_such_queue",
-    "parse_ack_subject", "parse_raw_headers", "parse_url", "peeked_entry", "queue_stats",
-    "schedule_headers", "settings_from_metadata", "stored_time", "stream_config",
-    "ttl_header",
+    "no_such_queue", "parse_ack_subject", "parse_raw_headers", "parse_url", "peeked_entry",
+    "queue_stats", "request_attempt", "request_headers", "schedule_headers",
+    "settings_from_metadata", "stored_time", "stream_config", "ttl_header",
 ]
 
 DEFAULT_NAMESPACE: Final = "aiobus"
@@ -45,9 +44,10 @@ META_EXPLICIT: Final = "aiobus.declared"  # "1": declared; "0": created by use
 H_KIND: Final = "Aiobus-Kind"  # protocol.BodyKind when not raw bytes
 H_ID: Final = "Aiobus-Id"  # a dead letter's original id (its Nats-Msg-Id is <stream>:<seq>)
 H_REPLY: Final = "Aiobus-Reply"  # a request's reply inbox
+H_ATTEMPT: Final = "Aiobus-Attempt"  # a core NATS request's attempt, when above 1
 H_MSG_ID: Final = "Nats-Msg-Id"
 H_TTL: Final = "Nats-TTL"
-_OURS: Final = frozenset({H_KIND, H_ID, H_REPLY, H_MSG_ID, H_TTL})
+_OURS: Final = frozenset({H_KIND, H_ID, H_REPLY, H_ATTEMPT, H_MSG_ID, H_TTL})
 # Per-message TTL is whole seconds on the server (ADR-43: at least 1 s).
 MIN_TTL: Final = 1
 _BAD_KEY: Final = frozenset(": \t\r\n")
@@ -97,12 +97,13 @@ def _escape(name: str) -> str:
 class Namespace:
     """Subjects and stream names of one namespace."""
 
-    __slots__ = ("name", "queue_prefix", "stream_prefix", "topic_prefix")
+    __slots__ = ("name", "queue_prefix", "request_prefix", "stream_prefix", "topic_prefix")
 
     def __init__(self, name: str = DEFAULT_NAMESPACE) -> None:
         self.name = name
         self.queue_prefix = f"{name}.q."
         self.topic_prefix = f"{name}.t."
+        self.request_prefix = f"{name}.r."
         self.stream_prefix = f"{_escape(name)}_q_"
 
     def queue_subject(self, queue: str) -> str:
@@ -115,6 +116,10 @@ class Namespace:
         """Where delayed sends of ``queue`` wait: ``<ns>.s.<queue escaped>.<message id>``
         (the queue as one token, so that ``a``'s never overlap ``a.dlq``'s)."""
         return f"{self.name}.s.{_escape(queue)}."
+
+    def request_subject(self, queue: str) -> str:
+        """Where requests to ``queue`` go on core NATS (``nats_requests.py``)."""
+        return self.request_prefix + queue
 
     def topic_subject(self, topic: str) -> str:
         return self.topic_prefix + topic
@@ -248,6 +253,24 @@ def encode_headers(headers: dict[str, str] | None, kind: int, msg_id: str | None
     if reply is not None:
         out[H_REPLY] = reply
     return out
+
+
+def request_headers(headers: dict[str, str] | None, kind: int, msg_id: str,
+                    attempt: int) -> dict[str, str]:
+    """Headers of a request on core NATS: the application's, the body kind, the id
+    (``Aiobus-Id``: no stream deduplicates it) and, given to a responder again, the
+    attempt."""
+    out = encode_headers(headers, kind, None, None) or {}
+    out[H_ID] = msg_id
+    if attempt > 1:
+        out[H_ATTEMPT] = str(attempt)
+    return out
+
+
+def request_attempt(headers: dict[str, str] | None) -> int:
+    """A request's attempt (1 unless given to a responder again)."""
+    value = headers.get(H_ATTEMPT) if headers else None
+    return int(value) if value and value.isdigit() else 1
 
 
 def schedule_headers(headers: dict[str, str] | None, kind: int, msg_id: str,

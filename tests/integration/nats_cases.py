@@ -21,10 +21,8 @@ COUNTERS = ("JetStream keeps no lifetime counters of expired, discarded or dead-
             " messages: stats() reports them as None")
 CONSUMERS = ("stats 'consumers' counts pull requests waiting on the server: a consumer"
              " whose prefetch is full has none (JetStream does not count pulling clients)")
-CLI = "passes the broker fixture's socket to the command line (test_nats.py: nats://)"
-WIRE = "speaks the aiobus wire protocol to the broker's Unix socket"
-ACKWAIT = ("a killed consumer's messages come back after AckWait (30 s by default), beyond"
-           " the test's timeout")
+REQUESTS = ("requests travel on core NATS to the queue's consumers, not through its"
+            " stream: no max_length refusal, no expiry counted, no dead letter")
 
 # Not run as xfail because they would spend seconds waiting for what never happens; the
 # documented behaviour each stands for is pinned by a quick test in test_nats.py.
@@ -47,6 +45,7 @@ XFAIL: dict[str, str] = {
         " requeue` (which takes the ready ones) leaves them for next time"),
     "test_purge_removes_waiting_messages_and_keeps_leased_ones": (
         "a JetStream purge also removes the messages consumers hold"),
+    "test_a_refused_request_fails_at_once_with_the_reason": REQUESTS,
     "test_stat_prometheus": ("stats() knows no connections and no broker process on NATS"
                              " (None: NaN in the Prometheus text)"),
     "test_stat_table_and_json": COUNTERS + "; NATS has no journal",
@@ -65,7 +64,7 @@ SKIP: dict[str, str] = {
     "test_ttl_expiry_is_eager": SLOW + TTL,
     "test_ttl_still_expires_a_message_released_after_its_deadline": SLOW + TTL,
     "test_ttl_of_a_delayed_send_counts_from_its_due_time": SLOW + TTL,
-    "test_expired_requests_are_discarded_not_dead_lettered": SLOW + COUNTERS,
+    "test_expired_requests_are_discarded_not_dead_lettered": SLOW + REQUESTS,
     "test_send_from_argument_stdin_lines_and_json": SLOW + TTL,
     "test_presence_events_with_peer_credentials": SLOW + (
         "NATS has no presence events ($sys.client.*) and no peer credentials"),

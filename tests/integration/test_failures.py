@@ -273,7 +273,7 @@ async def test_a_refused_request_fails_at_once_with_the_reason(bus: aiobus.Bus) 
     await bus.declare_queue("rpc.full", max_length=1, overflow="reject")
     await bus.send("rpc.full", "filler")
     with pytest.raises(aiobus.QueueFull):  # a wait for the timeout would be RequestTimeout
-        await bus.request("rpc.full", 1, timeout=30)
+        await bus.request("rpc.full", 1, timeout=5)
 
 
 async def test_reply_to_a_plain_message_is_an_error(bus: aiobus.Bus) -> None:

@@ -158,6 +158,49 @@ async def test_no_responders_is_a_request_timeout(url: str) -> None:
         with pytest.raises(aiobus.RequestTimeout):
             await bus.request("rpc.nobody", 1, timeout=0.3)
         assert time.monotonic() - started < 5
+        # Sent again until a responder subscribes, as a request waits in a local queue.
+        late = asyncio.create_task(bus.request("rpc.late", 20, timeout=10))
+        await asyncio.sleep(0.2)
+        assert not late.done()
+        async with bus.consume("rpc.late") as responder:
+            msg = await next_msg(responder)
+            await msg.reply(msg.body + 1)
+        assert await asyncio.wait_for(late, TIMEOUT) == 21
+
+
+async def test_requests_travel_on_core_nats_to_competing_responders(url: str) -> None:
+    """A request is not stored in the queue's stream: it goes to one of the queue's
+    consumers (a queue group); nack gives it to the group again with the next attempt,
+    a consumer that stops gives its unanswered ones back without counting one, and
+    reject drops it (no dead letter: the requester times out)."""
+    async with aiobus.connect(url) as bus, aiobus.connect(url) as other:
+        await bus.declare_queue("rpc", max_deliveries=2)
+        async with bus.consume("rpc", prefetch=1) as first:
+            asked = asyncio.create_task(bus.request("rpc", "q", headers={"k": "v"},
+                                                    timeout=TIMEOUT))
+            msg = await next_msg(first)
+            assert (msg.body, msg.headers, msg.attempt, msg.queue) == ("q", {"k": "v"}, 1,
+                                                                      "rpc")
+            assert msg.reply_to is not None and msg.id
+            stats = await queue_stats(bus, "rpc")
+            assert (stats["ready"], stats["unacked"], stats["sent"]) == (0, 0, 0)
+            await msg.nack()
+            again = await next_msg(first)  # the only responder: back to it
+            assert (again.id, again.attempt) == (msg.id, 2)
+            second = other.consume("rpc")
+            await second.start()
+            await other.ping()
+        # ``first`` stopped holding ``again``: given back, same attempt, to ``second``.
+        async with second:
+            taken = await next_msg(second)
+            assert (taken.id, taken.attempt) == (msg.id, 2)
+            await taken.reply("a")
+            assert await asyncio.wait_for(asked, TIMEOUT) == "a"
+            rejected = asyncio.create_task(bus.request("rpc", "r", timeout=1))
+            await (await next_msg(second)).reject()
+            with pytest.raises(aiobus.RequestTimeout):
+                await rejected
+        assert "rpc.dlq" not in (await bus.stats())["queues"]
 
 
 async def test_a_delayed_send_is_a_schedule(url: str) -> None:

@@ -244,3 +244,13 @@ def test_a_stored_message_becomes_a_peek_entry() -> None:
     bare = {"seq": 8, "data": ""}  # no headers: the id is <stream>:<seq>
     assert nm.peeked_entry("q", "aiobus_q_q", bare, 10) == [
         ["aiobus_q_q:8", "q", b"", 0, {}, 0.0], 0]
+
+
+def test_a_request_on_core_nats_carries_its_id_kind_and_attempt() -> None:
+    assert NS.request_subject("rpc.add") == "aiobus.r.rpc.add"
+    first = nm.request_headers({"k": "v"}, 1, "c-1", 1)
+    assert first == {"k": "v", nm.H_KIND: "1", nm.H_ID: "c-1"}
+    assert nm.request_attempt(first) == 1 and nm.request_attempt(None) == 1
+    again = nm.request_headers({"k": "v"}, 1, "c-1", 3)
+    assert nm.request_attempt(again) == 3
+    assert nm.decode_headers(again) == ({"k": "v"}, 1, "c-1", None)  # ours stay ours
