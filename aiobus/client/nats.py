@@ -163,6 +163,7 @@ class NatsBackend(Queues, Consuming, Requests):
         self._schedules = False  # the server has message schedules (2.12+)
         self._watchdog: asyncio.Task[None] | None = None
         self._swept: set[str] = set()  # streams whose MAX_DELIVERIES advisories we sweep
+        self._releasing: set[asyncio.Future[None]] = set()  # releases not yet complete
 
     # -- connection lifecycle -------------------------------------------------------------
 
@@ -260,6 +261,12 @@ class NatsBackend(Queues, Consuming, Requests):
         pending = [fut for fut in self._waiters.values() if not fut.done()]
         if pending:
             await asyncio.wait(pending, timeout=_CLOSE_TIMEOUT)
+        if self._releasing:  # released messages: their copies stored, originals ended
+            await asyncio.wait(list(self._releasing), timeout=_CLOSE_TIMEOUT)
+            try:
+                await self._nc.flush(timeout=_CLOSE_TIMEOUT)  # type: ignore[arg-type]
+            except Exception:
+                pass  # closing anyway
         error = ConnectionClosed("the bus was closed")
         self._fail_all(error)
         if self._watchdog is not None:
@@ -615,6 +622,8 @@ class NatsBackend(Queues, Consuming, Requests):
         if self._error is not None:
             raise self._error
         await self._nc.flush(timeout=_API_TIMEOUT)  # type: ignore[arg-type]
+        if self._releasing:
+            await asyncio.wait(list(self._releasing), timeout=_API_TIMEOUT)
         if self._unconfirmed > 0:
             self._drained = asyncio.Event()
             try:

@@ -29,8 +29,15 @@ arrives once more and is dead-lettered on arrival. If its consumer died on that
 arrival, the server gives up on it and says so in a MAX_DELIVERIES advisory: every
 client that consumes or declares the queue sweeps such messages to the dead-letter
 queue (the same dedup id keeps it to one copy) and deletes them from the stream.
-A consumer that stops gives its unacked messages back with ``-NAK``: on NATS that
-counts an attempt (docs/nats.md).
+A consumer that stops gives its unacked messages back, as on the local broker without
+counting an attempt. A ``-NAK`` would count one (JetStream's delivery count only grows),
+and keep the message ack-pending until it is delivered again; so a release stores a
+copy of the message (``nats_map.release_headers``: the same id, time stored, what is
+left of its TTL, and the attempts counted before it, which the copy's delivery count
+goes on from) and terminates the original once the copy is stored. The copy is ready at
+once, at the back of the queue (the local broker puts it at the front). Should the
+client die between the two, the message is there twice: at least once, as ever. A queue
+at its ``max_length`` refuses the copy; then the release is a ``-NAK`` after all.
 """
 
 from __future__ import annotations
@@ -70,11 +77,12 @@ class _Lease:
     """One delivered queue message, as the application answers it."""
 
     __slots__ = ("ack", "attempt", "data", "deadline", "gone", "headers", "kind", "mid",
-                 "pull", "reply", "seq", "settled")
+                 "pull", "raw", "reply", "seq", "settled", "stored")
 
     def __init__(self, pull: _Pull, ack: str, seq: int, attempt: int, deadline: float,
                  mid: str, data: bytes, kind: int, headers: dict[str, str] | None,
-                 reply: str | None) -> None:
+                 reply: str | None, raw: dict[str, str] | None = None,
+                 stored: float = 0.0) -> None:
         self.pull = pull
         self.ack = ack
         self.seq = seq
@@ -87,6 +95,8 @@ class _Lease:
         self.reply = reply
         self.settled = False
         self.gone = False  # its queue was deleted by this client
+        self.raw = raw  # its NATS headers, as delivered
+        self.stored = stored  # epoch seconds it was (first) stored
 
 
 class _Pull:
@@ -125,6 +135,7 @@ class Consuming:
     _last_acked: dict[str, str]
     _swept: set[str]
     _pid_uid: tuple[int, int]
+    _releasing: set[asyncio.Future[None]]
 
     if TYPE_CHECKING:
         async def _api(self, subject: str,
@@ -207,13 +218,16 @@ class Consuming:
         pull.outstanding = max(0, pull.outstanding - 1)
         seq, attempt, timestamp = nm.parse_ack_subject(msg.reply)
         user, kind, mid, reply = nm.decode_headers(headers)
-        target = pull.target()
-        if pull.stopped or target is None:
-            self._write(msg.reply, b"-NAK")
-            return
+        if headers and nm.H_TIME in headers:  # a released message's copy
+            attempt, timestamp = nm.copied(headers, attempt, timestamp)
         pull.heard = now = time.monotonic()
         lease = _Lease(pull, msg.reply, seq, attempt, now + pull.settings.ack_timeout,
-                       mid or f"{pull.stream}:{seq}", msg.data, kind, user, reply)
+                       mid or f"{pull.stream}:{seq}", msg.data, kind, user, reply, headers,
+                       timestamp)
+        target = pull.target()
+        if pull.stopped or target is None:
+            self._release(lease)  # came for a consumer that has stopped
+            return
         pull.unacked += 1
         pull.leases.add(lease)
         limit = pull.settings.max_deliveries
@@ -303,14 +317,53 @@ class Consuming:
         if pull.request_sid:
             self._unsubscribe(pull.request_sid)
         if self._error is None:
-            for lease in pull.leases:  # released: another consumer gets them now
+            # Released, oldest first: another consumer gets them now.
+            now = time.monotonic()
+            for lease in sorted(pull.leases, key=_stream_order):
                 if not lease.settled:
                     lease.settled = True
-                    if lease.ack:
-                        self._write(lease.ack, b"-NAK")
+                    if lease.ack and now > lease.deadline:
+                        pass  # its lease ran out: the server delivers it again anyway
+                    elif lease.ack:
+                        self._release(lease)
                     else:  # a request: to another responder, same attempt
                         self._give_back(lease, lease.attempt, 0.0)
         pull.leases.clear()
+
+    def _release(self, lease: _Lease) -> None:
+        """Give a message back without counting an attempt (the module docstring): store
+        a copy that keeps its id, time and attempt, then terminate the original once the
+        copy is stored. If the copy is refused (a queue at its max_length), a NAK: that
+        counts an attempt. Callbacks, no task: ``ping()`` and ``aclose()`` wait for them."""
+        pull = lease.pull
+        ttl = nm.remaining_ttl(lease.raw, lease.stored, time.time())
+        if ttl is not None and ttl <= 0:
+            self._write(lease.ack, b"+TERM")  # expired meanwhile: as JetStream would
+            return
+        headers = nm.release_headers(lease.headers, lease.kind, lease.mid,
+                                     f"{pull.stream}:{lease.seq}:{lease.attempt}", ttl,
+                                     lease.attempt, lease.stored)
+        inbox, stored = self._token()
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._releasing.add(done)
+        done.add_done_callback(self._releasing.discard)
+        self._write(self.ns.queue_subject(pull.queue), lease.data, inbox, headers)
+        stored.add_done_callback(functools.partial(self._copy_stored, lease.ack, done))
+
+    def _copy_stored(self, ack: str, done: asyncio.Future[None],
+                     stored: asyncio.Future[Any]) -> None:
+        refused = (stored.cancelled() or stored.exception() is not None
+                   or stored.result().data.startswith(b'{"error"'))
+        if self._error is not None:
+            done.set_result(None)
+            return
+        if refused:
+            self._write(ack, b"-NAK")
+            done.set_result(None)
+            return
+        inbox, termed = self._token()
+        self._write(ack, b"+TERM", inbox)  # answered, so ping() knows it took effect
+        termed.add_done_callback(functools.partial(_finish, done))
 
     # -- leases ---------------------------------------------------------------------------
 
@@ -472,6 +525,15 @@ class Consuming:
             self._write(lease.reply, data, "", nm.encode_headers(headers, kind, None, None))
         if lease.ack:  # a request from the queue's stream (an older client's)
             self._write(lease.ack, b"+ACK")
+
+
+def _stream_order(lease: _Lease) -> int:
+    return lease.seq
+
+
+def _finish(done: asyncio.Future[None], _: object) -> None:
+    if not done.done():
+        done.set_result(None)
 
 
 def _dead_reason(outcome: Outcome) -> str:

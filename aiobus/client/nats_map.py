@@ -28,12 +28,13 @@ from ..broker.settings import MAX_SECONDS, QueueSettings
 from ..errors import InvalidName, InvalidOption, NoSuchQueue, QueueMismatch, shown
 
 __all__ = [
-    "CONSUMER", "DEFAULT_NAMESPACE", "H_ATTEMPT", "H_ID", "H_KIND", "H_REPLY", "Namespace",
-    "check_mismatch", "check_seconds", "check_supported", "consumer_config",
-    "dead_letter_headers", "decode_headers", "encode_headers", "is_temporary", "nak_delay",
-    "no_such_queue", "parse_ack_subject", "parse_raw_headers", "parse_url", "peeked_entry",
-    "queue_stats", "request_attempt", "request_headers", "schedule_headers",
-    "settings_from_metadata", "stored_time", "stream_config", "ttl_header",
+    "CONSUMER", "DEFAULT_NAMESPACE", "H_ATTEMPT", "H_BEFORE", "H_ID", "H_KIND", "H_REPLY",
+    "H_TIME", "Namespace", "check_mismatch", "check_seconds", "check_supported",
+    "consumer_config", "copied", "dead_letter_headers", "decode_headers", "encode_headers",
+    "is_temporary", "nak_delay", "no_such_queue", "parse_ack_subject", "parse_raw_headers",
+    "parse_url", "peeked_entry", "queue_stats", "release_headers", "remaining_ttl",
+    "request_attempt", "request_headers", "schedule_headers", "settings_from_metadata",
+    "stored_time", "stream_config", "ttl_header",
 ]
 
 DEFAULT_NAMESPACE: Final = "aiobus"
@@ -45,9 +46,14 @@ H_KIND: Final = "Aiobus-Kind"  # protocol.BodyKind when not raw bytes
 H_ID: Final = "Aiobus-Id"  # a dead letter's original id (its Nats-Msg-Id is <stream>:<seq>)
 H_REPLY: Final = "Aiobus-Reply"  # a request's reply inbox
 H_ATTEMPT: Final = "Aiobus-Attempt"  # a core NATS request's attempt, when above 1
+# A released message's copy (nats_consume.py): the attempts counted before it was stored,
+# and the original's time stored (epoch seconds).
+H_BEFORE: Final = "Aiobus-Attempts-Before"
+H_TIME: Final = "Aiobus-Time"
 H_MSG_ID: Final = "Nats-Msg-Id"
 H_TTL: Final = "Nats-TTL"
-_OURS: Final = frozenset({H_KIND, H_ID, H_REPLY, H_ATTEMPT, H_MSG_ID, H_TTL})
+_OURS: Final = frozenset({H_KIND, H_ID, H_REPLY, H_ATTEMPT, H_BEFORE, H_TIME, H_MSG_ID,
+                          H_TTL})
 # Per-message TTL is whole seconds on the server (ADR-43: at least 1 s).
 MIN_TTL: Final = 1
 _BAD_KEY: Final = frozenset(": \t\r\n")
@@ -253,6 +259,42 @@ def encode_headers(headers: dict[str, str] | None, kind: int, msg_id: str | None
     if reply is not None:
         out[H_REPLY] = reply
     return out
+
+
+def release_headers(headers: dict[str, str] | None, kind: int, msg_id: str, copy_id: str,
+                    ttl: float | None, attempt: int, stored: float) -> dict[str, str]:
+    """Headers of the copy that gives a released message back (``nats_consume.py``):
+    stored under ``copy_id`` (deduplicated if sent again), keeping the message's id and
+    time, and counting the attempts before it (``attempt - 1``: a release counts none),
+    with what is left of its TTL."""
+    out = encode_headers(headers, kind, copy_id, ttl) or {}
+    out[H_ID] = msg_id
+    out[H_TIME] = repr(stored)
+    if attempt > 1:
+        out[H_BEFORE] = str(attempt - 1)
+    return out
+
+
+def copied(headers: dict[str, str], delivered: int, stored: float) -> tuple[int, float]:
+    """(attempt, time stored) of a delivered message, a released message's copy or not:
+    the copy's delivery count goes on from the attempts before it."""
+    before = headers.get(H_BEFORE)
+    attempt = delivered + int(before) if before and before.isdigit() else delivered
+    original = headers.get(H_TIME)
+    try:
+        return attempt, float(original) if original else stored
+    except ValueError:
+        return attempt, stored
+
+
+def remaining_ttl(headers: dict[str, str] | None, stored: float, now: float) -> float | None:
+    """Seconds left of a stored message's ``Nats-TTL`` at ``now`` (None: no TTL; at most
+    0: expired)."""
+    value = headers.get(H_TTL) if headers else None
+    if not value:
+        return None
+    seconds = float(value[:-1]) if value[-1:] == "s" else float(value)
+    return seconds - (now - stored)
 
 
 def request_headers(headers: dict[str, str] | None, kind: int, msg_id: str,

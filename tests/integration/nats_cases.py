@@ -30,9 +30,6 @@ SLOW = "(pinned by test_nats.py) "
 FLAKY = "(unit-tested in test_nats_map.py) "
 
 XFAIL: dict[str, str] = {
-    "test_cancelling_a_consuming_task_releases_without_counting_an_attempt": RELEASE,
-    "test_leaving_async_for_early_releases_and_unsubscribes": RELEASE,
-    "test_closing_the_bus_releases_without_counting_an_attempt": RELEASE,
     "test_nack_with_delay_is_not_redelivered_before_the_delay": UNACKED,
     "test_parked_sends_of_a_producer_that_left_are_not_accepted": BLOCK,
     "test_overflow_block_makes_send_wait_for_room": BLOCK,
@@ -40,9 +37,6 @@ XFAIL: dict[str, str] = {
     "test_redeclare_with_other_settings_is_an_error": (
         BLOCK + "; test_nats.py checks a redeclare's QueueMismatch with overflow 'reject'"),
     "test_ttl_that_runs_out_after_release": TTL,
-    "test_reject_and_the_dead_letter_commands": RELEASE + (
-        ": the letters the test consumed and released are not ready, so `aiobus dlq"
-        " requeue` (which takes the ready ones) leaves them for next time"),
     "test_purge_removes_waiting_messages_and_keeps_leased_ones": (
         "a JetStream purge also removes the messages consumers hold"),
     "test_a_refused_request_fails_at_once_with_the_reason": REQUESTS,

@@ -319,12 +319,15 @@ async def test_consume_prints_then_acks(bus: aiobus.Bus, cli: Any) -> None:
     out = await cli("consume", "jobs", "--count", "2")
     assert (out.code, out.lines) == (0, ["one", r"two\tx"])
     stats = await queue_stats(bus, "jobs")
-    assert stats["acked"] == 2 and stats["ready"] == 1 and stats["unacked"] == 0
+    # On NATS, if the command had the third message when it stopped, it released it by
+    # storing a copy and ending the original, which `acked` counts (docs/nats.md).
+    acked = (2, 3) if backend_of(bus) == "nats" else (2,)
+    assert stats["acked"] in acked and stats["ready"] == 1 and stats["unacked"] == 0
     out = await cli("consume", "jobs", "--json", "--timeout", "0.3")
     assert out.code == 0 and len(out.lines) == 1
     record = json.loads(out.lines[0])
     assert record["queue"] == "jobs" and record["body"] == 3 and record["attempt"] == 1
-    assert (await queue_stats(bus, "jobs"))["acked"] == 3
+    assert (await queue_stats(bus, "jobs"))["acked"] == stats["acked"] + 1
 
 
 async def test_consume_of_a_missing_queue_says_so_and_creates_nothing(

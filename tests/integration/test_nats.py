@@ -120,15 +120,38 @@ async def test_ttl_removes_the_message_without_dead_lettering_it(url: str) -> No
             assert (await next_msg(consumer)).body == "fresh"
 
 
-async def test_a_release_counts_an_attempt(url: str) -> None:
-    """Documented: a consumer that stops gives its messages back with a NAK."""
+async def test_a_release_stores_a_copy_and_counts_no_attempt(url: str) -> None:
+    """Documented: a consumer that stops stores a copy of each unacked message (same id,
+    time, headers and attempt, the rest of its TTL), ready at once at the back of the
+    queue, and ends the original; ``sent`` and ``acked`` count both. A queue at its
+    max_length refuses the copy: then the release is a NAK, which counts an attempt."""
     async with aiobus.connect(url) as bus:
-        await bus.send("jobs", "x")
-        async with bus.consume("jobs") as consumer:
+        await bus.send("jobs", "x", headers={"k": "v"}, ttl=60)
+        await bus.send("jobs", "y")
+        async with bus.consume("jobs", prefetch=1) as consumer:
+            first = await next_msg(consumer)
+            assert (first.body, first.attempt) == ("x", 1)
+        stats = await queue_stats(bus, "jobs")  # "x" released: its copy is behind "y"
+        assert (stats["ready"], stats["unacked"], stats["sent"], stats["acked"]) == (
+            2, 0, 3, 1)
+        async with bus.consume("jobs", prefetch=2) as consumer:
+            got = [await next_msg(consumer) for _ in range(2)]
+            assert [(m.body, m.attempt) for m in got] == [("y", 1), ("x", 1)]
+            copy = got[1]
+            assert (copy.id, copy.headers, copy.timestamp) == (
+                first.id, {"k": "v"}, first.timestamp)
+            for msg in got:
+                await msg.ack()
+        info = await stream_info(url, "jobs")
+        assert info["state"]["messages"] == 0
+
+        await bus.declare_queue("full", max_length=1, overflow="reject")
+        await bus.send("full", "z")
+        async with bus.consume("full") as consumer:
             assert (await next_msg(consumer)).attempt == 1
-        async with bus.consume("jobs") as consumer:
+        async with bus.consume("full") as consumer:
             again = await next_msg(consumer)
-            assert (again.body, again.attempt) == ("x", 2)
+            assert (again.body, again.attempt) == ("z", 2)  # NAKed: counted
             await again.ack()
 
 

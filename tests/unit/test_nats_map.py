@@ -254,3 +254,18 @@ def test_a_request_on_core_nats_carries_its_id_kind_and_attempt() -> None:
     again = nm.request_headers({"k": "v"}, 1, "c-1", 3)
     assert nm.request_attempt(again) == 3
     assert nm.decode_headers(again) == ({"k": "v"}, 1, "c-1", None)  # ours stay ours
+
+
+def test_a_released_message_copy_goes_on_counting_from_its_attempt() -> None:
+    headers = nm.release_headers({"k": "v"}, 1, "m1", "s:7:3", 12.5, 3, 1000.25)
+    assert headers == {"k": "v", nm.H_KIND: "1", "Nats-Msg-Id": "s:7:3", "Nats-TTL": "13",
+                       nm.H_ID: "m1", nm.H_TIME: "1000.25", nm.H_BEFORE: "2"}
+    assert nm.decode_headers(headers) == ({"k": "v"}, 1, "m1", None)
+    # Its first delivery is attempt 3 again (a release counts none), its second 4.
+    assert nm.copied(headers, 1, 2000.0) == (3, 1000.25)
+    assert nm.copied(headers, 2, 2000.0) == (4, 1000.25)
+    first = nm.release_headers(None, 0, "m2", "s:8:1", None, 1, 5.0)
+    assert nm.H_BEFORE not in first and nm.copied(first, 1, 9.0) == (1, 5.0)
+    assert nm.remaining_ttl({"Nats-TTL": "10"}, 100.0, 104.0) == 6.0
+    assert nm.remaining_ttl({"Nats-TTL": "10s"}, 100.0, 111.0) == -1.0
+    assert nm.remaining_ttl({"k": "v"}, 100.0, 104.0) is None
