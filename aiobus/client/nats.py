@@ -622,8 +622,7 @@ class NatsBackend(Queues, Consuming, Requests):
         if self._error is not None:
             raise self._error
         await self._nc.flush(timeout=_API_TIMEOUT)  # type: ignore[arg-type]
-        if self._releasing:
-            await asyncio.wait(list(self._releasing), timeout=_API_TIMEOUT)
+        await self._wait_releases()
         if self._unconfirmed > 0:
             self._drained = asyncio.Event()
             try:

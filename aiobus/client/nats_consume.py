@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime
 import functools
 import json
 import logging
@@ -136,6 +137,7 @@ class Consuming:
     _swept: set[str]
     _pid_uid: tuple[int, int]
     _releasing: set[asyncio.Future[None]]
+    _schedules: bool
 
     if TYPE_CHECKING:
         async def _api(self, subject: str,
@@ -330,27 +332,55 @@ class Consuming:
                         self._give_back(lease, lease.attempt, 0.0)
         pull.leases.clear()
 
-    def _release(self, lease: _Lease) -> None:
+    def _release(self, lease: _Lease, delay: float = 0.0) -> None:
         """Give a message back without counting an attempt (the module docstring): store
         a copy that keeps its id, time and attempt, then terminate the original once the
         copy is stored. If the copy is refused (a queue at its max_length), a NAK: that
-        counts an attempt. Callbacks, no task: ``ping()`` and ``aclose()`` wait for them."""
+        counts an attempt. Callbacks, no task: ``ping()`` and ``aclose()`` wait for them.
+
+        With a ``delay`` (a nack's), the copy counts the attempt and is a message
+        schedule due then (server 2.12+), so that the message is ``delayed`` meanwhile,
+        not ``unacked``; the fallback is ``-NAK`` with the delay."""
         pull = lease.pull
         ttl = nm.remaining_ttl(lease.raw, lease.stored, time.time())
-        if ttl is not None and ttl <= 0:
-            self._write(lease.ack, b"+TERM")  # expired meanwhile: as JetStream would
+        if ttl is not None and ttl <= delay:
+            self._write(lease.ack, b"+TERM")  # expired by then: as JetStream would
             return
-        headers = nm.release_headers(lease.headers, lease.kind, lease.mid,
-                                     f"{pull.stream}:{lease.seq}:{lease.attempt}", ttl,
-                                     lease.attempt, lease.stored)
+        copy_id = f"{pull.stream}:{lease.seq}:{lease.attempt}"
+        attempt = lease.attempt + 1 if delay else lease.attempt
+        headers = nm.release_headers(lease.headers, lease.kind, lease.mid, copy_id, ttl,
+                                     attempt, lease.stored)
+        subject = self.ns.queue_subject(pull.queue)
+        if delay:
+            due = datetime.datetime.fromtimestamp(time.time() + delay, datetime.UTC)
+            headers = nm.scheduled(headers, due.strftime("%Y-%m-%dT%H:%M:%S.%fZ"), subject,
+                                   None if ttl is None else ttl - delay)
+            subject = self.ns.schedule_prefix(pull.queue) + copy_id
         inbox, stored = self._token()
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._releasing.add(done)
         done.add_done_callback(self._releasing.discard)
-        self._write(self.ns.queue_subject(pull.queue), lease.data, inbox, headers)
-        stored.add_done_callback(functools.partial(self._copy_stored, lease.ack, done))
+        self._write(subject, lease.data, inbox, headers)
+        fallback = self._nak(lease, delay) if delay else b"-NAK"
+        stored.add_done_callback(functools.partial(self._copy_stored, lease.ack, fallback,
+                                                   done))
 
-    def _copy_stored(self, ack: str, done: asyncio.Future[None],
+    def _nack(self, lease: _Lease, delay: float | None) -> bytes | None:
+        """A nack: the payload to write to the ack subject, or None if it is given back
+        as a delayed copy (see :meth:`_release`)."""
+        seconds = nm.nak_delay(lease.pull.settings, lease.attempt, delay)
+        if seconds > 0 and self._schedules and lease.pull.settings.max_length is None:
+            self._release(lease, seconds)
+            return None
+        return self._nak(lease, delay)
+
+    async def _wait_releases(self) -> None:
+        """Wait until the copies of given-back messages are stored and their originals
+        ended (bounded)."""
+        if self._releasing:
+            await asyncio.wait(list(self._releasing), timeout=_ANSWER_TIMEOUT)
+
+    def _copy_stored(self, ack: str, fallback: bytes, done: asyncio.Future[None],
                      stored: asyncio.Future[Any]) -> None:
         refused = (stored.cancelled() or stored.exception() is not None
                    or stored.result().data.startswith(b'{"error"'))
@@ -358,7 +388,7 @@ class Consuming:
             done.set_result(None)
             return
         if refused:
-            self._write(ack, b"-NAK")
+            self._write(ack, fallback)
             done.set_result(None)
             return
         inbox, termed = self._token()
@@ -422,8 +452,10 @@ class Consuming:
             self._spawn(self._dead_letter(lease, _dead_reason(outcome), lease.attempt, reason))
         else:
             self._take(lease)
-            self._write(lease.ack, self._nak(lease, delay))
-            self._answered[lease.pull.stream] = self._last_acked.get(lease.pull.stream)
+            payload = self._nack(lease, delay)
+            if payload is not None:
+                self._write(lease.ack, payload)
+                self._answered[lease.pull.stream] = self._last_acked.get(lease.pull.stream)
 
     async def settle(self, lease: Any, outcome: Outcome, delay: float | None = None,
                      reason: str | None = None) -> None:
@@ -439,7 +471,11 @@ class Consuming:
         elif self._to_dead_letter(lease, outcome):
             await self._dead_letter(lease, _dead_reason(outcome), lease.attempt, reason)
         else:
-            await self._lease_request(lease, self._nak(lease, delay))
+            payload = self._nack(lease, delay)
+            if payload is None:
+                await self._wait_releases()
+            else:
+                await self._lease_request(lease, payload)
 
     def _settle_request(self, lease: _Lease, outcome: Outcome, delay: float | None) -> None:
         """A request's nack gives it to the group again; ack and reject drop it

@@ -33,7 +33,8 @@ __all__ = [
     "consumer_config", "copied", "dead_letter_headers", "decode_headers", "encode_headers",
     "is_temporary", "nak_delay", "no_such_queue", "parse_ack_subject", "parse_raw_headers",
     "parse_url", "peeked_entry", "queue_stats", "release_headers", "remaining_ttl",
-    "request_attempt", "request_headers", "schedule_headers", "settings_from_metadata",
+    "request_attempt", "request_headers", "schedule_headers", "scheduled",
+    "settings_from_metadata",
     "stored_time", "stream_config", "ttl_header",
 ]
 
@@ -272,6 +273,18 @@ def release_headers(headers: dict[str, str] | None, kind: int, msg_id: str, copy
     out[H_TIME] = repr(stored)
     if attempt > 1:
         out[H_BEFORE] = str(attempt - 1)
+    return out
+
+
+def scheduled(headers: dict[str, str], due: str, target: str, ttl: float | None
+              ) -> dict[str, str]:
+    """``headers`` (a release copy's) made a message schedule (ADR-51) that stores the
+    message on ``target`` at ``due`` (RFC 3339, UTC), with ``ttl`` from then."""
+    out = {k: v for k, v in headers.items() if k != H_TTL}
+    out["Nats-Schedule"] = "@at " + due
+    out["Nats-Schedule-Target"] = target
+    if ttl is not None:
+        out["Nats-Schedule-TTL"] = ttl_header(ttl) + "s"
     return out
 
 

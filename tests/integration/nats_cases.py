@@ -30,7 +30,6 @@ SLOW = "(pinned by test_nats.py) "
 FLAKY = "(unit-tested in test_nats_map.py) "
 
 XFAIL: dict[str, str] = {
-    "test_nack_with_delay_is_not_redelivered_before_the_delay": UNACKED,
     "test_parked_sends_of_a_producer_that_left_are_not_accepted": BLOCK,
     "test_overflow_block_makes_send_wait_for_room": BLOCK,
     "test_overflow_dead_letter_moves_the_oldest": BLOCK,

@@ -367,16 +367,21 @@ async def test_the_sweeper_dead_letters_what_a_dead_consumer_left(url: str) -> N
 
 
 async def test_a_given_back_message_counts_as_unacked_until_delivered_again(url: str) -> None:
-    """Documented: JetStream keeps a nacked message, or one whose lease expired,
-    ack-pending; and the consumer's own pull request may take it again at once."""
+    """Documented: a nack with a delay stores the message again as a schedule due then
+    (``delayed``), except on a queue with max_length (no schedules there): a NAK with the
+    delay, and JetStream keeps the message ack-pending (``unacked``), as it keeps one
+    whose lease expired; the consumer's own pull request may take that again at once."""
     async with aiobus.connect(url) as bus:
         await bus.declare_queue("jobs", ack_timeout=0.3)
-        await bus.send("jobs", "n")
-        async with bus.consume("jobs", prefetch=2) as consumer:
-            msg = await next_msg(consumer)
-            await msg.nack(delay=30)
-            stats = await queue_stats(bus, "jobs")
-            assert (stats["ready"], stats["unacked"], stats["delayed"]) == (0, 1, 0)
+        await bus.declare_queue("bounded", max_length=5, overflow="reject")
+        for queue, expected in (("jobs", (0, 0, 1)), ("bounded", (0, 1, 0))):
+            await bus.send(queue, "n")
+            async with bus.consume(queue, prefetch=2) as consumer:
+                msg = await next_msg(consumer)
+                await msg.nack(delay=30)
+                stats = await queue_stats(bus, queue)
+                assert (stats["ready"], stats["unacked"], stats["delayed"]) == expected
+        await bus.purge_queue("jobs")
         await bus.send("jobs", "held")
         async with bus.consume("jobs", prefetch=2) as stalled:
             held = await next_msg(stalled)

@@ -269,3 +269,13 @@ def test_a_released_message_copy_goes_on_counting_from_its_attempt() -> None:
     assert nm.remaining_ttl({"Nats-TTL": "10"}, 100.0, 104.0) == 6.0
     assert nm.remaining_ttl({"Nats-TTL": "10s"}, 100.0, 111.0) == -1.0
     assert nm.remaining_ttl({"k": "v"}, 100.0, 104.0) is None
+
+
+def test_a_nack_with_a_delay_is_a_schedule_of_the_copy() -> None:
+    copy = nm.release_headers(None, 0, "m1", "s:7:1", 40.0, 2, 1000.0)
+    due = "2026-12-06T08:46:09.500000Z"
+    out = nm.scheduled(copy, due, "aiobus.q.jobs", 10.0)
+    assert out["Nats-Schedule"] == "@at " + due and "Nats-TTL" not in out
+    assert out["Nats-Schedule-Target"] == "aiobus.q.jobs"
+    assert out["Nats-Schedule-TTL"] == "10s"
+    assert nm.copied(out, 1, 2000.0) == (2, 1000.0)  # the nack counted its attempt
