@@ -164,6 +164,7 @@ class NatsBackend(Queues, Consuming, Requests):
         self._watchdog: asyncio.Task[None] | None = None
         self._swept: set[str] = set()  # streams whose MAX_DELIVERIES advisories we sweep
         self._releasing: set[asyncio.Future[None]] = set()  # releases not yet complete
+        self._sending: set[asyncio.Task[None]] = set()  # send_nowait()s looking up a queue
 
     # -- connection lifecycle -------------------------------------------------------------
 
@@ -250,8 +251,9 @@ class NatsBackend(Queues, Consuming, Requests):
     async def aclose(self) -> None:
         if self._error is not None:
             return
-        if self._tasks:  # dead letters being stored: let them finish (bounded)
-            await asyncio.wait(list(self._tasks), timeout=_CLOSE_TIMEOUT)
+        # Sends on their way and dead letters being stored: let them finish (bounded).
+        if self._tasks or self._sending:
+            await asyncio.wait([*self._tasks, *self._sending], timeout=_CLOSE_TIMEOUT)
         for pull in list(self._pulls.values()):
             target = pull.target()
             if target is not None:
@@ -528,7 +530,7 @@ class NatsBackend(Queues, Consuming, Requests):
             raise self._error
         settings = self._queues.get(queue)
         if settings is None or delay:
-            return asyncio.ensure_future(self._send(queue, data, kind, headers, ttl, delay))
+            return self._send_soon(self._send(queue, data, kind, headers, ttl, delay))
         mid = self._next_id()
         inbox, fut = self._token()
         self._write(self.ns.queue_subject(queue), data, inbox,
@@ -549,6 +551,30 @@ class NatsBackend(Queues, Consuming, Requests):
                 result.set_result(None)
 
         fut.add_done_callback(done)
+        return result
+
+    def _send_soon(self, send: Any) -> asyncio.Future[None]:
+        """A send that must look its queue up first, as a task the returned future
+        follows. Cancelling the future does not cancel the send (on the Unix socket a
+        send_nowait is written at once; here it is on its way), and aclose() waits for
+        it, as it waits for PubAcks already due."""
+        task = self._loop.create_task(send)
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+        result: asyncio.Future[None] = self._loop.create_future()
+
+        def done(t: asyncio.Task[None]) -> None:
+            error = None if t.cancelled() else t.exception()
+            if result.done():
+                return  # cancelled by its caller: the outcome is nobody's
+            if t.cancelled():
+                result.cancel()
+            elif error is not None:
+                result.set_exception(error)
+            else:
+                result.set_result(None)
+
+        task.add_done_callback(done)
         return result
 
     def send_unconfirmed(self, queue: str, data: bytes, kind: int,

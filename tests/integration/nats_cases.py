@@ -58,7 +58,6 @@ SKIP: dict[str, str] = {
     "test_ttl_still_expires_a_message_released_after_its_deadline": SLOW + TTL,
     "test_ttl_of_a_delayed_send_counts_from_its_due_time": SLOW + TTL,
     "test_expired_requests_are_discarded_not_dead_lettered": SLOW + REQUESTS,
-    "test_send_from_argument_stdin_lines_and_json": SLOW + TTL,
     "test_presence_events_with_peer_credentials": SLOW + (
         "NATS has no presence events ($sys.client.*) and no peer credentials"),
     "test_ack_nowait_batches_and_reports_late_acks": (
