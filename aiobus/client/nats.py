@@ -81,6 +81,13 @@ _ERR_MAX_MSGS: Final = 10077  # JSStreamStoreFailedF "maximum messages exceeded"
 _ERR_STREAM_NOT_FOUND: Final = 10059
 
 
+# nats-py's private attributes the backend relies on, with their types once connected
+# (tests/integration/test_nats_private.py also checks that a write reaches the server).
+_INTERNALS: Final = (("_pending", list), ("_pending_data_size", int),
+                     ("_flush_queue", asyncio.Queue), ("_subs", dict),
+                     ("_server_info", dict))
+
+
 class _Direct:
     """Stands in for a nats-py subscription's pending queue: ``put_nowait`` hands the
     message to ``handler`` at once, in nats-py's reader. A callback subscription would
@@ -112,6 +119,43 @@ class _Direct:
 
     async def join(self) -> None:
         pass
+
+
+class _Bare:
+    """A :class:`_Direct` whose handler nats-py calls with no wrapper in between: for
+    the per-message topic path, whose handler guards itself."""
+
+    __slots__ = ("put_nowait",)
+    put_nowait: Callable[[Msg], None]
+
+    def __init__(self, handler: Callable[[Msg], None]) -> None:
+        self.put_nowait = handler
+
+    qsize, empty, task_done, join = (_Direct.qsize, _Direct.empty, _Direct.task_done,
+                                     _Direct.join)
+
+
+def _check_internals(nc: NatsClient) -> None:
+    """Fail at connect, naming the cause, if this nats-py lacks the private parts the
+    backend writes to (``_append``, ``_subscribe``), rather than later with an
+    AttributeError mid-stream, or with writes that no flusher sends.
+
+    Raises:
+        BrokerUnavailable: nats-py's internals are not what this aiobus was built on.
+    """
+    missing = [name for name, kind in _INTERNALS
+               if not isinstance(getattr(nc, name, None), kind)]
+    if missing:
+        raise _internals_changed(missing)
+
+
+def _internals_changed(missing: list[str]) -> BrokerUnavailable:
+    from importlib.metadata import version
+
+    return BrokerUnavailable(
+        f"nats-py {version('nats-py')} does not have the internals aiobus's NATS backend"
+        f" writes to ({', '.join(missing)}); install a nats-py it supports:"
+        " pip install 'nats-py>=2.7,<3'")
 
 
 class NatsBackend(Queues, Consuming, Requests):
@@ -165,6 +209,7 @@ class NatsBackend(Queues, Consuming, Requests):
         self._swept: set[str] = set()  # streams whose MAX_DELIVERIES advisories we sweep
         self._releasing: set[asyncio.Future[None]] = set()  # releases not yet complete
         self._sending: set[asyncio.Task[None]] = set()  # send_nowait()s looking up a queue
+        self._pub_starts: dict[str, bytes] = {}  # topic -> b"PUB <subject> "
 
     # -- connection lifecycle -------------------------------------------------------------
 
@@ -184,6 +229,11 @@ class NatsBackend(Queues, Consuming, Requests):
                 closed_cb=self._on_closed, error_cb=self._on_error)
         except (OSError, nats.errors.Error, TimeoutError) as exc:
             raise BrokerUnavailable(f"cannot connect to NATS at {self._server}: {exc}") from exc
+        try:
+            _check_internals(self._nc)
+        except BrokerUnavailable:
+            await self._nc.close()
+            raise
         info = self._nc._server_info
         self.server_info = {"server": f"nats-server/{info.get('version')}", **info}
         self.max_body = int(info.get("max_payload", self.max_body))
@@ -328,9 +378,6 @@ class NatsBackend(Queues, Consuming, Requests):
     def _write(self, subject: str, payload: bytes, reply: str = "",
                headers: dict[str, str] | None = None) -> None:
         """Append one PUB/HPUB to nats-py's buffer and kick its flusher (see above)."""
-        if self._error is not None:
-            raise self._error
-        nc = self._nc
         if headers is None:
             cmd = prot.pub_cmd(subject, reply, payload)
         else:
@@ -338,6 +385,15 @@ class NatsBackend(Queues, Consuming, Requests):
             hdr = "NATS/1.0\r\n" + "".join(
                 f"{key}: {value.translate(_NO_NEWLINES)}\r\n" for key, value in headers.items())
             cmd = prot.hpub_cmd(subject, reply, (hdr + "\r\n").encode(), payload)
+        self._append(cmd)
+
+    def _append(self, cmd: bytes) -> None:
+        """Put a protocol command in nats-py's outgoing buffer (the private ``_pending``,
+        ``_pending_data_size`` and ``_flush_queue``: tests/integration/test_nats_private.py
+        fails loudly if a nats-py release renames them)."""
+        if self._error is not None:
+            raise self._error
+        nc = self._nc
         if not nc.is_connected:
             if nc._pending_data_size + len(cmd) > self._publish_buffer:
                 self._dropped += 1
@@ -377,11 +433,16 @@ class NatsBackend(Queues, Consuming, Requests):
         return result
 
     async def _subscribe(self, subject: str, handler: Callable[[Msg], None],
-                         group: str = "") -> int:
+                         group: str = "", *, guarded: bool = True) -> int:
         """Subscribe with ``handler`` called in nats-py's reader (see :class:`_Direct`),
-        in queue group ``group`` if given; returns the subscription id."""
+        in queue group ``group`` if given; ``guarded=False``: a handler that catches its
+        own errors, called without a wrapper. Returns the subscription id."""
         sub = await self._nc.subscribe(subject, queue=group, pending_bytes_limit=0)
-        sub._pending_queue = _Direct(handler)  # type: ignore[assignment]
+        if not isinstance(getattr(sub, "_pending_queue", None), asyncio.Queue):
+            await sub.unsubscribe()
+            raise _internals_changed(["Subscription._pending_queue"])
+        direct: _Direct | _Bare = _Direct(handler) if guarded else _Bare(handler)
+        sub._pending_queue = direct  # type: ignore[assignment]
         return int(sub._id)
 
     def _unsubscribe(self, sid: int) -> None:
@@ -595,8 +656,18 @@ class NatsBackend(Queues, Consuming, Requests):
     def publish(self, topic: str, data: bytes, kind: int,
                 headers: dict[str, str] | None) -> None:
         self._published += 1
-        self._write(self.ns.topic_prefix + topic, data, "",
-                    nm.encode_headers(headers, kind, None, None) if headers or kind else None)
+        if headers or kind:
+            self._write(self.ns.topic_prefix + topic, data, "",
+                        nm.encode_headers(headers, kind, None, None))
+            return
+        # The per-message path: a raw body without headers, one bytes formatting with
+        # the command's start kept per topic (as Bus keeps checked names, bounded).
+        start = self._pub_starts.get(topic)
+        if start is None:
+            start = f"PUB {self.ns.topic_prefix}{topic} ".encode()
+            if len(self._pub_starts) < 10_000:
+                self._pub_starts[topic] = start
+        self._append(b"%b%d\r\n%b\r\n" % (start, len(data), data))
 
     # -- receiving: topics ----------------------------------------------------------------
 
@@ -605,18 +676,38 @@ class NatsBackend(Queues, Consuming, Requests):
         window = TopicWindow(pattern, max_pending, policy, weakref.ref(target))
         prefix_len = len(self.ns.topic_prefix)
 
-        offer, now = window.offer, time.time
+        offer, now, target_of = window.offer, time.time, window.target
+        pending, max_pending = window.pending, max_pending
+        decode = nm.decode_headers
 
         def on_message(msg: Msg) -> None:
-            headers = msg.headers
-            if headers:
-                user, kind, _, _ = nm.decode_headers(headers)
-            else:
-                user, kind = None, 0
-            # No id on core NATS, and no broker clock: the receiving client's time.
-            offer(["", msg.subject[prefix_len:], msg.data, kind, user, now()])
+            # Called by nats-py's reader for every message, unwrapped (_Bare): the
+            # window's common case (room in flight, nothing waiting) inline, the rest in
+            # TopicWindow.offer; errors caught as _Direct would.
+            try:
+                headers = msg.headers
+                if headers:
+                    user, kind, _, _ = decode(headers)
+                else:
+                    user, kind = None, 0
+                # No id on core NATS, and no broker clock: the receiving client's time.
+                message = ["", msg.subject[prefix_len:], msg.data, kind, user, now()]
+                if window.in_flight < max_pending and not pending and not window.failed:
+                    target = target_of()
+                    if target is not None:
+                        window.in_flight += 1
+                        window.delivered += 1
+                        dropped = window.dropped_since
+                        if dropped:
+                            window.dropped_since = 0
+                        target._event(message, dropped)
+                    return
+                offer(message)
+            except Exception:
+                log.exception("handling a message on %s failed", msg.subject)
 
-        window.sid = await self._subscribe(self.ns.topic_prefix + pattern, on_message)
+        window.sid = await self._subscribe(self.ns.topic_prefix + pattern, on_message,
+                                           guarded=False)
         self._subs[window.sid] = window
         target._handle = window
         window.on_disconnect = lambda: self.cancel(window)
