@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 __all__ = ["Queues"]
 
 _ERR_STREAM_IN_USE: Final = 10058
+_PURGE_WINDOW: Final = 256  # message deletes in flight during a purge with leases
 
 
 class Queues:
@@ -106,11 +107,34 @@ class Queues:
         return settings.as_dict()
 
     async def purge(self, queue: str) -> int:
+        """Remove the queue's ready and delayed messages and keep the leased ones, as the
+        local broker does. With nothing leased, one purge of the stream. Otherwise the
+        delayed sends (their schedule subjects) in one filtered purge, and the ready
+        messages, those after the shared consumer's delivered stream sequence, one
+        delete each (pipelined, _PURGE_WINDOW at a time): a purge removes a range from
+        the oldest, and the leased messages are the oldest. A message given back and not
+        yet delivered again is kept (on NATS it is unacked, not ready)."""
         stream = self.ns.stream(queue)
-        result = await self._api("STREAM.PURGE." + stream)
-        if "error" in result:
+        consumer = await self._api(f"CONSUMER.INFO.{stream}.{nm.CONSUMER}")
+        if "error" in consumer or not int(consumer.get("num_ack_pending", 0)):
+            result = await self._api("STREAM.PURGE." + stream)
+            if "error" in result:
+                raise nm.no_such_queue(queue)
+            return int(result.get("purged", 0))
+        delayed = await self._api("STREAM.PURGE." + stream,
+                                  {"filter": self.ns.schedule_prefix(queue) + ">"})
+        info = await self._api("STREAM.INFO." + stream)
+        if "error" in info or "error" in delayed:
             raise nm.no_such_queue(queue)
-        return int(result.get("purged", 0))
+        first = int(consumer["delivered"]["stream_seq"]) + 1
+        last = int(info["state"].get("last_seq", 0))
+        deleted = 0
+        for start in range(first, last + 1, _PURGE_WINDOW):
+            answers = await asyncio.gather(*(
+                self._api(f"STREAM.MSG.DELETE.{stream}", {"seq": seq, "no_erase": True})
+                for seq in range(start, min(start + _PURGE_WINDOW, last + 1))))
+            deleted += sum(1 for answer in answers if answer.get("success"))
+        return int(delayed.get("purged", 0)) + deleted
 
     async def delete(self, queue: str, if_empty: bool) -> int:
         stream = self.ns.stream(queue)

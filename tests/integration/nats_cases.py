@@ -36,8 +36,6 @@ XFAIL: dict[str, str] = {
     "test_redeclare_with_other_settings_is_an_error": (
         BLOCK + "; test_nats.py checks a redeclare's QueueMismatch with overflow 'reject'"),
     "test_ttl_that_runs_out_after_release": TTL,
-    "test_purge_removes_waiting_messages_and_keeps_leased_ones": (
-        "a JetStream purge also removes the messages consumers hold"),
     "test_a_refused_request_fails_at_once_with_the_reason": REQUESTS,
     "test_stat_prometheus": ("stats() knows no connections and no broker process on NATS"
                              " (None: NaN in the Prometheus text)"),
