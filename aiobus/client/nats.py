@@ -78,6 +78,10 @@ _PUBACK_TIMEOUT: Final = 2.0  # then the publish is sent again (deduplicated by 
 _NO_NEWLINES: Final = str.maketrans("\r\n", "  ")
 _HIGH_WATER: Final = 1024 * 1024  # nats-py buffer bytes above which writers wait
 _ERR_MAX_MSGS: Final = 10077  # JSStreamStoreFailedF "maximum messages exceeded"
+# A send parked on a full queue (overflow "block") asks again after this, doubling: the
+# stream does not say when room is made.
+_PARK_FIRST: Final = 0.005
+_PARK_MAX: Final = 0.2
 _ERR_STREAM_NOT_FOUND: Final = 10059
 
 
@@ -210,6 +214,8 @@ class NatsBackend(Queues, Consuming, Requests):
         self._releasing: set[asyncio.Future[None]] = set()  # releases not yet complete
         self._sending: set[asyncio.Task[None]] = set()  # send_nowait()s looking up a queue
         self._pub_starts: dict[str, bytes] = {}  # topic -> b"PUB <subject> "
+        self._parked: dict[str, int] = {}  # queue -> this client's sends waiting for room
+        self._closing = False
 
     # -- connection lifecycle -------------------------------------------------------------
 
@@ -301,6 +307,7 @@ class NatsBackend(Queues, Consuming, Requests):
     async def aclose(self) -> None:
         if self._error is not None:
             return
+        self._closing = True  # parked sends give up (ConnectionClosed), as locally
         # Sends on their way and dead letters being stored: let them finish (bounded).
         if self._tasks or self._sending:
             await asyncio.wait([*self._tasks, *self._sending], timeout=_CLOSE_TIMEOUT)
@@ -544,44 +551,62 @@ class NatsBackend(Queues, Consuming, Requests):
             subject = self.ns.schedule_prefix(queue) + mid
         else:
             nats_headers = nm.encode_headers(headers, kind, mid, ttl)
-        await self._publish(queue, subject, data, nats_headers)
+        await self._publish(queue, subject, data, nats_headers, nm.parks(settings))
 
     async def _publish(self, queue: str, subject: str, data: bytes,
-                       headers: dict[str, str] | None) -> None:
+                       headers: dict[str, str] | None, park: bool = False) -> None:
         """Publish to JetStream until a PubAck says yes or no. A PubAck that does not come
         (a cluster electing a stream leader, a lost connection) is asked for again with
         the same ``Nats-Msg-Id``: the stream keeps one copy (as the local broker's session
-        resends with the same id). Bounded by the caller's timeout, or the bus closing."""
+        resends with the same id). Bounded by the caller's timeout, or the bus closing.
+        ``park``: a full queue's refusal is waited out (overflow "block": sent again,
+        backing off, until there is room), the send counted in ``parked`` meanwhile."""
         delay = 0.05
-        while True:
-            inbox, fut = self._token()
-            self._write(subject, data, inbox, headers)
-            try:
-                async with asyncio.timeout(_PUBACK_TIMEOUT):
-                    ack = await fut
-            except TimeoutError:
-                self._waiters.pop(inbox[len(self._inbox) + 1:], None)
-                continue
-            except nats.errors.NoRespondersError:
-                # Nobody stores the subject: the stream was deleted (create it again, as
-                # any use does), or a cluster has no leader for it yet (wait).
+        room_wait = _PARK_FIRST
+        parked = False
+        try:
+            while True:
+                inbox, fut = self._token()
+                self._write(subject, data, inbox, headers)
                 try:
-                    info = await self._api("STREAM.INFO." + self.ns.stream(queue))
-                except BrokerUnavailable:
-                    info = {}  # JetStream itself is busy: wait as for a leader
-                if info.get("error", {}).get("err_code") == _ERR_STREAM_NOT_FOUND:
-                    self._queues.pop(queue, None)
-                    await self._queue(queue)
-                else:
+                    async with asyncio.timeout(_PUBACK_TIMEOUT):
+                        ack = await fut
+                except TimeoutError:
+                    self._waiters.pop(inbox[len(self._inbox) + 1:], None)
+                    continue
+                except nats.errors.NoRespondersError:
+                    # Nobody stores the subject: the stream was deleted (create it again,
+                    # as any use does), or a cluster has no leader for it yet (wait).
+                    try:
+                        info = await self._api("STREAM.INFO." + self.ns.stream(queue))
+                    except BrokerUnavailable:
+                        info = {}  # JetStream itself is busy: wait as for a leader
+                    if info.get("error", {}).get("err_code") == _ERR_STREAM_NOT_FOUND:
+                        self._queues.pop(queue, None)
+                        await self._queue(queue)
+                    else:
+                        await asyncio.sleep(delay)
+                        delay = min(2 * delay, 1.0)
+                    continue
+                if nm.is_temporary(ack.data):
                     await asyncio.sleep(delay)
                     delay = min(2 * delay, 1.0)
-                continue
-            if nm.is_temporary(ack.data):
-                await asyncio.sleep(delay)
-                delay = min(2 * delay, 1.0)
-                continue
-            self._puback(queue, ack)
-            return
+                    continue
+                if park and nm.is_full(ack.data):
+                    if not parked:
+                        parked = True
+                        self._parked[queue] = self._parked.get(queue, 0) + 1
+                    await asyncio.sleep(room_wait)
+                    room_wait = min(2 * room_wait, _PARK_MAX)
+                    if self._closing:
+                        raise ConnectionClosed(f"the bus was closed while a send waited for"
+                                               f" room in queue {shown(queue)}")
+                    continue
+                self._puback(queue, ack)
+                return
+        finally:
+            if parked:
+                self._parked[queue] -= 1
 
     def send_nowait(self, queue: str, data: bytes, kind: int,
                     headers: dict[str, str] | None, ttl: float | None,
@@ -590,7 +615,7 @@ class NatsBackend(Queues, Consuming, Requests):
         if self._error is not None:
             raise self._error
         settings = self._queues.get(queue)
-        if settings is None or delay:
+        if settings is None or delay or nm.parks(settings):
             return self._send_soon(self._send(queue, data, kind, headers, ttl, delay))
         mid = self._next_id()
         inbox, fut = self._token()
@@ -643,7 +668,7 @@ class NatsBackend(Queues, Consuming, Requests):
                          delay: float | None) -> None:
         self._check_send(ttl, delay)
         settings = self._queues.get(queue)
-        if settings is None or delay:
+        if settings is None or delay or nm.parks(settings):
             self._spawn(self._send(queue, data, kind, headers, ttl, delay))
             return
         mid = self._next_id()

@@ -31,11 +31,10 @@ __all__ = [
     "CONSUMER", "DEFAULT_NAMESPACE", "H_ATTEMPT", "H_BEFORE", "H_ID", "H_KIND", "H_REPLY",
     "H_TIME", "Namespace", "check_mismatch", "check_seconds", "check_supported",
     "consumer_config", "copied", "dead_letter_headers", "decode_headers", "encode_headers",
-    "is_temporary", "nak_delay", "no_such_queue", "parse_ack_subject", "parse_raw_headers",
-    "parse_url", "peeked_entry", "queue_stats", "release_headers", "remaining_ttl",
-    "request_attempt", "request_headers", "schedule_headers", "scheduled",
-    "settings_from_metadata",
-    "stored_time", "stream_config", "ttl_header",
+    "is_full", "is_temporary", "nak_delay", "no_such_queue", "parks", "parse_ack_subject",
+    "parse_raw_headers", "parse_url", "peeked_entry", "queue_stats", "release_headers",
+    "remaining_ttl", "request_attempt", "request_headers", "schedule_headers", "scheduled",
+    "settings_from_metadata", "stored_time", "stream_config", "ttl_header",
 ]
 
 DEFAULT_NAMESPACE: Final = "aiobus"
@@ -145,15 +144,27 @@ def check_supported(name: str, settings: QueueSettings) -> None:
     """Refuse settings NATS cannot honour, naming them (docs/nats.md).
 
     Raises:
-        InvalidOption: ``max_length`` with ``overflow`` "block" or "dead-letter" (a
-            JetStream stream can refuse new messages, DiscardNew, or drop the oldest
-            silently; it cannot park a sender or dead-letter the oldest).
+        InvalidOption: ``max_length`` with ``overflow`` "dead-letter" (a JetStream
+            stream can refuse new messages, DiscardNew, or drop the oldest silently; it
+            cannot dead-letter the oldest). "block" is the sending client's to do: it
+            sends again until there is room (``parks``).
     """
-    if settings.max_length is not None and settings.overflow != "reject":
+    if settings.max_length is not None and settings.overflow == "dead-letter":
         raise InvalidOption(
-            f"queue {shown(name)}: overflow {settings.overflow!r} is not supported on NATS"
-            " (a JetStream stream cannot park a sender or dead-letter its oldest message);"
-            " use overflow='reject' with max_length")
+            f"queue {shown(name)}: overflow 'dead-letter' is not supported on NATS (a"
+            " JetStream stream cannot dead-letter its oldest message); use overflow"
+            " 'block' or 'reject' with max_length")
+
+
+def parks(settings: QueueSettings) -> bool:
+    """Whether a send to a full queue waits for room (overflow "block"): on NATS the
+    sender sends again, backing off, while the stream says it is full."""
+    return settings.max_length is not None and settings.overflow == "block"
+
+
+def is_full(puback: bytes) -> bool:
+    """A PubAck refusing a message because the stream holds max_msgs (10077)."""
+    return puback.startswith(b'{"error"') and b'"err_code":10077' in puback
 
 
 def stream_config(ns: Namespace, name: str, settings: QueueSettings, *, explicit: bool,

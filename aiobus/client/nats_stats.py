@@ -73,6 +73,7 @@ async def collect(backend: NatsBackend, options: dict[str, Any]) -> dict[str, An
         consumer = await backend._api(f"CONSUMER.INFO.{ns.stream(name)}.{nm.CONSUMER}")
         queues[name] = nm.queue_stats(info, None if "error" in consumer else consumer,
                                       settings)
+        queues[name]["parked"] = backend._parked.get(name, 0)  # this client's
     backend._stream_info_cache.clear()
     subs = [window.stats() for window in list(backend._subs.values())[:limit]]
     return {
@@ -91,7 +92,8 @@ async def collect(backend: NatsBackend, options: dict[str, Any]) -> dict[str, An
         "connections": [{
             "conn": None, "name": backend.name, "pid": os.getpid(), "uid": os.getuid(),
             "gid": os.getgid(), "consumers": len(backend._pulls),
-            "subscriptions": len(backend._subs), "parked": 0, "parked_bytes": 0}],
+            "subscriptions": len(backend._subs),
+            "parked": sum(backend._parked.values()), "parked_bytes": 0}],
         "connections_total": None,
         "journal": None,
     }

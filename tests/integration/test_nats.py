@@ -96,12 +96,45 @@ async def test_a_queue_created_by_use_adopts_its_first_declaration(url: str) -> 
 
 async def test_unsupported_settings_are_typed_errors(url: str) -> None:
     async with aiobus.connect(url) as bus:
-        for overflow in ("block", "dead-letter"):
-            with pytest.raises(aiobus.InvalidOption, match=f"overflow '{overflow}'"):
-                await bus.declare_queue("bounded", max_length=2, overflow=overflow)
+        with pytest.raises(aiobus.InvalidOption, match="overflow 'dead-letter'"):
+            await bus.declare_queue("bounded", max_length=2, overflow="dead-letter")
         await bus.declare_queue("bounded", max_length=2, overflow="reject")
         with pytest.raises(aiobus.InvalidOption, match="delay"):
             await bus.send("bounded", 1, delay=1)  # schedules cannot use DiscardNew
+
+
+async def test_a_send_to_a_full_blocking_queue_waits_for_an_ack_to_make_room(
+        url: str) -> None:
+    """Documented: overflow 'block' is the sender's: it sends again, backing off, while
+    the stream is full, counted in this client's ``parked``. JetStream keeps a message
+    until it is acked, so room is made by an ack, not by a delivery; and a send still
+    waiting when its bus closes fails with ConnectionClosed."""
+    async with aiobus.connect(url) as bus:
+        await bus.declare_queue("bounded", max_length=1)  # overflow "block", the default
+        await bus.send("bounded", 1)
+        blocked = asyncio.create_task(bus.send("bounded", 2))
+        unconfirmed = bus.send_nowait("bounded", 3)
+        await asyncio.sleep(0.3)
+        assert not blocked.done() and not unconfirmed.done()
+        assert (await queue_stats(bus, "bounded"))["parked"] == 2
+        async with bus.consume("bounded", prefetch=1) as consumer:
+            first = await next_msg(consumer)
+            await asyncio.sleep(0.3)
+            assert not blocked.done()  # delivered, not acked: still no room
+            await first.ack()
+            second = await next_msg(consumer)
+            await second.ack()
+            third = await next_msg(consumer)
+            await third.ack()
+        await asyncio.wait_for(asyncio.gather(blocked, unconfirmed), TIMEOUT)
+        assert {second.body, third.body} == {2, 3}
+        assert (await queue_stats(bus, "bounded"))["parked"] == 0
+        await bus.send("bounded", 4)
+        async with aiobus.connect(url) as producer:
+            parked = producer.send_nowait("bounded", 5)
+            await asyncio.sleep(0.1)
+        with pytest.raises(aiobus.ConnectionClosed):
+            await asyncio.wait_for(parked, TIMEOUT)
 
 
 async def test_ttl_removes_the_message_without_dead_lettering_it(url: str) -> None:

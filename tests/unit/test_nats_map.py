@@ -72,11 +72,16 @@ def test_settings_become_stream_and_consumer_config() -> None:
 
 
 def test_unsupported_overflow_and_mismatches_are_named() -> None:
-    for overflow in ("block", "dead-letter"):
-        with pytest.raises(InvalidOption, match=overflow):
-            nm.check_supported("q", QueueSettings.for_queue(
-                "q", {"max_length": 1, "overflow": overflow}))
+    with pytest.raises(InvalidOption, match="dead-letter"):
+        nm.check_supported("q", QueueSettings.for_queue(
+            "q", {"max_length": 1, "overflow": "dead-letter"}))
+    blocking = QueueSettings.for_queue("q", {"max_length": 1})  # "block": the default
+    nm.check_supported("q", blocking)  # the sender waits for room
+    assert nm.parks(blocking) and not nm.parks(QueueSettings.for_queue("q"))
+    assert not nm.parks(QueueSettings.for_queue("q", {"max_length": 1, "overflow": "reject"}))
     nm.check_supported("q", QueueSettings.for_queue("q"))  # no max_length: fine
+    assert nm.is_full(b'{"error":{"code":503,"err_code":10077,"description":"x"}}')
+    assert not nm.is_full(b'{"stream":"s","seq":1}')
     old = QueueSettings.for_queue("q", {"max_length": 10, "overflow": "reject"})
     new = QueueSettings.for_queue("q", {"max_length": 11, "overflow": "reject"})
     nm.check_mismatch("q", old, old)
