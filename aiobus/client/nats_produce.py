@@ -1,0 +1,257 @@
+"""Sending to queues on the NATS backend (``client/nats.py``): JetStream publishes with
+``Nats-Msg-Id``.
+
+A confirmed send waits for its PubAck; a PubAck that does not come (a cluster electing a
+stream leader, a lost connection) is asked for again with the same id, which the stream
+deduplicates. ``send_nowait`` writes at once when the queue is known and completes its
+future from the PubAck by callback; a send that must look its queue up first, or wait
+for room, is a task that its future follows. ``confirm=False`` sends share one reply
+token, counted so that ``ping()`` can wait for their PubAcks. Overflow "block" is done
+here: a PubAck saying the stream is full is waited out, backing off, the send counted in
+``parked`` (docs/nats.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import logging
+import time
+from typing import TYPE_CHECKING, Any, Final
+
+import nats.errors
+from nats.aio.msg import Msg
+
+from ..broker.settings import QueueSettings
+from ..errors import (
+    BrokerUnavailable,
+    BusError,
+    ConnectionClosed,
+    InvalidOption,
+    QueueFull,
+    SendTimeout,
+    shown,
+)
+from . import nats_map as nm
+
+__all__ = ["Producing"]
+
+log = logging.getLogger(__name__)
+
+_PUBACK_TIMEOUT: Final = 2.0  # then the publish is sent again (deduplicated by its id)
+_ERR_MAX_MSGS: Final = 10077  # JSStreamStoreFailedF "maximum messages exceeded"
+_ERR_STREAM_NOT_FOUND: Final = 10059
+# A send parked on a full queue (overflow "block") asks again after this, doubling: the
+# stream does not say when room is made.
+_PARK_FIRST: Final = 0.005
+_PARK_MAX: Final = 0.2
+
+
+class Producing:
+    """The sending half of :class:`~aiobus.client.nats.NatsBackend` (see the module
+    docstring); the backend's ``__init__`` sets these attributes."""
+
+    ns: nm.Namespace
+    server_info: dict[str, Any]
+    _loop: asyncio.AbstractEventLoop
+    _inbox: str
+    _unconfirmed_inbox: str
+    _error: BusError | None
+    _schedules: bool
+    _queues: dict[str, QueueSettings]
+    _waiters: dict[str, asyncio.Future[Any]]
+    _unconfirmed: int
+    _sending: set[asyncio.Task[None]]
+    _parked: dict[str, int]
+    _closing: bool
+
+    if TYPE_CHECKING:
+        async def _api(self, subject: str,
+                       body: dict[str, Any] | None = None) -> dict[str, Any]: ...
+        async def _queue(self, name: str) -> QueueSettings: ...
+        def _write(self, subject: str, payload: bytes, reply: str = "",
+                   headers: dict[str, str] | None = None) -> None: ...
+        def _token(self) -> tuple[str, asyncio.Future[Any]]: ...
+        def _next_id(self) -> str: ...
+        def _spawn(self, coro: Any) -> None: ...
+
+    def _puback(self, queue: str, msg: Msg) -> None:
+        """Raise what a PubAck's error means."""
+        if not msg.data.startswith(b'{"error"'):
+            return
+        error = json.loads(msg.data)["error"]
+        if error.get("err_code") == _ERR_MAX_MSGS:
+            raise QueueFull(f"queue {shown(queue)} is full (max_length); the send was"
+                            " refused (overflow 'reject')")
+        raise BusError(f"NATS refused a send to queue {shown(queue)}:"
+                       f" {error.get('description')}")
+
+    def _check_send(self, ttl: float | None, delay: float | None) -> None:
+        nm.check_seconds("ttl", ttl)
+        if delay is not None:
+            if type(delay) not in (int, float) or not 0 <= delay < 1e9:
+                raise InvalidOption(f"delay must be a number of seconds from 0 up to 1e9;"
+                                    f" got {shown(delay)}")
+            if delay > 0 and not self._schedules:
+                raise InvalidOption("send(delay=...) needs nats-server 2.12 or later"
+                                    " (message schedules); this server is"
+                                    f" {self.server_info.get('version')}")
+
+    async def send(self, queue: str, data: bytes, kind: int, headers: dict[str, str] | None,
+                   ttl: float | None, delay: float | None,
+                   timeout: float | None = None) -> None:
+        try:
+            async with asyncio.timeout(timeout):
+                await self._send(queue, data, kind, headers, ttl, delay)
+        except TimeoutError:
+            raise SendTimeout(f"a send to queue {queue!r} was not confirmed within"
+                              f" {timeout} s") from None
+
+    async def _send(self, queue: str, data: bytes, kind: int,
+                    headers: dict[str, str] | None, ttl: float | None, delay: float | None
+                    ) -> None:
+        self._check_send(ttl, delay)
+        settings = self._queues.get(queue) or await self._queue(queue)
+        if ttl is None:
+            ttl = settings.ttl
+        if delay and settings.max_length is not None:
+            raise InvalidOption(f"send(delay=...) to queue {shown(queue)}: on NATS a queue"
+                                " with max_length cannot hold delayed sends (JetStream"
+                                " schedules cannot use DiscardNew)")
+        mid = self._next_id()
+        subject = self.ns.queue_subject(queue)
+        nats_headers: dict[str, str] | None
+        if delay:
+            due = datetime.datetime.fromtimestamp(time.time() + delay, datetime.UTC)
+            nats_headers = nm.schedule_headers(
+                headers, kind, mid, ttl, due.strftime("%Y-%m-%dT%H:%M:%S.%fZ"), subject)
+            subject = self.ns.schedule_prefix(queue) + mid
+        else:
+            nats_headers = nm.encode_headers(headers, kind, mid, ttl)
+        await self._publish(queue, subject, data, nats_headers, nm.parks(settings))
+
+    async def _publish(self, queue: str, subject: str, data: bytes,
+                       headers: dict[str, str] | None, park: bool = False) -> None:
+        """Publish to JetStream until a PubAck says yes or no. A PubAck that does not come
+        (a cluster electing a stream leader, a lost connection) is asked for again with
+        the same ``Nats-Msg-Id``: the stream keeps one copy (as the local broker's session
+        resends with the same id). Bounded by the caller's timeout, or the bus closing.
+        ``park``: a full queue's refusal is waited out (overflow "block": sent again,
+        backing off, until there is room), the send counted in ``parked`` meanwhile."""
+        delay = 0.05
+        room_wait = _PARK_FIRST
+        parked = False
+        try:
+            while True:
+                inbox, fut = self._token()
+                self._write(subject, data, inbox, headers)
+                try:
+                    async with asyncio.timeout(_PUBACK_TIMEOUT):
+                        ack = await fut
+                except TimeoutError:
+                    self._waiters.pop(inbox[len(self._inbox) + 1:], None)
+                    continue
+                except nats.errors.NoRespondersError:
+                    # Nobody stores the subject: the stream was deleted (create it again,
+                    # as any use does), or a cluster has no leader for it yet (wait).
+                    try:
+                        info = await self._api("STREAM.INFO." + self.ns.stream(queue))
+                    except BrokerUnavailable:
+                        info = {}  # JetStream itself is busy: wait as for a leader
+                    if info.get("error", {}).get("err_code") == _ERR_STREAM_NOT_FOUND:
+                        self._queues.pop(queue, None)
+                        await self._queue(queue)
+                    else:
+                        await asyncio.sleep(delay)
+                        delay = min(2 * delay, 1.0)
+                    continue
+                if nm.is_temporary(ack.data):
+                    await asyncio.sleep(delay)
+                    delay = min(2 * delay, 1.0)
+                    continue
+                if park and nm.is_full(ack.data):
+                    if not parked:
+                        parked = True
+                        self._parked[queue] = self._parked.get(queue, 0) + 1
+                    await asyncio.sleep(room_wait)
+                    room_wait = min(2 * room_wait, _PARK_MAX)
+                    if self._closing:
+                        raise ConnectionClosed(f"the bus was closed while a send waited for"
+                                               f" room in queue {shown(queue)}")
+                    continue
+                self._puback(queue, ack)
+                return
+        finally:
+            if parked:
+                self._parked[queue] -= 1
+
+    def send_nowait(self, queue: str, data: bytes, kind: int,
+                    headers: dict[str, str] | None, ttl: float | None,
+                    delay: float | None) -> asyncio.Future[None]:
+        self._check_send(ttl, delay)
+        if self._error is not None:
+            raise self._error
+        settings = self._queues.get(queue)
+        if settings is None or delay or nm.parks(settings):
+            return self._send_soon(self._send(queue, data, kind, headers, ttl, delay))
+        mid = self._next_id()
+        inbox, fut = self._token()
+        self._write(self.ns.queue_subject(queue), data, inbox,
+                    nm.encode_headers(headers, kind, mid, ttl if ttl else settings.ttl))
+        result: asyncio.Future[None] = self._loop.create_future()
+
+        def done(f: asyncio.Future[Any]) -> None:
+            if result.done():
+                return
+            if f.exception() is not None:
+                result.set_exception(f.exception())  # type: ignore[arg-type]
+                return
+            try:
+                self._puback(queue, f.result())
+            except BusError as exc:
+                result.set_exception(exc)
+            else:
+                result.set_result(None)
+
+        fut.add_done_callback(done)
+        return result
+
+    def _send_soon(self, send: Any) -> asyncio.Future[None]:
+        """A send that must look its queue up first, as a task the returned future
+        follows. Cancelling the future does not cancel the send (on the Unix socket a
+        send_nowait is written at once; here it is on its way), and aclose() waits for
+        it, as it waits for PubAcks already due."""
+        task = self._loop.create_task(send)
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+        result: asyncio.Future[None] = self._loop.create_future()
+
+        def done(t: asyncio.Task[None]) -> None:
+            error = None if t.cancelled() else t.exception()
+            if result.done():
+                return  # cancelled by its caller: the outcome is nobody's
+            if t.cancelled():
+                result.cancel()
+            elif error is not None:
+                result.set_exception(error)
+            else:
+                result.set_result(None)
+
+        task.add_done_callback(done)
+        return result
+
+    def send_unconfirmed(self, queue: str, data: bytes, kind: int,
+                         headers: dict[str, str] | None, ttl: float | None,
+                         delay: float | None) -> None:
+        self._check_send(ttl, delay)
+        settings = self._queues.get(queue)
+        if settings is None or delay or nm.parks(settings):
+            self._spawn(self._send(queue, data, kind, headers, ttl, delay))
+            return
+        mid = self._next_id()
+        # The PubAck comes back to one shared token: counted, so that ping() can wait
+        # for all of them, and a refusal counts in async_errors.
+        self._unconfirmed += 1
+        self._write(self.ns.queue_subject(queue), data, self._unconfirmed_inbox,
+                    nm.encode_headers(headers, kind, mid, ttl if ttl else settings.ttl))
