@@ -1,18 +1,20 @@
 """The behaviour-suite cases the NATS backend does not support, each with its reason
-(docs/nats.md lists the same). ``conftest.py`` marks the ``[nats]`` case of each: XFAIL
-ones ``xfail(strict=True)`` (they run, and must fail: a fix shows up as XPASS); SKIP ones
-are skipped because they speak the aiobus wire protocol to the broker's socket, would
-wait out JetStream's 30 s AckWait, or would spend seconds waiting for what NATS does not
-do (those are SLOW: a quick test in test_nats.py pins the documented behaviour instead).
+(docs/nats.md and the README's table list the same). ``conftest.py`` marks the ``[nats]``
+case of each: XFAIL ones ``xfail(strict=True)`` (they run, and must fail: a fix shows up
+as XPASS); SKIP ones do not run because they would spend seconds waiting for what NATS
+does not do (SLOW: a quick test in test_nats.py pins the documented behaviour instead) or
+depend on timing NATS does not make deterministic.
+
+Not listed, because they are not collected for ``[nats]`` at all: tests that speak the
+aiobus wire protocol to the broker's socket or depend on the broker process
+(``conftest.unix_only``, with the reason at each).
 """
 
 from __future__ import annotations
 
-RELEASE = ("a consumer that stops gives its unacked messages back with a NAK, which counts"
-           " an attempt, and JetStream keeps a given-back message ack-pending ('unacked')"
-           " until it is delivered again")
-UNACKED = ("JetStream keeps a message whose lease expired or that was nacked ack-pending"
-           " ('unacked', not 'ready' or 'delayed') until it is delivered again")
+UNACKED = ("JetStream keeps a message whose lease expired ack-pending ('unacked', not"
+           " 'ready') until it is delivered again, and the stalled consumer's own pull"
+           " request may take it back at once")
 BLOCK = ("overflow 'block' is the sending client's (it sends again while the stream is"
          " full), and JetStream keeps a message until it is acked: room is made by an ack,"
          " not by a delivery, and 'parked' counts that client's waiting sends only")

@@ -279,6 +279,17 @@ async def test_lifetime_counters_are_none_not_wrong(url: str) -> None:
         assert [queue[k] for k in ("dead_lettered", "expired", "discarded", "duplicates")] \
             == [None] * 4
         assert stats["topics"]["unrouted"] is None and stats["journal"] is None
+        # Connections are this client's own (NATS lists them in /connz), and `consumers`
+        # counts pull requests waiting: none for a consumer whose prefetch is full.
+        assert stats["connections_total"] is None and len(stats["connections"]) == 1
+        async with bus.consume("jobs", prefetch=1) as consumer:
+            held = await next_msg(consumer)
+            assert (await queue_stats(bus, "jobs"))["consumers"] == 0
+            await held.ack()
+            deadline = time.monotonic() + TIMEOUT
+            while (await queue_stats(bus, "jobs"))["consumers"] != 1:  # pulling again
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
 
 
 async def test_the_nats_extra_is_named_when_nats_py_is_missing(tmp_path: Any) -> None:
