@@ -321,16 +321,17 @@ def remaining_ttl(headers: dict[str, str] | None, stored: float, now: float) -> 
     return seconds - (now - stored)
 
 
-def request_headers(headers: dict[str, str] | None, kind: int, msg_id: str,
-                    attempt: int) -> dict[str, str]:
-    """Headers of a request on core NATS: the application's, the body kind, the id
-    (``Aiobus-Id``: no stream deduplicates it) and, given to a responder again, the
-    attempt."""
+def request_headers(headers: dict[str, str] | None, kind: int, msg_id: str | None,
+                    attempt: int) -> dict[str, str] | None:
+    """Headers of a request on core NATS: the application's, the body kind, the id and,
+    given to a responder again, the attempt; None when there is none of these (a first
+    request's id is its reply subject, unique: no header block to write or parse)."""
     out = encode_headers(headers, kind, None, None) or {}
-    out[H_ID] = msg_id
+    if msg_id is not None:
+        out[H_ID] = msg_id
     if attempt > 1:
         out[H_ATTEMPT] = str(attempt)
-    return out
+    return out or None
 
 
 def request_attempt(headers: dict[str, str] | None) -> int:

@@ -38,9 +38,10 @@ from nats.aio.msg import Msg
 from ..errors import BusError, RequestTimeout
 from ..protocol import decode_body
 from . import nats_map as nm
+from .nats_consume import _Lease
 
 if TYPE_CHECKING:
-    from .nats_consume import _Lease, _Pull
+    from .nats_consume import _Pull
 
 __all__ = ["Requests"]
 
@@ -62,7 +63,6 @@ class Requests:
         def _write(self, subject: str, payload: bytes, reply: str = "",
                    headers: dict[str, str] | None = None) -> None: ...
         def _token(self) -> tuple[str, asyncio.Future[Any]]: ...
-        def _next_id(self) -> str: ...
         async def _subscribe(self, subject: str, handler: Callable[[Msg], None],
                              group: str = "") -> int: ...
 
@@ -70,7 +70,7 @@ class Requests:
                       headers: dict[str, str] | None, timeout: float) -> Any:
         nm.check_seconds("timeout", timeout)
         subject = self.ns.request_subject(queue)
-        out = nm.request_headers(headers, kind, self._next_id(), 1)
+        out = nm.request_headers(headers, kind, None, 1)  # its id: the reply subject
         token = ""
         delay = _RETRY_FIRST
         try:
@@ -101,8 +101,6 @@ class Requests:
             group=nm.CONSUMER)
 
     def _on_request(self, pull: _Pull, msg: Msg) -> None:
-        from .nats_consume import _Lease
-
         if not msg.reply:
             return  # a publish to the subject, not a request: nobody to answer
         headers = msg.headers
@@ -112,8 +110,8 @@ class Requests:
             return
         user, kind, mid, _ = nm.decode_headers(headers)
         attempt = nm.request_attempt(headers)
-        lease = _Lease(pull, "", 0, attempt, float("inf"), mid or "", msg.data, kind, user,
-                       msg.reply)
+        lease = _Lease(pull, "", 0, attempt, float("inf"), mid or msg.reply, msg.data, kind,
+                       user, msg.reply)
         pull.unacked += 1
         pull.leases.add(lease)
         target._deliver(lease, [lease.mid, pull.queue, msg.data, kind, user, time.time()],
@@ -135,7 +133,7 @@ class Requests:
             self._write(subject, lease.data, lease.reply, headers)
 
     def _write_unless_closed(self, subject: str, data: bytes, reply: str,
-                             headers: dict[str, str]) -> None:
+                             headers: dict[str, str] | None) -> None:
         try:
             self._write(subject, data, reply, headers)
         except BusError:

@@ -253,6 +253,7 @@ def test_a_stored_message_becomes_a_peek_entry() -> None:
 
 def test_a_request_on_core_nats_carries_its_id_kind_and_attempt() -> None:
     assert NS.request_subject("rpc.add") == "aiobus.r.rpc.add"
+    assert nm.request_headers(None, 0, None, 1) is None  # its id is its reply subject
     first = nm.request_headers({"k": "v"}, 1, "c-1", 1)
     assert first == {"k": "v", nm.H_KIND: "1", nm.H_ID: "c-1"}
     assert nm.request_attempt(first) == 1 and nm.request_attempt(None) == 1
