@@ -205,6 +205,7 @@ class NatsBackend(Producing, Queues, Consuming, Requests):
         self._sending: set[asyncio.Task[None]] = set()  # send_nowait()s looking up a queue
         self._pub_starts: dict[str, bytes] = {}  # topic -> b"PUB <subject> "
         self._parked: dict[str, int] = {}  # queue -> this client's sends waiting for room
+        self._held: dict[str, list[Any]] = {}  # queue being looked up -> send_nowait()s
         self._closing = False
 
     # -- connection lifecycle -------------------------------------------------------------

@@ -64,6 +64,8 @@ class Producing:
     _unconfirmed: int
     _sending: set[asyncio.Task[None]]
     _parked: dict[str, int]
+    _held: dict[str, list[tuple[bytes, int, dict[str, str] | None, float | None,
+                                asyncio.Future[None]]]]
     _closing: bool
 
     if TYPE_CHECKING:
@@ -193,13 +195,30 @@ class Producing:
         if self._error is not None:
             raise self._error
         settings = self._queues.get(queue)
-        if settings is None or delay or nm.parks(settings):
+        if delay or (settings is not None and nm.parks(settings)):
             return self._send_soon(self._send(queue, data, kind, headers, ttl, delay))
-        mid = self._next_id()
+        result: asyncio.Future[None] = self._loop.create_future()
+        if settings is None:
+            # The queue is looked up (or created) once; its sends wait in order, and are
+            # written when it is known: no task per send (20,000 at once in `aiobus dlq
+            # requeue`).
+            held = self._held.get(queue)
+            if held is None:
+                held = self._held[queue] = []
+                self._send_soon(self._write_held(queue))
+            held.append((data, kind, headers, ttl, result))
+            return result
+        self._send_now(queue, settings, data, kind, headers, ttl, result)
+        return result
+
+    def _send_now(self, queue: str, settings: QueueSettings, data: bytes, kind: int,
+                  headers: dict[str, str] | None, ttl: float | None,
+                  result: asyncio.Future[None]) -> None:
+        """Write a send to a known queue; its PubAck settles ``result``."""
         inbox, fut = self._token()
         self._write(self.ns.queue_subject(queue), data, inbox,
-                    nm.encode_headers(headers, kind, mid, ttl if ttl else settings.ttl))
-        result: asyncio.Future[None] = self._loop.create_future()
+                    nm.encode_headers(headers, kind, self._next_id(),
+                                      ttl if ttl else settings.ttl))
 
         def done(f: asyncio.Future[Any]) -> None:
             if result.done():
@@ -215,7 +234,39 @@ class Producing:
                 result.set_result(None)
 
         fut.add_done_callback(done)
-        return result
+
+    async def _write_held(self, queue: str) -> None:
+        """Look ``queue`` up, then write the sends held for it, in order."""
+        try:
+            settings = await self._queue(queue)
+        except BaseException as exc:
+            for *_, result in self._held.pop(queue, []):
+                if not result.done():
+                    result.set_exception(exc if isinstance(exc, Exception)
+                                         else ConnectionClosed("the bus was closed"))
+            if not isinstance(exc, Exception):
+                raise  # cancelled: the bus is closing
+            return  # the error is each send's
+        for data, kind, headers, ttl, result in self._held.pop(queue, []):
+            if nm.parks(settings):
+                self._follow(self._send_soon(self._send(queue, data, kind, headers, ttl,
+                                                        None)), result)
+            else:
+                self._send_now(queue, settings, data, kind, headers, ttl, result)
+
+    @staticmethod
+    def _follow(source: asyncio.Future[None], result: asyncio.Future[None]) -> None:
+        def done(f: asyncio.Future[None]) -> None:
+            if result.done():
+                return
+            if f.cancelled():
+                result.cancel()
+            elif f.exception() is not None:
+                result.set_exception(f.exception())  # type: ignore[arg-type]
+            else:
+                result.set_result(None)
+
+        source.add_done_callback(done)
 
     def _send_soon(self, send: Any) -> asyncio.Future[None]:
         """A send that must look its queue up first, as a task the returned future
