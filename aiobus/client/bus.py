@@ -329,8 +329,10 @@ class Bus:
                       headers: Mapping[str, str] | None = None) -> Any:
         """Send ``body`` to ``queue`` and wait for a consumer's ``msg.reply(...)``.
 
-        The request expires from the queue after ``timeout`` seconds, so nobody works on
-        a request whose caller gave up.
+        On the local broker the request waits in the queue like a message and expires
+        from it after ``timeout`` seconds, so nobody works on a request whose caller gave
+        up. On NATS it goes to the queue's consumers over core NATS and is not stored
+        (docs/nats.md).
 
         Returns:
             The reply's body.
