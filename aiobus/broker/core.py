@@ -49,7 +49,7 @@ import heapq
 import itertools
 from collections.abc import Callable, Iterable
 from enum import Enum
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import msgpack
 
@@ -69,7 +69,7 @@ from ..protocol import DEFAULT_MAX_FRAME, PROTOCOL_VERSION, BodyKind, Op, check_
 from ..stats import STATS_VERSION, BrokerStats, ConnectionStats, ProcessStats
 from .browse import check_peek, peek
 from .dedup import MAX_SEQ, check_client_id, check_seq
-from .policy import ALL_QUEUES, VERBS, Policy
+from .policy import ALL_QUEUES, Policy
 from .queue_state import Consumer, QMsg, Queue, pack_message
 from .queues import MAX_PREFETCH, PARK_LIMIT, JournalSink, QueueRouter
 from .settings import (
@@ -104,6 +104,9 @@ TOPIC_DISCONNECTED = "$sys.client.disconnected"
 # Names one connection's access cache keeps per verb; past this it starts over (a client
 # cycling through names costs a policy lookup per new name, not unbounded memory).
 _ACCESS_CACHE_LIMIT = 4096
+# A connection's cache of a verb it has not used yet: shared, empty, and never written
+# (Conn.allowed holds the real ones).
+_NOT_CACHED: Final[dict[str, bool]] = {}
 
 # The one access table: per frame type, the verb it needs and the field holding the name
 # it acts on (None: STATS, which shows every queue and connection). SEND and PUBLISH,
@@ -206,11 +209,14 @@ class Conn:
         self.pid = pid
         self.uid = uid
         self.gid = gid
-        self.gids = frozenset((gid, *gids))  # SO_PEERCRED's and SO_PEERGROUPS'
-        # The access cache: per verb, names already checked and the answer.
-        self.allowed: dict[str, dict[str, bool]] = {verb: {} for verb in VERBS}
-        self.allowed_send = self.allowed["send"]  # the hot verbs' caches, at hand
-        self.allowed_publish = self.allowed["publish"]
+        # SO_PEERCRED's and SO_PEERGROUPS' (a tuple: a frozenset was ~200 bytes more per
+        # connection, and the policy only asks whether a grant names any of them)
+        self.gids = (gid, *gids)
+        # The access cache: per verb, names already checked and the answer; a verb's
+        # dict is made at its first check (six empty dicts were ~900 bytes of every idle
+        # connection). The hot verbs' caches are at hand, _NOT_CACHED until made.
+        self.allowed: dict[str, dict[str, bool]] = {}
+        self.allowed_send = self.allowed_publish = _NOT_CACHED
         self.name: str | None = None
         self.client_id: str | None = None  # HELLO's: the prefix of its resendable ids
         self.id_prefix: str | None = None  # client_id + "-"
@@ -220,7 +226,8 @@ class Conn:
         self.subs: dict[int, Subscription] = {}
         self.parked = 0  # sends waiting for room in full queues
         self.parked_bytes = 0  # and the bytes of their messages
-        self.parked_queues: set[str] = set()  # the queues they wait in
+        self.parked_queues: set[str] | None = None  # the queues they wait in (made at
+        # the first park: a set was ~200 bytes of every idle connection)
         self.reading = True
         self.congested = False  # unread output above max_pending_output (set_congested)
 
@@ -364,7 +371,8 @@ class BrokerCore:
                         self._check_access(conn, verb, ALL_QUEUES, checked=True)
                     elif len(frame) > field:
                         name = frame[field]  # not a str: the handler names the bad field
-                        if type(name) is str and conn.allowed[verb].get(name) is not True:
+                        if type(name) is str and conn.allowed.get(
+                                verb, _NOT_CACHED).get(name) is not True:
                             self._check_access(conn, verb, name)
                 handler(conn, frame, now)
         except RemoteProtocolError as exc:
@@ -399,7 +407,13 @@ class BrokerCore:
             Forbidden: a ``$`` name, the broker's whatever the policy says.
             PermissionDenied: the policy does not grant it.
         """
-        cache = conn.allowed[verb]
+        cache = conn.allowed.get(verb)
+        if cache is None:
+            cache = conn.allowed[verb] = {}
+            if verb == "send":
+                conn.allowed_send = cache
+            elif verb == "publish":
+                conn.allowed_publish = cache
         ok = cache.get(name)
         if ok is None:
             if verb == "subscribe":
@@ -446,7 +460,7 @@ class BrokerCore:
         # Its parked sends go first: leases failed below free room that must not admit
         # them. Then every consumer at once, so each held lease counts one attempt.
         if conn.parked:
-            self.queues.drop_parked(conn_id, conn.parked_queues)
+            self.queues.drop_parked(conn_id, conn.parked_queues or set())
             self._uncount(self._uid_parked, conn.uid, conn.parked_bytes)
         if conn.consumers:
             self.queues.remove_consumers(list(conn.consumers.values()), now, failed=True)
@@ -538,6 +552,8 @@ class BrokerCore:
         conn.parked += delta
         conn.parked_bytes += size
         if queue is not None:
+            if conn.parked_queues is None:
+                conn.parked_queues = set()
             conn.parked_queues.add(queue)
         if conn.reading:
             if conn.parked >= PARK_LIMIT or conn.parked_bytes >= self.max_parked_bytes:
