@@ -105,19 +105,39 @@ def split_id(mid: str) -> tuple[str, int] | None:
 
 
 class _Client:
-    """One client id's runs in a window, sorted by seq, and its highest accepted seq."""
+    """One client id's runs in a window, sorted by seq, and its highest accepted seq.
 
-    __slots__ = ("prefix", "runs", "top")
+    ``runs[head:]`` are the live ones: the window drops a client's oldest run, which is
+    (in seq order) its first, so a drop moves ``head`` instead of shifting the list (a
+    ``list.remove`` at the front of a client's thousands of runs cost microseconds per
+    drop once a window was full); the dead prefix is cut off when it is half the list.
+    """
+
+    __slots__ = ("head", "prefix", "runs", "top")
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
         self.runs: list[_Run] = []
+        self.head = 0
         self.top = 0  # no run holds a higher seq (it may be gone: an upper bound)
 
     def holds(self, seq: int) -> bool:
-        runs = self.runs
-        i = bisect_right(runs, seq, key=_first) - 1
-        return i >= 0 and runs[i].last >= seq
+        runs, head = self.runs, self.head
+        i = bisect_right(runs, seq, lo=head, key=_first) - 1
+        return i >= head and runs[i].last >= seq
+
+    def drop(self, run: _Run) -> bool:
+        """``run`` left the window; True if this client has no run left."""
+        runs, head = self.runs, self.head
+        if runs[head] is run:
+            head += 1
+            if head > 32 and 2 * head > len(runs):
+                del runs[:head]
+                head = 0
+            self.head = head
+        else:  # an out-of-order run (an older seq accepted later): rare
+            runs.remove(run)
+        return head == len(runs)
 
 
 class _Run:
@@ -211,7 +231,8 @@ class DedupWindow:
             elif client.holds(seq):
                 return
             else:
-                client.runs.insert(bisect_right(client.runs, seq, key=_first), run)
+                client.runs.insert(
+                    bisect_right(client.runs, seq, lo=client.head, key=_first), run)
             self.runs.append(run)
             self.tail = run
             if len(self.runs) == 1:
@@ -236,8 +257,7 @@ class DedupWindow:
     def _forget(self, run: _Run) -> None:
         """``run`` left ``runs``: it leaves its client too."""
         client = run.client
-        client.runs.remove(run)
-        if not client.runs:
+        if client.drop(run):
             del self.clients[client.prefix]
         if run is self.tail:
             self.tail = None

@@ -150,3 +150,22 @@ def test_in_order_sends_of_one_turn_share_one_run() -> None:
     window.add_seq("c-", 1001, 6.0)  # the next turn: a new run
     assert len(window) == 1001 and len(window.runs) == 2
     assert window.seen_seq("c-", 500, 7.0) and not window.seen_seq("c-", 1002, 7.0)
+
+
+def test_a_full_window_drops_a_clients_oldest_runs_without_shifting_them() -> None:
+    """Each id in a run of its own (one per loop turn), many more than the window holds:
+    drops move the client's head and cut its dead prefix now and then; what is left is
+    exactly the newest ids, as the reference window keeps them."""
+    window, model = DedupWindow(1e9, 50), ReferenceWindow(1e9, 50)
+    for seq in range(1, 2001):
+        now = float(seq)
+        window.add_seq("c-", seq, now)
+        model.add(f"c-{seq}", now)
+        if seq % 7 == 0:  # an out-of-order resend of an old, dropped seq: a new run
+            window.add_seq("c-", seq - 60, now)
+            model.add(f"c-{seq - 60}", now)
+    assert window.entries() == model.entries()
+    client = window.clients["c-"]
+    assert len(client.runs) - client.head == 50 and len(client.runs) < 200
+    for seq in range(1, 2001):
+        assert window.seen_seq("c-", seq, 2001.0) == (f"c-{seq}" in model.ids), seq
