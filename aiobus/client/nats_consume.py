@@ -223,6 +223,8 @@ class Consuming:
         if headers and nm.H_TIME in headers:  # a released message's copy
             attempt, timestamp = nm.copied(headers, attempt, timestamp)
         pull.heard = now = time.monotonic()
+        if attempt > 1:
+            self._superseded(pull.stream, seq)
         lease = _Lease(pull, msg.reply, seq, attempt, now + pull.settings.ack_timeout,
                        mid or f"{pull.stream}:{seq}", msg.data, kind, user, reply, headers,
                        timestamp)
@@ -240,6 +242,19 @@ class Consuming:
             return
         target._deliver(lease, [lease.mid, pull.queue, msg.data, kind, user, timestamp],
                         attempt, reply)
+
+    def _superseded(self, stream: str, seq: int) -> None:
+        """Stream message ``seq`` came again: the server took back any lease this client
+        still holds on it (AckWait ran out on the server's clock, which may be ahead of
+        the lease's deadline here), so that lease is expired now. Without this a consumer
+        that stopped right after would give the old lease back by storing a copy, beside
+        the redelivery (seen as a dead-lettered message back in its queue). Only on a
+        redelivery; a scan of the client's leases on that stream."""
+        for other in self._pulls.values():
+            if other.stream == stream:
+                for lease in other.leases:
+                    if lease.seq == seq and not lease.settled:
+                        lease.deadline = 0.0
 
     async def _watch_pulls(self) -> None:
         """Ask again for a consumer whose pull request went unanswered past its expiry:
