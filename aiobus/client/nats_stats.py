@@ -71,8 +71,14 @@ async def collect(backend: NatsBackend, options: dict[str, Any]) -> dict[str, An
         info = backend._stream_info_cache.pop(name)
         settings, _ = nm.settings_from_metadata(name, info["config"].get("metadata"))
         consumer = await backend._api(f"CONSUMER.INFO.{ns.stream(name)}.{nm.CONSUMER}")
-        queues[name] = nm.queue_stats(info, None if "error" in consumer else consumer,
-                                      settings)
+        stats = nm.queue_stats(info, None if "error" in consumer else consumer, settings)
+        if stats["delayed"] and "error" not in consumer:
+            # num_pending follows a stored message a moment later: what looks delayed
+            # may be a message it has not counted yet. Ask once more (only then).
+            consumer = await backend._api(f"CONSUMER.INFO.{ns.stream(name)}.{nm.CONSUMER}")
+            if "error" not in consumer:
+                stats = nm.queue_stats(info, consumer, settings)
+        queues[name] = stats
         queues[name]["parked"] = backend._parked.get(name, 0)  # this client's
     backend._stream_info_cache.clear()
     subs = [window.stats() for window in list(backend._subs.values())[:limit]]
