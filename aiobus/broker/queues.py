@@ -750,16 +750,15 @@ class QueueRouter:
                 self._check_journal(queue)
             if rid:  # confirmed only if this turn's records reach the journal
                 self.journaled_confirms.add(conn)
-        mid = None if prefix is None else prefix + str(seq)
         if queue.parked:
             if any(parked[0] == conn for parked in queue.parked):
                 # Keep this producer's order: it already waits for room in this queue.
-                self._park(conn, rid, queue, msg, mid)
+                self._park(conn, rid, queue, msg, prefix, seq)
                 return
         if queue.is_full():
             policy = queue.settings.overflow
             if policy == "block":
-                self._park(conn, rid, queue, msg, mid)
+                self._park(conn, rid, queue, msg, prefix, seq)
                 return
             if policy == "reject":
                 raise QueueFull(
@@ -771,10 +770,11 @@ class QueueRouter:
                 queue.sent += 1
                 queue.bytes += size  # accepted, then dead-lettered
                 account.bytes += size
-                if prefix is not None and mid is not None:  # accepted (confirmed) before it goes
+                if prefix is not None:  # accepted (and confirmed) before it goes
                     self._window(queue).add_seq(prefix, seq, now)
                     if queue.journal is not None:  # no Sent of its own here to say so
-                        queue.journal.remembered(queue.name, [(mid, now + self.wall_offset)])
+                        queue.journal.remembered(
+                            queue.name, [(prefix + str(seq), now + self.wall_offset)])
                 self.dead_letter(queue, promote(msg), "overflow", None, now)
                 if rid:
                     self._sink.reply_ok(conn, rid)
@@ -785,7 +785,9 @@ class QueueRouter:
         if rid:
             self._sink.reply_ok(conn, rid)
 
-    def _park(self, conn: int, rid: int, queue: Queue, msg: Item, mid: str | None) -> None:
+    def _park(self, conn: int, rid: int, queue: Queue, msg: Item, prefix: str | None,
+              seq: int) -> None:
+        mid = None if prefix is None else prefix + str(seq)  # what the parked tuple keeps
         self._sink.set_parked(conn, +1, _size(msg), queue.name)  # may raise QuotaExceeded
         if type(msg) is QMsg:
             msg.state = MsgState.PARKED
