@@ -6,7 +6,9 @@ styles side by side, with the broker's CPU per message.
 
 For each tree (its directory is put first on ``PYTHONPATH`` of the broker and both
 children, so each side runs its own code; ``BROKER_TREE+CLIENT_TREE`` runs the broker of
-one and the clients of the other, to tell which side a difference is on), a broker is
+one and the clients of the other, to tell which side a difference is on; a virtual
+environment instead of a tree, such as ``make compiled``'s ``/tmp/aiobus-compiled/venv``,
+runs its own Python and the aiobus installed there: the compiled build), a broker is
 started on a socket in a fresh temp dir, then per run a producer keeps ``WINDOW``
 confirmed sends in flight (``send_nowait``) and one consumer (``prefetch=PREFETCH``)
 answers every message with:
@@ -112,9 +114,20 @@ def _profiled(profile: str | None) -> list[str]:
     return [] if profile is None else ["-m", "cProfile", "-o", profile]
 
 
+def python_of(tree: str) -> tuple[str, dict[str, str]]:
+    """The interpreter and environment that run ``tree``: a source tree goes first on
+    ``PYTHONPATH`` of this interpreter; a virtual environment (a directory with
+    ``bin/python``, such as ``make compiled``'s ``/tmp/aiobus-compiled/venv``) runs its own
+    Python and the aiobus installed in it (the compiled build)."""
+    venv_python = os.path.join(tree, "bin", "python")
+    if os.path.exists(venv_python):
+        return venv_python, {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return sys.executable, {**os.environ, "PYTHONPATH": tree}
+
+
 def _spawn(tree: str, argv: list[str], profile: str | None = None) -> subprocess.Popen[str]:
-    env = {**os.environ, "PYTHONPATH": tree}
-    return subprocess.Popen([sys.executable, *_profiled(profile), *argv], stdin=subprocess.PIPE,
+    python, env = python_of(tree)
+    return subprocess.Popen([python, *_profiled(profile), *argv], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True, env=env)  # fmt: skip
 
 
@@ -127,10 +140,11 @@ def _cpu(pid: int) -> float:
 def start_broker(tree: str, path: str, profile: str | None = None,
                  extra: list[str] | None = None) -> subprocess.Popen[str]:
     data_dir = os.path.join(os.path.dirname(path), "data")
-    broker = subprocess.Popen([sys.executable, *_profiled(profile), "-m", "aiobus.cli.broker",
+    python, env = python_of(tree)
+    broker = subprocess.Popen([python, *_profiled(profile), "-m", "aiobus.cli.broker",
                                "--socket", path, "--data-dir", data_dir, "--log-level",
                                "WARNING", "--drain-timeout", "0", *(extra or [])], text=True,
-                              env={**os.environ, "PYTHONPATH": tree},
+                              env=env,
                               # `-m` puts the working directory first on sys.path, ahead
                               # of PYTHONPATH: run in the tree, or a broker started from
                               # another checkout would import that checkout's aiobus.

@@ -1,16 +1,18 @@
 """Benchmark suite: aiobus against NATS, Redis, ZeroMQ, multiprocessing.Queue and two
 brokerless baselines, on this machine, every client in a process of its own.
 
-    python benchmarks/run.py [--quick] [--only W1,W3] [--out docs/benchmarks.md]
+    python benchmarks/run.py [--quick] [--only W1,W3] [--systems aiobus,relay]
+        [--out docs/benchmarks.md]
 
-It starts redis-server, nats-server, the aiobus broker and the minimal relay itself (see
+It starts redis-server, nats-server, the aiobus broker (and the compiled build's, when
+`make compiled` has made it: the "compiled broker" rows) and the minimal relay itself (see
 servers.py), runs the workloads (workloads.py; W6 starts fresh servers of its own), stops
 every server by PID in `finally`, and writes the markdown report, a PNG chart beside it
 (same name, .png) and the raw numbers as JSON under benchmarks/results/. Progress goes to
 stderr. `--quick` uses small counts and finishes in under a minute; the full run takes
-about four minutes on 2 cores. Only a full run of every workload writes docs/benchmarks.md
-by default; others write benchmarks/results/latest.md. Run `bash benchmarks/setup.sh`
-first (or `make bench`).
+about fifteen minutes on 2 cores. Only a full run of every workload and system writes
+docs/benchmarks.md by default; others write benchmarks/results/latest.md. Run
+`bash benchmarks/setup.sh` and `make compiled` first (or `make bench`, which does both).
 """
 
 from __future__ import annotations
@@ -30,9 +32,11 @@ import report  # noqa: E402  (after the path set-up above)
 import workloads  # noqa: E402
 from servers import Servers  # noqa: E402
 
-SERVERS_FOR = {"W1": {"aiobus", "nats", "redis", "relay"}, "W2": {"aiobus", "nats", "redis"},
-               "W3": {"aiobus", "nats", "redis", "rabbitmq", "redis_aof", "aiobus_durable"},
-               "W4": {"aiobus", "nats", "relay"},
+SERVERS_FOR = {"W1": {"aiobus", "aiobus_compiled", "nats", "redis", "relay"},
+               "W2": {"aiobus", "aiobus_compiled", "nats", "redis"},
+               "W3": {"aiobus", "aiobus_compiled", "nats", "redis", "rabbitmq", "redis_aof",
+                      "aiobus_durable"},
+               "W4": {"aiobus", "aiobus_compiled", "nats", "relay"},
                "W5": {"aiobus", "nats", "redis", "relay"}, "W6": set(), "W7": {"aiobus"}}
 
 
@@ -45,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
                              " (default docs/benchmarks.md for a full run of every workload,"
                              " else benchmarks/results/latest.md, which git ignores)")
     parser.add_argument("--repeats", type=int, default=0, help="override repeats per case")
+    parser.add_argument("--systems", default="",
+                        help="comma-separated parts of row names: run only the rows whose"
+                             " name contains one of them (e.g. 'aiobus,relay')")
     args = parser.parse_args(argv)
 
     keys = [k.strip().upper() for k in args.only.split(",") if k.strip()] or workloads.WORKLOADS
@@ -67,16 +74,17 @@ def main(argv: list[str] | None = None) -> int:
     tables: list[workloads.Table] = []
     with Servers() as env:  # closing it stops every server by PID
         needed = set().union(*(SERVERS_FOR[k] for k in keys))
-        for name in ("redis", "redis_aof", "nats", "aiobus", "aiobus_durable", "relay",
-                     "rabbitmq"):
+        for name in ("redis", "redis_aof", "nats", "aiobus", "aiobus_compiled",
+                     "aiobus_durable", "relay", "rabbitmq"):
             if name in needed:
                 try:
                     getattr(env, f"start_{name}")()
                 except (OSError, RuntimeError) as exc:
                     log(f"could not start {name}: {exc}")  # its rows fail and say so
         log(f"servers up in {env.dir}: {', '.join(env.procs)}")
+        systems = [part for part in args.systems.split(",") if part]
         for key in keys:
-            tables += workloads.run_workload(key, env, plan, log)
+            tables += workloads.run_workload(key, env, plan, log, systems)
 
     elapsed = time.monotonic() - started
     mode = "quick" if args.quick else "full"
@@ -85,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     results = HERE / "results"
     results.mkdir(exist_ok=True)
     # Only a full run of everything replaces the published report.
-    full = not args.quick and not args.only and not args.repeats
+    full = not args.quick and not args.only and not args.repeats and not args.systems
     out = Path(args.out or (HERE.parent / "docs" / "benchmarks.md" if full
                             else results / "latest.md"))
     report.write_markdown(out, tables, meta)

@@ -10,7 +10,8 @@
 - the aiobus broker (`python -m aiobus.cli.broker --socket PATH --data-dir DIR`), its
   data directory always in the temp dir (never the user's default, and one per broker, as
   a data directory admits one broker); for W3's durable rows three more, one per
-  `--fsync` policy;
+  `--fsync` policy; and one of the compiled build (`make compiled`), started with that
+  build's interpreter, for the "compiled broker" rows;
 - the minimal uvloop relay (`benchmarks/relay.py`);
 - rabbitmq-server on 127.0.0.1 with free ports, its node data and logs under the temp dir,
   and its own epmd (Erlang's port mapper) in the foreground.
@@ -75,6 +76,7 @@ def _wait_nats(port: int, proc: subprocess.Popen[bytes], deadline: float) -> Non
 # Debian's rabbitmq-server script without the wrapper in /usr/sbin, which would switch to
 # the rabbitmq user; this one runs the node as a child of its shell and stops it on TERM.
 RABBITMQ = "/usr/lib/rabbitmq/bin/rabbitmq-server"
+COMPILED_VENV = "/tmp/aiobus-compiled/venv"  # the Makefile's COMPILED_DIR/venv
 
 class Servers:
     """The servers of one benchmark run, in one short temp dir (AF_UNIX paths cap at 107)."""
@@ -85,6 +87,7 @@ class Servers:
         self.redis_socket = ""
         self.nats_url = ""
         self.aiobus_socket = ""
+        self.aiobus_compiled_socket = ""  # start_aiobus_compiled
         self.redis_aof_socket = ""
         self.aiobus_durable: dict[str, str] = {}  # --fsync policy -> socket path
         self.relay_socket = ""
@@ -103,14 +106,21 @@ class Servers:
     def pid(self, name: str) -> int:
         return self.procs[name].pid
 
-    def _spawn(self, name: str, argv: list[str], tree: str = "") -> subprocess.Popen[bytes]:
+    def _spawn(self, name: str, argv: list[str], tree: str = "",
+               installed: bool = False) -> subprocess.Popen[bytes]:  # fmt: skip
         """Start ``argv``; with ``tree``, that source tree first on its ``PYTHONPATH``
-        and as its working directory (to run another checkout's aiobus)."""
+        and as its working directory (to run another checkout's aiobus); ``installed``:
+        the aiobus installed for argv's interpreter, so neither ``PYTHONPATH`` nor the
+        working directory (``-m`` puts it first on sys.path) may bring in this checkout."""
         log = open(os.path.join(self.dir, f"{name}.log"), "ab")
         env = {**os.environ, "PYTHONPATH": tree} if tree else None
+        cwd = tree or None
+        if installed:
+            env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+            cwd = self.dir
         with log:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                    env=env, cwd=tree or None)
+                                    env=env, cwd=cwd)
         self.procs[name] = proc
         return proc
 
@@ -189,21 +199,40 @@ class Servers:
         raise RuntimeError(f"rabbitmq-server not ready on port {port}")
 
     def start_aiobus(self, name: str = "aiobus", *, fsync: str = "",
-                     data_dir: str = "", tree: str = "") -> str:  # fmt: skip
+                     data_dir: str = "", tree: str = "", python: str = "") -> str:  # fmt: skip
         """The broker, its data directory `<temp dir>/<name>-data` unless `data_dir` is
         given. With `fsync` (always, batch, never) it is one of W3's durable brokers;
-        with `tree`, the aiobus of that source tree (`_spawn`)."""
+        with `tree`, the aiobus of that source tree (`_spawn`); with `python`, that
+        interpreter and the aiobus installed for it (the compiled build's venv)."""
         path = self.path("aiobus")
-        argv = [sys.executable, "-m", "aiobus.cli.broker", "--socket", path,
+        argv = [python or sys.executable, "-m", "aiobus.cli.broker", "--socket", path,
                 "--data-dir", data_dir or os.path.join(self.dir, f"{name}-data")]
         if fsync:
             argv += ["--fsync", fsync]
-        proc = self._spawn(name, argv, tree)
+        proc = self._spawn(name, argv, tree, installed=bool(python))
         _wait_unix(path, proc, time.monotonic() + 60)  # a big journal replays first
         if fsync:
             self.aiobus_durable[fsync] = path
-        else:
+        elif not python:
             self.aiobus_socket = path
+        return path
+
+    def start_aiobus_compiled(self) -> str:
+        """The compiled build's broker (`make compiled`, docs/performance.md): the
+        interpreter of COMPILED_VENV (default /tmp/aiobus-compiled/venv), checked to import
+        the compiled core. Its rows are the same clients (this tree, pure Python) against
+        that broker: what compiling the broker buys, peer by peer."""
+        python = os.path.join(os.environ.get("COMPILED_VENV", COMPILED_VENV), "bin", "python")
+        if not os.path.exists(python):
+            raise RuntimeError(f"no compiled build at {python}: run `make compiled` first")
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        where = subprocess.run([python, "-c", "import aiobus.broker.core as m; print(m.__file__)"],
+                               capture_output=True, text=True, cwd="/", env=env, timeout=60)
+        if not where.stdout.strip().endswith(".so"):
+            raise RuntimeError(f"{python} imports a pure-Python aiobus ({where.stdout.strip()}"
+                               f"{where.stderr.strip()[-200:]}): the compiled build failed")
+        path = self.start_aiobus("aiobus-compiled", python=python)
+        self.aiobus_compiled_socket = path
         return path
 
     def start_aiobus_durable(self) -> dict[str, str]:

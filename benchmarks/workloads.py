@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,11 +109,13 @@ TIMES = "\u00d7"  # the multiplication sign, as report.py writes ratios
 
 def interleave(table: Table, makers: dict[tuple[str, str], Maker],
                measure: Callable[[list[dict[str, Any]], Case], dict[str, float]],
-               repeats: int, log: Callable[[str], None]) -> None:  # fmt: skip
-    """Run every maker `repeats` times, round-robin; a failing row is dropped, not fatal."""
+               repeats: int, log: Callable[[str], None],
+               systems: Sequence[str] = ()) -> None:  # fmt: skip
+    """Run every maker `repeats` times, round-robin; a failing row is dropped, not fatal.
+    With `systems`, only the rows whose name contains one of them (run.py --systems)."""
     for rep in range(repeats):
         for row, make in makers.items():
-            if row in table.errors:
+            if row in table.errors or (systems and not any(s in row[0] for s in systems)):
                 continue
             started = time.monotonic()
             label = " ".join(row).strip()
@@ -143,8 +145,19 @@ def _on_nats(env: Any) -> str:
     return f"{env.nats_url}/bench"
 
 
+def _compiled(env: Any) -> str:
+    """The compiled broker's rows (issue 13): the same clients against `make compiled`'s
+    broker. Its socket is "" when the build is missing, and such a row fails, saying so."""
+    if not env.aiobus_compiled_socket:
+        raise RuntimeError("no compiled broker (make compiled; see the run's log)")
+    return str(env.aiobus_compiled_socket)
+
+
+COMPILED = "aiobus, compiled broker"
 TOPIC_PEERS = {
     "aiobus": aiobus_peer.topic_case,
+    COMPILED: lambda env, n, size, subs=1: aiobus_peer.topic_case(
+        env, n, size, subs, path=_compiled(env)),
     "aiobus on NATS": lambda env, n, size, subs=1: aiobus_peer.topic_case(
         env, n, size, subs, path=_on_nats(env)),
     "NATS core": nats_peer.topic_case,
@@ -165,6 +178,8 @@ QUEUE_PEERS = {
     "aiobus, await msg.ack()": lambda env, n, size, consumers: aiobus_peer.queue_case(
         env, n, size, consumers, ack="await"),
     "aiobus, ack_nowait()": aiobus_peer.queue_case,
+    f"{COMPILED}, msg.process()": lambda env, n, size, consumers: aiobus_peer.queue_case(
+        env, n, size, consumers, ack="process", path=_compiled(env)),
     "aiobus on NATS, msg.process()": lambda env, n, size, consumers: aiobus_peer.queue_case(
         env, n, size, consumers, ack="process", path=_on_nats(env)),
     "Redis Streams group": redis_peer.queue_case,
@@ -187,6 +202,9 @@ DURABLE_PEERS = {
     # users write is measured against ack_nowait() and Redis Streams in one run.
     "aiobus, confirmed sends, msg.process()": lambda env, n, size, consumers: (
         aiobus_peer.confirmed_queue_case(env, n, size, consumers, ack="process")),
+    f"{COMPILED}, confirmed sends, msg.process()": lambda env, n, size, consumers: (
+        aiobus_peer.confirmed_queue_case(env, n, size, consumers, ack="process",
+                                         path=_compiled(env))),
     **{f"aiobus durable, fsync {policy}": (
         lambda env, n, size, consumers, policy=policy: aiobus_peer.confirmed_queue_case(
             env, n, size, consumers, fsync=policy))
@@ -198,6 +216,8 @@ DURABLE_PEERS = {
 }
 RPC_PEERS = {
     "aiobus": aiobus_peer.rpc_case,
+    COMPILED: lambda env, n, size, warmup: aiobus_peer.rpc_case(
+        env, n, size, warmup, path=_compiled(env)),
     "aiobus on NATS": lambda env, n, size, warmup: aiobus_peer.rpc_case(
         env, n, size, warmup, path=_on_nats(env)),
     "NATS request": nats_peer.rpc_case,
@@ -214,27 +234,28 @@ def _size(size: int) -> str:
         else f"{size} B"
 
 
-def run_workload(key: str, env: Any, plan: Plan, log: Callable[[str], None]) -> list[Table]:
+def run_workload(key: str, env: Any, plan: Plan, log: Callable[[str], None],
+                 systems: Sequence[str] = ()) -> list[Table]:  # fmt: skip
     r = plan.repeats
     if key == "W1":
         t = Table("W1", "Topic throughput, 1 publisher -> 1 subscriber, 128 B", ["msgs/s", "lost"])
         peers = {**TOPIC_PEERS, **TOPIC_BASELINES}
         makers = {(name, ""): (lambda f=f: f(env, plan.w1, 128)) for name, f in peers.items()}
-        interleave(t, makers, rate_metrics(128), r, log)
+        interleave(t, makers, rate_metrics(128), r, log, systems)
         return [t]
     if key == "W2":
         t = Table("W2", "Fan-out, 1 publisher -> 4 subscribers, 128 B (deliveries/s)",
                   ["msgs/s", "lost"])  # fmt: skip
         makers = {(name, ""): (lambda f=f: f(env, plan.w2, 128, 4))
                   for name, f in TOPIC_PEERS.items()}  # fmt: skip
-        interleave(t, makers, rate_metrics(128), r, log)
+        interleave(t, makers, rate_metrics(128), r, log, systems)
         return [t]
     if key == "W3":
         t = Table("W3", "Queue with per-message ack, 128 B", ["msgs/s"])
         makers = {(name, f"1 -> {c}"): (lambda f=f, c=c: f(env, plan.w3, 128, c))
                   for c in (1, 4)
                   for name, f in {**QUEUE_PEERS, **W3_ONLY_PEERS, **DURABLE_PEERS}.items()}
-        interleave(t, makers, rate_metrics(128), r, log)
+        interleave(t, makers, rate_metrics(128), r, log, systems)
         t.notes += durable_notes(t)
         return [t]
     if key == "W4":
@@ -242,7 +263,7 @@ def run_workload(key: str, env: Any, plan: Plan, log: Callable[[str], None]) -> 
                   ["p50 µs", "p99 µs", "p99.9 µs"], higher_is_better=False)  # fmt: skip
         makers = {(name, ""): (lambda f=f: f(env, plan.w4, 128, plan.w4_warmup))
                   for name, f in RPC_PEERS.items()}  # fmt: skip
-        interleave(t, makers, latency_metrics, r, log)
+        interleave(t, makers, latency_metrics, r, log, systems)
         return [t]
     if key == "W5":
         tables = []
@@ -253,7 +274,7 @@ def run_workload(key: str, env: Any, plan: Plan, log: Callable[[str], None]) -> 
             for size, n in plan.w5.items():
                 makers = {(name, _size(size)): (lambda f=f, n=n, size=size: f(env, n, size, 1))
                           for name, f in peers.items()}  # fmt: skip
-                interleave(t, makers, rate_metrics(size), r, log)
+                interleave(t, makers, rate_metrics(size), r, log, systems)
             tables.append(t)
         return tables
     if key == "W6":
@@ -281,7 +302,7 @@ def run_workload(key: str, env: Any, plan: Plan, log: Callable[[str], None]) -> 
         t = Table("W7", "Many clients: aiobus queue, 100 producer connections (4 processes), "
                   "10 consumers (5 processes), 128 B", ["msgs/s", "p50 µs", "p99 µs", "p99.9 µs"])
         makers = {("aiobus", ""): lambda: aiobus_peer.many_clients_case(env, plan.w7_each)}
-        interleave(t, makers, many_metrics, r, log)
+        interleave(t, makers, many_metrics, r, log, systems)
         return [t]
     raise ValueError(f"unknown workload {key!r}")
 
@@ -292,7 +313,10 @@ def durable_notes(t: Table) -> list[str]:
     targets = [
         ("aiobus, confirmed sends, msg.process()", "Redis Streams group", "≥ 3"),
         ("aiobus, confirmed sends, msg.process()", "aiobus, confirmed sends", "≥ 0.9"),
+        (f"{COMPILED}, confirmed sends, msg.process()", "Redis Streams group", "≥ 3"),
+        (f"{COMPILED}, confirmed sends, msg.process()", "aiobus, confirmed sends", ""),
         ("aiobus, msg.process()", "Redis Streams group", ""),
+        (f"{COMPILED}, msg.process()", "Redis Streams group", ""),
         ("aiobus, msg.process()", "aiobus, ack_nowait()", ""),
         ("aiobus durable, fsync always", "Redis Streams, AOF fsync always", "≥ 2"),
         ("aiobus durable, fsync always", "RabbitMQ durable + confirms", "≥ 10"),
