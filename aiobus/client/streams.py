@@ -50,6 +50,7 @@ class _Stream:
         self._handle: Any = None  # the backend's, once start() asked for the stream
         self._buffer: deque[Message] = deque()
         self._waiter: asyncio.Future[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._started = False
         self._stopped = False
         self._managed = False  # inside `async with`: the block decides when it stops
@@ -117,7 +118,10 @@ class _Stream:
                 raise self._error
             if self._stopped:
                 raise StopAsyncIteration
-            self._waiter = asyncio.get_running_loop().create_future()
+            loop = self._loop
+            if loop is None:  # once: get_running_loop() is a getpid(2) call each time
+                loop = self._loop = asyncio.get_running_loop()
+            self._waiter = loop.create_future()
             try:
                 await self._waiter
             except BaseException:
