@@ -104,7 +104,8 @@ async def confirmed_producer(ctl: Control, path: str, queue: str, n: int, size: 
 async def consumer(ctl: Control, path: str, queue: str, n: int, ack: str = "nowait",
                    durable: bool = False) -> dict:  # fmt: skip
     """``ack``: "process" (the README's worker loop, ``async with msg.process()``),
-    "await" (``await msg.ack()``) or "nowait" (``msg.ack_nowait()``)."""
+    "await" (``await msg.ack()``), "confirm" (``await msg.ack(confirm=True)``: a round
+    trip per message, as JetStream's ``ack_sync()``) or "nowait" (``msg.ack_nowait()``)."""
     async with aiobus.connect(path) as bus:
         await bus.declare_queue(queue, durable=durable)
         await ctl.ready()
@@ -116,6 +117,9 @@ async def consumer(ctl: Control, path: str, queue: str, n: int, ack: str = "nowa
                         ctl.count += 1
                 elif ack == "await":
                     await msg.ack()
+                    ctl.count += 1
+                elif ack == "confirm":
+                    await msg.ack(confirm=True)
                     ctl.count += 1
                 else:
                     msg.ack_nowait()

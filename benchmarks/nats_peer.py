@@ -99,7 +99,10 @@ async def js_producer(ctl: Control, url: str, subject: str, n: int, size: int) -
     return {"first_ns": first, "sent": n}
 
 
-async def js_consumer(ctl: Control, url: str, stream: str, subject: str, n: int) -> dict:
+async def js_consumer(ctl: Control, url: str, stream: str, subject: str, n: int,
+                      sync: bool = False) -> dict:  # fmt: skip
+    """``sync``: ``await msg.ack_sync()`` (the server's confirmation awaited: a round trip
+    per message); else ``await msg.ack()``, which nats-py writes without waiting."""
     nc = await _connect(url)
     js = nc.jetstream()
     psub = await js.pull_subscribe_bind("workers", stream=stream)
@@ -112,7 +115,10 @@ async def js_consumer(ctl: Control, url: str, stream: str, subject: str, n: int)
             except (TimeoutError, nats.errors.TimeoutError):
                 continue
             for msg in msgs:
-                await msg.ack()
+                if sync:
+                    await msg.ack_sync()
+                else:
+                    await msg.ack()
                 ctl.count += 1
             ctl.last_ns = time.monotonic_ns()
 
@@ -159,12 +165,14 @@ def topic_case(env: Any, n: int, size: int, subscribers: int = 1) -> Case:
     return Case([*subs, pub], expected=n * subscribers)
 
 
-def queue_case(env: Any, n: int, size: int, consumers: int = 1) -> Case:
+def queue_case(env: Any, n: int, size: int, consumers: int = 1, sync: bool = False) -> Case:
+    """``sync``: the consumers ``ack_sync()`` (see js_consumer)."""
     ident = env.next_id()
     stream, subject = f"BENCH{ident}", f"bench.q{ident}"
     url = env.nats_url
-    workers = [Worker(js_consumer, {"url": url, "stream": stream, "subject": subject, "n": n},
-                      "consumer") for _ in range(consumers)]  # fmt: skip
+    workers = [Worker(js_consumer, {"url": url, "stream": stream, "subject": subject, "n": n,
+                                    "sync": sync}, "consumer")
+               for _ in range(consumers)]  # fmt: skip
     workers.append(Worker(js_producer, {"url": url, "subject": subject, "n": n, "size": size}))
     prepare = Worker(prepare_stream, {"url": url, "stream": stream, "subject": subject}, "step")
     cleanup = Worker(delete_stream, {"url": url, "stream": stream}, "step")

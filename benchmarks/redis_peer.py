@@ -99,10 +99,23 @@ async def stream_producer(ctl: Control, path: str, stream: str, n: int, size: in
     return {"first_ns": first, "sent": n}
 
 
-async def stream_consumer(ctl: Control, path: str, stream: str, name: str, n: int) -> dict:
+async def stream_consumer(ctl: Control, path: str, stream: str, name: str, n: int,
+                          awaited: bool = False) -> dict:  # fmt: skip
+    """``awaited``: each entry's XACK is its own awaited command (a round trip per
+    message, as a worker acking each job when it is done); else the batch's XACK goes in
+    the pipeline with the next XREADGROUP."""
     r = _client(path)
     await r.ping()
     await ctl.ready()
+
+    async def each() -> None:
+        while not ctl.stopping:
+            replies = await r.xreadgroup(GROUP, name, {stream: ">"}, count=BATCH, block=100)
+            for _key, entries in replies or ():
+                for entry_id, _fields in entries:
+                    await r.xack(stream, GROUP, entry_id)
+                    ctl.count += 1
+                ctl.last_ns = time.monotonic_ns()
 
     async def loop() -> None:
         handled: list[bytes] = []
@@ -122,7 +135,7 @@ async def stream_consumer(ctl: Control, path: str, stream: str, name: str, n: in
         if handled:
             await r.xack(stream, GROUP, *handled)
 
-    await ctl.run_until(loop(), n, shared=True)
+    await ctl.run_until(each() if awaited else loop(), n, shared=True)
     await r.aclose()
     return ctl.received()
 
@@ -136,12 +149,15 @@ def topic_case(env: Any, n: int, size: int, subscribers: int = 1) -> Case:
     return Case([*subs, pub], expected=n * subscribers)
 
 
-def queue_case(env: Any, n: int, size: int, consumers: int = 1, aof: bool = False) -> Case:
-    """With `aof`, against the server that fsyncs its AOF before every reply."""
+def queue_case(env: Any, n: int, size: int, consumers: int = 1, aof: bool = False,
+               awaited: bool = False) -> Case:  # fmt: skip
+    """With `aof`, against the server that fsyncs its AOF before every reply; `awaited`:
+    the consumers await each XACK (see stream_consumer)."""
     stream = f"bench.s{env.next_id()}"
     path = env.redis_aof_socket if aof else env.redis_socket
-    workers = [Worker(stream_consumer, {"path": path, "stream": stream, "name": f"c{i}", "n": n},
-                      "consumer") for i in range(consumers)]  # fmt: skip
+    workers = [Worker(stream_consumer, {"path": path, "stream": stream, "name": f"c{i}", "n": n,
+                                        "awaited": awaited}, "consumer")
+               for i in range(consumers)]  # fmt: skip
     workers.append(Worker(stream_producer, {"path": path, "stream": stream, "n": n, "size": size}))
     return Case(workers,
                 prepare=[Worker(prepare_group, {"path": path, "stream": stream}, "step")],

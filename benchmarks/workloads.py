@@ -185,6 +185,19 @@ QUEUE_PEERS = {
     "Redis Streams group": redis_peer.queue_case,
     "NATS JetStream": nats_peer.queue_case,
 }
+# W3 only: each system's acknowledgement that waits for the server, a round trip per
+# message (issue 13: "each idiom against its peer's equivalent"). At a round trip each
+# they would only slow the W5 sweep; at most AWAITED_MAX messages a case (JetStream's
+# ack_sync() runs at a few thousand a second here).
+AWAITED_MAX = 20_000
+W3_AWAITED_PEERS = {
+    "aiobus, await msg.ack(confirm=True)": lambda env, n, size, consumers: (
+        aiobus_peer.queue_case(env, min(n, AWAITED_MAX), size, consumers, ack="confirm")),
+    "Redis Streams group, XACK awaited each": lambda env, n, size, consumers: (
+        redis_peer.queue_case(env, min(n, AWAITED_MAX), size, consumers, awaited=True)),
+    "NATS JetStream, ack_sync()": lambda env, n, size, consumers: nats_peer.queue_case(
+        env, min(n, AWAITED_MAX), size, consumers, sync=True),
+}
 # W3 only: at a few thousand messages a second, RabbitMQ would make the W5 sweep take
 # minutes more and adds nothing the W3 rows do not show.
 W3_ONLY_PEERS = {"RabbitMQ (aio-pika)": rabbitmq_peer.queue_case}
@@ -254,7 +267,8 @@ def run_workload(key: str, env: Any, plan: Plan, log: Callable[[str], None],
         t = Table("W3", "Queue with per-message ack, 128 B", ["msgs/s"])
         makers = {(name, f"1 -> {c}"): (lambda f=f, c=c: f(env, plan.w3, 128, c))
                   for c in (1, 4)
-                  for name, f in {**QUEUE_PEERS, **W3_ONLY_PEERS, **DURABLE_PEERS}.items()}
+                  for name, f in {**QUEUE_PEERS, **W3_AWAITED_PEERS, **W3_ONLY_PEERS,
+                                  **DURABLE_PEERS}.items()}
         interleave(t, makers, rate_metrics(128), r, log, systems)
         t.notes += durable_notes(t)
         return [t]
@@ -318,6 +332,8 @@ def durable_notes(t: Table) -> list[str]:
         ("aiobus, msg.process()", "Redis Streams group", ""),
         (f"{COMPILED}, msg.process()", "Redis Streams group", ""),
         ("aiobus, msg.process()", "aiobus, ack_nowait()", ""),
+        ("aiobus, await msg.ack(confirm=True)", "Redis Streams group, XACK awaited each", ""),
+        ("aiobus, await msg.ack(confirm=True)", "NATS JetStream, ack_sync()", ""),
         ("aiobus durable, fsync always", "Redis Streams, AOF fsync always", "≥ 2"),
         ("aiobus durable, fsync always", "RabbitMQ durable + confirms", "≥ 10"),
         ("aiobus durable, fsync batch", "aiobus, confirmed sends", "≥ 0.7"),
