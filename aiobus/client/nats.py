@@ -314,7 +314,7 @@ class NatsBackend(Producing, Queues, Consuming, Requests):
         if self._releasing:  # released messages: their copies stored, originals ended
             await asyncio.wait(list(self._releasing), timeout=_CLOSE_TIMEOUT)
             try:
-                await self._nc.flush(timeout=_CLOSE_TIMEOUT)  # type: ignore[arg-type]
+                await self._flush(_CLOSE_TIMEOUT)
             except Exception:
                 pass  # closing anyway
         error = ConnectionClosed("the bus was closed")
@@ -411,10 +411,33 @@ class NatsBackend(Producing, Queues, Consuming, Requests):
         if self._error is not None:
             return
         try:
-            await self._nc.flush(timeout=30)
+            await self._flush(30.0)
         except Exception:
             pass
         self.writable = True
+
+    async def _flush(self, timeout: float) -> None:
+        """A round trip to the server after everything written so far: once it returns,
+        the server has processed this client's earlier commands.
+
+        nats-py's ``flush()`` alone is not that: it writes its PING straight to the
+        socket (``_send_ping`` in nats-py 2.16), ahead of the commands still in its buffer
+        for the flusher task, so its PONG can come back before the server has a SUB or PUB
+        made just before (seen under load: a consumer that joined a queue's request group
+        and pinged, and a request then given to the group answered "no responders";
+        tests/integration/test_nats_private.py pins the order). So the flusher writes the
+        buffer first, as it would, and then the PING goes."""
+        nc = self._nc
+        queue = nc._flush_queue
+        if nc.is_connected and nc._pending_data_size and queue is not None:
+            written: asyncio.Future[None] = self._loop.create_future()
+            try:
+                async with asyncio.timeout(timeout):
+                    await queue.put(written)  # completed once the buffer is written
+                    await written
+            except TimeoutError:
+                raise nats.errors.FlushTimeoutError from None
+        await nc.flush(timeout=timeout)  # type: ignore[arg-type]
 
     async def _api(self, subject: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         """A JetStream API request; returns the decoded response (with ``error``)."""
@@ -546,7 +569,7 @@ class NatsBackend(Producing, Queues, Consuming, Requests):
         target._handle = window
         window.on_disconnect = lambda: self.cancel(window)
         # Registered once the server has the SUB (as the local broker's OK): a round trip.
-        await self._nc.flush(timeout=_API_TIMEOUT)  # type: ignore[arg-type]
+        await self._flush(_API_TIMEOUT)
 
     def credit(self, handle: Any, n: int) -> None:
         handle.credit(n)
@@ -572,7 +595,7 @@ class NatsBackend(Producing, Queues, Consuming, Requests):
         order)."""
         if self._error is not None:
             raise self._error
-        await self._nc.flush(timeout=_API_TIMEOUT)  # type: ignore[arg-type]
+        await self._flush(_API_TIMEOUT)
         await self._wait_releases()
         if self._unconfirmed > 0:
             self._drained = asyncio.Event()

@@ -70,3 +70,56 @@ async def test_a_nats_py_without_them_is_refused_at_connect_naming_them(
                         (*backend_module._INTERNALS, ("_renamed_buffer", list)))
     with pytest.raises(aiobus.BrokerUnavailable, match=r"_renamed_buffer.*nats-py>=2\.7,<3"):
         await aiobus.connect(nats_server.namespace_url()).__aenter__()
+
+
+def record_writes(nc: NatsClient, monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """The protocol verbs nats-py writes to its socket from now on, in order."""
+    verbs: list[bytes] = []
+    transport = nc._transport
+    write, writelines = transport.write, transport.writelines
+
+    def record(chunk: bytes) -> None:
+        verbs.extend(line.split(b" ")[0] for line in bytes(chunk).split(b"\r\n")
+                     if line[:1].isupper())
+
+    def recorded_write(payload: bytes) -> None:
+        record(payload)
+        write(payload)
+
+    def recorded_writelines(payload: list[bytes]) -> None:
+        for chunk in payload:
+            record(chunk)
+        writelines(payload)
+
+    monkeypatch.setattr(transport, "write", recorded_write)
+    monkeypatch.setattr(transport, "writelines", recorded_writelines)
+    return verbs
+
+
+async def test_flush_pings_ahead_of_its_buffer_and_the_backend_does_not(
+        nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """nats-py's flush() writes its PING straight to the socket, ahead of a SUB still in
+    its buffer for the flusher task: its PONG does not mean that the server has the SUB
+    (under load a request then sent to that queue group got "no responders"). The
+    backend's round trip (``_flush``: subscribe(), ping(), stats()) has the buffer
+    written first. Should a nats-py release fix the order, the first check fails, and
+    ``_flush`` may go back to a plain flush()."""
+    nc = NatsClient()
+    await nc.connect(servers=[nats_server.url], connect_timeout=5, allow_reconnect=False)
+    try:
+        verbs = record_writes(nc, monkeypatch)
+        await nc.subscribe("x")
+        await nc.flush(timeout=TIMEOUT)  # type: ignore[arg-type]
+        assert verbs == [b"PING", b"SUB"], verbs
+    finally:
+        await asyncio.wait_for(nc.close(), TIMEOUT)
+    async with aiobus.connect(nats_server.namespace_url()) as bus:
+        verbs = record_writes(bus._backend._nc, monkeypatch)  # type: ignore[attr-defined]
+        async with bus.subscribe("x"):
+            assert b"SUB" in verbs and verbs[-1] == b"PING", verbs
+        del verbs[:]
+        async with bus.consume("jobs"):
+            await bus.ping()
+        # (consume() subscribes to its deliveries and its queue's requests)
+        assert b"SUB" in verbs and verbs.index(b"PING") > max(
+            i for i, verb in enumerate(verbs) if verb == b"SUB"), verbs
