@@ -43,7 +43,6 @@ at its ``max_length`` refuses the copy; then the release is a ``-NAK`` after all
 from __future__ import annotations
 
 import asyncio
-import base64
 import datetime
 import functools
 import json
@@ -147,6 +146,8 @@ class Consuming:
                    headers: dict[str, str] | None = None) -> None: ...
         def _token(self) -> tuple[str, asyncio.Future[Any]]: ...
         def _puback(self, queue: str, msg: Msg) -> None: ...
+        async def _bury(self, queue: str, settings: QueueSettings, stored: dict[str, Any],
+                        reason: str, attempts: int | None) -> None: ...
         def _spawn(self, coro: Any) -> None: ...
         def _unsubscribe(self, sid: int) -> None: ...
         async def _subscribe(self, subject: str, handler: Callable[[Msg], None],
@@ -293,22 +294,8 @@ class Consuming:
         if stored is None:
             return  # dead-lettered by its consumer meanwhile, or deleted
         settings = self._queues.get(queue) or await self._queue(queue)
-        headers = nm.parse_raw_headers(base64.b64decode(stored.get("hdrs") or ""))
-        user, kind, mid, _ = nm.decode_headers(headers)
-        target = settings.dead_letter
-        if target is not None:
-            await self._queue(target)
-            dead = nm.dead_letter_headers(
-                user, queue=queue, reason="max-deliveries",
-                attempts=settings.max_deliveries or 0, now=time.time(), text=None,
-                consumer=None)
-            out = nm.encode_headers(dead, kind, f"{stream}:{seq}", None) or {}
-            out[nm.H_ID] = mid or f"{stream}:{seq}"
-            inbox, fut = self._token()
-            data = base64.b64decode(stored.get("data") or "")
-            self._write(self.ns.queue_subject(target), data, inbox, out)
-            self._puback(target, await fut)
-        await self._api(f"STREAM.MSG.DELETE.{stream}", {"seq": seq, "no_erase": True})
+        await self._bury(queue, settings, stored, "max-deliveries",
+                         settings.max_deliveries or 0)
 
     async def _recreate(self, pull: _Pull) -> None:
         """The queue was deleted under this consumer: as with any use, it is there again."""

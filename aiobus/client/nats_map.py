@@ -29,9 +29,9 @@ from ..errors import InvalidName, InvalidOption, NoSuchQueue, QueueMismatch, sho
 
 __all__ = [
     "CONSUMER", "DEFAULT_NAMESPACE", "H_ATTEMPT", "H_BEFORE", "H_ID", "H_KIND", "H_REPLY",
-    "H_TIME", "Namespace", "check_mismatch", "check_seconds", "check_supported",
+    "H_TIME", "Namespace", "check_mismatch", "check_seconds",
     "consumer_config", "copied", "dead_letter_headers", "decode_headers", "encode_headers",
-    "is_full", "is_temporary", "nak_delay", "no_such_queue", "parks", "parse_ack_subject",
+    "is_full", "is_temporary", "nak_delay", "no_such_queue", "overflow", "parse_ack_subject",
     "parse_raw_headers", "parse_url", "peeked_entry", "queue_stats", "release_headers",
     "remaining_ttl", "request_attempt", "request_headers", "schedule_headers", "scheduled",
     "settings_from_metadata", "stored_time", "stream_config", "ttl_header",
@@ -140,26 +140,15 @@ class Namespace:
 # -- settings ----------------------------------------------------------------------------
 
 
-def check_supported(name: str, settings: QueueSettings) -> None:
-    """Refuse settings NATS cannot honour, naming them (docs/nats.md).
-
-    Raises:
-        InvalidOption: ``max_length`` with ``overflow`` "dead-letter" (a JetStream
-            stream can refuse new messages, DiscardNew, or drop the oldest silently; it
-            cannot dead-letter the oldest). "block" is the sending client's to do: it
-            sends again until there is room (``parks``).
-    """
-    if settings.max_length is not None and settings.overflow == "dead-letter":
-        raise InvalidOption(
-            f"queue {shown(name)}: overflow 'dead-letter' is not supported on NATS (a"
-            " JetStream stream cannot dead-letter its oldest message); use overflow"
-            " 'block' or 'reject' with max_length")
-
-
-def parks(settings: QueueSettings) -> bool:
-    """Whether a send to a full queue waits for room (overflow "block"): on NATS the
-    sender sends again, backing off, while the stream says it is full."""
-    return settings.max_length is not None and settings.overflow == "block"
+def overflow(settings: QueueSettings) -> str | None:
+    """What the sending client does when the stream refuses a send for ``max_length``
+    (the stream is DiscardNew either way): "block", send again, backing off, until there
+    is room; "dead-letter", move the oldest message no consumer has had to the
+    dead-letter queue and send again (``nats_produce.py``); None, nothing: the refusal is
+    the send's error (overflow "reject"), or the queue has no ``max_length``."""
+    if settings.max_length is None or settings.overflow == "reject":
+        return None
+    return settings.overflow
 
 
 def is_full(puback: bytes) -> bool:

@@ -6,14 +6,20 @@ stream leader, a lost connection) is asked for again with the same id, which the
 deduplicates. ``send_nowait`` writes at once when the queue is known and completes its
 future from the PubAck by callback; a send that must look its queue up first, or wait
 for room, is a task that its future follows. ``confirm=False`` sends share one reply
-token, counted so that ``ping()`` can wait for their PubAcks. Overflow "block" is done
-here: a PubAck saying the stream is full is waited out, backing off, the send counted in
-``parked`` (docs/nats.md).
+token, counted so that ``ping()`` can wait for their PubAcks.
+
+Overflow is done here (the stream is DiscardNew, so a full queue refuses the send):
+"block" waits the refusal out, sending again, backing off, the send counted in
+``parked``; "dead-letter" makes room as the local broker does, moving the oldest message
+no consumer has had to the dead-letter queue, and sends again (docs/nats.md). Storing
+a stored message in the dead-letter queue (``_bury``) is here too: overflow's, and the
+MAX_DELIVERIES sweeper's (``nats_consume.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime
 import json
 import logging
@@ -131,16 +137,16 @@ class Producing:
             subject = self.ns.schedule_prefix(queue) + mid
         else:
             nats_headers = nm.encode_headers(headers, kind, mid, ttl)
-        await self._publish(queue, subject, data, nats_headers, nm.parks(settings))
+        await self._publish(queue, subject, data, nats_headers, nm.overflow(settings))
 
     async def _publish(self, queue: str, subject: str, data: bytes,
-                       headers: dict[str, str] | None, park: bool = False) -> None:
+                       headers: dict[str, str] | None, overflow: str | None = None) -> None:
         """Publish to JetStream until a PubAck says yes or no. A PubAck that does not come
         (a cluster electing a stream leader, a lost connection) is asked for again with
         the same ``Nats-Msg-Id``: the stream keeps one copy (as the local broker's session
         resends with the same id). Bounded by the caller's timeout, or the bus closing.
-        ``park``: a full queue's refusal is waited out (overflow "block": sent again,
-        backing off, until there is room), the send counted in ``parked`` meanwhile."""
+        ``overflow``: what a full queue's refusal makes this client do (the module
+        docstring); None, the refusal is the send's ``QueueFull``."""
         delay = 0.05
         room_wait = _PARK_FIRST
         parked = False
@@ -172,7 +178,11 @@ class Producing:
                     await asyncio.sleep(delay)
                     delay = min(2 * delay, 1.0)
                     continue
-                if park and nm.is_full(ack.data):
+                if overflow == "dead-letter" and nm.is_full(ack.data):
+                    if await self._make_room(queue, data, headers):
+                        return  # the new message was the one to go
+                    continue
+                if overflow == "block" and nm.is_full(ack.data):
                     if not parked:
                         parked = True
                         self._parked[queue] = self._parked.get(queue, 0) + 1
@@ -188,6 +198,69 @@ class Producing:
             if parked:
                 self._parked[queue] -= 1
 
+    async def _make_room(self, queue: str, data: bytes, headers: dict[str, str] | None
+                         ) -> bool:
+        """Overflow "dead-letter" on a full queue, as the local broker's ``_drop_oldest``:
+        the oldest message no consumer has had goes to the dead-letter queue (``x-dead-
+        reason: overflow``), and the send is sent again; if consumers have had every
+        message in the queue, the new one is dead-lettered instead, and this returns True.
+
+        The oldest not had is the first stored after the last one the queue's consumer
+        delivered (its ``delivered.stream_seq``: a pull consumer delivers in stream
+        order). Messages delivered and given back by a nack stay (the local broker would
+        take the oldest of those first). A consumer's pull may take the message between
+        this look and its removal: then it is delivered and also dead-lettered, at least
+        once as ever. Two clients making room at once move it once (the dead letter's
+        dedup id), and each sends again."""
+        settings = self._queues.get(queue) or await self._queue(queue)
+        stream = self.ns.stream(queue)
+        info = await self._api(f"CONSUMER.INFO.{stream}.{nm.CONSUMER}")
+        delivered = int((info.get("delivered") or {}).get("stream_seq") or 0)
+        got = await self._api(f"STREAM.MSG.GET.{stream}",
+                              {"seq": delivered + 1,
+                               "next_by_subj": self.ns.queue_subject(queue)})
+        stored = got.get("message")
+        if stored is not None:
+            await self._bury(queue, settings, stored, "overflow", None)
+            return False
+        mid = (headers or {}).get(nm.H_MSG_ID) or self._next_id()
+        await self._store_dead(queue, settings, headers, data, mid, "overflow", 0)
+        return True
+
+    async def _bury(self, queue: str, settings: QueueSettings, stored: dict[str, Any],
+                    reason: str, attempts: int | None) -> None:
+        """Move a stored message (as ``STREAM.MSG.GET`` gives it) to the queue's
+        dead-letter queue, then delete it from the stream: the MAX_DELIVERIES sweeper's
+        and overflow "dead-letter"'s (``nats_produce.py``). ``attempts`` None: those
+        counted before it (a released message's copy), else none."""
+        stream, seq = self.ns.stream(queue), int(stored["seq"])
+        headers = nm.parse_raw_headers(base64.b64decode(stored.get("hdrs") or ""))
+        if attempts is None:
+            attempts = nm.copied(headers or {}, 0, 0.0)[0]
+        data = base64.b64decode(stored.get("data") or "")
+        await self._store_dead(queue, settings, headers, data, f"{stream}:{seq}", reason,
+                               attempts)
+        await self._api(f"STREAM.MSG.DELETE.{stream}", {"seq": seq, "no_erase": True})
+
+    async def _store_dead(self, queue: str, settings: QueueSettings,
+                          headers: dict[str, str] | None, data: bytes, dedup: str,
+                          reason: str, attempts: int) -> None:
+        """Store a dead letter of ``queue`` (a message with its NATS ``headers``) in its
+        dead-letter queue with the local broker's ``x-dead-*`` headers, deduplicated by
+        ``dedup`` (so two clients moving the same message store one copy), sent again
+        until its PubAck comes; nothing without a dead-letter queue (the local broker
+        discards the message then)."""
+        target = settings.dead_letter
+        if target is None:
+            return
+        user, kind, mid, _ = nm.decode_headers(headers)
+        dead = nm.dead_letter_headers(user, queue=queue, reason=reason, attempts=attempts,
+                                      now=time.time(), text=None, consumer=None)
+        out = nm.encode_headers(dead, kind, dedup, None) or {}
+        out[nm.H_ID] = mid or dedup
+        await self._queue(target)
+        await self._publish(target, self.ns.queue_subject(target), data, out)
+
     def send_nowait(self, queue: str, data: bytes, kind: int,
                     headers: dict[str, str] | None, ttl: float | None,
                     delay: float | None) -> asyncio.Future[None]:
@@ -195,7 +268,7 @@ class Producing:
         if self._error is not None:
             raise self._error
         settings = self._queues.get(queue)
-        if delay or (settings is not None and nm.parks(settings)):
+        if delay or (settings is not None and nm.overflow(settings)):
             return self._send_soon(self._send(queue, data, kind, headers, ttl, delay))
         result: asyncio.Future[None] = self._loop.create_future()
         if settings is None:
@@ -248,7 +321,7 @@ class Producing:
                 raise  # cancelled: the bus is closing
             return  # the error is each send's
         for data, kind, headers, ttl, result in self._held.pop(queue, []):
-            if nm.parks(settings):
+            if nm.overflow(settings):
                 self._follow(self._send_soon(self._send(queue, data, kind, headers, ttl,
                                                         None)), result)
             else:
@@ -297,7 +370,7 @@ class Producing:
                          delay: float | None) -> None:
         self._check_send(ttl, delay)
         settings = self._queues.get(queue)
-        if settings is None or delay or nm.parks(settings):
+        if settings is None or delay or nm.overflow(settings):
             self._spawn(self._send(queue, data, kind, headers, ttl, delay))
             return
         mid = self._next_id()

@@ -81,7 +81,6 @@ class Queues:
 
     async def declare(self, queue: str, options: dict[str, Any]) -> dict[str, Any]:
         settings = QueueSettings.for_queue(queue, options)
-        nm.check_supported(queue, settings)
         stream = self.ns.stream(queue)
         info = await self._api("STREAM.INFO." + stream)
         if "error" in info:

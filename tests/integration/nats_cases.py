@@ -18,8 +18,6 @@ UNACKED = ("JetStream keeps a message whose lease expired ack-pending ('unacked'
 BLOCK = ("overflow 'block' is the sending client's (it sends again while the stream is"
          " full), and JetStream keeps a message until it is acked: room is made by an ack,"
          " not by a delivery, and 'parked' counts that client's waiting sends only")
-DEAD_LETTER = ("overflow 'dead-letter' is not supported: a JetStream stream can refuse a new"
-               " message or drop the oldest silently, not dead-letter it")
 TTL = ("TTL expiry is not dead-lettered: JetStream removes an expired message"
        " (per-message TTL, whole seconds, at least 1 s)")
 COUNTERS = ("JetStream keeps no lifetime counters of expired, discarded or dead-lettered"
@@ -36,7 +34,6 @@ FLAKY = "(unit-tested in test_nats_map.py) "
 
 XFAIL: dict[str, str] = {
     "test_overflow_block_makes_send_wait_for_room": BLOCK,
-    "test_overflow_dead_letter_moves_the_oldest": DEAD_LETTER,
     "test_ttl_that_runs_out_after_release": TTL,
     "test_a_refused_request_fails_at_once_with_the_reason": REQUESTS,
     "test_stat_prometheus": ("stats() knows no connections and no broker process on NATS"

@@ -23,7 +23,7 @@ import pytest_asyncio
 import aiobus
 from aiobus.client.nats_map import Namespace, parse_url
 
-from .conftest import queue_stats
+from .conftest import queue_stats, wait_until
 from .nats_server import NatsServer, delete_namespace
 
 pytestmark = pytest.mark.asyncio
@@ -96,11 +96,47 @@ async def test_a_queue_created_by_use_adopts_its_first_declaration(url: str) -> 
 
 async def test_unsupported_settings_are_typed_errors(url: str) -> None:
     async with aiobus.connect(url) as bus:
-        with pytest.raises(aiobus.InvalidOption, match="overflow 'dead-letter'"):
-            await bus.declare_queue("bounded", max_length=2, overflow="dead-letter")
         await bus.declare_queue("bounded", max_length=2, overflow="reject")
         with pytest.raises(aiobus.InvalidOption, match="delay"):
             await bus.send("bounded", 1, delay=1)  # schedules cannot use DiscardNew
+
+
+async def test_overflow_dead_letter_moves_the_oldest_message_not_yet_delivered(
+        url: str) -> None:
+    """Overflow 'dead-letter' is the sender's, as 'block' is: the stream refuses the send
+    (DiscardNew), and the client moves the oldest message no consumer has had to the
+    dead-letter queue with the local broker's headers, then sends again. Messages held
+    by consumers stay; if consumers hold them all, the new message is the one
+    dead-lettered (as locally). Each way of sending does it."""
+    async with aiobus.connect(url) as bus:
+        await bus.declare_queue("ring", max_length=2, overflow="dead-letter")
+        await bus.send("ring", 0)
+        await bus.send_nowait("ring", 1)
+        async with bus.consume("ring", prefetch=1) as consumer:
+            assert (await next_msg(consumer)).body == 0  # held
+            await bus.send("ring", 2, headers={"k": "v"})  # full: 1, not yet had, goes
+            await bus.send("ring", 3, confirm=False)  # full: 2 goes
+
+            async def two_dead() -> bool:  # (an unconfirmed send is on its way)
+                return (await queue_stats(bus, "ring.dlq")).get("ready") == 2
+
+            await wait_until(two_dead, TIMEOUT)
+            stats = await queue_stats(bus, "ring")
+            assert (stats["ready"], stats["unacked"]) == (1, 1)
+            async with bus.consume("ring", prefetch=1) as other:
+                assert (await next_msg(other)).body == 3
+                await bus.send("ring", 4)  # both held: 4 itself goes
+                stats = await queue_stats(bus, "ring")
+                assert (stats["ready"], stats["unacked"]) == (0, 2)
+        async with bus.consume("ring.dlq", prefetch=3) as dlq:
+            dead = [await next_msg(dlq) for _ in range(3)]
+    assert [d.body for d in dead] == [1, 2, 4]
+    assert dead[1].headers is not None and dead[1].headers["k"] == "v"
+    for d in dead:
+        assert d.headers is not None
+        assert (d.headers["x-dead-reason"], d.headers["x-original-queue"],
+                d.headers["x-attempts"]) == ("overflow", "ring", "0")
+        assert float(d.headers["x-dead-time"]) > 0
 
 
 async def test_a_send_to_a_full_blocking_queue_waits_for_an_ack_to_make_room(

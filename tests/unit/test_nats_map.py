@@ -71,15 +71,14 @@ def test_settings_become_stream_and_consumer_config() -> None:
     assert nm.settings_from_metadata("jobs", None) == (defaults, False)
 
 
-def test_unsupported_overflow_and_mismatches_are_named() -> None:
-    with pytest.raises(InvalidOption, match="dead-letter"):
-        nm.check_supported("q", QueueSettings.for_queue(
-            "q", {"max_length": 1, "overflow": "dead-letter"}))
+def test_overflow_is_the_senders_and_mismatches_are_named() -> None:
     blocking = QueueSettings.for_queue("q", {"max_length": 1})  # "block": the default
-    nm.check_supported("q", blocking)  # the sender waits for room
-    assert nm.parks(blocking) and not nm.parks(QueueSettings.for_queue("q"))
-    assert not nm.parks(QueueSettings.for_queue("q", {"max_length": 1, "overflow": "reject"}))
-    nm.check_supported("q", QueueSettings.for_queue("q"))  # no max_length: fine
+    assert nm.overflow(blocking) == "block"  # the sender waits for room
+    assert nm.overflow(QueueSettings.for_queue(
+        "q", {"max_length": 1, "overflow": "dead-letter"})) == "dead-letter"
+    assert nm.overflow(QueueSettings.for_queue("q")) is None  # no max_length
+    assert nm.overflow(QueueSettings.for_queue(
+        "q", {"max_length": 1, "overflow": "reject"})) is None  # the refusal is the error
     assert nm.is_full(b'{"error":{"code":503,"err_code":10077,"description":"x"}}')
     assert not nm.is_full(b'{"stream":"s","seq":1}')
     old = QueueSettings.for_queue("q", {"max_length": 10, "overflow": "reject"})
