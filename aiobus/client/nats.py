@@ -59,6 +59,7 @@ from ..errors import (
 from . import nats_map as nm
 from .backend import ConnectionState, StateChange, StreamTarget, state_change_stream
 from .nats_consume import Consuming, _Pull
+from .nats_internals import Bare, Direct, check_internals, internals_changed, round_trip
 from .nats_produce import Producing
 from .nats_queues import Queues
 from .nats_requests import Requests
@@ -73,83 +74,6 @@ _API_TIMEOUT: Final = 5.0
 _CLOSE_TIMEOUT: Final = 5.0  # aclose() waits this long for answers still due
 _NO_NEWLINES: Final = str.maketrans("\r\n", "  ")
 _HIGH_WATER: Final = 1024 * 1024  # nats-py buffer bytes above which writers wait
-
-
-# nats-py's private attributes the backend relies on, with their types once connected
-# (tests/integration/test_nats_private.py also checks that a write reaches the server).
-_INTERNALS: Final = (("_pending", list), ("_pending_data_size", int),
-                     ("_flush_queue", asyncio.Queue), ("_subs", dict),
-                     ("_server_info", dict))
-
-
-class _Direct:
-    """Stands in for a nats-py subscription's pending queue: ``put_nowait`` hands the
-    message to ``handler`` at once, in nats-py's reader. A callback subscription would
-    queue each message for a task of its own to await the callback: a task switch per
-    message on every path here (deliveries, PubAcks, topic messages), none of whose
-    handlers awaits anything."""
-
-    __slots__ = ("handler",)
-
-    def __init__(self, handler: Callable[[Msg], None]) -> None:
-        self.handler = handler
-
-    def put_nowait(self, msg: Msg) -> None:
-        try:
-            self.handler(msg)
-        except Exception:
-            # As nats-py does for a callback (its error_cb): reported, and the connection
-            # goes on; raised here it would take nats-py's reader down.
-            log.exception("handling a message on %s failed", msg.subject)
-
-    def qsize(self) -> int:
-        return 0
-
-    def empty(self) -> bool:
-        return True
-
-    def task_done(self) -> None:
-        pass
-
-    async def join(self) -> None:
-        pass
-
-
-class _Bare:
-    """A :class:`_Direct` whose handler nats-py calls with no wrapper in between: for
-    the per-message topic path, whose handler guards itself."""
-
-    __slots__ = ("put_nowait",)
-    put_nowait: Callable[[Msg], None]
-
-    def __init__(self, handler: Callable[[Msg], None]) -> None:
-        self.put_nowait = handler
-
-    qsize, empty, task_done, join = (_Direct.qsize, _Direct.empty, _Direct.task_done,
-                                     _Direct.join)
-
-
-def _check_internals(nc: NatsClient) -> None:
-    """Fail at connect, naming the cause, if this nats-py lacks the private parts the
-    backend writes to (``_append``, ``_subscribe``), rather than later with an
-    AttributeError mid-stream, or with writes that no flusher sends.
-
-    Raises:
-        BrokerUnavailable: nats-py's internals are not what this aiobus was built on.
-    """
-    missing = [name for name, kind in _INTERNALS
-               if not isinstance(getattr(nc, name, None), kind)]
-    if missing:
-        raise _internals_changed(missing)
-
-
-def _internals_changed(missing: list[str]) -> BrokerUnavailable:
-    from importlib.metadata import version
-
-    return BrokerUnavailable(
-        f"nats-py {version('nats-py')} does not have the internals aiobus's NATS backend"
-        f" writes to ({', '.join(missing)}); install a nats-py it supports:"
-        " pip install 'nats-py>=2.7,<3'")
 
 
 class NatsBackend(Producing, Queues, Consuming, Requests):
@@ -199,6 +123,7 @@ class NatsBackend(Producing, Queues, Consuming, Requests):
         self._listeners: list[collections.deque[StateChange]] = []
         self._pid_uid = (os.getpid(), os.getuid())
         self._schedules = False  # the server has message schedules (2.12+)
+        self._jetstream = False  # JetStream has answered an API request of this client
         self._watchdog: asyncio.Task[None] | None = None
         self._swept: set[str] = set()  # streams whose MAX_DELIVERIES advisories we sweep
         self._releasing: set[asyncio.Future[None]] = set()  # releases not yet complete
@@ -227,7 +152,7 @@ class NatsBackend(Producing, Queues, Consuming, Requests):
         except (OSError, nats.errors.Error, TimeoutError) as exc:
             raise BrokerUnavailable(f"cannot connect to NATS at {self._server}: {exc}") from exc
         try:
-            _check_internals(self._nc)
+            check_internals(self._nc)
         except BrokerUnavailable:
             await self._nc.close()
             raise
@@ -417,52 +342,47 @@ class NatsBackend(Producing, Queues, Consuming, Requests):
         self.writable = True
 
     async def _flush(self, timeout: float) -> None:
-        """A round trip to the server after everything written so far: once it returns,
-        the server has processed this client's earlier commands.
-
-        nats-py's ``flush()`` alone is not that: it writes its PING straight to the
-        socket (``_send_ping`` in nats-py 2.16), ahead of the commands still in its buffer
-        for the flusher task, so its PONG can come back before the server has a SUB or PUB
-        made just before (seen under load: a consumer that joined a queue's request group
-        and pinged, and a request then given to the group answered "no responders";
-        tests/integration/test_nats_private.py pins the order). So the flusher writes the
-        buffer first, as it would, and then the PING goes."""
-        nc = self._nc
-        queue = nc._flush_queue
-        if nc.is_connected and nc._pending_data_size and queue is not None:
-            written: asyncio.Future[None] = self._loop.create_future()
-            try:
-                async with asyncio.timeout(timeout):
-                    await queue.put(written)  # completed once the buffer is written
-                    await written
-            except TimeoutError:
-                raise nats.errors.FlushTimeoutError from None
-        await nc.flush(timeout=timeout)  # type: ignore[arg-type]
+        """A round trip to the server after everything written so far (not nats-py's
+        bare ``flush()``: see :func:`~aiobus.client.nats_internals.round_trip`)."""
+        await round_trip(self._nc, self._loop, timeout)
 
     async def _api(self, subject: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         """A JetStream API request; returns the decoded response (with ``error``)."""
         if self._error is not None:
             raise self._error
         payload = json.dumps(body).encode() if body is not None else b""
-        try:
-            msg = await self._nc.request(_API + subject, payload, timeout=_API_TIMEOUT)
-        except nats.errors.NoRespondersError as exc:
-            raise BrokerUnavailable("JetStream is not enabled on this NATS server") from exc
-        except nats.errors.TimeoutError as exc:
-            raise BrokerUnavailable(f"JetStream did not answer {subject}") from exc
+        deadline = self._loop.time() + _API_TIMEOUT
+        delay = 0.05
+        while True:
+            try:
+                msg = await self._nc.request(_API + subject, payload, timeout=_API_TIMEOUT)
+                break
+            except nats.errors.NoRespondersError as exc:
+                # Nobody took the request, so it may go again: JetStream that answered
+                # this client before is not up yet (a server restarting), for a while.
+                if not self._jetstream or self._loop.time() + delay > deadline:
+                    raise BrokerUnavailable(
+                        "JetStream is not enabled on this NATS server" if not self._jetstream
+                        else f"JetStream did not come back within {_API_TIMEOUT} s to"
+                             f" answer {subject}") from exc
+                await asyncio.sleep(delay)
+                delay *= 2
+            except nats.errors.TimeoutError as exc:
+                raise BrokerUnavailable(f"JetStream did not answer {subject}") from exc
+        self._jetstream = True
         result: dict[str, Any] = json.loads(msg.data)
         return result
 
     async def _subscribe(self, subject: str, handler: Callable[[Msg], None],
                          group: str = "", *, guarded: bool = True) -> int:
-        """Subscribe with ``handler`` called in nats-py's reader (see :class:`_Direct`),
+        """Subscribe with ``handler`` called in nats-py's reader (see ``nats_internals.Direct``),
         in queue group ``group`` if given; ``guarded=False``: a handler that catches its
         own errors, called without a wrapper. Returns the subscription id."""
         sub = await self._nc.subscribe(subject, queue=group, pending_bytes_limit=0)
         if not isinstance(getattr(sub, "_pending_queue", None), asyncio.Queue):
             await sub.unsubscribe()
-            raise _internals_changed(["Subscription._pending_queue"])
-        direct: _Direct | _Bare = _Direct(handler) if guarded else _Bare(handler)
+            raise internals_changed(["Subscription._pending_queue"])
+        direct: Direct | Bare = Direct(handler) if guarded else Bare(handler)
         sub._pending_queue = direct  # type: ignore[assignment]
         return int(sub._id)
 
@@ -538,9 +458,9 @@ class NatsBackend(Producing, Queues, Consuming, Requests):
         decode = nm.decode_headers
 
         def on_message(msg: Msg) -> None:
-            # Called by nats-py's reader for every message, unwrapped (_Bare): the
+            # Called by nats-py's reader for every message, unwrapped (Bare): the
             # window's common case (room in flight, nothing waiting) inline, the rest in
-            # TopicWindow.offer; errors caught as _Direct would.
+            # TopicWindow.offer; errors caught as Direct would.
             try:
                 headers = msg.headers
                 if headers:

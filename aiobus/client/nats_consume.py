@@ -69,6 +69,8 @@ log = logging.getLogger(__name__)
 _API: Final = "$JS.API."
 _PULL_EXPIRES: Final = 10.0  # seconds a pull request waits on the server (408 after)
 _ANSWER_TIMEOUT: Final = 5.0
+_PULL_RETRY: Final = 0.1  # seconds before a pull that reached no consumer (503) goes again
+_PULL_RETRY_MAX: Final = 2.0
 _ERR_STREAM_NOT_FOUND: Final = 10059
 _ADVISORY: Final = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES."
 
@@ -115,6 +117,7 @@ class _Pull:
         self.unacked = 0
         self.outstanding = 0
         self.heard = 0.0  # monotonic time of the last request, message or status
+        self.retry = _PULL_RETRY  # seconds before asking again after a 503 (no consumer)
         self.leases: set[_Lease] = set()
         self.stopped = False
 
@@ -137,6 +140,7 @@ class Consuming:
     _pid_uid: tuple[int, int]
     _releasing: set[asyncio.Future[None]]
     _schedules: bool
+    _loop: asyncio.AbstractEventLoop
 
     if TYPE_CHECKING:
         async def _api(self, subject: str,
@@ -210,6 +214,7 @@ class Consuming:
             pull.heard = time.monotonic()
             status = headers.get("Status") if headers else None
             if status in ("408", "409", "404"):
+                pull.retry = _PULL_RETRY  # its consumer answers again
                 pending = headers.get("Nats-Pending-Messages") if headers else None
                 pull.outstanding = (max(0, pull.outstanding - int(pending))
                                     if pending is not None else 0)
@@ -217,6 +222,14 @@ class Consuming:
                     self._spawn(self._recreate(pull))
                     return
                 self._pull(pull)
+            elif status == "503":
+                # No responders: the request reached no consumer (a server restarting,
+                # its JetStream not up yet; a cluster moving the consumer's leader).
+                # Nothing is outstanding: ask again shortly (backing off, up to 2 s), not
+                # after the watchdog's 12 s.
+                pull.outstanding = 0
+                self._loop.call_later(pull.retry, self._pull, pull)
+                pull.retry = min(2 * pull.retry, _PULL_RETRY_MAX)
             return
         pull.outstanding = max(0, pull.outstanding - 1)
         seq, attempt, timestamp = nm.parse_ack_subject(msg.reply)

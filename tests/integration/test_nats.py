@@ -368,6 +368,9 @@ async def cli(url: str, *args: str, stdin: bytes | None = None) -> tuple[int, st
     return proc.returncode, out.decode(), err.decode()
 
 
+# 8 commands and a client process, each a Python start with its own 20 s deadline: over
+# 60 s in all once, with make test's 4 workers beside a CPU hog and other jobs.
+@pytest.mark.timeout(150)
 async def test_cli_send_consume_request_and_stat(url: str, spawn_client: Any) -> None:
     assert await cli(url, "send", "jobs", "one", "-H", "k=v") == (0, "", "")
     assert (await cli(url, "send", "jobs", "--lines", stdin=b"two\nthree\n"))[0] == 0
@@ -489,6 +492,61 @@ async def test_there_are_no_presence_events(url: str) -> None:
                 await asyncio.wait_for(anext(presence), 0.3)
 
 
+async def test_a_pull_that_reaches_no_consumer_is_asked_again_soon(url: str) -> None:
+    """A pull request that reaches no JetStream consumer gets a 503 (no responders): a
+    server restarting, before its JetStream is up; a consumer deleted. Nothing is then
+    outstanding, so the consumer asks again shortly (backing off up to 2 s) rather than
+    after the watchdog's 12 s. Here the queue's consumer is deleted under a consumer
+    whose prefetch is full, and made again by another client."""
+    async with aiobus.connect(url) as bus, aiobus.connect(url) as other:
+        await bus.send("jobs", 1)
+        await bus.send("jobs", 2)
+        async with bus.consume("jobs", prefetch=1) as consumer:
+            held = await next_msg(consumer)
+            server, name, _ = parse_url(url)
+            nc = await nats.connect(server)
+            try:
+                await nc.request(
+                    f"$JS.API.CONSUMER.DELETE.{Namespace(name).stream('jobs')}.aiobus", b"",
+                    timeout=TIMEOUT)
+            finally:
+                await nc.close()
+            await held.ack()  # room: its pull reaches no consumer (503)
+            await other.ping()
+            async with other.consume("jobs", prefetch=1):
+                pass  # makes the queue's consumer again (what it took, it gives back)
+            # JetStream starts the new consumer from the first message: 1 again, or 2.
+            assert (await next_msg(consumer, 5.0)).body in (1, 2)
+
+
+async def test_jetstream_not_up_yet_is_waited_for_and_none_at_all_is_named(
+        url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A JetStream API request nobody takes (503) may go again: once JetStream has
+    answered this client, that means it is not up yet (a server restarting), and the
+    request is sent again, backing off, for up to 5 s. Before any answer it means no
+    JetStream: BrokerUnavailable at once, saying so."""
+    async with aiobus.connect(url) as bus:
+        nc = bus._backend._nc  # type: ignore[attr-defined]
+        real = nc.request
+        refusals = 0
+
+        async def request(*args: Any, **kwargs: Any) -> Any:
+            nonlocal refusals
+            if refusals:
+                refusals -= 1
+                raise nats.errors.NoRespondersError
+            return await real(*args, **kwargs)
+
+        monkeypatch.setattr(nc, "request", request)
+        refusals = 1
+        with pytest.raises(aiobus.BrokerUnavailable, match="JetStream is not enabled"):
+            await bus.send("jobs", 1)  # the first request of this client
+        await bus.send("jobs", 1)
+        refusals = 3
+        assert (await queue_stats(bus, "jobs"))["ready"] == 1
+        assert refusals == 0
+
+
 async def test_a_server_restart_loses_no_durable_message_and_streams_go_on(
         tmp_path: Any) -> None:
     """nats-server killed and started again (same port, same store): the bus reconnects,
@@ -516,6 +574,11 @@ async def test_a_server_restart_loses_no_durable_message_and_streams_go_on(
                     await bus.send("jobs", i)
                 await bus.publish("news", "before")
                 assert (await next_msg(news)).gap is False
+
+                async def consuming_all() -> bool:  # started before the kill, on a loaded
+                    return len(got) == 5  # machine too: the consumer is to carry on
+
+                await wait_until(consuming_all, TIMEOUT)
                 server.kill()
                 assert (await asyncio.wait_for(anext(changes), TIMEOUT)).state.value == \
                     "disconnected"

@@ -13,7 +13,7 @@ import pytest
 from nats.aio.client import Client as NatsClient
 
 import aiobus
-from aiobus.client import nats as backend_module
+from aiobus.client import nats_internals
 from aiobus.client.nats_map import parse_url
 
 from .nats_server import NatsServer
@@ -27,7 +27,7 @@ async def test_the_private_parts_are_there_once_connected(nats_server: NatsServe
     nc = NatsClient()
     await nc.connect(servers=[nats_server.url], connect_timeout=5, allow_reconnect=False)
     try:
-        for name, kind in backend_module._INTERNALS:
+        for name, kind in nats_internals.INTERNALS:
             assert isinstance(getattr(nc, name, None), kind), (
                 f"nats-py's Client.{name} is gone or no longer a {kind.__name__}:"
                 " aiobus/client/nats.py writes to it (_append)")
@@ -66,8 +66,8 @@ async def test_what_the_backend_appends_reaches_the_server(nats_server: NatsServ
 
 async def test_a_nats_py_without_them_is_refused_at_connect_naming_them(
         nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(backend_module, "_INTERNALS",
-                        (*backend_module._INTERNALS, ("_renamed_buffer", list)))
+    monkeypatch.setattr(nats_internals, "INTERNALS",
+                        (*nats_internals.INTERNALS, ("_renamed_buffer", list)))
     with pytest.raises(aiobus.BrokerUnavailable, match=r"_renamed_buffer.*nats-py>=2\.7,<3"):
         await aiobus.connect(nats_server.namespace_url()).__aenter__()
 
@@ -101,9 +101,9 @@ async def test_flush_pings_ahead_of_its_buffer_and_the_backend_does_not(
     """nats-py's flush() writes its PING straight to the socket, ahead of a SUB still in
     its buffer for the flusher task: its PONG does not mean that the server has the SUB
     (under load a request then sent to that queue group got "no responders"). The
-    backend's round trip (``_flush``: subscribe(), ping(), stats()) has the buffer
-    written first. Should a nats-py release fix the order, the first check fails, and
-    ``_flush`` may go back to a plain flush()."""
+    backend's round trip (``nats_internals.round_trip``: subscribe(), ping(), stats())
+    has the buffer written first. Should a nats-py release fix the order, the first
+    check fails, and ``round_trip`` may go back to a plain flush()."""
     nc = NatsClient()
     await nc.connect(servers=[nats_server.url], connect_timeout=5, allow_reconnect=False)
     try:
