@@ -65,6 +65,33 @@ class StateChange:
 STATE_BACKLOG = 64  # state changes kept for a state_changes() reader that lags
 
 
+def emit_state(listeners: list[collections.deque[StateChange]], changed: asyncio.Event,
+               change: StateChange) -> asyncio.Event:
+    """A backend's ``_emit``: ``change`` goes to the backlog of every ``state_changes()``
+    reader in ``listeners``, and ``changed`` is set for whoever waits on it. Returns the
+    event to wait on next, which the backend keeps (its ``_changed``)."""
+    for backlog in listeners:
+        backlog.append(change)
+    changed.set()
+    return asyncio.Event()
+
+
+async def wait_until_connected(connected: Callable[[], bool],
+                               changed: Callable[[], asyncio.Event],
+                               error: Callable[[], BusError | None]) -> None:
+    """A backend's ``wait_connected()``: return once ``connected()``, waking on the
+    event ``changed()`` returns (set on every change of state).
+
+    Raises:
+        BusError: ``error()``, once the backend is closed.
+    """
+    while not connected():
+        closed = error()
+        if closed is not None:
+            raise closed
+        await changed().wait()
+
+
 async def state_change_stream(listeners: list[collections.deque[StateChange]],
                               changed: Callable[[], asyncio.Event],
                               error: Callable[[], BusError | None]

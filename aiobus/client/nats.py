@@ -57,7 +57,14 @@ from ..errors import (
     ConnectionLost,
 )
 from . import nats_map as nm
-from .backend import ConnectionState, StateChange, StreamTarget, state_change_stream
+from .backend import (
+    ConnectionState,
+    StateChange,
+    StreamTarget,
+    emit_state,
+    state_change_stream,
+    wait_until_connected,
+)
 from .nats_consume import Consuming, _Pull
 from .nats_internals import Bare, Direct, check_internals, internals_changed, round_trip
 from .nats_produce import Producing
@@ -268,16 +275,11 @@ class NatsBackend(Producing, Queues, Consuming, Requests):
         return self._dropped
 
     def _emit(self, change: StateChange) -> None:
-        for backlog in self._listeners:
-            backlog.append(change)
-        self._changed.set()
-        self._changed = asyncio.Event()
+        self._changed = emit_state(self._listeners, self._changed, change)
 
     async def wait_connected(self) -> None:
-        while not self.connected:
-            if self._error is not None:
-                raise self._error
-            await self._changed.wait()
+        await wait_until_connected(lambda: self.connected, lambda: self._changed,
+                                   lambda: self._error)
 
     def state_changes(self) -> AsyncIterator[StateChange]:
         return state_change_stream(self._listeners, lambda: self._changed,

@@ -55,7 +55,9 @@ from .backend import (
     Outcome,
     StateChange,
     StreamTarget,
+    emit_state,
     state_change_stream,
+    wait_until_connected,
 )
 from .connection import FLUSH_AT, HOLD_BYTES, ClientConnection, StreamReceiver
 
@@ -524,16 +526,11 @@ class UnixSocketBackend:
     # -- state ----------------------------------------------------------------------------
 
     def _emit(self, change: StateChange) -> None:
-        for backlog in self._listeners:
-            backlog.append(change)
-        self._changed.set()
-        self._changed = asyncio.Event()
+        self._changed = emit_state(self._listeners, self._changed, change)
 
     async def wait_connected(self) -> None:
-        while not self.connected:
-            if self._conn.error is not None:
-                raise self._conn.error
-            await self._changed.wait()
+        await wait_until_connected(lambda: self.connected, lambda: self._changed,
+                                   lambda: self._conn.error)
 
     def state_changes(self) -> AsyncIterator[StateChange]:
         return state_change_stream(self._listeners, lambda: self._changed,
