@@ -234,12 +234,19 @@ class NatsBackend(Producing, Queues, Consuming, Requests):
         # Sends on their way and dead letters being stored: let them finish (bounded).
         if self._tasks or self._sending:
             await asyncio.wait([*self._tasks, *self._sending], timeout=_CLOSE_TIMEOUT)
-        for pull in list(self._pulls.values()):
-            target = pull.target()
-            if target is not None:
-                target._stop()
-            else:
-                self._stop_pull(pull)
+        if self._pulls:
+            for pull in list(self._pulls.values()):
+                target = pull.target()
+                if target is not None:
+                    target._stop()
+                else:
+                    self._stop_pull(pull)
+            # What the server sent them before it had their UNSUBs arrives meanwhile and
+            # is given back (_unsubscribe's drain).
+            try:
+                await self._flush(_CLOSE_TIMEOUT)
+            except Exception:
+                pass  # closing anyway
         pending = [fut for fut in self._waiters.values() if not fut.done()]
         if pending:
             await asyncio.wait(pending, timeout=_CLOSE_TIMEOUT)
@@ -388,17 +395,37 @@ class NatsBackend(Producing, Queues, Consuming, Requests):
         sub._pending_queue = direct  # type: ignore[assignment]
         return int(sub._id)
 
-    def _unsubscribe(self, sid: int) -> None:
+    def _unsubscribe(self, sid: int, *, drain: bool = False) -> None:
+        """Write UNSUB for subscription ``sid``. ``drain``: its handler still gets what
+        the server sent before it had the UNSUB (until a round trip says it has), instead
+        of nats-py dropping it: a consumer's pull that the server was answering as the
+        consumer stopped, which would otherwise stay leased to nobody until its ack
+        timeout (seen: ``aiobus consume --count 2`` leaving the third message unacked),
+        is given back; a request is handed to the group again."""
         nc = self._nc
         if sid in nc._subs and self._error is None and not nc.is_closed:
-            sub = nc._subs.pop(sid)
-            sub._stop_processing()
+            if drain:
+                self._spawn(self._forget(sid))
+            else:
+                nc._subs.pop(sid)._stop_processing()
             cmd = prot.unsub_cmd(sid, 0)
             nc._pending.append(cmd)
             nc._pending_data_size += len(cmd)
             queue = nc._flush_queue
             if nc.is_connected and queue is not None and queue.empty():
                 queue.put_nowait(self._loop.create_future())
+
+    async def _forget(self, sid: int) -> None:
+        """Drop subscription ``sid`` from nats-py once the server has its UNSUB (written
+        just before this runs)."""
+        try:
+            await self._flush(_API_TIMEOUT)
+        except Exception:
+            pass  # closed or lost: nothing more arrives for it either way
+        finally:
+            sub = self._nc._subs.pop(sid, None)
+            if sub is not None:
+                sub._stop_processing()
 
     # -- the inbox: PubAcks and replies ---------------------------------------------------
 

@@ -153,7 +153,7 @@ class Consuming:
         async def _bury(self, queue: str, settings: QueueSettings, stored: dict[str, Any],
                         reason: str, attempts: int | None) -> None: ...
         def _spawn(self, coro: Any) -> None: ...
-        def _unsubscribe(self, sid: int) -> None: ...
+        def _unsubscribe(self, sid: int, *, drain: bool = False) -> None: ...
         async def _subscribe(self, subject: str, handler: Callable[[Msg], None],
                              group: str = "") -> int: ...
         async def _respond(self, pull: _Pull) -> None: ...
@@ -330,9 +330,9 @@ class Consuming:
             return
         pull.stopped = True
         self._pulls.pop(pull.sid, None)
-        self._unsubscribe(pull.sid)
+        self._unsubscribe(pull.sid, drain=True)  # late deliveries: released (_on_delivery)
         if pull.request_sid:
-            self._unsubscribe(pull.request_sid)
+            self._unsubscribe(pull.request_sid, drain=True)  # to the group (_on_request)
         if self._error is None:
             # Released, oldest first: another consumer gets them now.
             now = time.monotonic()
