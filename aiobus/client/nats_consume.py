@@ -49,17 +49,16 @@ import json
 import logging
 import time
 import weakref
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 import nats.errors
-from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
 from ..broker.settings import QueueSettings
 from ..errors import BusError, LeaseError, shown
 from . import nats_map as nm
 from .backend import Outcome, StreamTarget
+from .nats_host import NatsHost
 from .nats_topics import TopicWindow
 
 __all__ = ["Consuming"]
@@ -122,42 +121,9 @@ class _Pull:
         self.stopped = False
 
 
-class Consuming:
+class Consuming(NatsHost):
     """The consuming half of :class:`~aiobus.client.nats.NatsBackend` (see the module
-    docstring); the backend's ``__init__`` sets these attributes."""
-
-    ns: nm.Namespace
-    connected: bool
-    _nc: NatsClient
-    _error: BusError | None
-    _async_errors: int
-    _pulls: dict[int, _Pull]
-    _subs: dict[int, TopicWindow]
-    _queues: dict[str, QueueSettings]
-    _answered: dict[str, str | None]
-    _last_acked: dict[str, str]
-    _swept: set[str]
-    _pid_uid: tuple[int, int]
-    _releasing: set[asyncio.Future[None]]
-    _schedules: bool
-    _loop: asyncio.AbstractEventLoop
-
-    if TYPE_CHECKING:
-        async def _api(self, subject: str,
-                       body: dict[str, Any] | None = None) -> dict[str, Any]: ...
-        async def _queue(self, name: str) -> QueueSettings: ...
-        def _write(self, subject: str, payload: bytes, reply: str = "",
-                   headers: dict[str, str] | None = None) -> None: ...
-        def _token(self) -> tuple[str, asyncio.Future[Any]]: ...
-        def _puback(self, queue: str, msg: Msg) -> None: ...
-        async def _bury(self, queue: str, settings: QueueSettings, stored: dict[str, Any],
-                        reason: str, attempts: int | None) -> None: ...
-        def _spawn(self, coro: Any) -> None: ...
-        def _unsubscribe(self, sid: int, *, drain: bool = False) -> None: ...
-        async def _subscribe(self, subject: str, handler: Callable[[Msg], None],
-                             group: str = "") -> int: ...
-        async def _respond(self, pull: _Pull) -> None: ...
-        def _give_back(self, lease: _Lease, attempt: int, delay: float) -> None: ...
+    docstring); what it uses of the other halves is declared in ``nats_host.py``."""
 
     async def consume(self, queue: str, prefetch: int, target: StreamTarget,
                       create: bool = True) -> None:

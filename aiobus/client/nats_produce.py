@@ -24,7 +24,7 @@ import datetime
 import json
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 import nats.errors
 from nats.aio.msg import Msg
@@ -40,6 +40,7 @@ from ..errors import (
     shown,
 )
 from . import nats_map as nm
+from .nats_host import NatsHost
 
 __all__ = ["Producing"]
 
@@ -54,35 +55,9 @@ _PARK_FIRST: Final = 0.005
 _PARK_MAX: Final = 0.2
 
 
-class Producing:
+class Producing(NatsHost):
     """The sending half of :class:`~aiobus.client.nats.NatsBackend` (see the module
-    docstring); the backend's ``__init__`` sets these attributes."""
-
-    ns: nm.Namespace
-    server_info: dict[str, Any]
-    _loop: asyncio.AbstractEventLoop
-    _inbox: str
-    _unconfirmed_inbox: str
-    _error: BusError | None
-    _schedules: bool
-    _queues: dict[str, QueueSettings]
-    _waiters: dict[str, asyncio.Future[Any]]
-    _unconfirmed: int
-    _sending: set[asyncio.Task[None]]
-    _parked: dict[str, int]
-    _held: dict[str, list[tuple[bytes, int, dict[str, str] | None, float | None,
-                                asyncio.Future[None]]]]
-    _closing: bool
-
-    if TYPE_CHECKING:
-        async def _api(self, subject: str,
-                       body: dict[str, Any] | None = None) -> dict[str, Any]: ...
-        async def _queue(self, name: str) -> QueueSettings: ...
-        def _write(self, subject: str, payload: bytes, reply: str = "",
-                   headers: dict[str, str] | None = None) -> None: ...
-        def _token(self) -> tuple[str, asyncio.Future[Any]]: ...
-        def _next_id(self) -> str: ...
-        def _spawn(self, coro: Any) -> None: ...
+    docstring); what it uses of the other halves is declared in ``nats_host.py``."""
 
     def _puback(self, queue: str, msg: Msg) -> None:
         """Raise what a PubAck's error means."""

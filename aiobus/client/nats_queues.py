@@ -13,14 +13,12 @@ consumer when it is created, so statistics always have one to read.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 from ..broker.settings import QueueSettings
 from ..errors import InvalidOption, QueueNotEmpty, shown
 from . import nats_map as nm
-
-if TYPE_CHECKING:
-    from .nats_consume import _Pull
+from .nats_host import NatsHost
 
 __all__ = ["Queues"]
 
@@ -28,23 +26,9 @@ _ERR_STREAM_IN_USE: Final = 10058
 _PURGE_WINDOW: Final = 256  # message deletes in flight during a purge with leases
 
 
-class Queues:
+class Queues(NatsHost):
     """The queue half of :class:`~aiobus.client.nats.NatsBackend` (see the module
-    docstring); the backend's ``__init__`` sets these attributes."""
-
-    ns: nm.Namespace
-    _replicas: int
-    _queues: dict[str, QueueSettings]
-    _looking: dict[str, asyncio.Future[QueueSettings]]
-    _pulls: dict[int, _Pull]
-
-    if TYPE_CHECKING:
-        async def _api(self, subject: str,
-                       body: dict[str, Any] | None = None) -> dict[str, Any]: ...
-        async def _ensure_consumer(self, queue: str, stream: str,
-                                   settings: QueueSettings) -> None: ...
-        async def _sweep(self, queue: str) -> None: ...
-        async def _recreate(self, pull: _Pull) -> None: ...
+    docstring); what it uses of the other halves is declared in ``nats_host.py``."""
 
     async def _queue(self, name: str) -> QueueSettings:
         """The settings of queue ``name``, creating its stream with the defaults if it

@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 import nats.errors
@@ -39,6 +38,7 @@ from ..errors import BusError, RequestTimeout
 from ..protocol import decode_body
 from . import nats_map as nm
 from .nats_consume import _Lease
+from .nats_host import NatsHost
 
 if TYPE_CHECKING:
     from .nats_consume import _Pull
@@ -49,22 +49,9 @@ _RETRY_FIRST: Final = 0.005  # seconds before a request with no responder is sen
 _RETRY_MAX: Final = 0.25
 
 
-class Requests:
+class Requests(NatsHost):
     """The request/reply half of :class:`~aiobus.client.nats.NatsBackend` (see the
-    module docstring); the backend's ``__init__`` sets these attributes."""
-
-    ns: nm.Namespace
-    _loop: asyncio.AbstractEventLoop
-    _inbox: str
-    _client_id: str
-    _waiters: dict[str, asyncio.Future[Any]]
-
-    if TYPE_CHECKING:
-        def _write(self, subject: str, payload: bytes, reply: str = "",
-                   headers: dict[str, str] | None = None) -> None: ...
-        def _token(self) -> tuple[str, asyncio.Future[Any]]: ...
-        async def _subscribe(self, subject: str, handler: Callable[[Msg], None],
-                             group: str = "") -> int: ...
+    module docstring); what it uses of the other halves is declared in ``nats_host.py``."""
 
     async def request(self, queue: str, data: bytes, kind: int,
                       headers: dict[str, str] | None, timeout: float) -> Any:
