@@ -17,11 +17,12 @@ Timers: the core schedules deadlines on its clockless heap; the shell keeps one
 
 Journal (durable queues, with a data directory): the core appends records to the
 journal's buffer as it changes durable queues; the flush at the end of the loop turn
-first writes them (one write), then with ``fsync="always"`` fdatasyncs (one per turn:
-group commit, Redis's ``appendfsync always`` in beforeSleep), and only then writes the
-turn's output to the sockets, so no confirmation leaves before its record is on disk.
-``"batch"`` fdatasyncs every ``fsync_interval`` seconds instead, ``"never"`` leaves it to
-the OS (docs/journal.md, README "Durability").
+first writes them (one write). With ``fsync="always"`` it then holds the turn's output
+until an fdatasync covering that write has returned: one runs at a time, in a worker
+thread, while the loop goes on (group commit, commit.py), so no confirmation leaves before
+its record is on disk. ``"batch"`` writes the output at once and fdatasyncs every
+``fsync_interval`` seconds in that thread, ``"never"`` leaves it to the OS
+(docs/journal.md, README "Durability").
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from .._paths import check_private_directory, is_explicit, resolve_socket_path
 from ..errors import BusError, ProtocolError
 from ..protocol import DEFAULT_MAX_FRAME, MAX_HELLO_FRAME, FrameDecoder, Op
 from ..stats import BrokerStats
+from .commit import GroupCommit
 from .core import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CONSUMERS, BrokerCore
 from .journal import Journal, JournalError, OsFiles, Recovered
 from .journal import repair as repair_journal
@@ -295,18 +297,26 @@ class _Connection(asyncio.Protocol):
         self.out_bytes += len(data)
 
     def flush(self) -> None:
-        """Hand the pending output to the transport. Never raises: a transport that the
-        peer closed in this loop turn (its EOF came with output still due to it) drops
-        the output, since nobody will read it; one that fails is aborted. Either way
-        only this connection is affected, and ``connection_lost`` cleans it up."""
+        """Hand the pending output to the transport (see :meth:`write_out`)."""
+        self.write_out(self.take_output())
+
+    def take_output(self) -> list[bytes]:
+        """The pending output as frames, open run included; the connection has none after."""
         if self.ok_last:  # the open run, if any (see __init__)
             self.end_range()
         elif self.events:
             self.end_events()
-        if not self.out:
-            return
         out, self.out = self.out, []
         self.out_bytes = 0
+        return out
+
+    def write_out(self, out: list[bytes]) -> None:
+        """Hand ``out`` to the transport. Never raises: a transport that the
+        peer closed in this loop turn (its EOF came with output still due to it) drops
+        the output, since nobody will read it; one that fails is aborted. Either way
+        only this connection is affected, and ``connection_lost`` cleans it up."""
+        if not out:
+            return
         transport = self.transport
         if transport is None or transport.is_closing():
             return
@@ -452,6 +462,9 @@ class Broker:
         self.drain_timeout = drain_timeout
         self._drained: asyncio.Event | None = None  # while shutting down: no lease held
         self.journal: Journal | None = None
+        # With a journal: its syncs, and (fsync "always") each turn's output held until
+        # its records are on disk, as (connection, frames) pairs (commit.py)
+        self._commit: GroupCommit[list[tuple[_Connection, list[bytes]]]] | None = None
         self._lock_fd = -1
         self._sync_timer: asyncio.TimerHandle | None = None
         self._journal_log = _RateLimitedLog(burst=3, period=60.0)
@@ -512,6 +525,9 @@ class Broker:
         )
         self.monitor.start(self.loop)
         if recovered is not None:  # replay, then serve: no client sees a half-loaded queue
+            assert self.journal is not None
+            self._commit = GroupCommit(self.journal, self.loop, self._release_output,
+                                       self._sync_failed, self._flush)
             self.core.restore(recovered, self.loop.time())
             self._after_events()
             if self.fsync != "always":
@@ -583,6 +599,9 @@ class Broker:
         if self._sync_timer is not None:
             self._sync_timer.cancel()
             self._sync_timer = None
+        commit, self._commit = self._commit, None
+        if commit is not None:
+            commit.close()  # (the connections its held output was for are closed)
         journal, self.journal = self.journal, None
         if journal is not None:
             try:
@@ -596,63 +615,107 @@ class Broker:
             os.close(self._lock_fd)
             self._lock_fd = -1
 
-    def _write_journal(self) -> None:
-        """The turn's journal records: written, and synced per the fsync policy, before
-        the turn's output goes out (so with ``"always"`` no confirmation precedes its
-        record on disk).
+    def _write_journal(self) -> set[int]:
+        """Write the turn's journal records; returns the connections that got a
+        confirmation of a durable send since the last write (with ``"always"`` their
+        output is held until the records are synced, see :meth:`_flush`).
 
-        If that fails (ENOSPC, EIO), the confirmations of this turn's durable sends must
-        not go out: each connection that got one loses this turn's output and is closed
-        with CLOSE ``journal`` (its client sees those sends fail). Until a write
-        succeeds again, sends to durable queues are refused with ERROR ``journal``;
-        everything else carries on, and the records stay buffered and are retried each
-        turn and every second."""
+        If the write fails (ENOSPC, EIO), those confirmations must not go out: see
+        :meth:`_journal_failed`; the records stay buffered and are retried each turn and
+        every second."""
         journal = self.journal
         assert journal is not None
         queues = self.core.queues
         confirmed, queues.journaled_confirms = queues.journaled_confirms, set()
         try:
             journal.write()
-            if self.fsync == "always":
-                journal.sync()
-                journal.compact()
         except JournalError as exc:
-            if queues.journal_error is None:
-                log.error("journal: %s; refusing sends to durable queues until it can be"
-                          " written again", exc)
-                self.loop.call_later(1.0, self._retry_journal)
-            queues.journal_error = exc.cause or "error"
-            for conn_id in confirmed:
-                conn = self._conns.get(conn_id)
-                if conn is not None and not conn.closing:
-                    conn.out, conn.out_bytes, conn.ok_last = [], 0, 0
-                    conn.events = []
-                    self.close(conn_id, "journal", "the broker could not write its journal"
-                               f" ({queues.journal_error}): its last sends were not confirmed")
-            return
-        if queues.journal_error is not None:
+            self._journal_failed(exc, confirmed)
+            return set()
+        if queues.journal_error is not None and (self.fsync != "always" or not journal.unsynced):
             log.warning("journal: writable again; accepting sends to durable queues")
             queues.journal_error = None
+        return confirmed
+
+    def _journal_failed(self, exc: JournalError, confirmed: set[int]) -> None:
+        """A write or (``"always"``) a sync failed: each connection in ``confirmed`` got
+        a confirmation that must not go out, so it loses its pending output and is closed
+        with CLOSE ``journal`` (its client sees those sends fail). Until the journal can
+        be written and synced again, sends to durable queues are refused with ERROR
+        ``journal``; everything else carries on."""
+        queues = self.core.queues
+        if queues.journal_error is None:
+            log.error("journal: %s; refusing sends to durable queues until it can be"
+                      " written again", exc)
+            self.loop.call_later(1.0, self._retry_journal)
+        queues.journal_error = exc.cause or "error"
+        for conn_id in confirmed:
+            conn = self._conns.get(conn_id)
+            if conn is not None and not conn.closing:
+                conn.out, conn.out_bytes, conn.ok_last = [], 0, 0
+                conn.events = []
+                self.close(conn_id, "journal", "the broker could not write its journal"
+                           f" ({queues.journal_error}): its last sends were not confirmed")
+
+    def _sync_failed(self, exc: JournalError, confirmed: set[int],
+                     held: list[list[tuple[_Connection, list[bytes]]]]) -> None:
+        """A sync in the worker thread failed (commit.py). ``"always"``: the held output
+        of the connections in ``confirmed`` is dropped and they are closed, the rest is
+        written; else (the periodic sync) logged, rate-limited."""
+        if self.fsync != "always":
+            self._journal_log.warning(self.loop.time(), "journal: %s", exc)
+            return
+        for batch in held:
+            self._release_output([(conn, out) for conn, out in batch
+                                  if conn.id not in confirmed])
+        self._journal_failed(exc, confirmed)
+
+    def _release_output(self, batch: list[tuple[_Connection, list[bytes]]]) -> None:
+        """Write output that waited for a sync (commit.py), in the order it was held."""
+        for conn, out in batch:
+            if not conn.closing:
+                conn.write_out(out)
+                if "write" in conn.paused_by:
+                    self._check_output(conn)
 
     def _retry_journal(self) -> None:
-        """While the journal cannot be written: try again every second, even when idle."""
-        if self.journal is None or self.core.queues.journal_error is None:
+        """While the journal cannot be written: try again every second, even when idle;
+        writable again once a write and a sync have succeeded."""
+        journal, commit, queues = self.journal, self._commit, self.core.queues
+        if journal is None or commit is None or queues.journal_error is None:
             return
-        if self.journal.pending:
-            self._write_journal()
-        else:  # nothing buffered: a write of nothing cannot fail, so it is writable
-            self.core.queues.journal_error = None
-            log.warning("journal: writable again; accepting sends to durable queues")
-        if self.core.queues.journal_error is not None:
+        confirmed = self._write_journal() if journal.pending else set()
+        if not journal.pending:
+            try:
+                commit.settle(confirmed)
+            except JournalError:
+                pass  # _journal_failed has closed who must not believe a confirmation
+            else:
+                if queues.journal_error is not None:
+                    queues.journal_error = None
+                    log.warning("journal: writable again; accepting sends to durable queues")
+                self._flush()
+        if queues.journal_error is not None:
             self.loop.call_later(1.0, self._retry_journal)
 
     def _batch_sync(self) -> None:
-        journal = self.journal
-        if journal is None:
+        """``batch``, ``never``: the periodic sync, in the worker thread (commit.py); the
+        next is timed from its end."""
+        commit = self._commit
+        if commit is None:
+            return
+        if self.journal is not None and self.journal.pending:
+            self._flush()  # write what this turn has so far: the sync covers it too
+        if commit.running:  # (not a timed one: the timer is armed only after those)
+            self._sync_timer = self.loop.call_later(self._sync_every(), self._batch_sync)
+            return
+        commit.sync_soon(after=self._after_batch_sync)
+
+    def _after_batch_sync(self) -> None:
+        if self.journal is None:
             return
         try:
-            journal.sync()
-            journal.compact()
+            self.journal.compact()
         except JournalError as exc:
             self._journal_log.warning(self.loop.time(), "journal: %s", exc)
         self._sync_timer = self.loop.call_later(self._sync_every(), self._batch_sync)
@@ -970,18 +1033,44 @@ class Broker:
             self._flush_scheduled = True
             self.loop.call_soon(self._flush)
 
-    def _flush_one(self, conn: _Connection) -> None:
+    def _flush_one(self, conn: _Connection, *, settle: bool = False) -> None:
         """Write ``conn``'s output now (before the turn ends): the journal first (unless
-        it is failing: then no durable send was confirmed, see _write_journal)."""
+        it is failing: then no durable send was confirmed, see _journal_failed). With
+        ``"always"`` output waits for its sync: this writes nothing then (the turn's
+        flush holds it), unless ``settle`` (a close), which syncs in this thread first."""
         journal = self.journal
-        if journal is not None and journal.pending and self.core.queues.journal_error is None:
-            self._write_journal()
+        if journal is not None:
+            commit = self._commit
+            failing = self.core.queues.journal_error is not None
+            if self.fsync != "always" or commit is None:
+                if journal.pending and not failing:
+                    self._write_journal()
+            elif (journal.pending and not failing) or commit.waiting:
+                if not settle:
+                    return
+                confirmed = self._write_journal() if journal.pending and not failing else set()
+                try:
+                    commit.settle(confirmed)
+                except JournalError:
+                    if conn.closing:  # closed by _journal_failed, its output dropped
+                        return
         conn.flush()
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        if self.journal is not None and self.journal.pending:
-            self._write_journal()
+        commit = self._commit
+        if commit is not None:
+            journal = commit.journal
+            confirmed = self._write_journal() if journal.pending else set()
+            if self.fsync == "always" and commit.waiting:
+                if journal.unsynced or self._dirty:  # (else: what the running sync covers)
+                    dirty, self._dirty = self._dirty, []
+                    commit.hold([(conn, conn.take_output()) for conn in dirty], confirmed)
+                try:
+                    journal.compact()  # (copies, written next turn, synced after)
+                except JournalError as exc:
+                    self._journal_log.warning(self.loop.time(), "journal: %s", exc)
+                return
         dirty, self._dirty = self._dirty, []
         for conn in dirty:
             self._flush_one(conn)
@@ -1002,7 +1091,7 @@ class Broker:
                                 extra=self._about(conn))
         self._make_room(conn)
         conn.out.append(self._packb([Op.CLOSE, code, message]))
-        self._flush_one(conn)
+        self._flush_one(conn, settle=True)
         conn.closing = True
         if conn.transport is not None:
             conn.transport.close()  # flushes what is buffered, then connection_lost

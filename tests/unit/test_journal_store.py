@@ -386,3 +386,83 @@ def test_a_version_1_journal_is_read_and_new_records_go_to_a_new_segment() -> No
     assert fs.read(segment_name(1)) == old
     assert r.header_version(fs.read(segment_name(2))) == r.FORMAT_VERSION
     assert details(fs) == {0: (2, "why", (1, 2))}
+
+
+def test_a_sync_in_steps_covers_what_was_written_when_it_began() -> None:
+    fs = CrashFS()
+    journal, _ = Journal.open(fs)
+    journal.declare("jobs", {})
+    for seq in range(3):
+        journal.sent("jobs", seq, packed("jobs", seq))
+    journal.write()
+    ticket = journal.begin_sync()
+    journal.sent("jobs", 3, packed("jobs", 3))  # written after the ticket began
+    journal.write()
+    journal.sync_file(ticket)  # (the shell runs this in a worker thread)
+    journal.end_sync(ticket)
+    assert journal.synced == ticket.written < journal.written and journal.unsynced
+    for seed in range(20):  # whatever the crash keeps of seq 3, 0-2 are there
+        assert [m[0] for m in live(fs.crash(random.Random(seed)))["jobs"]][:3] == [0, 1, 2]
+    journal.sync()
+    assert not journal.unsynced
+    journal.close()
+
+
+def test_a_failed_sync_in_steps_raises_and_counts_nothing_as_synced() -> None:
+    fs = CrashFS()
+    journal, _ = Journal.open(fs)
+    journal.declare("jobs", {})
+    journal.sent("jobs", 0, packed("jobs", 0))
+    journal.write()
+    ticket = journal.begin_sync()
+    fs.fail_sync = True
+    with pytest.raises(OSError) as failed:
+        journal.sync_file(ticket)
+    with pytest.raises(JournalError) as error:
+        journal.end_sync(ticket, failed.value)
+    assert error.value.cause == "EIO" and error.value.file == segment_name(1)
+    assert journal.unsynced and journal.synced == 0
+    fs.fail_sync = False
+    journal.sync()
+    assert not journal.unsynced
+    journal.close()
+
+
+def test_a_segment_rotated_away_under_a_ticket_is_closed_when_the_ticket_ends() -> None:
+    fs = CrashFS()
+    journal, _ = Journal.open(fs, segment_size=4096)
+    journal.declare("jobs", {})
+    journal.sent("jobs", 0, packed("jobs", 0))
+    journal.write()
+    ticket = journal.begin_sync()  # holds segment 1's handle
+    for seq in range(1, 40):
+        journal.sent("jobs", seq, packed("jobs", seq, 200))
+    journal.write()  # past segment_size: rotates to segment 2
+    assert journal.statistics()["segments"] == 2
+    assert ticket.handle in fs.handles  # not closed under the worker thread
+    assert not journal.unsynced  # rotation synced segment 1 and made segment 2 whole
+    journal.sync_file(ticket)
+    journal.end_sync(ticket)
+    assert ticket.handle not in fs.handles
+    journal.close()
+    assert fs.handles == {}
+
+
+def test_a_segment_goes_only_after_a_sync_that_began_after_its_removals() -> None:
+    fs = CrashFS()
+    journal, _ = Journal.open(fs, segment_size=4096)
+    journal.declare("jobs", {})
+    for seq in range(30):
+        journal.sent("jobs", seq, packed("jobs", seq, 200))
+    journal.write()  # rotates: segment 1 owns the 30 messages
+    journal.sync()
+    early = journal.begin_sync()
+    for seq in range(30):
+        journal.removed("jobs", seq, ACKED)
+    journal.write()
+    journal.sync_file(early)
+    journal.end_sync(early)  # began before the removals: segment 1 stays
+    assert segment_name(1) in fs.list()
+    journal.sync()
+    assert segment_name(1) not in fs.list()
+    journal.close()

@@ -14,7 +14,7 @@ from .files import Files, OsFiles
 from .records import RemovalReason
 from .recovery import Recovered, RecoveredMessage, RecoveredQueue, RecoveryReport, TornTail
 from .repair import RepairReport, repair
-from .store import Journal
+from .store import Journal, SyncTicket
 
 __all__ = [
     "Files",
@@ -28,6 +28,7 @@ __all__ = [
     "RecoveryReport",
     "RemovalReason",
     "RepairReport",
+    "SyncTicket",
     "TornTail",
     "repair",
 ]

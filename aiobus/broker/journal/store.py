@@ -6,8 +6,18 @@ Theory of operation
 Appending is sans-IO: :meth:`Journal.sent` and its siblings encode one record into an
 in-memory buffer and update counters; they never touch a file or a clock. Once per loop
 turn the shell calls :meth:`Journal.write` (one append of the whole buffer) and then,
-as its ``--fsync`` policy says, :meth:`Journal.sync` (one fdatasync); only after the
-sync may it confirm that turn's sends (Redis's ``appendfsync always`` in beforeSleep).
+as its ``--fsync`` policy says, syncs (one fdatasync); only after the sync may it
+confirm that turn's sends (Redis's ``appendfsync always`` in beforeSleep).
+
+Syncing in three steps, so that the fdatasync can run in another thread while the loop
+goes on appending and writing: :meth:`begin_sync` (in the loop) notes how many bytes
+have been written so far and which segments may go once they are on disk, and returns a
+:class:`SyncTicket`; :meth:`sync_file` (any thread) is the fdatasync alone; and
+:meth:`end_sync` (in the loop) records that those bytes are on disk (``synced``) and
+deletes the segments. Bytes written after the ticket began are not covered by it: the
+shell confirms a turn's sends only once ``synced`` reaches what was ``written`` at the
+end of that turn. :meth:`sync` does the three in a row. A segment rotated away while a
+ticket still holds its handle is closed when the last ticket ends.
 
 Segments are files ``<number>.seg`` (16 digits, so names sort in order). A new segment
 is written as ``.tmp`` (header, then a QueueDeclared for each live queue and a DedupIds
@@ -61,7 +71,7 @@ from .recovery import (
 )
 from .replay import Replay
 
-__all__ = ["DEFAULT_SEGMENT_SIZE", "Journal"]
+__all__ = ["DEFAULT_SEGMENT_SIZE", "Journal", "SyncTicket"]
 
 # 16 MiB, as NATS JetStream's file store blocks are 8-16 MiB (Kafka's log segments are
 # 1 GiB, but Kafka never replays them at start): rotation (two syncs) every ~100,000
@@ -80,6 +90,16 @@ class _Segment:
 
 
 _Failure = tuple[int, float | None, str | None, tuple[int, int] | None]
+
+
+@dataclass(frozen=True, slots=True, eq=False)  # (tickets are told apart by identity)
+class SyncTicket:
+    """One sync begun by :meth:`Journal.begin_sync` (module docstring)."""
+
+    handle: int  # the segment to fdatasync; -1: nothing written is unsynced
+    written: int  # the journal's ``written`` when it began: what it makes durable
+    drop_below: int  # segments numbered below this own nothing: delete them after it
+    name: str  # the segment's file name, for an error
 
 
 @dataclass(slots=True)
@@ -119,7 +139,12 @@ class Journal:
         self._by_number: dict[int, _Segment] = {}  # the same segments, by number
         self._handle: int | None = None
         self._buffer = bytearray()  # records appended and not yet written
-        self._unsynced = False
+        # Bytes written by write() since open, and how many of those are known to be on
+        # disk (module docstring, "Syncing in three steps").
+        self.written = 0
+        self.synced = 0
+        self._tickets = 0  # begun and not yet ended
+        self._retired: list[int] = []  # handles of rotated segments a ticket may hold
         self._must_truncate = False
         # Where a new segment's head gets each queue's deduplication window: the core's
         # once attached (attach_windows), until then what recovery found (open).
@@ -303,7 +328,7 @@ class Journal:
                                file=name, cause=os_error_name(exc)) from exc
         self._buffer = bytearray()  # not clear(): ``files`` may keep what it was given
         segment.size += len(data)
-        self._unsynced = True
+        self.written += len(data)
         if segment.size >= self.segment_size:
             try:
                 self._rotate()
@@ -311,26 +336,70 @@ class Journal:
                 pass  # stay on the current segment; the next write tries again
         return len(data)
 
+    @property
+    def unsynced(self) -> bool:
+        """Whether bytes written are not yet known to be on disk."""
+        return self.written > self.synced
+
     def sync(self) -> None:
         """fdatasync what :meth:`write` wrote; then delete segments that own nothing.
 
         Raises:
             JournalError: the fdatasync failed; what was written is not durable.
         """
+        ticket = self.begin_sync()
+        error: OSError | None = None
+        try:
+            self.sync_file(ticket)
+        except OSError as exc:
+            error = exc
+        self.end_sync(ticket, error)
+
+    def begin_sync(self) -> SyncTicket:
+        """Start a sync of everything written so far (in the loop; module docstring)."""
         assert self._handle is not None, "journal is closed"
-        if self._unsynced:
-            try:
-                self.files.sync(self._handle)
-            except OSError as exc:
-                name = segment_name(self._segments[-1].number)
-                raise JournalError(f"cannot sync journal segment {name}: {exc}",
-                                   file=name, cause=os_error_name(exc)) from exc
-            self._unsynced = False
-        if self._buffer:
-            return  # compaction copies may still be unwritten: drop nothing yet
+        segments = self._segments
+        drop_below = segments[0].number
+        if not self._buffer:  # else compaction copies may still be unwritten: drop nothing
+            for segment in segments[:-1]:
+                if segment.live:
+                    break
+                drop_below = segment.number + 1
+        self._tickets += 1
+        return SyncTicket(self._handle if self.written > self.synced else -1, self.written,
+                          drop_below, segment_name(segments[-1].number))
+
+    def sync_file(self, ticket: SyncTicket) -> None:
+        """The fdatasync of ``ticket`` (from any thread: it touches nothing else).
+
+        Raises:
+            OSError: as the fdatasync did; pass it to :meth:`end_sync`.
+        """
+        if ticket.handle >= 0:
+            self.files.sync(ticket.handle)
+
+    def end_sync(self, ticket: SyncTicket, error: OSError | None = None) -> None:
+        """Finish ``ticket`` (in the loop): its bytes are on disk unless ``error``; then
+        delete the segments it found owning nothing.
+
+        Raises:
+            JournalError: ``error`` was given: what it covered is not durable.
+        """
+        self._tickets -= 1
+        if not self._tickets and self._retired:
+            for handle in self._retired:
+                self.files.close(handle)
+            self._retired = []
+        if error is not None:
+            raise JournalError(f"cannot sync journal segment {ticket.name}: {error}",
+                               file=ticket.name, cause=os_error_name(error)) from error
+        if ticket.written > self.synced:
+            self.synced = ticket.written
         dropped = False
-        while len(self._segments) > 1 and self._segments[0].live == 0:
-            number = self._segments.pop(0).number
+        segments = self._segments
+        while (len(segments) > 1 and segments[0].number < ticket.drop_below
+               and segments[0].live == 0):
+            number = segments.pop(0).number
             del self._by_number[number]
             self.files.remove(segment_name(number))
             dropped = True
@@ -403,9 +472,12 @@ class Journal:
         except OSError as exc:
             raise JournalError(f"cannot open journal segment {name}: {exc}",
                                file=name, cause=os_error_name(exc)) from exc
-        self.files.close(self._handle)
+        if self._tickets:  # a sync in another thread may be using it (module docstring)
+            self._retired.append(self._handle)
+        else:
+            self.files.close(self._handle)
         self._handle = handle
-        self._unsynced = False
+        self.synced = self.written  # the old segment was synced above, the new one made so
         self._add_segment(_Segment(number, len(data)))
 
     def _create(self, name: str, data: bytes) -> None:
@@ -433,6 +505,9 @@ class Journal:
         if self._handle is not None:
             self.files.close(self._handle)
             self._handle = None
+        for handle in self._retired:
+            self.files.close(handle)
+        self._retired = []
 
     # --- recovery --------------------------------------------------------------------
 
