@@ -14,8 +14,9 @@ loop turn (one write(2), :meth:`~.journal.Journal.write`). What happens next dep
   ``end_sync``). The loop is not blocked meanwhile: it goes on reading, handling frames
   and writing records, and the output of those turns is held too. When a sync returns,
   every held batch whose position it covers is released (written to the sockets, oldest
-  first). Up to ``MAX_RUNNING`` syncs run at once, each started as soon as a turn has
-  written something no running sync covers: fdatasync makes durable everything written
+  first). Up to ``MAX_RUNNING`` syncs run at once, each started as soon as held output
+  needs bytes that no running sync covers (records nobody waits for, such as acks,
+  ride along with the next sync someone needs): fdatasync makes durable everything written
   before it was called, so whichever returns covers the positions of those begun before
   it. Redis fsyncs in its main thread for ``appendfsync always`` (beforeSleep); this
   keeps its guarantee, confirmed only once on disk, and lets the next turns' work, and
@@ -102,8 +103,10 @@ class GroupCommit(Generic[T]):
         self._sync_written()
 
     def _sync_written(self) -> None:
-        running = self._running
-        if not self.broken and len(running) < MAX_RUNNING and self.journal.written > (
+        """Begin a sync if held output needs one that no running sync covers (records
+        nobody waits for, e.g. acks, wait for the next sync someone needs)."""
+        running, held = self._running, self._held
+        if not self.broken and held and len(running) < MAX_RUNNING and held[-1][0] > (
                 running[-1].written if running else self.journal.synced):
             self._begin()
 

@@ -147,9 +147,9 @@ _NOT_PAUSED: frozenset[str] = frozenset()
 class _Connection(asyncio.Protocol):
     __slots__ = ("backlog", "broker", "buffered", "client_name", "close_reason", "closing",
                  "congested",
-                 "decoder", "events", "events_dropped", "events_sid", "id", "ok_first",
-                 "ok_last", "opened", "out", "out_bytes", "paused_by", "pid", "transport",
-                 "uid")
+                 "decoder", "events", "events_dropped", "events_sid", "held", "id",
+                 "ok_first", "ok_last", "opened", "out", "out_bytes", "paused_by", "pid",
+                 "replied", "transport", "uid")
 
     def __init__(self, broker: Broker, conn_id: int) -> None:
         self.broker = broker
@@ -170,6 +170,12 @@ class _Connection(asyncio.Protocol):
         self.ok_first = self.ok_last = 0
         self.events: list[bytes] = []
         self.events_sid = self.events_dropped = 0
+        # With fsync "always" (commit.py): whether the pending output answers a request
+        # (OK, a result, ERROR: it may confirm a durable change, so it waits for the
+        # sync), and how many batches of its output are held for a sync (later output
+        # waits behind them, in order).
+        self.replied = False
+        self.held = 0
         self.backlog: list[Any] = []  # decoded frames not yet fed while reading is paused
         # "core" (parked sends), "write" (client not reading); immutable, so an idle
         # connection shares the empty one (a set each was ~200 bytes of every connection)
@@ -308,6 +314,7 @@ class _Connection(asyncio.Protocol):
             self.end_events()
         out, self.out = self.out, []
         self.out_bytes = 0
+        self.replied = False
         return out
 
     def write_out(self, out: list[bytes]) -> None:
@@ -666,6 +673,9 @@ class Broker:
             self._journal_log.warning(self.loop.time(), "journal: %s", exc)
             return
         for batch in held:
+            for conn, _ in batch:
+                if conn.id in confirmed:
+                    conn.held -= 1  # (its output is dropped: it is closed below)
             self._release_output([(conn, out) for conn, out in batch
                                   if conn.id not in confirmed])
         self._journal_failed(exc, confirmed)
@@ -673,6 +683,7 @@ class Broker:
     def _release_output(self, batch: list[tuple[_Connection, list[bytes]]]) -> None:
         """Write output that waited for a sync (commit.py), in the order it was held."""
         for conn, out in batch:
+            conn.held -= 1
             if not conn.closing:
                 conn.write_out(out)
                 if "write" in conn.paused_by:
@@ -954,6 +965,9 @@ class Broker:
     def send(self, conn_id: int, frame: list[Any]) -> None:
         if frame[0] == Op.WELCOME:  # (not the hot path: DELIVERs and OKs go elsewhere)
             self._connected(conn_id)
+        conn = self._conns.get(conn_id)
+        if conn is not None:
+            conn.replied = True
         self.send_raw(conn_id, self._packb(frame))
 
     def send_raw(self, conn_id: int, data: bytes) -> None:
@@ -978,6 +992,7 @@ class Broker:
         conn = self._conns.get(conn_id)
         if conn is None or conn.closing:
             return
+        conn.replied = True
         last = conn.ok_last
         if last and rid == last + 1:
             conn.ok_last = rid
@@ -1036,8 +1051,8 @@ class Broker:
     def _flush_one(self, conn: _Connection, *, settle: bool = False) -> None:
         """Write ``conn``'s output now (before the turn ends): the journal first (unless
         it is failing: then no durable send was confirmed, see _journal_failed). With
-        ``"always"`` output waits for its sync: this writes nothing then (the turn's
-        flush holds it), unless ``settle`` (a close), which syncs in this thread first."""
+        ``"always"``, replies wait for their sync (see :meth:`_flush`): this writes
+        nothing then, unless ``settle`` (a close), which syncs in this thread first."""
         journal = self.journal
         if journal is not None:
             commit = self._commit
@@ -1046,26 +1061,46 @@ class Broker:
                 if journal.pending and not failing:
                     self._write_journal()
             elif (journal.pending and not failing) or commit.waiting:
-                if not settle:
+                if settle:
+                    confirmed = (self._write_journal() if journal.pending and not failing
+                                 else set())
+                    try:
+                        commit.settle(confirmed)
+                    except JournalError:
+                        if conn.closing:  # closed by _journal_failed, its output dropped
+                            return
+                elif conn.replied or conn.held:
                     return
-                confirmed = self._write_journal() if journal.pending and not failing else set()
-                try:
-                    commit.settle(confirmed)
-                except JournalError:
-                    if conn.closing:  # closed by _journal_failed, its output dropped
-                        return
         conn.flush()
 
     def _flush(self) -> None:
+        """The end of a loop turn: write the journal, then the output. With ``"always"``
+        the output of each connection with a reply in it (an OK may confirm a durable
+        send) is held until a sync covering this write has returned (commit.py), and so
+        is everything after it on that connection; connections that only receive
+        deliveries and events get them now (as RabbitMQ delivers a persistent message
+        before its publisher confirm: a consumer may see a message the broker has not
+        confirmed, never the other way round)."""
         self._flush_scheduled = False
         commit = self._commit
         if commit is not None:
             journal = commit.journal
             confirmed = self._write_journal() if journal.pending else set()
             if self.fsync == "always" and commit.waiting:
-                if journal.unsynced or self._dirty:  # (else: what the running sync covers)
-                    dirty, self._dirty = self._dirty, []
-                    commit.hold([(conn, conn.take_output()) for conn in dirty], confirmed)
+                dirty, self._dirty = self._dirty, []
+                batch = []
+                for conn in dirty:
+                    if conn.replied or conn.held:
+                        conn.held += 1
+                        batch.append((conn, conn.take_output()))
+                    else:
+                        conn.flush()
+                        if "write" in conn.paused_by:
+                            self._check_output(conn)
+                if batch or (journal.unsynced and not commit.running):
+                    # (records nobody waits for, acks say, get a sync of their own only
+                    # when none runs: else they ride along with the next one needed)
+                    commit.hold(batch, confirmed)
                 try:
                     journal.compact()  # (copies, written next turn, synced after)
                 except JournalError as exc:
