@@ -55,7 +55,7 @@ T = TypeVar("T")  # a held batch of output, as the shell makes it
 # what was written before it was called, so a later one that returns first covers the
 # earlier one's bytes too. Two overlap the disk's latency with the next turn's: measured
 # on this project's machine (ext4 on a virtual disk), write + fdatasync in one thread
-# took 3.6 ms (p50) and in each of two threads at once 0.12 ms (benchmarks/README.md).
+# took 3.6 ms (p50) and in each of two threads at once 0.12 ms (docs/journal.md).
 MAX_RUNNING = 2
 
 
