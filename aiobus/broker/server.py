@@ -17,12 +17,12 @@ Timers: the core schedules deadlines on its clockless heap; the shell keeps one
 
 Journal (durable queues, with a data directory): the core appends records to the
 journal's buffer as it changes durable queues; the flush at the end of the loop turn
-first writes them (one write). With ``fsync="always"`` it then holds the turn's output
-until an fdatasync covering that write has returned: one runs at a time, in a worker
-thread, while the loop goes on (group commit, commit.py), so no confirmation leaves before
-its record is on disk. ``"batch"`` writes the output at once and fdatasyncs every
-``fsync_interval`` seconds in that thread, ``"never"`` leaves it to the OS
-(docs/journal.md, README "Durability").
+first writes them (one write). With ``fsync="always"`` it then holds the output of each
+connection with a reply in it until an fdatasync covering that write has returned (up to
+two run at once, in worker threads, while the loop goes on: group commit, commit.py), so
+no confirmation leaves before its record is on disk; deliveries and events leave at once.
+``"batch"`` writes the output at once and fdatasyncs every ``fsync_interval`` seconds in
+a worker thread, ``"never"`` leaves it to the OS (docs/journal.md, README "Durability").
 """
 
 from __future__ import annotations
