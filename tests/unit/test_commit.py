@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import msgpack
@@ -71,10 +72,14 @@ def send(journal: Journal, seq: int) -> None:
     journal.write()
 
 
-async def wait_for(condition: object, what: str) -> None:
-    async with asyncio.timeout(10):
-        while not condition():  # type: ignore[operator]
-            await asyncio.sleep(0.001)
+async def wait_for(condition: Callable[[], bool], what: str) -> None:
+    """Until ``condition()`` holds; fails naming ``what`` after 10 s."""
+    try:
+        async with asyncio.timeout(10):
+            while not condition():
+                await asyncio.sleep(0.001)
+    except TimeoutError:
+        pytest.fail(f"timed out waiting for {what}")
 
 
 async def test_output_waits_for_the_sync_that_covers_it(tmp_path: Path) -> None:
