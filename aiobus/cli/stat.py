@@ -18,6 +18,7 @@ import asyncio
 import json
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ..client.bus import Bus
@@ -158,19 +159,26 @@ async def _watch(bus: Bus, args: argparse.Namespace) -> int:
     last table under a banner) until the client has reconnected, then go on."""
     previous: Sample | None = None
     shown = ""  # the last table drawn
+
+    def outage() -> None:
+        if not args.json:  # JSON lines stay samples; stderr tells of the outage
+            since = time.strftime("%H:%M:%S")
+            _write(_redraw(f"every {args.watch:g} s; Ctrl-C to quit\n")
+                   + f"broker at {bus.path} unreachable since {since}; reconnecting"
+                   f"{' (the last sample below)' if shown else ''}\n\n" + shown)
+
     while True:
         if not bus.connected:
-            if not args.json:  # JSON lines stay samples; stderr tells of the outage
-                since = time.strftime("%H:%M:%S")
-                _write(_redraw(f"every {args.watch:g} s; Ctrl-C to quit\n")
-                       + f"broker at {bus.path} unreachable since {since}; reconnecting"
-                       f"{' (the last sample below)' if shown else ''}\n\n" + shown)
+            outage()
             await bus.wait_connected()  # raises if the client gives up
             previous = None  # a rate across the outage would mean nothing
         try:
-            current = await take_sample(bus)
+            current = await _sample_or_outage(bus, args.watch, outage)
         except ConnectionLost:
             continue  # dropped while asking: the top of the loop shows the outage
+        if not bus.connected or current is None:
+            previous = None
+            continue
         rates = compute_rates(previous, current)
         if args.json:
             _write(render_json(current, rates) + "\n")
@@ -179,6 +187,28 @@ async def _watch(bus: Bus, args: argparse.Namespace) -> int:
             _write(_redraw(f"every {args.watch:g} s; Ctrl-C to quit\n") + shown)
         previous = current
         await asyncio.sleep(args.watch)
+
+
+async def _sample_or_outage(bus: Bus, every: float, outage: Callable[[], None]
+                            ) -> Sample | None:
+    """A sample; if the connection drops while it is asked for, the outage is shown at
+    once rather than when the broker is back (STATS is resent after a reconnect, so the
+    ask itself waits across the outage). None: the sample came after an outage."""
+    sample = asyncio.ensure_future(take_sample(bus))
+    shown = False
+    try:
+        while True:
+            done, _ = await asyncio.wait({sample}, timeout=every)
+            if done:
+                result = sample.result()
+                return None if shown else result
+            if not bus.connected and not shown:
+                outage()
+                shown = True
+    finally:
+        if not sample.done():
+            sample.cancel()
+            await asyncio.gather(sample, return_exceptions=True)
 
 
 def _watching_runs_until_interrupted(args: argparse.Namespace) -> None:

@@ -222,6 +222,32 @@ async def test_fifo_out_reader_60_s_late_nothing_twice_nothing_lost(
 # -- listen, consume, stat --watch, fifo-out across a restart -------------------------
 
 
+async def test_stat_watch_shows_an_outage_that_comes_while_it_asks(
+    restarts: Restarts, short_tmp: Path
+) -> None:
+    """The broker dies with a STATS of `stat --watch` unanswered (frozen by SIGSTOP,
+    then SIGKILL): STATS is resent after a reconnect, so the ask waits across the
+    outage, and the banner must not wait for it (it once did: a CI run waited 30 s)."""
+    watch_out = short_tmp / "watch.out"
+    with open(watch_out, "wb") as watch_file:
+        async with cli(restarts.path, "stat", "--watch", "0.2", stdout=watch_file) as watch:
+            async with asyncio.timeout(TIMEOUT):  # a table drawn: the client is connected
+                while b"Ctrl-C" not in watch_out.read_bytes():
+                    await asyncio.sleep(0.05)
+            broker = restarts.current.proc
+            broker.send_signal(signal.SIGSTOP)  # the next STATS goes unanswered
+            drawn = watch_out.read_bytes().count(b"Ctrl-C")
+            await asyncio.sleep(0.6)  # three redraw intervals: a STATS is asked meanwhile
+            assert watch_out.read_bytes().count(b"Ctrl-C") <= drawn + 1
+            restarts.stop(kill=True)
+            async with asyncio.timeout(TIMEOUT / 3):
+                while b"unreachable since" not in watch_out.read_bytes():
+                    await asyncio.sleep(0.05)
+            restarts.start()
+            await expect_restart_reported(watch.err, restarts.path)
+            assert await watch.stop() == 0, watch.err.text()
+
+
 @pytest.mark.timeout(120)
 async def test_long_running_commands_keep_running_across_a_restart(
     restarts: Restarts, short_tmp: Path
