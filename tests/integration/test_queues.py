@@ -13,7 +13,7 @@ import pytest
 
 import aiobus
 
-from .conftest import backend_of, crash_settings, queue_stats, wait_until
+from .conftest import crash_settings, queue_stats, wait_until
 
 pytestmark = pytest.mark.asyncio
 
@@ -96,12 +96,12 @@ async def test_competing_consumers_each_message_exactly_once_and_fairly(
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     assert sorted(seen) == list(range(n)) and set(seen.values()) == {1}
-    # The broker: round-robin over consumers with free slots, so neither starves. NATS:
-    # each pull gets what it asks for, and a consumer starved of CPU asks less often
-    # (docs/nats.md, consume): neither starves, but the shares follow the CPU (95 of 400
-    # once, beside a CPU hog).
-    share = n // 4 if backend_of(bus) == "unix" else n // 8
-    assert min(per_client) > share, per_client
+    # Neither starves. The shares follow how fast each process frees its slots: the
+    # broker deals round-robin over consumers with a free slot (exactly so in
+    # tests/unit/test_core_queues.py), NATS gives each pull what it asks for
+    # (docs/nats.md, consume), and on a loaded machine one process may get the CPU less
+    # often (76 of 400 on the broker and 95 on NATS, in CI runs with 4 test workers).
+    assert min(per_client) > n // 8, per_client
 
 
 async def _consumers(bus: aiobus.Bus, queue: str, count: int) -> bool:
