@@ -10,9 +10,10 @@ servers.py), runs the workloads (workloads.py; W6 starts fresh servers of its ow
 every server by PID in `finally`, and writes the markdown report, a PNG chart beside it
 (same name, .png) and the raw numbers as JSON under benchmarks/results/. Progress goes to
 stderr. `--quick` uses small counts and finishes in under a minute; the full run takes
-about fifteen minutes on 2 cores. Only a full run of every workload and system writes
-docs/benchmarks.md by default; others write benchmarks/results/latest.md. Run
-`bash benchmarks/setup.sh` and `make compiled` first (or `make bench`, which does both).
+about ten minutes on 2 cores (543 s on 2026-12-06, plus ~2 min for `make compiled`).
+Only a full run of every workload and system writes docs/benchmarks.md by default; others
+write benchmarks/results/latest.md. Run `bash benchmarks/setup.sh` and `make compiled`
+first (or `make bench`, which does both).
 """
 
 from __future__ import annotations
