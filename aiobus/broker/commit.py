@@ -6,21 +6,22 @@ The core appends journal records as it handles frames; the shell writes them onc
 loop turn (one write(2), :meth:`~.journal.Journal.write`). What happens next depends on
 ``--fsync``:
 
-* ``always``: nothing a turn wrote to its clients may leave before that turn's records
-  are on disk (its confirmations; and the rest of its output too, so that each
-  connection's frames keep their order). The shell hands the turn's output to
-  :meth:`GroupCommit.hold` with the journal's ``written`` position, and an fdatasync
-  runs in a worker thread (:meth:`~.journal.Journal.begin_sync`, ``sync_file``,
-  ``end_sync``). The loop is not blocked meanwhile: it goes on reading, handling frames
-  and writing records, and the output of those turns is held too. When a sync returns,
-  every held batch whose position it covers is released (written to the sockets, oldest
-  first). Up to ``MAX_RUNNING`` syncs run at once, each started as soon as held output
-  needs bytes that no running sync covers (records nobody waits for, such as acks,
-  ride along with the next sync someone needs): fdatasync makes durable everything written
-  before it was called, so whichever returns covers the positions of those begun before
-  it. Redis fsyncs in its main thread for ``appendfsync always`` (beforeSleep); this
-  keeps its guarantee, confirmed only once on disk, and lets the next turns' work, and
-  the next sync, overlap the disk's latency.
+* ``always``: no confirmation may leave before its turn's records are on disk. The shell
+  holds the output of each connection with a reply in it (OK, a result, ERROR), and
+  everything after it on that connection, so that its frames keep their order;
+  deliveries and events to other connections leave at once (server.py ``_flush``). It
+  hands the held output to :meth:`GroupCommit.hold` with the journal's ``written``
+  position, and an fdatasync runs in a worker thread
+  (:meth:`~.journal.Journal.begin_sync`, ``sync_file``, ``end_sync``). The loop is not
+  blocked meanwhile: it goes on reading, handling frames and writing records, and those
+  turns' replies are held too. When a sync returns, every held batch whose position it
+  covers is released (written to the sockets, oldest first). Up to ``MAX_RUNNING`` syncs
+  run at once, each started as soon as held output needs bytes that no running sync
+  covers (records nobody waits for, such as acks, ride along with the next sync someone
+  needs): fdatasync makes durable everything written before it was called, so whichever
+  returns covers the positions of those begun before it. Redis fsyncs in its main thread
+  for ``appendfsync always`` (beforeSleep); this keeps its guarantee, confirmed only once
+  on disk, and lets the next turns' work, and the next sync, overlap the disk's latency.
 * ``batch`` and ``never``: output leaves after the write(2); the periodic sync
   (:meth:`GroupCommit.sync_soon`) runs in a worker thread and holds nothing back.
 

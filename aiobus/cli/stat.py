@@ -195,16 +195,16 @@ async def _sample_or_outage(bus: Bus, every: float, outage: Callable[[], None]
     once rather than when the broker is back (STATS is resent after a reconnect, so the
     ask itself waits across the outage). None: the sample came after an outage."""
     sample = asyncio.ensure_future(take_sample(bus))
-    shown = False
+    reported = False
     try:
         while True:
             done, _ = await asyncio.wait({sample}, timeout=every)
             if done:
                 result = sample.result()
-                return None if shown else result
-            if not bus.connected and not shown:
+                return None if reported else result
+            if not bus.connected and not reported:
                 outage()
-                shown = True
+                reported = True
     finally:
         if not sample.done():
             sample.cancel()
