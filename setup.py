@@ -21,14 +21,16 @@ from typing import Any
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
-# The broker's per-message path: the sans-IO core and codec, the journal's records,
+# The per-message paths: the broker's sans-IO core and codec, the journal's records,
 # replay and store (every durable message, and recovery's loop over every record), and
-# the asyncio shell that feeds them. Left out: aiobus/broker/policy.py (asked once per
+# the asyncio shell that feeds them; the client's connection and session (sans-IO), its
+# streams and messages, the Unix-socket backend and the Bus (a quarter to a third of a client's CPU
+# per message, docs/performance.md). Left out: aiobus/broker/policy.py (asked once per
 # connection and name, and tests subclass Policy, which a compiled class forbids), the
 # journal's files.py (one write per loop turn; and compiled, its loop over a memoryview,
 # ``view = view[os.write(handle, view):]``, wrote the data twice) and repair.py (run once,
-# by hand), errors.py (exceptions get attributes added at run time), and the client (a
-# mixin mypyc refuses).
+# by hand), errors.py (exceptions get attributes added at run time), the NATS backend
+# (nats-py's time, not ours) and the CLI.
 COMPILED = [
     "aiobus/_frame_scan.py",
     "aiobus/names.py",
@@ -45,6 +47,12 @@ COMPILED = [
     "aiobus/broker/settings.py",
     "aiobus/broker/timers.py",
     "aiobus/broker/topics.py",
+    "aiobus/client/bus.py",
+    "aiobus/client/connection.py",
+    "aiobus/client/message.py",
+    "aiobus/client/session.py",
+    "aiobus/client/streams.py",
+    "aiobus/client/unix.py",
 ]
 
 

@@ -17,11 +17,12 @@ from .client.backend import ConnectionState, StateChange
 from .client.browse import PeekedMessage, PeekResult
 from .client.bus import Bus, connect
 from .client.message import Message
-from .client.streams import BusyError, Consumer, Subscription
+from .client.streams import Consumer, Subscription
 from .errors import (
     BodyDecodeError,
     BrokerUnavailable,
     BusError,
+    BusyError,
     ConnectionClosed,
     ConnectionLost,
     Forbidden,

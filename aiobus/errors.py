@@ -199,6 +199,12 @@ class NotARequest(BusError):
     code = "not-a-request"
 
 
+class BusyError(BusError, RuntimeError):
+    """Two tasks iterate the same stream at once (as trio's BusyResourceError)."""
+
+    code = "busy"
+
+
 class SubscriptionError(BusError):
     """A subscription or consumer id the broker does not know, or one already in use."""
 

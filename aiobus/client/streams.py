@@ -20,26 +20,33 @@ import asyncio
 import itertools
 import logging
 from collections import deque
-from typing import TYPE_CHECKING, Any, Self
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
-from ..errors import BusError, RemoteProtocolError
+from ..errors import BusError, BusyError, RemoteProtocolError
 from .message import GapMessage, Message
 
 if TYPE_CHECKING:
     from ..protocol import SubscriptionPolicy
     from .backend import Backend
 
+_T = TypeVar("_T")
+
+try:
+    from mypy_extensions import mypyc_attr
+except ImportError:  # installed with mypy; neither build needs it to run
+    def mypyc_attr(*attrs: str, **kwattrs: object) -> Callable[[_T], _T]:
+        return lambda cls: cls
+
 __all__ = ["Consumer", "Subscription"]
 
 log = logging.getLogger(__name__)
 
 
-class BusyError(BusError, RuntimeError):
-    """Two tasks iterate the same stream at once (as trio's BusyResourceError)."""
-
-    code = "busy"
-
-
+# Regular Python classes even in the compiled build (their methods are still compiled):
+# a connection holds its streams by weakref (so a stream dropped unclosed cancels
+# itself), and mypyc's native classes take no weak references.
+@mypyc_attr(native_class=False)
 class _Stream:
     """Shared machinery: a local buffer filled by the backend's protocol callbacks."""
 
@@ -173,6 +180,7 @@ class _Stream:
         """Only a consumer's leases are answered: see Consumer."""
 
 
+@mypyc_attr(native_class=False)
 class Subscription(_Stream):
     """Messages published on topics matching ``pattern``; from ``bus.subscribe``.
 
@@ -261,6 +269,7 @@ class Subscription(_Stream):
             self._events(messages[1:], 0)
 
 
+@mypyc_attr(native_class=False)
 class Consumer(_Stream):
     """Leased messages from a queue; from ``bus.consume``. At most ``prefetch`` are
     unacknowledged at a time. Stopping releases the unacked ones to other consumers.

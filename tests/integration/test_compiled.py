@@ -21,13 +21,19 @@ import pytest
 pytestmark = [pytest.mark.compiled, pytest.mark.timeout(1800)]
 
 ROOT = Path(__file__).resolve().parents[2]
-# What runs against the compiled modules: every unit test, and the broker process tests
-# of the queue and topic paths (whose broker imports the compiled server and core).
+# What runs against the compiled modules: every unit test, the broker process tests of
+# the queue and topic paths (whose broker imports the compiled server and core, and
+# whose test process the compiled client), and the client's sessions: confirmations,
+# resends, reconnects and failures.
 SUITE = [
     "tests/unit",
     "tests/integration/test_queues.py",
     "tests/integration/test_topics.py",
     "tests/integration/test_model_broker.py",
+    "tests/integration/test_confirms.py",
+    "tests/integration/test_dedup.py",
+    "tests/integration/test_reconnect.py",
+    "tests/integration/test_failures.py",
 ]
 BUILD_TIMEOUT = 900  # seconds: mypyc and gcc on a loaded 2-core machine take 1.5-2.5 min
 SUITE_TIMEOUT = 900
@@ -64,13 +70,15 @@ def test_the_compiled_build_passes_the_suite(tmp_path: Path) -> None:
     assert "building pure Python" not in build.stderr, build.stderr[-4000:]
 
     probe = subprocess.run(
-        [sys.executable, "-c", "import aiobus.broker.core, aiobus.broker.server, aiobus.protocol;"
+        [sys.executable, "-c", "import aiobus.broker.core, aiobus.broker.server, aiobus.protocol,"
+         " aiobus.client.connection, aiobus.client.unix;"
          "print(aiobus.broker.core.__file__, aiobus.broker.server.__file__,"
-         " aiobus.protocol.__file__)"],
+         " aiobus.protocol.__file__, aiobus.client.connection.__file__,"
+         " aiobus.client.unix.__file__)"],
         cwd=tree, env=env, capture_output=True, text=True, timeout=60)
     assert probe.returncode == 0, probe.stderr
     files = probe.stdout.split()
-    assert len(files) == 3 and all(f.endswith(".so") for f in files), probe.stdout
+    assert len(files) == 5 and all(f.endswith(".so") for f in files), probe.stdout
     assert all(f.startswith(str(tree)) for f in files), probe.stdout
 
     suite = subprocess.run(
