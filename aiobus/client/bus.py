@@ -344,10 +344,9 @@ class Bus:
 
             total = await bus.request("rpc.add", [2, 5], timeout=5.0)
         """
-        self._check_name(queue, "queue name")
-        data, kind = encode_body(body)
-        check_size(data, self._backend.max_body)
-        return await self._backend.request(queue, data, kind, _headers(headers), timeout)
+        data, kind = self._prepare(queue, "queue name", body)
+        return await self._backend.request(queue, data, kind,
+                                           _headers(headers) if headers else None, timeout)
 
     async def declare_queue(
         self,
