@@ -3,7 +3,8 @@
 Theory of operation. A *case* is one measurement: a few worker processes (producers,
 consumers, servers such as an RPC responder) talking through a broker that `servers.py`
 started. The harness forks the workers (the "fork" start method, so the client libraries
-imported here once cost nothing per run), and drives each over a `multiprocessing.Pipe`:
+imported here once cost nothing per run; a worker whose libraries come from elsewhere,
+the compiled build's, is spawned), and drives each over a `multiprocessing.Pipe`:
 
     worker -> ("ready", None)       its subscription or connection is live (not for steps)
     harness -> "go"                 sent to everyone once all are ready
@@ -26,6 +27,7 @@ import faulthandler
 import inspect
 import io
 import multiprocessing
+import sys
 import time
 import traceback
 from collections.abc import Awaitable, Callable
@@ -35,6 +37,7 @@ from typing import Any
 import uvloop
 
 CTX = multiprocessing.get_context("fork")
+SPAWN = multiprocessing.get_context("spawn")
 
 
 class CaseFailed(Exception):
@@ -50,6 +53,10 @@ class Worker:
     # "producer", "consumer", "server" (stopped when the rest end), or "step": a prepare or
     # cleanup job that just runs and returns, with no ready or go.
     role: str = "producer"
+    # A site-packages directory to import the client libraries from first (the compiled
+    # build's venv: its aiobus). Such a worker is spawned, not forked: a fork would keep
+    # the modules this process imported.
+    site: str = ""
 
 
 @dataclass
@@ -198,9 +205,20 @@ class _Running:
         self.worker = worker
         self.conn, child_conn = CTX.Pipe()
         timeout = deadline - time.monotonic()
-        self.process = CTX.Process(target=_child,
-                                   args=(child_conn, worker, counters, slot, timeout))
-        self.process.start()
+        if worker.site:
+            # A spawned child takes this process's sys.path (multiprocessing.spawn's
+            # preparation data): put the site first for as long as it starts.
+            self.process = SPAWN.Process(target=_child,
+                                         args=(child_conn, worker, counters, slot, timeout))
+            sys.path.insert(0, worker.site)
+            try:
+                self.process.start()
+            finally:
+                sys.path.remove(worker.site)
+        else:
+            self.process = CTX.Process(target=_child,
+                                       args=(child_conn, worker, counters, slot, timeout))
+            self.process.start()
         child_conn.close()
         self.result: dict[str, Any] | None = None
 

@@ -5,7 +5,7 @@ brokerless baselines, on this machine, every client in a process of its own.
         [--out docs/benchmarks.md]
 
 It starts redis-server, nats-server, the aiobus broker (and the compiled build's, when
-`make compiled` has made it: the "compiled broker" rows) and the minimal relay itself (see
+`make compiled` has made it: the "compiled" rows) and the minimal relay itself (see
 servers.py), runs the workloads (workloads.py; W6 starts fresh servers of its own), stops
 every server by PID in `finally`, and writes the markdown report, a PNG chart beside it
 (same name, .png) and the raw numbers as JSON under benchmarks/results/. Progress goes to

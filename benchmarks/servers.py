@@ -11,7 +11,7 @@
   data directory always in the temp dir (never the user's default, and one per broker, as
   a data directory admits one broker); for W3's durable rows three more, one per
   `--fsync` policy; and one of the compiled build (`make compiled`), started with that
-  build's interpreter, for the "compiled broker" rows;
+  build's interpreter, for the "compiled" rows (whose clients come from that build too);
 - the minimal uvloop relay (`benchmarks/relay.py`);
 - rabbitmq-server on 127.0.0.1 with free ports, its node data and logs under the temp dir,
   and its own epmd (Erlang's port mapper) in the foreground.
@@ -88,6 +88,7 @@ class Servers:
         self.nats_url = ""
         self.aiobus_socket = ""
         self.aiobus_compiled_socket = ""  # start_aiobus_compiled
+        self.aiobus_compiled_site = ""  # its venv's site-packages: the compiled client
         self.redis_aof_socket = ""
         self.aiobus_durable: dict[str, str] = {}  # --fsync policy -> socket path
         self.relay_socket = ""
@@ -220,19 +221,24 @@ class Servers:
     def start_aiobus_compiled(self) -> str:
         """The compiled build's broker (`make compiled`, docs/performance.md): the
         interpreter of COMPILED_VENV (default /tmp/aiobus-compiled/venv), checked to import
-        the compiled core. Its rows are the same clients (this tree, pure Python) against
-        that broker: what compiling the broker buys, peer by peer."""
+        the compiled core and client. Its rows run their clients from that venv's
+        site-packages too (`Worker.site`): what the compiled build buys, peer by peer."""
         python = os.path.join(os.environ.get("COMPILED_VENV", COMPILED_VENV), "bin", "python")
         if not os.path.exists(python):
             raise RuntimeError(f"no compiled build at {python}: run `make compiled` first")
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-        where = subprocess.run([python, "-c", "import aiobus.broker.core as m; print(m.__file__)"],
-                               capture_output=True, text=True, cwd="/", env=env, timeout=60)
-        if not where.stdout.strip().endswith(".so"):
+        where = subprocess.run(
+            [python, "-c", "import aiobus.broker.core as m, aiobus.client.connection as c;"
+             " print(m.__file__); print(c.__file__)"],
+            capture_output=True, text=True, cwd="/", env=env, timeout=60)
+        files = where.stdout.split()
+        if len(files) != 2 or not all(f.endswith(".so") for f in files):
             raise RuntimeError(f"{python} imports a pure-Python aiobus ({where.stdout.strip()}"
                                f"{where.stderr.strip()[-200:]}): the compiled build failed")
         path = self.start_aiobus("aiobus-compiled", python=python)
         self.aiobus_compiled_socket = path
+        # .../site-packages/aiobus/broker/core...so -> .../site-packages
+        self.aiobus_compiled_site = os.path.dirname(os.path.dirname(os.path.dirname(files[0])))
         return path
 
     def start_aiobus_durable(self) -> dict[str, str]:

@@ -146,18 +146,26 @@ def _on_nats(env: Any) -> str:
 
 
 def _compiled(env: Any) -> str:
-    """The compiled broker's rows (issue 13): the same clients against `make compiled`'s
-    broker. Its socket is "" when the build is missing, and such a row fails, saying so."""
+    """The compiled build's broker (issue 13, `make compiled`). Its socket is "" when the
+    build is missing, and such a row fails, saying so."""
     if not env.aiobus_compiled_socket:
         raise RuntimeError("no compiled broker (make compiled; see the run's log)")
     return str(env.aiobus_compiled_socket)
 
 
-COMPILED = "aiobus, compiled broker"
+def _in_compiled(env: Any, case: Case) -> Case:
+    """``case`` with every client process importing the compiled build's aiobus: the
+    same peer code as the "aiobus" rows, compiled broker and compiled client."""
+    for worker in (*case.prepare, *case.workers, *case.cleanup):
+        worker.site = env.aiobus_compiled_site
+    return case
+
+
+COMPILED = "aiobus, compiled"
 TOPIC_PEERS = {
     "aiobus": aiobus_peer.topic_case,
-    COMPILED: lambda env, n, size, subs=1: aiobus_peer.topic_case(
-        env, n, size, subs, path=_compiled(env)),
+    COMPILED: lambda env, n, size, subs=1: _in_compiled(env, aiobus_peer.topic_case(
+        env, n, size, subs, path=_compiled(env))),
     "aiobus on NATS": lambda env, n, size, subs=1: aiobus_peer.topic_case(
         env, n, size, subs, path=_on_nats(env)),
     "NATS core": nats_peer.topic_case,
@@ -178,8 +186,9 @@ QUEUE_PEERS = {
     "aiobus, await msg.ack()": lambda env, n, size, consumers: aiobus_peer.queue_case(
         env, n, size, consumers, ack="await"),
     "aiobus, ack_nowait()": aiobus_peer.queue_case,
-    f"{COMPILED}, msg.process()": lambda env, n, size, consumers: aiobus_peer.queue_case(
-        env, n, size, consumers, ack="process", path=_compiled(env)),
+    f"{COMPILED}, msg.process()": lambda env, n, size, consumers: _in_compiled(
+        env, aiobus_peer.queue_case(env, n, size, consumers, ack="process",
+                                    path=_compiled(env))),
     "aiobus on NATS, msg.process()": lambda env, n, size, consumers: aiobus_peer.queue_case(
         env, n, size, consumers, ack="process", path=_on_nats(env)),
     "Redis Streams group": redis_peer.queue_case,
@@ -216,8 +225,8 @@ DURABLE_PEERS = {
     "aiobus, confirmed sends, msg.process()": lambda env, n, size, consumers: (
         aiobus_peer.confirmed_queue_case(env, n, size, consumers, ack="process")),
     f"{COMPILED}, confirmed sends, msg.process()": lambda env, n, size, consumers: (
-        aiobus_peer.confirmed_queue_case(env, n, size, consumers, ack="process",
-                                         path=_compiled(env))),
+        _in_compiled(env, aiobus_peer.confirmed_queue_case(
+            env, n, size, consumers, ack="process", path=_compiled(env)))),
     **{f"aiobus durable, fsync {policy}": (
         lambda env, n, size, consumers, policy=policy: aiobus_peer.confirmed_queue_case(
             env, n, size, consumers, fsync=policy))
@@ -229,8 +238,8 @@ DURABLE_PEERS = {
 }
 RPC_PEERS = {
     "aiobus": aiobus_peer.rpc_case,
-    COMPILED: lambda env, n, size, warmup: aiobus_peer.rpc_case(
-        env, n, size, warmup, path=_compiled(env)),
+    COMPILED: lambda env, n, size, warmup: _in_compiled(env, aiobus_peer.rpc_case(
+        env, n, size, warmup, path=_compiled(env))),
     "aiobus on NATS": lambda env, n, size, warmup: aiobus_peer.rpc_case(
         env, n, size, warmup, path=_on_nats(env)),
     "NATS request": nats_peer.rpc_case,
