@@ -32,21 +32,24 @@ A sync that fails (EIO) is reported with the client connections that had confirm
 in any held batch: none of those may be believed, so the shell closes them (as for a
 failed write, server.py ``_journal_failed``); the rest of the held output is released.
 A sync still running then proves nothing when it returns (after an EIO, Linux may have
-marked the lost pages clean), and none starts by itself until :meth:`settle` succeeds
-(the shell retries every second, refusing durable sends meanwhile).
+marked the lost pages clean), and none starts by itself until :meth:`rebuild` has
+written the journal afresh from the core's memory (the shell retries every second,
+refusing durable sends meanwhile): what the failed sync covered may be gone from the
+disk for good, and no later sync of that file would say so (docs/journal.md, "After a
+failed sync").
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
 import functools
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Generic, TypeVar
 
 from .journal import Journal, JournalError, SyncTicket
+from .snapshot import QueueSnapshot
 
 __all__ = ["GroupCommit"]
 
@@ -178,6 +181,18 @@ class GroupCommit(Generic[T]):
         self.broken = False
         self._release_synced()
 
+    def rebuild(self, queues: Iterable[QueueSnapshot]) -> None:
+        """After a failed sync: write the journal afresh from ``queues`` (the core's
+        ``durable_snapshot``; :meth:`~.journal.Journal.rebuild`), which syncs it; then
+        syncs start by themselves again.
+
+        Raises:
+            JournalError: the rebuild failed (the journal stays damaged; try later).
+        """
+        self.journal.rebuild(queues)
+        self.broken = False
+        self._release_synced()
+
     def close(self) -> None:
         """Wait for a running sync (its thread may hold the segment's handle); drop what
         is held (the shell closes the connections it was for)."""
@@ -189,8 +204,5 @@ class GroupCommit(Generic[T]):
 
     def _end_quietly(self, ticket: SyncTicket) -> None:
         """End ``ticket`` without counting its bytes as synced (its outcome is unknown or
-        proves nothing; a later sync covers them)."""
-        try:
-            self.journal.end_sync(ticket, OSError(errno.EIO, "not counted"))
-        except JournalError:
-            pass
+        proves nothing; a later sync, or the rebuild, covers them)."""
+        self.journal.abandon_sync(ticket)

@@ -69,6 +69,7 @@ from .settings import (
     DEFAULT_MAX_UNACKED_PER_UID,
     check_dedup,
 )
+from .snapshot import durable_snapshot
 
 __all__ = ["FSYNC_POLICIES", "Broker", "BrokerAlreadyRunning", "DataDirInUse"]
 
@@ -612,6 +613,8 @@ class Broker:
         journal, self.journal = self.journal, None
         if journal is not None:
             try:
+                if journal.damaged:  # a sync failed: what is on disk is not to be trusted
+                    journal.rebuild(durable_snapshot(self.core.queues))
                 journal.write()
                 journal.sync()
             except JournalError as exc:
@@ -639,7 +642,8 @@ class Broker:
         except JournalError as exc:
             self._journal_failed(exc, confirmed)
             return set()
-        if queues.journal_error is not None and (self.fsync != "always" or not journal.unsynced):
+        if queues.journal_error is not None and not journal.damaged and (
+                self.fsync != "always" or not journal.unsynced):
             log.warning("journal: writable again; accepting sends to durable queues")
             queues.journal_error = None
         return confirmed
@@ -670,7 +674,10 @@ class Broker:
         of the connections in ``confirmed`` is dropped and they are closed, the rest is
         written; else (the periodic sync) logged, rate-limited."""
         if self.fsync != "always":
-            self._journal_log.warning(self.loop.time(), "journal: %s", exc)
+            if self.journal is not None and self.journal.damaged:  # (see _rebuild_journal)
+                self._journal_failed(exc, set())
+            else:
+                self._journal_log.warning(self.loop.time(), "journal: %s", exc)
             return
         for batch in held:
             for conn, _ in batch:
@@ -691,23 +698,50 @@ class Broker:
 
     def _retry_journal(self) -> None:
         """While the journal cannot be written: try again every second, even when idle;
-        writable again once a write and a sync have succeeded."""
+        writable again once a write and a sync have succeeded, or, after a failed sync,
+        once the journal is rebuilt (:meth:`_rebuild_journal`)."""
         journal, commit, queues = self.journal, self._commit, self.core.queues
         if journal is None or commit is None or queues.journal_error is None:
             return
-        confirmed = self._write_journal() if journal.pending else set()
-        if not journal.pending:
-            try:
-                commit.settle(confirmed)
-            except JournalError:
-                pass  # _journal_failed has closed who must not believe a confirmation
-            else:
-                if queues.journal_error is not None:
-                    queues.journal_error = None
-                    log.warning("journal: writable again; accepting sends to durable queues")
-                self._flush()
+        if journal.damaged:
+            self._rebuild_journal(commit)
+        else:
+            confirmed = self._write_journal() if journal.pending else set()
+            if not journal.pending:
+                try:
+                    commit.settle(confirmed)
+                except JournalError:
+                    pass  # _journal_failed has closed who must not believe a confirmation
+                else:
+                    if queues.journal_error is not None:
+                        queues.journal_error = None
+                        log.warning("journal: writable again; accepting sends to durable"
+                                    " queues")
+                    self._flush()
         if queues.journal_error is not None:
             self.loop.call_later(1.0, self._retry_journal)
+
+    def _rebuild_journal(self, commit: GroupCommit[list[tuple[_Connection, list[bytes]]]]
+                         ) -> None:
+        """After a failed sync: what it covered may be lost from the disk for good (Linux
+        may mark the failed pages clean: PostgreSQL's fsyncgate), and a restart would
+        stop at the hole. So the journal is written afresh from what the core holds
+        (snapshot.py), synced, and the old segments go (docs/journal.md, "After a failed
+        sync"). Until then nothing durable is confirmed. In the loop: it writes every
+        live durable message once (a few seconds for a million), on an error path."""
+        queues = self.core.queues
+        started = time.perf_counter()
+        try:
+            commit.rebuild(durable_snapshot(queues))
+        except JournalError as exc:
+            self._journal_log.warning(self.loop.time(), "journal: cannot rebuild: %s", exc)
+            return
+        queues.journal_error = None
+        stats = commit.journal.statistics()
+        log.warning("journal: rebuilt from memory after a failed sync (%d messages, %d bytes"
+                    " in %.2f s), older segments removed; accepting sends to durable queues",
+                    stats["live_messages"], stats["bytes"], time.perf_counter() - started)
+        self._flush()
 
     def _batch_sync(self) -> None:
         """``batch``, ``never``: the periodic sync, in the worker thread (commit.py); the

@@ -6,6 +6,12 @@ remove) last only once :meth:`sync_directory` ran; after it they all do.
 
 ``space`` caps the bytes all files may hold: an append past it writes what fits and
 raises ENOSPC, as a real nearly full disk does.
+
+``fail_sync`` makes fdatasync raise EIO. With ``lose_on_failed_sync`` (a Random) it also
+does what Linux may do then (PostgreSQL's fsyncgate, 2018): each write the failed sync
+covered is lost for good, turned to zeros (dropped) or garbage, on disk and in the page
+cache alike (the pages were marked clean, then evicted); later syncs succeed and never
+write it again.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ class CrashFS:
         self.log: list[tuple[str, str]] = []  # (operation, file name)
         self.space: int | None = None
         self.fail_sync = False
+        self.lose_on_failed_sync: random.Random | None = None
 
     # --- the Files interface -------------------------------------------------------
 
@@ -40,6 +47,9 @@ class CrashFS:
 
     def read(self, name: str) -> bytes:
         return bytes(self.dir[name].current)
+
+    def read_head(self, name: str, size: int) -> bytes:
+        return bytes(self.dir[name].current[:size])
 
     def _open(self, name: str) -> int:
         handle = self.next_handle
@@ -77,9 +87,19 @@ class CrashFS:
         return len(self.handles[handle].current)
 
     def sync(self, handle: int) -> None:
-        if self.fail_sync:
-            raise OSError(errno.EIO, "Input/output error")
         f = self.handles[handle]
+        if self.fail_sync:
+            rng = self.lose_on_failed_sync
+            if rng is not None:
+                for op, at, data in f.pending:
+                    if op == "write" and at < len(f.current):
+                        end = min(at + len(data), len(f.current))
+                        f.current[at:end] = (rng.randbytes(end - at) if rng.random() < 0.5
+                                             else bytes(end - at))
+                f.durable = bytearray(f.current)
+                f.pending.clear()
+                self.log.append(("lost", self.names[handle]))
+            raise OSError(errno.EIO, "Input/output error")
         f.durable = bytearray(f.current)
         f.pending.clear()
         self.log.append(("sync", self.names[handle]))

@@ -15,6 +15,7 @@ import pytest
 
 from aiobus.broker.commit import MAX_RUNNING, GroupCommit
 from aiobus.broker.journal import Journal, JournalError, OsFiles
+from aiobus.broker.snapshot import QueueSnapshot, SnapshotMessage
 
 pytestmark = pytest.mark.asyncio
 
@@ -120,8 +121,17 @@ async def test_a_failed_sync_hands_over_what_it_held(tmp_path: Path) -> None:
     assert shell.failures == [("EIO", {1, 2}, ["turn 1", "turn 2"])]
     assert journal.unsynced  # nothing counted as on disk
     files.fail = False
-    commit.settle(set())
-    assert not journal.unsynced
+    with pytest.raises(JournalError, match="not trusted"):  # a later sync proves nothing
+        commit.settle(set())
+    assert commit.broken and journal.damaged
+    # Written afresh from memory (the core's snapshot; here what it would hold):
+    commit.rebuild([QueueSnapshot("jobs", {}, 2, [], [
+        SnapshotMessage(seq, msgpack.packb([f"id-{seq}", "jobs", b"x", 0, None, 1.0]), 0,
+                        None, None, None, None, False) for seq in (0, 1)])])
+    assert not journal.unsynced and not commit.broken and not journal.damaged
+    send(journal, 2)
+    commit.hold("turn 3", {3})  # syncs start by themselves again
+    await wait_for(lambda: shell.released == ["turn 3"], "turn 3's release")
     commit.close()
     journal.close()
 

@@ -21,6 +21,7 @@ from aiobus.broker.journal import (
 )
 from aiobus.broker.journal import records as r
 from aiobus.broker.journal.files import segment_name
+from aiobus.broker.snapshot import QueueSnapshot, SnapshotMessage
 
 from .crashfs import CrashFS
 
@@ -426,9 +427,14 @@ def test_a_failed_sync_in_steps_raises_and_counts_nothing_as_synced() -> None:
     assert error.value.cause == "EIO" and error.value.file == segment_name(1)
     assert journal.unsynced and journal.synced == 0
     fs.fail_sync = False
-    journal.sync()
-    assert not journal.unsynced
+    with pytest.raises(JournalError, match="not trusted"):  # it proves nothing now
+        journal.sync()
+    assert journal.unsynced and journal.damaged
+    journal.rebuild([QueueSnapshot("jobs", {}, 1, [], [SnapshotMessage(
+        0, packed("jobs", 0), 0, None, None, None, None, False)])])
+    assert not journal.unsynced and not journal.damaged
     journal.close()
+    assert live(fs.crash(random.Random(0))) == {"jobs": [(0, 0, None)]}
 
 
 def test_a_segment_rotated_away_under_a_ticket_is_closed_when_the_ticket_ends() -> None:

@@ -17,6 +17,7 @@ CORE_MODULES = [
     "broker/core.py",
     "broker/queues.py",
     "broker/queue_state.py",
+    "broker/snapshot.py",
     "broker/topics.py",
     "broker/timers.py",
     "broker/dedup.py",

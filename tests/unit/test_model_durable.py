@@ -53,7 +53,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import precondition, rule
 
 from aiobus.broker.core import BrokerCore
-from aiobus.broker.journal import Journal
+from aiobus.broker.journal import Journal, JournalError
+from aiobus.broker.snapshot import durable_snapshot
 from aiobus.protocol import Op
 
 from .crashfs import CrashFS
@@ -79,6 +80,9 @@ class DurableQueueMachine(QueueMachine):
     def _start(self) -> None:
         self.files = CrashFS()
         self.restarts = 0
+        self.losses = 0
+        self.lose_next = False  # the next turn's sync fails and loses its writes
+        self.damaged = False  # since then, until the rebuild
         self._new_process(WALL)
 
     def _new_process(self, wall: float) -> list[str]:
@@ -99,10 +103,29 @@ class DurableQueueMachine(QueueMachine):
         return list(recovered.queues)
 
     def _end_turn(self) -> None:
-        """What the shell does after each loop turn (broker/server.py _write_journal)."""
-        self.journal.write()
-        self.journal.sync()
-        self.journal.compact()
+        """What the shell does after each loop turn (broker/server.py _write_journal).
+        While the journal is damaged (a sync failed) its syncs would prove nothing: the
+        shell only writes, refusing durable sends (here the model goes on sending: those
+        must survive the rebuild as well)."""
+        journal = self.journal
+        journal.write()
+        if self.damaged:
+            return
+        if self.lose_next and journal.unsynced:
+            self.lose_next = False
+            self.losses += 1
+            self.files.fail_sync = True
+            self.files.lose_on_failed_sync = random.Random(self.losses)
+            try:
+                journal.sync()
+            except JournalError:
+                self.damaged = True
+            finally:
+                self.files.fail_sync = False
+            assert self.damaged and journal.damaged
+            return
+        journal.sync()
+        journal.compact()
 
     @property
     def now(self) -> float:
@@ -128,13 +151,29 @@ class DurableQueueMachine(QueueMachine):
     def _busy(self) -> bool:
         return any(m.state in ("leased", "delayed") for m in self.msgs.values())
 
-    @precondition(_busy)
+    @precondition(lambda self: self._busy() and not self.damaged)
     @rule(after=downtime, consumers=consumers)
     def crash_while_busy(self, after: float, consumers: list[tuple[int, str, int]]) -> None:
         """A restart while messages are leased or delayed: the cases with most to check,
         which plain :meth:`restart` rarely meets."""
         self.restart(after, consumers)
 
+    @precondition(lambda self: not self.damaged and not self.lose_next)
+    @rule()
+    def lose_a_sync(self) -> None:
+        """The next sync fails (EIO) and the writes it covered are lost for good, as
+        after Linux marked the pages clean (PostgreSQL's fsyncgate): crashfs.py."""
+        self.lose_next = True
+
+    @precondition(lambda self: self.damaged)
+    @rule()
+    def rebuild(self) -> None:
+        """The shell's retry: the journal written afresh from the core's memory."""
+        self.journal.rebuild(durable_snapshot(self.d.core.queues))
+        self.damaged = False
+        self.journal.compact()
+
+    @precondition(lambda self: not self.damaged)
     @rule(after=downtime, consumers=consumers)
     def restart(self, after: float, consumers: list[tuple[int, str, int]]) -> None:
         """kill -9 after a loop turn; a new broker starts ``after`` seconds later, and

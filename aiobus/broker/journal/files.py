@@ -5,7 +5,8 @@ Everything the journal does to the disk goes through :class:`Files`, so a test d
 SQLite's crash VFS does (src/test6.c): every write not yet synced is applied, dropped or
 applied with garbage. The interface is deliberately the handful of calls a log needs:
 append at the end, fdatasync, truncate, atomic rename plus a directory fsync, list,
-remove, read whole. Files are named inside one directory; handles are opaque ints.
+remove, read whole (or only a header). Files are named inside one directory; handles are
+opaque ints.
 
 Segments are named ``<number>.seg`` with 16 digits, so that names sort in number order.
 """
@@ -35,6 +36,9 @@ class Files(Protocol):
 
     def read(self, name: str) -> bytes:
         """A whole file's bytes."""
+
+    def read_head(self, name: str, size: int) -> bytes:
+        """A file's first ``size`` bytes (fewer if it is shorter)."""
 
     def create(self, name: str) -> int:
         """Create ``name`` (it must not exist) for appending; returns a handle."""
@@ -81,6 +85,10 @@ class OsFiles:
     def read(self, name: str) -> bytes:
         with open(self._path(name), "rb") as f:
             return f.read()
+
+    def read_head(self, name: str, size: int) -> bytes:
+        with open(self._path(name), "rb") as f:
+            return f.read(size)
 
     def create(self, name: str) -> int:
         return os.open(self._path(name), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND,

@@ -56,14 +56,14 @@ from typing import Any, Final
 import msgpack
 
 __all__ = [
-    "DECODE_ERRORS", "FORMAT_VERSION", "HEADER_SIZE", "MAX_RECORD", "READABLE_VERSIONS",
-    "BadRecord", "Decoded", "DedupIds",
+    "BASE", "DECODE_ERRORS", "FORMAT_VERSION", "HEADER_SIZE", "MAX_RECORD",
+    "READABLE_VERSIONS", "BadRecord", "Decoded", "DedupIds",
     "Delivered", "Failed", "QueueDeclared", "QueueDeleted", "QueuePurged", "Record",
     "RecordType", "RemovalReason", "Removed", "Sent", "append_delivered", "append_removed",
     "append_sent", "classify_damage", "decode_body",
     "decode_segment", "encode_declared", "encode_dedup", "encode_deleted", "encode_delivered",
     "encode_failed", "encode_purged", "encode_removed", "encode_sent", "header_version",
-    "message_id", "read_header", "salvage", "segment_header",
+    "is_base", "message_id", "read_header", "salvage", "segment_header",
 ]
 
 MAGIC: Final = b"AIOBUSJ\x00"
@@ -341,9 +341,23 @@ def message_id(message: bytes | memoryview) -> str | None:
     return None
 
 
-def segment_header(number: int) -> bytes:
-    head = _SEGMENT_HEADER.pack(MAGIC, FORMAT_VERSION, 0, number)
+# The header's reserved field: bit 0 marks a *base* segment, written whole from the
+# broker's memory after a failed fdatasync (store.py ``Journal.rebuild``). It holds every
+# live message, so the segments numbered below it are superseded: recovery skips (and
+# deletes) them, for their pages may not hold what was written (docs/journal.md, "After
+# a failed sync"). Readers before it ignore the field and read the segment as any other.
+BASE: Final = 1
+
+
+def segment_header(number: int, *, base: bool = False) -> bytes:
+    head = _SEGMENT_HEADER.pack(MAGIC, FORMAT_VERSION, BASE if base else 0, number)
     return head + _crc(head).to_bytes(4, "little")
+
+
+def is_base(head: bytes) -> bool:
+    """Whether ``head`` (a segment's first ``HEADER_SIZE`` bytes) is a good header that
+    marks a base segment (:data:`BASE`)."""
+    return read_header(head) is not None and bool(_SEGMENT_HEADER.unpack_from(head)[2] & BASE)
 
 
 # --- decoding ------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 
 from .errors import JournalCorrupt
 from .files import Files, segment_names
+from .records import HEADER_SIZE, is_base
 from .replay import LiveMessage, Replay
 
 __all__ = [
@@ -103,7 +104,8 @@ class Recovered:
 
 def replay_files(files: Files) -> tuple[Replay, list[tuple[int, int]], TornTail | None]:
     """Replay every segment in ``files``, oldest first (leftover ``.tmp`` files, segments
-    whose creation did not finish, are removed first).
+    whose creation did not finish, are removed first; so are the segments before the
+    newest *base* segment, ``records.BASE``, which supersedes them).
 
     Returns:
         The replay (not finished), each segment's (number, good length), and the torn
@@ -117,6 +119,15 @@ def replay_files(files: Files) -> tuple[Replay, list[tuple[int, int]], TornTail 
         if name.endswith(".tmp"):
             files.remove(name)
     names = segment_names(files)
+    for i in range(len(names) - 1, 0, -1):  # the newest base segment supersedes the rest
+        if is_base(files.read_head(names[i], HEADER_SIZE)):
+            # A rebuild after a failed sync (store.py) ended before it removed them:
+            # their pages may hold garbage where records were, so they are not read.
+            for name in names[:i]:
+                files.remove(name)
+            files.sync_directory()
+            names = names[i:]
+            break
     replay = Replay()
     segments: list[tuple[int, int]] = []
     torn = None

@@ -54,11 +54,12 @@ from __future__ import annotations
 
 import gc
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from ...stats import JournalStats
+from ..snapshot import QueueSnapshot
 from . import records as r
 from .errors import JournalError, os_error_name
 from .files import Files, segment_name
@@ -115,6 +116,10 @@ class _State:
     next_qid: int = 1
 
 
+# rebuild() writes its segment in parts of about this size (a million messages need not
+# be one bytes object besides the core's copies).
+_REBUILD_CHUNK = 1 << 20
+
 # An owner entry: segment << 32 | _FLYING (delivered, not answered) | the Sent's size.
 _FLYING = 1 << 31
 _SIZE = _FLYING - 1
@@ -146,6 +151,9 @@ class Journal:
         self._tickets = 0  # begun and not yet ended
         self._retired: list[int] = []  # handles of rotated segments a ticket may hold
         self._must_truncate = False
+        # A fdatasync failed: what was written may be lost, and a later sync proves
+        # nothing, until rebuild() has written the live state afresh (module docstring).
+        self.damaged = False
         # Where a new segment's head gets each queue's deduplication window: the core's
         # once attached (attach_windows), until then what recovery found (open).
         self._recovered_windows: dict[str, list[tuple[str, float]]] = {}
@@ -329,7 +337,7 @@ class Journal:
         self._buffer = bytearray()  # not clear(): ``files`` may keep what it was given
         segment.size += len(data)
         self.written += len(data)
-        if segment.size >= self.segment_size:
+        if segment.size >= self.segment_size and not self.damaged:  # (else: rebuild)
             try:
                 self._rotate()
             except JournalError:
@@ -385,14 +393,15 @@ class Journal:
         Raises:
             JournalError: ``error`` was given: what it covered is not durable.
         """
-        self._tickets -= 1
-        if not self._tickets and self._retired:
-            for handle in self._retired:
-                self.files.close(handle)
-            self._retired = []
+        self._end_ticket()
         if error is not None:
+            self.damaged = True
             raise JournalError(f"cannot sync journal segment {ticket.name}: {error}",
                                file=ticket.name, cause=os_error_name(error)) from error
+        if self.damaged:
+            raise JournalError(f"journal segment {ticket.name} is not trusted since a sync"
+                               " failed; it must be rebuilt first", file=ticket.name,
+                               cause="EIO")
         if ticket.written > self.synced:
             self.synced = ticket.written
         dropped = False
@@ -406,11 +415,26 @@ class Journal:
         if dropped:
             self.files.sync_directory()
 
+    def abandon_sync(self, ticket: SyncTicket) -> None:
+        """End ``ticket`` without counting its bytes as synced (its outcome is unknown or
+        proves nothing, e.g. it ran while another sync failed; a later sync or a rebuild
+        covers them)."""
+        self._end_ticket()
+
+    def _end_ticket(self) -> None:
+        self._tickets -= 1
+        if not self._tickets and self._retired:
+            for handle in self._retired:
+                self.files.close(handle)
+            self._retired = []
+
     def compact(self) -> int:
         """Copy live messages out of the oldest segments while the journal exceeds its
         bound (module docstring); returns how many messages were copied. The copies are
         buffered: the old segments go at the first :meth:`sync` after they are written.
         """
+        if self.damaged:  # (the segments are not read back now: rebuild() replaces them)
+            return 0
         total = sum(seg.size for seg in self._segments)
         live = sum(seg.live_bytes for seg in self._segments)
         copied = 0
@@ -463,6 +487,7 @@ class Journal:
         try:  # first the old segment (module docstring: the window may name its tail)
             self.files.sync(self._handle)
         except OSError as exc:
+            self.damaged = True
             old = segment_name(self._segments[-1].number)
             raise JournalError(f"cannot sync journal segment {old}: {exc}",
                                file=old, cause=os_error_name(exc)) from exc
@@ -480,13 +505,15 @@ class Journal:
         self.synced = self.written  # the old segment was synced above, the new one made so
         self._add_segment(_Segment(number, len(data)))
 
-    def _create(self, name: str, data: bytes) -> None:
-        """Write ``name`` whole and durably: tmp file, fdatasync, rename, directory sync."""
+    def _create(self, name: str, data: bytes | list[bytes]) -> None:
+        """Write ``name`` whole and durably (``data``, or each of its parts in order):
+        tmp file, fdatasync, rename, directory sync."""
         tmp = name + ".tmp"
         try:
             handle = self.files.create(tmp)
             try:
-                self.files.append(handle, data)
+                for part in [data] if isinstance(data, bytes) else data:
+                    self.files.append(handle, part)
                 self.files.sync(handle)
             finally:
                 self.files.close(handle)
@@ -499,6 +526,85 @@ class Journal:
                 pass
             raise JournalError(f"cannot create journal segment {name}: {exc}",
                                file=name, cause=os_error_name(exc)) from exc
+
+    def rebuild(self, queues: Iterable[QueueSnapshot]) -> int:
+        """Write the live state afresh after a failed sync: a new *base* segment
+        (``records.BASE``) holding each durable queue of ``queues`` (the core's
+        ``snapshot.durable_snapshot``: settings, next seq, deduplication window) and
+        each of its messages as a compaction copy (a Sent with its state folded in, and
+        a Delivered if one is outstanding); synced, renamed, the directory synced, and
+        only then every older segment deleted. Nothing is read back: the old segments'
+        pages are not trusted. The buffer is dropped: ``queues`` is the state it would
+        have led to. Returns the new segment's size.
+
+        Raises:
+            JournalError: the new segment could not be written or synced; the journal
+                stays damaged and the old segments stay (call again later).
+        """
+        assert self._handle is not None, "journal is closed"
+        old = self._s
+        s = _State(next_qid=old.next_qid)
+        number = self._segments[-1].number + 1
+        name = segment_name(number)
+        segment = _Segment(number, 0)
+        chunk = bytearray(r.segment_header(number, base=True))
+        chunks: list[bytes] = []
+        for q in queues:
+            qid = old.qids.get(q.name)
+            if qid is None:
+                qid = s.next_qid
+                s.next_qid += 1
+            s.qids[q.name], s.names[qid], s.settings[qid] = qid, q.name, q.settings
+            s.next_seq[qid] = q.next_seq
+            owners: dict[int, int] = {}
+            s.owner[qid] = owners
+            chunk += r.encode_declared(qid, q.name, q.settings, q.next_seq)
+            if q.dedup:
+                chunk += r.encode_dedup(qid, q.dedup)
+            for m in q.messages:
+                record = r.encode_sent(qid, m.seq, m.message, m.failures, m.expires, m.due,
+                                       m.last_reason, m.last_consumer, None)
+                chunk += record
+                size = len(record)
+                owners[m.seq] = number << 32 | (_FLYING if m.delivered else 0) | size
+                segment.live += 1
+                segment.live_bytes += size
+                if m.failures:
+                    s.failed[qid, m.seq] = (m.failures, m.due, m.last_reason,
+                                            m.last_consumer)
+                if m.delivered:
+                    r.append_delivered(chunk, qid, m.seq)
+                if len(chunk) >= _REBUILD_CHUNK:
+                    chunks.append(bytes(chunk))
+                    chunk = bytearray()
+        chunks.append(bytes(chunk))
+        segment.size = sum(map(len, chunks))
+        self._create(name, chunks)
+        try:
+            handle = self.files.open_append(name)
+        except OSError as exc:  # (the base is on disk: the next rebuild supersedes it)
+            raise JournalError(f"cannot open journal segment {name}: {exc}",
+                               file=name, cause=os_error_name(exc)) from exc
+        if self._tickets:  # a sync in another thread may be using it
+            self._retired.append(self._handle)
+        else:
+            self.files.close(self._handle)
+        self._handle = handle
+        removed = [seg.number for seg in self._segments]
+        self._s = s
+        self._segments, self._by_number = [], {}
+        self._add_segment(segment)
+        self._buffer = bytearray()
+        self._must_truncate = False
+        self.synced = self.written  # (positions only grow: tickets begun before count nothing)
+        self.damaged = False
+        try:  # superseded: recovery skips them even if a crash keeps them (recovery.py)
+            for number in removed:
+                self.files.remove(segment_name(number))
+            self.files.sync_directory()
+        except OSError:
+            pass  # (the next open removes them)
+        return segment.size
 
     def close(self) -> None:
         """Close the current segment (write and sync first if you mean to keep the buffer)."""
