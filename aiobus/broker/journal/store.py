@@ -35,6 +35,13 @@ raises :class:`JournalError`; the buffer keeps its records, so the next :meth:`w
 retries them. If the truncate fails too, every write raises until it succeeds: the file
 never holds a half record that later records follow.
 
+A failed fdatasync is different: the pages it covered may be lost for good and marked
+clean (PostgreSQL's fsyncgate), so the journal becomes ``damaged``: every later sync
+raises, however its fdatasync went, and compaction and rotation stop, until
+:meth:`rebuild` has written a new *base* segment from the core's memory
+(``snapshot.durable_snapshot``), synced it and deleted every older segment; recovery
+skips segments older than the newest base (docs/journal.md, "After a failed sync").
+
 Compaction. Each live message is *owned* by the segment holding its Sent record;
 ``_owner`` maps qid -> seq -> ``segment << 32 | record bytes``, plus ``_FLYING`` (bit 31:
 a record is at most 256 MiB) while a delivery of it is outstanding, which is what a copy
