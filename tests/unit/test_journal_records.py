@@ -40,6 +40,16 @@ RECORDS: list[tuple[bytes, r.Record]] = [
     (r.encode_dedup(2, [("c1-1", 5.0), ("c1-2", 6.5)]),
      r.DedupIds(2, [("c1-1", 5.0), ("c1-2", 6.5)])),
     (r.encode_dedup(2, []), r.DedupIds(2, [])),
+    # Version 4: Delivered and Removed records of one queue in a row, as one run.
+    # (seqs as steps of a byte where they can be, else as u64s)
+    (r.encode_delivered_run(1, [7, 8, 2**40]), r.DeliveredRun(1, [7, 8, 2**40])),
+    (r.encode_delivered_run(1, [2**40, 2**40 + 1, 2**40 + 256]),
+     r.DeliveredRun(1, [2**40, 2**40 + 1, 2**40 + 256])),
+    (r.encode_delivered_run(1, [5, 6, 10, 265]), r.DeliveredRun(1, [5, 6, 10, 265])),
+    (r.encode_removed_run(2, r.RemovalReason.EXPIRED, [3, 1]),
+     r.RemovedRun(2, r.RemovalReason.EXPIRED, [3, 1])),
+    (r.encode_removed_run(2, r.RemovalReason.ACKED, [3, 4, 7]),
+     r.RemovedRun(2, r.RemovalReason.ACKED, [3, 4, 7])),
 ]
 
 
@@ -73,8 +83,8 @@ def test_version_1_segments_are_read_and_unknown_versions_refused() -> None:
     assert (old.number, old.bad_at) == (5, None)
     assert old.records == r.decode_segment(segment(body, number=5), last=True).records
     assert r.header_version(version_1_header(5)) == 1
-    assert r.header_version(segment(number=5)) == r.FORMAT_VERSION == 3
-    head = r._SEGMENT_HEADER.pack(r.MAGIC, 4, 0, 5)
+    assert r.header_version(segment(number=5)) == r.FORMAT_VERSION == 4
+    head = r._SEGMENT_HEADER.pack(r.MAGIC, 5, 0, 5)
     newer = head + r._crc(head).to_bytes(4, "little")
     assert r.decode_segment(newer + body, last=True).number is None
 
@@ -227,6 +237,17 @@ MALFORMED = [
     r.SENT_HEAD.pack(r.RecordType.SENT, 1, 3, 1, 4) + b"\x09\x00\x00\x00\x92\xc0\xc0",
     r.SENT_HEAD.pack(r.RecordType.SENT, 1, 3, 1, 4) + b"\x03\x00",  # short length field
     r.SENT_HEAD.pack(r.RecordType.SENT, 1, 3, 1, 5) + bytes(8) + b"\x01\x00\x00\x00\x90m",
+    bytes([r.RecordType.DELIVERED_RUN, 1, 0, 0, 0]),  # no seqs
+    bytes([r.RecordType.DELIVERED_RUN, 1, 0, 0, 0, 8]) + bytes(12),  # 1.5 seqs
+    bytes([r.RecordType.DELIVERED_RUN, 1, 0, 0, 0, 8]) + bytes(8),  # one seq
+    bytes([r.RecordType.DELIVERED_RUN, 1, 0, 0, 0, 1]) + bytes(8),  # no step
+    bytes([r.RecordType.DELIVERED_RUN, 1, 0, 0, 0, 1]) + bytes(9),  # a step of 0
+    bytes([r.RecordType.DELIVERED_RUN, 1, 0, 0, 0, 2]) + bytes(16),  # no such way
+    bytes([r.RecordType.DELIVERED_RUN, 1, 0, 0, 0, 1]) + bytes(7),  # short first seq
+    bytes([r.RecordType.DELIVERED_RUN, 1, 0, 0]),  # short qid
+    bytes([r.RecordType.REMOVED_RUN, 1, 0, 0, 0, 1]),  # no seqs
+    bytes([r.RecordType.REMOVED_RUN, 1, 0, 0, 0, 6, 1]) + bytes(8) + b"\x01",  # reason 6
+    bytes([r.RecordType.REMOVED_RUN, 1, 0, 0, 0]),  # no reason
     bytes([99, 1, 2, 3]),  # no such record type
 ]
 
@@ -249,6 +270,12 @@ LIFE = [
     r.encode_sent(1, 6, b"\x93\xa3c-5\x01\x02", accepted=5.0),  # another packing
     r.encode_sent(1, 7, b"not msgpack", accepted=6.0),  # no id: no entry
     r.encode_dedup(7, [("x-1", 1.0)]),  # unknown queue: ignored
+    # Runs (version 4): deliveries of a stateless, a stateful and a gone message, then
+    # removals of one of them and of one never sent
+    r.encode_sent(1, 8, b"m8"), r.encode_sent(1, 9, b"m9"), r.encode_sent(1, 10, b"m10"),
+    r.encode_delivered_run(1, [8, 9, 3, 1]), r.encode_removed_run(1, 1, [9, 99]),
+    r.encode_delivered_run(1, [10, 11]), r.encode_removed_run(1, 1, [10, 11]),
+    r.encode_delivered_run(7, [0, 1]),  # unknown queue: ignored
 ]
 
 
@@ -282,7 +309,7 @@ def test_the_flat_loop_folds_a_whole_life_like_apply() -> None:
     state = Replay()
     state.read_segment(segment(*LIFE), last=False)
     state.finish()
-    assert list(state.queues[1].live()) == [0, 2, 3, 4, 5, 6, 7]  # sorted: 1 came late
+    assert list(state.queues[1].live()) == [0, 2, 3, 4, 5, 6, 7, 8]  # (1 came late)
     messages = state.queues[1].live().values()
     assert [m.size for m in messages][:3] == [len(LIFE[9]), len(LIFE[13]), len(LIFE[4])]
     assert [(m.failures, m.last_reason, m.last_consumer) for m in messages][:3] == [

@@ -475,3 +475,71 @@ def test_a_segment_goes_only_after_a_sync_that_began_after_its_removals() -> Non
     journal.sync()
     assert segment_name(1) not in fs.list()
     journal.close()
+
+
+def records_of(fs: CrashFS) -> list[r.Record]:
+    return [record for name in fs.list() if name.endswith(".seg")
+            for _, record in r.decode_segment(fs.read(name), last=True).records]
+
+
+def test_deliveries_and_removals_in_a_row_are_merged_into_runs_in_order() -> None:
+    """Version 4: what the core journals in a row for one queue (a pump's deliveries,
+    an ACK_MANY's acks) is one record; any other record ends the run, so the order of
+    every change stays as it was made (a Failed between two Delivered of one message
+    must stay between them)."""
+    fs = CrashFS()
+    journal, _ = Journal.open(fs)
+    journal.declare("a", {})
+    journal.declare("b", {})
+    for seq in range(4):
+        journal.sent("a", seq, packed("a", seq))
+    journal.sent("b", 0, packed("b", 0))
+    before = journal.pending
+    for seq in range(4):
+        journal.delivered("a", seq)
+    assert journal.pending == before + 4 * 8  # (what pending counts for a run)
+    journal.delivered("b", 0)  # another queue: another run
+    journal.failed("a", 1, 1, None, reason="why")  # ends the run: stays in its place
+    journal.delivered("a", 1)
+    for seq in (0, 2):
+        journal.removed("a", seq, ACKED)
+    journal.removed("a", 3, RemovalReason.REJECTED)  # another reason: another record
+    journal.write()
+    journal.sync()
+    journal.close()
+    assert records_of(fs)[-6:] == [
+        r.DeliveredRun(1, [0, 1, 2, 3]), r.Delivered(2, 0),
+        r.Failed(1, 1, 1, None, "why"), r.Delivered(1, 1),
+        r.RemovedRun(1, ACKED, [0, 2]), r.Removed(1, 3, RemovalReason.REJECTED)]
+    assert live(fs) == {"a": [(1, 2, None)], "b": [(0, 1, None)]}  # the crash: +1 each
+
+
+def test_a_version_3_journal_is_read_and_runs_go_to_a_new_segment() -> None:
+    """A version 3 broker's journal (one Delivered and one Removed per message) is read
+    as before; runs (version 4) are never appended to it: a version 3 broker would take
+    them for damage, and refuses a version 4 header cleanly instead."""
+    fs = CrashFS()
+    head = r._SEGMENT_HEADER.pack(r.MAGIC, 3, 0, 1)
+    old = (head + r._crc(head).to_bytes(4, "little") + r.encode_declared(1, "q", {}, 0)
+           + b"".join(r.encode_sent(1, seq, packed("q", seq)) for seq in range(4))
+           + r.encode_delivered(1, 0) + r.encode_delivered(1, 1)
+           + r.encode_removed(1, 0, ACKED))
+    handle = fs.create(segment_name(1))
+    fs.append(handle, old)
+    fs.sync(handle)
+    fs.close(handle)
+    fs.sync_directory()
+    journal, recovered = Journal.open(fs)
+    assert [(m.seq, m.failures) for m in recovered.queues["q"].messages] == [
+        (1, 1), (2, 0), (3, 0)]
+    journal.delivered("q", 2)
+    journal.delivered("q", 3)
+    journal.removed("q", 2, ACKED)
+    journal.removed("q", 3, ACKED)
+    journal.write()
+    journal.sync()
+    journal.close()
+    assert fs.read(segment_name(1)) == old
+    assert r.header_version(fs.read(segment_name(2))) == r.FORMAT_VERSION == 4
+    assert r.RemovedRun(1, ACKED, [2, 3]) in records_of(fs)
+    assert live(fs) == {"q": [(1, 1, None)]}

@@ -19,10 +19,14 @@ message's last failure (reason text, consumer) to Failed, as a msgpack tail afte
 fixed part, and to Sent, behind flag bit 4 (docs/journal.md). Version 3 added the
 deduplication window of resendable SENDs: Sent flag bit 8 (the time the message's id
 entered its queue's window) and the DedupIds record (ids with those times; a segment
-starts with each queue's whole window). A version 1 or 2 segment is a version 3 segment
-that happens to hold none of what came later, so all three are read; records are only
-ever appended to a segment of the current version (:meth:`~.store.Journal.open` rotates
-off an older one).
+starts with each queue's whole window). Version 4 added the run records: DeliveredRun
+and RemovedRun say what as many Delivered (Removed, of one reason) records in a row of
+one queue would, where those are 21 (22) bytes each: about one byte a seq when each is
+1-255 above the one before (the store merges what the core journals in a row;
+docs/journal.md "Runs"). A segment of
+an older version is a version 4 segment that happens to hold none of what came later, so
+all are read; records are only ever appended to a segment of the current version
+(:meth:`~.store.Journal.open` rotates off an older one).
 
 The decoder (:func:`decode_segment`) returns every good record with its offset, and
 classifies the first bad one:
@@ -48,27 +52,65 @@ into its state in one flat loop, and must accept and refuse exactly what
 from __future__ import annotations
 
 import struct
+import sys
 import zlib
+from array import array
 from dataclasses import dataclass
 from enum import IntEnum
+from itertools import accumulate
 from typing import Any, Final
 
 import msgpack
 
 __all__ = [
-    "BASE", "DECODE_ERRORS", "FORMAT_VERSION", "HEADER_SIZE", "MAX_RECORD",
-    "READABLE_VERSIONS", "BadRecord", "Decoded", "DedupIds",
-    "Delivered", "Failed", "QueueDeclared", "QueueDeleted", "QueuePurged", "Record",
-    "RecordType", "RemovalReason", "Removed", "Sent", "append_delivered", "append_removed",
-    "append_sent", "classify_damage", "decode_body",
-    "decode_segment", "encode_declared", "encode_dedup", "encode_deleted", "encode_delivered",
-    "encode_failed", "encode_purged", "encode_removed", "encode_sent", "header_version",
-    "is_base", "message_id", "read_header", "salvage", "segment_header",
+    "BASE",
+    "DECODE_ERRORS",
+    "FORMAT_VERSION",
+    "HEADER_SIZE",
+    "MAX_RECORD",
+    "READABLE_VERSIONS",
+    "BadRecord",
+    "Decoded",
+    "DedupIds",
+    "Delivered",
+    "DeliveredRun",
+    "Failed",
+    "QueueDeclared",
+    "QueueDeleted",
+    "QueuePurged",
+    "Record",
+    "RecordType",
+    "RemovalReason",
+    "Removed",
+    "RemovedRun",
+    "Sent",
+    "append_delivered",
+    "append_removed",
+    "append_sent",
+    "classify_damage",
+    "decode_body",
+    "decode_segment",
+    "encode_declared",
+    "encode_dedup",
+    "encode_deleted",
+    "encode_delivered",
+    "encode_delivered_run",
+    "encode_failed",
+    "encode_purged",
+    "encode_removed",
+    "encode_removed_run",
+    "encode_sent",
+    "header_version",
+    "is_base",
+    "message_id",
+    "read_header",
+    "salvage",
+    "segment_header",
 ]
 
 MAGIC: Final = b"AIOBUSJ\x00"
-FORMAT_VERSION: Final = 3
-READABLE_VERSIONS: Final = frozenset({1, 2, 3})  # see "Format versions" above
+FORMAT_VERSION: Final = 4
+READABLE_VERSIONS: Final = frozenset({1, 2, 3, 4})  # see "Format versions" above
 # magic | version u16 | reserved u16 | segment number u64 | crc32 of the 20 bytes before
 _SEGMENT_HEADER = struct.Struct("<8sHHQ")
 HEADER_SIZE: Final = _SEGMENT_HEADER.size + 4
@@ -89,6 +131,8 @@ class RecordType(IntEnum):
     PURGED = 6
     DELETED = 7
     DEDUP = 8
+    DELIVERED_RUN = 9  # version 4: consecutive Delivered records of one queue, as one
+    REMOVED_RUN = 10  # version 4: consecutive Removed records of one queue and reason
 
 
 class RemovalReason(IntEnum):
@@ -170,8 +214,26 @@ class DedupIds:
     entries: list[tuple[str, float]]
 
 
+@dataclass(frozen=True, slots=True)
+class DeliveredRun:
+    """Deliveries of ``seqs`` of one queue, in this order: what as many Delivered records
+    in a row would say (version 4)."""
+
+    qid: int
+    seqs: list[int]
+
+
+@dataclass(frozen=True, slots=True)
+class RemovedRun:
+    """Removals of ``seqs`` of one queue for one reason, in this order (version 4)."""
+
+    qid: int
+    reason: RemovalReason
+    seqs: list[int]
+
+
 Record = (QueueDeclared | Sent | Delivered | Failed | Removed | QueuePurged | QueueDeleted
-          | DedupIds)
+          | DedupIds | DeliveredRun | RemovedRun)
 
 
 def _frame(body: bytes) -> bytes:
@@ -187,6 +249,8 @@ FAILED_HEAD = struct.Struct("<BIQId")
 _DETAILS_SIZE = struct.Struct("<I")
 REMOVED_HEAD = struct.Struct("<BIQB")
 _QID = struct.Struct("<BI")
+_RUN_REMOVED_HEAD = struct.Struct("<BIB")
+F_U64 = struct.Struct("<Q")
 F64 = struct.Struct("<d")
 _NONE = float("nan")  # "no due time" in a Failed record
 # Sent flags: which optional fields follow the fixed part, in this order: expires, due,
@@ -244,6 +308,34 @@ def encode_sent(qid: int, seq: int, message: bytes, failures: int = 0,
 
 def encode_delivered(qid: int, seq: int) -> bytes:
     return _frame(QSEQ.pack(RecordType.DELIVERED, qid, seq))
+
+
+# A run's seqs: RUN_DELTAS, the first as u64 and then each one's step from the one before
+# as a u8 (1-255: one consumer's deliveries and acks are in order, or a few apart when
+# consumers take turns), or RUN_SEQS, every seq as a u64 (anything else).
+RUN_DELTAS, RUN_SEQS = 1, 8
+
+
+def _seqs(seqs: list[int]) -> bytes:
+    steps = [b - a for a, b in zip(seqs, seqs[1:], strict=False)]  # noqa: RUF007
+    if 0 < min(steps) and max(steps) < 256:
+        return bytes([RUN_DELTAS]) + seqs[0].to_bytes(8, "little") + bytes(steps)
+    packed = array("q", seqs)
+    if sys.byteorder != "little":
+        packed.byteswap()
+    return bytes([RUN_SEQS]) + packed.tobytes()
+
+
+def encode_delivered_run(qid: int, seqs: list[int]) -> bytes:
+    """A DeliveredRun of two or more seqs: 14 bytes and 1 per seq after the first when
+    they rise by 1-255, else 6 and 8 per seq (a Delivered is 21 bytes)."""
+    return _frame(_QID.pack(RecordType.DELIVERED_RUN, qid) + _seqs(seqs))
+
+
+def encode_removed_run(qid: int, reason: int, seqs: list[int]) -> bytes:
+    """A RemovedRun of two or more seqs: as a DeliveredRun plus the reason byte (a
+    Removed is 22 bytes)."""
+    return _frame(_RUN_REMOVED_HEAD.pack(RecordType.REMOVED_RUN, qid, reason) + _seqs(seqs))
 
 
 # --- appending the hot records (Sent, Delivered, Removed) to a write buffer -----------
@@ -428,6 +520,30 @@ def decode_body(body: bytes | memoryview) -> Record:
             raise BadRecord("DedupIds: must be [ids: str array, times: float array] of one"
                             " length")
         return DedupIds(qid, list(zip(ids, times, strict=True)))
+    if kind == RecordType.DELIVERED_RUN or kind == RecordType.REMOVED_RUN:
+        qid = _QID.unpack_from(body)[1]
+        at = _QID.size
+        removal = RemovalReason.ACKED
+        if kind == RecordType.REMOVED_RUN:
+            if len(body) <= at:
+                raise BadRecord("RemovedRun: no reason")
+            removal = RemovalReason(body[at])
+            at += 1
+        mode = body[at] if len(body) > at else 0
+        at += 1
+        if mode == RUN_DELTAS and len(body) >= at + 9 and all(body[at + 8:]):
+            run = list(accumulate(body[at + 8:], initial=F_U64.unpack_from(body, at)[0]))
+        elif mode == RUN_SEQS and len(body) >= at + 16 and not (len(body) - at) % 8:
+            seqs = array("q")
+            seqs.frombytes(body[at:])
+            if sys.byteorder != "little":
+                seqs.byteswap()
+            run = seqs.tolist()
+        else:
+            raise BadRecord("run: seqs must be a u64 and u8 steps (1-255), or u64s, 2 or more")
+        if kind == RecordType.DELIVERED_RUN:
+            return DeliveredRun(qid, run)
+        return RemovedRun(qid, removal, run)
     raise BadRecord(f"unknown record type {kind}")
 
 

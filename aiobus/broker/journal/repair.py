@@ -58,6 +58,8 @@ def repair(files: Files, name: str) -> RepairReport:
             qnames[record.qid] = record.name
         elif type(record) is r.Sent or type(record) is r.Removed:
             seen.setdefault(record.qid, set()).add(record.seq)
+        elif type(record) is r.RemovedRun:
+            seen.setdefault(record.qid, set()).update(record.seqs)
     end: dict[int, int] = {qid: max(seqs) + 1 for qid, seqs in seen.items()}
     for i, later_name in enumerate(later):
         decoded = r.decode_segment(files.read(later_name), last=i == len(later) - 1)
@@ -67,6 +69,8 @@ def repair(files: Files, name: str) -> RepairReport:
                 qnames.setdefault(record.qid, record.name)
             elif type(record) is r.Removed:
                 seen.setdefault(record.qid, set()).add(record.seq)
+            elif type(record) is r.RemovedRun:
+                seen.setdefault(record.qid, set()).update(record.seqs)
     lost = [
         (qnames.get(qid, f"#{qid}"), seq)
         for qid in sorted(start)

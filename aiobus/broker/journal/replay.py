@@ -15,7 +15,8 @@ and records of the rare kinds). :meth:`Replay.read_segment` is what recovery run
 flat loop over a segment's bytes that checks each frame and reads Sent (without failure
 details: those are compaction copies of failed messages, and rare), Delivered and
 Removed straight into the state, with no record object and no call per record, as
-msgpack and redis keep their hot loops flat. It hands every other kind to
+msgpack and redis keep their hot loops flat (the run records of version 4 stand for many
+Delivered or Removed each: one decode and one call per run). It hands every other kind to
 :func:`~.records.decode_body` and :meth:`apply`, and stops at the first record that
 :func:`~.records.decode_body` would refuse (a short body, an unknown reason), so it
 accepts exactly what :func:`~.records.decode_segment` does; the torn-or-corrupt verdict
@@ -179,6 +180,22 @@ class Replay:
                 queue = self.queues.get(qid)
                 if queue is not None:
                     self._removed(queue, seq)
+            case r.DeliveredRun(qid, seqs):  # as many Delivered in a row
+                queue = self.queues.get(qid)
+                if queue is not None:
+                    plain, flying, messages = queue.plain, queue.in_flight, queue.messages
+                    for seq in seqs:
+                        if seq in plain:
+                            flying.add(seq)
+                        else:
+                            msg = messages.get(seq)
+                            if msg is not None:
+                                msg.in_flight = True
+            case r.RemovedRun(qid, _, seqs):  # as many Removed in a row
+                queue = self.queues.get(qid)
+                if queue is not None:
+                    for seq in seqs:
+                        self._removed(queue, seq)
             case r.QueueDeclared(qid, name, settings, next_seq):
                 queue = self.queues.get(qid)
                 if queue is None:
