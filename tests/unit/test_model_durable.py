@@ -9,7 +9,11 @@ and a new core is built from what the journal recovered.
 Theory of operation. As the shell does at the end of each loop turn, every event the
 machine hands the core (a frame, a lost connection, a tick) is followed by
 ``journal.write(); journal.sync(); journal.compact()``; so a restart is exactly "killed
-right after the last turn was written", and nothing confirmed may be lost. Compaction's
+right after the last turn was written", and nothing confirmed may be lost. Two more
+rules: :meth:`lose_a_sync` makes the next turn's sync fail and lose what it covered for
+good (crashfs.py, fsyncgate), after which turns only write, until :meth:`rebuild` writes
+the journal afresh from the core's memory, as the shell does (no restart in between:
+a crash before the rebuild is what it exists to avoid). Compaction's
 copies are buffered at that moment and die with the process, as they would. A tiny
 segment size makes segments roll, get compacted and deleted during a run.
 
