@@ -15,7 +15,7 @@ import pytest
 
 from aiobus.broker.journal import Journal, JournalCorrupt, JournalError
 from aiobus.broker.journal import records as r
-from aiobus.broker.snapshot import QueueSnapshot, durable_snapshot
+from aiobus.broker.snapshot import QueueSnapshot, SnapshotMessage, durable_snapshot
 
 from .crashfs import CrashFS
 from .test_core_durable import Durable
@@ -175,3 +175,30 @@ def test_a_failed_rebuild_leaves_everything_as_it_was_and_can_be_retried() -> No
     snapshot = durable_snapshot(b.driver.core.queues)
     b.journal.rebuild(snapshot)
     assert recovered(fs.crash(random.Random(0))) == expected(snapshot)
+
+
+def test_a_failed_sync_in_a_rotation_damages_the_journal_too() -> None:
+    """The old segment's fdatasync before a new one starts is a sync like any other:
+    when it fails, write() stays on the segment, and the journal needs its rebuild."""
+    fs = CrashFS()
+    journal, _ = Journal.open(fs, segment_size=2048)
+    journal.declare("jobs", {})
+    message = b"\x96\xa4id-0\xa4jobs\xc4\x40" + bytes(64) + b"\x00\xc0\xcb" + bytes(8)
+    journal.write()
+    journal.sync()
+    fs.fail_sync, fs.lose_on_failed_sync = True, random.Random(0)
+    seq = 0
+    while not journal.damaged:  # until a write fills the segment and rotates
+        journal.sent("jobs", seq, message)
+        journal.write()
+        seq += 1
+        assert seq < 100, "never rotated"
+    fs.fail_sync = False
+    assert len(fs.list()) == 1  # it stayed on the segment
+    with pytest.raises(JournalError, match="not trusted"):
+        journal.sync()
+    journal.rebuild([QueueSnapshot("jobs", {}, seq, [], [
+        SnapshotMessage(s, message, 0, None, None, None, None, False) for s in range(seq)])])
+    journal.close()
+    got = recovered(fs.crash(random.Random(0)))
+    assert [m[0] for m in got["jobs"][2]] == list(range(seq))
