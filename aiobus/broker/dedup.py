@@ -283,6 +283,12 @@ class DedupWindow:
             self.add(mid, at)
         self.trim(now)  # drop what expired while the broker was down
 
+    def run_entries(self) -> list[tuple[str, int, int, float]]:
+        """``(prefix, first, last, accepted-at)`` of each run, oldest first: the ids
+        ``prefix + str(seq)`` for seq from first to last (the journal writes these: a
+        loop turn's ids are one run, where :meth:`entries` makes a string each)."""
+        return [(run.client.prefix, run.first, run.last, run.at) for run in self.runs]
+
     def entries(self) -> list[tuple[str, float]]:
         """``(id, accepted-at)``, oldest first."""
         out: list[tuple[str, float]] = []

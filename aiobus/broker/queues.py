@@ -180,9 +180,10 @@ class JournalSink(Protocol):
         """These ids entered the queue's deduplication window (without a Sent record in
         the queue: a message overflow dead-lettered at once)."""
 
-    def attach_windows(self, source: Callable[[str], list[tuple[str, float]]]) -> None:
-        """Where the journal reads a queue's window, as (id, accepted-at) oldest first,
-        when it starts a segment."""
+    def attach_windows(self, source: Callable[[str], list[tuple[str, int, int, float]]]
+                       ) -> None:
+        """Where the journal reads a queue's window, as runs of ids (prefix, first seq,
+        last seq, accepted-at) oldest first, when it starts a segment."""
 
     def delivered(self, queue: str, seq: int) -> None: ...
 
@@ -247,7 +248,7 @@ class QueueRouter:
         self.dedup_window, size = check_dedup(dedup_window, dedup_size)
         self.dedup_size = size if self.dedup_window else 0
         if journal is not None:
-            journal.attach_windows(self.dedup_entries)
+            journal.attach_windows(self.dedup_runs)
 
     # -- queues ---------------------------------------------------------------------
 
@@ -652,14 +653,17 @@ class QueueRouter:
             window = queue.dedup = DedupWindow(self.dedup_window, self.dedup_size)
         return window
 
-    def dedup_entries(self, name: str) -> list[tuple[str, float]]:
-        """The deduplication window of queue ``name`` as (id, accepted-at in epoch
-        seconds), oldest first: what the journal writes at the head of a segment."""
+    def dedup_runs(self, name: str) -> list[tuple[str, int, int, float]]:
+        """The deduplication window of queue ``name`` as runs of ids (prefix, first seq,
+        last seq, accepted-at in epoch seconds), oldest first: what the journal writes
+        at the head of a segment (a run a loop turn, not a string an id: a window of
+        100,000 ids took 77 ms to write as ids)."""
         queue = self.queues.get(name)
         if queue is None or queue.dedup is None:
             return []
         wall = self.wall_offset
-        return [(mid, at + wall) for mid, at in queue.dedup.entries()]
+        return [(prefix, first, last, at + wall)
+                for prefix, first, last, at in queue.dedup.run_entries()]
 
     def _check_journal(self, queue: Queue) -> None:
         """Raise while the journal cannot be written (callers test ``journal_error``

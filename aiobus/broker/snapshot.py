@@ -50,7 +50,9 @@ class QueueSnapshot(NamedTuple):
     name: str
     settings: dict[str, Any]
     next_seq: int
-    dedup: list[tuple[str, float]]  # (id, accepted-at in epoch seconds), oldest first
+    # The deduplication window as runs of ids: (prefix, first seq, last seq, accepted-at
+    # in epoch seconds), oldest first (QueueRouter.dedup_runs)
+    dedup: list[tuple[str, int, int, float]]
     messages: list[SnapshotMessage]  # in sequence order
 
 
@@ -76,7 +78,7 @@ def durable_snapshot(router: QueueRouter) -> list[QueueSnapshot]:
                                                 None, None, None, None, True))
         messages.sort(key=lambda m: m.seq)
         snapshot.append(QueueSnapshot(name, queue.settings.as_dict(), queue.next_seq,
-                                      router.dedup_entries(name), messages))
+                                      router.dedup_runs(name), messages))
     return snapshot
 
 

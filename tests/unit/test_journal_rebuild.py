@@ -49,7 +49,8 @@ def expected(snapshot: list[QueueSnapshot]) -> dict[str, Any]:
     return {q.name: (q.settings, q.next_seq, [
         (m.seq, m.message, m.failures + m.delivered, m.expires, m.due,
          "broker-restart" if m.delivered else m.last_reason, m.last_consumer)
-        for m in q.messages], q.dedup) for q in snapshot}
+        for m in q.messages], [(prefix + str(seq), at) for prefix, first, last, at in q.dedup
+                               for seq in range(first, last + 1)]) for q in snapshot}
 
 
 def recovered(fs: CrashFS) -> dict[str, Any]:

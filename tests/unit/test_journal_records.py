@@ -50,6 +50,10 @@ RECORDS: list[tuple[bytes, r.Record]] = [
      r.RemovedRun(2, r.RemovalReason.EXPIRED, [3, 1])),
     (r.encode_removed_run(2, r.RemovalReason.ACKED, [3, 4, 7]),
      r.RemovedRun(2, r.RemovalReason.ACKED, [3, 4, 7])),
+    # ... and a deduplication window as runs of ids: "c1-5" to "c1-7", then "c2-1"
+    (r.encode_dedup_runs(2, [("c1-", 5, 7, 5.0), ("c2-", 1, 1, 6.5)]),
+     r.DedupRuns(2, [("c1-", 5, 7, 5.0), ("c2-", 1, 1, 6.5)])),
+    (r.encode_dedup_runs(2, []), r.DedupRuns(2, [])),
 ]
 
 
@@ -248,6 +252,15 @@ MALFORMED = [
     bytes([r.RecordType.REMOVED_RUN, 1, 0, 0, 0, 1]),  # no seqs
     bytes([r.RecordType.REMOVED_RUN, 1, 0, 0, 0, 6, 1]) + bytes(8) + b"\x01",  # reason 6
     bytes([r.RecordType.REMOVED_RUN, 1, 0, 0, 0]),  # no reason
+    # DedupRuns that are not [prefixes: str, firsts: int, lasts: int, times: float]
+    bytes([r.RecordType.DEDUP_RUNS]) + bytes(4) + b"\x93\x90\x90\x90",  # three arrays
+    bytes([r.RecordType.DEDUP_RUNS]) + bytes(4) + b"\x94\x91\xa1x\x91\x03\x91\x02\x91"
+    + b"\xcb" + bytes(8),  # first 3 > last 2
+    bytes([r.RecordType.DEDUP_RUNS]) + bytes(4) + b"\x94\x91\xa1x\x91\x01\x91\x02\x90",
+    bytes([r.RecordType.DEDUP_RUNS]) + bytes(4) + b"\x94\x91\x01\x91\x01\x91\x02\x91"
+    + b"\xcb" + bytes(8),  # an int prefix
+    bytes([r.RecordType.DEDUP_RUNS]) + bytes(4) + b"\x94\x91\xa1x\x91\xff\x91\x02\x91"
+    + b"\xcb" + bytes(8),  # a negative first
     bytes([99, 1, 2, 3]),  # no such record type
 ]
 
@@ -270,6 +283,8 @@ LIFE = [
     r.encode_sent(1, 6, b"\x93\xa3c-5\x01\x02", accepted=5.0),  # another packing
     r.encode_sent(1, 7, b"not msgpack", accepted=6.0),  # no id: no entry
     r.encode_dedup(7, [("x-1", 1.0)]),  # unknown queue: ignored
+    r.encode_dedup_runs(1, [("r-", 1, 3, 7.0), ("c-", 1, 1, 8.0)]),  # c-1 again, later
+    r.encode_dedup_runs(7, [("x-", 1, 2, 1.0)]),  # unknown queue: ignored
     # Runs (version 4): deliveries of a stateless, a stateful and a gone message, then
     # removals of one of them and of one never sent
     r.encode_sent(1, 8, b"m8"), r.encode_sent(1, 9, b"m9"), r.encode_sent(1, 10, b"m10"),
@@ -314,8 +329,9 @@ def test_the_flat_loop_folds_a_whole_life_like_apply() -> None:
     assert [m.size for m in messages][:3] == [len(LIFE[9]), len(LIFE[13]), len(LIFE[4])]
     assert [(m.failures, m.last_reason, m.last_consumer) for m in messages][:3] == [
         (1, None, None), (1, "ack-timeout", (41, 7)), (3, "broker-restart", (42, 7))]
-    assert state.queues[1].dedup == {"c-1": 1.0, "c-2": 2.0, "c-3": 3.0, "c" * 32 + "-4": 4.0,
-                                     "c-5": 5.0}
+    assert list(state.queues[1].dedup.items()) == [
+        ("c-2", 2.0), ("c-3", 3.0), ("c" * 32 + "-4", 4.0), ("c-5", 5.0),
+        ("r-1", 7.0), ("r-2", 7.0), ("r-3", 7.0), ("c-1", 8.0)]
 
 
 @given(st.binary(max_size=200), st.integers(0, 10_000), st.booleans())

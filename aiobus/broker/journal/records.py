@@ -72,6 +72,7 @@ __all__ = [
     "BadRecord",
     "Decoded",
     "DedupIds",
+    "DedupRuns",
     "Delivered",
     "DeliveredRun",
     "Failed",
@@ -92,6 +93,7 @@ __all__ = [
     "decode_segment",
     "encode_declared",
     "encode_dedup",
+    "encode_dedup_runs",
     "encode_deleted",
     "encode_delivered",
     "encode_delivered_run",
@@ -133,6 +135,7 @@ class RecordType(IntEnum):
     DEDUP = 8
     DELIVERED_RUN = 9  # version 4: consecutive Delivered records of one queue, as one
     REMOVED_RUN = 10  # version 4: consecutive Removed records of one queue and reason
+    DEDUP_RUNS = 11  # version 4: DedupIds as runs of seqs of one client
 
 
 class RemovalReason(IntEnum):
@@ -232,8 +235,17 @@ class RemovedRun:
     seqs: list[int]
 
 
+@dataclass(frozen=True, slots=True)
+class DedupRuns:
+    """DedupIds as runs (version 4): each ``(prefix, first, last, at)`` stands for the
+    ids ``prefix + str(seq)``, seq from first to last, accepted at ``at``; oldest first."""
+
+    qid: int
+    runs: list[tuple[str, int, int, float]]
+
+
 Record = (QueueDeclared | Sent | Delivered | Failed | Removed | QueuePurged | QueueDeleted
-          | DedupIds | DeliveredRun | RemovedRun)
+          | DedupIds | DeliveredRun | RemovedRun | DedupRuns)
 
 
 def _frame(body: bytes) -> bytes:
@@ -410,6 +422,13 @@ def encode_dedup(qid: int, entries: list[tuple[str, float]]) -> bytes:
     return _frame(_QID.pack(RecordType.DEDUP, qid) + msgpack.packb([ids, times]))
 
 
+def encode_dedup_runs(qid: int, runs: list[tuple[str, int, int, float]]) -> bytes:
+    """A DedupRuns record: qid u32, then msgpack ``[prefixes, firsts, lasts, times]``
+    (four arrays of one length)."""
+    columns = [[run[i] for run in runs] for i in range(4)]
+    return _frame(_QID.pack(RecordType.DEDUP_RUNS, qid) + msgpack.packb(columns))
+
+
 def message_id(message: bytes | memoryview) -> str | None:
     """The id of a packed message (``[id, queue, body, ...]``, queue_state.pack_message),
     read from its first bytes without unpacking the body; None if it has none."""
@@ -520,6 +539,21 @@ def decode_body(body: bytes | memoryview) -> Record:
             raise BadRecord("DedupIds: must be [ids: str array, times: float array] of one"
                             " length")
         return DedupIds(qid, list(zip(ids, times, strict=True)))
+    if kind == RecordType.DEDUP_RUNS:
+        qid = _QID.unpack_from(body)[1]
+        columns = msgpack.unpackb(body[_QID.size:], raw=False)
+        if (type(columns) is not list or len(columns) != 4
+                or not all(type(column) is list for column in columns)):
+            raise BadRecord("DedupRuns: must be four arrays")
+        prefixes, firsts, lasts, times = columns
+        if (not len(prefixes) == len(firsts) == len(lasts) == len(times)
+                or not all(type(prefix) is str for prefix in prefixes)
+                or not all(type(at) is float for at in times)
+                or not all(type(first) is int and type(last) is int and 0 <= first <= last
+                           for first, last in zip(firsts, lasts, strict=True))):
+            raise BadRecord("DedupRuns: must be [prefixes: str, firsts: int, lasts: int,"
+                            " times: float] of one length, each first <= its last")
+        return DedupRuns(qid, list(zip(prefixes, firsts, lasts, times, strict=True)))
     if kind == RecordType.DELIVERED_RUN or kind == RecordType.REMOVED_RUN:
         qid = _QID.unpack_from(body)[1]
         at = _QID.size

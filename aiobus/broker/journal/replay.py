@@ -213,6 +213,16 @@ class Replay:
                                    if s in flying or s in queue.messages}
             case r.QueueDeleted(qid):
                 self.queues.pop(qid, None)
+            case r.DedupRuns(qid, runs):  # (version 4: a segment head's window)
+                queue = self.queues.get(qid)
+                if queue is not None:
+                    dedup = queue.dedup
+                    for prefix, first, last, at in runs:
+                        for seq in range(first, last + 1):
+                            mid = prefix + str(seq)
+                            if at >= dedup.get(mid, -1.0):
+                                dedup.pop(mid, None)
+                                dedup[mid] = at
             case r.DedupIds(qid, entries):
                 queue = self.queues.get(qid)
                 if queue is not None:

@@ -177,10 +177,11 @@ class Journal:
         # nothing, until rebuild() has written the live state afresh (module docstring).
         self.damaged = False
         # Where a new segment's head gets each queue's deduplication window: the core's
-        # once attached (attach_windows), until then what recovery found (open).
-        self._recovered_windows: dict[str, list[tuple[str, float]]] = {}
-        self._windows: Callable[[str], list[tuple[str, float]]] = (
-            lambda name: self._recovered_windows.get(name, []))
+        # once attached (attach_windows: as DedupRuns), until then what recovery found
+        # (open: as DedupIds; None once attached).
+        self._recovered_windows: dict[str, list[tuple[str, float]]] | None = {}
+        self._windows: Callable[[str], list[tuple[str, int, int, float]]] = (
+            lambda name: [])
 
     # --- appending: plain methods, no I/O ------------------------------------------
 
@@ -290,11 +291,13 @@ class Journal:
         """Ids entered ``queue``'s deduplication window without a Sent in it."""
         self._append(r.encode_dedup(self._s.qids[queue], entries))
 
-    def attach_windows(self, source: Callable[[str], list[tuple[str, float]]]) -> None:
-        """Read each queue's deduplication window from ``source(name)`` (as (id,
-        accepted-at in epoch seconds), oldest first) whenever a segment starts."""
+    def attach_windows(self, source: Callable[[str], list[tuple[str, int, int, float]]]
+                       ) -> None:
+        """Read each queue's deduplication window from ``source(name)`` (as runs of ids,
+        (prefix, first seq, last seq, accepted-at in epoch seconds), oldest first)
+        whenever a segment starts."""
         self._windows = source
-        self._recovered_windows = {}
+        self._recovered_windows = None
 
     def _append(self, record: bytes) -> None:
         if self._run:
@@ -539,9 +542,15 @@ class Journal:
         parts = [r.segment_header(number)]
         for qid in sorted(s.names):
             parts.append(r.encode_declared(qid, s.names[qid], s.settings[qid], s.next_seq[qid]))
-            window = self._windows(s.names[qid])
-            if window:
-                parts.append(r.encode_dedup(qid, window))
+            recovered = self._recovered_windows
+            if recovered is None:
+                runs = self._windows(s.names[qid])
+                if runs:
+                    parts.append(r.encode_dedup_runs(qid, runs))
+            else:  # (before the core is attached: the windows recovery found)
+                window = recovered.get(s.names[qid])
+                if window:
+                    parts.append(r.encode_dedup(qid, window))
         data = b"".join(parts)
         try:  # first the old segment (module docstring: the window may name its tail)
             self.files.sync(self._handle)
@@ -619,7 +628,7 @@ class Journal:
             s.owner[qid] = owners
             chunk += r.encode_declared(qid, q.name, q.settings, q.next_seq)
             if q.dedup:
-                chunk += r.encode_dedup(qid, q.dedup)
+                chunk += r.encode_dedup_runs(qid, q.dedup)
             for m in q.messages:
                 record = r.encode_sent(qid, m.seq, m.message, m.failures, m.expires, m.due,
                                        m.last_reason, m.last_consumer, None)
@@ -756,6 +765,6 @@ class Journal:
             dedup = sorted(q.dedup.items(), key=lambda entry: entry[1])
             queues[q.name] = RecoveredQueue(q.name, q.settings, q.next_seq, q.plain,
                                             recovered_messages(q.messages.values()), dedup)
-            if dedup:
+            if dedup and self._recovered_windows is not None:
                 self._recovered_windows[q.name] = dedup
         return queues
