@@ -24,9 +24,10 @@ from setuptools.command.build_ext import build_ext
 # The per-message paths: the broker's sans-IO core and codec, the journal's records,
 # replay and store (every durable message, and recovery's loop over every record), and
 # the asyncio shell that feeds them; the client's connection and session (sans-IO), its
-# streams and messages, the Unix-socket backend and the Bus (a quarter to a third of a client's CPU
-# per message, docs/performance.md). Left out: aiobus/broker/policy.py (asked once per
-# connection and name, and tests subclass Policy, which a compiled class forbids), the
+# streams and messages, the Unix-socket backend and the Bus (compiled, a tenth to a third
+# less client CPU per message, docs/performance.md). Left out: aiobus/broker/policy.py
+# (asked once per connection and name, and tests subclass Policy, which a compiled class
+# forbids), the
 # journal's files.py (one write per loop turn; and compiled, its loop over a memoryview,
 # ``view = view[os.write(handle, view):]``, wrote the data twice) and repair.py (run once,
 # by hand), errors.py (exceptions get attributes added at run time), the NATS backend
