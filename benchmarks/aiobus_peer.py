@@ -227,12 +227,16 @@ def queue_case(env: Any, n: int, size: int, consumers: int = 1, ack: str = "nowa
 
 def confirmed_queue_case(env: Any, n: int, size: int, consumers: int = 1,
                          fsync: str = "", ack: str = "nowait",
-                         path: str | None = None) -> Case:  # fmt: skip
+                         path: str | None = None, compiled: bool = False) -> Case:  # fmt: skip
     """W3's durable rows: `WINDOW` confirmed sends in flight; with `fsync`, a durable queue
-    on the broker started with that policy, else a plain queue on the in-memory one (or
-    at ``path``). ``ack`` as for :func:`consumer` (the README's loop: "process")."""
+    on the broker started with that policy (``compiled``: the compiled build's), else a
+    plain queue on the in-memory one (or at ``path``). ``ack`` as for :func:`consumer`
+    (the README's loop: "process")."""
     queue = f"bench.dq{env.next_id()}"
-    path = env.aiobus_durable[fsync] if fsync else path or env.aiobus_socket
+    durables = env.aiobus_durable_compiled if compiled else env.aiobus_durable
+    if fsync and fsync not in durables:
+        raise RuntimeError(f"no broker for --fsync {fsync} (see the run's log)")
+    path = durables[fsync] if fsync else path or env.aiobus_socket
     durable = bool(fsync)
     workers = [Worker(consumer, {"path": path, "queue": queue, "n": n, "ack": ack,
                                  "durable": durable}, "consumer") for _ in range(consumers)]

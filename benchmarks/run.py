@@ -36,7 +36,7 @@ from servers import Servers  # noqa: E402
 SERVERS_FOR = {"W1": {"aiobus", "aiobus_compiled", "nats", "redis", "relay"},
                "W2": {"aiobus", "aiobus_compiled", "nats", "redis"},
                "W3": {"aiobus", "aiobus_compiled", "nats", "redis", "rabbitmq", "redis_aof",
-                      "aiobus_durable"},
+                      "aiobus_durable", "aiobus_durable_compiled"},
                "W4": {"aiobus", "aiobus_compiled", "nats", "relay"},
                "W5": {"aiobus", "nats", "redis", "relay"}, "W6": set(), "W7": {"aiobus"}}
 
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     with Servers() as env:  # closing it stops every server by PID
         needed = set().union(*(SERVERS_FOR[k] for k in keys))
         for name in ("redis", "redis_aof", "nats", "aiobus", "aiobus_compiled",
-                     "aiobus_durable", "relay", "rabbitmq"):
+                     "aiobus_durable", "aiobus_durable_compiled", "relay", "rabbitmq"):
             if name in needed:
                 try:
                     getattr(env, f"start_{name}")()

@@ -91,6 +91,8 @@ class Servers:
         self.aiobus_compiled_site = ""  # its venv's site-packages: the compiled client
         self.redis_aof_socket = ""
         self.aiobus_durable: dict[str, str] = {}  # --fsync policy -> socket path
+        self.aiobus_durable_compiled: dict[str, str] = {}  # the same, the compiled build's
+        self._compiled_python = ""  # set by start_aiobus_compiled once checked
         self.relay_socket = ""
         self.amqp_url = ""
         self._next = 0
@@ -213,7 +215,7 @@ class Servers:
         proc = self._spawn(name, argv, tree, installed=bool(python))
         _wait_unix(path, proc, time.monotonic() + 60)  # a big journal replays first
         if fsync:
-            self.aiobus_durable[fsync] = path
+            (self.aiobus_durable_compiled if python else self.aiobus_durable)[fsync] = path
         elif not python:
             self.aiobus_socket = path
         return path
@@ -237,6 +239,7 @@ class Servers:
                                f"{where.stderr.strip()[-200:]}): the compiled build failed")
         path = self.start_aiobus("aiobus-compiled", python=python)
         self.aiobus_compiled_socket = path
+        self._compiled_python = python
         # .../site-packages/aiobus/broker/core...so -> .../site-packages
         self.aiobus_compiled_site = os.path.dirname(os.path.dirname(os.path.dirname(files[0])))
         return path
@@ -246,6 +249,16 @@ class Servers:
         for policy in ("always", "batch", "never"):
             self.start_aiobus(f"aiobus-{policy}", fsync=policy)
         return self.aiobus_durable
+
+    def start_aiobus_durable_compiled(self) -> dict[str, str]:
+        """The compiled build's brokers for `--fsync always` and `batch` (after
+        start_aiobus_compiled, which checks the build), each with a fresh data directory."""
+        if not self._compiled_python:
+            raise RuntimeError("no compiled build (make compiled; see the run's log)")
+        for policy in ("always", "batch"):
+            self.start_aiobus(f"aiobus-compiled-{policy}", fsync=policy,
+                              python=self._compiled_python)
+        return self.aiobus_durable_compiled
 
     def start_relay(self, name: str = "relay") -> str:
         path = self.path("relay")

@@ -227,6 +227,15 @@ DURABLE_PEERS = {
     f"{COMPILED}, confirmed sends, msg.process()": lambda env, n, size, consumers: (
         _in_compiled(env, aiobus_peer.confirmed_queue_case(
             env, n, size, consumers, ack="process", path=_compiled(env)))),
+    # The compiled build's in-memory base and durable brokers: what the journal costs
+    # there, and `always` against Redis AOF with both at their fastest.
+    f"{COMPILED}, confirmed sends": lambda env, n, size, consumers: _in_compiled(
+        env, aiobus_peer.confirmed_queue_case(env, n, size, consumers, path=_compiled(env))),
+    **{f"{COMPILED} durable, fsync {policy}": (
+        lambda env, n, size, consumers, policy=policy: _in_compiled(
+            env, aiobus_peer.confirmed_queue_case(env, n, size, consumers, fsync=policy,
+                                                  compiled=True)))
+       for policy in ("always", "batch")},
     **{f"aiobus durable, fsync {policy}": (
         lambda env, n, size, consumers, policy=policy: aiobus_peer.confirmed_queue_case(
             env, n, size, consumers, fsync=policy))
@@ -349,6 +358,8 @@ def durable_notes(t: Table) -> list[str]:
         ("aiobus durable, fsync batch", "aiobus, ack_nowait()", "≥ 0.7"),
         ("aiobus durable, fsync never", "aiobus, confirmed sends", ""),
         ("aiobus durable, fsync always", "aiobus, confirmed sends", ""),
+        (f"{COMPILED} durable, fsync always", "Redis Streams, AOF fsync always", "≥ 2"),
+        (f"{COMPILED} durable, fsync batch", f"{COMPILED}, confirmed sends", "≥ 0.7"),
     ]
     notes = []
     for system, other, goal in targets:
