@@ -140,11 +140,17 @@ def test_the_rebuild_keeps_every_message_with_its_state(seed: int) -> None:
     assert b"next" in after["jobs"][2][-1][1]
 
 
-def test_a_crash_before_the_old_segments_are_removed_skips_them() -> None:
+def damaged() -> Durable:
+    """:func:`busy`, then a send whose record a lost sync takes with it."""
     b = Durable()
     busy(b)
     b.driver.client("p2").send("jobs", b"in the lost write")
     lose_a_sync(b)
+    return b
+
+
+def test_a_crash_before_the_old_segments_are_removed_skips_them() -> None:
+    b = damaged()
     fs = b.files
     remove = fs.remove
 
@@ -162,10 +168,7 @@ def test_a_crash_before_the_old_segments_are_removed_skips_them() -> None:
 
 
 def test_a_failed_rebuild_leaves_everything_as_it_was_and_can_be_retried() -> None:
-    b = Durable()
-    busy(b)
-    b.driver.client("p2").send("jobs", b"in the lost write")
-    lose_a_sync(b)
+    b = damaged()
     fs = b.files
     before = fs.list()
     fs.fail_sync = True  # the new segment's own sync fails

@@ -366,19 +366,26 @@ def test_a_last_failure_survives_compaction_and_restarts() -> None:
         2: (1, "broker-restart", None)}
 
 
-def test_a_version_1_journal_is_read_and_new_records_go_to_a_new_segment() -> None:
-    """Version 2 records (failure details) are never appended to a version 1 segment: an
-    older broker refuses a version 2 segment rather than misread it (records.py)."""
+def old_segment(version: int, records: bytes) -> CrashFS:
+    """A journal of one synced segment in format ``version``: queue "q" (id 1) declared,
+    then ``records``."""
     fs = CrashFS()
-    head = r._SEGMENT_HEADER.pack(r.MAGIC, 1, 0, 1)
-    old = (head + r._crc(head).to_bytes(4, "little") + r.encode_declared(1, "q", {}, 0)
-           + r.encode_sent(1, 0, packed("q", 0)) + r.encode_delivered(1, 0)
-           + r.encode_failed(1, 0, 1, None))
+    head = r._SEGMENT_HEADER.pack(r.MAGIC, version, 0, 1)
     handle = fs.create(segment_name(1))
-    fs.append(handle, old)
+    fs.append(handle, head + r._crc(head).to_bytes(4, "little")
+              + r.encode_declared(1, "q", {}, 0) + records)
     fs.sync(handle)
     fs.close(handle)
     fs.sync_directory()
+    return fs
+
+
+def test_a_version_1_journal_is_read_and_new_records_go_to_a_new_segment() -> None:
+    """Version 2 records (failure details) are never appended to a version 1 segment: an
+    older broker refuses a version 2 segment rather than misread it (records.py)."""
+    fs = old_segment(1, r.encode_sent(1, 0, packed("q", 0)) + r.encode_delivered(1, 0)
+                     + r.encode_failed(1, 0, 1, None))
+    old = fs.read(segment_name(1))
     journal, recovered = Journal.open(fs)
     assert [(m.seq, m.failures, m.last_reason) for m in recovered.queues["q"].messages] == [
         (0, 1, None)]
@@ -518,17 +525,10 @@ def test_a_version_3_journal_is_read_and_runs_go_to_a_new_segment() -> None:
     """A version 3 broker's journal (one Delivered and one Removed per message) is read
     as before; runs (version 4) are never appended to it: a version 3 broker would take
     them for damage, and refuses a version 4 header cleanly instead."""
-    fs = CrashFS()
-    head = r._SEGMENT_HEADER.pack(r.MAGIC, 3, 0, 1)
-    old = (head + r._crc(head).to_bytes(4, "little") + r.encode_declared(1, "q", {}, 0)
-           + b"".join(r.encode_sent(1, seq, packed("q", seq)) for seq in range(4))
-           + r.encode_delivered(1, 0) + r.encode_delivered(1, 1)
-           + r.encode_removed(1, 0, ACKED))
-    handle = fs.create(segment_name(1))
-    fs.append(handle, old)
-    fs.sync(handle)
-    fs.close(handle)
-    fs.sync_directory()
+    fs = old_segment(3, b"".join(r.encode_sent(1, seq, packed("q", seq)) for seq in range(4))
+                     + r.encode_delivered(1, 0) + r.encode_delivered(1, 1)
+                     + r.encode_removed(1, 0, ACKED))
+    old = fs.read(segment_name(1))
     journal, recovered = Journal.open(fs)
     assert [(m.seq, m.failures) for m in recovered.queues["q"].messages] == [
         (1, 1), (2, 0), (3, 0)]
