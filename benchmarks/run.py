@@ -10,7 +10,8 @@ servers.py), runs the workloads (workloads.py; W6 starts fresh servers of its ow
 every server by PID in `finally`, and writes the markdown report, a PNG chart beside it
 (same name, .png) and the raw numbers as JSON under benchmarks/results/. Progress goes to
 stderr. `--quick` uses small counts and finishes in under a minute; the full run takes
-about ten minutes on 2 cores (543 s on 2026-12-06, plus ~2 min for `make compiled`).
+11-14 minutes on 2 cores (667 s and 841 s on 2026-12-06, before the compiled build's
+durable rows, whose cases took ~50 s more in a W3 run; plus ~2 min for `make compiled`).
 Only a full run of every workload and system writes docs/benchmarks.md by default; others
 write benchmarks/results/latest.md. Run `bash benchmarks/setup.sh` and `make compiled`
 first (or `make bench`, which does both).

@@ -86,7 +86,7 @@ class GroupCommit(Generic[T]):
         # (journal position, output, connections confirmed in it), oldest first
         self._held: deque[tuple[int, T, set[int]]] = deque()
         self.syncs = 0  # fdatasyncs begun (for statistics and tests)
-        # After a failed sync, until settle() succeeds (the shell retries every second):
+        # After a failed sync, until rebuild() succeeds (the shell retries every second):
         # no sync starts by itself and no output waits (no durable send is confirmed).
         self.broken = False
 
