@@ -63,16 +63,18 @@ def write(total: int = 200_000, batch: int = 1000) -> None:
         sent_bytes = journal.statistics()["bytes"]
         written = journal.written  # (bytes appended; settled segments are deleted)
         half = total // 2
-        for seq in range(half):  # each delivery answered before the next: no runs
+        for seq in range(half):  # a turn per delivery, one per ack: no runs
             journal.delivered("jobs", seq)
+            journal.write()
             journal.removed("jobs", seq, RemovalReason.ACKED)
-        journal.write()
+            journal.write()
         journal.sync()
         one_by_one = journal.written - written
         for first in range(half, total, 100):  # a broker's turns with prefetch 100 (W3):
             for seq in range(first, first + 100):  # a pump's deliveries in a row, then
                 journal.delivered("jobs", seq)  # an ACK_MANY's acks in a row (version 4
-            for seq in range(first, first + 100):  # merges each into one run record)
+            for seq in range(first, first + 100):  # merges each into one run record;
+                # version 5 sends too: `write` sends in turns of `batch`, a SentRun each)
                 journal.removed("jobs", seq, RemovalReason.ACKED)
         journal.write()
         journal.sync()

@@ -10,6 +10,14 @@ from hypothesis import strategies as st
 from aiobus.broker.journal import records as r
 from aiobus.broker.journal.replay import Replay
 
+
+def sent_run(qid: int, first: int, messages: list[bytes], accepted: float | None = None
+             ) -> bytes:
+    buffer = bytearray()
+    r.append_sent_run(buffer, qid, first, messages, accepted)
+    return bytes(buffer)
+
+
 RECORDS: list[tuple[bytes, r.Record]] = [
     (r.encode_declared(1, "jobs", {"ttl": 5.0}, 7), r.QueueDeclared(1, "jobs", {"ttl": 5.0}, 7)),
     (r.encode_sent(1, 7, b"\x96abc"), r.Sent(1, 7, b"\x96abc", 0, None, None)),
@@ -54,6 +62,9 @@ RECORDS: list[tuple[bytes, r.Record]] = [
     (r.encode_dedup_runs(2, [("c1-", 5, 7, 5.0), ("c2-", 1, 1, 6.5)]),
      r.DedupRuns(2, [("c1-", 5, 7, 5.0), ("c2-", 1, 1, 6.5)])),
     (r.encode_dedup_runs(2, []), r.DedupRuns(2, [])),
+    # Version 5: stateless Sent records of one queue with consecutive seqs, as one run
+    (sent_run(1, 7, [b"\x96abc", b"", b"m" * 300]), r.SentRun(1, 7, [b"\x96abc", b"", b"m" * 300])),
+    (sent_run(2, 2**40, [b"a", b"b"], 1e9 + 0.5), r.SentRun(2, 2**40, [b"a", b"b"], 1e9 + 0.5)),
 ]
 
 
@@ -87,8 +98,8 @@ def test_version_1_segments_are_read_and_unknown_versions_refused() -> None:
     assert (old.number, old.bad_at) == (5, None)
     assert old.records == r.decode_segment(segment(body, number=5), last=True).records
     assert r.header_version(version_1_header(5)) == 1
-    assert r.header_version(segment(number=5)) == r.FORMAT_VERSION == 4
-    head = r._SEGMENT_HEADER.pack(r.MAGIC, 5, 0, 5)
+    assert r.header_version(segment(number=5)) == r.FORMAT_VERSION == 5
+    head = r._SEGMENT_HEADER.pack(r.MAGIC, 6, 0, 5)
     newer = head + r._crc(head).to_bytes(4, "little")
     assert r.decode_segment(newer + body, last=True).number is None
 
@@ -261,6 +272,15 @@ MALFORMED = [
     + b"\xcb" + bytes(8),  # an int prefix
     bytes([r.RecordType.DEDUP_RUNS]) + bytes(4) + b"\x94\x91\xa1x\x91\xff\x91\x02\x91"
     + b"\xcb" + bytes(8),  # a negative first
+    # SentRuns whose lengths do not frame their messages, or with unknown flags
+    r.SENT_RUN_HEAD.pack(r.RecordType.SENT_RUN, 1, 3, 0) + bytes(4),  # no messages
+    r.SENT_RUN_HEAD.pack(r.RecordType.SENT_RUN, 1, 3, 0) + b"\x02\0\0\0\1\0\0\0ab",  # 1 length
+    r.SENT_RUN_HEAD.pack(r.RecordType.SENT_RUN, 1, 3, 0) + b"\x01\0\0\0\3\0\0\0ab",  # short
+    r.SENT_RUN_HEAD.pack(r.RecordType.SENT_RUN, 1, 3, 0) + b"\x01\0\0\0\1\0\0\0ab",  # long
+    r.SENT_RUN_HEAD.pack(r.RecordType.SENT_RUN, 1, 3, 1) + b"\x01\0\0\0\1\0\0\0a",  # flag 1
+    r.SENT_RUN_HEAD.pack(r.RecordType.SENT_RUN, 1, 3, 8) + b"\x01\0\0\0\1\0\0\0a",  # no time
+    r.SENT_RUN_HEAD.pack(r.RecordType.SENT_RUN, 1, 3, 0) + b"\x01\0",  # short count
+    bytes([r.RecordType.SENT_RUN, 1, 0, 0, 0]),  # short head
     bytes([99, 1, 2, 3]),  # no such record type
 ]
 
@@ -291,6 +311,9 @@ LIFE = [
     r.encode_delivered_run(1, [8, 9, 3, 1]), r.encode_removed_run(1, 1, [9, 99]),
     r.encode_delivered_run(1, [10, 11]), r.encode_removed_run(1, 1, [10, 11]),
     r.encode_delivered_run(7, [0, 1]),  # unknown queue: ignored
+    # A Sent run (version 5), one id among its messages, then one of them removed
+    sent_run(1, 12, [b"\x96\xa3s-1\xa1q\xc4\x00\x00\xc0\x01", b"m13", b"m14"], 9.0),
+    r.encode_removed(1, 13, 1), sent_run(7, 0, [b"a", b"b"]),  # unknown queue: ignored
 ]
 
 
@@ -324,14 +347,15 @@ def test_the_flat_loop_folds_a_whole_life_like_apply() -> None:
     state = Replay()
     state.read_segment(segment(*LIFE), last=False)
     state.finish()
-    assert list(state.queues[1].live()) == [0, 2, 3, 4, 5, 6, 7, 8]  # (1 came late)
+    assert list(state.queues[1].live()) == [0, 2, 3, 4, 5, 6, 7, 8, 12, 14]  # (1 came late)
     messages = state.queues[1].live().values()
     assert [m.size for m in messages][:3] == [len(LIFE[9]), len(LIFE[13]), len(LIFE[4])]
     assert [(m.failures, m.last_reason, m.last_consumer) for m in messages][:3] == [
         (1, None, None), (1, "ack-timeout", (41, 7)), (3, "broker-restart", (42, 7))]
     assert list(state.queues[1].dedup.items()) == [
         ("c-2", 2.0), ("c-3", 3.0), ("c" * 32 + "-4", 4.0), ("c-5", 5.0),
-        ("r-1", 7.0), ("r-2", 7.0), ("r-3", 7.0), ("c-1", 8.0)]
+        ("r-1", 7.0), ("r-2", 7.0), ("r-3", 7.0), ("c-1", 8.0), ("s-1", 9.0)]
+    assert state.queues[1].live()[14].size == len(b"m14") + 4  # (what the store counts)
 
 
 @given(st.binary(max_size=200), st.integers(0, 10_000), st.booleans())
@@ -356,3 +380,24 @@ def test_the_append_fast_paths_write_exactly_what_the_encoders_return(
     assert size == len(sent)
     assert bytes(buffer) == (b"before" + sent + r.encode_delivered(qid, seq)
                              + r.encode_removed(qid, seq, reason))
+
+
+@given(st.integers(0, 2**32 - 1), st.integers(0, 2**63), st.lists(st.binary(max_size=40),
+       min_size=1, max_size=30), st.none() | st.floats(allow_nan=False))
+def test_a_sent_run_replays_as_its_sent_records_would(
+        qid: int, first: int, messages: list[bytes], accepted: float | None) -> None:
+    """Version 5: a SentRun says what as many Sent records in a row say (the messages'
+    own bytes in the owner index aside: each counts its bytes and its length's 4)."""
+    run = sent_run(qid, first, messages, accepted)
+    assert r.decode_segment(segment(run), last=True).records == [
+        (r.HEADER_SIZE, r.SentRun(qid, first, messages, accepted))]
+    declared = r.encode_declared(qid, "q", {}, first)
+    one_by_one = [r.encode_sent(qid, seq, message, accepted=accepted)
+                  for seq, message in enumerate(messages, first)]
+    as_run, as_records = Replay(), Replay()
+    as_run.read_segment(segment(declared, run), last=True)
+    as_records.read_segment(segment(declared, *one_by_one), last=True)
+    got, want = as_run.queues[qid], as_records.queues[qid]
+    assert (got.plain, got.next_seq, got.dedup) == (want.plain, want.next_seq, want.dedup)
+    assert {seq: entry & 0xFFFFFFFF for seq, entry in got.owner.items()} == {
+        seq: len(message) + 4 for seq, message in enumerate(messages, first)}

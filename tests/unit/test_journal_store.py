@@ -501,10 +501,11 @@ def test_deliveries_and_removals_in_a_row_are_merged_into_runs_in_order() -> Non
     for seq in range(4):
         journal.sent("a", seq, packed("a", seq))
     journal.sent("b", 0, packed("b", 0))
+    journal.delivered("a", 0)
     before = journal.pending
-    for seq in range(4):
+    for seq in range(1, 4):
         journal.delivered("a", seq)
-    assert journal.pending == before + 4 * 8  # (what pending counts for a run)
+    assert journal.pending == before + 3 * 8  # (what pending counts for a run)
     journal.delivered("b", 0)  # another queue: another run
     journal.failed("a", 1, 1, None, reason="why")  # ends the run: stays in its place
     journal.delivered("a", 1)
@@ -514,11 +515,56 @@ def test_deliveries_and_removals_in_a_row_are_merged_into_runs_in_order() -> Non
     journal.write()
     journal.sync()
     journal.close()
-    assert records_of(fs)[-6:] == [
+    assert records_of(fs)[-8:] == [
+        r.SentRun(1, 0, [packed("a", seq) for seq in range(4)]), r.Sent(2, 0, packed("b", 0),
+                                                                        0, None, None),
         r.DeliveredRun(1, [0, 1, 2, 3]), r.Delivered(2, 0),
         r.Failed(1, 1, 1, None, "why"), r.Delivered(1, 1),
         r.RemovedRun(1, ACKED, [0, 2]), r.Removed(1, 3, RemovalReason.REJECTED)]
     assert live(fs) == {"a": [(1, 2, None)], "b": [(0, 1, None)]}  # the crash: +1 each
+
+
+def test_sends_deliveries_and_acks_of_one_queue_merge_side_by_side() -> None:
+    """Version 5: a send that goes straight to a consumer journals Sent, Delivered,
+    Sent, Delivered, ... and an ACK_MANY's acks come between: the three runs grow side
+    by side and are written Sent run first, then deliveries, then removals (each
+    message's own records keep their order). A new seq out of step, another accepted
+    time, a message with state or a large one end the Sent run."""
+    fs = CrashFS()
+    journal, _ = Journal.open(fs)
+    journal.declare("a", {})
+    journal.sent("a", 0, packed("a", 0), accepted=5.0)
+    journal.delivered("a", 0)
+    journal.sent("a", 1, packed("a", 1), accepted=5.0)
+    journal.delivered("a", 1)
+    journal.removed("a", 0, ACKED)
+    journal.sent("a", 2, packed("a", 2), accepted=5.0)
+    journal.removed("a", 1, ACKED)
+    assert journal.statistics()["live_messages"] == 1  # (statistics ends the runs)
+    journal.sent("a", 3, packed("a", 3), accepted=5.0)
+    journal.sent("a", 4, packed("a", 4), accepted=6.0)  # another time: another run
+    journal.sent("a", 5, packed("a", 5), accepted=6.0)
+    journal.sent("a", 7, packed("a", 7))  # out of step
+    journal.sent("a", 8, packed("a", 8))
+    journal.sent("a", 9, packed("a", 9), 0, None, 99.0)  # scheduled: a Sent of its own
+    journal.sent("a", 10, packed("a", 10))
+    journal.sent("a", 11, b"\x96" + bytes(2000))  # large: a Sent of its own
+    journal.write()
+    journal.sync()
+    journal.close()
+    assert records_of(fs)[-9:] == [
+        r.SentRun(1, 0, [packed("a", seq) for seq in range(3)], 5.0),
+        r.DeliveredRun(1, [0, 1]), r.RemovedRun(1, ACKED, [0, 1]),
+        r.Sent(1, 3, packed("a", 3), 0, None, None, accepted=5.0),  # a run of one
+        r.SentRun(1, 4, [packed("a", 4), packed("a", 5)], 6.0),
+        r.SentRun(1, 7, [packed("a", 7), packed("a", 8)]),
+        r.Sent(1, 9, packed("a", 9), 0, None, 99.0),
+        r.Sent(1, 10, packed("a", 10), 0, None, None),
+        r.Sent(1, 11, b"\x96" + bytes(2000), 0, None, None)]
+    journal, recovered = Journal.open(fs)
+    assert [m.seq for m in recovered.queues["a"].messages] == [2, 3, 4, 5, 7, 8, 9, 10, 11]
+    assert journal.statistics()["live_messages"] == 9
+    journal.close()
 
 
 def test_a_version_3_journal_is_read_and_runs_go_to_a_new_segment() -> None:
@@ -540,7 +586,7 @@ def test_a_version_3_journal_is_read_and_runs_go_to_a_new_segment() -> None:
     journal.sync()
     journal.close()
     assert fs.read(segment_name(1)) == old
-    assert r.header_version(fs.read(segment_name(2))) == r.FORMAT_VERSION == 4
+    assert r.header_version(fs.read(segment_name(2))) == r.FORMAT_VERSION == 5
     assert r.RemovedRun(1, ACKED, [2, 3]) in records_of(fs)
     assert live(fs) == {"q": [(1, 1, None)]}
 

@@ -60,6 +60,9 @@ def repair(files: Files, name: str) -> RepairReport:
             seen.setdefault(record.qid, set()).add(record.seq)
         elif type(record) is r.RemovedRun:
             seen.setdefault(record.qid, set()).update(record.seqs)
+        elif type(record) is r.SentRun:
+            seen.setdefault(record.qid, set()).update(
+                range(record.first, record.first + len(record.messages)))
     end: dict[int, int] = {qid: max(seqs) + 1 for qid, seqs in seen.items()}
     for i, later_name in enumerate(later):
         decoded = r.decode_segment(files.read(later_name), last=i == len(later) - 1)

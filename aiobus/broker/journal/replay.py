@@ -119,6 +119,7 @@ class LiveQueue:
 _SENT = r.RecordType.SENT
 _DELIVERED = r.RecordType.DELIVERED
 _REMOVED = r.RecordType.REMOVED
+_SENT_RUN = r.RecordType.SENT_RUN
 _REASONS = frozenset(r.RemovalReason)
 _FRAMED_HEAD = struct.Struct("<IIBIQIB")  # crc, length, then SENT_HEAD's fields
 # The reason text of the failed attempt a crash is counted as (PROTOCOL.md §8 Attempts).
@@ -162,6 +163,10 @@ class Replay:
                     self._sent(queue, seq, message, size, None if stateless else
                                LiveMessage(seq, message, failures, expires, due,
                                            self.segment, size, False, reason, consumer))
+            case r.SentRun(qid, first, run, accepted):  # as many stateless Sent
+                queue = self.queues.get(qid)
+                if queue is not None:
+                    self._sent_run(queue, first, run, accepted)
             case r.Delivered(qid, seq):
                 queue = self.queues.get(qid)
                 if queue is not None:
@@ -254,6 +259,26 @@ class Replay:
                 queue.in_flight.discard(seq)
             queue.messages[seq] = msg
 
+    def _sent_run(self, queue: LiveQueue, first: int, messages: list[bytes],
+                  accepted: float | None) -> None:
+        """A SentRun: each message as a stateless Sent of its bytes and 4 (its length:
+        what the store's owner index counts for it)."""
+        dedup = queue.dedup
+        owner, plain = queue.owner, queue.plain
+        base = self.segment << 32
+        for seq, message in enumerate(messages, first):
+            if accepted is not None:
+                mid = r.message_id(message)
+                if mid is not None and accepted >= dedup.get(mid, -1.0):
+                    dedup.pop(mid, None)
+                    dedup[mid] = accepted
+            if seq in owner or seq < queue.next_seq:
+                self._sent(queue, seq, message, len(message) + 4, None)
+            else:  # a new stateless message (the common case): _sent, inline
+                queue.next_seq = seq + 1
+                owner[seq] = base | len(message) + 4
+                plain[seq] = message
+
     @staticmethod
     def _removed(queue: LiveQueue, seq: int) -> None:
         if queue.owner.pop(seq, None) is not None:
@@ -341,6 +366,14 @@ class Replay:
                             queue.ordered = False
                         owner[seq] = number << 32 | end - at
                         queue.plain[seq] = message
+            elif kind == _SENT_RUN:
+                try:
+                    run = r.decode_body(view[at + 8:end])
+                except r.DECODE_ERRORS:
+                    break
+                if queue is not None:
+                    assert type(run) is r.SentRun
+                    self._sent_run(queue, run.first, run.messages, run.accepted)
             elif kind == _DELIVERED and length >= 13:
                 if queue is not None:
                     if seq in queue.plain:

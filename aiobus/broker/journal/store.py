@@ -9,12 +9,19 @@ turn the shell calls :meth:`Journal.write` (one append of the whole buffer) and 
 as its ``--fsync`` policy says, syncs (one fdatasync); only after the sync may it
 confirm that turn's sends (Redis's ``appendfsync always`` in beforeSleep).
 
-Runs (format version 4): Delivered records of one queue in a row, or Removed records of
-one queue and reason, are collected as their seqs (``_run``) and appended as one
-DeliveredRun or RemovedRun when anything else is appended, or at :meth:`write`; a pump's
-deliveries and an ACK_MANY's acks then cost a list append each instead of a framed,
-checksummed record, and a byte or so of journal instead of 21 (docs/journal.md "Runs").
-Ending the run before any other record keeps every change in the order it was made.
+Runs (format versions 4 and 5): while the core journals one queue, its stateless Sent
+records with consecutive seqs (and one accepted time) are collected as their messages,
+its Delivered records as their seqs and its Removed records of one reason as their seqs,
+three runs side by side (``_sent_run``, ``_delivered_run``, ``_removed_run``); anything
+else appended, and :meth:`write`, first appends them as one SentRun, one DeliveredRun and
+one RemovedRun, in that order (:meth:`_end_runs`), and only then updates the owner
+index for them. A send, its delivery and its ack then cost a list append each instead
+of a framed, checksummed record and two dict updates, and the journal about 4 bytes a
+message and a byte or so a delivery and an ack instead of 26, 21 and 22
+(docs/journal.md "Runs"). Writing the Sent run first, then the deliveries, then the
+removals keeps every message's own records in the order they were made (a message is
+sent, delivered and removed at most once each while the runs are open: a second
+delivery follows a Failed, which ends them); records of different messages commute.
 
 Syncing in three steps, so that the fdatasync can run in another thread while the loop
 goes on appending and writing: :meth:`begin_sync` (in the loop) notes how many bytes
@@ -50,10 +57,10 @@ raises, however its fdatasync went, and compaction and rotation stop, until
 skips segments older than the newest base (docs/journal.md, "After a failed sync").
 
 Compaction. Each live message is *owned* by the segment holding its Sent record;
-``_owner`` maps qid -> seq -> ``segment << 32 | record bytes``, plus ``_FLYING`` (bit 31:
-a record is at most 256 MiB) while a delivery of it is outstanding, which is what a copy
-must repeat; one int per message, where a set of (qid, seq) tuples made two objects per
-delivery on the hot path. A prefix of sealed
+``_owner`` maps qid -> seq -> ``segment << 32 | record bytes`` (one int per message), and
+``_flying`` qid -> the seqs of those with a delivery outstanding, which is what a copy
+must repeat and what a purge keeps (a set per queue, updated a run at a time: a set of
+(qid, seq) tuples made two objects per delivery on the hot path). A prefix of sealed
 segments that owns no live message is deleted on :meth:`sync` (a later segment's
 removal records can only concern earlier segments, so only prefixes may go). While the
 journal is larger than ``2 * live bytes + 2 * segment_size`` (the bound), :meth:`compact`
@@ -70,7 +77,8 @@ import gc
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from itertools import repeat
+from typing import Any, cast
 
 from ...stats import JournalStats
 from ..snapshot import QueueSnapshot
@@ -124,22 +132,25 @@ class _State:
     settings: dict[int, dict[str, Any]] = field(default_factory=dict)
     next_seq: dict[int, int] = field(default_factory=dict)
     owner: dict[int, dict[int, int]] = field(default_factory=dict)
+    flying: dict[int, set[int]] = field(default_factory=dict)  # delivered, not answered
     # (qid, seq) -> what compaction must fold into a copy: failures, due, last reason and
     # consumer. Only for messages that failed (or were sent with failures, a DLQ's).
     failed: dict[tuple[int, int], _Failure] = field(default_factory=dict)
     next_qid: int = 1
 
 
-# A run of more seqs is cut into several records (512 KiB each at most).
+# A run of more seqs (messages) is cut into several records (512 KiB of seqs at most).
 _RUN_MAX = 65536
+# Only messages up to this size join a SentRun (so a run is at most 64 MiB, within
+# MAX_RECORD); a larger one is a Sent of its own, whose few header bytes do not matter.
+_RUN_MESSAGE_MAX = 1024
 
 # rebuild() writes its segment in parts of about this size (a million messages need not
 # be one bytes object besides the core's copies).
 _REBUILD_CHUNK = 1 << 20
 
-# An owner entry: segment << 32 | _FLYING (delivered, not answered) | the Sent's size.
-_FLYING = 1 << 31
-_SIZE = _FLYING - 1
+# An owner entry: segment << 32 | the Sent's size (a record is at most 256 MiB).
+_SIZE = (1 << 32) - 1
 
 
 class Journal:
@@ -161,11 +172,19 @@ class Journal:
         self._by_number: dict[int, _Segment] = {}  # the same segments, by number
         self._handle: int | None = None
         self._buffer = bytearray()  # records appended and not yet written
-        # The run being merged (module docstring, "Runs"): Delivered (key qid << 8) or
-        # Removed (key qid << 8 | reason) records of one queue in a row, as their seqs;
-        # any other record, and write(), appends it to the buffer first.
-        self._run: list[int] = []
-        self._run_key = -1
+        # The runs being merged (module docstring, "Runs"), all of queue ``_run_qid``
+        # (-1: none open): stateless Sent records with consecutive seqs from
+        # ``_sent_first`` (the next one would be ``_sent_next``) and one accepted time,
+        # as their messages; Delivered records as their seqs; Removed records of reason
+        # ``_removed_reason`` as their seqs. Any other record, and write(), first appends
+        # them to the buffer, in that order (_end_runs).
+        self._run_qid = -1
+        self._sent_run: list[bytes] = []
+        self._sent_first = self._sent_next = -1
+        self._sent_accepted: float | None = None
+        self._delivered_run: list[int] = []
+        self._removed_run: list[int] = []
+        self._removed_reason = 0
         # Bytes written by write() since open, and how many of those are known to be on
         # disk (module docstring, "Syncing in three steps").
         self.written = 0
@@ -187,12 +206,14 @@ class Journal:
 
     def declare(self, name: str, settings: dict[str, Any]) -> None:
         """A durable queue was declared (or redeclared with new settings)."""
+        self._end_runs()
         s = self._s
         qid = s.qids.get(name)
         if qid is None:
             qid = s.qids[name] = s.next_qid
             s.next_qid += 1
             s.names[qid], s.next_seq[qid], s.owner[qid] = name, 0, {}
+            s.flying[qid] = set()
         s.settings[qid] = settings
         self._append(r.encode_declared(qid, name, settings, s.next_seq[qid]))
 
@@ -201,90 +222,99 @@ class Journal:
              accepted: float | None = None) -> None:
         """A message entered ``queue`` (also: a dead letter entering its DLQ);
         ``accepted``: when its id entered the queue's deduplication window, if it did."""
+        qid = self._s.qids[queue]
+        if (seq == self._sent_next and qid == self._run_qid and accepted == self._sent_accepted
+                and not (failures or expires is not None or due is not None)
+                and len(message) <= _RUN_MESSAGE_MAX and len(self._sent_run) < _RUN_MAX):
+            self._sent_run.append(message)  # the common case: one more in the run
+            self._sent_next = seq + 1
+            return
+        self._sent(qid, seq, message, failures, expires, due, accepted)
+
+    def _sent(self, qid: int, seq: int, message: bytes, failures: int,
+              expires: float | None, due: float | None, accepted: float | None) -> None:
+        """sent() when the message does not continue the Sent run: it starts one, or
+        (with state, large, or already live: a copy) is a record of its own."""
         s = self._s
-        qid = s.qids[queue]
-        if self._run:
-            self._end_run()
-        if failures or expires is not None or due is not None:
+        owners = s.owner[qid]
+        stateless = not (failures or expires is not None or due is not None)
+        if (stateless and len(message) <= _RUN_MESSAGE_MAX and seq not in owners
+                and seq >= s.next_seq[qid]):
+            if qid != self._run_qid or self._sent_run:
+                self._end_runs()
+            self._run_qid = qid
+            self._sent_run.append(message)
+            self._sent_first, self._sent_next = seq, seq + 1
+            self._sent_accepted = accepted
+            return
+        self._end_runs()
+        if stateless:
+            size = r.append_sent(self._buffer, qid, seq, message, accepted)
+        else:
             record = r.encode_sent(qid, seq, message, failures, expires, due,
                                    accepted=accepted)
             size = len(record)
             self._buffer += record
             if failures:
                 s.failed[qid, seq] = (failures, due, None, None)
-        else:  # the common case, without building the record apart
-            size = r.append_sent(self._buffer, qid, seq, message, accepted)
-        owners = s.owner[qid]
-        if seq in owners:
-            self._own(qid, seq, size)
-        else:  # a new message: _own, inline
-            segment = self._segments[-1]
-            owners[seq] = segment.number << 32 | size
-            segment.live += 1
-            segment.live_bytes += size
+        self._own(qid, seq, size)
         if seq >= s.next_seq[qid]:
             s.next_seq[qid] = seq + 1
 
     def delivered(self, queue: str, seq: int) -> None:
         """A delivery attempt started (a lease was granted)."""
-        s = self._s
-        qid = s.qids[queue]
-        owners = s.owner[qid]
-        entry = owners.get(seq)
-        if entry is not None:
-            owners[seq] = entry | _FLYING
-        key = qid << 8
-        if key == self._run_key and len(self._run) < _RUN_MAX:
-            self._run.append(seq)
+        qid = self._s.qids[queue]
+        if qid == self._run_qid and len(self._delivered_run) < _RUN_MAX:
+            self._delivered_run.append(seq)
         else:
-            self._start_run(key, seq)
+            self._end_runs()
+            self._run_qid = qid
+            self._delivered_run.append(seq)
 
     def failed(self, queue: str, seq: int, failures: int, due: float | None, *,
                reason: str | None = None, consumer: tuple[int, int] | None = None) -> None:
         """Nack, ack timeout or lost connection: the new failures count and due time,
         and the message's last failure (its reason text, the consumer's (pid, uid)).
         Also a release (no attempt counted: the same count and details again)."""
+        self._end_runs()
         qid = self._s.qids[queue]
-        owners = self._s.owner[qid]
-        entry = owners.get(seq)
-        if entry is not None:
-            owners[seq] = entry & ~_FLYING
+        self._s.flying[qid].discard(seq)
         self._s.failed[qid, seq] = (failures, due, reason, consumer)
         self._append(r.encode_failed(qid, seq, failures, due, reason, consumer))
 
     def removed(self, queue: str, seq: int, reason: int) -> None:
         """Ack, reply, reject, dead-letter, TTL expiry or overflow drop (a RemovalReason)."""
-        s = self._s
-        qid = s.qids[queue]
-        entry = s.owner[qid].pop(seq, None)
-        if entry is not None:  # _disown, inline: this is every message's last record
-            segment = self._by_number.get(entry >> 32)
-            if segment is not None:
-                segment.live -= 1
-                segment.live_bytes -= entry & _SIZE
-            if s.failed:
-                s.failed.pop((qid, seq), None)
-        key = qid << 8 | reason
-        if key == self._run_key and len(self._run) < _RUN_MAX:
-            self._run.append(seq)
+        qid = self._s.qids[queue]
+        run = self._removed_run
+        if qid == self._run_qid and reason == self._removed_reason and len(run) < _RUN_MAX:
+            run.append(seq)
+        elif qid == self._run_qid and not run:
+            self._removed_reason = reason
+            run.append(seq)
         else:
-            self._start_run(key, seq)
+            self._end_runs()
+            self._run_qid = qid
+            self._removed_reason = reason
+            self._removed_run.append(seq)
 
     def purged(self, queue: str) -> None:
         """Every message of ``queue`` not out for delivery was discarded."""
+        self._end_runs()
         qid = self._s.qids[queue]
-        for seq, entry in list(self._s.owner[qid].items()):
-            if not entry & _FLYING:
+        flying = self._s.flying[qid]
+        for seq in list(self._s.owner[qid]):
+            if seq not in flying:
                 self._disown(qid, seq)
         self._append(r.encode_purged(qid))
 
     def deleted(self, queue: str) -> None:
         """``queue`` and all its messages are gone."""
+        self._end_runs()
         s = self._s
         qid = s.qids.pop(queue)
         for seq in list(s.owner[qid]):
             self._disown(qid, seq)
-        del s.names[qid], s.settings[qid], s.next_seq[qid], s.owner[qid]
+        del s.names[qid], s.settings[qid], s.next_seq[qid], s.owner[qid], s.flying[qid]
         self._append(r.encode_deleted(qid))
 
     def remembered(self, queue: str, entries: list[tuple[str, float]]) -> None:
@@ -300,41 +330,91 @@ class Journal:
         self._recovered_windows = None
 
     def _append(self, record: bytes) -> None:
-        if self._run:
-            self._end_run()
+        if self._run_qid >= 0:
+            self._end_runs()
         self._buffer += record
 
-    def _start_run(self, key: int, seq: int) -> None:
-        if self._run:
-            self._end_run()
-        self._run_key = key
-        self._run.append(seq)
-
-    def _end_run(self) -> None:
-        """Append the run being merged to the buffer: one record (a lone seq as the
-        Delivered or Removed it is)."""
-        run, key = self._run, self._run_key
-        qid, reason = key >> 8, key & 0xFF
-        if len(run) == 1:
-            if reason:
-                r.append_removed(self._buffer, qid, run[0], reason)
+    def _end_runs(self) -> None:
+        """Append the runs being merged to the buffer, Sent, then Delivered, then
+        Removed, one record each (one of one message or seq as the Sent, Delivered or
+        Removed it is), and bring the owner index up to date. That order keeps each
+        message's own records in the order they were made: in the span of the runs a
+        message is sent, delivered and removed at most once each, in that order (a
+        second delivery follows a Failed, which ends the runs; a seq is never sent
+        twice), and records of different messages commute (docs/journal.md "Runs")."""
+        qid = self._run_qid
+        if qid < 0:
+            return
+        s = self._s
+        owners = s.owner[qid]
+        buffer = self._buffer
+        messages = self._sent_run
+        if messages:
+            first, count = self._sent_first, len(messages)
+            segment = self._segments[-1]
+            base = segment.number << 32
+            if count == 1:
+                size = r.append_sent(buffer, qid, first, messages[0], self._sent_accepted)
+                owners[first] = base | size
+            else:  # (each owns its bytes and its length's 4: base + 4 + len is base | ...)
+                r.append_sent_run(buffer, qid, first, messages, self._sent_accepted)
+                owners.update(zip(range(first, first + count),
+                                  map((base + 4).__add__, map(len, messages)), strict=True))
+                size = sum(map(len, messages)) + 4 * count
+            segment.live += count
+            segment.live_bytes += size
+            if first + count > s.next_seq[qid]:
+                s.next_seq[qid] = first + count
+            self._sent_run = []
+            self._sent_first = self._sent_next = -1
+        run = self._delivered_run
+        if run:
+            s.flying[qid].update(run)
+            if len(run) == 1:
+                r.append_delivered(buffer, qid, run[0])
             else:
-                r.append_delivered(self._buffer, qid, run[0])
-        elif reason:
-            self._buffer += r.encode_removed_run(qid, reason, run)
-        else:
-            self._buffer += r.encode_delivered_run(qid, run)
-        self._run = []
-        self._run_key = -1
+                buffer += r.encode_delivered_run(qid, run)
+            self._delivered_run = []
+        run = self._removed_run
+        if run:
+            # _disown for each, a run at a time: this is every message's last record
+            popped = list(map(owners.pop, run, repeat(None)))
+            entries = (cast("list[int]", popped) if None not in popped
+                       else [entry for entry in popped if entry is not None])
+            if entries:  # (None: not live, e.g. a removal after a purge)
+                number = min(entries) >> 32
+                if number == max(entries) >> 32:  # the common case: from one segment
+                    owning = self._by_number.get(number)
+                    if owning is not None:
+                        owning.live -= len(entries)
+                        owning.live_bytes -= sum(entries) - len(entries) * (number << 32)
+                else:
+                    for entry in entries:
+                        owning = self._by_number.get(entry >> 32)
+                        if owning is not None:
+                            owning.live -= 1
+                            owning.live_bytes -= entry & _SIZE
+            flying = s.flying[qid]
+            if flying:
+                flying.difference_update(run)
+            failed = s.failed
+            if failed:
+                for seq in run:
+                    failed.pop((qid, seq), None)
+            reason = self._removed_reason
+            if len(run) == 1:
+                r.append_removed(buffer, qid, run[0], reason)
+            else:
+                buffer += r.encode_removed_run(qid, reason, run)
+            self._removed_run = []
+        self._run_qid = -1
 
     def _own(self, qid: int, seq: int, size: int) -> None:
         owners = self._s.owner[qid]
-        flying = 0
-        if seq in owners:
-            flying = owners[seq] & _FLYING  # a copy: still out for delivery if it was
+        if seq in owners:  # a copy (still out for delivery if it was: _flying keeps it)
             self._disown(qid, seq, forget=False)
         segment = self._segments[-1]
-        owners[seq] = segment.number << 32 | flying | size
+        owners[seq] = segment.number << 32 | size
         segment.live += 1
         segment.live_bytes += size
 
@@ -356,9 +436,12 @@ class Journal:
     @property
     def pending(self) -> int:
         """Bytes appended and not yet written (a run being merged: 8 a seq)."""
-        return len(self._buffer) + 8 * len(self._run)
+        return len(self._buffer) + (self._run_qid >= 0 and (
+            sum(map(len, self._sent_run)) + 4 * len(self._sent_run)
+            + 8 * (len(self._delivered_run) + len(self._removed_run))))
 
     def statistics(self) -> JournalStats:
+        self._end_runs()  # (into the buffer: the counts include them)
         return {
             "segments": len(self._segments),
             "bytes": sum(seg.size for seg in self._segments) + self.pending,
@@ -379,8 +462,8 @@ class Journal:
         segment = self._segments[-1]
         assert self._handle is not None, "journal is closed"
         name = segment_name(segment.number)
-        if self._run:
-            self._end_run()
+        if self._run_qid >= 0:
+            self._end_runs()
         try:
             if self._must_truncate:
                 self.files.truncate(self._handle, segment.size)
@@ -430,7 +513,7 @@ class Journal:
         assert self._handle is not None, "journal is closed"
         segments = self._segments
         drop_below = segments[0].number
-        if not self._buffer and not self._run:  # else compaction copies may be unwritten
+        if not self._buffer and self._run_qid < 0:  # else compaction copies may be unwritten
             for segment in segments[:-1]:
                 if segment.live:
                     break
@@ -497,6 +580,7 @@ class Journal:
         """
         if self.damaged:  # (the segments are not read back now: rebuild() replaces them)
             return 0
+        self._end_runs()  # (the owner index must be up to date)
         total = sum(seg.size for seg in self._segments)
         live = sum(seg.live_bytes for seg in self._segments)
         copied = 0
@@ -509,29 +593,38 @@ class Journal:
         return copied
 
     def _copy_forward(self, segment: _Segment) -> int:
-        s = self._s
         decoded = r.decode_segment(self.files.read(segment_name(segment.number)), last=False)
         copied = 0
         for _, record in decoded.records:
-            if type(record) is not r.Sent:
-                continue
-            entry = s.owner.get(record.qid, {}).get(record.seq)
-            if entry is None or entry >> 32 != segment.number:
-                continue
-            key = (record.qid, record.seq)
-            failures, due, reason, consumer = s.failed.get(
-                key, (record.failures, record.due, record.last_reason, record.last_consumer))
-            # No accepted time: a copy is not an acceptance, and the window it was in
-            # is in the head of every segment since (a copy read as one would move
-            # its id after ids accepted later in the same turn).
-            data = r.encode_sent(record.qid, record.seq, record.message, failures,
-                                 record.expires, due, reason, consumer, None)
-            self._own(record.qid, record.seq, len(data))
-            self._append(data)
-            if entry & _FLYING:
-                self._append(r.encode_delivered(*key))
-            copied += 1
+            if type(record) is r.Sent:
+                copied += self._copy(segment, record.qid, record.seq, record.message,
+                                     (record.failures, record.due, record.last_reason,
+                                      record.last_consumer), record.expires)
+            elif type(record) is r.SentRun:
+                for seq, message in enumerate(record.messages, record.first):
+                    copied += self._copy(segment, record.qid, seq, message,
+                                         (0, None, None, None), None)
         return copied
+
+    def _copy(self, segment: _Segment, qid: int, seq: int, message: bytes,
+              state: _Failure, expires: float | None) -> int:
+        """Copy message ``seq`` forward if ``segment`` owns it (1, else 0); ``state``:
+        the failures, due time and last failure its Sent record says."""
+        s = self._s
+        entry = s.owner.get(qid, {}).get(seq)
+        if entry is None or entry >> 32 != segment.number:
+            return 0
+        failures, due, reason, consumer = s.failed.get((qid, seq), state)
+        # No accepted time: a copy is not an acceptance, and the window it was in
+        # is in the head of every segment since (a copy read as one would move
+        # its id after ids accepted later in the same turn).
+        data = r.encode_sent(qid, seq, message, failures, expires, due, reason, consumer,
+                             None)
+        self._own(qid, seq, len(data))
+        self._append(data)
+        if seq in s.flying[qid]:
+            self._append(r.encode_delivered(qid, seq))
+        return 1
 
     def _rotate(self) -> None:
         """Seal the current segment and start the next one (module docstring)."""
@@ -626,6 +719,8 @@ class Journal:
             s.next_seq[qid] = q.next_seq
             owners: dict[int, int] = {}
             s.owner[qid] = owners
+            flying: set[int] = set()
+            s.flying[qid] = flying
             chunk += r.encode_declared(qid, q.name, q.settings, q.next_seq)
             if q.dedup:
                 chunk += r.encode_dedup_runs(qid, q.dedup)
@@ -634,7 +729,9 @@ class Journal:
                                        m.last_reason, m.last_consumer, None)
                 chunk += record
                 size = len(record)
-                owners[m.seq] = number << 32 | (_FLYING if m.delivered else 0) | size
+                owners[m.seq] = number << 32 | size
+                if m.delivered:
+                    flying.add(m.seq)
                 segment.live += 1
                 segment.live_bytes += size
                 if m.failures:
@@ -663,7 +760,9 @@ class Journal:
         self._segments, self._by_number = [], {}
         self._add_segment(segment)
         self._buffer = bytearray()
-        self._run, self._run_key = [], -1
+        self._run_qid = -1  # (the runs are dropped with the buffer)
+        self._sent_run, self._delivered_run, self._removed_run = [], [], []
+        self._sent_first = self._sent_next = -1
         self._must_truncate = False
         self.synced = self.written  # (positions only grow: tickets begun before count nothing)
         self.damaged = False
@@ -744,6 +843,7 @@ class Journal:
             s.next_seq[qid] = q.next_seq
             s.next_qid = max(s.next_qid, qid + 1)
             s.owner[qid] = q.owner
+            s.flying[qid] = set()  # (finish() made each unanswered delivery a failure)
             number, live, live_bytes = -1, 0, 0
             segment: _Segment | None = None
             for entry in q.owner.values():
