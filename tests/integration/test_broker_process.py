@@ -152,3 +152,21 @@ async def test_embedded_broker_close_tells_clients(short_tmp: Path) -> None:
     finally:
         await bus.aclose()
         await broker.aclose()
+
+
+@pytest.mark.parametrize(("fsync", "interval"), [("always", 0.0005), ("batch", 0.005)])
+async def test_the_daemon_shortens_the_switch_interval_for_fsync_always(
+        short_tmp: Path, fsync: str, interval: float) -> None:
+    """``--fsync always`` hands every sync to a worker thread and back (commit.py): the
+    daemon lets that thread have the GIL within 0.5 ms instead of CPython's 5 ms. An
+    embedded Broker never changes it (its host owns the interpreter)."""
+    script = (
+        "import sys, aiobus.cli.broker as cli\n"
+        "async def serve(args):\n"
+        "    print(sys.getswitchinterval())\n"
+        "cli.serve = serve\n"  # what main runs once it has tuned the process
+        f"cli.main(['--socket', {str(short_tmp / 's')!r}, '--fsync', {fsync!r}])\n")
+    done = await asyncio.to_thread(subprocess.run, [sys.executable, "-c", script],
+                                   capture_output=True, text=True, timeout=30, check=True)
+    assert float(done.stdout) == interval
+    assert sys.getswitchinterval() == 0.005  # (this process: the test's own default)
