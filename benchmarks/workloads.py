@@ -319,9 +319,10 @@ def run_workload(key: str, env: Any, plan: Plan, log: Callable[[str], None],
                   higher_is_better=False)  # fmt: skip
         j.notes.append("- journal B/msg: the journal's size (STATS `journal.bytes`) over the "
                        "messages it holds (`live_messages`); Sent record B: `live_bytes` / "
-                       "`live_messages`; encoded B: the broker's packed message (id, queue, "
-                       "body, ...), the Sent record less its 26 bytes of framing "
-                       "(docs/journal.md); ÷ encoded is the issue's measure (goal ≤ 1.3).")
+                       "`live_messages` (a message in a SentRun counts its bytes and 4); "
+                       "encoded B: the broker's packed message (id, queue, body, ...: what a "
+                       "Sent holds, docs/journal.md), of the first one queued; ÷ encoded is "
+                       "the issue's measure (goal ≤ 1.3).")
         for rep in range(plan.w6_repeats):
             for name in memory.FILLERS:
                 _memory(q, name, lambda n=name: memory.queued_bytes(n, plan.w6_messages), rep,
