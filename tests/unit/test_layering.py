@@ -16,6 +16,10 @@ PACKAGE = Path(aiobus.__file__).parent
 CORE_MODULES = [
     "broker/core.py",
     "broker/queues.py",
+    "broker/queue_table.py",
+    "broker/queue_failures.py",
+    "broker/queue_delivery.py",
+    "broker/queue_producing.py",
     "broker/queue_state.py",
     "broker/snapshot.py",
     "broker/topics.py",
