@@ -12,9 +12,10 @@ and ``groups``, each given by name or numeric id::
 
 Nothing is denied by a rule: what no rule grants is refused (default deny, as
 dbus-broker's policy). The broker asks :meth:`Policy.allow` once per (connection, verb,
-name) and caches the answer on the connection (broker/core.py), so matching here is off
-the hot path; it still uses one :class:`~aiobus.names.TopicIndex` per verb, the trie the
-topic router uses, so a policy of hundreds of rules answers in a few dict lookups.
+name) and caches the answer on the connection (``_check_access``, broker/core_state.py),
+so matching here is off the hot path; it still uses one :class:`~aiobus.names.TopicIndex`
+per verb, the trie the topic router uses, so a policy of hundreds of rules answers in a
+few dict lookups.
 
 * ``send``, ``consume``, ``declare``, ``admin`` take queue names; ``publish`` and
   ``subscribe`` take topics. ``subscribe`` is asked with the subscription's pattern, and
@@ -27,9 +28,10 @@ topic router uses, so a policy of hundreds of rules answers in a few dict lookup
   ``[0]``): root can read the broker's memory anyway, and an operator locked out of their
   own broker by a typo is worse than no rule for root. A policy that names root means
   to hold it to its rules, so then root gets what it is granted, like anyone else.
-* ``$...`` names are the broker's whatever the policy says (core.py checks them before
-  asking); a rule may grant ``subscribe`` on ``$sys.`` topics, spelled out (a leading
-  wildcard does not match them, as in subscriptions), and nothing else there.
+* ``$...`` names are the broker's whatever the policy says (core_state.py's
+  ``_check_access`` checks them before asking); a rule may grant ``subscribe`` on
+  ``$sys.`` topics, spelled out (a leading wildcard does not match them, as in
+  subscriptions), and nothing else there.
 
 Names of users and groups are resolved to ids when the file is parsed (``resolve_user``
 and ``resolve_group`` come from the launcher, which reads the system's databases), so an
