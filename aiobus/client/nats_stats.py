@@ -1,5 +1,5 @@
 """Reading a queue's state on NATS without changing it: ``bus.stats()`` in the local
-broker's shape (``broker/core.py`` ``stats``) from JetStream stream and consumer info (the
+broker's shape (``broker/core_state.py`` ``stats``) from JetStream stream and consumer info (the
 mapping of each field is ``nats_map.queue_stats``), and ``bus.peek()`` from the stream's
 stored messages.
 
