@@ -23,8 +23,10 @@ from setuptools.command.build_ext import build_ext
 
 # The per-message paths: the broker's sans-IO core and codec, the journal's records,
 # replay and store (every durable message, and recovery's loop over every record), and
-# the asyncio shell that feeds them; the client's connection and session (sans-IO), its
-# streams and messages, the Unix-socket backend and the Bus (compiled, a tenth to a third
+# the asyncio shell that feeds them (server.py and the modules its Broker and connections
+# are made of: connection.py, output.py, durable.py, logs.py, a compiled class's bases
+# being compiled too); the client's connection and session (sans-IO), its streams and
+# messages, the Unix-socket backend and the Bus (compiled, a tenth to a third
 # less client CPU per message, docs/performance.md). Left out: aiobus/broker/policy.py
 # (asked once per connection and name, and tests subclass Policy, which a compiled class
 # forbids), the
@@ -36,14 +38,18 @@ COMPILED = [
     "aiobus/_frame_scan.py",
     "aiobus/names.py",
     "aiobus/protocol.py",
+    "aiobus/broker/connection.py",
     "aiobus/broker/core.py",
     "aiobus/broker/core_state.py",
     "aiobus/broker/dedup.py",
+    "aiobus/broker/durable.py",
     "aiobus/broker/handlers.py",
     "aiobus/broker/journal/records.py",
     "aiobus/broker/journal/recovery.py",
     "aiobus/broker/journal/replay.py",
     "aiobus/broker/journal/store.py",
+    "aiobus/broker/logs.py",
+    "aiobus/broker/output.py",
     "aiobus/broker/queue_delivery.py",
     "aiobus/broker/queue_failures.py",
     "aiobus/broker/queue_producing.py",

@@ -9,7 +9,7 @@ loop turn (one write(2), :meth:`~.journal.Journal.write`). What happens next dep
 * ``always``: no confirmation may leave before its turn's records are on disk. The shell
   holds the output of each connection with a reply in it (OK, a result, ERROR), and
   everything after it on that connection, so that its frames keep their order;
-  deliveries and events to other connections leave at once (server.py ``_flush``). It
+  deliveries and events to other connections leave at once (output.py ``_flush``). It
   hands the held output to :meth:`GroupCommit.hold` with the journal's ``written``
   position, and an fdatasync runs in a worker thread
   (:meth:`~.journal.Journal.begin_sync`, ``sync_file``, ``end_sync``). The loop is not
@@ -30,7 +30,7 @@ syncs in the loop's own thread and releases everything held.
 
 A sync that fails (EIO) is reported with the client connections that had confirmations
 in any held batch: none of those may be believed, so the shell closes them (as for a
-failed write, server.py ``_journal_failed``); the rest of the held output is released.
+failed write, output.py ``_journal_failed``); the rest of the held output is released.
 A sync still running then proves nothing when it returns (after an EIO, Linux may have
 marked the lost pages clean), and none starts by itself until :meth:`rebuild` has
 written the journal afresh from the core's memory (the shell retries every second,

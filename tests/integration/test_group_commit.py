@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 import aiobus
-from aiobus.broker import server
+from aiobus.broker import durable
 from aiobus.broker.journal import OsFiles
 
 pytestmark = pytest.mark.asyncio
@@ -46,7 +46,7 @@ async def until(condition: Any) -> None:
 
 async def test_a_confirmation_waits_for_its_sync_and_the_loop_does_not(
         short_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(server, "OsFiles", GatedFiles)
+    monkeypatch.setattr(durable, "OsFiles", GatedFiles)
     GatedFiles.gate.set()
     GatedFiles.waiting = 0
     path = str(short_tmp / "g.sock")
@@ -124,7 +124,7 @@ async def test_a_failed_sync_is_rebuilt_from_memory_and_a_restart_keeps_every_co
     are refused until the journal is rebuilt from memory (within the second), and a
     copy of the data directory taken then, as a kill -9 would leave it, starts a real
     broker that holds every confirmed message, with its attempt."""
-    monkeypatch.setattr(server, "OsFiles", LosingFiles)
+    monkeypatch.setattr(durable, "OsFiles", LosingFiles)
     LosingFiles.fail, LosingFiles.failed = False, 0
     path = str(short_tmp / "l.sock")
     data = short_tmp / "data"

@@ -107,7 +107,7 @@ class DurableQueueMachine(QueueMachine):
         return list(recovered.queues)
 
     def _end_turn(self) -> None:
-        """What the shell does after each loop turn (broker/server.py _write_journal).
+        """What the shell does after each loop turn (broker/output.py _write_journal).
         While the journal is damaged (a sync failed) its syncs would prove nothing: the
         shell only writes, refusing durable sends (here the model goes on sending: those
         must survive the rebuild as well)."""
