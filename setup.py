@@ -26,8 +26,9 @@ from setuptools.command.build_ext import build_ext
 # the asyncio shell that feeds them (server.py and the modules its Broker and connections
 # are made of: connection.py, output.py, durable.py, logs.py, a compiled class's bases
 # being compiled too); the client's connection and session (sans-IO), its streams and
-# messages, the Unix-socket backend and the Bus (compiled, a tenth to a third
-# less client CPU per message, docs/performance.md). Left out: aiobus/broker/policy.py
+# messages, the Unix-socket backend (unix.py, unix_link.py, deadlines.py) and the Bus
+# (compiled, a tenth to a third less client CPU per message, docs/performance.md). Left
+# out: aiobus/broker/policy.py
 # (asked once per connection and name, and tests subclass Policy, which a compiled class
 # forbids), the
 # journal's files.py (one write per loop turn; and compiled, its loop over a memoryview,
@@ -65,7 +66,9 @@ COMPILED = [
     "aiobus/client/message.py",
     "aiobus/client/session.py",
     "aiobus/client/streams.py",
+    "aiobus/client/deadlines.py",
     "aiobus/client/unix.py",
+    "aiobus/client/unix_link.py",
 ]
 
 

@@ -245,7 +245,7 @@ async for msg in bus.consume("rpc.add"):
 
 
 async def test_each_request_times_out_at_its_own_deadline(broker: Any) -> None:
-    """The Unix client keeps request timeouts on one loop timer (client/unix.py
+    """The Unix client keeps request timeouts on one loop timer (client/deadlines.py
     _Deadlines): requests with different timeouts, in any order, each raise
     RequestTimeout once their own timeout has passed, and one answered in between
     is not disturbed."""

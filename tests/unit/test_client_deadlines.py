@@ -1,5 +1,5 @@
-"""The Unix client's request timeouts on one loop timer (client/unix.py ``_Deadlines``),
-on a real event loop with deadlines a few milliseconds away."""
+"""The Unix client's request timeouts on one loop timer (client/deadlines.py
+``_Deadlines``), on a real event loop with deadlines a few milliseconds away."""
 
 from __future__ import annotations
 
