@@ -31,9 +31,8 @@ A :class:`ClientConnection` knows frames, never sockets, clocks or futures:
   would write raises it; frames received are still dispatched, so that answers to what
   was already sent arrive while the shell drains on close.
 
-Frames stay plain lists and are dispatched inline, runs of DELIVER/EVENT for one stream
-looking their receiver up once: an event object per frame would cost more than the rest
-of the receive path (docs/performance.md).
+The reading side (:meth:`receive_data` and the handlers of the frames it reads) is
+dispatch.py's ``_Dispatcher``, this class's base.
 
 Reconnecting: :class:`~aiobus.client.session.Session`, which this class extends, keeps
 what a new transport must be given again.
@@ -43,39 +42,23 @@ from __future__ import annotations
 
 import enum
 import itertools
-import re
 from collections.abc import Callable, Iterator
 from typing import Any, Final, Protocol
 
 import msgpack
 
-from ..errors import (
-    BodyDecodeError,
-    BusError,
-    ConnectionLost,
-    FrameTooLarge,
-    RemoteProtocolError,
-    from_code,
-)
-from ..protocol import DEFAULT_MAX_FRAME, PROTOCOL_VERSION, FrameDecoder, Op, decode_body
-from .session import HOLD_BYTES, RESTORING, Session
+from ..errors import BusError, ConnectionLost, FrameTooLarge
+from ..protocol import DEFAULT_MAX_FRAME, PROTOCOL_VERSION, FrameDecoder, Op
+from .dispatch import _Dispatcher
+from .session import HOLD_BYTES
 
 __all__ = ["HOLD_BYTES", "ClientConnection", "ConnectionSink", "State", "StreamReceiver"]
 
 ACK_BATCH: Final = 1024  # tags per ACK_MANY frame at most
-# Tags whose stream is remembered for attributing a late answer, per generation (two
-# generations are kept): answers come within a few reads of their DELIVER in any loop
-# that keeps up, and 64 Ki ints cost ~5 MB at most.
-LEASE_MEMORY: Final = 65536
-_LEASE_ERRORS: Final = frozenset({"lease-expired", "lease-unknown"})
-_DELIVERY_TAG: Final = re.compile(r"\bdelivery (\d+)\b")
 # Ask for a write at once, not at the end of the loop turn, when this much is waiting:
 # bounds the buffer of a producer that never yields.
 FLUSH_AT: Final = 64 * 1024
 _SEND, _PUBLISH, _CREDIT = int(Op.SEND), int(Op.PUBLISH), int(Op.CREDIT)
-_OK, _OK_RANGE, _ERROR = int(Op.OK), int(Op.OK_RANGE), int(Op.ERROR)
-_DELIVER, _EVENT, _EVENTS = int(Op.DELIVER), int(Op.EVENT), int(Op.EVENTS)
-_RESPONSE, _WELCOME, _CLOSE = int(Op.RESPONSE), int(Op.WELCOME), int(Op.CLOSE)
 _NACK = int(Op.NACK)
 _SETTLE_OPS: Final = {"ack": int(Op.ACK), "nack": int(Op.NACK), "reject": int(Op.REJECT)}
 
@@ -129,13 +112,13 @@ class StreamReceiver(Protocol):
     def _events(self, messages: list[list[Any]], dropped: int) -> None: ...
 
 
-class ClientConnection(Session):
+class ClientConnection(_Dispatcher):
     """One client connection's protocol state. See the module docstring."""
 
     def __init__(self, sink: ConnectionSink, *, new_waiter: Callable[[], Any] = object,
                  max_frame: int = DEFAULT_MAX_FRAME, flush_at: int = FLUSH_AT,
                  client_id: str | None = None, hold_bytes: int = HOLD_BYTES) -> None:
-        self._sink = sink
+        super().__init__(sink)
         # Makes the waiter of a SEND the caller passes none for (the asyncio shell:
         # loop.create_future), so that send_nowait is one call deep.
         self._new_waiter = new_waiter
@@ -516,152 +499,3 @@ class ClientConnection(Session):
         if resend and self.client_id is not None:
             self._frames[rid] = self._out[-1]
         return rid
-
-    # -- reading --------------------------------------------------------------------------
-
-    def receive_data(self, data: bytes) -> None:
-        """Decode ``data`` and dispatch every frame it completes.
-
-        Raises:
-            RemoteProtocolError: the broker sent something invalid; the connection is
-                poisoned (frames already dispatched stay dispatched).
-        """
-        try:
-            frames = self._decoder.feed(data)
-            streams, sink = self._streams, self._sink
-            # DELIVER and EVENT, the per-message frames, inline: one read holds runs of
-            # them for the same stream, which is looked up once per run.
-            sid: Any = None
-            receiver: StreamReceiver | None = None
-            base = self._tag_base
-            frames_ = self._frames  # the resend buffer: answered frames leave it
-            lease_sids = self._lease_sids
-            for frame in frames:
-                op = frame[0]
-                if op == _DELIVER:
-                    if frame[1] != sid:
-                        sid = frame[1]
-                        ref = streams.get(sid)
-                        receiver = ref() if ref is not None else None
-                    if receiver is not None:
-                        _, _, tag, message, attempt, reply_to = frame
-                        lease_sids[tag] = sid
-                        receiver._deliver(tag + base, message, attempt, reply_to)
-                elif op == _EVENT or op == _EVENTS:
-                    if frame[1] != sid:
-                        sid = frame[1]
-                        ref = streams.get(sid)
-                        receiver = ref() if ref is not None else None
-                    if receiver is not None:
-                        if op == _EVENT:
-                            receiver._event(frame[2], frame[3])
-                        else:
-                            receiver._events(frame[2], frame[3])
-                else:
-                    sid = None  # whatever that frame did, look the next stream up again
-                    if op == _OK:
-                        waiter = self.pending.pop(frame[1], _MISSING)
-                        if waiter is not _MISSING:
-                            if frames_:
-                                frames_.pop(frame[1], None)
-                            sink.completed(waiter, frame[2])
-                    elif op == _OK_RANGE:
-                        self._on_ok_range(frame)
-                    elif op == _ERROR:
-                        self._on_error(frame)
-                    elif op == _RESPONSE:
-                        self._on_response(frame)
-                    elif op == _WELCOME:
-                        self._on_welcome(frame)
-                    elif op == _CLOSE:
-                        self.close_reason = (frame[1], frame[2])
-                    else:
-                        raise RemoteProtocolError(f"unexpected frame type {op!r}")
-        except (BusError, IndexError, TypeError, ValueError, KeyError) as exc:
-            raise RemoteProtocolError(f"broker sent an invalid frame: {exc!r}") from exc
-        if len(self._lease_sids) >= LEASE_MEMORY:  # once per read, not per DELIVER
-            self._old_lease_sids, self._lease_sids = self._lease_sids, {}
-
-    def _forget_leases(self) -> None:
-        """A new transport: its tags start a new count."""
-        self._lease_sids = {}
-        self._old_lease_sids = {}
-
-    def _on_ok_range(self, frame: list[Any]) -> None:
-        _, first, last = frame
-        pending = self.pending
-        # Bounded by what is pending, whatever range the broker names.
-        rids = (range(first, last + 1) if last - first < len(pending)
-                else [rid for rid in pending if first <= rid <= last])
-        pop = pending.pop
-        waiters = [pop(rid, None) for rid in rids]
-        if self._frames:
-            forget = self._frames.pop
-            for rid in rids:
-                forget(rid, None)
-        self._sink.completed_all(waiters)
-
-    def _on_error(self, frame: list[Any]) -> None:
-        if len(frame) == 5:  # a request's SEND refused: [4, 0, code, message, token]
-            _, rid, code, message, token = frame
-            waiter = self.replies.pop(token, _MISSING) if rid == 0 else _MISSING
-            if waiter is not _MISSING:
-                self._sink.failed(waiter, from_code(code, message))
-                return
-        else:
-            _, rid, code, message = frame
-        waiter = self.pending.pop(rid, _MISSING)
-        self._frames.pop(rid, None)
-        if waiter is _MISSING:
-            self.async_errors += 1
-            receiver = self._answered_by(code, message) if rid == 0 else None
-            if receiver is not None:
-                self._sink.answer_failed(receiver, from_code(code, message))
-            else:
-                self._sink.failed(None, from_code(code, message))
-        elif waiter is RESTORING:  # a stream could not be started again
-            ref = self._streams.get(self._restores.pop(rid, 0))
-            receiver = ref() if ref is not None else None
-            if receiver is not None:
-                self._sink.stream_failed(receiver, from_code(code, message))
-        else:
-            self._sink.failed(waiter, from_code(code, message))
-
-    def _answered_by(self, code: str, message: str) -> StreamReceiver | None:
-        """The consumer that delivered the lease a rid-0 lease ERROR names, if known."""
-        if code not in _LEASE_ERRORS:
-            return None
-        match = _DELIVERY_TAG.search(message)
-        if match is None:
-            return None
-        tag = int(match.group(1))
-        sid = self._lease_sids.get(tag)
-        if sid is None:
-            sid = self._old_lease_sids.get(tag)
-        ref = self._streams.get(sid) if sid is not None else None
-        return ref() if ref is not None else None
-
-    def _on_response(self, frame: list[Any]) -> None:
-        _, token, body, kind, _headers = frame
-        waiter = self.replies.pop(token, _MISSING)
-        if waiter is _MISSING:
-            return
-        try:
-            value = decode_body(body, kind)
-        except Exception as exc:  # the replier's bug, not this connection's
-            self._sink.failed(waiter, BodyDecodeError(f"the reply's body is undecodable: {exc}"))
-        else:
-            self._sink.completed(waiter, value)
-
-    def _on_welcome(self, frame: list[Any]) -> None:
-        info = frame[2]
-        if not self.welcomed:
-            self.welcomed = True
-            self.max_frame = int(info.get("max_frame", DEFAULT_MAX_FRAME))
-            if self.client_id is not None and info.get("dedup") and self._seqs is None:
-                self._seqs = itertools.count(1)
-            self._sink.welcomed(info)
-
-
-_MISSING: Any = object()
-

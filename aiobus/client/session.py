@@ -65,7 +65,6 @@ class Session:
     """The session half of :class:`~aiobus.client.connection.ClientConnection` (see the
     module docstring); the connection's ``__init__`` sets these attributes."""
 
-    _sink: ConnectionSink
     _decoder: FrameDecoder
     error: BusError | None
     _blocked: bool
@@ -92,6 +91,11 @@ class Session:
     _hold_limit: int
     dropped: int
     _tag_base: int
+
+    def __init__(self, sink: ConnectionSink) -> None:
+        # (Set here, in the class that declares it, so that mypyc knows it always set:
+        # no check per access in this class and the connection's reading and writing.)
+        self._sink = sink
 
     # What ClientConnection provides (real methods, not TYPE_CHECKING stubs: the compiled
     # build compiles this class, and mypyc takes no conditional class body).

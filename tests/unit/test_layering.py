@@ -33,6 +33,7 @@ CORE_MODULES = [
     "broker/journal/records.py",
     "broker/journal/replay.py",
     "client/connection.py",
+    "client/dispatch.py",
     "client/session.py",
     "client/nats_map.py",
     "client/nats_topics.py",
