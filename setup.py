@@ -27,13 +27,13 @@ from setuptools.command.build_ext import build_ext
 # are made of: connection.py, output.py, durable.py, logs.py, a compiled class's bases
 # being compiled too); the client's connection (connection.py, dispatch.py) and session
 # (sans-IO), its streams and messages, the Unix-socket backend (unix.py, unix_link.py,
-# deadlines.py) and the Bus (compiled, a tenth to a third less client CPU per message,
-# docs/performance.md). Left out: aiobus/broker/policy.py (asked once per connection and
-# name, and tests subclass Policy, which a compiled class forbids), the journal's
-# files.py (one write per loop turn; and compiled, its loop over a memoryview,
-# ``view = view[os.write(handle, view):]``, wrote the data twice) and repair.py (run
-# once, by hand), errors.py (exceptions get attributes added at run time), the NATS backend
-# (nats-py's time, not ours) and the CLI.
+# deadlines.py) and the Bus (bus.py, admin.py; compiled, a tenth to a third less client
+# CPU per message, docs/performance.md). Left out: aiobus/broker/policy.py (asked once
+# per connection and name, and tests subclass Policy, which a compiled class forbids),
+# the journal's files.py (one write per loop turn; and compiled, its loop over a
+# memoryview, ``view = view[os.write(handle, view):]``, wrote the data twice) and
+# repair.py (run once, by hand), errors.py (exceptions get attributes added at run time),
+# the NATS backend (nats-py's time, not ours) and the CLI.
 COMPILED = [
     "aiobus/_frame_scan.py",
     "aiobus/names.py",
@@ -60,6 +60,7 @@ COMPILED = [
     "aiobus/broker/settings.py",
     "aiobus/broker/timers.py",
     "aiobus/broker/topics.py",
+    "aiobus/client/admin.py",
     "aiobus/client/bus.py",
     "aiobus/client/connection.py",
     "aiobus/client/dispatch.py",
