@@ -24,16 +24,17 @@ from setuptools.command.build_ext import build_ext
 # The per-message paths: the broker's sans-IO core and codec, the journal's records,
 # replay and store (every durable message, and recovery's loop over every record), and
 # the asyncio shell that feeds them (server.py and the modules its Broker and connections
-# are made of: connection.py, output.py, durable.py, logs.py, a compiled class's bases
-# being compiled too); the client's connection (connection.py, dispatch.py) and session
-# (sans-IO), its streams and messages, the Unix-socket backend (unix.py, unix_link.py,
-# deadlines.py) and the Bus (bus.py, admin.py; compiled, a tenth to a third less client
-# CPU per message, docs/performance.md). Left out: aiobus/broker/policy.py (asked once
-# per connection and name, and tests subclass Policy, which a compiled class forbids),
-# the journal's files.py (one write per loop turn; and compiled, its loop over a
-# memoryview, ``view = view[os.write(handle, view):]``, wrote the data twice) and
-# repair.py (run once, by hand), errors.py (exceptions get attributes added at run time),
-# the NATS backend (nats-py's time, not ours) and the CLI.
+# are made of: connection.py, output.py, durable.py, shutdown.py, logs.py; a compiled
+# class's bases must be compiled too); the client's connection (connection.py,
+# dispatch.py) and session (sans-IO), its streams and messages, the Unix-socket backend
+# (unix.py, unix_link.py, deadlines.py) and the Bus (bus.py, admin.py; compiled, a tenth
+# to a third less client CPU per message, docs/performance.md). Left out:
+# aiobus/broker/policy.py (asked once per connection and name, and tests subclass
+# Policy, which a compiled class forbids), the journal's files.py (one write per loop
+# turn; and compiled, its loop over a memoryview,
+# ``view = view[os.write(handle, view):]``, wrote the data twice) and repair.py (run
+# once, by hand), errors.py (exceptions get attributes added at run time), the NATS
+# backend (nats-py's time, not ours) and the CLI.
 COMPILED = [
     "aiobus/_frame_scan.py",
     "aiobus/names.py",
@@ -58,6 +59,7 @@ COMPILED = [
     "aiobus/broker/queues.py",
     "aiobus/broker/server.py",
     "aiobus/broker/settings.py",
+    "aiobus/broker/shutdown.py",
     "aiobus/broker/timers.py",
     "aiobus/broker/topics.py",
     "aiobus/client/admin.py",

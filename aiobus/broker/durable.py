@@ -44,7 +44,7 @@ class DataDirInUse(BusError):
 
 
 class _Durable(_Output):
-    """The journal's side of the :class:`~.server.Broker` (its base; see output.py)."""
+    """The journal's side of the :class:`~.server.Broker` (a base; see output.py)."""
 
     def __init__(self, data_dir: str | os.PathLike[str] | None, fsync: str,
                  fsync_interval: float, repair: bool, max_pending_output: int) -> None:

@@ -1,10 +1,10 @@
 """The broker shell's log: one logger for all its modules, and a rate limit for floods.
 
 The asyncio shell is split over ``server.py`` (lifecycle), ``output.py`` (the core's
-output and the flush), ``durable.py`` (the journal's wiring) and ``connection.py`` (one
-client's protocol); its records keep the one logger name they had before that split,
-``aiobus.broker.server``, which operators filter on and README's ``--log-format json``
-example shows.
+output and the flush), ``durable.py`` (the journal's wiring), ``shutdown.py`` and
+``connection.py`` (one client's protocol); its records keep the one logger name they had
+before that split, ``aiobus.broker.server``, which operators filter on and README's
+``--log-format json`` example shows.
 """
 
 from __future__ import annotations

@@ -18,8 +18,8 @@ A write that fails is handled here (``_journal_failed``); the rest of the journa
 wiring (opening it, failed syncs, the retry, the periodic sync) is durable.py's.
 
 ``_Output`` is the innermost of the :class:`~.server.Broker`'s bases (``Broker`` ->
-``_Durable`` -> ``_Output``, one class in the end, so the hot path gains no call and no
-attribute lookup).
+``_Shutdown`` -> ``_Durable`` -> ``_Output``, one class in the end, so the hot path gains
+no call and no attribute lookup).
 """
 
 from __future__ import annotations

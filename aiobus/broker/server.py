@@ -1,7 +1,7 @@
 """The asyncio shell around :class:`BrokerCore`: the :class:`Broker` serving a Unix socket.
 
-The shell is in five modules, one class in the end (``Broker`` -> ``_Durable`` ->
-``_Output``, so the hot path gains no call layer):
+The shell is in six modules, one class in the end (``Broker`` -> ``_Shutdown`` ->
+``_Durable`` -> ``_Output``, so the hot path gains no call layer):
 
 * connection.py: a client's ``asyncio.Protocol``; it feeds received frames to the core
   synchronously in ``data_received`` (no task per connection, none per message) and
@@ -11,9 +11,10 @@ The shell is in five modules, one class in the end (``Broker`` -> ``_Durable`` -
   ``fsync="always"``, replies are held for their sync);
 * durable.py: the journal: the data directory's lock, replay, failed syncs and the
   rebuild after one, the retry, the periodic sync;
+* shutdown.py: ``aclose``, the graceful shutdown and its drain;
 * logs.py: the one logger name all of them log under, and its rate limit;
 * here: the Broker's lifecycle (binding the socket, recovering the journal before
-  serving, ``serve``, the graceful shutdown and its drain), its connections and timers.
+  serving, ``serve``), its connections and timers.
 
 Timers: the core schedules deadlines on its clockless heap; the shell keeps one
 ``loop.call_at`` armed for the earliest and calls ``core.tick`` when it fires.
@@ -40,7 +41,7 @@ from ..stats import BrokerStats
 from .commit import GroupCommit
 from .connection import _Connection
 from .core import DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CONSUMERS, BrokerCore
-from .durable import DataDirInUse, _Durable
+from .durable import DataDirInUse
 from .logs import _RateLimitedLog, log
 from .monitor import LoopLagMonitor
 from .policy import Policy
@@ -58,12 +59,12 @@ from .settings import (
     DEFAULT_MAX_UNACKED_PER_UID,
     check_dedup,
 )
+from .shutdown import _Shutdown
 
 __all__ = ["FSYNC_POLICIES", "Broker", "BrokerAlreadyRunning", "DataDirInUse"]
 
 FSYNC_POLICIES = ("always", "batch", "never")
 
-_SHUTDOWN_GRACE = 5.0  # seconds to let closing connections drain before aborting them
 # The listen backlog: a burst of clients connecting at once (1,000 in a test) queues here
 # while the loop accepts; nginx and redis default to 511, the Linux cap
 # (net.core.somaxconn) is 4,096 since 5.4. A full backlog makes a Unix-socket connect
@@ -77,7 +78,7 @@ class BrokerAlreadyRunning(BusError):
     code = "already-running"
 
 
-class Broker(_Durable):
+class Broker(_Shutdown):
     """An aiobus broker serving a Unix socket from the running event loop.
 
     The ``aiobus-broker`` daemon runs exactly this; applications and tests embed it.
@@ -341,81 +342,6 @@ class Broker(_Durable):
     async def wait_closed(self) -> None:
         """Wait until :meth:`aclose` has finished."""
         await self._closed.wait()
-
-    async def aclose(self) -> None:
-        """Shut down gracefully.
-
-        Stops accepting and delivering; gives the leases consumers hold up to
-        ``drain_timeout`` seconds to be answered (an ack in that time counts); then sends
-        every client a CLOSE frame with code ``shutdown`` (leases still held fail, one
-        attempt each), closes the connections (aborting those that do not drain within
-        5 s), logs per queue what it keeps (durable queues, in the journal) and what it
-        discards (in-memory queues), writes and syncs the journal, and removes the
-        socket file.
-        """
-        if self._server is None or self._closed.is_set():
-            return
-        self._server.close()
-        self.core.drain()
-        await self._wait_leases_answered()
-        for conn in list(self._conns.values()):
-            self.close(conn.id, "shutdown", "the broker is shutting down")
-        if self._conns:
-            self._all_gone.clear()
-            try:
-                await asyncio.wait_for(self._all_gone.wait(), _SHUTDOWN_GRACE)
-            except TimeoutError:
-                for conn in list(self._conns.values()):
-                    if conn.transport is not None:
-                        conn.transport.abort()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._server.wait_closed(), _SHUTDOWN_GRACE)
-        if self._timer is not None:
-            self._timer.cancel()
-        self.monitor.stop()
-        self._log_what_remains()
-        self._remove_socket_file()
-        self._close_journal()
-        self._closed.set()
-        log.info("aiobus broker stopped")
-
-    async def _wait_leases_answered(self) -> None:
-        """Until no lease is held, or ``drain_timeout`` has passed."""
-        held = self.core.held_leases()
-        if not held or self.drain_timeout <= 0:
-            return
-        log.info("waiting up to %.1f s for consumers to answer %d leases",
-                 self.drain_timeout, held)
-        self._drained = asyncio.Event()  # set by _after_events once none is held
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._drained.wait(), self.drain_timeout)
-        if self.core.held_leases():
-            log.info("%d leases still held after %.1f s: they fail (one attempt each)",
-                     self.core.held_leases(), self.drain_timeout)
-
-    def _log_what_remains(self) -> None:
-        """The honest part of a shutdown: what survives it and what does not."""
-        kept: dict[str, int] = {}
-        lost: dict[str, int] = {}
-        for name, queue in sorted(self.core.queues.queues.items()):
-            count = queue.ready_len + queue.delayed
-            if count:
-                (kept if queue.journal is not None else lost)[name] = count
-        for what, queues in (("keeping", kept), ("discarding", lost)):
-            if queues:
-                where = "durable queues" if what == "keeping" else "in-memory queues"
-                log.info("%s %d messages in %d %s: %s", what, sum(queues.values()),
-                         len(queues), where, ", ".join(f"{n} {c}" for n, c in queues.items()))
-
-    def _remove_socket_file(self) -> None:
-        if self.path is None or self._socket_inode is None:
-            return
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            return
-        if (st.st_dev, st.st_ino) == self._socket_inode:  # still ours, not a successor's
-            os.unlink(self.path)
 
     def stats(self) -> BrokerStats:
         """The same statistics a client gets from ``bus.stats()``."""
