@@ -65,11 +65,11 @@ COMPILED = [
     "aiobus/client/admin.py",
     "aiobus/client/bus.py",
     "aiobus/client/connection.py",
+    "aiobus/client/deadlines.py",
     "aiobus/client/dispatch.py",
     "aiobus/client/message.py",
     "aiobus/client/session.py",
     "aiobus/client/streams.py",
-    "aiobus/client/deadlines.py",
     "aiobus/client/unix.py",
     "aiobus/client/unix_link.py",
 ]
