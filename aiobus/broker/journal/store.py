@@ -179,6 +179,10 @@ class Journal:
         # ``_removed_reason`` as their seqs. Any other record, and write(), first appends
         # them to the buffer, in that order (_end_runs).
         self._run_qid = -1
+        # Its name, as the core passes it: the appending fast paths compare it by
+        # identity (the core passes ``queue.name``, one str object) rather than look up
+        # the qid each call; an equal name that is another object takes the slow path.
+        self._run_name: str | None = None
         self._sent_run: list[bytes] = []
         self._sent_first = self._sent_next = -1
         self._sent_accepted: float | None = None
@@ -222,16 +226,16 @@ class Journal:
              accepted: float | None = None) -> None:
         """A message entered ``queue`` (also: a dead letter entering its DLQ);
         ``accepted``: when its id entered the queue's deduplication window, if it did."""
-        qid = self._s.qids[queue]
-        if (seq == self._sent_next and qid == self._run_qid and accepted == self._sent_accepted
-                and not (failures or expires is not None or due is not None)
-                and len(message) <= _RUN_MESSAGE_MAX and len(self._sent_run) < _RUN_MAX):
+        if (queue is self._run_name and seq == self._sent_next
+                and accepted == self._sent_accepted and not failures and expires is None
+                and due is None and len(message) <= _RUN_MESSAGE_MAX
+                and len(self._sent_run) < _RUN_MAX):
             self._sent_run.append(message)  # the common case: one more in the run
             self._sent_next = seq + 1
             return
-        self._sent(qid, seq, message, failures, expires, due, accepted)
+        self._sent(self._s.qids[queue], queue, seq, message, failures, expires, due, accepted)
 
-    def _sent(self, qid: int, seq: int, message: bytes, failures: int,
+    def _sent(self, qid: int, name: str, seq: int, message: bytes, failures: int,
               expires: float | None, due: float | None, accepted: float | None) -> None:
         """sent() when the message does not continue the Sent run: it starts one, or
         (with state, large, or already live: a copy) is a record of its own."""
@@ -242,7 +246,7 @@ class Journal:
                 and seq >= s.next_seq[qid]):
             if qid != self._run_qid or self._sent_run:
                 self._end_runs()
-            self._run_qid = qid
+            self._run_qid, self._run_name = qid, name
             self._sent_run.append(message)
             self._sent_first, self._sent_next = seq, seq + 1
             self._sent_accepted = accepted
@@ -263,13 +267,14 @@ class Journal:
 
     def delivered(self, queue: str, seq: int) -> None:
         """A delivery attempt started (a lease was granted)."""
+        if queue is self._run_name and len(self._delivered_run) < _RUN_MAX:
+            self._delivered_run.append(seq)
+            return
         qid = self._s.qids[queue]
-        if qid == self._run_qid and len(self._delivered_run) < _RUN_MAX:
-            self._delivered_run.append(seq)
-        else:
+        if qid != self._run_qid or self._delivered_run:
             self._end_runs()
-            self._run_qid = qid
-            self._delivered_run.append(seq)
+        self._run_qid, self._run_name = qid, queue
+        self._delivered_run.append(seq)
 
     def failed(self, queue: str, seq: int, failures: int, due: float | None, *,
                reason: str | None = None, consumer: tuple[int, int] | None = None) -> None:
@@ -284,18 +289,16 @@ class Journal:
 
     def removed(self, queue: str, seq: int, reason: int) -> None:
         """Ack, reply, reject, dead-letter, TTL expiry or overflow drop (a RemovalReason)."""
-        qid = self._s.qids[queue]
         run = self._removed_run
-        if qid == self._run_qid and reason == self._removed_reason and len(run) < _RUN_MAX:
+        if queue is self._run_name and reason == self._removed_reason and len(run) < _RUN_MAX:
             run.append(seq)
-        elif qid == self._run_qid and not run:
-            self._removed_reason = reason
-            run.append(seq)
-        else:
+            return
+        qid = self._s.qids[queue]
+        if qid != self._run_qid or run:
             self._end_runs()
-            self._run_qid = qid
-            self._removed_reason = reason
-            self._removed_run.append(seq)
+        self._run_qid, self._run_name = qid, queue
+        self._removed_reason = reason
+        self._removed_run.append(seq)
 
     def purged(self, queue: str) -> None:
         """Every message of ``queue`` not out for delivery was discarded."""
@@ -407,7 +410,7 @@ class Journal:
             else:
                 buffer += r.encode_removed_run(qid, reason, run)
             self._removed_run = []
-        self._run_qid = -1
+        self._run_qid, self._run_name = -1, None
 
     def _own(self, qid: int, seq: int, size: int) -> None:
         owners = self._s.owner[qid]
@@ -760,7 +763,7 @@ class Journal:
         self._segments, self._by_number = [], {}
         self._add_segment(segment)
         self._buffer = bytearray()
-        self._run_qid = -1  # (the runs are dropped with the buffer)
+        self._run_qid, self._run_name = -1, None  # (the runs are dropped with the buffer)
         self._sent_run, self._delivered_run, self._removed_run = [], [], []
         self._sent_first = self._sent_next = -1
         self._must_truncate = False
