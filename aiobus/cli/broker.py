@@ -369,7 +369,7 @@ def _tune_switch_interval(fsync: str) -> None:
     here: measured inside the broker under W3, the hand-offs' p90 was 1.5-2 ms each. At
     0.5 ms, W3's durable `always` row ran 1.2x faster (docs/performance.md, "The sync
     thread and the GIL"). Only the daemon does this, as with the collector: an embedded
-    Broker leaves its host's interpreter alone (README, "Durable queues")."""
+    Broker leaves its host's interpreter alone (README, "Durability")."""
     if fsync == "always":
         sys.setswitchinterval(SYNC_SWITCH_INTERVAL)
 

@@ -438,10 +438,13 @@ class Journal:
 
     @property
     def pending(self) -> int:
-        """Bytes appended and not yet written (a run being merged: 8 a seq)."""
-        return len(self._buffer) + (self._run_qid >= 0 and (
-            sum(map(len, self._sent_run)) + 4 * len(self._sent_run)
-            + 8 * (len(self._delivered_run) + len(self._removed_run))))
+        """Bytes appended and not yet written; an entry of a run being merged counts 8
+        (the shell asks every turn whether anything is pending: no sum over the runs;
+        statistics() ends them first, so its figure is exact)."""
+        if self._run_qid < 0:
+            return len(self._buffer)
+        return len(self._buffer) + 8 * (len(self._sent_run) + len(self._delivered_run)
+                                        + len(self._removed_run))
 
     def statistics(self) -> JournalStats:
         self._end_runs()  # (into the buffer: the counts include them)
