@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown workloads: {', '.join(sorted(unknown))}")
     plan = workloads.QUICK if args.quick else workloads.FULL
     if args.repeats:
-        plan = dataclasses.replace(plan, repeats=args.repeats, w6_repeats=args.repeats)
+        plan = dataclasses.replace(plan, repeats=args.repeats, w3_repeats=args.repeats,
+                                   w6_repeats=args.repeats)
 
     # 1,000 idle connections plus the broker's own: lift the soft limit on open files.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

@@ -40,6 +40,7 @@ class Plan:
     w1: int
     w2: int
     w3: int
+    w3_repeats: int  # W3's: its ratios (durable_notes) are its point, and runs are short
     w4: int
     w4_warmup: int
     w5: dict[int, int]  # body size -> messages
@@ -49,10 +50,12 @@ class Plan:
     w7_each: int  # messages per producer connection
 
 
-FULL = Plan(repeats=3, w1=200_000, w2=50_000, w3=100_000, w4=10_000, w4_warmup=500,
+FULL = Plan(repeats=3, w1=200_000, w2=50_000, w3=100_000, w3_repeats=5, w4=10_000,
+            w4_warmup=500,
             w5={16: 30_000, 1024: 30_000, 65536: 2_000, 1 << 20: 150},
             w6_messages=1_000_000, w6_connections=1_000, w6_repeats=3, w7_each=1_000)
-QUICK = Plan(repeats=3, w1=10_000, w2=4_000, w3=3_000, w4=1_000, w4_warmup=100,
+QUICK = Plan(repeats=3, w1=10_000, w2=4_000, w3=3_000, w3_repeats=3, w4=1_000,
+             w4_warmup=100,
              w5={16: 3_000, 1 << 20: 20},
              w6_messages=50_000, w6_connections=200, w6_repeats=1, w7_each=20)  # fmt: skip
 
@@ -104,7 +107,7 @@ def many_metrics(results: list[dict[str, Any]], case: Case) -> dict[str, float]:
 
 
 Maker = Callable[[], Case]
-TIMES = "\u00d7"  # the multiplication sign, as report.py writes ratios
+DASH, TIMES = "\u2013", "\u00d7"  # en dash, multiplication sign: as report.py writes
 
 
 def interleave(table: Table, makers: dict[tuple[str, str], Maker],
@@ -218,6 +221,8 @@ W3_ONLY_PEERS = {"RabbitMQ (aio-pika)": rabbitmq_peer.queue_case}
 # msgs/s here: 100,000 would take most of the case's 60 s deadline; 10 s is steady state).
 RABBITMQ_DURABLE_MAX = 25_000
 DURABLE_PEERS = {
+    # (In this order, which interleave keeps in every repeat: the rows durable_notes
+    # compares run one after the other.)
     "aiobus, confirmed sends": aiobus_peer.confirmed_queue_case,
     # The README's worker loop behind the same producer: issue 13's W3 (a producer with
     # confirmed sends in flight, as Redis Streams' pipelined XADDs are), where the loop
@@ -235,21 +240,23 @@ DURABLE_PEERS = {
         lambda env, n, size, consumers, policy=policy: _in_compiled(
             env, aiobus_peer.confirmed_queue_case(env, n, size, consumers, fsync=policy,
                                                   compiled=True)))
-       for policy in ("always", "batch")},
-    **{f"aiobus durable, fsync {policy}": (
-        lambda env, n, size, consumers, policy=policy: aiobus_peer.confirmed_queue_case(
-            env, n, size, consumers, fsync=policy))
-       for policy in ("always", "batch", "never")},
+       for policy in ("batch", "always")},
+    "Redis Streams, AOF fsync always": lambda env, n, size, consumers: redis_peer.queue_case(
+        env, n, size, consumers, aof=True),
+    "aiobus durable, fsync always": lambda env, n, size, consumers: (
+        aiobus_peer.confirmed_queue_case(env, n, size, consumers, fsync="always")),
+    "RabbitMQ durable + confirms": lambda env, n, size, consumers: rabbitmq_peer.queue_case(
+        env, min(n, RABBITMQ_DURABLE_MAX), size, consumers, durable=True),
+    "aiobus durable, fsync batch": lambda env, n, size, consumers: (
+        aiobus_peer.confirmed_queue_case(env, n, size, consumers, fsync="batch")),
     # The same producer on an in-memory queue of the `batch` broker itself: what the
     # journal costs on one broker process (the row above runs on another, whose spread
     # from run to run in one W3 run, up to 2x, was larger than the difference judged).
     "aiobus, confirmed sends, in memory beside the durable ones": (
         lambda env, n, size, consumers: aiobus_peer.confirmed_queue_case(
             env, n, size, consumers, path=env.aiobus_durable["batch"])),
-    "Redis Streams, AOF fsync always": lambda env, n, size, consumers: redis_peer.queue_case(
-        env, n, size, consumers, aof=True),
-    "RabbitMQ durable + confirms": lambda env, n, size, consumers: rabbitmq_peer.queue_case(
-        env, min(n, RABBITMQ_DURABLE_MAX), size, consumers, durable=True),
+    "aiobus durable, fsync never": lambda env, n, size, consumers: (
+        aiobus_peer.confirmed_queue_case(env, n, size, consumers, fsync="never")),
 }
 RPC_PEERS = {
     "aiobus": aiobus_peer.rpc_case,
@@ -293,7 +300,7 @@ def run_workload(key: str, env: Any, plan: Plan, log: Callable[[str], None],
                   for c in (1, 4)
                   for name, f in {**QUEUE_PEERS, **W3_AWAITED_PEERS, **W3_ONLY_PEERS,
                                   **DURABLE_PEERS}.items()}
-        interleave(t, makers, rate_metrics(128), r, log, systems)
+        interleave(t, makers, rate_metrics(128), plan.w3_repeats, log, systems)
         t.notes += durable_notes(t)
         return [t]
     if key == "W4":
@@ -362,7 +369,7 @@ def durable_notes(t: Table) -> list[str]:
         ("aiobus durable, fsync always", "Redis Streams, AOF fsync always", "≥ 2"),
         ("aiobus durable, fsync always", "RabbitMQ durable + confirms", "≥ 10"),
         ("aiobus durable, fsync batch", "aiobus, confirmed sends", "≥ 0.7"),
-        ("aiobus durable, fsync batch", "aiobus, ack_nowait()", "≥ 0.7"),
+        ("aiobus durable, fsync batch", "aiobus, ack_nowait()", ""),  # (unconfirmed sends)
         ("aiobus durable, fsync batch",
          "aiobus, confirmed sends, in memory beside the durable ones", "≥ 0.7"),
         ("aiobus durable, fsync never", "aiobus, confirmed sends", ""),
@@ -370,13 +377,24 @@ def durable_notes(t: Table) -> list[str]:
         (f"{COMPILED} durable, fsync always", "Redis Streams, AOF fsync always", "≥ 2"),
         (f"{COMPILED} durable, fsync batch", f"{COMPILED}, confirmed sends", "≥ 0.7"),
     ]
-    notes = []
+    notes = [f"- {len(next(iter(t.rows.values()), {}).get('msgs/s', []))} repeats per case;"
+             " below, each ratio of medians, then [the median of the ratios of the two rows'"
+             " runs in the same repeat, and their range]: the rows compared are run one"
+             " after the other in each repeat, so a slow second on the machine tends to hit"
+             " both of a pair"]
     for system, other, goal in targets:
         parts = []
         for group in ("1 -> 1", "1 -> 4"):
             a, b = t.median((system, group), "msgs/s"), t.median((other, group), "msgs/s")
             if a and b:
-                parts.append(f"{group} {a / b:.2f}{TIMES}")
+                ours = t.rows[system, group]["msgs/s"]
+                theirs = t.rows[other, group]["msgs/s"]
+                paired = ""
+                if len(ours) == len(theirs) > 1:
+                    ratios = [x / y for x, y in zip(ours, theirs, strict=True)]
+                    paired = (f" [{statistics.median(ratios):.2f}{TIMES},"
+                              f" {min(ratios):.2f}{DASH}{max(ratios):.2f}]")
+                parts.append(f"{group} {a / b:.2f}{TIMES}{paired}")
         if parts:
             target = f" (target {goal})" if goal else ""
             notes.append(f"- {system} ÷ {other}: {', '.join(parts)}{target}")
