@@ -42,7 +42,6 @@ failed sync").
 from __future__ import annotations
 
 import asyncio
-import functools
 from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -124,16 +123,31 @@ class GroupCommit(Generic[T]):
         ticket = self.journal.begin_sync()
         self._running.append(ticket)
         self.syncs += 1
-        future = self.loop.run_in_executor(self._executor, self.journal.sync_file, ticket)
-        future.add_done_callback(functools.partial(self._ended, ticket))
+        self._executor.submit(self._sync, ticket)
         return ticket
 
-    def _ended(self, ticket: SyncTicket, future: asyncio.Future[None]) -> None:
+    def _sync(self, ticket: SyncTicket) -> None:
+        """In the worker thread: the fdatasync, then :meth:`_ended` in the loop. One hop
+        back (``call_soon_threadsafe``), not ``run_in_executor``'s two (its future's
+        result is set in one loop iteration, its done callbacks run in the next): the
+        held confirmations wait for the loop anyway, and a busy loop's iteration is
+        about a millisecond here."""
+        try:
+            self.journal.sync_file(ticket)
+        except BaseException as exc:  # (an OSError is the sync's; else a bug, raised there)
+            error: BaseException | None = exc
+        else:
+            error = None
+        try:
+            self.loop.call_soon_threadsafe(self._ended, ticket, error)
+        except RuntimeError:  # the loop is closed: close() has ended the ticket
+            pass
+
+    def _ended(self, ticket: SyncTicket, exc: BaseException | None) -> None:
         if ticket not in self._running:  # closed meanwhile
             return
         self._running.remove(ticket)
         after = self._after.pop(id(ticket), None)
-        exc = future.exception()
         error = exc if isinstance(exc, OSError) else None
         if exc is not None and error is None:
             raise exc  # a bug: let the loop's exception handler see it
