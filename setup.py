@@ -21,14 +21,15 @@ from typing import Any
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
-# The per-message paths: the broker's sans-IO core and codec, the journal's records,
-# replay and store (every durable message, and recovery's loop over every record), and
-# the asyncio shell that feeds them (server.py and the modules its Broker and connections
-# are made of: connection.py, output.py, durable.py, shutdown.py, logs.py; a compiled
-# class's bases must be compiled too); the client's connection (connection.py,
-# dispatch.py) and session (sans-IO), its streams and messages, the Unix-socket backend
-# (unix.py, unix_link.py, deadlines.py) and the Bus (bus.py, admin.py; compiled, a tenth
-# to a third less client CPU per message, docs/performance.md). Left out:
+# The per-message paths: the broker's sans-IO core and codec, the journal's records
+# (records.py, decode.py), replay and store (every durable message, and recovery's loop
+# over every record), and the asyncio shell that feeds them (server.py and the modules
+# its Broker and connections are made of: connection.py, output.py, durable.py,
+# shutdown.py, logs.py; a compiled class's bases must be compiled too); the client's
+# connection (connection.py, dispatch.py) and session (sans-IO), its streams and
+# messages, the Unix-socket backend (unix.py, unix_link.py, deadlines.py) and the Bus
+# (bus.py, admin.py; compiled, a tenth to a third less client CPU per message,
+# docs/performance.md). Left out:
 # aiobus/broker/policy.py (asked once per connection and name, and tests subclass
 # Policy, which a compiled class forbids), the journal's files.py (one write per loop
 # turn; and compiled, its loop over a memoryview,
@@ -45,6 +46,7 @@ COMPILED = [
     "aiobus/broker/dedup.py",
     "aiobus/broker/durable.py",
     "aiobus/broker/handlers.py",
+    "aiobus/broker/journal/decode.py",
     "aiobus/broker/journal/records.py",
     "aiobus/broker/journal/recovery.py",
     "aiobus/broker/journal/replay.py",

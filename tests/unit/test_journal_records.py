@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from aiobus.broker.journal import decode as d
 from aiobus.broker.journal import records as r
 from aiobus.broker.journal.replay import Replay
 
@@ -74,7 +75,7 @@ def segment(*encoded: bytes, number: int = 1) -> bytes:
 
 @pytest.mark.parametrize(("encoded", "record"), RECORDS)
 def test_each_record_round_trips(encoded: bytes, record: r.Record) -> None:
-    decoded = r.decode_segment(segment(encoded), last=True)
+    decoded = d.decode_segment(segment(encoded), last=True)
     assert decoded.records == [(r.HEADER_SIZE, record)]
     assert decoded.bad_at is None and decoded.number == 1
 
@@ -94,22 +95,22 @@ def version_1_header(number: int) -> bytes:
 
 def test_version_1_segments_are_read_and_unknown_versions_refused() -> None:
     body = b"".join(e for e, _ in RECORDS[:3])
-    old = r.decode_segment(version_1_header(5) + body, last=True)
+    old = d.decode_segment(version_1_header(5) + body, last=True)
     assert (old.number, old.bad_at) == (5, None)
-    assert old.records == r.decode_segment(segment(body, number=5), last=True).records
-    assert r.header_version(version_1_header(5)) == 1
-    assert r.header_version(segment(number=5)) == r.FORMAT_VERSION == 5
+    assert old.records == d.decode_segment(segment(body, number=5), last=True).records
+    assert d.header_version(version_1_header(5)) == 1
+    assert d.header_version(segment(number=5)) == r.FORMAT_VERSION == 5
     head = r._SEGMENT_HEADER.pack(r.MAGIC, 6, 0, 5)
     newer = head + r._crc(head).to_bytes(4, "little")
-    assert r.decode_segment(newer + body, last=True).number is None
+    assert d.decode_segment(newer + body, last=True).number is None
 
 
 def test_a_segment_decodes_whole_and_cut_at_every_offset() -> None:
     data = segment(*(e for e, _ in RECORDS))
-    starts = [o for o, _ in r.decode_segment(data, last=True).records]
+    starts = [o for o, _ in d.decode_segment(data, last=True).records]
     ends = [*starts[1:], len(data)]
     for cut in range(r.HEADER_SIZE, len(data) + 1):
-        decoded = r.decode_segment(data[:cut], last=True)
+        decoded = d.decode_segment(data[:cut], last=True)
         whole = sum(1 for end in ends if end <= cut)
         assert [rec for _, rec in decoded.records] == [rec for _, rec in RECORDS[:whole]]
         if cut in ends or cut == r.HEADER_SIZE:
@@ -120,32 +121,32 @@ def test_a_segment_decodes_whole_and_cut_at_every_offset() -> None:
 
 def test_damage_followed_by_good_records_is_corruption_not_a_torn_tail() -> None:
     data = bytearray(segment(*(e for e, _ in RECORDS)))
-    second = r.decode_segment(bytes(data), last=True).records[1][0]
+    second = d.decode_segment(bytes(data), last=True).records[1][0]
     data[second + 10] ^= 0x04
-    decoded = r.decode_segment(bytes(data), last=True)
+    decoded = d.decode_segment(bytes(data), last=True)
     assert decoded.bad_at == second and not decoded.torn
     assert decoded.resync_at is not None and decoded.resync_at > second
-    good, spans = r.salvage(bytes(data))
+    good, spans = d.salvage(bytes(data))
     assert spans == [(second, decoded.resync_at)]
     assert len(good) == len(RECORDS) - 1
 
 
 def test_a_bad_tail_in_a_sealed_segment_is_corruption() -> None:
     data = segment(*(e for e, _ in RECORDS))[:-3]
-    assert not r.decode_segment(data, last=False).torn
+    assert not d.decode_segment(data, last=False).torn
 
 
 def test_a_bad_header_is_reported() -> None:
     data = bytearray(segment(RECORDS[0][0]))
     data[9] ^= 1
-    assert r.decode_segment(bytes(data), last=True).number is None
+    assert d.decode_segment(bytes(data), last=True).number is None
 
 
 @given(st.binary(max_size=300))
 def test_the_decoder_never_raises_on_garbage(garbage: bytes) -> None:
-    decoded = r.decode_segment(segment(RECORDS[1][0]) + garbage, last=True)
+    decoded = d.decode_segment(segment(RECORDS[1][0]) + garbage, last=True)
     assert decoded.records[0][1] == RECORDS[1][1]
-    r.salvage(segment() + garbage)
+    d.salvage(segment() + garbage)
 
 
 def replay(*records: r.Record) -> Replay:
@@ -319,14 +320,14 @@ LIFE = [
 
 def both_ways(data: bytes, *, last: bool) -> None:
     slow = Replay()
-    decoded = r.decode_segment(data, last=last)
+    decoded = d.decode_segment(data, last=last)
     slow.segment = decoded.number or 0
     ends = [o for o, _ in decoded.records[1:]] + [decoded.end][:len(decoded.records)]
     for (at, record), end in zip(decoded.records, ends, strict=True):
         slow.apply(record, end - at)
     fast = Replay()
     verdict = fast.read_segment(data, last=last)
-    assert verdict == r.Decoded(decoded.number, [], decoded.end, decoded.bad_at,
+    assert verdict == d.Decoded(decoded.number, [], decoded.end, decoded.bad_at,
                                 decoded.torn, decoded.resync_at)
     assert fast.records == slow.records
     assert fast.queues == slow.queues
@@ -336,8 +337,8 @@ def both_ways(data: bytes, *, last: bool) -> None:
 
 @pytest.mark.parametrize("body", MALFORMED)
 def test_the_flat_loop_refuses_what_decode_body_refuses(body: bytes) -> None:
-    with pytest.raises(r.DECODE_ERRORS):
-        r.decode_body(body)
+    with pytest.raises(d.DECODE_ERRORS):
+        d.decode_body(body)
     for tail in (b"", LIFE[1]):  # torn, and corrupt (a good record follows)
         both_ways(segment(*LIFE[:4], r._frame(body), tail), last=True)
 
@@ -389,7 +390,7 @@ def test_a_sent_run_replays_as_its_sent_records_would(
     """Version 5: a SentRun says what as many Sent records in a row say (the messages'
     own bytes in the owner index aside: each counts its bytes and its length's 4)."""
     run = sent_run(qid, first, messages, accepted)
-    assert r.decode_segment(segment(run), last=True).records == [
+    assert d.decode_segment(segment(run), last=True).records == [
         (r.HEADER_SIZE, r.SentRun(qid, first, messages, accepted))]
     declared = r.encode_declared(qid, "q", {}, first)
     one_by_one = [r.encode_sent(qid, seq, message, accepted=accepted)

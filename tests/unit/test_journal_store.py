@@ -19,6 +19,7 @@ from aiobus.broker.journal import (
     RemovalReason,
     repair,
 )
+from aiobus.broker.journal import decode as d
 from aiobus.broker.journal import records as r
 from aiobus.broker.journal.files import segment_name
 from aiobus.broker.snapshot import QueueSnapshot, SnapshotMessage
@@ -114,7 +115,7 @@ def test_truncating_the_last_segment_anywhere_loses_no_whole_record() -> None:
     build(fs, 30)
     (name,) = fs.list()
     data = fs.read(name)
-    records = r.decode_segment(data, last=True).records
+    records = d.decode_segment(data, last=True).records
     ends = [o for o, _ in records[1:]] + [len(data)]
     for cut in range(len(data) + 1):
         cut_fs = CrashFS()
@@ -146,7 +147,7 @@ def test_a_flipped_bit_is_refused_then_repaired_with_the_losses_named(which: str
     assert len(names) >= 3
     name = names[0] if which == "sealed" else names[-1]
     data = bytearray(fs.read(name))
-    records = r.decode_segment(bytes(data), last=name == names[-1]).records
+    records = d.decode_segment(bytes(data), last=name == names[-1]).records
     victim_at, victim = next((o, rec) for o, rec in records[len(records) // 2:]
                              if isinstance(rec, r.Sent) and rec.seq % 3 != 1)
     data[victim_at + 12] ^= 0x10
@@ -175,7 +176,7 @@ def test_enospc_is_typed_leaves_nothing_torn_and_writes_resume() -> None:
     with pytest.raises(JournalError) as caught:
         journal.write()
     assert caught.value.cause == "ENOSPC" and caught.value.file is not None
-    assert r.decode_segment(fs.read(fs.list()[0]), last=False).bad_at is None
+    assert d.decode_segment(fs.read(fs.list()[0]), last=False).bad_at is None
     assert live(fs) == {"q": [(0, 0, None)]}  # reads still work
     fs.space = None
     journal.sent("q", 2, packed("q", 2))
@@ -395,7 +396,7 @@ def test_a_version_1_journal_is_read_and_new_records_go_to_a_new_segment() -> No
     journal.sync()
     journal.close()
     assert fs.read(segment_name(1)) == old
-    assert r.header_version(fs.read(segment_name(2))) == r.FORMAT_VERSION
+    assert d.header_version(fs.read(segment_name(2))) == r.FORMAT_VERSION
     assert details(fs) == {0: (2, "why", (1, 2))}
 
 
@@ -486,7 +487,7 @@ def test_a_segment_goes_only_after_a_sync_that_began_after_its_removals() -> Non
 
 def records_of(fs: CrashFS) -> list[r.Record]:
     return [record for name in fs.list() if name.endswith(".seg")
-            for _, record in r.decode_segment(fs.read(name), last=True).records]
+            for _, record in d.decode_segment(fs.read(name), last=True).records]
 
 
 def test_deliveries_and_removals_in_a_row_are_merged_into_runs_in_order() -> None:
@@ -586,7 +587,7 @@ def test_a_version_3_journal_is_read_and_runs_go_to_a_new_segment() -> None:
     journal.sync()
     journal.close()
     assert fs.read(segment_name(1)) == old
-    assert r.header_version(fs.read(segment_name(2))) == r.FORMAT_VERSION == 5
+    assert d.header_version(fs.read(segment_name(2))) == r.FORMAT_VERSION == 5
     assert r.RemovedRun(1, ACKED, [2, 3]) in records_of(fs)
     assert live(fs) == {"q": [(1, 1, None)]}
 
@@ -607,7 +608,7 @@ def test_a_segment_head_holds_the_window_as_runs_once_the_core_is_attached() -> 
         seq += 1
     journal.sync()
     journal.close()
-    head = r.decode_segment(fs.read(fs.list()[-1]), last=True).records
+    head = d.decode_segment(fs.read(fs.list()[-1]), last=True).records
     assert [record for _, record in head[:2]] == [
         r.QueueDeclared(1, "jobs", {}, seq), r.DedupRuns(1, runs)]
     again, recovered = Journal.open(fs, segment_size=600)
@@ -619,5 +620,5 @@ def test_a_segment_head_holds_the_window_as_runs_once_the_core_is_attached() -> 
         again.write()
         seq += 1
     again.close()
-    head = r.decode_segment(fs.read(fs.list()[-1]), last=True).records
+    head = d.decode_segment(fs.read(fs.list()[-1]), last=True).records
     assert head[1][1] == r.DedupIds(1, window)

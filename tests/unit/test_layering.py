@@ -31,6 +31,7 @@ CORE_MODULES = [
     "broker/settings.py",
     "broker/policy.py",
     "broker/journal/records.py",
+    "broker/journal/decode.py",
     "broker/journal/replay.py",
     "client/connection.py",
     "client/dispatch.py",

@@ -1,9 +1,10 @@
 """The durable-queue journal: segment files of checksummed records, and their replay.
 
-Sans-IO: ``records`` (the format: encoding and the decoder) and ``replay`` (folding
-records into the live state). With I/O: ``files`` (the file-access interface and its
-``os`` implementation), ``recovery`` (reading a directory back), ``store`` (segments,
-the append buffer, write/sync, compaction) and ``repair``; ``errors`` is shared.
+Sans-IO: ``records`` (the format: record types and encoding), ``decode`` (the decoder)
+and ``replay`` (folding records into the live state). With I/O: ``files`` (the
+file-access interface and its ``os`` implementation), ``recovery`` (reading a directory
+back), ``store`` (segments, the append buffer, write/sync, compaction) and ``repair``;
+``errors`` is shared.
 docs/journal.md describes the format and the rules.
 """
 

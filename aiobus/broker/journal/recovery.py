@@ -11,9 +11,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from .decode import is_base
 from .errors import JournalCorrupt
 from .files import Files, segment_names
-from .records import HEADER_SIZE, is_base
+from .records import HEADER_SIZE
 from .replay import LiveMessage, Replay
 
 __all__ = [

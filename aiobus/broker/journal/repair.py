@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from . import decode as d
 from . import records as r
 from .files import SUFFIX, Files, segment_names
 
@@ -42,9 +43,9 @@ def repair(files: Files, name: str) -> RepairReport:
     """
     names = segment_names(files)
     data = files.read(name)
-    good, spans = r.salvage(data)
+    good, spans = d.salvage(data)
     header = data[:r.HEADER_SIZE]
-    if r.decode_segment(header, last=False).number is None:
+    if d.decode_segment(header, last=False).number is None:
         header = r.segment_header(int(name.removesuffix(SUFFIX)))
         spans.insert(0, (0, r.HEADER_SIZE))
     later = names[names.index(name) + 1:]
@@ -65,7 +66,7 @@ def repair(files: Files, name: str) -> RepairReport:
                 range(record.first, record.first + len(record.messages)))
     end: dict[int, int] = {qid: max(seqs) + 1 for qid, seqs in seen.items()}
     for i, later_name in enumerate(later):
-        decoded = r.decode_segment(files.read(later_name), last=i == len(later) - 1)
+        decoded = d.decode_segment(files.read(later_name), last=i == len(later) - 1)
         for _, record in decoded.records:
             if type(record) is r.QueueDeclared and record.qid in start and i == 0:
                 end[record.qid] = max(end.get(record.qid, 0), record.next_seq)

@@ -17,10 +17,10 @@ details: those are compaction copies of failed messages, and rare), Delivered an
 Removed straight into the state, with no record object and no call per record, as
 msgpack and redis keep their hot loops flat (the run records of version 4 stand for many
 Delivered or Removed each: one decode and one call per run). It hands every other kind to
-:func:`~.records.decode_body` and :meth:`apply`, and stops at the first record that
-:func:`~.records.decode_body` would refuse (a short body, an unknown reason), so it
-accepts exactly what :func:`~.records.decode_segment` does; the torn-or-corrupt verdict
-on what follows is :func:`~.records.classify_damage`'s, as before.
+:func:`~.decode.decode_body` and :meth:`apply`, and stops at the first record that
+:func:`~.decode.decode_body` would refuse (a short body, an unknown reason), so it
+accepts exactly what :func:`~.decode.decode_segment` does; the torn-or-corrupt verdict
+on what follows is :func:`~.decode.classify_damage`'s, as before.
 
 Deduplication windows (version 3): a queue's window is rebuilt from the DedupIds records
 (a segment starts with each queue's whole window, so deleting older segments loses
@@ -52,6 +52,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import decode as d
 from . import records as r
 
 __all__ = ["RESTART_REASON", "LiveMessage", "LiveQueue", "Replay"]
@@ -147,7 +148,7 @@ class Replay:
                 queue = self.queues.get(qid)
                 if queue is not None:
                     if accepted is not None:
-                        mid = r.message_id(message)
+                        mid = d.message_id(message)
                         if mid is not None and accepted >= queue.dedup.get(mid, -1.0):
                             # The latest acceptance counts, in its place in the order
                             # (which decides what leaves first by count): a later record
@@ -268,7 +269,7 @@ class Replay:
         base = self.segment << 32
         for seq, message in enumerate(messages, first):
             if accepted is not None:
-                mid = r.message_id(message)
+                mid = d.message_id(message)
                 if mid is not None and accepted >= dedup.get(mid, -1.0):
                     dedup.pop(mid, None)
                     dedup[mid] = accepted
@@ -287,18 +288,18 @@ class Replay:
             elif queue.in_flight:
                 queue.in_flight.discard(seq)
 
-    def read_segment(self, data: bytes, *, last: bool) -> r.Decoded:
+    def read_segment(self, data: bytes, *, last: bool) -> d.Decoded:
         """Apply every good record of one segment's bytes, in one flat loop.
 
-        Returns what :func:`~.records.decode_segment` would, except that ``records`` is
+        Returns what :func:`~.decode.decode_segment` would, except that ``records`` is
         empty: they were applied. On damage the records before it are applied too; the
         caller refuses the whole replay if the verdict is corrupt.
         """
-        number = r.read_header(data)
+        number = d.read_header(data)
         if number is None:
-            return r.Decoded(None, [], 0, 0, False, None)
+            return d.Decoded(None, [], 0, 0, False, None)
         self.segment = number
-        self.version = r.header_version(data)
+        self.version = d.header_version(data)
         self.bytes += len(data)
         queues = self.queues
         view = memoryview(data)
@@ -307,7 +308,7 @@ class Replay:
         count = 0
         frame = r.FRAME.unpack_from
         f64 = r.F64.unpack_from
-        message_id = r.message_id
+        message_id = d.message_id
         crc32 = zlib.crc32
         reasons = _REASONS
         max_record = r.MAX_RECORD
@@ -368,8 +369,8 @@ class Replay:
                         queue.plain[seq] = message
             elif kind == _SENT_RUN:
                 try:
-                    run = r.decode_body(view[at + 8:end])
-                except r.DECODE_ERRORS:
+                    run = d.decode_body(view[at + 8:end])
+                except d.DECODE_ERRORS:
                     break
                 if queue is not None:
                     assert type(run) is r.SentRun
@@ -392,8 +393,8 @@ class Replay:
                         queue.in_flight.discard(seq)
             else:
                 try:
-                    record = r.decode_body(view[at + 8:end])
-                except r.DECODE_ERRORS:
+                    record = d.decode_body(view[at + 8:end])
+                except d.DECODE_ERRORS:
                     break
                 self.apply(record, end - at)
                 last_qid = -1  # it may have declared or deleted a queue
@@ -401,7 +402,7 @@ class Replay:
             count += 1
             at = end
         self.records += count
-        return r.classify_damage(data, number, [], at, last=last)
+        return d.classify_damage(data, number, [], at, last=last)
 
     def finish(self) -> list[tuple[int, LiveMessage]]:
         """End of the journal: a delivery nobody answered was an attempt that failed,

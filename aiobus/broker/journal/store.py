@@ -82,6 +82,7 @@ from typing import Any, cast
 
 from ...stats import JournalStats
 from ..snapshot import QueueSnapshot
+from . import decode as d
 from . import records as r
 from .errors import JournalError, os_error_name
 from .files import Files, segment_name
@@ -599,7 +600,7 @@ class Journal:
         return copied
 
     def _copy_forward(self, segment: _Segment) -> int:
-        decoded = r.decode_segment(self.files.read(segment_name(segment.number)), last=False)
+        decoded = d.decode_segment(self.files.read(segment_name(segment.number)), last=False)
         copied = 0
         for _, record in decoded.records:
             if type(record) is r.Sent:
