@@ -22,17 +22,17 @@ from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
 # The per-message paths: the broker's sans-IO core and codec, the journal's records
-# (records.py, decode.py), replay and store (every durable message, and recovery's loop
-# over every record), and the asyncio shell that feeds them (server.py and the modules
-# its Broker and connections are made of: connection.py, output.py, durable.py,
-# shutdown.py, logs.py; a compiled class's bases must be compiled too); the client's
-# connection (connection.py, dispatch.py) and session (sans-IO), its streams and
-# messages, the Unix-socket backend (unix.py, unix_link.py, deadlines.py) and the Bus
-# (bus.py, admin.py; compiled, a tenth to a third less client CPU per message,
-# docs/performance.md). Left out:
-# aiobus/broker/policy.py (asked once per connection and name, and tests subclass
-# Policy, which a compiled class forbids), the journal's files.py (one write per loop
-# turn; and compiled, its loop over a memoryview,
+# (records.py, decode.py), replay and store (store.py and its layers appending.py,
+# segments.py and compaction.py; every durable message, and recovery's loop over every
+# record), and the asyncio shell that feeds them (server.py and the modules its Broker
+# and connections are made of: connection.py, output.py, durable.py, shutdown.py,
+# logs.py; a compiled class's bases must be compiled too); the client's connection
+# (connection.py, dispatch.py) and session (sans-IO), its streams and messages, the
+# Unix-socket backend (unix.py, unix_link.py, deadlines.py) and the Bus (bus.py,
+# admin.py; compiled, a tenth to a third less client CPU per message,
+# docs/performance.md). Left out: aiobus/broker/policy.py (asked once per connection and
+# name, and tests subclass Policy, which a compiled class forbids), the journal's
+# files.py (one write per loop turn; and compiled, its loop over a memoryview,
 # ``view = view[os.write(handle, view):]``, wrote the data twice) and repair.py (run
 # once, by hand), errors.py (exceptions get attributes added at run time), the NATS
 # backend (nats-py's time, not ours) and the CLI.
@@ -46,10 +46,13 @@ COMPILED = [
     "aiobus/broker/dedup.py",
     "aiobus/broker/durable.py",
     "aiobus/broker/handlers.py",
+    "aiobus/broker/journal/appending.py",
+    "aiobus/broker/journal/compaction.py",
     "aiobus/broker/journal/decode.py",
     "aiobus/broker/journal/records.py",
     "aiobus/broker/journal/recovery.py",
     "aiobus/broker/journal/replay.py",
+    "aiobus/broker/journal/segments.py",
     "aiobus/broker/journal/store.py",
     "aiobus/broker/logs.py",
     "aiobus/broker/output.py",

@@ -3,8 +3,9 @@
 Sans-IO: ``records`` (the format: record types and encoding), ``decode`` (the decoder)
 and ``replay`` (folding records into the live state). With I/O: ``files`` (the
 file-access interface and its ``os`` implementation), ``recovery`` (reading a directory
-back), ``store`` (segments, the append buffer, write/sync, compaction) and ``repair``;
-``errors`` is shared.
+back), ``store`` (the Journal, in layers: ``appending``, the append buffer and its
+runs; ``segments``, write/sync and rotation; ``compaction``, compaction and rebuild) and
+``repair``; ``errors`` is shared.
 docs/journal.md describes the format and the rules.
 """
 

@@ -437,7 +437,7 @@ def encode_dedup_runs(qid: int, runs: list[tuple[str, int, int, float]]) -> byte
 
 
 # The header's reserved field: bit 0 marks a *base* segment, written whole from the
-# broker's memory after a failed fdatasync (store.py ``Journal.rebuild``). It holds every
+# broker's memory after a failed fdatasync (compaction.py ``Journal.rebuild``). It holds every
 # live message, so the segments numbered below it are superseded: recovery skips (and
 # deletes) them, for their pages may not hold what was written (docs/journal.md, "After
 # a failed sync"). Readers before it ignore the field and read the segment as any other.

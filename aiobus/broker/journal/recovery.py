@@ -122,7 +122,7 @@ def replay_files(files: Files) -> tuple[Replay, list[tuple[int, int]], TornTail 
     names = segment_names(files)
     for i in range(len(names) - 1, 0, -1):  # the newest base segment supersedes the rest
         if is_base(files.read_head(names[i], HEADER_SIZE)):
-            # A rebuild after a failed sync (store.py) ended before it removed them:
+            # A rebuild after a failed sync (compaction.py) ended before it removed them:
             # their pages may hold garbage where records were, so they are not read.
             for name in names[:i]:
                 files.remove(name)

@@ -36,7 +36,7 @@ time, not out for delivery. A queue keeps those as their packed bytes alone
 (``LiveQueue.messages``); a stateless message moves to ``messages`` when a Failed names
 it, and one out for delivery is only noted (``LiveQueue.in_flight``): most Delivered
 records are followed by their Removed. ``LiveQueue.owner`` holds, for every live message,
-``segment << 32 | size`` of its Sent record, the store's owner index as is (store.py). So
+``segment << 32 | size`` of its Sent record, the store's owner index as is (appending.py). So
 replaying a queued message costs two dict entries, not an object. :meth:`LiveQueue.live`
 gives the whole state as LiveMessages (tests, and the rare reader).
 
