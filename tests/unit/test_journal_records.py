@@ -55,6 +55,7 @@ RECORDS: list[tuple[bytes, r.Record]] = [
     (r.encode_delivered_run(1, [2**40, 2**40 + 1, 2**40 + 256]),
      r.DeliveredRun(1, [2**40, 2**40 + 1, 2**40 + 256])),
     (r.encode_delivered_run(1, [5, 6, 10, 265]), r.DeliveredRun(1, [5, 6, 10, 265])),
+    (r.encode_delivered_run(1, [9, 10, 11, 12]), r.DeliveredRun(1, [9, 10, 11, 12])),
     (r.encode_removed_run(2, r.RemovalReason.EXPIRED, [3, 1]),
      r.RemovedRun(2, r.RemovalReason.EXPIRED, [3, 1])),
     (r.encode_removed_run(2, r.RemovalReason.ACKED, [3, 4, 7]),
@@ -402,3 +403,22 @@ def test_a_sent_run_replays_as_its_sent_records_would(
     assert (got.plain, got.next_seq, got.dedup) == (want.plain, want.next_seq, want.dedup)
     assert {seq: entry & 0xFFFFFFFF for seq, entry in got.owner.items()} == {
         seq: len(message) + 4 for seq, message in enumerate(messages, first)}
+
+
+def _seqs_stepwise(seqs: list[int]) -> bytes:
+    """A run's seqs as the format defines them, step by step (records.py takes a
+    shortcut for consecutive ones)."""
+    steps = [b - a for a, b in zip(seqs, seqs[1:], strict=False)]  # noqa: RUF007
+    if 0 < min(steps) and max(steps) < 256:
+        return bytes([r.RUN_DELTAS]) + seqs[0].to_bytes(8, "little") + bytes(steps)
+    return bytes([r.RUN_SEQS]) + b"".join(seq.to_bytes(8, "little", signed=True)
+                                          for seq in seqs)
+
+
+@given(st.one_of(
+    st.tuples(st.integers(0, 2**62), st.integers(2, 300)).map(
+        lambda fc: list(range(fc[0], fc[0] + fc[1]))),  # consecutive: the shortcut
+    st.lists(st.integers(0, 2**62), min_size=2, max_size=50),
+    st.lists(st.integers(0, 600), min_size=2, max_size=50).map(sorted)))
+def test_a_runs_seqs_are_encoded_as_the_format_says(seqs: list[int]) -> None:
+    assert r._seqs(seqs) == _seqs_stepwise(seqs)

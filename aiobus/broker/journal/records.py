@@ -46,6 +46,7 @@ import zlib
 from array import array
 from dataclasses import dataclass
 from enum import IntEnum
+from operator import sub
 from typing import Any, Final
 
 import msgpack
@@ -309,9 +310,14 @@ RUN_DELTAS, RUN_SEQS = 1, 8
 
 
 def _seqs(seqs: list[int]) -> bytes:
-    steps = [b - a for a, b in zip(seqs, seqs[1:], strict=False)]  # noqa: RUF007
+    first, count = seqs[0], len(seqs)
+    if seqs[-1] - first == count - 1 and seqs == list(range(first, first + count)):
+        # consecutive, the usual run (a pump's deliveries, one consumer's acks): no
+        # per-seq step computed (C-level comparisons only)
+        return bytes([RUN_DELTAS]) + first.to_bytes(8, "little") + b"\x01" * (count - 1)
+    steps = list(map(sub, seqs[1:], seqs))
     if 0 < min(steps) and max(steps) < 256:
-        return bytes([RUN_DELTAS]) + seqs[0].to_bytes(8, "little") + bytes(steps)
+        return bytes([RUN_DELTAS]) + first.to_bytes(8, "little") + bytes(steps)
     packed = array("q", seqs)
     if sys.byteorder != "little":
         packed.byteswap()
