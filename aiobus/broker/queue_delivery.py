@@ -42,7 +42,6 @@ class QueueDelivery(QueueFailures):
         admit parked sends while there is room. Loops rather than recursing, so any number
         of parked sends is admitted at constant stack depth."""
         ready, available = queue.ready, queue.available
-        journaled: list[int] | None = None  # seqs delivered: one journal call at the end
         while True:
             while queue.ready_len and available:
                 consumer = available.popleft()
@@ -63,12 +62,7 @@ class QueueDelivery(QueueFailures):
                     seqs = entry.seqs
                     if seqs is not None:  # a durable queue's: the lease holds its seq
                         queue.ready_len -= 1
-                        seq = seqs[i]
-                        if journaled is None:
-                            journaled = [seq]
-                        else:
-                            journaled.append(seq)
-                        self._deliver(queue, consumer, msg, now, seq)
+                        self._deliver(queue, consumer, msg, now, seqs[i])
                         if len(consumer.leases) < consumer.prefetch:
                             available.append(consumer)
                         else:
@@ -92,23 +86,21 @@ class QueueDelivery(QueueFailures):
                     available.append(consumer)
                 else:
                     consumer.in_available = consumer.queued = False
-            if journaled is not None:
-                queue.journal.delivered_many(queue.name, journaled)
-                journaled = None
             if not (queue.parked and self._admit_parked(queue, now)):
                 return
 
     def _deliver(self, queue: Queue, consumer: Consumer, msg: Item, now: float,
                  seq: int = -1) -> None:
         """Lease ``msg`` to ``consumer`` and write its DELIVER. ``seq``: the number of a
-        durable queue's stateless message (bytes), which the lease holds; the caller
-        journals its Delivered (the pump one call for all it delivered)."""
+        durable queue's stateless message (bytes), which the lease holds."""
         tag = self._next_tag
         self._next_tag = tag + 1
         deadline = now + queue.settings.ack_timeout
         lease = Lease(tag, msg, consumer, deadline, seq)
         if type(msg) is bytes:
             packed, tail = msg, FIRST_ATTEMPT_TAIL
+            if seq >= 0:
+                queue.journal.delivered(queue.name, seq)
         else:
             msg.state = MsgState.LEASED  # type: ignore[union-attr]
             if queue.journal is not None:

@@ -106,7 +106,6 @@ class QueueProducing(QueueDelivery):
                     else:
                         queue.journal.sent(queue.name, qseq, msg, 0, None, None,
                                            now + self.wall_offset)
-                    queue.journal.delivered(queue.name, qseq)
                     self._deliver(queue, consumer, msg, now, qseq)
                     if rid:  # confirmed only if this turn's records reach the journal
                         self.journaled_confirms.add(conn)

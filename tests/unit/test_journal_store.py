@@ -17,7 +17,6 @@ from aiobus.broker.journal import (
     JournalError,
     OsFiles,
     RemovalReason,
-    appending,
     repair,
 )
 from aiobus.broker.journal import decode as d
@@ -623,37 +622,3 @@ def test_a_segment_head_holds_the_window_as_runs_once_the_core_is_attached() -> 
     again.close()
     head = d.decode_segment(fs.read(fs.list()[-1]), last=True).records
     assert head[1][1] == r.DedupIds(1, window)
-
-
-@pytest.mark.parametrize("cap", [65536, 5])
-def test_delivered_many_journals_what_delivered_one_by_one_would(
-        cap: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The pump journals its deliveries with one ``delivered_many``: the same bytes as
-    a ``delivered`` per seq, whether the run is of this queue, of another queue (which
-    it ends), or full (``_RUN_MAX``, made small here so the batch crosses it)."""
-    monkeypatch.setattr(appending, "_RUN_MAX", cap)
-    written = []
-    for many in (False, True):
-        fs = CrashFS()
-        journal, _ = Journal.open(fs)
-        journal.declare("a", {})
-        journal.declare("b", {})
-        for seq in range(12):
-            journal.sent("a", seq, packed("a", seq))
-        journal.sent("b", 0, packed("b", 0))
-        for queue, seqs in (("b", [0]), ("a", [0, 1, 2]), ("a", [3, 4, 5, 6, 7, 8]),
-                            ("a", [9]), ("a", [])):
-            if many:
-                journal.delivered_many(queue, seqs)
-            else:
-                for seq in seqs:
-                    journal.delivered(queue, seq)
-        journal.removed("a", 0, ACKED)
-        journal.write()
-        journal.sync()
-        journal.close()
-        written.append(records_of(fs))
-    assert written[0] == written[1]
-    delivered = [seq for record in written[1] if isinstance(record, r.DeliveredRun)
-                 for seq in record.seqs]
-    assert delivered == list(range(10))

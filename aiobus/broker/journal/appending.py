@@ -207,16 +207,6 @@ class JournalAppending:
         self._run_qid, self._run_name = qid, queue
         self._delivered_run.append(seq)
 
-    def delivered_many(self, queue: str, seqs: list[int]) -> None:
-        """:meth:`delivered` for each of ``seqs``, in order (the core's pump: one call
-        for all it delivered of a durable queue's stateless messages)."""
-        run = self._delivered_run
-        if queue is self._run_name and len(run) + len(seqs) <= _RUN_MAX:
-            run += seqs
-            return
-        for seq in seqs:
-            self.delivered(queue, seq)
-
     def failed(self, queue: str, seq: int, failures: int, due: float | None, *,
                reason: str | None = None, consumer: tuple[int, int] | None = None) -> None:
         """Nack, ack timeout or lost connection: the new failures count and due time,
