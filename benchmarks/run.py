@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.monotonic() - started
     mode = "quick" if args.quick else "full"
     meta = report.meta(["benchmarks/run.py", *(argv or sys.argv[1:])], mode, plan.repeats,
-                       elapsed)  # fmt: skip
+                       elapsed, plan.w3_repeats)  # fmt: skip
     results = HERE / "results"
     results.mkdir(exist_ok=True)
     # Only a full run of everything replaces the published report.
