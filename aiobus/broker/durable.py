@@ -11,7 +11,8 @@ records, and here is what happens around that:
   second;
 * after a failed sync, what it covered may be gone from the disk for good, so the
   journal is rebuilt from the core's memory (snapshot.py) before anything durable is
-  confirmed again (docs/journal.md, "After a failed sync");
+  confirmed again: at once, in the loop iteration after the failure, then every second
+  while that fails (docs/journal.md, "After a failed sync");
 * ``"batch"`` and ``"never"``: the periodic fdatasync in a worker thread (commit.py);
 * at shutdown: what is buffered is written and synced, the lock released.
 """

@@ -105,7 +105,14 @@ class _Output:
         if queues.journal_error is None:
             log.error("journal: %s; refusing sends to durable queues until it can be"
                       " written again", exc)
-            self.loop.call_later(1.0, self._retry_journal)
+            if self.journal is not None and self.journal.damaged:
+                # A failed sync: rebuild from memory at once (the next loop iteration),
+                # not a second later: until the rebuild, a crash would meet the damaged
+                # range at the restart. (A failed write waits: retrying a full disk at
+                # once would fail again.) If it fails, the retry is every second.
+                self.loop.call_soon(self._retry_journal)
+            else:
+                self.loop.call_later(1.0, self._retry_journal)
         queues.journal_error = exc.cause or "error"
         for conn_id in confirmed:
             conn = self._conns.get(conn_id)

@@ -88,6 +88,7 @@ class LosingFiles(OsFiles):
 
     fail = False
     failed = 0
+    fail_rebuilds = 0  # how many rebuilds' syncs (of the new base's .tmp) fail with EIO
     _synced: dict[int, tuple[str, int]] = {}  # handle -> (file name, size last synced)
 
     def create(self, name: str) -> int:
@@ -103,6 +104,9 @@ class LosingFiles(OsFiles):
     def sync(self, handle: int) -> None:
         name, synced = LosingFiles._synced[handle]
         size = self.size(handle)
+        if LosingFiles.fail_rebuilds and name.endswith(".tmp"):
+            LosingFiles.fail_rebuilds -= 1
+            raise OSError(errno.EIO, "Input/output error")
         if LosingFiles.fail and name.endswith(".seg") and size > synced:
             LosingFiles.fail = False
             LosingFiles.failed += 1
@@ -121,11 +125,12 @@ async def test_a_failed_sync_is_rebuilt_from_memory_and_a_restart_keeps_every_co
         short_tmp: Path, monkeypatch: pytest.MonkeyPatch, broker_factory: Any) -> None:
     """docs/journal.md "After a failed sync", through the real shell (fsync always): the
     send whose sync failed is not confirmed (its connection is closed), durable sends
-    are refused until the journal is rebuilt from memory (within the second), and a
-    copy of the data directory taken then, as a kill -9 would leave it, starts a real
-    broker that holds every confirmed message, with its attempt."""
+    are refused until the journal is rebuilt from memory (here the first rebuild, at
+    once, fails too, and the retry a second later succeeds), and a copy of the data
+    directory taken then, as a kill -9 would leave it, starts a real broker that holds
+    every confirmed message, with its attempt."""
     monkeypatch.setattr(durable, "OsFiles", LosingFiles)
-    LosingFiles.fail, LosingFiles.failed = False, 0
+    LosingFiles.fail, LosingFiles.failed, LosingFiles.fail_rebuilds = False, 0, 0
     path = str(short_tmp / "l.sock")
     data = short_tmp / "data"
     loop = asyncio.get_running_loop()
@@ -148,13 +153,14 @@ async def test_a_failed_sync_is_rebuilt_from_memory_and_a_restart_keeps_every_co
         # reply after them waits for a sync covering them): the next sync is the send's.
         await bus.stats()
         await until(lambda: not journal.unsynced)
-        LosingFiles.fail = True
+        LosingFiles.fail, LosingFiles.fail_rebuilds = True, 1
         async with aiobus.connect(path) as doomed:
             # Its connection is closed with "journal" (the client may resend it on a new
             # one: refused, the journal being broken): either way not confirmed.
             with pytest.raises((aiobus.ConnectionLost, aiobus.JournalError)) as lost:
                 await doomed.send("jobs", "unconfirmed")
         assert lost.value.code == "journal" and LosingFiles.failed == 1
+        await until(lambda: LosingFiles.fail_rebuilds == 0)  # the rebuild at once failed
         async with aiobus.connect(path) as producer:
             with pytest.raises(aiobus.JournalError):  # refused until rebuilt
                 await producer.send("jobs", "refused")
@@ -180,3 +186,39 @@ async def test_a_failed_sync_is_rebuilt_from_memory_and_a_restart_keeps_every_co
     kept = (set(confirmed) - acked) | {"after"}
     assert kept <= set(got) <= kept | {"unconfirmed"}  # (the core held it: kept or not)
     assert {body for body, attempt in got.items() if attempt == 2} == held
+
+
+async def test_after_a_failed_sync_the_journal_is_rebuilt_at_once(
+        short_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rebuild after a failed sync runs in the loop iteration after it (until it has,
+    a crash would meet the damaged range at the restart, and durable sends are
+    refused), not a second later as the retries of a failed write: the first send on a
+    connection opened after the failure is accepted. The send whose sync failed is not
+    confirmed on its connection, which is closed; the client resends it on the next
+    one, and once the journal is rebuilt (the message with it: the core held it) that
+    resend may be confirmed: then the message is there."""
+    monkeypatch.setattr(durable, "OsFiles", LosingFiles)
+    LosingFiles.fail, LosingFiles.failed, LosingFiles.fail_rebuilds = False, 0, 0
+    path = str(short_tmp / "n.sock")
+    async with aiobus.Broker(path=path, data_dir=short_tmp / "data",
+                             fsync="always") as broker, aiobus.connect(path) as bus:
+        await bus.declare_queue("jobs", durable=True)
+        await bus.send("jobs", "before")
+        journal = broker.journal
+        assert journal is not None
+        await until(lambda: not journal.unsynced)
+        LosingFiles.fail = True
+        confirmed = False
+        async with aiobus.connect(path) as doomed:
+            with contextlib.suppress(aiobus.ConnectionLost, aiobus.JournalError):
+                await doomed.send("jobs", "maybe")
+                confirmed = True
+        assert LosingFiles.failed == 1
+        async with aiobus.connect(path) as producer:
+            await producer.send("jobs", "after")  # not refused: already rebuilt
+        assert not journal.damaged
+        ready = (await bus.stats())["queues"]["jobs"]["ready"]
+        async with bus.consume("jobs", prefetch=10) as consumer, asyncio.timeout(10):
+            got = [(await consumer.__anext__()).body for _ in range(ready)]
+        assert got in (["before", "after"], ["before", "maybe", "after"])
+        assert "maybe" in got or not confirmed
