@@ -301,7 +301,7 @@ def run_workload(key: str, env: Any, plan: Plan, log: Callable[[str], None],
                   for name, f in {**QUEUE_PEERS, **W3_AWAITED_PEERS, **W3_ONLY_PEERS,
                                   **DURABLE_PEERS}.items()}
         interleave(t, makers, rate_metrics(128), plan.w3_repeats, log, systems)
-        t.notes += durable_notes(t)
+        t.notes += durable_notes(t, plan.w3_repeats)
         return [t]
     if key == "W4":
         t = Table("W4", "Request/reply latency, sequential, 128 B",
@@ -353,7 +353,7 @@ def run_workload(key: str, env: Any, plan: Plan, log: Callable[[str], None],
     raise ValueError(f"unknown workload {key!r}")
 
 
-def durable_notes(t: Table) -> list[str]:
+def durable_notes(t: Table, repeats: int) -> list[str]:
     """The issues' W3 targets, as ratios of this run's medians: the README's worker loop
     (issue 13) and the durable rows (issue 10)."""
     targets = [
@@ -377,7 +377,7 @@ def durable_notes(t: Table) -> list[str]:
         (f"{COMPILED} durable, fsync always", "Redis Streams, AOF fsync always", "≥ 2"),
         (f"{COMPILED} durable, fsync batch", f"{COMPILED}, confirmed sends", "≥ 0.7"),
     ]
-    notes = [f"- {len(next(iter(t.rows.values()), {}).get('msgs/s', []))} repeats per case;"
+    notes = [f"- {repeats} repeats per case;"
              " below, each ratio of medians, then [the median of the ratios of the two rows'"
              " runs in the same repeat, and their range]: the rows compared are run one"
              " after the other in each repeat, so a slow second on the machine tends to hit"
