@@ -10,7 +10,7 @@ one and the clients of the other, to tell which side a difference is on; a virtu
 environment instead of a tree, such as ``make compiled``'s ``/tmp/aiobus-compiled/venv``,
 runs its own Python and the aiobus installed there: the compiled build), a broker is
 started on a socket in a fresh temp dir, then per run a producer keeps ``WINDOW``
-confirmed sends in flight (``send_nowait``) and one consumer (``prefetch=PREFETCH``)
+confirmed sends in flight (``send_nowait``) and one consumer (``--prefetch``, default 100)
 answers every message with:
 
 - ``process``: ``async with msg.process():`` (the README's worker loop);
@@ -67,7 +67,7 @@ async def _wait_go() -> None:
 
 
 async def child(role: str, mode: str, path: str, n: int, size: int,
-                window_size: int = WINDOW) -> str:  # fmt: skip
+                window_size: int = WINDOW, prefetch: int = PREFETCH) -> str:  # fmt: skip
     import aiobus
 
     body = os.urandom(size)
@@ -89,7 +89,7 @@ async def child(role: str, mode: str, path: str, n: int, size: int,
         count = last = 0
         await _wait_go()
         cpu = time.process_time()
-        async for msg in bus.consume(queue, prefetch=PREFETCH):
+        async for msg in bus.consume(queue, prefetch=prefetch):
             if mode == "process":
                 async with msg.process():
                     count += 1
@@ -166,10 +166,11 @@ def start_broker(tree: str, path: str, profile: str | None = None,
 
 
 def measure(tree: str, broker: int, mode: str, path: str, n: int, size: int,
-            profile: str | None = None, window: int = WINDOW) -> tuple[float, float, float]:
+            profile: str | None = None, window: int = WINDOW,
+            prefetch: int = PREFETCH) -> tuple[float, float, float]:
     """One run; returns (messages per second, broker and consumer CPU µs per message)."""
     common = ["--mode", mode, "--socket", path, "--messages", str(n), "--size", str(size),
-              "--window", str(window)]
+              "--window", str(window), "--prefetch", str(prefetch)]
     script = os.path.abspath(__file__)
     deadline = time.monotonic() + TIMEOUT
     procs = [_spawn(tree, [script, "--child", "consumer", *common], profile)]
@@ -210,6 +211,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--window", type=int, default=WINDOW,
                         help="confirmed sends in flight (W3's durable rows: 256)")
+    parser.add_argument("--prefetch", type=int, default=PREFETCH,
+                        help="the consumer's prefetch (W3's: 256)")
     parser.add_argument("--fsync", default="batch", choices=["always", "batch", "never"],
                         help="the brokers' --fsync, for the ':durable' modes")
     parser.add_argument("--broker-args", default="", metavar="ARGS",
@@ -229,7 +232,7 @@ def main() -> int:
         except ImportError:
             run = asyncio.run
         print(run(child(args.child, args.mode, args.socket, args.messages, args.size,
-                        args.window)), flush=True)  # fmt: skip
+                        args.window, args.prefetch)), flush=True)  # fmt: skip
         return 0
 
     trees = args.trees.split(",")
@@ -260,13 +263,13 @@ def main() -> int:
                                + f"-{mode.replace(':', '-')}.prof" if profiles else None)
                     results[tree, mode].append(measure(tree.split("+")[-1], broker.pid, mode,
                                                        path, args.messages, args.size, profile,
-                                                       args.window))
+                                                       args.window, args.prefetch))
     finally:
         for broker, _ in brokers.values():
             _stop(broker)
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"{args.messages:,} messages of {args.size} B, {args.window} confirmed sends in"
-          f" flight, prefetch {PREFETCH}, median of {args.repeats}; durable: --fsync"
+          f" flight, prefetch {args.prefetch}, median of {args.repeats}; durable: --fsync"
           f" {args.fsync}")
     print(f"{'tree':<24} {'mode':<19} {'msgs/s':>9} {'min-max':>15} {'vs tree 1':>10}"
           f" {'broker µs/msg':>14} {'(min-max)':>11} {'consumer µs/msg':>16}")
