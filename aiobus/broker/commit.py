@@ -1,4 +1,5 @@
-"""Group commit: the journal's fdatasync in a worker thread, and output held until it ends.
+"""Group commit: the journal's fdatasync outside the loop (in the fsync helper process, or
+worker threads), and output held until it ends.
 
 Theory of operation
 -------------------
@@ -11,19 +12,32 @@ loop turn (one write(2), :meth:`~.journal.Journal.write`). What happens next dep
   everything after it on that connection, so that its frames keep their order;
   deliveries and events to other connections leave at once (output.py ``_flush``). It
   hands the held output to :meth:`GroupCommit.hold` with the journal's ``written``
-  position, and an fdatasync runs in a worker thread
-  (:meth:`~.journal.Journal.begin_sync`, ``sync_file``, ``end_sync``). The loop is not
-  blocked meanwhile: it goes on reading, handling frames and writing records, and those
-  turns' replies are held too. When a sync returns, every held batch whose position it
-  covers is released (written to the sockets, oldest first). Up to ``MAX_RUNNING`` syncs
-  run at once, each started as soon as held output needs bytes that no running sync
-  covers (records nobody waits for, such as acks, ride along with the next sync someone
-  needs): fdatasync makes durable everything written before it was called, so whichever
-  returns covers the positions of those begun before it. Redis fsyncs in its main thread
-  for ``appendfsync always`` (beforeSleep); this keeps its guarantee, confirmed only once
-  on disk, and lets the next turns' work, and the next sync, overlap the disk's latency.
+  position, and an fdatasync runs outside the loop (:meth:`~.journal.Journal.begin_sync`,
+  then the syncer, then ``end_sync``). The loop is not blocked meanwhile: it goes on
+  reading, handling frames and writing records, and those turns' replies are held too.
+  When a sync returns, every held batch whose position it covers is released (written
+  to the sockets, oldest first). Up to ``MAX_RUNNING`` syncs run at once, each started
+  as soon as held output needs bytes that no running sync covers (records nobody waits
+  for, such as acks, ride along with the next sync someone needs): fdatasync makes
+  durable everything written before it was called, so whichever returns covers the
+  positions of those begun before it. Redis fsyncs in its main thread for ``appendfsync
+  always`` (beforeSleep); this keeps its guarantee, confirmed only once on disk, and
+  lets the next turns' work, and the next sync, overlap the disk's latency. A long read
+  (a producer's window of pipelined sends) is flushed in parts, each part's sync begun
+  before the next part is handled (output.py ``_confirm_early``).
 * ``batch`` and ``never``: output leaves after the write(2); the periodic sync
-  (:meth:`GroupCommit.sync_soon`) runs in a worker thread and holds nothing back.
+  (:meth:`GroupCommit.sync_soon`) runs outside the loop too and holds nothing back.
+
+Where a sync runs (syncers.py). For a journal on real files, in the fsync helper: a
+child process (fsync_helper.py) given the segment's file descriptor over a socket, which
+answers with the errno. A worker thread of the broker needs the broker's GIL to start
+the fdatasync and again to report back, and while the loop handles a window of frames it
+holds the GIL for up to the switch interval each time; the helper has its own, so the
+sync starts when asked and its end waits only for the loop to read one message, which
+it does between the parts of a long read too (:meth:`GroupCommit.poll`). If the helper
+dies, the syncs it had fail (their outcome is unknown: handled as below) and syncs run in
+worker threads from then on; so they do where it cannot start, and for a test double of
+the files (which syncs in this process).
 
 A connection the broker closes needs its output out first: :meth:`GroupCommit.settle`
 syncs in the loop's own thread and releases everything held.
@@ -33,10 +47,10 @@ in any held batch: none of those may be believed, so the shell closes them (as f
 failed write, output.py ``_journal_failed``); the rest of the held output is released.
 A sync still running then proves nothing when it returns (after an EIO, Linux may have
 marked the lost pages clean), and none starts by itself until :meth:`rebuild` has
-written the journal afresh from the core's memory (the shell retries every second,
-refusing durable sends meanwhile): what the failed sync covered may be gone from the
-disk for good, and no later sync of that file would say so (docs/journal.md, "After a
-failed sync").
+written the journal afresh from the core's memory (the shell does so at once, then
+every second while that fails, refusing durable sends meanwhile): what the failed sync
+covered may be gone from the disk for good, and no later sync of that file would say so
+(docs/journal.md, "After a failed sync").
 """
 
 from __future__ import annotations
@@ -44,21 +58,23 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Generic, TypeVar
 
-from .journal import Journal, JournalError, SyncTicket
+from .journal import Journal, JournalError, OsFiles, SyncTicket
+from .logs import log
 from .snapshot import QueueSnapshot
+from .syncers import ProcessSyncer, ThreadSyncer
 
 __all__ = ["GroupCommit"]
 
 T = TypeVar("T")  # a held batch of output, as the shell makes it
 
-# Syncs in flight at once, each in a worker thread of its own. fdatasync makes durable
-# what was written before it was called, so a later one that returns first covers the
-# earlier one's bytes too. Two overlap the disk's latency with the next turn's: measured
-# on this project's machine (ext4 on a virtual disk), write + fdatasync in one thread
-# took 3.6 ms (p50) and in each of two threads at once 0.12 ms (docs/journal.md).
+# Syncs in flight at once (so many threads in the helper, or worker threads). fdatasync
+# makes durable what was written before it was called, so a later one that returns first
+# covers the earlier one's bytes too. Two overlap the disk's latency with the next
+# turn's: measured on this project's machine (ext4 on a virtual disk), write + fdatasync
+# in one thread took 3.6 ms (p50) and in each of two threads at once 0.12 ms
+# (docs/journal.md).
 MAX_RUNNING = 2
 
 
@@ -76,7 +92,6 @@ class GroupCommit(Generic[T]):
         self._release = release
         self._failed = failed
         self._done = done
-        self._executor = ThreadPoolExecutor(MAX_RUNNING, thread_name_prefix="aiobus-fsync")
         self._running: list[SyncTicket] = []  # oldest first
         # Tickets begun before a sync failed: their success proves nothing (after an
         # EIO, Linux may have marked the lost pages clean), so it is not counted.
@@ -85,9 +100,24 @@ class GroupCommit(Generic[T]):
         # (journal position, output, connections confirmed in it), oldest first
         self._held: deque[tuple[int, T, set[int]]] = deque()
         self.syncs = 0  # fdatasyncs begun (for statistics and tests)
-        # After a failed sync, until rebuild() succeeds (the shell retries every second):
-        # no sync starts by itself and no output waits (no durable send is confirmed).
+        self._helper_lost = False  # the fsync helper died once: threads from then on
+        self._retired: list[ProcessSyncer | ThreadSyncer] = []  # a dead helper, reaped at close
+        self._syncer: ProcessSyncer | ThreadSyncer = self._new_syncer()
+        # After a failed sync, until rebuild() succeeds (the shell tries at once, then
+        # every second): no sync starts by itself and no output waits (no durable send is
+        # confirmed).
         self.broken = False
+
+    def _new_syncer(self) -> ProcessSyncer | ThreadSyncer:
+        """The fsync helper for a journal on real files (unless one has died: module
+        docstring), else worker threads (a test double of the files syncs in process)."""
+        if type(self.journal.files) is OsFiles and not self._helper_lost:
+            try:
+                return ProcessSyncer(self.loop, self._ended, MAX_RUNNING)
+            except OSError as exc:
+                log.warning("journal: cannot start the fsync helper (%s); syncing in"
+                            " threads of the broker", exc)
+        return ThreadSyncer(self.journal, self.loop, self._ended, MAX_RUNNING)
 
     @property
     def running(self) -> bool:
@@ -120,28 +150,22 @@ class GroupCommit(Generic[T]):
             self._after[id(self._begin())] = after
 
     def _begin(self) -> SyncTicket:
+        syncer = self._syncer
+        if not syncer.alive:  # the helper has gone (it said so, failing its syncs)
+            self._helper_lost = True
+            self._retired.append(syncer)
+            syncer = self._syncer = self._new_syncer()
         ticket = self.journal.begin_sync()
         self._running.append(ticket)
         self.syncs += 1
-        self._executor.submit(self._sync, ticket)
+        syncer.start(ticket)
         return ticket
 
-    def _sync(self, ticket: SyncTicket) -> None:
-        """In the worker thread: the fdatasync, then :meth:`_ended` in the loop. One hop
-        back (``call_soon_threadsafe``), not ``run_in_executor``'s two (its future's
-        result is set in one loop iteration, its done callbacks run in the next): the
-        held confirmations wait for the loop anyway, and a busy loop's iteration is
-        about a millisecond here."""
-        try:
-            self.journal.sync_file(ticket)
-        except BaseException as exc:  # (an OSError is the sync's; else a bug, raised there)
-            error: BaseException | None = exc
-        else:
-            error = None
-        try:
-            self.loop.call_soon_threadsafe(self._ended, ticket, error)
-        except RuntimeError:  # the loop is closed: close() has ended the ticket
-            pass
+    def poll(self) -> None:
+        """Hand back the syncs that have ended, now (the loop would at its next turn):
+        the shell calls this in the middle of a long read (output.py)."""
+        if self._running:
+            self._syncer.poll()
 
     def _ended(self, ticket: SyncTicket, exc: BaseException | None) -> None:
         if ticket not in self._running:  # closed meanwhile
@@ -210,7 +234,9 @@ class GroupCommit(Generic[T]):
     def close(self) -> None:
         """Wait for a running sync (its thread may hold the segment's handle); drop what
         is held (the shell closes the connections it was for)."""
-        self._executor.shutdown(wait=True)
+        self._syncer.close()
+        for syncer in self._retired:
+            syncer.close()
         running, self._running = self._running, []
         for ticket in running:
             self._end_quietly(ticket)

@@ -10,10 +10,12 @@ Journal (durable queues, with a data directory): the core appends records to the
 journal's buffer as it changes durable queues; the flush at the end of the loop turn
 first writes them (one write). With ``fsync="always"`` it then holds the output of each
 connection with a reply in it until an fdatasync covering that write has returned (up to
-two run at once, in worker threads, while the loop goes on: group commit, commit.py), so
-no confirmation leaves before its record is on disk; deliveries and events leave at once.
-``"batch"`` writes the output at once and fdatasyncs every ``fsync_interval`` seconds in
-a worker thread, ``"never"`` leaves it to the OS (docs/journal.md, README "Durability").
+two run at once, in the fsync helper process, while the loop goes on: group commit,
+commit.py), so no confirmation leaves before its record is on disk; deliveries and
+events leave at once. A long read is flushed so in parts (``_confirm_early``).
+``"batch"`` writes the output at once and fdatasyncs every ``fsync_interval`` seconds
+outside the loop, ``"never"`` leaves it to the OS (docs/journal.md, README
+"Durability").
 A write that fails is handled here (``_journal_failed``); the rest of the journal's
 wiring (opening it, failed syncs, the retry, the periodic sync) is durable.py's.
 
@@ -248,6 +250,22 @@ class _Output:
                 elif conn.replied or conn.held:
                     return
         conn.flush()
+
+    def _confirm_early(self) -> None:
+        """Between the parts of a long read (connection.py ``_feed_in_parts``): with
+        ``"always"``, once the read has confirmed durable sends, flush now, as at the end
+        of the turn (the records written, their sync started, the confirmations held
+        for it), having first released what syncs ended meanwhile. A producer that
+        pipelines a window of sends in one write then gets the first confirmations
+        while the broker handles the rest, and refills its window, instead of the two
+        taking turns a whole window at a time (docs/performance.md, "Confirming a
+        window in parts"). The end-of-turn flush stays scheduled."""
+        commit = self._commit
+        if (commit is not None and self.fsync == "always" and self._flush_scheduled
+                and self.core.queues.journaled_confirms):
+            commit.poll()
+            self._flush()
+            self._flush_scheduled = True
 
     def _flush(self) -> None:
         """The end of a loop turn: write the journal, then the output. With ``"always"``

@@ -362,13 +362,15 @@ SYNC_SWITCH_INTERVAL = 0.0005
 
 
 def _tune_switch_interval(fsync: str) -> None:
-    """With ``--fsync always`` every loop turn's confirmations wait for an fdatasync in
-    a worker thread (broker/commit.py), and that thread needs the GIL twice a sync: to
-    start, and to hand the result back. While the loop is busy it waits up to the switch
-    interval each time (5 ms by default), where the fdatasync itself takes 0.1-0.6 ms
-    here: measured inside the broker under W3, the hand-offs' p90 was 1.5-2 ms each. At
-    0.5 ms, W3's durable `always` row ran 1.2x faster (docs/performance.md, "The sync
-    thread and the GIL"). Only the daemon does this, as with the collector: an embedded
+    """With ``--fsync always`` every loop turn's confirmations wait for an fdatasync. It
+    runs in the fsync helper, a process of its own (broker/syncers.py); but where that
+    cannot start, or has died, it runs in a worker thread, which needs the GIL twice a
+    sync: to start, and to hand the result back. While the loop is busy it waits up to
+    the switch interval each time (5 ms by default), where the fdatasync itself takes
+    0.1-0.6 ms here: measured inside the broker under W3, the hand-offs' p90 was 1.5-2 ms
+    each. At 0.5 ms, W3's durable `always` row ran 1.2x faster (docs/performance.md,
+    "The sync thread and the GIL"). With no thread waiting for the GIL the interval
+    changes nothing. Only the daemon does this, as with the collector: an embedded
     Broker leaves its host's interpreter alone (README, "Durability")."""
     if fsync == "always":
         sys.setswitchinterval(SYNC_SWITCH_INTERVAL)

@@ -56,6 +56,7 @@ pytestmark = pytest.mark.asyncio
 
 QUEUE = "jobs"
 CYCLES = {"always": 30, "batch": 15}  # kills per fsync policy
+WINDOWS = (32, 256)  # the producer's confirmed sends in flight, cycle by cycle
 STRIDE = 100_000  # cycle k's producer numbers its messages k*STRIDE, k*STRIDE+1, ...
 STEP_TIMEOUT = 10.0  # for any one thing to happen: a child to start, a first delivery
 EXIT_TIMEOUT = 5.0  # for a client to notice the dead broker and exit
@@ -89,7 +90,7 @@ def confirmed(n, fut):
     if not fut.cancelled() and fut.exception() is None:
         out(f"c {n}")
 
-async def main(path, first):
+async def main(path, first, size):
     bus = await connect(path, "producer")
     window = collections.deque()
     try:
@@ -99,14 +100,14 @@ async def main(path, first):
                 fut = bus.send_nowait("jobs", n)
                 fut.add_done_callback(functools.partial(confirmed, n))
                 window.append(fut)
-                if len(window) >= 32:
+                if len(window) >= size:
                     await window.popleft()
     except aiobus.ConnectionLost:  # the broker was killed
         out("lost")
     finally:
         await bus.aclose()
 
-asyncio.run(main(sys.argv[1], int(sys.argv[2])))
+asyncio.run(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])))
 """
 
 CONSUMER = _PRELUDE + """
@@ -222,11 +223,11 @@ class Tally:
             self.ack_in_doubt.add(acking)
 
 
-async def spawn(code: str, name: str, path: str, arg: int, short_tmp: Path) -> Child:
+async def spawn(code: str, name: str, path: str, numbers: list[int], short_tmp: Path) -> Child:
     err_path = short_tmp / f"{name}.err"
     with open(err_path, "wb") as err:  # the child holds its own copy of the descriptor
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", code, path, str(arg),
+            sys.executable, "-c", code, path, *map(str, numbers),
             stdout=asyncio.subprocess.PIPE, stderr=err,
         )
     return Child(name, proc, err_path)
@@ -267,9 +268,12 @@ async def test_nothing_confirmed_is_lost_across_kill_9(broker_factory: Any, shor
         for cycle in range(CYCLES[fsync]):
             # The clients start with the broker (they poll until it accepts): their
             # interpreters load while it replays its journal.
-            producer = await spawn(PRODUCER, f"p{cycle}", broker.path, cycle * STRIDE,
-                                   short_tmp)
-            consumer = await spawn(CONSUMER, f"c{cycle}", broker.path, seed + cycle,
+            # A window of 32 confirmed sends, or (every other cycle) of 256: then the
+            # broker reads more than 64 SENDs at once and, with "always", confirms them
+            # in parts, each after its own sync (connection.py _feed_in_parts).
+            producer = await spawn(PRODUCER, f"p{cycle}", broker.path,
+                                   [cycle * STRIDE, WINDOWS[cycle % 2]], short_tmp)
+            consumer = await spawn(CONSUMER, f"c{cycle}", broker.path, [seed + cycle],
                                    short_tmp)
             children += [producer, consumer]
             async with asyncio.TaskGroup() as tg:

@@ -1,8 +1,9 @@
-"""``--fsync always`` with the sync in worker threads (aiobus/broker/commit.py), in an
-embedded broker whose journal files can hold up their fdatasync: a confirmation leaves
-only after a sync covering its record has returned, the loop goes on handling frames
-(and writing their records) while one is running, and a consumer gets its deliveries
-without waiting for it."""
+"""``--fsync always`` (aiobus/broker/commit.py), in an embedded broker, most with journal
+files that can hold up or fail their fdatasync (a test double: its syncs run in worker
+threads, not in the fsync helper, which test_fsync_helper.py tests): a confirmation
+leaves only after a sync covering its record has returned, the loop goes on handling
+frames (and writing their records) while one is running, a consumer gets its deliveries
+without waiting for it, and a long read is confirmed in parts."""
 
 from __future__ import annotations
 
@@ -18,8 +19,11 @@ from typing import Any
 import pytest
 
 import aiobus
-from aiobus.broker import durable
+from aiobus.broker import connection, durable
 from aiobus.broker.journal import OsFiles
+from aiobus.protocol import Op
+
+from .test_confirms import answers
 
 pytestmark = pytest.mark.asyncio
 
@@ -222,3 +226,51 @@ async def test_after_a_failed_sync_the_journal_is_rebuilt_at_once(
             got = [(await consumer.__anext__()).body for _ in range(ready)]
         assert got in (["before", "after"], ["before", "maybe", "after"])
         assert "maybe" in got or not confirmed
+
+
+async def test_a_long_read_is_confirmed_in_parts_each_after_its_sync(
+        short_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A producer's window of pipelined durable sends, read at once, is handled in parts
+    (connection.py ``_PART`` frames): the first parts' records are written and their
+    sync begins before the read is done (else a producer would wait for the whole
+    window to be handled before any confirmation could leave). Every answer still comes
+    once, in request order, mixed with in-memory sends, an error and PINGs; and every
+    confirmed durable send is in the journal, synced."""
+    syncs_in_reads: list[int] = []
+    real = connection._Connection.data_received
+
+    def data_received(self: Any, data: bytes) -> None:
+        commit = self.broker._commit
+        before = commit.syncs if commit is not None else 0
+        real(self, data)
+        if commit is not None:
+            syncs_in_reads.append(commit.syncs - before)
+
+    monkeypatch.setattr(connection._Connection, "data_received", data_received)
+    path = str(short_tmp / "p.sock")
+    async with aiobus.Broker(path=path, data_dir=short_tmp / "data", fsync="always") as broker:
+        async with aiobus.connect(path) as bus:
+            await bus.declare_queue("durable", durable=True)
+            await bus.declare_queue("memory")
+        frames: list[list[Any]] = []
+        expected: list[tuple[int, Any]] = []
+        for rid in range(1, 401):
+            if rid == 150:
+                frames.append([Op.SEND, rid, "bad name!", b"x", 0, None, None, None])
+                expected.append((rid, "invalid-name"))
+                continue
+            if rid % 50 == 0:
+                frames.append([Op.PING, rid])
+            else:
+                queue = "memory" if rid % 7 == 0 else "durable"
+                frames.append([Op.SEND, rid, queue, f"{rid}".encode(), 0, None, None, None])
+            expected.append((rid, "ok"))
+        syncs_in_reads.clear()
+        got = await answers(path, frames, until=400)
+        assert got == expected
+        assert any(syncs_in_reads), "no sync began within a read"
+        assert broker.journal is not None and not broker.journal.unsynced
+        async with aiobus.connect(path) as bus:
+            stats = (await bus.stats())["queues"]
+        assert stats["durable"]["ready"] == sum(
+            1 for f in frames if f[0] == Op.SEND and f[2] == "durable")
