@@ -144,7 +144,7 @@ class GroupCommit(Generic[T]):
             self._begin()
 
     def sync_soon(self, after: Callable[[], None]) -> None:
-        """Start a sync of what is written, in a worker thread, and call ``after`` once
+        """Start a sync of what is written, outside the loop, and call ``after`` once
         it has ended; unless one runs already (then ``after`` is not called)."""
         if not self._running:
             self._after[id(self._begin())] = after

@@ -123,7 +123,7 @@ class _Connection(asyncio.Protocol):
             return
         if self.backlog or self.paused_by:
             self.backlog.extend(frames)
-        elif len(frames) <= _PART:
+        elif len(frames) <= _PART or not broker.confirm_in_parts:
             self._feed(frames)
         else:
             self._feed_in_parts(frames)

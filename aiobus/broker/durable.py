@@ -13,7 +13,7 @@ records, and here is what happens around that:
   journal is rebuilt from the core's memory (snapshot.py) before anything durable is
   confirmed again: at once, in the loop iteration after the failure, then every second
   while that fails (docs/journal.md, "After a failed sync");
-* ``"batch"`` and ``"never"``: the periodic fdatasync in a worker thread (commit.py);
+* ``"batch"`` and ``"never"``: the periodic fdatasync, outside the loop (commit.py);
 * at shutdown: what is buffered is written and synced, the lock released.
 """
 
@@ -133,7 +133,7 @@ class _Durable(_Output):
 
     def _sync_failed(self, exc: JournalError, confirmed: set[int],
                      held: list[list[tuple[_Connection, list[bytes]]]]) -> None:
-        """A sync in the worker thread failed (commit.py). ``"always"``: the held output
+        """A sync outside the loop failed (commit.py). ``"always"``: the held output
         of the connections in ``confirmed`` is dropped and they are closed, the rest is
         written; else (the periodic sync) logged, rate-limited."""
         if self.fsync != "always":
@@ -207,7 +207,7 @@ class _Durable(_Output):
         self._flush()
 
     def _batch_sync(self) -> None:
-        """``batch``, ``never``: the periodic sync, in the worker thread (commit.py); the
+        """``batch``, ``never``: the periodic sync, outside the loop (commit.py); the
         next is timed from its end."""
         commit = self._commit
         if commit is None:

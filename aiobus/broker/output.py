@@ -61,6 +61,9 @@ class _Output:
         # With a journal: its syncs, and (fsync "always") each turn's output held until
         # its records are on disk, as (connection, frames) pairs (commit.py)
         self._commit: GroupCommit[list[tuple[_Connection, list[bytes]]]] | None = None
+        # A long read is fed in parts, _confirm_early between them (set with a journal
+        # and fsync "always": elsewhere nothing waits for a sync, so parts gain nothing)
+        self.confirm_in_parts = False
         self._journal_log = _RateLimitedLog(burst=3, period=60.0)
         self._conns: dict[int, _Connection] = {}
         self._dirty: list[_Connection] = []
@@ -261,8 +264,7 @@ class _Output:
         taking turns a whole window at a time (docs/performance.md, "Confirming a
         window in parts"). The end-of-turn flush stays scheduled."""
         commit = self._commit
-        if (commit is not None and self.fsync == "always" and self._flush_scheduled
-                and self.core.queues.journaled_confirms):
+        if commit is not None and self._flush_scheduled and self.core.queues.journaled_confirms:
             commit.poll()
             self._flush()
             self._flush_scheduled = True

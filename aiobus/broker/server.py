@@ -261,6 +261,7 @@ class Broker(_Shutdown):
             assert self.journal is not None
             self._commit = GroupCommit(self.journal, self.loop, self._release_output,
                                        self._sync_failed, self._flush)
+            self.confirm_in_parts = self.fsync == "always"
             self.core.restore(recovered, self.loop.time())
             self._after_events()
             if self.fsync != "always":
