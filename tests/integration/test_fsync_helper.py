@@ -22,7 +22,7 @@ import pytest
 
 import aiobus
 from aiobus.broker.journal import SyncTicket
-from aiobus.broker.syncers import ProcessSyncer
+from aiobus.broker.syncers import ProcessSyncer, ThreadSyncer
 
 from .conftest import REAP_TIMEOUT, wait_for_socket
 
@@ -279,3 +279,25 @@ async def test_killing_the_helper_fails_its_syncs_and_loses_no_confirmed_send(
                     msg.ack_nowait()
         proc.terminate()
     assert confirmed <= got, f"lost {len(confirmed - got)} confirmed sends"
+
+
+async def test_where_the_helper_cannot_start_the_broker_syncs_in_threads(
+        short_tmp: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """An interpreter that cannot run the helper (here ``sys.executable`` is ``false``,
+    as an embedding host's might be no Python at all): the broker says so and syncs in
+    worker threads; durable sends are confirmed, and kept over a restart."""
+    monkeypatch.setattr(sys, "executable", "/bin/false")
+    path, data = str(short_tmp / "t.sock"), short_tmp / "data"
+    async with aiobus.Broker(path=path, data_dir=data, fsync="always") as broker:
+        commit = broker._commit
+        assert commit is not None and isinstance(commit._syncer, ThreadSyncer)
+        async with aiobus.connect(path) as bus:
+            await bus.declare_queue("jobs", durable=True)
+            for i in range(100):
+                await bus.send("jobs", f"m{i}")
+        assert commit.syncs >= 100 and "cannot start the fsync helper" in caplog.text
+    monkeypatch.undo()
+    async with aiobus.Broker(path=path, data_dir=data, fsync="always"):
+        async with aiobus.connect(path) as bus:
+            assert (await bus.stats())["queues"]["jobs"]["ready"] == 100
