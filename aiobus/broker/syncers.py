@@ -33,7 +33,7 @@ __all__ = ["HELPER_START_TIMEOUT", "ProcessSyncer", "ThreadSyncer"]
 Ended = Callable[[SyncTicket, BaseException | None], None]
 
 # How long the broker waits for a new helper to say it is ready (it imports only the
-# standard library: ~20 ms here) before it syncs in threads instead.
+# standard library: ~30 ms here) before it syncs in threads instead.
 HELPER_START_TIMEOUT = 10.0
 
 
