@@ -11,7 +11,6 @@ over a real Unix socket; hypothesis picks the mixes, some shorter than a part, m
 from __future__ import annotations
 
 import itertools
-import socket
 from typing import Any
 
 import msgpack
@@ -21,44 +20,15 @@ from hypothesis import strategies as st
 from aiobus.protocol import Op
 
 from .conftest import BrokerProcess
+from .test_model_broker import Wire
 
-READ_TIMEOUT = 10.0
 KINDS = st.sampled_from(["durable", "durable", "durable", "memory", "bad", "ping"])
 
 
-class Wire:
-    def __init__(self, path: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(READ_TIMEOUT)
-        self.sock.connect(path)
-        self.unpacker = msgpack.Unpacker(raw=False)
-        self.sock.sendall(msgpack.packb([Op.HELLO, 1, {"client_id": "parts"}]))
-        assert self.answers(0) == []  # up to the WELCOME
-
-    def answers(self, until: int) -> list[tuple[int, Any]]:
-        """Read until rid ``until`` is answered (0: until WELCOME); each answer as
-        (rid, "ok" | result | error code), an OK_RANGE as the OKs it stands for."""
-        got: list[tuple[int, Any]] = []
-        while True:
-            for frame in self.unpacker:
-                if frame[0] == Op.WELCOME and until == 0:
-                    return got
-                if frame[0] == Op.OK_RANGE:
-                    got.extend((rid, "ok") for rid in range(frame[1], frame[2] + 1))
-                elif frame[0] == Op.OK:
-                    got.append((frame[1], "ok" if frame[2] is None else frame[2]))
-                elif frame[0] == Op.ERROR:
-                    got.append((frame[1], frame[2]))
-                else:
-                    raise AssertionError(f"unexpected frame {frame}")
-                if got and got[-1][0] == until:
-                    return got
-            data = self.sock.recv(65536)
-            assert data, f"connection closed; got {got}"
-            self.unpacker.feed(data)
-
-    def close(self) -> None:
-        self.sock.close()
+def answers(frames: list[list[Any]]) -> list[tuple[int, Any]]:
+    """Each answer as (rid, "ok" | result | error code)."""
+    return [(f[1], ("ok" if f[2] is None else f[2]) if f[0] == Op.OK else f[2])
+            for f in frames if f[0] in (Op.OK, Op.ERROR)]
 
 
 def test_any_burst_is_answered_once_in_order_and_synced(broker_factory: Any) -> None:
@@ -66,11 +36,13 @@ def test_any_burst_is_answered_once_in_order_and_synced(broker_factory: Any) -> 
     wire = Wire(broker.path)
     rids = itertools.count(1)
     try:
+        wire.send([Op.HELLO, 1, {"client_id": "parts"}])
+        wire.read_until(Op.WELCOME)
         for name, options in (("d", {"durable": True}), ("m", {})):
             rid = next(rids)
-            wire.sock.sendall(msgpack.packb([Op.DECLARE, rid, name, options]))
-            [(answered, settings_)] = wire.answers(rid)  # OK with the queue's settings
-            assert answered == rid and settings_["durable"] == bool(options)
+            wire.send([Op.DECLARE, rid, name, options])
+            [ok] = wire.read_until(Op.OK, rid)  # with the queue's settings
+            assert ok[2]["durable"] == bool(options)
         durable_sent = 0
 
         @settings(max_examples=25, deadline=None,
@@ -88,12 +60,15 @@ def test_any_burst_is_answered_once_in_order_and_synced(broker_factory: Any) -> 
                     queue = {"durable": "d", "memory": "m", "bad": "bad name!"}[kind]
                     frames.append([Op.SEND, rid, queue, b"x" * 100, 0, None, None, None])
                 expected.append((rid, "invalid-name" if kind == "bad" else "ok"))
+            rid = next(rids)  # a PING last: its OK ends the answers
+            frames.append([Op.PING, rid])
+            expected.append((rid, "ok"))
             wire.sock.sendall(b"".join(msgpack.packb(f) for f in frames))
-            assert wire.answers(expected[-1][0]) == expected
+            assert answers(wire.read_until(Op.OK, expected[-1][0])) == expected
             durable_sent += kinds.count("durable")
             rid = next(rids)
-            wire.sock.sendall(msgpack.packb([Op.STATS, rid]))
-            [(_, stats)] = wire.answers(rid)
+            wire.send([Op.STATS, rid])
+            [(_, stats)] = answers(wire.read_until(Op.OK, rid))
             assert stats["queues"]["d"]["ready"] == durable_sent
             assert stats["journal"]["pending"] == 0
 
