@@ -101,7 +101,6 @@ class GroupCommit(Generic[T]):
         self._held: deque[tuple[int, T, set[int]]] = deque()
         self.syncs = 0  # fdatasyncs begun (for statistics and tests)
         self._helper_lost = False  # the fsync helper died once: threads from then on
-        self._retired: list[ProcessSyncer | ThreadSyncer] = []  # a dead helper, reaped at close
         self._syncer: ProcessSyncer | ThreadSyncer = self._new_syncer()
         # After a failed sync, until rebuild() succeeds (the shell tries at once, then
         # every second): no sync starts by itself and no output waits (no durable send is
@@ -152,8 +151,7 @@ class GroupCommit(Generic[T]):
     def _begin(self) -> SyncTicket:
         syncer = self._syncer
         if not syncer.alive:  # the helper has gone (it said so, failing its syncs)
-            self._helper_lost = True
-            self._retired.append(syncer)
+            self._helper_lost = True  # (and reaped: ProcessSyncer._lost)
             syncer = self._syncer = self._new_syncer()
         ticket = self.journal.begin_sync()
         self._running.append(ticket)
@@ -232,11 +230,9 @@ class GroupCommit(Generic[T]):
         self._release_synced()
 
     def close(self) -> None:
-        """Wait for a running sync (its thread may hold the segment's handle); drop what
+        """Wait for running syncs (the helper's exit, or the worker threads); drop what
         is held (the shell closes the connections it was for)."""
         self._syncer.close()
-        for syncer in self._retired:
-            syncer.close()
         running, self._running = self._running, []
         for ticket in running:
             self._end_quietly(ticket)

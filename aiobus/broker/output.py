@@ -264,9 +264,11 @@ class _Output:
         taking turns a whole window at a time (docs/performance.md, "Confirming a
         window in parts"). The end-of-turn flush stays scheduled."""
         commit = self._commit
-        if commit is not None and self._flush_scheduled and self.core.queues.journaled_confirms:
-            commit.poll()
-            self._flush()
+        queues = self.core.queues
+        if commit is not None and self._flush_scheduled and queues.journaled_confirms:
+            commit.poll()  # (a sync that ended flushes, as at the end of a turn)
+            if queues.journaled_confirms:  # (else that flush wrote them)
+                self._flush()
             self._flush_scheduled = True
 
     def _flush(self) -> None:
